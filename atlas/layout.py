@@ -1,0 +1,54 @@
+"""Names of the results layout, shared by the local runner, the Batch stages and publishing.
+
+The same tree appears under ``atlas run -o OUT`` and under ``<slide_id>/<run_id>/`` in the
+results bucket. Names follow MCMICRO so its tools (and people used to them) find things.
+"""
+from __future__ import annotations
+
+from pathlib import PurePosixPath
+
+MANIFEST = "manifest.json"
+REGISTRATION = "registration"
+SEGMENTATION = "segmentation"
+QUANTIFICATION = "quantification"
+OVERVIEW = "overview"
+QC = "qc"
+ILLUMINATION = "illumination"
+
+# HTAN / MITI data levels of the folders above (qc and illumination are auxiliary: level None).
+LEVELS = {REGISTRATION: 2, SEGMENTATION: 3, QUANTIFICATION: 4, OVERVIEW: 5, QC: None, ILLUMINATION: None}
+
+
+def registration_tiff(slide_id: str) -> str:
+    """Level 2 pyramidal OME-TIFF, e.g. ``registration/S1.ome.tif``."""
+    return f"{REGISTRATION}/{slide_id}.ome.tif"
+
+
+def registration_zarr(slide_id: str) -> str:
+    """Level 2 OME-Zarr (NGFF 0.4) of the same image, with masks under its ``labels/`` group."""
+    return f"{REGISTRATION}/{slide_id}.ome.zarr"
+
+
+def segmentation_dir(slide_id: str, engine: str) -> str:
+    """MCMICRO's ``segmentation/<method>-<imageID>/`` folder; engine names contain no ``-``."""
+    if "-" in engine:
+        raise ValueError(f"engine name {engine!r} must not contain '-' (MCMICRO splits on it)")
+    return f"{SEGMENTATION}/{engine}-{slide_id}"
+
+
+def mask_path(slide_id: str, engine: str, mask: str) -> str:
+    """Label image of ``mask`` ("nuclei" or "cell"), e.g. ``segmentation/unet-S1/cell.ome.tif``."""
+    return f"{segmentation_dir(slide_id, engine)}/{mask}.ome.tif"
+
+
+def table_path(slide_id: str, engine: str, mask: str, suffix: str = ".csv") -> str:
+    """MCQuant's ``quantification/<imageID>--<method>_<mask>.csv`` (also .parquet, .h5ad)."""
+    return f"{QUANTIFICATION}/{slide_id}--{engine}_{mask}{suffix}"
+
+
+def level_of(relpath: str) -> int | None:
+    """HTAN data level of a file in the results layout (None for auxiliary files)."""
+    top = PurePosixPath(relpath).parts[0]
+    if top not in LEVELS and relpath != MANIFEST:
+        raise ValueError(f"{relpath!r} is outside the results layout ({', '.join(LEVELS)})")
+    return LEVELS.get(top)

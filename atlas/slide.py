@@ -1,0 +1,189 @@
+"""The slide convention: what a lab uploads under ``<slide_id>/`` (see docs/slide-format.md).
+
+::
+
+    <slide_id>/markers.csv        MCMICRO markers: channel_number,cycle_number,marker_name[,...]
+    <slide_id>/raw/*.ome.tif      one OME-TIFF per cycle, tiles as OME series with stage positions
+    <slide_id>/params.yml         optional per-slide parameters (see atlas.params)
+    <slide_id>/manifest.json      written last: every file with size and sha256
+
+Everything here reads small text files only; pixels are read by the stages.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from atlas.errors import InvalidInput, Problem
+
+MARKERS = "markers.csv"
+PARAMS = "params.yml"
+MANIFEST = "manifest.json"
+RAW = "raw"
+RAW_SUFFIXES = (".ome.tif", ".ome.tiff")
+SLIDE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+MARKER_COLUMNS = ("channel_number", "cycle_number", "marker_name")
+OPTIONAL_MARKER_COLUMNS = ("exposure", "background", "remove", "Filter",
+                           "excitation_wavelength", "emission_wavelength")
+
+
+@dataclass(frozen=True)
+class Marker:
+    """One row of markers.csv: one channel of the registered image, in image channel order."""
+
+    channel_number: int
+    cycle_number: int
+    marker_name: str
+    exposure: float | None = None
+    background: str | None = None
+    remove: bool = False
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    """A file of the slide as the uploader declared it (path relative to the slide)."""
+
+    path: str
+    size: int
+    sha256: str
+
+
+def check_slide_id(slide_id: str) -> list[Problem]:
+    """Problems with a slide id (it becomes an S3 prefix and part of an execution name)."""
+    if SLIDE_ID_RE.match(slide_id):
+        return []
+    return [Problem(slide_id or "<empty>", f"slide id {slide_id!r} has characters other than letters, "
+                    "digits, '-' and '_', or is longer than 63 characters",
+                    "rename the slide folder, e.g. to " + repr(re.sub(r"[^A-Za-z0-9_-]", "_", slide_id)[:63] or "slide1"))]
+
+
+def parse_markers(text: str, file: str = MARKERS) -> list[Marker]:
+    """Parse markers.csv text into markers in channel order.
+
+    Raises
+    ------
+    InvalidInput
+        With every problem found: missing columns, non-integer numbers, empty or duplicate names.
+    """
+    fix = "write markers.csv as CSV with header channel_number,cycle_number,marker_name (one row per channel)"
+    try:
+        rows = list(csv.DictReader(io.StringIO(text.lstrip("\ufeff"))))
+        header = next(csv.reader(io.StringIO(text.lstrip("\ufeff"))), [])
+    except csv.Error as exc:
+        raise InvalidInput(Problem(file, f"not readable as CSV ({exc})", fix)) from exc
+    header = [h.strip() for h in header]
+    missing = [c for c in MARKER_COLUMNS if c not in header]
+    if missing:
+        raise InvalidInput(Problem(file, f"missing column(s) {', '.join(missing)}; header is {header}", fix))
+    if not rows:
+        raise InvalidInput(Problem(file, "has a header but no marker rows", fix))
+    problems: list[Problem] = []
+    markers: list[Marker] = []
+    for line, row in enumerate(rows, start=2):
+        row = {(k or "").strip(): (v or "").strip() for k, v in row.items() if k is not None}
+        try:
+            channel, cycle = int(row["channel_number"]), int(row["cycle_number"])
+        except ValueError:
+            problems.append(Problem(file, f"line {line}: channel_number/cycle_number must be integers, "
+                                    f"got {row['channel_number']!r}/{row['cycle_number']!r}", fix))
+            continue
+        name = row["marker_name"]
+        if not name:
+            problems.append(Problem(file, f"line {line}: empty marker_name", "give every channel a name"))
+            continue
+        exposure = row.get("exposure") or None
+        try:
+            exposure = float(exposure) if exposure is not None else None
+        except ValueError:
+            problems.append(Problem(file, f"line {line}: exposure {exposure!r} is not a number", "leave it empty or give a number"))
+            continue
+        markers.append(Marker(channel, cycle, name, exposure, row.get("background") or None,
+                              row.get("remove", "").upper() in ("TRUE", "1", "YES")))
+    names = [m.marker_name for m in markers]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        problems.append(Problem(file, f"duplicate marker_name(s) {', '.join(duplicates)}",
+                                "make names unique, e.g. DNA_1, DNA_2 for the DNA stain of each cycle"))
+    numbers = [m.channel_number for m in markers]
+    if numbers and numbers != list(range(1, len(numbers) + 1)):
+        problems.append(Problem(file, f"channel_number must run 1..{len(numbers)} in order, got {numbers}",
+                                "number the channels 1, 2, 3, ... in image order"))
+    cycles = [m.cycle_number for m in markers]
+    if cycles != sorted(cycles) or (cycles and cycles[0] != 1):
+        problems.append(Problem(file, f"cycle_number must start at 1 and never decrease, got {cycles}",
+                                "list channels cycle by cycle, first cycle = 1"))
+    if problems:
+        raise InvalidInput(problems)
+    return markers
+
+
+def read_markers(path: Path) -> list[Marker]:
+    """Read and parse a markers.csv file (see :func:`parse_markers`)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(Problem(Path(path).name, "is not UTF-8 text", "save markers.csv as UTF-8 CSV")) from exc
+    return parse_markers(text, Path(path).name)
+
+
+def channels_per_cycle(markers: list[Marker]) -> dict[int, int]:
+    """Number of channels of each cycle, e.g. ``{1: 4, 2: 4}``."""
+    counts: dict[int, int] = {}
+    for m in markers:
+        counts[m.cycle_number] = counts.get(m.cycle_number, 0) + 1
+    return counts
+
+
+def parse_manifest(text: str, file: str = MANIFEST) -> list[ManifestEntry]:
+    """Parse manifest.json: ``{"slide_id": ..., "files": [{"path", "size", "sha256"}, ...]}``."""
+    fix = "regenerate it with `atlas upload` (or `atlas manifest SLIDE`) after the last file is in place"
+    try:
+        doc = json.loads(text)
+        entries = [ManifestEntry(str(f["path"]), int(f["size"]), str(f["sha256"]).lower()) for f in doc["files"]]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InvalidInput(Problem(file, f"not a valid manifest ({exc.__class__.__name__}: {exc})", fix)) from exc
+    bad = [e.path for e in entries if e.path.startswith("/") or ".." in e.path.split("/") or e.path == MANIFEST]
+    if bad:
+        raise InvalidInput(Problem(file, f"entries {bad} are not relative paths inside the slide", fix))
+    return entries
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file, read in 4 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def slide_files(slide_dir: Path) -> list[str]:
+    """Every file of a slide folder except the manifest, as sorted POSIX relative paths."""
+    slide_dir = Path(slide_dir)
+    return sorted(p.relative_to(slide_dir).as_posix() for p in slide_dir.rglob("*")
+                  if p.is_file() and p.relative_to(slide_dir).as_posix() != MANIFEST)
+
+
+def build_manifest(slide_dir: Path) -> dict:
+    """The manifest document of a slide folder as it is now (does not write it)."""
+    slide_dir = Path(slide_dir)
+    return {"slide_id": slide_dir.name,
+            "files": [{"path": rel, "size": (slide_dir / rel).stat().st_size, "sha256": sha256_file(slide_dir / rel)}
+                      for rel in slide_files(slide_dir)]}
+
+
+def write_manifest(slide_dir: Path) -> Path:
+    """Write ``manifest.json`` for a slide folder; call it after every other file is in place."""
+    path = Path(slide_dir) / MANIFEST
+    path.write_text(json.dumps(build_manifest(slide_dir), indent=1) + "\n")
+    return path
+
+
+def raw_files(names: list[str]) -> list[str]:
+    """The cycle files among slide-relative paths, in cycle order (sorted by name, as MCMICRO does)."""
+    return sorted(n for n in names if n.startswith(RAW + "/") and n.lower().endswith(RAW_SUFFIXES))
