@@ -187,3 +187,17 @@ def write_manifest(slide_dir: Path) -> Path:
 def raw_files(names: list[str]) -> list[str]:
     """The cycle files among slide-relative paths, in cycle order (sorted by name, as MCMICRO does)."""
     return sorted(n for n in names if n.startswith(RAW + "/") and n.lower().endswith(RAW_SUFFIXES))
+
+
+def run_id_for(slide_id: str, manifest_bytes: bytes, suffix: str | None = None) -> str:
+    """Run id = ``<slide_id>-<first 12 hex of the manifest's sha256>[-<suffix>]``.
+
+    It is also the Step Functions execution name (at most 80 characters), so starting the same
+    manifest twice is refused by AWS; an explicit rerun adds a suffix.
+    """
+    run_id = f"{slide_id}-{hashlib.sha256(manifest_bytes).hexdigest()[:12]}"
+    if suffix:
+        run_id += f"-{suffix}"
+    if len(run_id) > 80 or not SLIDE_ID_RE.match(run_id[:63]):
+        raise ValueError(f"run id {run_id!r} is not a valid execution name (<= 80 chars of [A-Za-z0-9_-])")
+    return run_id
