@@ -118,7 +118,7 @@ def read_cycle_metadata(source: Path | str | BinaryIO) -> CycleMetadata:
     with tifffile.TiffFile(source, _multifile=False) as tif:
         xml = tif.pages.first.description if hasattr(tif.pages, "first") else tif.pages[0].description
     if not xml.lstrip().startswith("<"):
-        raise ValueError("first IFD has no OME-XML description; write the cycle as OME-TIFF")
+        raise ValueError("no OME-XML in the first IFD (the file is truncated, or not an OME-TIFF)")
     return parse_ome_xml(xml)
 
 
