@@ -1,0 +1,59 @@
+"""Stage ``publish``: the results manifest, written last.
+
+Locally this is the end of the run. In the cloud the job wrapper then copies the run's outputs
+to the requester-pays results bucket with this manifest last (:mod:`atlas.release`).
+"""
+from __future__ import annotations
+
+import json
+import platform
+from importlib import metadata
+from pathlib import Path
+
+from atlas import layout
+from atlas.runner import PROVENANCE, file_record
+from atlas.stages import StageContext
+
+SOFTWARE = ("tissue-atlas", "ashlar", "numpy", "scipy", "scikit-image", "tifffile", "zarr", "onnxruntime",
+            "pandas", "anndata")
+
+
+def software_versions() -> dict[str, str]:
+    """Versions of the packages that shape the results (absent ones are left out)."""
+    versions = {"python": platform.python_version()}
+    for name in SOFTWARE:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def result_files(out_dir: Path) -> list[str]:
+    """Every file of the results layout below ``out_dir`` (scratch and the manifest itself excluded)."""
+    out_dir = Path(out_dir)
+    return sorted(p.relative_to(out_dir).as_posix() for top in layout.LEVELS if (out_dir / top).is_dir()
+                  for p in (out_dir / top).rglob("*") if p.is_file() and not p.name.endswith(".tmp"))
+
+
+def build_manifest(ctx: StageContext) -> dict:
+    """The results manifest: run id, software, parameters, per-stage cost, each file's level/size/sha256."""
+    stages = []
+    provenance = Path(ctx.out_dir) / PROVENANCE
+    for record_path in sorted(provenance.glob("*.json")):
+        record = json.loads(record_path.read_text())
+        if record.get("run_id") == ctx.run_id:
+            stages.append({k: record[k] for k in ("stage", "item", "seconds", "vcpus", "vcpu_seconds", "instance_type")})
+    files = []
+    for rel in result_files(ctx.out_dir):
+        files.append({**file_record(ctx.out_dir, rel), "level": layout.level_of(rel)})
+    return {"slide_id": ctx.slide_id, "run_id": ctx.run_id, "software": software_versions(),
+            "params": ctx.params.to_dict(), "stages": stages, "files": files}
+
+
+def run(ctx: StageContext) -> None:
+    """Write ``manifest.json`` at the root of the results layout (atomically)."""
+    path = Path(ctx.out_dir) / layout.MANIFEST
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(build_manifest(ctx), indent=1) + "\n")
+    tmp.replace(path)
