@@ -1,0 +1,131 @@
+"""``atlas validate`` on the made sample and on broken copies of it.
+
+The broken copies stand for the upload mistakes labs make: a transfer cut short, a markers.csv
+that does not match the cycles, a manifest written before a file was added, a file replaced
+after the manifest, a spreadsheet exported in the wrong shape.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from atlas.cli import app
+from atlas.errors import InvalidInput
+from atlas.params import parse_params
+from atlas.slide import parse_markers, write_manifest
+from atlas.validate import validate_slide
+
+
+def tree_digest(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def first_cycle(slide: Path) -> Path:
+    return sorted((slide / "raw").glob("*.ome.tif"))[0]
+
+
+def test_sample_slide_is_valid(sample_slide):
+    assert validate_slide(sample_slide) == []
+    result = CliRunner().invoke(app, ["validate", str(sample_slide)])
+    assert result.exit_code == 0, result.output
+    assert "valid slide" in result.output
+
+
+def truncate_cycle(slide: Path) -> None:
+    cycle = first_cycle(slide)
+    data = cycle.read_bytes()
+    cycle.write_bytes(data[: len(data) * 2 // 3])
+    write_manifest(slide)  # the uploader's manifest matches the truncated file: only the TIFF itself can tell
+
+
+def drop_marker_row(slide: Path) -> None:
+    lines = (slide / "markers.csv").read_text().splitlines()
+    (slide / "markers.csv").write_text("\n".join(lines[:-1]) + "\n")
+    write_manifest(slide)
+
+
+def drop_manifest_entry(slide: Path) -> None:
+    doc = json.loads((slide / "manifest.json").read_text())
+    doc["files"] = [f for f in doc["files"] if f["path"] != "markers.csv"]
+    (slide / "manifest.json").write_text(json.dumps(doc))
+
+
+def grow_file(slide: Path) -> None:
+    with open(first_cycle(slide), "ab") as fh:
+        fh.write(b"\0" * 10)
+
+
+def junk_markers(slide: Path) -> None:
+    (slide / "markers.csv").write_text("Marker;Cycle\nDNA;1\n")
+    write_manifest(slide)
+
+
+@pytest.mark.parametrize("breaker, file_part, message_part", [
+    (truncate_cycle, "raw/", "truncated"),
+    (drop_marker_row, "raw/", "channel(s) but markers.csv lists"),
+    (drop_manifest_entry, "markers.csv", "not listed in manifest.json"),
+    (grow_file, "raw/", "manifest.json says"),
+    (junk_markers, "markers.csv", "missing column(s) channel_number, cycle_number, marker_name"),
+])
+def test_broken_slide_is_reported_and_left_untouched(slide_copy, breaker, file_part, message_part):
+    breaker(slide_copy)
+    before = tree_digest(slide_copy)
+    problems = validate_slide(slide_copy)
+    assert any(file_part in p.file and message_part in p.message for p in problems), problems
+    assert all(p.fix for p in problems)
+    result = CliRunner().invoke(app, ["validate", str(slide_copy)])
+    assert result.exit_code == 1
+    assert message_part in result.output and "fix:" in result.output
+    assert tree_digest(slide_copy) == before
+
+
+def test_every_problem_is_reported_at_once(slide_copy):
+    grow_file(slide_copy)
+    (slide_copy / "notes.txt").write_text("extra")
+    (slide_copy / "params.yml").write_text("stitch:\n  align_chanel: 1\n")
+    problems = validate_slide(slide_copy)
+    messages = "\n".join(str(p) for p in problems)
+    assert "manifest.json says" in messages
+    assert "notes.txt: present but not listed" in messages
+    assert "unknown key stitch.align_chanel" in messages
+
+
+def test_missing_manifest_and_positions(tmp_path, slide_copy):
+    (slide_copy / "manifest.json").unlink()
+    problems = validate_slide(slide_copy)
+    assert [p.file for p in problems] == ["manifest.json"]
+
+
+def test_bad_slide_id(tmp_path, sample_slide):
+    import shutil
+    bad = Path(shutil.copytree(sample_slide, tmp_path / "my slide#1"))
+    problems = validate_slide(bad)
+    assert any("slide id" in p.message for p in problems)
+
+
+def test_markers_duplicates_and_numbering():
+    with pytest.raises(InvalidInput) as info:
+        parse_markers("channel_number,cycle_number,marker_name\n1,1,DNA\n3,1,DNA\n")
+    text = str(info.value)
+    assert "duplicate marker_name(s) DNA" in text and "must run 1..2" in text
+
+
+def test_markers_optional_columns():
+    markers = parse_markers("channel_number,cycle_number,marker_name,exposure,background,remove\n"
+                            "1,1,DNA_1,100,,\n2,1,CD45,200,DNA_1,TRUE\n")
+    assert [m.remove for m in markers] == [False, True]
+    assert markers[1].background == "DNA_1" and markers[1].exposure == 200.0
+
+
+def test_params_parse_and_reject():
+    params = parse_params("stitch:\n  maximum_shift_um: 15\nsegment:\n  channel: DNA_1\n")
+    assert params.stitch.maximum_shift_um == 15.0 and params.segment.channel == "DNA_1"
+    with pytest.raises(InvalidInput, match="wrong type"):
+        parse_params("stitch:\n  flip_x: 'yes'\n")
+    with pytest.raises(InvalidInput, match="unknown section 'stich'"):
+        parse_params("stich: {}\n")
