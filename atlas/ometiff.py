@@ -45,7 +45,7 @@ class CycleMetadata:
 
 
 def write_cycle(path: Path, tiles: np.ndarray, positions_um: np.ndarray, pixel_size_um: float,
-                channel_names: list[str], *, compression: str | None = "zlib") -> None:
+                channel_names: list[str], *, compression: str | None = "zlib", uuid: str | None = None) -> None:
     """Write one cycle as a multi-series OME-TIFF.
 
     Parameters
@@ -59,6 +59,9 @@ def write_cycle(path: Path, tiles: np.ndarray, positions_um: np.ndarray, pixel_s
         Physical pixel size (square pixels).
     channel_names : list of str
         One name per channel.
+    uuid : str, optional
+        OME UUID of the file; pass one derived from the content for byte-reproducible files
+        (default: a random one, as tifffile does).
     """
     tiles = np.asarray(tiles)
     if tiles.ndim != 4 or len(channel_names) != tiles.shape[1] or len(positions_um) != len(tiles):
@@ -68,7 +71,7 @@ def write_cycle(path: Path, tiles: np.ndarray, positions_um: np.ndarray, pixel_s
     with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tif:
         for i, (tile, (y, x)) in enumerate(zip(tiles, positions_um)):
             tif.write(tile, compression=compression, metadata={
-                "axes": "CYX", "Name": f"tile-{i}",
+                "axes": "CYX", "Name": f"tile-{i}", **({"UUID": uuid} if uuid and i == 0 else {}),
                 "PhysicalSizeX": pixel_size_um, "PhysicalSizeXUnit": "µm",
                 "PhysicalSizeY": pixel_size_um, "PhysicalSizeYUnit": "µm",
                 "Channel": {"Name": list(channel_names)},
