@@ -1,0 +1,364 @@
+"""Level 2 / Level 3 image writers: pyramidal OME-TIFF and OME-Zarr (NGFF 0.4), in bounded memory.
+
+Both writers take a ``(C, Y, X)`` array-like (numpy array, zarr array, memmap, or anything that
+supports ``image[c, y0:y1, x0:x1]`` and has ``shape`` and ``dtype``) and read it one strip of
+``tile_size`` rows at a time, so peak memory is a few strips, never the whole image.
+
+Pyramid levels halve the previous level (rounding sizes up) until the longest side fits in one
+tile, like ASHLAR's writer. Intensity images are reduced by the mean of each 2 x 2 block
+(rounded to the input dtype); integer label images (``labels=True``) by taking every second
+pixel (``[::2, ::2]``), so labels are never averaged into ids that do not exist.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numcodecs
+import numpy as np
+import tifffile
+import zarr
+
+NGFF_VERSION = "0.4"
+# Minerva / auto-minerva channel colors, cycled (formats.md §4.2).
+CHANNEL_COLORS = ("ffffff", "ff0000", "00ff00", "0000ff", "ff00ff", "ffff00", "00ffff")
+# Percentiles of the lowest pyramid level used as the default contrast window of each channel.
+WINDOW_PERCENTILES = (0.5, 99.9)
+_ZARR_COMPRESSOR = numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.BITSHUFFLE)
+
+
+class ArrayLike(Protocol):
+    shape: tuple[int, ...]
+    dtype: Any
+
+    def __getitem__(self, key: Any) -> Any: ...
+
+
+class _AsCYX:
+    """A 2-D (Y, X) array-like seen as (1, Y, X), without reading it."""
+
+    def __init__(self, image: ArrayLike):
+        self.image, self.shape, self.dtype = image, (1, *image.shape), np.dtype(image.dtype)
+
+    def __getitem__(self, key: tuple) -> np.ndarray:
+        if not isinstance(key, tuple) or len(key) != 3 or not isinstance(key[0], (int, np.integer)) or key[0] != 0:
+            raise IndexError(f"index as image[0, rows, cols], got {key!r}")
+        return np.asarray(self.image[key[1:]])
+
+
+def _as_cyx(image: ArrayLike) -> ArrayLike:
+    if len(image.shape) == 2:
+        return _AsCYX(image)
+    if len(image.shape) != 3:
+        raise ValueError(f"image must be (C, Y, X) or (Y, X), got shape {tuple(image.shape)}")
+    return image
+
+
+def level_shapes(shape_yx: tuple[int, int], tile_size: int) -> list[tuple[int, int]]:
+    """(Y, X) of every pyramid level, full resolution first.
+
+    Each level halves the previous one (sizes rounded up) until the longest side is at most
+    ``tile_size``; an image that fits in one tile has a single level.
+    """
+    shapes = [tuple(int(s) for s in shape_yx)]
+    while max(shapes[-1]) > tile_size:
+        shapes.append(tuple(math.ceil(s / 2) for s in shapes[-1]))
+    return shapes
+
+
+def downsample(plane: np.ndarray, *, labels: bool = False) -> np.ndarray:
+    """Halve a (Y, X) plane.
+
+    Parameters
+    ----------
+    plane : (Y, X) ndarray
+    labels : bool
+        True for integer label images: nearest neighbour (every second pixel). False: mean of
+        each 2 x 2 block, rounded to the input dtype; an odd last row/column is averaged with
+        itself (edge replicate), so borders are not darkened.
+
+    Returns
+    -------
+    (ceil(Y/2), ceil(X/2)) ndarray of the same dtype.
+    """
+    if labels:
+        return np.ascontiguousarray(plane[::2, ::2])
+    h, w = plane.shape
+    if h % 2 or w % 2:
+        plane = np.pad(plane, ((0, h % 2), (0, w % 2)), mode="edge")
+    acc = plane[0::2, 0::2].astype(np.float32)
+    acc += plane[1::2, 0::2]
+    acc += plane[0::2, 1::2]
+    acc += plane[1::2, 1::2]
+    acc *= 0.25
+    if np.issubdtype(plane.dtype, np.integer):
+        np.rint(acc, out=acc)
+    return acc.astype(plane.dtype)
+
+
+def _strips(image: ArrayLike, c: int, rows: int) -> Iterator[tuple[int, np.ndarray]]:
+    for y in range(0, image.shape[1], rows):
+        yield y, np.asarray(image[c, y:y + rows, :])
+
+
+def _downsample_into(src: ArrayLike, dst: ArrayLike, *, labels: bool, rows: int) -> None:
+    """Fill ``dst`` (C, ceil(Y/2), ceil(X/2)) with the halved ``src``, ``rows`` output rows at a time."""
+    for c in range(src.shape[0]):
+        for y, strip in _strips(src, c, 2 * rows):
+            dst[c, y // 2:y // 2 + math.ceil(strip.shape[0] / 2), :] = downsample(strip, labels=labels)
+
+
+def _copy_into(src: ArrayLike, dst: ArrayLike, rows: int) -> None:
+    for c in range(src.shape[0]):
+        for y, strip in _strips(src, c, rows):
+            dst[c, y:y + strip.shape[0], :] = strip
+
+
+def _tiles(image: ArrayLike, tile_size: int) -> Iterator[np.ndarray]:
+    """Tiles of every channel in TIFF order (channel, tile row, tile column); edges are zero-padded
+    by tifffile."""
+    for c in range(image.shape[0]):
+        for _, strip in _strips(image, c, tile_size):
+            for x in range(0, strip.shape[1], tile_size):
+                yield strip[:, x:x + tile_size]
+
+
+def _create_level(group: zarr.Group, name: str, shape: tuple[int, ...], dtype: Any,
+                  tile_size: int) -> zarr.Array:
+    return group.create_array(name, shape=shape, chunks=(1, tile_size, tile_size), dtype=dtype,
+                              compressors=_ZARR_COMPRESSOR, fill_value=0,
+                              chunk_key_encoding={"name": "v2", "separator": "/"})
+
+
+def _build_levels(group: zarr.Group, image: ArrayLike, first: int, *, labels: bool,
+                  tile_size: int) -> list[zarr.Array]:
+    """Write levels ``first..`` of ``image``'s pyramid as arrays "<k>" of ``group``, each from the
+    one before (level ``first - 1`` is ``image`` itself when ``first == 1``)."""
+    shapes = level_shapes(image.shape[1:], tile_size)
+    levels, src = [], image
+    for k in range(first, len(shapes)):
+        dst = _create_level(group, str(k), (image.shape[0], *shapes[k]), image.dtype, tile_size)
+        _downsample_into(src, dst, labels=labels, rows=tile_size)
+        levels.append(dst)
+        src = dst
+    return levels
+
+
+def _ome_uuid(path: Path, shape: tuple[int, ...], channel_names: Sequence[str]) -> str:
+    # Deterministic, so the same inputs give byte-identical files.
+    return f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, f'atlas:{path.name}:{shape}:{list(channel_names)}')}"
+
+
+def write_ome_tiff_pyramid(path: str | os.PathLike, image: ArrayLike, *, channel_names: Sequence[str],
+                           pixel_size_um: float, tile_size: int = 1024, labels: bool = False,
+                           subresolutions: Sequence[ArrayLike] | None = None) -> None:
+    """Write a tiled, compressed, pyramidal OME-TIFF (pyramid in SubIFDs), tile by tile.
+
+    Parameters
+    ----------
+    path : path
+        Output ``.ome.tif`` (BigTIFF).
+    image : (C, Y, X) or (Y, X) array-like
+        uint8/uint16/float intensities, or integer labels (e.g. uint32) with ``labels=True``.
+        Read ``tile_size`` rows at a time.
+    channel_names : sequence of str
+        One OME ``Channel@Name`` per channel.
+    pixel_size_um : float
+        Physical pixel size in µm (square pixels), written as PhysicalSizeX/Y and TIFF resolution.
+    tile_size : int
+        TIFF tile size in pixels (a multiple of 16).
+    labels : bool
+        Integer label image: downsample by nearest neighbour instead of the mean.
+    subresolutions : sequence of (C, Y_k, X_k) array-like, optional
+        Levels 1.. already computed (e.g. the datasets of :func:`write_ome_zarr`), shaped as
+        :func:`level_shapes` says. Computed here (in a temporary zarr store next to ``path``) when None.
+
+    Notes
+    -----
+    Memory: one strip of ``tile_size`` rows of one channel plus tifffile's encoding buffers.
+    Compression: Deflate with horizontal predictor, as ASHLAR writes; readable by Bio-Formats,
+    QuPath, napari (tifffile) and OpenSlide-free viewers.
+    """
+    path = Path(path)
+    image = _as_cyx(image)
+    if len(channel_names) != image.shape[0]:
+        raise ValueError(f"{len(channel_names)} channel names for {image.shape[0]} channels")
+    if tile_size % 16:
+        raise ValueError(f"tile_size must be a multiple of 16, got {tile_size}")
+    shapes = level_shapes(image.shape[1:], tile_size)
+    tmp = None
+    if subresolutions is None:
+        tmp = tempfile.mkdtemp(prefix=".pyramid-", dir=path.parent)
+        subresolutions = _build_levels(zarr.open_group(tmp, mode="w", zarr_format=2), image, 1,
+                                       labels=labels, tile_size=tile_size)
+    try:
+        got = [tuple(level.shape[1:]) for level in subresolutions]
+        if got != shapes[1:]:
+            raise ValueError(f"subresolutions have shapes {got}, expected {shapes[1:]}")
+        dtype = np.dtype(image.dtype)
+        options = dict(tile=(tile_size, tile_size), dtype=dtype, photometric="minisblack",
+                       compression="adobe_deflate", predictor=dtype.kind in "iu", maxworkers=os.cpu_count(),
+                       resolutionunit="CENTIMETER")
+        metadata = {"axes": "CYX", "UUID": _ome_uuid(path, image.shape, channel_names),
+                    "Creator": "tissue-atlas", "Channel": {"Name": list(channel_names)},
+                    "PhysicalSizeX": pixel_size_um, "PhysicalSizeXUnit": "µm",
+                    "PhysicalSizeY": pixel_size_um, "PhysicalSizeYUnit": "µm"}
+        with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tif:
+            per_cm = 1e4 / pixel_size_um
+            # Encode one strip of tiles at a time in parallel (tifffile's default buffers 512 MiB).
+            strip_bytes = tile_size * tile_size * dtype.itemsize * math.ceil(image.shape[2] / tile_size)
+            tif.write(_tiles(image, tile_size), shape=image.shape, subifds=len(shapes) - 1,
+                      resolution=(per_cm, per_cm), metadata=metadata, buffersize=strip_bytes, **options)
+            for k, level in enumerate(subresolutions, start=1):
+                tif.write(_tiles(level, tile_size), shape=level.shape, subfiletype=1, buffersize=strip_bytes,
+                          resolution=(per_cm / 2 ** k, per_cm / 2 ** k), metadata=None, **options)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def contrast_windows(level: ArrayLike, percentiles: tuple[float, float] = WINDOW_PERCENTILES
+                     ) -> list[tuple[float, float]]:
+    """Display window (start, end) of each channel: percentiles of a (small) pyramid level.
+
+    Parameters
+    ----------
+    level : (C, Y, X) array-like
+        Usually the lowest-resolution level (read whole).
+    percentiles : (low, high)
+        In percent.
+
+    Returns
+    -------
+    list of (float, float), one per channel, in the image's intensity units; end > start.
+    """
+    windows = []
+    for c in range(level.shape[0]):
+        lo, hi = np.percentile(np.asarray(level[c]), percentiles)
+        windows.append((float(lo), float(max(hi, lo + 1))))
+    return windows
+
+
+def _multiscales(name: str, n_levels: int, pixel_size_um: float) -> list[dict]:
+    return [{
+        "version": NGFF_VERSION, "name": name,
+        "axes": [{"name": "c", "type": "channel"},
+                 {"name": "y", "type": "space", "unit": "micrometer"},
+                 {"name": "x", "type": "space", "unit": "micrometer"}],
+        "datasets": [{"path": str(k), "coordinateTransformations": [
+            {"type": "scale", "scale": [1.0, pixel_size_um * 2 ** k, pixel_size_um * 2 ** k]}]}
+            for k in range(n_levels)],
+    }]
+
+
+def write_ome_zarr(path: str | os.PathLike, image: ArrayLike, *, channel_names: Sequence[str],
+                   pixel_size_um: float, tile_size: int = 1024,
+                   colors: Sequence[str] | None = None) -> list[zarr.Array]:
+    """Write an OME-Zarr (NGFF 0.4, zarr v2 on disk) multiscale image, strip by strip.
+
+    Parameters
+    ----------
+    path : path
+        Output ``.ome.zarr`` directory (replaced if it exists).
+    image : (C, Y, X) or (Y, X) array-like
+        Intensities; read ``tile_size`` rows at a time.
+    channel_names : sequence of str
+        ``omero.channels[].label``.
+    pixel_size_um : float
+        Pixel size in µm; level k has scale ``pixel_size_um * 2**k`` (axes c, y, x; unit micrometer).
+    tile_size : int
+        Chunk size (1, tile_size, tile_size); the pyramid stops when a level fits in one chunk.
+    colors : sequence of str, optional
+        6-hex-digit colors per channel; default cycles :data:`CHANNEL_COLORS`.
+
+    Returns
+    -------
+    list of zarr.Array
+        The levels, full resolution first (pass ``levels[1:]`` as ``subresolutions`` to
+        :func:`write_ome_tiff_pyramid` to reuse them).
+
+    Notes
+    -----
+    ``omero.channels[].window`` holds the dtype range (min/max) and a default display range
+    (start/end) from :func:`contrast_windows` of the lowest level. Chunks are Blosc-zstd with
+    bit shuffle, "/"-nested keys as NGFF 0.4 prescribes.
+    """
+    path = Path(path)
+    image = _as_cyx(image)
+    if len(channel_names) != image.shape[0]:
+        raise ValueError(f"{len(channel_names)} channel names for {image.shape[0]} channels")
+    if path.exists():
+        shutil.rmtree(path)
+    group = zarr.open_group(path, mode="w", zarr_format=2)
+    base = _create_level(group, "0", tuple(image.shape), image.dtype, tile_size)
+    _copy_into(image, base, rows=tile_size)
+    levels = [base, *_build_levels(group, base, 1, labels=False, tile_size=tile_size)]
+    dtype = np.dtype(image.dtype)
+    info = np.iinfo(dtype) if dtype.kind in "iu" else None
+    colors = list(colors) if colors is not None else [CHANNEL_COLORS[i % len(CHANNEL_COLORS)]
+                                                       for i in range(image.shape[0])]
+    channels = [{"label": name, "color": color, "active": True, "coefficient": 1.0, "family": "linear",
+                 "inverted": False,
+                 "window": {"min": float(info.min) if info else start, "max": float(info.max) if info else end,
+                            "start": start, "end": end}}
+                for name, color, (start, end) in zip(channel_names, colors, contrast_windows(levels[-1]))]
+    group.attrs.update({"multiscales": _multiscales(path.name.removesuffix(".ome.zarr"), len(levels), pixel_size_um),
+                        "omero": {"name": path.name.removesuffix(".ome.zarr"), "version": NGFF_VERSION,
+                                  "channels": channels, "rdefs": {"model": "color", "defaultZ": 0, "defaultT": 0}}})
+    return levels
+
+
+def write_zarr_labels(zarr_path: str | os.PathLike, name: str, labels: ArrayLike) -> list[zarr.Array]:
+    """Add an NGFF 0.4 label image to an OME-Zarr written by :func:`write_ome_zarr`.
+
+    Parameters
+    ----------
+    zarr_path : path
+        The image's ``.ome.zarr`` directory.
+    name : str
+        Label image name, e.g. ``"cell"`` or ``"nuclei"``; replaces one of the same name.
+    labels : (Y, X) or (1, Y, X) integer array-like
+        Same Y, X as the image; read strip by strip.
+
+    Returns
+    -------
+    list of zarr.Array
+        Levels ``labels/<name>/0..`` of shape (1, Y_k, X_k), as many as the image has, each
+        downsampled by nearest neighbour; same axes and scales as the image.
+    """
+    zarr_path = Path(zarr_path)
+    root = zarr.open_group(zarr_path, mode="r+", zarr_format=2)
+    image_ms = root.attrs["multiscales"][0]
+    base_shape = root[image_ms["datasets"][0]["path"]].shape
+    labels = _as_cyx(labels)
+    if labels.shape[0] != 1 or tuple(labels.shape[1:]) != tuple(base_shape[1:]):
+        raise ValueError(f"labels of shape {tuple(labels.shape)} do not match image (Y, X) {tuple(base_shape[1:])}")
+    if np.dtype(labels.dtype).kind not in "iu":
+        raise ValueError(f"labels must have an integer dtype, got {labels.dtype}")
+    tile_size = root[image_ms["datasets"][0]["path"]].chunks[-1]
+    group_names = list(root["labels"].attrs.get("labels", [])) if "labels" in root else []
+    labels_group = root.require_group("labels")
+    if name in labels_group:
+        del labels_group[name]
+    group = labels_group.create_group(name)
+    n_levels = len(image_ms["datasets"])
+    base = _create_level(group, "0", tuple(labels.shape), labels.dtype, tile_size)
+    _copy_into(labels, base, rows=tile_size)
+    levels = [base]
+    for k in range(1, n_levels):
+        shape = (1, *[math.ceil(s / 2) for s in levels[-1].shape[1:]])
+        dst = _create_level(group, str(k), shape, labels.dtype, tile_size)
+        _downsample_into(levels[-1], dst, labels=True, rows=tile_size)
+        levels.append(dst)
+    pixel_size = image_ms["datasets"][0]["coordinateTransformations"][0]["scale"][-1]
+    group.attrs.update({"multiscales": _multiscales(name, n_levels, pixel_size),
+                        "image-label": {"version": NGFF_VERSION, "source": {"image": "../../"}}})
+    labels_group.attrs["labels"] = [*[n for n in group_names if n != name], name]
+    return levels
+
