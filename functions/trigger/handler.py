@@ -1,0 +1,33 @@
+"""Trigger Lambda: after each catalog write, start the slide's run once it is complete (or mark it INVALID)."""
+from aws_lambda_powertools import Logger, Metrics, Tracer
+from aws_lambda_powertools.metrics import MetricUnit
+from aws_lambda_powertools.utilities.idempotency import DynamoDBPersistenceLayer, IdempotencyConfig, idempotent_function
+from aws_lambda_powertools.utilities.parser import event_parser
+from aws_lambda_powertools.utilities.typing import LambdaContext
+
+from atlas import catalog
+
+settings = catalog.Settings.from_env()
+aws = catalog.Aws.connect(settings)
+logger, tracer, metrics = Logger(), Tracer(), Metrics(namespace=catalog.METRICS_NAMESPACE)
+idempotency = IdempotencyConfig(event_key_jmespath="detail.[slide_id, key, sequencer]", raise_on_no_idempotency_key=True)
+persistence = DynamoDBPersistenceLayer(table_name=settings.idempotency_table)
+
+
+@idempotent_function(data_keyword_argument="event", config=idempotency, persistence_store=persistence)
+def check_slide(event: catalog.ObjectCatalogedEvent) -> dict:
+    return catalog.check_slide(aws, settings, event.detail.slide_id)
+
+
+@logger.inject_lambda_context
+@tracer.capture_lambda_handler
+@metrics.log_metrics
+@event_parser(model=catalog.ObjectCatalogedEvent)
+def handler(event: catalog.ObjectCatalogedEvent, context: LambdaContext) -> dict:
+    idempotency.register_lambda_context(context)
+    result = check_slide(event=event)
+    if result["outcome"] in ("started", "invalid"):
+        metrics.add_metric(name="RunsStarted" if result["outcome"] == "started" else "SlidesInvalid",
+                           unit=MetricUnit.Count, value=1)
+    logger.info("slide checked", extra=result)
+    return result
