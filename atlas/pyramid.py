@@ -1,8 +1,9 @@
 """Level 2 / Level 3 image writers: pyramidal OME-TIFF and OME-Zarr (NGFF 0.4), in bounded memory.
 
 Both writers take a ``(C, Y, X)`` array-like (numpy array, zarr array, memmap, or anything that
-supports ``image[c, y0:y1, x0:x1]`` and has ``shape`` and ``dtype``) and read it one strip of
-``tile_size`` rows at a time, so peak memory is a few strips, never the whole image.
+supports ``image[c, y0:y1, x0:x1]`` and has ``shape`` and ``dtype``) and read it one block of
+``tile_size`` x ``tile_size`` pixels at a time (row-major, channel by channel), so peak memory is
+a few tiles, never a whole channel plane.
 
 Pyramid levels halve the previous level (rounding sizes up) until the longest side fits in one
 tile, like ASHLAR's writer. Intensity images are reduced by the mean of each 2 x 2 block
@@ -102,31 +103,33 @@ def downsample(plane: np.ndarray, *, labels: bool = False) -> np.ndarray:
     return acc.astype(plane.dtype)
 
 
-def _strips(image: ArrayLike, c: int, rows: int) -> Iterator[tuple[int, np.ndarray]]:
-    for y in range(0, image.shape[1], rows):
-        yield y, np.asarray(image[c, y:y + rows, :])
+def _blocks(image: ArrayLike, c: int, size: int) -> Iterator[tuple[int, int, np.ndarray]]:
+    """(y, x, block) of channel ``c`` in row-major blocks of ``size`` x ``size`` pixels."""
+    for y in range(0, image.shape[1], size):
+        for x in range(0, image.shape[2], size):
+            yield y, x, np.asarray(image[c, y:y + size, x:x + size])
 
 
-def _downsample_into(src: ArrayLike, dst: ArrayLike, *, labels: bool, rows: int) -> None:
-    """Fill ``dst`` (C, ceil(Y/2), ceil(X/2)) with the halved ``src``, ``rows`` output rows at a time."""
+def _downsample_into(src: ArrayLike, dst: ArrayLike, *, labels: bool, size: int) -> None:
+    """Fill ``dst`` (C, ceil(Y/2), ceil(X/2)) with the halved ``src``, one ``size``-pixel output block at a time."""
     for c in range(src.shape[0]):
-        for y, strip in _strips(src, c, 2 * rows):
-            dst[c, y // 2:y // 2 + math.ceil(strip.shape[0] / 2), :] = downsample(strip, labels=labels)
+        for y, x, block in _blocks(src, c, 2 * size):
+            half = downsample(block, labels=labels)
+            dst[c, y // 2:y // 2 + half.shape[0], x // 2:x // 2 + half.shape[1]] = half
 
 
-def _copy_into(src: ArrayLike, dst: ArrayLike, rows: int) -> None:
+def _copy_into(src: ArrayLike, dst: ArrayLike, size: int) -> None:
     for c in range(src.shape[0]):
-        for y, strip in _strips(src, c, rows):
-            dst[c, y:y + strip.shape[0], :] = strip
+        for y, x, block in _blocks(src, c, size):
+            dst[c, y:y + block.shape[0], x:x + block.shape[1]] = block
 
 
 def _tiles(image: ArrayLike, tile_size: int) -> Iterator[np.ndarray]:
-    """Tiles of every channel in TIFF order (channel, tile row, tile column); edges are zero-padded
-    by tifffile."""
+    """Tiles of every channel in TIFF order (channel, tile row, tile column); tifffile zero-pads
+    the edge tiles."""
     for c in range(image.shape[0]):
-        for _, strip in _strips(image, c, tile_size):
-            for x in range(0, strip.shape[1], tile_size):
-                yield strip[:, x:x + tile_size]
+        for _, _, block in _blocks(image, c, tile_size):
+            yield block
 
 
 def _create_level(group: zarr.Group, name: str, shape: tuple[int, ...], dtype: Any,
@@ -144,7 +147,7 @@ def _build_levels(group: zarr.Group, image: ArrayLike, first: int, *, labels: bo
     levels, src = [], image
     for k in range(first, len(shapes)):
         dst = _create_level(group, str(k), (image.shape[0], *shapes[k]), image.dtype, tile_size)
-        _downsample_into(src, dst, labels=labels, rows=tile_size)
+        _downsample_into(src, dst, labels=labels, size=tile_size)
         levels.append(dst)
         src = dst
     return levels
@@ -166,7 +169,7 @@ def write_ome_tiff_pyramid(path: str | os.PathLike, image: ArrayLike, *, channel
         Output ``.ome.tif`` (BigTIFF).
     image : (C, Y, X) or (Y, X) array-like
         uint8/uint16/float intensities, or integer labels (e.g. uint32) with ``labels=True``.
-        Read ``tile_size`` rows at a time.
+        Read one ``tile_size`` block at a time.
     channel_names : sequence of str
         One OME ``Channel@Name`` per channel.
     pixel_size_um : float
@@ -181,7 +184,7 @@ def write_ome_tiff_pyramid(path: str | os.PathLike, image: ArrayLike, *, channel
 
     Notes
     -----
-    Memory: one strip of ``tile_size`` rows of one channel plus tifffile's encoding buffers.
+    Memory: a few tiles per CPU (tifffile encodes them in parallel); never a channel plane.
     Compression: Deflate with horizontal predictor, as ASHLAR writes; readable by Bio-Formats,
     QuPath, napari (tifffile) and OpenSlide-free viewers.
     """
@@ -211,12 +214,12 @@ def write_ome_tiff_pyramid(path: str | os.PathLike, image: ArrayLike, *, channel
                     "PhysicalSizeY": pixel_size_um, "PhysicalSizeYUnit": "µm"}
         with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tif:
             per_cm = 1e4 / pixel_size_um
-            # Encode one strip of tiles at a time in parallel (tifffile's default buffers 512 MiB).
-            strip_bytes = tile_size * tile_size * dtype.itemsize * math.ceil(image.shape[2] / tile_size)
+            # Encode a few tiles per worker at a time (tifffile's default buffers 512 MiB of tiles).
+            batch_bytes = 4 * (os.cpu_count() or 1) * tile_size * tile_size * dtype.itemsize
             tif.write(_tiles(image, tile_size), shape=image.shape, subifds=len(shapes) - 1,
-                      resolution=(per_cm, per_cm), metadata=metadata, buffersize=strip_bytes, **options)
+                      resolution=(per_cm, per_cm), metadata=metadata, buffersize=batch_bytes, **options)
             for k, level in enumerate(subresolutions, start=1):
-                tif.write(_tiles(level, tile_size), shape=level.shape, subfiletype=1, buffersize=strip_bytes,
+                tif.write(_tiles(level, tile_size), shape=level.shape, subfiletype=1, buffersize=batch_bytes,
                           resolution=(per_cm / 2 ** k, per_cm / 2 ** k), metadata=None, **options)
     finally:
         if tmp is not None:
@@ -260,14 +263,14 @@ def _multiscales(name: str, n_levels: int, pixel_size_um: float) -> list[dict]:
 def write_ome_zarr(path: str | os.PathLike, image: ArrayLike, *, channel_names: Sequence[str],
                    pixel_size_um: float, tile_size: int = 1024,
                    colors: Sequence[str] | None = None) -> list[zarr.Array]:
-    """Write an OME-Zarr (NGFF 0.4, zarr v2 on disk) multiscale image, strip by strip.
+    """Write an OME-Zarr (NGFF 0.4, zarr v2 on disk) multiscale image, block by block.
 
     Parameters
     ----------
     path : path
         Output ``.ome.zarr`` directory (replaced if it exists).
     image : (C, Y, X) or (Y, X) array-like
-        Intensities; read ``tile_size`` rows at a time.
+        Intensities; read one ``tile_size`` block at a time.
     channel_names : sequence of str
         ``omero.channels[].label``.
     pixel_size_um : float
@@ -297,7 +300,7 @@ def write_ome_zarr(path: str | os.PathLike, image: ArrayLike, *, channel_names: 
         shutil.rmtree(path)
     group = zarr.open_group(path, mode="w", zarr_format=2)
     base = _create_level(group, "0", tuple(image.shape), image.dtype, tile_size)
-    _copy_into(image, base, rows=tile_size)
+    _copy_into(image, base, size=tile_size)
     levels = [base, *_build_levels(group, base, 1, labels=False, tile_size=tile_size)]
     dtype = np.dtype(image.dtype)
     info = np.iinfo(dtype) if dtype.kind in "iu" else None
@@ -324,7 +327,7 @@ def write_zarr_labels(zarr_path: str | os.PathLike, name: str, labels: ArrayLike
     name : str
         Label image name, e.g. ``"cell"`` or ``"nuclei"``; replaces one of the same name.
     labels : (Y, X) or (1, Y, X) integer array-like
-        Same Y, X as the image; read strip by strip.
+        Same Y, X as the image; read block by block.
 
     Returns
     -------
@@ -349,12 +352,12 @@ def write_zarr_labels(zarr_path: str | os.PathLike, name: str, labels: ArrayLike
     group = labels_group.create_group(name)
     n_levels = len(image_ms["datasets"])
     base = _create_level(group, "0", tuple(labels.shape), labels.dtype, tile_size)
-    _copy_into(labels, base, rows=tile_size)
+    _copy_into(labels, base, size=tile_size)
     levels = [base]
     for k in range(1, n_levels):
         shape = (1, *[math.ceil(s / 2) for s in levels[-1].shape[1:]])
         dst = _create_level(group, str(k), shape, labels.dtype, tile_size)
-        _downsample_into(levels[-1], dst, labels=True, rows=tile_size)
+        _downsample_into(levels[-1], dst, labels=True, size=tile_size)
         levels.append(dst)
     pixel_size = image_ms["datasets"][0]["coordinateTransformations"][0]["scale"][-1]
     group.attrs.update({"multiscales": _multiscales(name, n_levels, pixel_size),
