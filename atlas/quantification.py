@@ -1,0 +1,467 @@
+"""Per-cell quantification: MCQuant's single-cell feature table, exact and in bounded memory.
+
+One table per label image (mask), one row per label in ascending order, columns exactly as
+MCQuant (labsyspharm/quantification) writes them::
+
+    CellID, <marker_1>, ..., <marker_N>, X_centroid, Y_centroid, Area, MajorAxisLength,
+    MinorAxisLength, Eccentricity, Solidity, Extent, Orientation
+
+Marker columns are mean raw pixel values inside the label. Morphology follows
+``skimage.measure.regionprops`` (pixels; ``Orientation`` in radians, skimage's convention).
+
+How it stays exact, fast and lean
+---------------------------------
+The image and masks are read in row strips of full width (a multiple of the file's tile height),
+so memory is a few strips, whatever the slide's height or channel count.
+
+* Means: per strip and channel one ``np.bincount`` with float64 weights. The running sums of the
+  labels present in the strip are prepended to the strip's pixels, so every label's pixels are
+  added one by one in raster order starting from 0.0 -- the very additions
+  ``scipy.ndimage.mean`` makes over the whole image, hence bit-identical results for any dtype.
+* Morphology: computed once from the masks' row runs (maximal horizontal stretches of one
+  label). Area, centroid and second moments are integer sums over runs in closed form; the
+  convex hull that ``Solidity`` needs is built for all labels at once with Andrew's monotone
+  chain run in lock-step over labels, and its pixels are counted in exact integer arithmetic.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+ID_COLUMN = "CellID"
+MORPHOLOGY_COLUMNS = ("X_centroid", "Y_centroid", "Area", "MajorAxisLength", "MinorAxisLength",
+                      "Eccentricity", "Solidity", "Extent", "Orientation")
+STRIP_PIXELS = 1 << 22  # smallest strip worth a numpy call when the file's tiles are short
+
+
+def marker_columns(names: Sequence[str]) -> list[str]:
+    """Column names of the markers, with MCQuant's rule for repeated names.
+
+    Every occurrence of a name that appears more than once gets ``_1``, ``_2``, ... in order,
+    the first included (``["DNA", "CD3", "DNA"]`` -> ``["DNA_1", "CD3", "DNA_2"]``).
+    """
+    names = list(names)
+    return [f"{n}_{names[:i].count(n) + 1}" if names.count(n) > 1 else n for i, n in enumerate(names)]
+
+
+def table_columns(marker_names: Sequence[str]) -> list[str]:
+    """All columns of a table, in MCQuant's order."""
+    return [ID_COLUMN, *marker_columns(marker_names), *MORPHOLOGY_COLUMNS]
+
+
+def strip_rows(array, width: int) -> int:
+    """Rows per strip: a multiple of the array's chunk height holding at least ``STRIP_PIXELS``.
+
+    Parameters
+    ----------
+    array : array-like
+        A zarr array (its ``chunks`` are the file's tiles or strips) or a numpy array.
+    width : int
+        Image width (px).
+    """
+    chunks = getattr(array, "chunks", None)
+    base = int(chunks[-2]) if chunks else 1
+    return base * max(1, -(-STRIP_PIXELS // (base * max(width, 1))))
+
+
+def _row_runs(block: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Runs of equal value along each row of a (h, w) block, in raster order.
+
+    Returns
+    -------
+    starts : (R,) int64
+        Flat index of each run's first pixel in ``block``.
+    values : (R,) block.dtype
+        Label of each run (0 = background included).
+    lengths : (R,) int64
+        Pixels in each run; runs never cross rows.
+    """
+    h, w = block.shape
+    edge = np.empty((h, w), dtype=bool)
+    edge[:, 0] = True
+    np.not_equal(block[:, 1:], block[:, :-1], out=edge[:, 1:])
+    starts = np.flatnonzero(edge)
+    return starts, block.ravel()[starts], np.diff(starts, append=block.size)
+
+
+def _ceil_div(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    return -((-num) // den)
+
+
+def _square_sum(m: np.ndarray) -> np.ndarray:
+    """0² + 1² + ... + m² for integer m >= -1."""
+    return m * (m + 1) * (2 * m + 1) // 6
+
+
+def _lower_hull_edges(t: np.ndarray, v: np.ndarray, length: np.ndarray):
+    """Edges of the lower convex hulls of many point sequences (Andrew's monotone chain).
+
+    All sequences advance in lock-step, longest first, so each step is a few numpy operations
+    on the sequences still active; points are laid out step-major so those are slices.
+
+    Parameters
+    ----------
+    t, v : (P,) int64
+        Points of the sequences one after another, each sorted by ``t`` (equal ``t`` only for
+        identical points).
+    length : (S,) int64
+        Points per sequence (>= 1).
+
+    Returns
+    -------
+    seq, t0, v0, t1, v1 : (E,) int64
+        Sequence of each hull edge and its end points, ``t0 < t1``.
+    """
+    n_seq = length.size
+    order = np.argsort(-length, kind="stable")
+    rank = np.empty(n_seq, np.int64)
+    rank[order] = np.arange(n_seq)
+    longest = int(length.max())
+    active = n_seq - np.cumsum(np.bincount(length, minlength=longest + 1))[:longest]
+    off = np.r_[0, np.cumsum(active)]
+    first = np.cumsum(length) - length
+    step = np.arange(t.size) - np.repeat(first, length)
+    slot = off[step] + np.repeat(rank, length)
+    pt_t, pt_v = np.empty_like(t), np.empty_like(v)
+    pt_t[slot], pt_v[slot] = t, v
+    st_t, st_v = np.empty_like(t), np.empty_like(v)   # stack slot j of sequence rank r: off[j] + r
+    top = np.zeros(n_seq, np.int64)
+    at, av, ot, ov = (np.zeros(n_seq, np.int64) for _ in range(4))  # top and second of each stack
+    ranks = np.arange(n_seq)
+    for i in range(longest):
+        n = int(active[i])
+        qt, qv = pt_t[off[i]:off[i] + n], pt_v[off[i]:off[i] + n]
+        if i >= 2:
+            turn = (at[:n] - ot[:n]) * (qv - ov[:n]) - (av[:n] - ov[:n]) * (qt - ot[:n])
+            pop = np.flatnonzero(turn <= 0)
+            while pop.size:
+                top[pop] -= 1
+                at[pop], av[pop] = ot[pop], ov[pop]
+                pop = pop[top[pop] >= 2]
+                below = off[top[pop] - 2] + pop
+                ot[pop], ov[pop] = st_t[below], st_v[below]
+                turn = (at[pop] - ot[pop]) * (qv[pop] - ov[pop]) - (av[pop] - ov[pop]) * (qt[pop] - ot[pop])
+                pop = pop[turn <= 0]
+        push = off[top[:n]] + ranks[:n]
+        st_t[push], st_v[push] = qt, qv
+        ot[:n], ov[:n] = at[:n], av[:n]
+        at[:n], av[:n] = qt, qv
+        top[:n] += 1
+    edges = top - 1
+    r = np.repeat(ranks, edges)
+    j = np.arange(r.size) - np.repeat(np.cumsum(edges) - edges, edges)
+    s0, s1 = off[j] + r, off[j + 1] + r
+    return order[r], st_t[s0], st_v[s0], st_t[s1], st_v[s1]
+
+
+def _convex_areas(grp: np.ndarray, y: np.ndarray, x0: np.ndarray, x1: np.ndarray,
+                  height: np.ndarray) -> np.ndarray:
+    """Pixel count of ``skimage.morphology.convex_hull_image`` of every label.
+
+    skimage takes the hull of the label pixels' edge midpoints and counts the pixel centres
+    inside it or on its border. In doubled coordinates (all integers), the hull's left side is
+    the lower hull of the row extremes' midpoints over ``t = 2 * row``, its right side the lower
+    hull of the negated right extremes; per row the pixel centres between the two sides are
+    counted with exact integer ceil/floor.
+
+    Parameters
+    ----------
+    grp, y, x0, x1 : (R,) int64
+        Foreground runs sorted by label then raster order: label index, row and first/last
+        column, relative to the label's bounding box.
+    height : (K,) int64
+        Bounding-box height of each label.
+
+    Returns
+    -------
+    (K,) int64
+    """
+    k = height.size
+    first = np.flatnonzero(np.r_[True, (grp[1:] != grp[:-1]) | (y[1:] != y[:-1])])
+    last = np.r_[first[1:] - 1, grp.size - 1]
+    g, r = grp[first], y[first]
+    prev = np.r_[False, (g[1:] == g[:-1]) & (r[1:] == r[:-1] + 1)]
+    nxt = np.r_[prev[1:], False]
+    t = np.empty((r.size, 3), np.int64)
+    t[:, 0], t[:, 1], t[:, 2] = 2 * r - 1, 2 * r, 2 * r + 1
+    chains = []
+    for sign, edge in ((1, x0[first]), (-1, x1[last])):
+        # Edge midpoints of the row extremes, v = 2 * x (negated for the right side): top (t =
+        # 2r - 1), side (2r), bottom (2r + 1). A bottom and the next row's top share t; the
+        # outer one counts, so bottoms appear only before a gap or at the end. A side point
+        # strictly inside the chord of its top and bottom is no hull vertex and is dropped.
+        e = sign * edge
+        top_v = 2 * np.where(prev, np.minimum(e, np.r_[e[:1], e[:-1]]), e)
+        bottom_v = 2 * np.where(nxt, np.minimum(e, np.r_[e[1:], e[-1:]]), e)
+        v = np.empty_like(t)
+        v[:, 0], v[:, 1], v[:, 2] = top_v, 2 * e - 1, bottom_v
+        keep = np.empty(t.shape, dtype=bool)
+        keep[:, 0] = True
+        keep[:, 1] = 2 * v[:, 1] <= top_v + bottom_v
+        keep[:, 2] = ~nxt
+        chains.append((t[keep], v[keep], np.bincount(g, weights=keep.sum(axis=1), minlength=k).astype(np.int64)))
+    seq, t0, v0, t1, v1 = _lower_hull_edges(np.r_[chains[0][0], chains[1][0]], np.r_[chains[0][1], chains[1][1]],
+                                            np.r_[chains[0][2], chains[1][2]])
+    # Each edge [t0, t1) covers the pixel rows t = 2 * row in it; per row ceil(v / 2) of the hull.
+    e0 = t0 + (t0 & 1)
+    n_rows = np.maximum((t1 - e0 + 1) // 2, 0)
+    q = np.repeat(np.arange(seq.size), n_rows)
+    dt = (t1 - t0)[q]
+    qt = e0[q] + 2 * (np.arange(q.size) - np.repeat(np.cumsum(n_rows) - n_rows, n_rows))
+    side = _ceil_div(v0[q] * dt + (v1 - v0)[q] * (qt - t0[q]), 2 * dt)
+    sums = np.bincount(seq[q], weights=side, minlength=2 * k).astype(np.int64)
+    return height - sums[:k] - sums[k:]
+
+
+@dataclass(frozen=True)
+class Morphology:
+    """Shape features of every label of a mask.
+
+    Attributes
+    ----------
+    labels : (K,) int64
+        Label values, ascending (the table's ``CellID``).
+    area : (K,) int64
+        Pixels per label.
+    columns : dict of str to (K,) float64
+        ``MORPHOLOGY_COLUMNS``, as ``skimage.measure.regionprops`` computes them: centroid (px,
+        X = column, Y = row), area (px), axis lengths (px), eccentricity, solidity, extent,
+        orientation (rad).
+    """
+
+    labels: np.ndarray
+    area: np.ndarray
+    columns: dict[str, np.ndarray]
+
+
+def morphology_from_runs(label: np.ndarray, row: np.ndarray, col: np.ndarray,
+                         length: np.ndarray) -> Morphology:
+    """Morphology of every label from its row runs.
+
+    Parameters
+    ----------
+    label, row, col, length : (R,) int64
+        Foreground runs in raster order: label, row, first column, pixels.
+    """
+    order = np.argsort(label, kind="stable")
+    label, row, col, length = label[order], row[order], col[order], length[order]
+    first = np.flatnonzero(np.r_[True, label[1:] != label[:-1]]) if label.size else np.empty(0, np.int64)
+    labels = label[first]
+    k = labels.size
+    if k == 0:
+        return Morphology(labels, np.empty(0, np.int64), {c: np.empty(0) for c in MORPHOLOGY_COLUMNS})
+    last = np.r_[first[1:], label.size] - 1
+    grp = np.repeat(np.arange(k), last - first + 1)
+    area = np.add.reduceat(length, first)
+    rmin, rmax = row[first], row[last]
+    cmin = np.minimum.reduceat(col, first)
+    cmax = np.maximum.reduceat(col + length - 1, first)
+    # Integer moments about the bounding-box corner (exact; regionprops' local frame).
+    y = row - rmin[grp]
+    x0 = col - cmin[grp]
+    x1 = x0 + length - 1
+    sx = (x0 + x1) * length // 2
+    s_y, s_yy, s_x, s_xx, s_xy = (np.add.reduceat(a, first) for a in (
+        length * y, length * y * y, sx, _square_sum(x1) - _square_sum(x0 - 1), y * sx))
+    n = area.astype(np.float64)
+    mu_yy = s_yy - s_y.astype(np.float64) ** 2 / n
+    mu_xx = s_xx - s_x.astype(np.float64) ** 2 / n
+    mu_xy = s_xy - s_x.astype(np.float64) * s_y / n
+    # Inertia tensor [[a, b], [b, c]] as skimage.measure.inertia_tensor forms it.
+    a = (mu_yy + mu_xx - mu_yy) / n
+    c = (mu_yy + mu_xx - mu_xx) / n
+    b = -mu_xy / n
+    radius = np.hypot((a - c) / 2, b)
+    l1 = np.maximum((a + c) / 2 + radius, 0.0)
+    l2 = np.maximum((a + c) / 2 - radius, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        eccentricity = np.where(l1 > 0, np.sqrt(np.minimum(2 * radius / l1, 1.0)), 0.0)
+    orientation = np.where(a - c == 0, np.where(b < 0, np.pi / 4, -np.pi / 4), 0.5 * np.arctan2(-2 * b, c - a))
+    height, width = rmax - rmin + 1, cmax - cmin + 1
+    convex = _convex_areas(grp, y, x0, x1, height)
+    columns = {
+        "X_centroid": (area * cmin + s_x) / n,
+        "Y_centroid": (area * rmin + s_y) / n,
+        "Area": n,
+        "MajorAxisLength": 4 * np.sqrt(l1),
+        "MinorAxisLength": 4 * np.sqrt(l2),
+        "Eccentricity": eccentricity,
+        "Solidity": n / convex,
+        "Extent": n / (height * width),
+        "Orientation": orientation,
+    }
+    return Morphology(labels, area, columns)
+
+
+def _rows(array, r0: int, r1: int, channel: int = 0) -> np.ndarray:
+    """Rows ``r0:r1`` of a (Y, X) array or of one channel of a (C, Y, X) array, as numpy."""
+    if array.ndim == 2:
+        return np.ascontiguousarray(array[r0:r1])
+    return np.ascontiguousarray(array[channel, r0:r1])
+
+
+def mask_morphology(mask, name: str = "mask", rows: int | None = None,
+                    progress: Callable[[int], None] | None = None) -> Morphology:
+    """Morphology of every label of a mask read in row strips.
+
+    Parameters
+    ----------
+    mask : (Y, X) or (1, Y, X) integer array-like
+        Label image, 0 = background; numpy or zarr (read strip by strip).
+    name : str
+        Used in error messages.
+    rows : int, optional
+        Rows per strip (default :func:`strip_rows`).
+    progress : callable, optional
+        Called with the number of rows done after each strip.
+    """
+    height, width = mask.shape[-2:]
+    rows = rows or strip_rows(mask, width)
+    parts = []
+    for r0 in range(0, height, rows):
+        r1 = min(r0 + rows, height)
+        starts, values, lengths = _row_runs(_rows(mask, r0, r1))
+        keep = values != 0
+        if keep.any() and values[keep].min() < 0:
+            raise ValueError(f"mask {name!r} has negative labels; labels must be >= 0 (0 = background)")
+        starts = starts[keep]
+        parts.append((values[keep].astype(np.int64), starts // width + r0, starts % width, lengths[keep]))
+        if progress:
+            progress(r1 - r0)
+    return morphology_from_runs(*(np.concatenate(p) for p in zip(*parts)))
+
+
+def _strip_index(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Labels present in a strip and, per pixel, their local index, behind a prefix.
+
+    Returns
+    -------
+    present : (L,) label values, ascending, background left out.
+    index : (L + block.size,) intp
+        ``0..L-1`` (where the running sums go), then each pixel's local index in raster order;
+        background pixels get ``L``.
+    """
+    _, values, lengths = _row_runs(block)
+    present, inverse = np.unique(values, return_inverse=True)
+    if present.size and present[0] == 0:
+        present, inverse = present[1:], inverse - 1
+        inverse[inverse < 0] = present.size
+    n = present.size
+    index = np.repeat(np.r_[np.arange(n), inverse.ravel()], np.r_[np.ones(n, np.int64), lengths])
+    return present, index
+
+
+def mean_intensities(image, masks: Mapping[str, object], labels: Mapping[str, np.ndarray],
+                     area: Mapping[str, np.ndarray], channels: Sequence[int], *,
+                     rows: int | None = None,
+                     progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
+    """Mean pixel value of each label in each channel, bit-identical to ``scipy.ndimage.mean``.
+
+    Parameters
+    ----------
+    image : (C, Y, X) or (Y, X) array-like
+        Numpy or zarr; read strip by strip, each strip of each channel once for all masks.
+    masks : dict of str to (Y, X) integer array-like
+    labels, area : dict of str to (K,) ndarray
+        Every label of each mask (ascending) and its pixel count (see :func:`mask_morphology`).
+    channels : sequence of int
+        Image channels to measure, in output order.
+    rows : int, optional
+        Rows per strip (default :func:`strip_rows` of the image).
+    progress : callable, optional
+        Called with the number of rows done after each strip.
+
+    Returns
+    -------
+    dict of str to (K, len(channels)) float64
+    """
+    height, width = image.shape[-2:]
+    rows = rows or strip_rows(image, width)
+    sums = {name: np.zeros((len(channels), labels[name].size)) for name in masks}
+    for r0 in range(0, height, rows):
+        r1 = min(r0 + rows, height)
+        index = {}
+        for name, mask in masks.items():
+            if labels[name].size:
+                present, idx = _strip_index(_rows(mask, r0, r1))
+                index[name] = (np.searchsorted(labels[name], present), idx)
+        longest = max((pos.size for pos, _ in index.values()), default=0)
+        buf = np.empty(longest + (r1 - r0) * width) if index else None
+        for j, channel in enumerate(channels if index else ()):
+            buf[longest:] = _rows(image, r0, r1, channel).ravel()
+            for name, (pos, idx) in index.items():
+                weights = buf[longest - pos.size:]
+                weights[:pos.size] = sums[name][j, pos]
+                sums[name][j, pos] = np.bincount(idx, weights=weights, minlength=pos.size + 1)[:pos.size]
+        if progress:
+            progress(r1 - r0)
+    return {name: (sums[name] / area[name].astype(np.float64)).T for name in masks}
+
+
+def feature_table(morphology: Morphology, means: np.ndarray, marker_names: Sequence[str]) -> pd.DataFrame:
+    """Assemble one MCQuant table.
+
+    Parameters
+    ----------
+    morphology : Morphology
+    means : (K, N) float64
+        Mean intensities, one column per marker.
+    marker_names : sequence of str
+        N names (repeats get MCQuant's suffixes).
+    """
+    data = {ID_COLUMN: morphology.labels.astype(np.int64)}
+    data.update(zip(marker_columns(marker_names), np.asarray(means, np.float64).reshape(-1, len(marker_names)).T))
+    data.update(morphology.columns)
+    return pd.DataFrame(data, columns=table_columns(marker_names))
+
+
+def quantify(image, masks: Mapping[str, object], marker_names: Sequence[str], *,
+             channels: Sequence[int] | None = None, rows: int | None = None,
+             progress: Callable[[int], None] | None = None) -> dict[str, pd.DataFrame]:
+    """MCQuant's single-cell table of each mask.
+
+    Parameters
+    ----------
+    image : (C, Y, X) or (Y, X) array-like
+        Registered image (numpy or zarr, read by row strips).
+    masks : dict of str to (Y, X) integer array-like
+        Label images of the same (Y, X) shape, 0 = background (e.g. ``{"cell": ..., "nuclei": ...}``).
+    marker_names : sequence of str
+        Name of each measured channel (the marker columns, in order).
+    channels : sequence of int, optional
+        Image channels measured, one per name (default ``range(len(marker_names))``); channels
+        left out (markers.csv ``remove``) are never read.
+    rows : int, optional
+        Rows per strip (default: from the arrays' chunking, see :func:`strip_rows`).
+    progress : callable, optional
+        Called with rows done; the total is ``Y * (len(masks) + 1)``.
+
+    Returns
+    -------
+    dict of str to pandas.DataFrame
+        One table per mask, columns :func:`table_columns`, one row per label (ascending).
+
+    Raises
+    ------
+    ValueError
+        Shapes or counts that do not fit, a non-integer or negative mask.
+    """
+    channels = list(range(len(marker_names)) if channels is None else channels)
+    n_channels = image.shape[0] if image.ndim == 3 else 1
+    if len(channels) != len(marker_names):
+        raise ValueError(f"{len(marker_names)} marker names for {len(channels)} channels")
+    if image.ndim not in (2, 3) or any(not 0 <= c < n_channels for c in channels):
+        raise ValueError(f"image of shape {image.shape} has no channels {channels}")
+    for name, mask in masks.items():
+        if mask.shape[-2:] != image.shape[-2:] or not (mask.ndim == 2 or mask.shape[0] == 1):
+            raise ValueError(f"mask {name!r} has shape {mask.shape}, the image {image.shape}: "
+                             "the mask must cover the image pixel for pixel")
+        if not np.issubdtype(mask.dtype, np.integer):
+            raise ValueError(f"mask {name!r} has dtype {mask.dtype}; labels must be integers")
+    shapes = {name: mask_morphology(mask, name, rows, progress) for name, mask in masks.items()}
+    means = mean_intensities(image, masks, {n: s.labels for n, s in shapes.items()},
+                             {n: s.area for n, s in shapes.items()}, channels, rows=rows, progress=progress)
+    return {name: feature_table(shapes[name], means[name], marker_names) for name in masks}
