@@ -1,0 +1,202 @@
+/* Tissue Atlas overview page: an OpenSeadragon view of Minerva-layout tiles plus a side panel.
+ * All data is inlined in index.html (#atlas-data), so the page works from any static server
+ * and from disk. window.atlasOverview exposes the viewer and the controls (used by tests). */
+(function () {
+  "use strict";
+
+  const data = JSON.parse(document.getElementById("atlas-data").textContent);
+  const exhibit = data.exhibit;
+  const panel = data.panel;
+  const image = exhibit.Images[0];
+  const groups = exhibit.Groups;
+  const mask = exhibit.Masks.length ? exhibit.Masks[0] : null;
+  const levelNames = { 2: "Level 2 · image", 3: "Level 3 · segmentation", 4: "Level 4 · cell features", 5: "Level 5 · overview" };
+
+  function el(tag, attrs, children) {
+    const node = document.createElement(tag);
+    Object.entries(attrs || {}).forEach(([k, v]) => {
+      if (k === "text") node.textContent = v; else node.setAttribute(k, v);
+    });
+    (children || []).forEach((child) => node.appendChild(child));
+    return node;
+  }
+
+  function formatBytes(n) {
+    const units = ["B", "KB", "MB", "GB", "TB"];
+    let i = 0;
+    while (n >= 1000 && i < units.length - 1) { n /= 1000; i += 1; }
+    return (i ? n.toFixed(1) : String(n)) + " " + units[i];
+  }
+
+  function formatValue(v) {
+    if (v === null || v === undefined) return "–";
+    if (typeof v === "number") return Number.isInteger(v) ? v.toLocaleString("en") : v.toPrecision(4);
+    if (typeof v === "object") return JSON.stringify(v);
+    return String(v);
+  }
+
+  // ---- tile sources: Minerva layout <Images.Path>/<layer>/<level>_<x>_<y>.<ext>, level 0 = full size
+  function tileSource(path, format) {
+    return {
+      width: image.Width, height: image.Height, tileSize: data.tileSize, tileOverlap: 0,
+      minLevel: 0, maxLevel: image.MaxLevel,
+      getTileUrl: function (level, x, y) {
+        return image.Path + "/" + path + "/" + (image.MaxLevel - level) + "_" + x + "_" + y + "." + format;
+      },
+    };
+  }
+
+  // ---- state in the URL hash: #group=<index>&outlines=1
+  function readHash() {
+    const params = new URLSearchParams(window.location.hash.slice(1));
+    const g = parseInt(params.get("group") || "0", 10);
+    return { group: g >= 0 && g < groups.length ? g : 0, outlines: params.get("outlines") === "1" };
+  }
+  const state = readHash();
+  function writeHash() {
+    const params = new URLSearchParams({ group: String(state.group) });
+    if (state.outlines) params.set("outlines", "1");
+    history.replaceState(null, "", "#" + params.toString());
+  }
+
+  // ---- viewer
+  const viewer = OpenSeadragon({
+    id: "viewer",
+    prefixUrl: "openseadragon/images/",
+    drawer: "canvas",
+    tileSources: [tileSource(groups[state.group].Path, groups[state.group].Format || "jpg")],
+    showNavigator: true,
+    navigatorPosition: "BOTTOM_RIGHT",
+    maxZoomPixelRatio: 4,
+    visibilityRatio: 0.5,
+    animationTime: 0.6,
+  });
+  let outlineImage = null;
+  let readyResolve;
+  const ready = new Promise((resolve) => { readyResolve = resolve; });
+
+  viewer.addOnceHandler("open", function () {
+    if (!mask) { readyResolve(); return; }
+    viewer.addTiledImage({
+      tileSource: tileSource(mask.Path, mask.Format || "png"),
+      index: 1,
+      opacity: state.outlines ? 1 : 0,
+      success: function (event) { outlineImage = event.item; readyResolve(); },
+      error: function (event) { console.error("outline layer failed to open", event.message); readyResolve(); },
+    });
+  });
+  viewer.addHandler("open-failed", function (event) { console.error("image failed to open", event.message); });
+
+  function setGroup(index) {
+    state.group = index;
+    const group = groups[index];
+    viewer.addTiledImage({ tileSource: tileSource(group.Path, group.Format || "jpg"), index: 0, replace: true });
+    document.querySelectorAll("#groups .group").forEach((node, i) => {
+      node.classList.toggle("active", i === index);
+      node.setAttribute("aria-checked", String(i === index));
+    });
+    writeHash();
+  }
+
+  function setOutlines(on) {
+    state.outlines = on;
+    document.getElementById("outline-toggle").checked = on;
+    if (outlineImage) outlineImage.setOpacity(on ? 1 : 0);
+    writeHash();
+  }
+
+  // ---- side panel
+  document.getElementById("slide-id").textContent = panel.slideId;
+  document.getElementById("run-id").textContent = panel.runId ? "run " + panel.runId : "";
+  const img = panel.image;
+  let facts = img.width.toLocaleString("en") + " × " + img.height.toLocaleString("en") + " px · " +
+    img.channels + " channels · " + img.dtype;
+  if (img.pixelSizeUm) {
+    facts += " · " + img.pixelSizeUm.toPrecision(3) + " µm/px (" +
+      (img.width * img.pixelSizeUm / 1000).toFixed(2) + " × " + (img.height * img.pixelSizeUm / 1000).toFixed(2) + " mm)";
+  }
+  document.getElementById("image-facts").textContent = facts;
+
+  const groupList = document.getElementById("groups");
+  panel.groups.forEach((group, i) => {
+    const legend = el("ul", { class: "legend" }, group.channels.map((c) => el("li", {
+      title: "display range " + formatValue(c.low) + " – " + formatValue(c.high),
+    }, [el("span", { class: "swatch", style: "background:#" + c.color }), el("span", { text: c.name })])));
+    const button = el("button", { class: "group", type: "button", role: "radio", "data-index": String(i) },
+      [el("span", { class: "group-name", text: group.name }), legend]);
+    button.addEventListener("click", () => setGroup(i));
+    groupList.appendChild(button);
+  });
+  document.querySelectorAll("#groups .group").forEach((node, i) => {
+    node.classList.toggle("active", i === state.group);
+    node.setAttribute("aria-checked", String(i === state.group));
+  });
+
+  if (mask) {
+    document.getElementById("layers-section").hidden = false;
+    document.getElementById("outline-label").textContent = mask.Name;
+    const toggle = document.getElementById("outline-toggle");
+    toggle.checked = state.outlines;
+    toggle.addEventListener("change", () => setOutlines(toggle.checked));
+  }
+
+  document.getElementById("cell-count").textContent = panel.cellCount === null || panel.cellCount === undefined
+    ? "No cell table in this run." : panel.cellCount.toLocaleString("en") + " segmented cells";
+
+  const markerRows = document.querySelector("#markers tbody");
+  panel.markers.forEach((m) => markerRows.appendChild(el("tr", {}, [
+    el("td", { text: String(m.channel) }), el("td", { text: m.name }), el("td", { text: m.group }),
+  ])));
+
+  const qcStages = Object.keys(panel.qc || {}).sort();
+  if (qcStages.length) {
+    document.getElementById("qc-section").hidden = false;
+    const qc = document.getElementById("qc");
+    qcStages.forEach((stage) => {
+      const summary = panel.qc[stage];
+      const rows = Object.keys(summary).sort().map((key) => el("tr", {}, [
+        el("th", { text: key }), el("td", { text: formatValue(summary[key]) }),
+      ]));
+      qc.appendChild(el("details", { open: "" }, [el("summary", { text: stage }), el("table", { class: "kv" }, rows)]));
+    });
+  }
+
+  if (panel.data && panel.data.length) {
+    document.getElementById("data-section").hidden = false;
+    const dataList = document.getElementById("data");
+    const byLevel = {};
+    panel.data.forEach((f) => { (byLevel[f.level] = byLevel[f.level] || []).push(f); });
+    Object.keys(byLevel).sort().forEach((level) => {
+      const items = byLevel[level].map((f) => {
+        const children = [el("a", { href: "../" + f.path, text: f.path }), el("span", { class: "muted", text: " " + formatBytes(f.size) })];
+        if (f.uri) children.push(el("code", { class: "uri", text: f.uri }));
+        return el("li", {}, children);
+      });
+      dataList.appendChild(el("h3", { text: levelNames[level] || "Level " + level }));
+      dataList.appendChild(el("ul", { class: "files" }, items));
+    });
+    if (panel.data.some((f) => f.uri)) {
+      dataList.appendChild(el("p", { class: "muted", text: "S3 copies are requester-pays: aws s3 cp URI . --request-payer requester" }));
+    }
+  }
+  document.getElementById("viewer-version").textContent = data.viewer;
+
+  // ---- scale bar (when the pixel size is known)
+  const scalebar = document.getElementById("scalebar");
+  function updateScalebar() {
+    if (!img.pixelSizeUm || !viewer.world.getItemCount()) { scalebar.hidden = true; return; }
+    const item = viewer.world.getItemAt(0);
+    const imagePxPerScreenPx = 1 / item.viewportToImageZoom(viewer.viewport.getZoom(true));
+    const umPerScreenPx = imagePxPerScreenPx * img.pixelSizeUm;
+    const target = 120 * umPerScreenPx;
+    const magnitude = Math.pow(10, Math.floor(Math.log10(target)));
+    const nice = [5, 2, 1].map((f) => f * magnitude).find((v) => v <= target) || magnitude;
+    document.getElementById("scalebar-bar").style.width = (nice / umPerScreenPx).toFixed(1) + "px";
+    document.getElementById("scalebar-label").textContent = nice >= 1000 ? nice / 1000 + " mm" : nice + " µm";
+    scalebar.hidden = false;
+  }
+  viewer.addHandler("animation", updateScalebar);
+  viewer.addHandler("open", updateScalebar);
+
+  window.atlasOverview = { viewer: viewer, setGroup: setGroup, setOutlines: setOutlines, ready: ready, state: state };
+}());
