@@ -1,0 +1,159 @@
+"""Release of a run to the requester-pays results bucket: all at once, manifest last, earlier releases kept.
+
+The run here is a small synthetic results folder (a few files per data level) standing for a real
+run's outputs: release mechanics do not depend on pixels (the end-to-end tests in test_jobs.py
+release a real run of the sample slide).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import boto3
+import pytest
+from moto import mock_aws
+
+from atlas import layout
+from atlas.jobs import CorruptWork
+from atlas.release import LATEST, content_type, release_run
+from atlas.s3uri import S3Uri
+
+SLIDE = "S1"
+FILES = {  # relative path -> bytes
+    "registration/S1.ome.tif": b"II*\x00" + bytes(range(256)) * 40,
+    "registration/S1.ome.zarr/zarr.json": b'{"zarr_format": 3}',
+    "segmentation/unet-S1/cell.ome.tif": b"II*\x00cells",
+    "quantification/S1--unet_cell.csv": b"CellID,DNA_1\n1,5.0\n",
+    "overview/index.html": b"<!doctype html><title>S1</title>",
+    "overview/openseadragon/openseadragon.min.js": b"var OpenSeadragon;",
+    "qc/stitch/summary.json": b"{}",
+}
+
+
+def write_run(out_dir: Path, run_id: str) -> dict:
+    """A results folder with its manifest (as the publish stage writes it)."""
+    files = []
+    for rel, data in FILES.items():
+        path = out_dir / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data + run_id.encode())
+        files.append({"path": rel, "size": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                      "level": layout.level_of(rel)})
+    manifest = {"slide_id": SLIDE, "run_id": run_id, "files": files}
+    (out_dir / layout.MANIFEST).write_text(json.dumps(manifest))
+    return manifest
+
+
+def stage_to_work(s3, out_dir: Path, work: S3Uri) -> None:
+    for path in sorted(out_dir.rglob("*")):
+        if path.is_file():
+            s3.upload_file(str(path), work.bucket, work.join(path.relative_to(out_dir).as_posix()).key)
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    with mock_aws():
+        client = boto3.client("s3")
+        for bucket in ("work", "results", "site"):
+            client.create_bucket(Bucket=bucket)
+        yield client
+
+
+def record_writes(s3) -> list[str]:
+    """Keys of every write request, in the order they were sent."""
+    writes: list[str] = []
+
+    def note(params, model, **_):
+        if model.name in ("PutObject", "CopyObject", "CompleteMultipartUpload"):
+            writes.append(f"{params['Bucket']}/{params['Key']}")
+
+    s3.meta.events.register("provide-client-params.s3", note)
+    return writes
+
+
+def keys(s3, bucket: str, prefix: str = "") -> list[str]:
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return sorted(o["Key"] for page in pages for o in page.get("Contents", []))
+
+
+def test_release_copies_every_file_by_level_and_writes_manifest_last(s3, tmp_path):
+    run_id = "S1-aaaaaaaaaaaa"
+    manifest = write_run(tmp_path, run_id)
+    work = S3Uri("work", f"{run_id}/")
+    stage_to_work(s3, tmp_path, work)
+    writes = record_writes(s3)
+
+    release = release_run(s3, tmp_path, work=work, slide_id=SLIDE, run_id=run_id, results_bucket="results",
+                          overview_bucket="site")
+
+    prefix = f"{SLIDE}/{run_id}/"
+    assert str(release.prefix) == f"s3://results/{prefix}"
+    assert keys(s3, "results", prefix) == sorted([prefix + f["path"] for f in manifest["files"]] + [prefix + "manifest.json"])
+    for entry in manifest["files"]:
+        obj = s3.get_object(Bucket="results", Key=prefix + entry["path"])
+        assert obj["Body"].read() == (tmp_path / entry["path"]).read_bytes()
+        assert obj["Metadata"]["htan-level"] == (str(entry["level"]) if entry["level"] is not None else "none")
+        assert obj["Metadata"]["sha256"] == entry["sha256"]
+        assert obj["ContentType"] == content_type(entry["path"])
+    assert s3.head_object(Bucket="results", Key=prefix + "registration/S1.ome.tif")["Metadata"]["htan-level"] == "2"
+    assert s3.head_object(Bucket="results", Key=prefix + "overview/index.html")["ContentType"] == "text/html"
+
+    # the release becomes visible only with its manifest, after every file and the overview site; latest.json after that
+    results_writes = [w for w in writes if w.startswith("results/")]
+    assert results_writes[-2:] == [f"results/{prefix}manifest.json", f"results/{SLIDE}/{LATEST}"]
+    assert writes.index(f"results/{prefix}manifest.json") > max(i for i, w in enumerate(writes) if w.startswith("site/"))
+    latest = json.loads(s3.get_object(Bucket="results", Key=f"{SLIDE}/{LATEST}")["Body"].read())
+    assert latest["run_id"] == run_id and latest["manifest"] == f"s3://results/{prefix}manifest.json"
+    assert latest["files"] == len(FILES) and latest["bytes"] == sum(f["size"] for f in manifest["files"])
+
+    # the overview site gets the overview folder, served with browser content types
+    assert keys(s3, "site") == sorted(f"{prefix}{rel[len('overview/'):]}" for rel in FILES if rel.startswith("overview/"))
+    assert s3.head_object(Bucket="site", Key=prefix + "openseadragon/openseadragon.min.js")["ContentType"] == "text/javascript"
+    assert latest["overview"] == f"s3://site/{prefix}index.html"
+
+
+def test_earlier_releases_stay_and_latest_moves(s3, tmp_path):
+    first, second = "S1-aaaaaaaaaaaa", "S1-bbbbbbbbbbbb"
+    for run_id in (first, second):
+        out = tmp_path / run_id
+        write_run(out, run_id)
+        stage_to_work(s3, out, S3Uri("work", f"{run_id}/"))
+        release_run(s3, out, work=S3Uri("work", f"{run_id}/"), slide_id=SLIDE, run_id=run_id, results_bucket="results")
+    for run_id in (first, second):
+        assert f"{SLIDE}/{run_id}/manifest.json" in keys(s3, "results")
+        body = s3.get_object(Bucket="results", Key=f"{SLIDE}/{run_id}/registration/S1.ome.tif")["Body"].read()
+        assert body == (tmp_path / run_id / "registration/S1.ome.tif").read_bytes()
+    assert json.loads(s3.get_object(Bucket="results", Key=f"{SLIDE}/{LATEST}")["Body"].read())["run_id"] == second
+    assert keys(s3, "site") == []  # no overview bucket configured: nothing there
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_incomplete_work_prefix_releases_nothing(s3, tmp_path, damage):
+    run_id = "S1-cccccccccccc"
+    write_run(tmp_path, run_id)
+    work = S3Uri("work", f"{run_id}/")
+    stage_to_work(s3, tmp_path, work)
+    bad = work.join("quantification/S1--unet_cell.csv")
+    if damage == "missing":
+        s3.delete_object(Bucket=bad.bucket, Key=bad.key)
+    else:
+        s3.put_object(Bucket=bad.bucket, Key=bad.key, Body=b"CellID")
+
+    with pytest.raises(CorruptWork, match="quantification/S1--unet_cell.csv"):
+        release_run(s3, tmp_path, work=work, slide_id=SLIDE, run_id=run_id, results_bucket="results",
+                    overview_bucket="site")
+    assert keys(s3, "results") == [] and keys(s3, "site") == []
+
+
+def test_release_refuses_a_manifest_of_another_run(s3, tmp_path):
+    write_run(tmp_path, "S1-dddddddddddd")
+    stage_to_work(s3, tmp_path, S3Uri("work", "S1-eeeeeeeeeeee/"))
+    with pytest.raises(CorruptWork, match="not slide 'S1' run 'S1-eeeeeeeeeeee'"):
+        release_run(s3, tmp_path, work=S3Uri("work", "S1-eeeeeeeeeeee/"), slide_id=SLIDE, run_id="S1-eeeeeeeeeeee",
+                    results_bucket="results")
+    assert keys(s3, "results") == []
