@@ -32,7 +32,8 @@ class PanelInfo:
     cell_count : int or None
         Rows of the cell feature table.
     qc : dict
-        ``{stage: summary dict}`` from ``qc/<stage>/summary.json``.
+        ``{stage: {"summary": {key: scalar}, "files": [paths relative to the results root]}}``
+        from ``qc/<stage>/`` (see :func:`atlas.stages.render.qc_panel`).
     data : list of dict
         Result files by data level: ``{"level": int, "path": str (relative to the results root),
         "size": int (bytes), "uri": str or None (where it is published)}``.
@@ -99,6 +100,22 @@ def render_overview(image_path: str | os.PathLike, out_dir: str | os.PathLike, *
     viewer = find_viewer(viewer_dir)  # fail before the long part
     work = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(work, ignore_errors=True)
+    try:
+        summary = _render(image_path, work, slide_id=slide_id, markers=markers, mask_path=mask_path, panel=panel,
+                          channels_per_group=channels_per_group, tile_size=tile_size, viewer=viewer,
+                          progress=progress)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(work, out_dir)
+    return summary
+
+
+def _render(image_path: str | os.PathLike, work: Path, *, slide_id: str, markers: Sequence[str],
+            mask_path: str | os.PathLike | None, panel: PanelInfo, channels_per_group: int, tile_size: int,
+            viewer: Path, progress: Callable[[int, int], None] | None) -> dict:
     with TiffPyramid(image_path, tile_size) as image:
         if len(markers) != image.shape[0]:
             raise InvalidInput(Problem("markers.csv", f"lists {len(markers)} markers but {Path(image_path).name} "
@@ -170,9 +187,6 @@ def render_overview(image_path: str | os.PathLike, out_dir: str | os.PathLike, *
         },
     }
     write_site(work, data, title=f"{slide_id} · Tissue Atlas overview")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(work, out_dir)
     return {"tiles": total, "groups": len(groups), "levels": n_levels, "mask": mask is not None}
 
 

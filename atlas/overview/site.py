@@ -60,7 +60,7 @@ def copy_viewer(folder: Path, site: Path) -> None:
 def write_site(site: Path, data: dict, title: str) -> None:
     """Write ``index.html`` with ``data`` inlined (so it also opens from disk) and its script and style."""
     template = resources.files("atlas.overview") / "template"
-    payload = json.dumps(data, sort_keys=True, separators=(",", ":")).replace("</", "<\\/")
+    payload = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
     html = (template / "index.html").read_text(encoding="utf-8")
     html = html.replace("{{TITLE}}", _escape(title)).replace("{{DATA}}", payload)
     (site / "index.html").write_text(html, encoding="utf-8")

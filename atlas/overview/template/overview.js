@@ -153,11 +153,15 @@
     document.getElementById("qc-section").hidden = false;
     const qc = document.getElementById("qc");
     qcStages.forEach((stage) => {
-      const summary = panel.qc[stage];
-      const rows = Object.keys(summary).sort().map((key) => el("tr", {}, [
+      const summary = panel.qc[stage].summary || {};
+      const rows = Object.keys(summary).map((key) => el("tr", {}, [
         el("th", { text: key }), el("td", { text: formatValue(summary[key]) }),
       ]));
-      qc.appendChild(el("details", { open: "" }, [el("summary", { text: stage }), el("table", { class: "kv" }, rows)]));
+      const links = (panel.qc[stage].files || []).map((path) => el("li", {}, [
+        el("a", { href: "../" + path, text: path.split("/").pop() }),
+      ]));
+      qc.appendChild(el("details", {}, [el("summary", { text: stage }), el("table", { class: "kv" }, rows),
+        el("ul", { class: "files" }, links)]));
     });
   }
 

@@ -1,0 +1,124 @@
+"""Stage ``render``: the slide's Minerva-style web overview, ``overview/`` in the results layout.
+
+Reads ``registration/<slide>.ome.tif`` (pyramid levels), the cell mask
+``segmentation/<engine>-<slide>/cell.ome.tif`` for the outline layer (left out when there is no
+segmentation), the cell table for the cell count, ``qc/<stage>/summary.json`` for the QC panel
+and ``markers.csv``; the rendering itself is :func:`atlas.overview.render_overview`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from atlas import layout
+from atlas.errors import InvalidInput, Problem
+from atlas.jobs import RESULTS_BUCKET_ENV
+from atlas.overview import PanelInfo, render_overview
+from atlas.overview.source import TiffPyramid
+from atlas.slide import MARKERS, read_markers
+from atlas.stages import StageContext
+
+# The folders whose files the panel links to (by data level), and how deep to list them.
+DATA_FOLDERS = (layout.REGISTRATION, layout.SEGMENTATION, layout.QUANTIFICATION)
+QC_SUMMARY = "summary.json"
+MAX_QC_ITEMS = 40
+
+
+def find_cell_mask(out_dir: Path, slide_id: str) -> Path | None:
+    """``segmentation/<engine>-<slide>/cell.ome.tif`` of the first engine (by name) that made one."""
+    found = sorted((out_dir / layout.SEGMENTATION).glob(f"*-{slide_id}/cell.ome.tif"))
+    return found[0] if found else None
+
+
+def count_cells(out_dir: Path, slide_id: str, mask: Path | None) -> int | None:
+    """Rows of the cell feature table (MCQuant CSV, one row per cell), or None without one."""
+    tables = []
+    if mask is not None:
+        engine = mask.parent.name.removesuffix(f"-{slide_id}")
+        tables.append(out_dir / layout.table_path(slide_id, engine, "cell"))
+    tables += sorted((out_dir / layout.QUANTIFICATION).glob(f"{slide_id}--*_cell.csv"))
+    table = next((t for t in tables if t.is_file()), None)
+    if table is None:
+        return None
+    with open(table, "rb") as f:
+        lines = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+        f.seek(-1, os.SEEK_END)
+        unterminated = f.read(1) != b"\n"
+    return lines + unterminated - 1  # minus the header
+
+
+def condense(doc, prefix: str = "", out: dict | None = None, limit: int = MAX_QC_ITEMS) -> dict:
+    """Flatten a QC summary to at most ``limit`` ``{"a.b.0.c": scalar}`` items for the panel.
+
+    Lists of scalars become one comma-separated string; deeper structure gets dotted keys
+    (list items numbered from 1, as cycles are).
+    """
+    out = {} if out is None else out
+    if len(out) >= limit:
+        return out
+    if isinstance(doc, dict):
+        for key, value in doc.items():
+            condense(value, f"{prefix}.{key}" if prefix else str(key), out, limit)
+    elif isinstance(doc, list) and all(not isinstance(v, (dict, list)) for v in doc):
+        text = ", ".join(str(v) for v in doc)
+        out[prefix] = text if len(text) <= 120 else text[:117] + "..."
+    elif isinstance(doc, list):
+        for i, value in enumerate(doc, start=1):
+            condense(value, f"{prefix}.{i}", out, limit)
+    else:
+        out[prefix] = doc
+    return out
+
+
+def qc_panel(out_dir: Path) -> dict:
+    """``{stage: {"summary": condensed summary.json, "files": [its qc files]}}`` for every qc/<stage>/."""
+    panel = {}
+    for summary in sorted((out_dir / layout.QC).glob(f"*/{QC_SUMMARY}")):
+        try:
+            doc = json.loads(summary.read_text())
+        except ValueError:
+            doc = {"summary.json": "unreadable"}
+        files = sorted(p.relative_to(out_dir).as_posix() for p in summary.parent.iterdir() if p.is_file())
+        panel[summary.parent.name] = {"summary": condense(doc), "files": files}
+    return panel
+
+
+def data_files(out_dir: Path, slide_id: str, run_id: str) -> list[dict]:
+    """Result files by data level for the panel; an ``.ome.zarr`` folder counts as one entry.
+
+    ``uri`` is the published S3 location when the results bucket is configured (env
+    ATLAS_RESULTS_BUCKET), else None.
+    """
+    bucket = os.environ.get(RESULTS_BUCKET_ENV)
+    entries = []
+    for folder in DATA_FOLDERS:
+        for path in sorted((out_dir / folder).rglob("*")):
+            inside_zarr = any(p.name.endswith(".zarr") for p in path.relative_to(out_dir).parents)
+            if inside_zarr or not (path.is_file() or path.name.endswith(".zarr")):
+                continue
+            rel = path.relative_to(out_dir).as_posix()
+            size = path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+            entries.append({"level": layout.level_of(rel), "path": rel, "size": size,
+                            "uri": f"s3://{bucket}/{slide_id}/{run_id}/{rel}" if bucket else None})
+    return entries
+
+
+def run(ctx: StageContext) -> None:
+    """Render ``overview/`` from the registered image and whatever later stages produced."""
+    out_dir = Path(ctx.out_dir)
+    image = out_dir / layout.registration_tiff(ctx.slide_id)
+    if not image.is_file():
+        raise InvalidInput(Problem(layout.registration_tiff(ctx.slide_id), "not found; the render stage needs "
+                                   "the registered image", "run the stitch stage first"))
+    names = [m.marker_name for m in read_markers(Path(ctx.slide_dir) / MARKERS)]
+    params = ctx.params.render
+    with TiffPyramid(image, params.tile_size) as pyramid:
+        # A cycle left out by stitch.skip_failed_cycles is missing from the image, which names its channels.
+        if pyramid.channel_names and len(pyramid.channel_names) != len(names):
+            names = pyramid.channel_names
+    mask = find_cell_mask(out_dir, ctx.slide_id)
+    panel = PanelInfo(run_id=ctx.run_id, cell_count=count_cells(out_dir, ctx.slide_id, mask),
+                      qc=qc_panel(out_dir), data=data_files(out_dir, ctx.slide_id, ctx.run_id))
+    render_overview(image, out_dir / layout.OVERVIEW, slide_id=ctx.slide_id, markers=names, mask_path=mask,
+                    panel=panel, channels_per_group=params.channels_per_group, tile_size=params.tile_size)
