@@ -282,8 +282,6 @@ class MosaicImage:
         Same order as ``cycles``.
     shape : (int, int)
         Canvas (Y, X), normally :func:`mosaic_shape` of the first cycle.
-    correct : callable (cycle index, channel index, tile (Y, X) ndarray) -> ndarray, optional
-        Applied to every tile before placement (e.g. flat-field correction); must keep dtype.
 
     Notes
     -----
@@ -293,9 +291,8 @@ class MosaicImage:
     """
 
     def __init__(self, cycles: Sequence[TileSet], alignments: Sequence[CycleAlignment],
-                 shape: tuple[int, int],
-                 correct: Callable[[int, int, np.ndarray], np.ndarray] | None = None):
-        self.cycles, self.correct = list(cycles), correct
+                 shape: tuple[int, int]):
+        self.cycles = list(cycles)
         self.channels = [(k, c) for k, cycle in enumerate(self.cycles) for c in range(cycle.metadata.num_channels)]
         self.shape = (len(self.channels), int(shape[0]), int(shape[1]))
         self.dtype = self.cycles[0].metadata.pixel_dtype
@@ -306,10 +303,7 @@ class MosaicImage:
     def _tile(self, cycle: int, channel: int, tile: int) -> np.ndarray:
         data = self._cache.get(tile)
         if data is None:
-            data = self.cycles[cycle].read(tile, channel)
-            if self.correct is not None:
-                data = self.correct(cycle, channel, data)
-            self._cache[tile] = data
+            data = self._cache[tile] = self.cycles[cycle].read(tile, channel)
         return data
 
     def __getitem__(self, key) -> np.ndarray:

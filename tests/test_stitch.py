@@ -331,3 +331,11 @@ def test_sample_slide_matches_truth(sample_dirs, tmp_path):
     assert err.max() <= 0.5, err
     with tifffile.TiffFile(out / layout.registration_tiff(slide.name)) as tif:
         assert tif.series[0].shape[0] == 6
+
+
+def test_illumination_request_is_refused_clearly(subgrid, tmp_path):
+    tiles, positions, px = subgrid
+    slide = make_slide(tmp_path, [(tiles, positions)], px)
+    with pytest.raises(InvalidInput, match="stitch.illumination") as exc:
+        run_stage(slide, tmp_path / "out", illumination=True)
+    assert exc.value.problems[0].file == "params.yml"

@@ -1,9 +1,8 @@
 """Stage ``stitch``: raw cycle files -> Level 2 registered image (OME-TIFF + OME-Zarr) and QC.
 
 Reads ``raw/*.ome.tif`` (one per cycle, see :mod:`atlas.ometiff`) and ``markers.csv`` of the
-slide; writes ``registration/<slide>.ome.tif``, ``registration/<slide>.ome.zarr``, optional
-``illumination/`` profiles and ``qc/stitch/`` (``tiles.csv``, ``edges.csv``, ``mosaic.png``,
-``summary.json``). The science lives in :mod:`atlas.stitch`; this module is the file I/O.
+slide; writes ``registration/<slide>.ome.tif``, ``registration/<slide>.ome.zarr`` and
+``qc/stitch/`` (``tiles.csv``, ``edges.csv``, ``mosaic.png``, ``summary.json``). The science lives in :mod:`atlas.stitch`; this module is the file I/O.
 """
 from __future__ import annotations
 
@@ -150,16 +149,18 @@ def run(ctx: StageContext) -> None:
         raise InvalidInput(Problem(MARKERS, f"not found in {slide_dir}",
                                    "add markers.csv (channel_number,cycle_number,marker_name; one row per channel)"))
     markers = read_markers(slide_dir / MARKERS)
+    if params.illumination:
+        # basicpy 2.0 needs torch (CUDA wheels) and numpy < 2, 1.x needs jax: not in this image.
+        raise InvalidInput(Problem("params.yml", "stitch.illumination: true asks for BaSiC flat-field correction, "
+                                   "which this pipeline does not provide yet",
+                                   "remove stitch.illumination (or set it to false); correct the tiles before upload "
+                                   "if needed"))
     files = cycle_files(slide_dir)
     metas = check_cycles(files, markers, params.align_channel, rel)
     qc_dir = out_dir / QC_DIR
     qc_dir.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         cycles = [_open_cycle(stack, path, meta, params) for path, meta in zip(files, metas)]
-        correct = None
-        if params.illumination:
-            from atlas.illumination import illumination_correction
-            correct = illumination_correction(cycles, out_dir, ctx.slide_id)
         alignments = align_cycles(cycles, channel=params.align_channel, max_shift_um=params.maximum_shift_um,
                                   filter_sigma=params.filter_sigma)
         failed = [k for k, a in enumerate(alignments) if not a.registered]
@@ -178,7 +179,7 @@ def run(ctx: StageContext) -> None:
                                         "stitch.skip_failed_cycles: true to leave it out")
                                 for k in failed])
         shape = mosaic_shape(alignments[0], metas[0].tile_shape)
-        mosaic = MosaicImage([cycles[k] for k in keep], [alignments[k] for k in keep], shape, correct=correct)
+        mosaic = MosaicImage([cycles[k] for k in keep], [alignments[k] for k in keep], shape)
         channel_names = [name for k in keep for name in names_by_cycle[k]]
         pixel_size = metas[0].pixel_size_um
         tiff_path, zarr_path = out_dir / layout.registration_tiff(ctx.slide_id), out_dir / layout.registration_zarr(ctx.slide_id)
