@@ -144,7 +144,7 @@ def test_tile_cell_means_match_true_means(sample_dirs, truth):
             measured = ndimage.mean(corrected, cells, whole)
             true = means.loc[whole, names[3 * (cycle - 1) + c]].to_numpy()
             relative = np.abs(measured / true - 1)
-            assert np.median(relative) < 0.03 and np.corrcoef(measured, true)[0, 1] > 0.98, names[3 * (cycle - 1) + c]
+            assert np.median(relative) < 0.01 and np.corrcoef(measured, true)[0, 1] > 0.99, names[3 * (cycle - 1) + c]
 
 
 def test_truth_labels_look_like_tissue(truth):
