@@ -43,13 +43,57 @@ def sample_pixels(plane: np.ndarray, max_samples: int = MAX_SAMPLES) -> np.ndarr
     return plane[::step, ::step].ravel()
 
 
+# Starting points of the fit, as quantiles of the data; the best of the fits is kept (a mixture
+# likelihood has local optima, e.g. two components splitting the dominant background).
+GMM_STARTS = ((1 / 6, 1 / 2, 5 / 6), (0.25, 0.75, 0.99), (0.5, 0.9, 0.999))
+
+
+def _kmeans_1d(x: np.ndarray, counts: np.ndarray, means: np.ndarray) -> np.ndarray:
+    """Weighted 1-D k-means (Lloyd) from ``means``: the components' labels of every x."""
+    for _ in range(100):
+        nearest = np.abs(x[:, None] - means).argmin(axis=1)
+        mass = np.bincount(nearest, weights=counts, minlength=means.size)
+        sums = np.bincount(nearest, weights=counts * x, minlength=means.size)
+        updated = np.where(mass > 0, sums / np.maximum(mass, 1e-300), means)
+        if np.allclose(updated, means):
+            break
+        means = updated
+    return np.abs(x[:, None] - means).argmin(axis=1)
+
+
+def _em_1d(x: np.ndarray, counts: np.ndarray, nearest: np.ndarray, n: int, max_iter: int, tol: float,
+           reg_var: float) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+    """EM from a hard assignment; (mean log-likelihood, weights, means, variances)."""
+    total = counts.sum()
+    mass = np.bincount(nearest, weights=counts, minlength=n) + 1e-10
+    means = np.bincount(nearest, weights=counts * x, minlength=n) / mass
+    var = np.bincount(nearest, weights=counts * (x - means[nearest]) ** 2, minlength=n) / mass + reg_var
+    weights = mass / mass.sum()
+    previous = -np.inf
+    for _ in range(max_iter):
+        log_p = -0.5 * (x[:, None] - means) ** 2 / var - 0.5 * np.log(2 * np.pi * var) + np.log(weights)
+        top = log_p.max(axis=1, keepdims=True)
+        log_norm = (top + np.log(np.exp(log_p - top).sum(axis=1, keepdims=True))).ravel()
+        likelihood = float((log_norm * counts).sum() / total)
+        if likelihood - previous < tol:
+            break
+        previous = likelihood
+        resp = np.exp(log_p - log_norm[:, None]) * counts[:, None]
+        mass = resp.sum(axis=0) + 10 * np.finfo(float).eps
+        weights = mass / total
+        means = (resp * x[:, None]).sum(axis=0) / mass
+        var = (resp * (x[:, None] - means) ** 2).sum(axis=0) / mass + reg_var
+    return likelihood, weights, means, var
+
+
 def fit_gmm_1d(x: np.ndarray, counts: np.ndarray | None = None, n_components: int = 3, max_iter: int = 1000,
                tol: float = 1e-6, reg_var: float = 1e-6) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Maximum-likelihood 1-D Gaussian mixture by expectation-maximisation.
 
-    The same model as ``sklearn.mixture.GaussianMixture(n_components)`` on one feature, but
-    started deterministically from quantiles and fitted to a histogram, which makes it much
-    faster (see benchmarks/render.py); that matters with dozens of channels per slide.
+    The model of ``sklearn.mixture.GaussianMixture(n_components)`` on one feature, started
+    deterministically (k-means from several quantile seeds, the best likelihood kept) and fitted
+    to a histogram, which makes it much faster (see benchmarks/render.py); that matters with
+    dozens of channels per slide.
 
     Parameters
     ----------
@@ -58,6 +102,7 @@ def fit_gmm_1d(x: np.ndarray, counts: np.ndarray | None = None, n_components: in
     counts : (N,) ndarray, optional
         How many samples each value of ``x`` stands for (default 1 each).
     n_components : int
+        3 here; with another number the seeds are evenly spaced quantiles.
     max_iter : int
     tol : float
         Stop when the mean log-likelihood improves by less than this.
@@ -70,26 +115,12 @@ def fit_gmm_1d(x: np.ndarray, counts: np.ndarray | None = None, n_components: in
     """
     x = np.asarray(x, dtype=np.float64).ravel()
     counts = np.ones_like(x) if counts is None else np.asarray(counts, dtype=np.float64).ravel()
-    total = counts.sum()
-    cumulative = np.cumsum(counts) / total
-    means = np.interp((np.arange(n_components) + 0.5) / n_components, cumulative, x)
-    spread = np.sqrt(np.average((x - np.average(x, weights=counts)) ** 2, weights=counts))
-    var = np.full(n_components, (spread / n_components) ** 2 + reg_var)
-    weights = np.full(n_components, 1.0 / n_components)
-    previous = -np.inf
-    for _ in range(max_iter):
-        log_p = (-0.5 * (x[:, None] - means) ** 2 / var - 0.5 * np.log(2 * np.pi * var) + np.log(weights))
-        top = log_p.max(axis=1, keepdims=True)
-        log_norm = top + np.log(np.exp(log_p - top).sum(axis=1, keepdims=True))
-        resp = np.exp(log_p - log_norm) * counts[:, None]
-        mass = resp.sum(axis=0) + 10 * np.finfo(float).eps
-        weights = mass / total
-        means = (resp * x[:, None]).sum(axis=0) / mass
-        var = (resp * (x[:, None] - means) ** 2).sum(axis=0) / mass + reg_var
-        likelihood = float((log_norm.ravel() * counts).sum() / total)
-        if likelihood - previous < tol:
-            break
-        previous = likelihood
+    order = np.argsort(x)
+    cumulative = np.cumsum(counts[order]) / counts.sum()
+    starts = GMM_STARTS if n_components == 3 else (tuple((np.arange(n_components) + 0.5) / n_components),)
+    fits = [_em_1d(x, counts, _kmeans_1d(x, counts, np.interp(q, cumulative, x[order])), n_components,
+                   max_iter, tol, reg_var) for q in starts]
+    _, weights, means, var = max(fits, key=lambda fit: fit[0])
     order = np.argsort(means)
     return weights[order], means[order], np.sqrt(var[order])
 
@@ -100,7 +131,8 @@ def _gmm_range(values: np.ndarray) -> tuple[float, float] | None:
     if np.unique(positive).size < MIN_DISTINCT:
         return None
     counts, edges = np.histogram(np.log(positive), bins=HISTOGRAM_BINS)
-    weights, means, sds = fit_gmm_1d((edges[:-1] + edges[1:]) / 2, counts, 3)
+    filled = counts > 0
+    weights, means, sds = fit_gmm_1d(((edges[:-1] + edges[1:]) / 2)[filled], counts[filled], 3)
     mid, top = 1, 2
     high = means[top] + 2 * sds[top]
     # Where the weighted densities of the two upper components cross, between their means.

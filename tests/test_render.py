@@ -1,0 +1,359 @@
+"""Overview rendering (atlas.overview, the render stage, `atlas render`) on real images.
+
+Real data (read in place from ../shared/data): the DSB2018 nucleus image and its ground-truth
+label mask, and the steinbock IMC float32 ROI with its DeepCell mask. Synthetic planes only where
+the case is about the values themselves: an all-zero channel (a failed stain), an all-65535
+channel (a saturated one), NaN/inf (a broken float image).
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import imagecodecs
+import numpy as np
+import pytest
+import tifffile
+
+from atlas.errors import InvalidInput
+from atlas.overview import PanelInfo, render_overview
+from atlas.overview.contrast import auto_contrast, fit_gmm_1d, sample_pixels
+from atlas.overview.exhibit import label_dir, make_groups
+from atlas.overview.source import TiffPyramid
+from atlas.overview.tiles import composite, outlines, scale_to_display
+from atlas.params import Params
+from atlas.pyramid import downsample, write_ome_tiff_pyramid
+from atlas.stages import StageContext
+
+EXHIBIT_KEYS = {"Images", "Header", "Rotation", "Layout", "Stories", "Channels", "Masks", "Groups"}
+TILE = 128  # small tiles, so a 512 px image has a real pyramid (512, 256, 128 px levels)
+NAMES = ["DNA_1", "Empty", "Saturated", "CD45"]
+
+
+@pytest.fixture(scope="module")
+def dsb(shared_data):
+    folder = shared_data / "segmentation" / "stardist_dsb2018"
+    return tifffile.imread(folder / "img2d.tif"), tifffile.imread(folder / "mask2d.tif").astype(np.uint32)
+
+
+@pytest.fixture(scope="module")
+def images(dsb, tmp_path_factory):
+    """(image.ome.tif, cell.ome.tif): DSB nuclei, an empty and a saturated channel, the nuclei flipped."""
+    nuclei, mask = dsb
+    folder = tmp_path_factory.mktemp("render-inputs")
+    stack = np.stack([nuclei, np.zeros_like(nuclei), np.full_like(nuclei, 65535), np.fliplr(nuclei)])
+    write_ome_tiff_pyramid(folder / "image.ome.tif", stack, channel_names=NAMES, pixel_size_um=0.5, tile_size=TILE)
+    write_ome_tiff_pyramid(folder / "cell.ome.tif", mask, channel_names=["cell"], pixel_size_um=0.5,
+                           tile_size=TILE, labels=True)
+    return folder / "image.ome.tif", folder / "cell.ome.tif"
+
+
+@pytest.fixture(scope="module")
+def site(images, tmp_path_factory):
+    image, mask = images
+    out = tmp_path_factory.mktemp("site") / "overview"
+    result = render_overview(image, out, slide_id="DSB", markers=NAMES, mask_path=mask, tile_size=TILE,
+                             channels_per_group=2)
+    return out, result
+
+
+def inlined_data(site_dir: Path) -> dict:
+    html = (site_dir / "index.html").read_text()
+    match = re.search(r'<script id="atlas-data" type="application/json">(.*?)</script>', html, re.S)
+    return json.loads(match[1])
+
+
+def decode(path: Path) -> np.ndarray:
+    return imagecodecs.imread(path.read_bytes())
+
+
+# ---- contrast -------------------------------------------------------------------------------
+
+def test_auto_contrast_on_real_nuclei_blackens_background_and_keeps_nuclei(dsb):
+    nuclei, mask = dsb
+    low, high = auto_contrast(sample_pixels(nuclei))
+    assert 0 <= low < high <= nuclei.max()
+    assert (nuclei[mask == 0] <= low).mean() > 0.9      # background black
+    assert (nuclei[mask > 0] > low).mean() > 0.85       # nuclei visible
+    assert (nuclei >= high).mean() < 0.05               # few pixels clipped bright
+
+
+def test_auto_contrast_on_real_float_imc_channels(shared_data):
+    image = tifffile.imread(shared_data / "quantification" / "steinbock_imc" / "img" / "20210305_NE_mockData2_001.tiff")
+    for plane in image:
+        low, high = auto_contrast(sample_pixels(plane))
+        assert np.isfinite([low, high]).all() and plane.min() <= low < high <= plane.max()
+
+
+@pytest.mark.parametrize("plane, shown", [
+    (np.zeros((64, 64), np.uint16), 0),                     # failed stain: black
+    (np.full((64, 64), 65535, np.uint16), 255),             # saturated: full brightness
+    (np.full((64, 64), 7.5, np.float32), 255),              # constant positive float
+    (np.zeros((64, 64), np.float32), 0),
+])
+def test_auto_contrast_of_constant_channels(plane, shown):
+    low, high = auto_contrast(sample_pixels(plane))
+    assert np.isfinite([low, high]).all() and high > low
+    assert np.all(scale_to_display(plane, low, high) == shown)
+
+
+def test_auto_contrast_ignores_nan_and_inf():
+    plane = np.linspace(0, 100, 64 * 64, dtype=np.float32).reshape(64, 64)
+    plane[::7, ::5] = np.nan
+    plane[3, 3], plane[4, 4] = np.inf, -np.inf
+    low, high = auto_contrast(sample_pixels(plane))
+    assert np.isfinite([low, high]).all() and 0 <= low < high <= 100
+    shown = scale_to_display(plane, low, high)
+    assert shown.dtype == np.uint8 and shown[0, 0] == 0  # NaN shows black
+    assert auto_contrast(np.array([np.nan, np.nan])) == (0.0, 1.0)
+
+
+def test_fit_gmm_1d_recovers_a_known_mixture():
+    # A numerical check of the EM fit itself: samples drawn from a known 3-component mixture.
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(2, 0.3, 30000), rng.normal(5, 0.5, 15000), rng.normal(8, 0.4, 5000)])
+    counts, edges = np.histogram(x, bins=1024)
+    weights, means, sds = fit_gmm_1d((edges[:-1] + edges[1:]) / 2, counts, 3)
+    np.testing.assert_allclose(means, [2, 5, 8], atol=0.05)
+    np.testing.assert_allclose(sds, [0.3, 0.5, 0.4], atol=0.05)
+    np.testing.assert_allclose(weights, [0.6, 0.3, 0.1], atol=0.02)
+
+
+# ---- compositing, outlines, groups ----------------------------------------------------------
+
+def test_composite_is_minervas_formula(dsb):
+    nuclei, _ = dsb
+    planes = np.stack([nuclei, np.flipud(nuclei)])
+    ranges, colors = [(20.0, 120.0), (30.0, 90.0)], ["ffffff", "ff8000"]
+    expected = np.zeros(nuclei.shape + (3,))
+    for plane, (low, high), color in zip(planes, ranges, colors):
+        value = np.clip((plane - low) / (high - low), 0, 1)
+        expected += value[..., None] * np.array([int(color[i:i + 2], 16) for i in (0, 2, 4)]) / 255
+    expected = np.clip(expected, 0, 1) * 255
+    got = composite(planes, ranges, colors)
+    assert got.shape == nuclei.shape + (3,) and got.dtype == np.uint8
+    assert np.abs(got - expected).max() <= 2  # 8-bit rounding per channel
+    # the lookup-table path for integers and the arithmetic path for floats agree
+    assert np.array_equal(composite(planes.astype(np.float32), ranges, colors), got)
+
+
+def test_outlines_mark_every_object_boundary(dsb):
+    _, mask = dsb
+    edge = outlines(np.pad(mask, 1, mode="edge"))
+    assert not edge[mask == 0].any()
+    ids = np.unique(mask[mask > 0])
+    assert set(np.unique(mask[edge])) == set(ids)     # every nucleus has an outline
+    assert edge.sum() < 0.5 * (mask > 0).sum()          # outlines, not filled objects
+
+
+def test_groups_start_at_dna_stains_and_paths_follow_minerva():
+    names = ["DNA_1", "CD45", "panCK", "DNA 2", "CD3", "aSMA", "Ki67", "CD8", "Hoechst"]
+    groups = make_groups(names, [(0.0, 1.0)] * len(names), 4)
+    assert [g.labels for g in groups] == [("DNA_1", "CD45", "panCK"), ("DNA 2", "CD3", "aSMA", "Ki67"),
+                                          ("CD8",), ("Hoechst",)]
+    assert groups[1].path == "Group-2_3__DNA-2--4__CD3--5__aSMA--6__Ki67"
+    assert groups[0].colors == ("ffffff", "ff0000", "00ff00")
+    assert label_dir("CD45 (clone/2)") == "CD45-clone2"
+
+
+# ---- reading pyramids -----------------------------------------------------------------------
+
+def test_tiff_pyramid_reads_stored_and_computed_levels(dsb, tmp_path):
+    nuclei, _ = dsb
+    stack = np.stack([nuclei, nuclei[::-1]])[:, :500, :300]  # odd tiling at the edges
+    write_ome_tiff_pyramid(tmp_path / "p.ome.tif", stack, channel_names=["a", "b"], pixel_size_um=1.0, tile_size=64)
+    tifffile.imwrite(tmp_path / "strips.tif", stack, rowsperstrip=37)          # one page, planar channels
+    tifffile.imwrite(tmp_path / "tiles.tif", stack, tile=(96, 96), compression="zlib")
+    for name in ("p.ome.tif", "strips.tif", "tiles.tif"):
+        with TiffPyramid(tmp_path / name, 64) as pyramid:
+            assert pyramid.shape == (2, 500, 300)
+            assert pyramid.level_shapes == [(500, 300), (250, 150), (125, 75), (63, 38)]
+            assert np.array_equal(pyramid.read(0, [1, 0], 61, 190, 250, 300), stack[[1, 0], 61:190, 250:300])
+            level2 = downsample(downsample(stack[1]))
+            got = pyramid.read(2, [1], 0, 125, 0, 75)[0]
+            assert np.abs(got.astype(int) - level2).max() <= 1  # stored or computed, same pyramid
+    with TiffPyramid(tmp_path / "p.ome.tif", 64) as pyramid:
+        assert pyramid.pixel_size_um == 1.0 and pyramid.channel_names == ["a", "b"]
+
+
+def test_tiff_pyramid_refuses_interleaved_rgb(tmp_path):
+    tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((32, 32, 3), np.uint8), photometric="rgb")
+    with pytest.raises(InvalidInput, match="channel planes"):
+        TiffPyramid(tmp_path / "rgb.tif", 1024)
+
+
+# ---- the whole site -------------------------------------------------------------------------
+
+def test_site_layout_follows_minerva(site):
+    out, result = site
+    exhibit = json.loads((out / "exhibit.json").read_text())
+    assert EXHIBIT_KEYS <= exhibit.keys()
+    image = exhibit["Images"][0]
+    assert (image["Width"], image["Height"], image["MaxLevel"]) == (512, 512, 2)
+    assert exhibit["PixelsPerMicron"] == 2.0
+    assert [g["Channels"] for g in exhibit["Groups"]] == [["DNA_1", "Empty"], ["Saturated", "CD45"]]
+    waypoint = exhibit["Stories"][0]["Waypoints"][0]
+    assert waypoint["Group"] == exhibit["Groups"][0]["Name"] and waypoint["Masks"] == ["Cell outlines"]
+    assert result == {"tiles": 3 * 21, "groups": 2, "levels": 3, "mask": True}
+    for layer, ext in [(g["Path"], "jpg") for g in exhibit["Groups"]] + [(exhibit["Masks"][0]["Path"], "png")]:
+        folder = out / image["Path"] / layer
+        names = sorted(p.name for p in folder.iterdir())
+        expected = sorted(f"{level}_{x}_{y}.{ext}" for level, n in ((0, 4), (1, 2), (2, 1))
+                          for x in range(n) for y in range(n))
+        assert names == expected
+        assert decode(folder / f"0_3_3.{ext}").shape[:2] == (TILE, TILE)
+        assert decode(folder / f"2_0_0.{ext}").shape[:2] == (128, 128)  # whole image at 1/4
+    story = json.loads((out / "story.json").read_text())
+    channels = [c for g in story["groups"] for c in g["channels"]]
+    assert all(0 <= c["min"] < c["max"] <= 1 for c in channels)
+    assert (out / "openseadragon" / "openseadragon.min.js").is_file()
+    assert (out / "openseadragon" / "images" / "zoomin_rest.png").is_file()
+    assert (out / "openseadragon" / "LICENSE.txt").is_file()
+    html = (out / "index.html").read_text()
+    assert "http://" not in html and "https://" not in html   # nothing from a CDN
+    assert inlined_data(out)["exhibit"] == exhibit
+
+
+def test_site_tiles_show_the_channels(site, dsb):
+    out, _ = site
+    exhibit = json.loads((out / "exhibit.json").read_text())
+    base = out / exhibit["Images"][0]["Path"]
+    first, second = (base / g["Path"] for g in exhibit["Groups"])
+    # group 1: DNA white + an all-zero channel in red adds nothing: grey, and bright on nuclei
+    tile = decode(first / "0_1_1.jpg").astype(int)
+    assert np.abs(tile[..., 0] - tile[..., 2]).mean() < 3
+    nuclei, mask = dsb
+    region = mask[TILE:2 * TILE, TILE:2 * TILE] > 0
+    assert tile[region].mean() > 3 * tile[~region].mean()
+    # group 2: a saturated channel in white covers everything
+    assert decode(second / "1_0_1.jpg").mean() > 250
+
+
+def test_outline_tiles_join_into_the_whole_image_outlines(site, dsb):
+    out, _ = site
+    _, mask = dsb
+    folder = out / "images" / "cell-outlines"
+    mosaic = np.zeros((512, 512), bool)
+    for x in range(4):
+        for y in range(4):
+            rgba = decode(folder / f"0_{x}_{y}.png")
+            assert rgba.shape == (TILE, TILE, 4)
+            mosaic[y * TILE:(y + 1) * TILE, x * TILE:(x + 1) * TILE] = rgba[..., 3] == 255
+    assert np.array_equal(mosaic, outlines(np.pad(mask, 1, mode="edge")))
+
+
+def test_render_is_deterministic(images, site, tmp_path):
+    image, mask = images
+    again = tmp_path / "overview"
+    render_overview(image, again, slide_id="DSB", markers=NAMES, mask_path=mask, tile_size=TILE, channels_per_group=2)
+    first = {p.relative_to(site[0]): p.read_bytes() for p in site[0].rglob("*") if p.is_file()}
+    second = {p.relative_to(again): p.read_bytes() for p in again.rglob("*") if p.is_file()}
+    assert first == second
+
+
+def test_render_without_segmentation_has_no_outline_layer(images, tmp_path):
+    image, _ = images
+    out = tmp_path / "overview"
+    result = render_overview(image, out, slide_id="DSB", markers=NAMES, tile_size=TILE)
+    exhibit = json.loads((out / "exhibit.json").read_text())
+    assert result["mask"] is False and exhibit["Masks"] == []
+    assert exhibit["Stories"][0]["Waypoints"][0]["Masks"] == []
+    assert not (out / "images" / "cell-outlines").exists()
+    assert len(exhibit["Groups"]) == 1  # four channels, one DNA stain: one group
+
+
+def test_render_float_image_with_its_real_mask(shared_data, tmp_path):
+    folder = shared_data / "quantification" / "steinbock_imc"
+    name = "20210305_NE_mockData2_001.tiff"
+    panel = [line.split(",")[1] for line in (folder / "panel.csv").read_text().splitlines()[1:]]
+    out = tmp_path / "overview"
+    result = render_overview(folder / "img" / name, out, slide_id="IMC", markers=panel,
+                             mask_path=folder / "masks_deepcell" / name)
+    assert result == {"tiles": 3, "groups": 2, "levels": 1, "mask": True}
+    text = (out / "exhibit.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert decode(out / "images" / "cell-outlines" / "0_0_0.png").shape == (87, 103, 4)
+
+
+def test_render_errors_name_the_file_and_leave_nothing_behind(images, dsb, tmp_path, monkeypatch):
+    image, mask = images
+    out = tmp_path / "overview"
+    with pytest.raises(InvalidInput, match="lists 3 markers but image.ome.tif has 4 channels"):
+        render_overview(image, out, slide_id="DSB", markers=NAMES[:3], tile_size=TILE)
+    tifffile.imwrite(tmp_path / "small.tif", dsb[1][:100])
+    with pytest.raises(InvalidInput, match="does not match the image"):
+        render_overview(image, out, slide_id="DSB", markers=NAMES, mask_path=tmp_path / "small.tif", tile_size=TILE)
+    monkeypatch.setenv("ATLAS_VIEWER_DIR", str(tmp_path / "nowhere"))
+    with pytest.raises(InvalidInput, match="npm ci --prefix viewer"):
+        render_overview(image, out, slide_id="DSB", markers=NAMES, tile_size=TILE)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["small.tif"]
+
+
+# ---- the stage and the command --------------------------------------------------------------
+
+def _results(tmp_path: Path, images, *, segmented: bool) -> StageContext:
+    image, mask = images
+    slide_dir, out = tmp_path / "S1", tmp_path / "out"
+    slide_dir.mkdir()
+    (slide_dir / "markers.csv").write_text("channel_number,cycle_number,marker_name\n"
+                                           + "".join(f"{i + 1},1,{n}\n" for i, n in enumerate(NAMES)))
+    (out / "registration").mkdir(parents=True)
+    (out / "registration" / "S1.ome.tif").write_bytes(image.read_bytes())
+    (out / "qc" / "stitch").mkdir(parents=True)
+    (out / "qc" / "stitch" / "summary.json").write_text(json.dumps(
+        {"slide_id": "S1", "aligner": "ashlar 1.20", "cycles": [{"cycle": 1, "aligned_tiles": 9, "offset_px": [0, 0]}]}))
+    if segmented:
+        (out / "segmentation" / "unet-S1").mkdir(parents=True)
+        (out / "segmentation" / "unet-S1" / "cell.ome.tif").write_bytes(mask.read_bytes())
+        (out / "quantification").mkdir()
+        (out / "quantification" / "S1--unet_cell.csv").write_text(
+            "CellID,DNA_1\n" + "".join(f"{i},1.0\n" for i in range(1, 126)))
+    params = Params(render=Params().render.__class__(tile_size=TILE))
+    return StageContext(slide_id="S1", run_id="S1-0123456789ab", slide_dir=slide_dir, out_dir=out, params=params)
+
+
+def test_stage_renders_the_panel_from_the_results(images, tmp_path, monkeypatch):
+    from atlas.stages import render
+
+    monkeypatch.setenv("ATLAS_RESULTS_BUCKET", "atlas-results")
+    ctx = _results(tmp_path, images, segmented=True)
+    render.run(ctx)
+    panel = inlined_data(ctx.out_dir / "overview")["panel"]
+    assert panel["slideId"] == "S1" and panel["runId"] == "S1-0123456789ab"
+    assert panel["cellCount"] == 125
+    assert [m["name"] for m in panel["markers"]] == NAMES
+    assert panel["qc"]["stitch"]["summary"]["cycles.1.aligned_tiles"] == 9
+    assert panel["qc"]["stitch"]["files"] == ["qc/stitch/summary.json"]
+    assert {(f["level"], f["path"]) for f in panel["data"]} == {
+        (2, "registration/S1.ome.tif"), (3, "segmentation/unet-S1/cell.ome.tif"),
+        (4, "quantification/S1--unet_cell.csv")}
+    assert {f["uri"] for f in panel["data"]} >= {"s3://atlas-results/S1/S1-0123456789ab/registration/S1.ome.tif"}
+    assert (ctx.out_dir / "overview" / "images" / "cell-outlines" / "0_0_0.png").is_file()
+
+
+def test_stage_without_segmentation(images, tmp_path, monkeypatch):
+    from atlas.stages import render
+
+    monkeypatch.delenv("ATLAS_RESULTS_BUCKET", raising=False)
+    ctx = _results(tmp_path, images, segmented=False)
+    render.run(ctx)
+    data = inlined_data(ctx.out_dir / "overview")
+    assert data["exhibit"]["Masks"] == [] and data["panel"]["cellCount"] is None
+    assert [f["uri"] for f in data["panel"]["data"]] == [None]
+
+
+def test_cli_render(images, tmp_path):
+    from typer.testing import CliRunner
+
+    from atlas.cli import app
+
+    image, mask = images
+    markers = tmp_path / "markers.csv"
+    markers.write_text("channel_number,cycle_number,marker_name\n" + "".join(f"{i + 1},1,{n}\n" for i, n in enumerate(NAMES)))
+    out = tmp_path / "site"
+    result = CliRunner().invoke(app, ["render", "--image", str(image), "--mask", str(mask), "--markers", str(markers),
+                                      "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "1 group(s)" in result.output and (out / "index.html").is_file()
+    assert inlined_data(out)["panel"]["slideId"] == "image"
