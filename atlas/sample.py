@@ -73,11 +73,12 @@ _DNA_MEDIAN = 3500.0
 _DNA_BLEACH = {"DNA_1": 1.0, "DNA_2": 0.8}   # the DNA stain fades a little by cycle 2
 _BACKGROUND = {"DNA_1": 150.0, "CD45": 120.0, "panCK": 100.0, "DNA_2": 140.0, "CD3": 90.0, "aSMA": 110.0}
 _AUTOFLUORESCENCE = {"DNA_1": 60.0, "CD45": 250.0, "panCK": 150.0, "DNA_2": 60.0, "CD3": 120.0, "aSMA": 100.0}
-# regions: (type probabilities in CELL_TYPES order, acceptance density, packing factor)
+# region code (see _regions) -> (type probabilities in CELL_TYPES order, acceptance density, packing factor);
+# stroma's density follows the tissue density field (None)
 _REGIONS = {
-    "epithelium": ((0.88, 0.06, 0.03, 0.0, 0.03), 1.0, 0.78),
-    "lymphoid": ((0.0, 0.60, 0.35, 0.0, 0.05), 1.0, 0.72),
-    "stroma": ((0.0, 0.15, 0.10, 0.60, 0.15), None, 0.90),
+    1: ((0.88, 0.06, 0.03, 0.0, 0.03), 1.0, 0.78),     # epithelium
+    2: ((0.0, 0.60, 0.35, 0.0, 0.05), 1.0, 0.72),      # lymphoid aggregate
+    3: ((0.0, 0.15, 0.10, 0.60, 0.15), None, 0.90),    # stroma
 }
 
 
@@ -172,7 +173,7 @@ def _place_cells(rng: np.random.Generator, shape: tuple[int, int], fields: dict[
     kind = np.zeros(n, np.int64)
     packing = np.ones(n)
     keep = np.zeros(n, bool)
-    for code, (name, (probabilities, density, pack)) in zip((1, 2, 3), _REGIONS.items()):
+    for code, (probabilities, density, pack) in _REGIONS.items():
         here = region == code
         keep[here] = u_accept[here] < (density if density is not None else stroma_density[here])
         kind[here] = np.searchsorted(np.cumsum(probabilities), u_type[here] * 0.999999)
