@@ -260,9 +260,9 @@ def stage_slide(s3, slide: S3Uri, slide_dir: Path, stage: Stage) -> list[str]:
     return [MANIFEST] + [e.path for e in wanted]
 
 
-def _earlier_records(s3, work: S3Uri, stage: Stage, run_id: str, merge: bool) -> list[tuple[Stage, int | None, dict]]:
-    """Completion records this job builds on: every earlier stage (and its items), plus, for a
-    merge, the items of this stage. Raises UpstreamIncomplete naming what is missing."""
+def upstream_records(s3, work: S3Uri, stage: Stage, run_id: str, merge: bool) -> list[tuple[Stage, int | None, dict]]:
+    """Completion records a job builds on: every earlier stage (and its items), plus, for a merge,
+    the items of this stage. Raises UpstreamIncomplete naming what is missing."""
     index = [s.name for s in STAGES].index(stage.name)
     wanted: list[tuple[Stage, int | None]] = []
     for earlier in STAGES[:index]:
@@ -279,11 +279,13 @@ def _earlier_records(s3, work: S3Uri, stage: Stage, run_id: str, merge: bool) ->
     return [(s, i, r) for (s, i), r in zip(wanted, records)]
 
 
-def stage_work(s3, work: S3Uri, out_dir: Path, stage: Stage, run_id: str, merge: bool) -> dict[str, str]:
+def stage_work(s3, work: S3Uri, out_dir: Path, stage: Stage, records: list[tuple[Stage, int | None, dict]]
+               ) -> dict[str, str]:
     """Download earlier outputs this job needs into ``out_dir``, verified against their records.
 
-    Every completion record of the earlier stages is staged (the run's provenance); outputs are those
-    of earlier stages matching this stage's input patterns, and for a merge all of its items' outputs.
+    ``records`` are the completion records the job builds on (:func:`upstream_records`); all of them
+    are staged (the run's provenance). Outputs staged are those of earlier stages matching this
+    stage's input patterns, and for a merge all of its items' outputs.
 
     Returns
     -------
@@ -292,9 +294,8 @@ def stage_work(s3, work: S3Uri, out_dir: Path, stage: Stage, run_id: str, merge:
 
     Raises
     ------
-    UpstreamIncomplete, CorruptWork
+    CorruptWork
     """
-    records = _earlier_records(s3, work, stage, run_id, merge)
     patterns = [p for p in stage.inputs if not p.startswith(RAW_PREFIX)]
     wanted: dict[str, dict] = {}
     staged: dict[str, str] = {}
@@ -465,8 +466,9 @@ def run_stage_job(stage_name: str, *, slide_uri: str, work_uri: str, run_id: str
         slide_dir, out_dir = root / "slide" / slide.name, root / "out"
         out_dir.mkdir(parents=True)
         t0 = time.time()
+        records = upstream_records(s3, work, stage, run_id, merge)  # fail fast, before any download
         staged_slide = stage_slide(s3, slide, slide_dir, stage)
-        staged = stage_work(s3, work, out_dir, stage, run_id, merge)
+        staged = stage_work(s3, work, out_dir, stage, records)
         log.info("%s: staged %d slide files and %d work files in %.1f s", what, len(staged_slide), len(staged),
                  time.time() - t0)
         params_file = slide_dir / PARAMS
