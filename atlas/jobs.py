@@ -477,8 +477,8 @@ def run_stage_job(stage_name: str, *, slide_uri: str, work_uri: str, run_id: str
 
         before = _snapshot(out_dir)
         started = time.time()
-        module = stage.module
         try:
+            module = stage.module
             if not stage.array_size:
                 module.run(ctx)
             elif merge:

@@ -8,6 +8,7 @@ import traceback
 import typer
 from botocore.exceptions import BotoCoreError, ClientError
 
+from atlas.errors import InvalidInput
 from atlas.jobs import ARRAY_INDEX_ENV, ExitCode, JobError, StageFailed, run_stage_job
 from atlas.stages import STAGES, get_stage
 
@@ -20,11 +21,10 @@ def stage(name: str = typer.Argument(..., help=f"stage: {', '.join(s.name for s 
           merge: bool = typer.Option(False, "--merge", help="the merge step of an array stage")) -> None:
     """Run one stage of a run as a Batch job: stage inputs (sha256-checked), run, upload, record.
 
-    Skips itself when this run's completion record for the stage is already complete. Exit codes:
-    0 ok, 1 invalid input, 2 usage, 3 upstream incomplete, 4 corrupt work, 5 stage failed,
-    6 storage error (retry), 7 misconfigured.
+    Skips itself when this run's completion record for the stage is already complete. Exit codes: 0 ok, 1 invalid input, 2 usage, 3 upstream incomplete, 4 corrupt work, 5 stage failed, 6 storage error (worth a retry), 7 misconfigured (docs/containers.md).
     """
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("atlas").setLevel(logging.INFO)
     try:
         spec = get_stage(name)
     except ValueError as exc:
@@ -42,6 +42,11 @@ def stage(name: str = typer.Argument(..., help=f"stage: {', '.join(s.name for s 
     except (BotoCoreError, ClientError) as exc:
         typer.secho(f"error: S3 request failed, worth a retry: {exc}", fg="red", err=True)
         raise typer.Exit(int(ExitCode.STORAGE_ERROR)) from exc
+    except InvalidInput:
+        raise  # printed file by file by the CLI, exit 1
+    except Exception as exc:  # a bug in the job wrapper itself: keep its traceback in the job log
+        traceback.print_exception(exc)
+        raise typer.Exit(int(ExitCode.STAGE_FAILED)) from exc
     where = f"{result.stage}" + ("" if result.item is None else f" item {result.item}")
     typer.echo(f"{where}: " + ("already complete, skipped" if result.skipped else
                                f"done, {len(result.record['outputs'])} outputs recorded"))
