@@ -1,0 +1,141 @@
+"""The catalog: DynamoDB tables, the three Lambdas of ``functions/`` and the EventBridge rules feeding them.
+
+::
+
+    ingest bucket  -- S3 Object Created -------------------> catalog Lambda  (records the object)
+    catalog Lambda -- "Slide Object Cataloged" (atlas.catalog) -> trigger Lambda (starts the run once complete)
+    state machine  -- Execution Status Change ---------------> status Lambda  (run status, notification)
+
+Event patterns, environment names and the service name come from :mod:`atlas.catalog`, so the
+handlers and this app cannot drift apart. Each Lambda has a dead-letter queue that receives both
+the events EventBridge could not deliver and the invocations that failed after Lambda's retries.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aws_cdk import Duration, RemovalPolicy
+from aws_cdk import aws_dynamodb as dynamodb
+from aws_cdk import aws_events as events
+from aws_cdk import aws_events_targets as targets
+from aws_cdk import aws_lambda as lambda_
+from aws_cdk import aws_logs as logs
+from aws_cdk import aws_s3 as s3
+from aws_cdk import aws_sns as sns
+from aws_cdk import aws_sqs as sqs
+from aws_cdk import aws_stepfunctions as sfn
+from constructs import Construct
+
+from atlas import catalog
+from infra.bundling import ARCHITECTURE, RUNTIME, lambda_code
+from infra.config import AtlasConfig
+from infra.compute import S3_READ
+from infra.nag import acknowledge, acknowledge_wildcards, managed_policy_finding
+
+# powertools' DynamoDBPersistenceLayer defaults: partition key "id", expiry attribute "expiration".
+IDEMPOTENCY_KEY = "id"
+IDEMPOTENCY_TTL = "expiration"
+
+
+@dataclass(frozen=True)
+class _Handler:
+    """One Lambda of ``functions/``: its memory (MiB), timeout and event pattern."""
+
+    memory_mib: int
+    timeout: Duration
+    pattern: dict
+
+
+def _event_pattern(pattern: dict) -> events.EventPattern:
+    return events.EventPattern(source=pattern.get("source"), detail_type=pattern.get("detail-type"),
+                               detail=pattern.get("detail"))
+
+
+class Catalog(Construct):
+    """Tables, Lambdas, rules and dead-letter queues of the catalog.
+
+    Attributes
+    ----------
+    table : dynamodb.Table
+        ``pk``/``sk`` items per slide, object and run (see :mod:`atlas.catalog`).
+    idempotency_table : dynamodb.Table
+        powertools idempotency records (expire by TTL).
+    functions : dict of str to lambda_.Function
+        ``catalog``, ``trigger``, ``status``.
+    dead_letter_queues : dict of str to sqs.Queue
+        One per function.
+    """
+
+    def __init__(self, scope: Construct, id: str, *, config: AtlasConfig, ingest: s3.IBucket, work: s3.IBucket,
+                 results_bucket_name: str, state_machine: sfn.IStateMachine, topic: sns.ITopic) -> None:
+        super().__init__(scope, id)
+        self.table = dynamodb.Table(
+            self, "Table", table_name=config.name("catalog"),
+            partition_key=dynamodb.Attribute(name="pk", type=dynamodb.AttributeType.STRING),
+            sort_key=dynamodb.Attribute(name="sk", type=dynamodb.AttributeType.STRING),
+            billing_mode=dynamodb.BillingMode.PAY_PER_REQUEST,
+            point_in_time_recovery_specification=dynamodb.PointInTimeRecoverySpecification(
+                point_in_time_recovery_enabled=True),
+            deletion_protection=True, removal_policy=RemovalPolicy.RETAIN)
+        self.idempotency_table = dynamodb.Table(
+            self, "IdempotencyTable",
+            partition_key=dynamodb.Attribute(name=IDEMPOTENCY_KEY, type=dynamodb.AttributeType.STRING),
+            billing_mode=dynamodb.BillingMode.PAY_PER_REQUEST, time_to_live_attribute=IDEMPOTENCY_TTL,
+            point_in_time_recovery_specification=dynamodb.PointInTimeRecoverySpecification(
+                point_in_time_recovery_enabled=True),
+            removal_policy=RemovalPolicy.DESTROY)  # short-lived dedup records, nothing to keep
+
+        settings = catalog.Settings(
+            catalog_table=self.table.table_name, idempotency_table=self.idempotency_table.table_name,
+            state_machine_arn=state_machine.state_machine_arn, notify_topic_arn=topic.topic_arn,
+            work_bucket=work.bucket_name, results_bucket=results_bucket_name)
+        handlers = {
+            # Reads OME-XML of cycle files by ranged GETs: memory for tifffile's parse, not for pixels.
+            "catalog": _Handler(1024, Duration.minutes(1), catalog.object_created_pattern(ingest.bucket_name)),
+            # Reads every item of the slide and validates it.
+            "trigger": _Handler(1024, Duration.minutes(2), catalog.object_cataloged_pattern()),
+            "status": _Handler(256, Duration.seconds(30),
+                               catalog.execution_status_pattern(state_machine.state_machine_arn)),
+        }
+        code = lambda_code()
+        self.functions: dict[str, lambda_.Function] = {}
+        self.dead_letter_queues: dict[str, sqs.Queue] = {}
+        for name, spec in handlers.items():
+            title = name.capitalize()
+            queue = sqs.Queue(self, f"{title}DeadLetters", enforce_ssl=True,
+                              encryption=sqs.QueueEncryption.SQS_MANAGED, retention_period=Duration.days(14))
+            acknowledge(queue, "AwsSolutions-SQS3", "This queue is itself a dead-letter queue.")
+            function = lambda_.Function(
+                self, f"{title}Function", code=code, handler=f"functions.{name}.handler.handler", runtime=RUNTIME,
+                architecture=ARCHITECTURE, memory_size=spec.memory_mib, timeout=spec.timeout,
+                environment=settings.to_env(), tracing=lambda_.Tracing.ACTIVE, dead_letter_queue=queue,
+                logging_format=lambda_.LoggingFormat.JSON,
+                log_group=logs.LogGroup(self, f"{title}Logs", retention=config.log_retention,
+                                        removal_policy=RemovalPolicy.RETAIN))
+            acknowledge(function, managed_policy_finding("service-role/AWSLambdaBasicExecutionRole"),
+                        "The AWS managed policy only lets the function write its own CloudWatch logs.")
+            acknowledge_wildcards(function, "X-Ray's PutTraceSegments/PutTelemetryRecords have no resource-level "
+                                  "permissions (active tracing).", resources=["*"])
+            acknowledge(function, "AwsSolutions-L1",
+                        f"{RUNTIME.name} is the newest runtime within the Pythons the project supports and "
+                        "tests (pyproject requires-python < 3.14).")
+            events.Rule(self, f"{title}Rule", event_pattern=_event_pattern(spec.pattern),
+                        description=f"-> {name} Lambda",
+                        targets=[targets.LambdaFunction(function, dead_letter_queue=queue, retry_attempts=8,
+                                                        max_event_age=Duration.hours(6))])
+            self.table.grant_read_write_data(function)
+            self.idempotency_table.grant_read_write_data(function)
+            self.functions[name] = function
+            self.dead_letter_queues[name] = queue
+
+        for name in ("catalog", "trigger"):  # ranged reads of cycle files; manifest, markers, params
+            ingest.grant_read(self.functions[name])
+            acknowledge_wildcards(self.functions[name], "Reads objects of any slide in the ingest bucket; the "
+                                  "actions are CDK's read-only grant_read set on that bucket.",
+                                  actions=S3_READ, resources=[ingest.arn_for_objects("*")])
+        events.EventBus.from_event_bus_name(self, "DefaultBus", "default").grant_put_events_to(self.functions["catalog"])
+        state_machine.grant_start_execution(self.functions["trigger"])
+        for name in ("trigger", "status"):
+            topic.grant_publish(self.functions[name])
+            acknowledge_wildcards(self.functions[name], "kms:GenerateDataKey* on the topic's own key only, which "
+                                  "SNS needs to encrypt a published message.", actions=["kms:GenerateDataKey*"])

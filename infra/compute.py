@@ -1,0 +1,217 @@
+"""AWS Batch: where the stage containers run, with one job definition per registry stage.
+
+CPU jobs go to a queue that fills a Spot compute environment first and an on-demand one when
+Spot is at its vCPU ceiling; GPU stages get a GPU queue of the same shape (ECS AL2023 NVIDIA
+AMI) when ``gpu`` is on, and otherwise run on the CPU queue with the CPU image. A job retries
+only when its Spot instance was reclaimed: any other failure is real and is reported, not
+silently rerun. Jobs propagate their tags (slide_id, run_id) to the ECS tasks for cost per slide.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from aws_cdk import Duration, Size
+from aws_cdk import aws_batch as batch
+from aws_cdk import aws_ec2 as ec2
+from aws_cdk import aws_ecr_assets as ecr_assets
+from aws_cdk import aws_ecs as ecs
+from aws_cdk import aws_iam as iam
+from aws_cdk import aws_logs as logs
+from aws_cdk import aws_s3 as s3
+from constructs import Construct
+
+from atlas.stages import STAGES, Stage
+from infra.config import AtlasConfig
+from infra.nag import acknowledge, acknowledge_wildcards, managed_policy_finding
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# The wildcard actions of CDK's grant_read (a read-only set, scoped to one bucket by the grant).
+S3_READ = ("s3:GetObject*", "s3:GetBucket*", "s3:List*")
+
+# Build arguments of containers/*/Dockerfile for the segmentation weights baked into the images.
+UNET_WEIGHTS_URL_ARG = "UNET_WEIGHTS_URI"
+UNET_WEIGHTS_SHA256_ARG = "UNET_WEIGHTS_SHA256"
+
+# Batch parameters filled in per job by Step Functions (the execution input's fields).
+JOB_PARAMETERS = ("slide_uri", "work_uri", "run_id")
+
+# Attempts per job; only Spot reclaims are retried (see retry strategies below).
+SPOT_ATTEMPTS = 3
+
+# Jobs stuck RUNNABLE at the head of a queue are cancelled, so the run fails with a reason
+# instead of waiting forever: at once for impossible requests, later for a capacity shortage.
+QUEUE_TIME_LIMITS = {
+    batch.JobStateTimeLimitActionsReason.JOB_RESOURCE_REQUIREMENT: Duration.minutes(10),
+    batch.JobStateTimeLimitActionsReason.COMPUTE_ENVIRONMENT_MAX_RESOURCE: Duration.minutes(10),
+    batch.JobStateTimeLimitActionsReason.INSUFFICIENT_INSTANCE_CAPACITY: Duration.hours(2),
+}
+
+
+def stage_command(stage: Stage, *, merge: bool = False) -> list[str]:
+    """The container command of a stage job, ``stage NAME --slide-uri ... [--merge]``.
+
+    The images' entrypoint is ``atlas``, so the job runs ``atlas stage NAME ...``. Values come
+    from Batch parameters (``Ref::name``) that Step Functions passes per run; array children
+    find their index in ``AWS_BATCH_JOB_ARRAY_INDEX``.
+    """
+    command = ["stage", stage.name]
+    for name in JOB_PARAMETERS:
+        command += [f"--{name.replace('_', '-')}", f"Ref::{name}"]
+    return command + (["--merge"] if merge else [])
+
+
+def job_name(stage: Stage, *, merge: bool = False) -> str:
+    """Name of a stage's job (definition, Batch job and Step Functions state): ``segment``, ``segment-merge``."""
+    return f"{stage.name}-merge" if merge else stage.name
+
+
+@dataclass(frozen=True)
+class StageJob:
+    """A job definition and the queue it is submitted to."""
+
+    stage: Stage
+    merge: bool
+    definition: batch.EcsJobDefinition
+    queue: batch.JobQueue
+    array_size: int
+
+    @property
+    def name(self) -> str:
+        return job_name(self.stage, merge=self.merge)
+
+
+def stage_images(scope: Construct, config: AtlasConfig) -> dict[str, ecs.ContainerImage]:
+    """Container images of the stages, built from ``containers/<kind>/Dockerfile`` by the CLI at deploy.
+
+    Synth only records the assets (no docker needed). The build context is the repository root,
+    as the Dockerfiles expect, narrowed by the root ``.dockerignore`` (CDK applies it when staging
+    and hashing); the segmentation weights are baked in at build time from the configured URL
+    and checked against their sha256.
+    """
+    weights = {UNET_WEIGHTS_URL_ARG: config.segment_weights_url or "",
+               UNET_WEIGHTS_SHA256_ARG: config.segment_weights_sha256 or ""}
+    kinds = ("cpu", "gpu") if config.gpu else ("cpu",)
+    return {kind: ecs.ContainerImage.from_docker_image_asset(ecr_assets.DockerImageAsset(
+        scope, f"{kind.capitalize()}Image", directory=str(REPO_ROOT), file=f"containers/{kind}/Dockerfile",
+        platform=ecr_assets.Platform.LINUX_AMD64, build_args=weights,
+        display_name=f"atlas {kind} stage image"))
+        for kind in kinds}
+
+
+class BatchCompute(Construct):
+    """VPC, compute environments, job queues and one job definition per stage job.
+
+    Attributes
+    ----------
+    vpc : ec2.Vpc
+        Private subnets with one NAT gateway; S3 traffic goes through a free gateway endpoint.
+    cpu_queue : batch.JobQueue
+    gpu_queue : batch.JobQueue or None
+    job_role : iam.Role
+        Role of every stage container (grants are added by the caller).
+    jobs : dict of str to StageJob
+        By job name, in registry order; an array stage is followed by its ``-merge`` job.
+    """
+
+    def __init__(self, scope: Construct, id: str, *, config: AtlasConfig, images: dict[str, ecs.ContainerImage],
+                 environment: dict[str, str], flow_log_bucket: s3.IBucket) -> None:
+        super().__init__(scope, id)
+        self.vpc = ec2.Vpc(
+            self, "Vpc", max_azs=3, nat_gateways=1,
+            subnet_configuration=[
+                ec2.SubnetConfiguration(name="Public", subnet_type=ec2.SubnetType.PUBLIC, cidr_mask=24),
+                ec2.SubnetConfiguration(name="Jobs", subnet_type=ec2.SubnetType.PRIVATE_WITH_EGRESS, cidr_mask=20)],
+            gateway_endpoints={"S3": ec2.GatewayVpcEndpointOptions(service=ec2.GatewayVpcEndpointAwsService.S3)},
+            flow_logs={"All": ec2.FlowLogOptions(destination=ec2.FlowLogDestination.to_s3(flow_log_bucket, "vpc-flow-logs/"))})
+        security_group = ec2.SecurityGroup(self, "JobSecurityGroup", vpc=self.vpc, allow_all_outbound=True,
+                                           description="Batch instances: no inbound; outbound to S3, ECR and AWS APIs")
+        instance_role = iam.Role(
+            self, "InstanceRole", assumed_by=iam.ServicePrincipal("ec2.amazonaws.com"),
+            managed_policies=[iam.ManagedPolicy.from_aws_managed_policy_name(
+                "service-role/AmazonEC2ContainerServiceforEC2Role")])
+        acknowledge(instance_role, managed_policy_finding("service-role/AmazonEC2ContainerServiceforEC2Role"),
+                    "The AWS-maintained policy the ECS agent on Batch instances needs; job permissions live in the "
+                    "separate job role.")
+        launch_template = ec2.LaunchTemplate(
+            self, "InstanceTemplate", require_imdsv2=True, http_put_response_hop_limit=2,
+            block_devices=[ec2.BlockDevice(device_name="/dev/xvda", volume=ec2.BlockDeviceVolume.ebs(
+                config.scratch_volume_gib, volume_type=ec2.EbsDeviceVolumeType.GP3, encrypted=True))])
+
+        def queue(kind: str, instance_types: tuple[str, ...], max_vcpus: int,
+                  image_type: batch.EcsMachineImageType) -> batch.JobQueue:
+            environments = []
+            for order, spot in enumerate((True, False) if config.spot else (False,), start=1):
+                environments.append(batch.OrderedComputeEnvironment(order=order, compute_environment=batch.ManagedEc2EcsComputeEnvironment(
+                    self, f"{kind}{'Spot' if spot else 'OnDemand'}", vpc=self.vpc,
+                    vpc_subnets=ec2.SubnetSelection(subnet_type=ec2.SubnetType.PRIVATE_WITH_EGRESS),
+                    security_groups=[security_group], instance_role=instance_role, launch_template=launch_template,
+                    instance_types=[ec2.InstanceType(t) for t in instance_types if "." in t],
+                    instance_classes=[ec2.InstanceClass[t.upper()] for t in instance_types if "." not in t],
+                    use_optimal_instance_classes=False,
+                    images=[batch.EcsMachineImage(image_type=image_type)], minv_cpus=0, maxv_cpus=max_vcpus,
+                    spot=spot, update_to_latest_image_version=True,
+                    allocation_strategy=(batch.AllocationStrategy.SPOT_PRICE_CAPACITY_OPTIMIZED if spot
+                                         else batch.AllocationStrategy.BEST_FIT_PROGRESSIVE))))
+            return batch.JobQueue(
+                self, f"{kind}Queue", job_queue_name=config.name(kind.lower()), priority=1,
+                compute_environments=environments,
+                job_state_time_limit_actions=[batch.JobStateTimeLimitAction(
+                    reason=reason, max_time=max_time, action=batch.JobStateTimeLimitActionsAction.CANCEL,
+                    state=batch.JobStateTimeLimitActionsState.RUNNABLE) for reason, max_time in QUEUE_TIME_LIMITS.items()])
+
+        self.cpu_queue = queue("Cpu", config.cpu_instance_types, config.cpu_max_vcpus,
+                               batch.EcsMachineImageType.ECS_AL2023)
+        self.gpu_queue = (queue("Gpu", config.gpu_instance_types, config.gpu_max_vcpus,
+                                batch.EcsMachineImageType.ECS_AL2023_NVIDIA) if config.gpu else None)
+
+        self.job_role = iam.Role(self, "JobRole", assumed_by=iam.ServicePrincipal("ecs-tasks.amazonaws.com"),
+                                 description="Stage containers: read ingest, read/write work, publish results")
+        self.execution_role = iam.Role(self, "ExecutionRole", assumed_by=iam.ServicePrincipal("ecs-tasks.amazonaws.com"),
+                                       description="ECS agent for stage jobs: pull the stage images, write job logs")
+        acknowledge_wildcards(self.execution_role, "ecr:GetAuthorizationToken has no resource-level permissions; "
+                              "image pulls themselves are limited to the stage images' repository.", resources=["*"])
+        self.log_group = logs.LogGroup(self, "JobLogs", retention=config.log_retention)
+        self.jobs: dict[str, StageJob] = {}
+        for stage in STAGES:
+            for merge in (False, True) if stage.array_size else (False,):
+                on_gpu = stage.image == "gpu" and config.gpu and not merge
+                job = StageJob(stage=stage, merge=merge, queue=self.gpu_queue if on_gpu else self.cpu_queue,
+                               array_size=0 if merge else stage.array_size,
+                               definition=self._job_definition(stage, merge=merge, gpu=on_gpu,
+                                                               image=images["gpu" if on_gpu else "cpu"],
+                                                               environment=environment, config=config))
+                self.jobs[job.name] = job
+
+    def _job_definition(self, stage: Stage, *, merge: bool, gpu: bool, image: ecs.ContainerImage,
+                        environment: dict[str, str], config: AtlasConfig) -> batch.EcsJobDefinition:
+        name = job_name(stage, merge=merge)
+        container = batch.EcsEc2ContainerDefinition(
+            self, f"{name}Container", image=image, cpu=stage.vcpus, memory=Size.mebibytes(stage.memory_mib),
+            gpu=1 if gpu else None, command=stage_command(stage, merge=merge), environment=environment,
+            job_role=self.job_role, execution_role=self.execution_role,
+            logging=ecs.LogDriver.aws_logs(stream_prefix=name, log_group=self.log_group))
+        return batch.EcsJobDefinition(
+            self, f"{name}Job", job_definition_name=config.name(name), container=container,
+            timeout=Duration.seconds(stage.timeout_s), propagate_tags=True, retry_attempts=SPOT_ATTEMPTS,
+            retry_strategies=[
+                batch.RetryStrategy.of(batch.Action.RETRY, batch.Reason.SPOT_INSTANCE_RECLAIMED),
+                batch.RetryStrategy.of(batch.Action.EXIT, batch.Reason.custom(on_reason="*")),
+            ])
+
+    def grant_buckets(self, *, read: Sequence[s3.IBucket] = (), read_write: Sequence[s3.IBucket] = (),
+                      put: Sequence[s3.IBucket] = ()) -> None:
+        """Let the stage containers read, read and write, or only add objects (never delete) in these buckets."""
+        for bucket in read:
+            bucket.grant_read(self.job_role)
+        for bucket in read_write:
+            bucket.grant_read_write(self.job_role)
+        for bucket in put:
+            bucket.grant_put(self.job_role)
+        actions = ((S3_READ if read or read_write else ()) + (("s3:DeleteObject*",) if read_write else ())
+                   + (("s3:Abort*",) if read_write or put else ()))
+        acknowledge_wildcards(
+            self.job_role, "Stage jobs work on any slide's and run's objects, so object ARNs end in /*; the "
+            "actions are CDK's grant_read / grant_read_write / grant_put sets, each on the named buckets only.",
+            actions=actions, resources=[b.arn_for_objects("*") for b in (*read, *read_write, *put)])

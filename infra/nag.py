@@ -1,0 +1,56 @@
+"""cdk-nag (AwsSolutions pack) as a synth-time validation, and the one way to acknowledge a finding.
+
+Every acknowledgement sits next to the construct it concerns, with the reason a reviewer needs.
+cdk-nag 3 acknowledges findings one by one (``AwsSolutions-IAM5[Resource::<arn>]``), so
+:func:`acknowledge_wildcards` spells a wildcard's finding id the way cdk-nag renders it.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from aws_cdk import Acknowledgment, App, Stack, Validations
+from cdk_nag import AwsSolutionsChecks
+from constructs import IConstruct
+
+
+def add_checks(app: App) -> None:
+    """Run the AwsSolutions rules after synth; an unacknowledged finding fails the synth.
+
+    Acknowledgements are also written into the templates (resource metadata ``cdk_nag``), so a
+    reviewer sees each one, with its reason, in ``cdk diff`` and in the deployed template.
+    """
+    Validations.of(app).add_plugins(AwsSolutionsChecks(app, write_suppressions_to_cloud_formation=True))
+
+
+def acknowledge(scope: IConstruct, rule: str, reason: str) -> None:
+    """Acknowledge finding ``rule`` (e.g. ``AwsSolutions-CFR1``) on ``scope`` and below."""
+    Validations.of(scope).acknowledge(Acknowledgment(id=rule, reason=reason))
+
+
+def acknowledge_wildcards(scope: IConstruct, reason: str, *, actions: Iterable[str] = (),
+                          resources: Iterable[str] = ()) -> None:
+    """Acknowledge IAM5 (wildcard) findings for these actions and resource ARNs (tokens allowed)."""
+    for action in actions:
+        acknowledge(scope, f"AwsSolutions-IAM5[Action::{action}]", reason)
+    for arn in resources:
+        acknowledge(scope, f"AwsSolutions-IAM5[Resource::{_render(Stack.of(scope).resolve(arn))}]", reason)
+
+
+def managed_policy_finding(name: str) -> str:
+    """IAM4 finding id of an AWS managed policy, e.g. ``service-role/AWSLambdaBasicExecutionRole``."""
+    return f"AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/{name}]"
+
+
+def _render(value: Any) -> str:
+    """A resolved CloudFormation value as cdk-nag prints it: ``<Logical.Attr>``, ``<AWS::AccountId>``."""
+    if isinstance(value, str):
+        return value
+    if "Fn::Join" in value:
+        separator, parts = value["Fn::Join"]
+        return separator.join(_render(p) for p in parts)
+    if "Fn::GetAtt" in value:
+        return "<{}.{}>".format(*value["Fn::GetAtt"])
+    if "Ref" in value:
+        return f"<{value['Ref']}>"
+    raise ValueError(f"cannot render {value!r} as a cdk-nag finding id")

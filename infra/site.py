@@ -1,0 +1,49 @@
+"""The overview site: a private bucket served by CloudFront through origin access control.
+
+Browsers cannot read a requester-pays bucket (anonymous requests are refused), so the publish
+stage also copies each run's ``overview/`` here (``ATLAS_OVERVIEW_BUCKET``) and people open
+``https://<distribution>/<slide_id>/<run_id>/overview/index.html``.
+"""
+from __future__ import annotations
+
+from aws_cdk import aws_cloudfront as cloudfront
+from aws_cdk import aws_cloudfront_origins as origins
+from aws_cdk import aws_s3 as s3
+from constructs import Construct
+
+from infra.nag import acknowledge
+from infra.storage import ABORT_INCOMPLETE_UPLOADS, secure_bucket
+
+
+class OverviewSite(Construct):
+    """Bucket + CloudFront distribution (HTTPS only, OAC, access logs).
+
+    Attributes
+    ----------
+    bucket : s3.Bucket
+    distribution : cloudfront.Distribution
+    """
+
+    def __init__(self, scope: Construct, id: str, *, log_bucket: s3.IBucket) -> None:
+        super().__init__(scope, id)
+        self.bucket = secure_bucket(
+            self, "Overview", log_bucket=log_bucket, versioned=False,
+            lifecycle_rules=[s3.LifecycleRule(id="AbortUploads",
+                                              abort_incomplete_multipart_upload_after=ABORT_INCOMPLETE_UPLOADS)])
+        self.distribution = cloudfront.Distribution(
+            self, "Distribution", comment="Tissue Atlas slide overviews",
+            default_behavior=cloudfront.BehaviorOptions(
+                origin=origins.S3BucketOrigin.with_origin_access_control(self.bucket),
+                viewer_protocol_policy=cloudfront.ViewerProtocolPolicy.REDIRECT_TO_HTTPS,
+                cache_policy=cloudfront.CachePolicy.CACHING_OPTIMIZED,
+                response_headers_policy=cloudfront.ResponseHeadersPolicy.SECURITY_HEADERS),
+            price_class=cloudfront.PriceClass.PRICE_CLASS_100,
+            enable_logging=True, log_bucket=log_bucket, log_file_prefix="cloudfront/")
+        acknowledge(self.distribution, "AwsSolutions-CFR1",
+                    "Overviews are for collaborators worldwide; no country is to be blocked.")
+        acknowledge(self.distribution, "AwsSolutions-CFR4",
+                    "Served on the CloudFront default domain, whose certificate policy CloudFront fixes; viewers are "
+                    "redirected to HTTPS. A custom domain with its own certificate would allow TLS 1.2+ only.")
+        acknowledge(self.distribution, "AwsSolutions-CFR2",
+                    "Static, read-only pages of published results behind OAC: no forms, no dynamic origin a WAF "
+                    "would protect; WAF's fixed monthly cost is not justified.")

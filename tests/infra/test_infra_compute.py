@@ -1,0 +1,164 @@
+"""Batch: Spot first with on-demand fallback, GPU queue behind config, one job definition per registry job."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from atlas.stages import STAGES
+from infra.compute import QUEUE_TIME_LIMITS, job_name
+
+from conftest import actions_of, logical_id, one, policy_statements, resources
+
+JOBS = [(stage, merge) for stage in STAGES for merge in ((False, True) if stage.array_size else (False,))]
+
+
+def environments(synth, queue: str) -> list[dict]:
+    """Compute environments of a queue, in the queue's order."""
+    _, job_queue = one(synth.pipeline, "AWS::Batch::JobQueue", f"Batch{queue}Queue")
+    order = sorted(job_queue["Properties"]["ComputeEnvironmentOrder"], key=lambda o: o["Order"])
+    all_ces = resources(synth.pipeline, "AWS::Batch::ComputeEnvironment")
+    return [all_ces[o["ComputeEnvironment"]["Fn::GetAtt"][0]]["Properties"]["ComputeResources"] for o in order]
+
+
+def test_cpu_queue_tries_spot_then_on_demand(full):
+    spot, on_demand = environments(full, "Cpu")
+    assert (spot["Type"], spot["AllocationStrategy"]) == ("SPOT", "SPOT_PRICE_CAPACITY_OPTIMIZED")
+    assert on_demand["Type"] == "EC2"
+    for ce in (spot, on_demand):
+        assert ce["InstanceTypes"] == ["m6i.4xlarge", "c6i"]  # sizes as given, families by CDK's names
+        assert (ce["MinvCpus"], ce["MaxvCpus"]) == (0, 128)
+        assert ce["Ec2Configuration"] == [{"ImageType": "ECS_AL2023"}]
+        assert ce["Subnets"] and all("Jobs" in s["Ref"] for s in ce["Subnets"])  # private subnets
+
+
+def test_gpu_queue_uses_the_nvidia_ami_and_gpu_families(full):
+    spot, on_demand = environments(full, "Gpu")
+    assert [spot["Type"], on_demand["Type"]] == ["SPOT", "EC2"]
+    for ce in (spot, on_demand):
+        assert ce["Ec2Configuration"] == [{"ImageType": "ECS_AL2023_NVIDIA"}]
+        assert ce["InstanceTypes"] == ["g5", "g6"] and ce["MaxvCpus"] == 32
+
+
+def test_spot_off_and_gpu_off(lean):
+    (on_demand,) = environments(lean, "Cpu")
+    assert on_demand["Type"] == "EC2"
+    assert not resources(lean.pipeline, "AWS::Batch::JobQueue", "BatchGpu")
+    assert len(resources(lean.pipeline, "AWS::Batch::ComputeEnvironment")) == 1
+
+
+def test_queues_cancel_jobs_stuck_runnable(synth):
+    expected = sorted((f"{'CAPACITY' if 'CAPACITY' in r.value else 'MISCONFIGURATION'}:{r.value}",
+                       int(d.to_seconds())) for r, d in QUEUE_TIME_LIMITS.items())
+    for queue in resources(synth.pipeline, "AWS::Batch::JobQueue").values():
+        actions = queue["Properties"]["JobStateTimeLimitActions"]
+        assert sorted((a["Reason"], a["MaxTimeSeconds"]) for a in actions) == expected
+        assert {(a["Action"], a["State"]) for a in actions} == {("CANCEL", "RUNNABLE")}
+
+
+def definition(synth, stage, merge=False) -> dict:
+    _, job = one(synth.pipeline, "AWS::Batch::JobDefinition", f"Batch{job_name(stage, merge=merge).replace('-', '')}Job")
+    return job["Properties"]
+
+
+@pytest.mark.parametrize("stage, merge", JOBS, ids=[job_name(s, merge=m) for s, m in JOBS])
+def test_job_definition_follows_the_registry(synth, stage, merge):
+    props = definition(synth, stage, merge)
+    container = props["ContainerProperties"]
+    requirements = {r["Type"]: r["Value"] for r in container["ResourceRequirements"]}
+    assert requirements["VCPU"] == str(stage.vcpus) and requirements["MEMORY"] == str(stage.memory_mib)
+    assert props["Timeout"] == {"AttemptDurationSeconds": stage.timeout_s}
+    assert props["JobDefinitionName"] == synth.config.name(job_name(stage, merge=merge))
+    assert container["Command"] == ["stage", stage.name, "--slide-uri", "Ref::slide_uri", "--work-uri",
+                                    "Ref::work_uri", "--run-id", "Ref::run_id", *(["--merge"] if merge else [])]
+    assert props["PropagateTags"] is True
+    assert container["JobRoleArn"] == {"Fn::GetAtt": [logical_id(synth.pipeline_stack.compute.job_role), "Arn"]}
+
+
+@pytest.mark.parametrize("stage, merge", JOBS, ids=[job_name(s, merge=m) for s, m in JOBS])
+def test_jobs_retry_only_when_spot_reclaims_the_instance(synth, stage, merge):
+    strategy = definition(synth, stage, merge)["RetryStrategy"]
+    assert strategy["Attempts"] == 3
+    # first match wins: a reclaim is retried, anything else exits
+    assert strategy["EvaluateOnExit"] == [{"Action": "RETRY", "OnStatusReason": "Host EC2*"},
+                                          {"Action": "EXIT", "OnReason": "*"}]
+
+
+def image_kinds(synth) -> dict[str, str]:
+    """Docker image asset hash -> image kind ("cpu"/"gpu"), from the stack's asset manifest."""
+    manifest = json.loads((synth.outdir / f"{synth.pipeline_stack.artifact_id}.assets.json").read_text())
+    return {digest: asset["source"]["dockerFile"].split("/")[1] for digest, asset in manifest["dockerImages"].items()}
+
+
+def test_gpu_stages_get_a_gpu_and_the_gpu_image_only_when_gpu_is_on(full, lean):
+    for synth in (full, lean):
+        kinds = image_kinds(synth)
+        for stage, merge in JOBS:
+            container = definition(synth, stage, merge)["ContainerProperties"]
+            gpus = [r for r in container["ResourceRequirements"] if r["Type"] == "GPU"]
+            on_gpu = stage.image == "gpu" and synth.config.gpu and not merge  # merging needs no GPU
+            assert gpus == ([{"Type": "GPU", "Value": "1"}] if on_gpu else []), stage.name
+            (kind,) = [k for digest, k in kinds.items() if digest in json.dumps(container["Image"])]
+            assert kind == ("gpu" if on_gpu else "cpu"), stage.name
+
+
+def test_stage_images_are_docker_assets_of_the_containers_dockerfiles(full, lean):
+    for synth, kinds in ((full, {"cpu", "gpu"}), (lean, {"cpu"})):
+        manifest = json.loads((synth.outdir / f"{synth.pipeline_stack.artifact_id}.assets.json").read_text())
+        sources = [a["source"] for a in manifest["dockerImages"].values()]
+        assert {s["dockerFile"] for s in sources} == {f"containers/{k}/Dockerfile" for k in kinds}
+        for source in sources:
+            assert source["platform"] == "linux/amd64"
+            if synth is full:
+                assert source["dockerBuildArgs"] == {"UNET_WEIGHTS_URI": "https://models.example.org/unet.onnx",
+                                                     "UNET_WEIGHTS_SHA256": "ab" * 32}
+
+
+def test_dockerfiles_take_the_weights_build_args():
+    from infra.compute import REPO_ROOT, UNET_WEIGHTS_SHA256_ARG, UNET_WEIGHTS_URL_ARG
+
+    for kind in ("cpu", "gpu"):
+        text = (REPO_ROOT / "containers" / kind / "Dockerfile").read_text()
+        assert f"ARG {UNET_WEIGHTS_URL_ARG}" in text and f"ARG {UNET_WEIGHTS_SHA256_ARG}" in text
+        assert 'ENTRYPOINT ["tini", "--", "atlas"]' in text  # job commands are `atlas` arguments
+
+
+def test_instances_require_imdsv2_and_encrypted_scratch(full):
+    _, template = one(full.pipeline, "AWS::EC2::LaunchTemplate", "BatchInstanceTemplate")
+    data = template["Properties"]["LaunchTemplateData"]
+    assert data["MetadataOptions"]["HttpTokens"] == "required"
+    assert data["MetadataOptions"]["HttpPutResponseHopLimit"] == 2  # containers reach IMDS (instance type)
+    (device,) = data["BlockDeviceMappings"]
+    assert device["Ebs"] == {"Encrypted": True, "VolumeSize": 300, "VolumeType": "gp3"}
+
+
+def test_jobs_run_in_private_subnets_with_an_s3_gateway_endpoint_and_flow_logs(full):
+    _, group = one(full.pipeline, "AWS::EC2::SecurityGroup", "BatchJobSecurityGroup")
+    assert "SecurityGroupIngress" not in group["Properties"]
+    (endpoint,) = resources(full.pipeline, "AWS::EC2::VPCEndpoint").values()
+    assert endpoint["Properties"]["VpcEndpointType"] == "Gateway"
+    (flow_log,) = resources(full.pipeline, "AWS::EC2::FlowLog").values()
+    assert flow_log["Properties"]["LogDestinationType"] == "s3" and flow_log["Properties"]["TrafficType"] == "ALL"
+
+
+def job_role_grants(synth) -> dict[str, set[str]]:
+    """Resource (as JSON text) -> actions the stage jobs' role has on it."""
+    grants: dict[str, set[str]] = {}
+    for statement in policy_statements(synth.pipeline, "BatchJobRoleDefaultPolicy"):
+        for resource in statement["Resource"] if isinstance(statement["Resource"], list) else [statement["Resource"]]:
+            grants.setdefault(json.dumps(resource), set()).update(actions_of(statement))
+    return grants
+
+
+def test_jobs_read_raw_data_and_only_add_results(full):
+    stack = full.pipeline_stack
+    grants = job_role_grants(full)
+    objects = {name: json.dumps({"Fn::Join": ["", [{"Fn::GetAtt": [logical_id(bucket), "Arn"]}, "/*"]]})
+               for name, bucket in (("ingest", stack.storage.ingest), ("work", stack.storage.work),
+                                    ("overview", stack.site.bucket))}
+    objects["results"] = json.dumps("arn:aws:s3:::atlas-test-results-123456789012/*")
+    assert not any(a.startswith(("s3:Put", "s3:Delete")) for a in grants[objects["ingest"]])
+    assert "s3:PutObject" in grants[objects["work"]] and "s3:DeleteObject*" in grants[objects["work"]]
+    for name in ("results", "overview"):
+        assert "s3:PutObject" in grants[objects[name]], name
+        assert not any(a.startswith("s3:Delete") for a in grants[objects[name]]), name
