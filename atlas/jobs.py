@@ -174,15 +174,24 @@ def _is_missing(exc: Exception) -> bool:
     return code in ("404", "NoSuchKey", "NotFound")
 
 
-def _get_json(s3, uri: S3Uri) -> dict | None:
-    """A JSON object from S3, or None when the key does not exist."""
+def _get_bytes(s3, uri: S3Uri) -> bytes | None:
+    """An object's bytes, or None when the key does not exist."""
     try:
-        body = s3.get_object(Bucket=uri.bucket, Key=uri.key)["Body"].read()
+        return s3.get_object(Bucket=uri.bucket, Key=uri.key)["Body"].read()
     except ClientError as exc:
         if _is_missing(exc):
             return None
         raise
-    return json.loads(body)
+
+
+@dataclass(frozen=True)
+class UpstreamRecord:
+    """A completion record a job builds on, with its bytes as stored (they are released as they are)."""
+
+    stage: Stage
+    item: int | None
+    doc: dict
+    raw: bytes
 
 
 def _list_sizes(s3, prefix: S3Uri) -> dict[str, int]:
@@ -260,7 +269,7 @@ def stage_slide(s3, slide: S3Uri, slide_dir: Path, stage: Stage) -> list[str]:
     return [MANIFEST] + [e.path for e in wanted]
 
 
-def upstream_records(s3, work: S3Uri, stage: Stage, run_id: str, merge: bool) -> list[tuple[Stage, int | None, dict]]:
+def upstream_records(s3, work: S3Uri, stage: Stage, run_id: str, merge: bool) -> list[UpstreamRecord]:
     """Completion records a job builds on: every earlier stage (and its items), plus, for a merge,
     the items of this stage. Raises UpstreamIncomplete naming what is missing."""
     index = [s.name for s in STAGES].index(stage.name)
@@ -270,17 +279,17 @@ def upstream_records(s3, work: S3Uri, stage: Stage, run_id: str, merge: bool) ->
         wanted.extend((earlier, i) for i in range(earlier.array_size))
     if merge:
         wanted.extend((stage, i) for i in range(stage.array_size))
-    records = parallel_map(lambda si: _get_json(s3, work.join(_record_rel(*si))), wanted)
+    raws = parallel_map(lambda si: _get_bytes(s3, work.join(_record_rel(*si))), wanted)
+    records = [json.loads(raw) if raw is not None else None for raw in raws]
     missing = [f"{s.name}" + ("" if i is None else f" item {i}")
                for (s, i), r in zip(wanted, records) if r is None or r.get("run_id") != run_id]
     if missing:
         raise UpstreamIncomplete(f"stage {stage.name} of run {run_id} needs {', '.join(missing)} to be complete "
                                  f"first: no completion record for this run under {work}")
-    return [(s, i, r) for (s, i), r in zip(wanted, records)]
+    return [UpstreamRecord(s, i, r, raw) for (s, i), r, raw in zip(wanted, records, raws)]
 
 
-def stage_work(s3, work: S3Uri, out_dir: Path, stage: Stage, records: list[tuple[Stage, int | None, dict]]
-               ) -> dict[str, str]:
+def stage_work(s3, work: S3Uri, out_dir: Path, stage: Stage, records: list[UpstreamRecord]) -> dict[str, str]:
     """Download earlier outputs this job needs into ``out_dir``, verified against their records.
 
     ``records`` are the completion records the job builds on (:func:`upstream_records`); all of them
@@ -299,11 +308,12 @@ def stage_work(s3, work: S3Uri, out_dir: Path, stage: Stage, records: list[tuple
     patterns = [p for p in stage.inputs if not p.startswith(RAW_PREFIX)]
     wanted: dict[str, dict] = {}
     staged: dict[str, str] = {}
-    for earlier, item, record in records:
+    for upstream in records:
+        earlier, item, record = upstream.stage, upstream.item, upstream.doc
         rel = _record_rel(earlier, item)
         path = out_dir / rel
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(record, indent=1) + "\n")
+        path.write_bytes(upstream.raw)
         staged[rel] = sha256_file(path)
         own_items = earlier is stage and item is not None
         if item is None or own_items:
@@ -456,7 +466,8 @@ def run_stage_job(stage_name: str, *, slide_uri: str, work_uri: str, run_id: str
     what = stage.name + ("" if item is None else f"[{item}]") + (" merge" if merge else "")
 
     record_uri = work.join(_record_rel(stage, item))
-    existing = _get_json(s3, record_uri)
+    raw = _get_bytes(s3, record_uri)
+    existing = json.loads(raw) if raw is not None else None
     if existing is not None and _record_intact(existing, run_id, _list_sizes(s3, work)):
         log.info("%s: already complete for run %s (%s), skipped", what, run_id, record_uri)
         return JobResult(stage.name, item, True, existing)
