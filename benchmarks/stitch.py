@@ -1,0 +1,138 @@
+"""Stitch stage vs the ``ashlar`` command line: wall time and peak RSS on the same real tiles.
+
+Usage::
+
+    .venv/bin/python benchmarks/stitch.py [--repeats 3] [--large]
+
+Cases (slides built in a temporary folder from ``../shared/data`` read in place):
+
+* ``brain``: the 54 positioned BaSiCPy WSI_brain tiles (512 x 512 uint16, 1 channel, 1 cycle) at
+  their nominal positions, as in ``tests/test_stitch.py``.
+* ``large`` (``--large``): the same tiles laid out 2 x 2 times (216 tiles, a ~5.8k x 8.5k canvas)
+  and turned into 2 cycles x 4 channels (channel c = tile // (c + 1) + 100 c; cycle 2 with stage
+  positions moved by (+7.7, -5.2) µm so it must really be registered).
+
+Each tool runs as its own child process, alternately, ``--repeats`` times; wall time and peak RSS
+(``ru_maxrss`` from ``os.wait4`` of that child) are reported as medians, then the ratios
+ASHLAR / ours for throughput (higher is better for us) and ours / ASHLAR for peak RSS (lower is
+better). Ours writes more: the OME-TIFF, the OME-Zarr and QC; ASHLAR writes its OME-TIFF only.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import tifffile
+
+ROOT = Path(__file__).resolve().parents[1]
+BRAIN = ROOT / ".." / "shared" / "data" / "stitching" / "basicpy_wsi_brain"
+VENV_BIN = Path(sys.executable).parent
+
+OUR_STAGE = """
+import sys
+from pathlib import Path
+from atlas.params import Params
+from atlas.stages import StageContext
+from atlas.stages.stitch import run
+slide, out = Path(sys.argv[1]), Path(sys.argv[2])
+run(StageContext(slide_id=slide.name, run_id="bench", slide_dir=slide, out_dir=out, params=Params()))
+"""
+
+
+def brain_tiles() -> tuple[np.ndarray, np.ndarray, float]:
+    """(tiles (54, Y, X) uint16, nominal top-left (y, x) in µm, pixel size µm)."""
+    positions = {}
+    for line in (BRAIN / "TileConfiguration.txt").read_text().splitlines():
+        m = re.match(r"\s*C3-BrainSection(\d+)\.tif\s*;\s*;\s*\(\s*([-\d.eE+]+)\s*,\s*([-\d.eE+]+)\s*\)", line)
+        if m:
+            positions[m.group(1)] = (float(m.group(3)), float(m.group(2)))
+    ids = sorted(positions)
+    tiles = np.stack([tifffile.imread(BRAIN / f"C3-BrainSection{i}.tif") for i in ids])
+    with tifffile.TiffFile(BRAIN / f"C3-BrainSection{ids[0]}.tif") as tif:
+        num, den = tif.pages[0].tags["XResolution"].value
+    pixel_size = den / num
+    return tiles, np.array([positions[i] for i in ids]) * pixel_size, pixel_size
+
+
+def make_slide(root: Path, name: str, *, replicate: int, channels: int, cycles: int) -> Path:
+    from atlas.ometiff import write_cycle
+    tiles, positions, pixel_size = brain_tiles()
+    extent = positions.max(axis=0) + np.array(tiles.shape[1:]) * pixel_size * 0.9
+    grid_tiles, grid_positions = [], []
+    for gy in range(replicate):
+        for gx in range(replicate):
+            grid_tiles.append(tiles)
+            grid_positions.append(positions + extent * [gy, gx])
+    tiles, positions = np.concatenate(grid_tiles), np.concatenate(grid_positions)
+    stack = np.stack([tiles // (c + 1) + 100 * c for c in range(channels)], axis=1).astype(np.uint16)
+    slide = root / name
+    (slide / "raw").mkdir(parents=True)
+    rows = ["channel_number,cycle_number,marker_name"]
+    for k in range(cycles):
+        names = [f"c{k + 1}_{c}" for c in range(channels)]
+        moved = positions + (np.array([7.7, -5.2]) if k else 0.0)
+        write_cycle(slide / "raw" / f"cycle{k + 1}.ome.tif", stack, moved, pixel_size, names)
+        rows += [f"{len(rows)},{k + 1},{n}" for n in names]
+    (slide / "markers.csv").write_text("\n".join(rows) + "\n")
+    return slide
+
+
+def measure(cmd: list[str], cwd: Path) -> tuple[float, float]:
+    """(wall seconds, peak RSS MiB) of one child process."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise RuntimeError(f"{cmd[0]} failed ({proc.returncode}): {proc.stderr.read().decode()[-2000:]}")
+    return wall, usage.ru_maxrss / 1024
+
+
+def bench(slide: Path, work: Path, repeats: int) -> None:
+    cycles = sorted(str(p) for p in (slide / "raw").glob("*.ome.tif"))
+    tools = {
+        "ours": lambda i: [sys.executable, "-c", OUR_STAGE, str(slide), str(work / f"ours-{i}")],
+        "ashlar": lambda i: [str(VENV_BIN / "ashlar"), *cycles, "-m", "30", "-o", str(work / f"ashlar-{i}.ome.tif")],
+    }
+    results = {name: [] for name in tools}
+    for i in range(repeats):
+        for name, cmd in tools.items():
+            results[name].append(measure(cmd(i), work))
+    med = {name: (statistics.median(w for w, _ in r), statistics.median(m for _, m in r)) for name, r in results.items()}
+    with tifffile.TiffFile(work / "ashlar-0.ome.tif") as tif:
+        shape = tif.series[0].shape
+    print(f"\n== {slide.name}: {len(cycles)} cycle(s), image {shape}, {repeats} run(s) each, medians")
+    for name, (wall, rss) in med.items():
+        print(f"  {name:7s} wall {wall:7.2f} s   peak RSS {rss:7.0f} MiB")
+    print(f"  throughput ours/ashlar = {med['ashlar'][0] / med['ours'][0]:.2f}x (goal >= 0.9)")
+    print(f"  peak RSS   ours/ashlar = {med['ours'][1] / med['ashlar'][1]:.2f}x (goal <= 1.0)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--large", action="store_true", help="also run the 216-tile, 2-cycle x 4-channel case")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-stitch-") as tmp:
+        root = Path(tmp)
+        cases = [("brain", dict(replicate=1, channels=1, cycles=1))]
+        if args.large:
+            cases.append(("large", dict(replicate=2, channels=4, cycles=2)))
+        for name, spec in cases:
+            slide = make_slide(root, name, **spec)
+            work = root / f"{name}-work"
+            work.mkdir()
+            bench(slide, work, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
