@@ -21,7 +21,6 @@ Prints tiles per second of each and the ratio (goal: ours >= 0.5x dzsave).
 from __future__ import annotations
 
 import argparse
-import re
 import shutil
 import sys
 import tempfile
@@ -40,40 +39,18 @@ from atlas.overview.exhibit import make_groups  # noqa: E402
 from atlas.overview.source import TiffPyramid  # noqa: E402
 from atlas.overview.tiles import hex_to_rgb  # noqa: E402
 from atlas.pyramid import write_ome_tiff_pyramid  # noqa: E402
+from tests.test_overview_browser import brain_mosaic, tiled  # noqa: E402  (the test's real mosaic)
 
 DATA = ROOT.parent / "shared" / "data"
 TILE = 1024
 MARKERS = ["DNA_1", "Nuclei", "Mix_a", "Mix_b", "DNA_2", "Nuclei_2", "Mix_c", "Mix_d"]
 
 
-def brain_mosaic() -> np.ndarray:
-    """The brain section stitched at Fiji's registered positions, (Y, X) uint16."""
-    folder = DATA / "stitching" / "basicpy_wsi_brain"
-    places = []
-    for line in (folder / "TileConfiguration.registered.txt").read_text().splitlines():
-        match = re.match(r"(\S+\.tif); ; \(([-\d.]+), ([-\d.]+)\)", line)
-        if match:
-            places.append((match[1], float(match[2]), float(match[3])))
-    x0 = min(p[1] for p in places)
-    y0 = min(p[2] for p in places)
-    tiles = {name: tifffile.imread(folder / name) for name, _, _ in places}
-    th, tw = next(iter(tiles.values())).shape
-    height = int(max(y - y0 for _, _, y in places)) + th + 1
-    width = int(max(x - x0 for _, x, _ in places)) + tw + 1
-    mosaic = np.zeros((height, width), np.uint16)
-    for name, x, y in places:
-        r, c = int(round(y - y0)), int(round(x - x0))
-        mosaic[r:r + th, c:c + tw] = tiles[name]
-    return mosaic
-
-
 def make_image(path: Path, scale: int) -> None:
-    mosaic = np.tile(brain_mosaic(), (scale, scale))
-    nuclei = tifffile.imread(DATA / "segmentation" / "stardist_dsb2018" / "img2d.tif")
-    nuclei = np.tile(nuclei, (mosaic.shape[0] // nuclei.shape[0] + 1, mosaic.shape[1] // nuclei.shape[1] + 1))
-    nuclei = nuclei[:mosaic.shape[0], :mosaic.shape[1]] * np.uint16(100)
-    half = mosaic // 2
-    channels = [mosaic, nuclei, half + nuclei // 4, np.maximum(mosaic, nuclei)]
+    mosaic = np.tile(brain_mosaic(DATA), (scale, scale))
+    nuclei = tiled(tifffile.imread(DATA / "segmentation" / "stardist_dsb2018" / "img2d.tif"), mosaic.shape)
+    nuclei = nuclei * np.uint16(100)
+    channels = [mosaic, nuclei, mosaic // 2 + nuclei // 4, np.maximum(mosaic, nuclei)]
     image = np.stack(channels + [np.flipud(c) for c in channels])
     write_ome_tiff_pyramid(path, image, channel_names=MARKERS, pixel_size_um=2.583, tile_size=TILE)
 

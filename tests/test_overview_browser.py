@@ -1,0 +1,257 @@
+"""The overview in a real browser: Debian's chromium, headless, driven by Playwright.
+
+The site is served by a plain static HTTP server on localhost (as any static host would), and
+the page must open without console errors, load its tiles, switch groups, toggle the outline
+layer and zoom. Screenshots go to ``test-artifacts/`` (gitignored) for a person to look at.
+
+Needs ``/usr/bin/chromium`` (``apt-get install -y chromium``; never ``playwright install``).
+
+Inputs: the real brain section of ``../shared/data/stitching/basicpy_wsi_brain`` placed at its
+registered positions, (a 2048 x 3072 px crop) with the DSB2018 nucleus image and its
+ground-truth nuclei tiled over it as a second stain and as the cell mask; and the made sample slide after the stitch stage.
+"""
+from __future__ import annotations
+
+import functools
+import http.server
+import shutil
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from atlas.fiji import read_tile_configuration
+from atlas.overview import render_overview
+from atlas.params import Params
+from atlas.pyramid import write_ome_tiff_pyramid
+from atlas.stages import StageContext
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+BRAIN_MARKERS = ["DNA_1", "Nuclei", "DNA_2", "Nuclei_2"]
+BRAIN_CROP = np.s_[400:2448, 600:3672]  # 2048 x 3072 px of the section: 3 levels, 9 tiles per layer
+VIEWPORT = {"width": 1280, "height": 800}
+PANEL_WIDTH = 340  # px, from overview.css
+
+
+def brain_mosaic(shared_data: Path) -> np.ndarray:
+    """The 54 listed brain tiles pasted at Fiji's registered positions, (Y, X) uint16."""
+    folder = shared_data / "stitching" / "basicpy_wsi_brain"
+    entries = read_tile_configuration(folder / "TileConfiguration.registered.txt")
+    x0, y0 = min(e.x for e in entries), min(e.y for e in entries)
+    tiles = {e.name: tifffile.imread(folder / e.name) for e in entries}
+    th, tw = next(iter(tiles.values())).shape
+    mosaic = np.zeros((int(max(e.y - y0 for e in entries)) + th + 1, int(max(e.x - x0 for e in entries)) + tw + 1),
+                      np.uint16)
+    for e in entries:
+        r, c = int(round(e.y - y0)), int(round(e.x - x0))
+        mosaic[r:r + th, c:c + tw] = tiles[e.name]
+    return mosaic
+
+
+def tiled(plane: np.ndarray, shape: tuple[int, int], *, labels: bool = False) -> np.ndarray:
+    """``plane`` repeated to cover ``shape``; label ids made unique per copy."""
+    ny, nx = -(-shape[0] // plane.shape[0]), -(-shape[1] // plane.shape[1])
+    out = np.tile(plane.astype(np.uint32 if labels else plane.dtype), (ny, nx))
+    if labels:
+        copy = np.kron(np.arange(ny * nx, dtype=np.uint32).reshape(ny, nx), np.ones(plane.shape, np.uint32))
+        out = np.where(out > 0, out + copy * (int(plane.max()) + 1), 0)
+    return np.ascontiguousarray(out[:shape[0], :shape[1]])
+
+
+@pytest.fixture(scope="module")
+def brain_results(shared_data, tmp_path_factory) -> Path:
+    """A results folder whose overview/ was rendered from real images, with an outline layer."""
+    root = tmp_path_factory.mktemp("brain")
+    dsb = shared_data / "segmentation" / "stardist_dsb2018"
+    mosaic = brain_mosaic(shared_data)[BRAIN_CROP]
+    nuclei = tiled(tifffile.imread(dsb / "img2d.tif"), mosaic.shape) * np.uint16(100)
+    image = np.stack([mosaic, nuclei, np.fliplr(mosaic), np.flipud(nuclei)])
+    mask = tiled(tifffile.imread(dsb / "mask2d.tif"), mosaic.shape, labels=True)
+    (root / "registration").mkdir()
+    (root / "segmentation" / "truth-brain").mkdir(parents=True)
+    write_ome_tiff_pyramid(root / "registration" / "brain.ome.tif", image, channel_names=BRAIN_MARKERS,
+                           pixel_size_um=2.583)
+    write_ome_tiff_pyramid(root / "segmentation" / "truth-brain" / "cell.ome.tif", mask, channel_names=["cell"],
+                           pixel_size_um=2.583, labels=True)
+    render_overview(root / "registration" / "brain.ome.tif", root / "overview", slide_id="brain",
+                    markers=BRAIN_MARKERS, mask_path=root / "segmentation" / "truth-brain" / "cell.ome.tif")
+    return root
+
+
+@pytest.fixture(scope="module")
+def sample_results(sample_slide, tmp_path_factory) -> Path:
+    """The made sample slide after the stitch and render stages."""
+    from atlas.stages import render, stitch
+
+    out = tmp_path_factory.mktemp("sample-results")
+    ctx = StageContext(slide_id=sample_slide.name, run_id=f"{sample_slide.name}-test", slide_dir=sample_slide,
+                       out_dir=out, params=Params())
+    stitch.run(ctx)
+    render.run(ctx)
+    return out
+
+
+@contextmanager
+def served(root: Path):
+    """``root`` on a static HTTP server at http://127.0.0.1:<port>/ for the duration."""
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        thread.join()
+
+
+class Page:
+    """A headless chromium page that records console errors and every response."""
+
+    def __init__(self, page):
+        self.page, self.errors, self.responses = page, [], []
+        page.on("console", lambda m: self.errors.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+        page.on("pageerror", lambda e: self.errors.append(f"page error: {e}"))
+        page.on("requestfailed", lambda r: self.errors.append(f"request failed: {r.url}"))
+        page.on("response", lambda r: self.responses.append((r.url, r.status)))
+
+    def tiles(self, layer: str = "", ext: str = "jpg") -> list[tuple[str, int]]:
+        return [(u, s) for u, s in self.responses if u.endswith("." + ext) and "/images/" + layer in u]
+
+    def settle(self) -> None:
+        """Wait until every tiled image in the viewer has loaded all the tiles it needs."""
+        self.page.wait_for_function("""() => {
+            const w = window.atlasOverview.viewer.world;
+            for (let i = 0; i < w.getItemCount(); i++) {
+                const item = w.getItemAt(i);
+                if (item.getOpacity() > 0 && !item.getFullyLoaded()) return false;
+            }
+            return w.getItemCount() > 0;
+        }""", timeout=30_000)
+        self.page.wait_for_timeout(300)  # last frame drawn
+
+    def shot(self, name: str) -> np.ndarray:
+        """Screenshot to test-artifacts/<name>.png; returns the viewer area as an (H, W, 3) array."""
+        ARTIFACTS.mkdir(exist_ok=True)
+        path = ARTIFACTS / f"{name}.png"
+        self.page.screenshot(path=str(path))
+        return np.asarray(Image.open(path).convert("RGB"))[:, PANEL_WIDTH + 2:]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.is_file():
+        pytest.fail("Debian's chromium is not installed: apt-get install -y chromium (the test setup does this)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        instance = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield instance
+        instance.close()
+
+
+@contextmanager
+def opened(browser, url: str):
+    context = browser.new_context(viewport=VIEWPORT)
+    page = Page(context.new_page())
+    page.page.goto(url)
+    page.page.wait_for_function("window.atlasOverview !== undefined")
+    page.page.evaluate("window.atlasOverview.ready")
+    page.page.evaluate("""() => { window.tileFailures = [];
+        window.atlasOverview.viewer.addHandler('tile-load-failed', e => window.tileFailures.push(e.message)); }""")
+    try:
+        yield page
+    finally:
+        context.close()
+
+
+def yellow(pixels: np.ndarray) -> int:
+    """Pixels of the outline colour (ffff00)."""
+    r, g, b = (pixels[..., i].astype(int) for i in range(3))
+    return int(((r > 200) & (g > 200) & (b < 90)).sum())
+
+
+def test_overview_opens_switches_groups_and_toggles_outlines(browser, brain_results):
+    with served(brain_results) as base, opened(browser, f"{base}/overview/index.html") as page:
+        groups = page.page.evaluate("window.atlasOverview.viewer.world.getItemCount()")
+        assert groups == 2  # the group and the (hidden) outline layer
+        page.settle()
+        first = page.tiles("Group-1_")
+        assert first and all(status == 200 for _, status in first)
+        assert page.tiles("Group-2_") == [] and page.tiles("cell-outlines", "png") == []
+        view = page.shot("overview-brain-group1")
+        assert view.mean() > 15                     # the slide is drawn, not a black canvas
+        assert yellow(view) < 50
+
+        page.page.check("#outline-toggle")
+        page.settle()
+        outlines = page.tiles("cell-outlines", "png")
+        assert outlines and all(status == 200 for _, status in outlines)
+        view = page.shot("overview-brain-outlines")
+        assert yellow(view) > 1000                  # outlines drawn over the image
+        page.page.uncheck("#outline-toggle")
+        assert page.page.evaluate("window.atlasOverview.viewer.world.getItemAt(1).getOpacity()") == 0
+
+        requested = len(page.responses)
+        page.page.click("#groups .group >> nth=1")
+        page.settle()
+        second = [t for t in page.tiles("Group-2_") if page.responses.index(t) >= requested]
+        assert second and all(status == 200 for _, status in second)
+        assert page.page.evaluate("location.hash") == "#group=1"
+        assert page.page.get_attribute("#groups .group >> nth=1", "aria-checked") == "true"
+        page.shot("overview-brain-group2")
+
+        page.page.evaluate("window.atlasOverview.viewer.viewport.zoomBy(6)")
+        page.settle()
+        full_resolution = [u for u, _ in page.tiles("Group-2_") if u.rsplit("/", 1)[1].startswith("0_")]
+        assert full_resolution                      # level 0 (full resolution) tiles requested
+        page.shot("overview-brain-zoomed")
+        assert page.page.evaluate("window.tileFailures") == []
+        assert page.errors == []
+        assert page.page.text_content("#slide-id") == "brain"
+        links = page.page.eval_on_selector_all("#data a", "els => els.map(e => e.getAttribute('href'))")
+        assert links == []  # render_overview without a panel: no data section
+
+
+def test_sample_slide_overview_in_browser(browser, sample_results):
+    """The made sample slide, stitched and rendered by the stages, opened from its results folder."""
+    slide_id = next((sample_results / "registration").glob("*.ome.tif")).name.removesuffix(".ome.tif")
+    with served(sample_results) as base, opened(browser, f"{base}/overview/index.html#group=1") as page:
+        page.settle()
+        assert page.page.get_attribute("#groups .group >> nth=1", "aria-checked") == "true"  # from the URL
+        tiles = page.tiles("Group-2_")
+        assert tiles and all(status == 200 for _, status in tiles)
+        view = page.shot("overview-sample-group2")
+        assert view.mean() > 5
+        page.page.click("#groups .group >> nth=0")
+        page.settle()
+        assert page.tiles("Group-1_") and all(status == 200 for _, status in page.tiles("Group-1_"))
+        page.shot("overview-sample-group1")
+        assert page.page.text_content("#slide-id") == slide_id
+        links = page.page.eval_on_selector_all("#data a", "els => els.map(e => e.href)")
+        assert any(link.endswith(f"/registration/{slide_id}.ome.tif") for link in links)
+        for link in links:  # the data links resolve on the same server
+            assert page.page.request.head(link).status == 200, link
+        assert page.page.evaluate("window.tileFailures") == []
+        assert page.errors == []
+
+
+def test_overview_opens_from_disk(browser, brain_results, tmp_path):
+    """Double-clicking index.html (file://) also works: the data is inlined, the viewer local."""
+    site = Path(shutil.copytree(brain_results / "overview", tmp_path / "overview"))
+    with opened(browser, site.joinpath("index.html").as_uri()) as page:
+        page.settle()
+        assert page.page.evaluate("window.tileFailures") == []
+        assert page.errors == []
+        assert page.shot("overview-brain-file").mean() > 15
