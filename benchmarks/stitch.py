@@ -80,7 +80,7 @@ def make_slide(root: Path, name: str, *, replicate: int, channels: int, cycles: 
         names = [f"c{k + 1}_{c}" for c in range(channels)]
         moved = positions + (np.array([7.7, -5.2]) if k else 0.0)
         write_cycle(slide / "raw" / f"cycle{k + 1}.ome.tif", stack, moved, pixel_size, names)
-        rows += [f"{len(rows)},{k + 1},{n}" for n in names]
+        rows += [f"{len(rows) + i},{k + 1},{n}" for i, n in enumerate(names)]
     (slide / "markers.csv").write_text("\n".join(rows) + "\n")
     return slide
 

@@ -75,7 +75,7 @@ def make_slide(root: Path, cycles: list[tuple[np.ndarray, np.ndarray]], pixel_si
     for k, (tiles, positions) in enumerate(cycles, start=1):
         names = channel_names[k - 1] if channel_names else [f"DNA_{k}"] + [f"M{k}_{c}" for c in range(1, tiles.shape[1])]
         write_cycle(slide / "raw" / f"cycle{k}.ome.tif", tiles, positions, pixel_size_um, names)
-        rows += [f"{len(rows)},{k},{n}" for n in names]
+        rows += [f"{len(rows) + i},{k},{n}" for i, n in enumerate(names)]
     (slide / "markers.csv").write_text("\n".join(rows) + "\n")
     return slide
 
