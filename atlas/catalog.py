@@ -40,6 +40,7 @@ from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from decimal import Decimal
 from enum import StrEnum
+from functools import cached_property
 from typing import Any
 from urllib.parse import unquote_plus
 
@@ -189,20 +190,37 @@ class ExecutionStatusEvent(_EventBridgeEnvelope):
     detail: ExecutionStatusDetail
 
 
-@dataclass
 class Aws:
-    """The AWS clients the catalog uses (module-level in a Lambda, so connections are reused)."""
+    """The AWS clients the catalog uses, each made on first use (module-level in a Lambda, so a
+    warm function reuses its connections and a cold one builds only the clients it needs)."""
 
-    s3: Any
-    table: Any
-    sfn: Any
-    sns: Any
-    events: Any
+    def __init__(self, settings: Settings):
+        self.settings = settings
 
-    @classmethod
-    def connect(cls, settings: Settings) -> Aws:
-        return cls(s3=boto3.client("s3"), table=boto3.resource("dynamodb").Table(settings.catalog_table),
-                   sfn=boto3.client("stepfunctions"), sns=boto3.client("sns"), events=boto3.client("events"))
+    @cached_property
+    def s3(self):
+        return boto3.client("s3")
+
+    @cached_property
+    def table(self):
+        return boto3.resource("dynamodb").Table(self.settings.catalog_table)
+
+    @cached_property
+    def dynamodb(self):
+        """Low-level client, e.g. for powertools' idempotency store (one boto3 session for all)."""
+        return boto3.client("dynamodb")
+
+    @cached_property
+    def sfn(self):
+        return boto3.client("stepfunctions")
+
+    @cached_property
+    def sns(self):
+        return boto3.client("sns")
+
+    @cached_property
+    def events(self):
+        return boto3.client("events")
 
 
 def slide_pk(slide_id: str) -> str:
@@ -218,12 +236,12 @@ def normalize_sequencer(sequencer: str | None) -> str:
     return (sequencer or "").upper().rjust(32, "0")
 
 
-def _dynamo(value: Any) -> Any:
+def to_dynamo(value: Any) -> Any:
     """JSON-like value with floats as Decimal (what DynamoDB stores)."""
     return json.loads(json.dumps(value), parse_float=Decimal)
 
 
-def _plain(value: Any) -> Any:
+def from_dynamo(value: Any) -> Any:
     """DynamoDB value back to plain JSON types (Decimal -> int or float)."""
     return json.loads(json.dumps(value, default=lambda d: int(d) if d == d.to_integral_value() else float(d)))
 
@@ -243,7 +261,7 @@ def split_key(key: str) -> tuple[str, str] | None:
 
 def cycle_metadata_item(meta) -> dict:
     """A :class:`atlas.ometiff.CycleMetadata` as a catalog attribute (positions in µm, (y, x))."""
-    return _dynamo({"series": meta.n_tiles, "tile_shape": list(meta.tile_shape), "n_channels": meta.n_channels,
+    return to_dynamo({"series": meta.n_tiles, "tile_shape": list(meta.tile_shape), "n_channels": meta.n_channels,
                     "dtype": meta.dtype, "channel_names": list(meta.channel_names),
                     "pixel_size_um": meta.pixel_size_um,
                     "positions_um": None if meta.positions_um is None else meta.positions_um.tolist()})
@@ -255,7 +273,7 @@ def cycle_metadata_from_item(item: Mapping):
 
     from atlas.ometiff import CycleMetadata
 
-    ome = _plain(item)
+    ome = from_dynamo(item)
     return CycleMetadata(n_tiles=ome["series"], tile_shape=tuple(ome["tile_shape"]), n_channels=ome["n_channels"],
                          dtype=ome["dtype"], channel_names=tuple(ome["channel_names"]),
                          pixel_size_um=ome["pixel_size_um"],

@@ -213,28 +213,33 @@ class LocalCloud:
             time_ = datetime.fromtimestamp(time_, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
         return event | {"time": time_, "detail": event["detail"] | {"object": obj}}
 
-    def pump(self, *, on_execution: Callable[[str], None] | None = None, on_event=None,
+    def receive(self, wait_s: float = 0) -> list[dict]:
+        """Take up to 10 events off the rules' queue, as AWS would deliver them to the Lambdas."""
+        sqs = boto3.client("sqs", region_name=REGION)
+        messages = sqs.receive_message(QueueUrl=self.events_queue_url, MaxNumberOfMessages=10,
+                                       WaitTimeSeconds=int(wait_s)).get("Messages", [])
+        for message in messages:
+            sqs.delete_message(QueueUrl=self.events_queue_url, ReceiptHandle=message["ReceiptHandle"])
+        return [self.as_delivered(json.loads(m["Body"])) for m in messages]
+
+    def pump(self, *, on_execution: Callable[[str], None] | None = None, on_event=None, wait_s: float = 1,
              idle_polls: int = 2) -> None:
         """Deliver queued events to their handlers until the queue stays empty and no new execution
         was started; each new execution is handed to ``on_execution(execution_arn)`` first."""
-        sqs = boto3.client("sqs", region_name=REGION)
         idle = 0
         while idle < idle_polls:
-            messages = sqs.receive_message(QueueUrl=self.events_queue_url, MaxNumberOfMessages=10,
-                                           WaitTimeSeconds=1).get("Messages", [])
-            for message in messages:
-                event = self.as_delivered(json.loads(message["Body"]))
+            events = self.receive(wait_s)
+            for event in events:
                 name = self.route(event)
                 result = self.invoke(name, event)
                 if on_event is not None:
                     on_event(name, event, result)
-                sqs.delete_message(QueueUrl=self.events_queue_url, ReceiptHandle=message["ReceiptHandle"])
             new = [arn for arn in self.executions() if arn not in self._started]
             for arn in new:
                 self._started.add(arn)
                 if on_execution is not None:
                     on_execution(arn)
-            idle = 0 if messages or new else idle + 1
+            idle = 0 if events or new else idle + 1
 
     def executions(self) -> list[str]:
         sfn = boto3.client("stepfunctions", region_name=REGION)
@@ -258,9 +263,10 @@ class LocalCloud:
         output = json.dumps({"results_uri": catalog.results_uri(self.settings, payload["slide_id"], payload["run_id"])})
         return self.invoke("status", execution_status_event(execution, "SUCCEEDED", output=output))
 
-    def slide_record(self, slide_id: str) -> dict:
+    def slide_record(self, slide_id: str, sk: str = "SLIDE") -> dict:
+        """A catalog item of the slide (``SLIDE``, ``RUN#<run_id>``, ``OBJECT#<key>``) in plain JSON types."""
         table = boto3.resource("dynamodb", region_name=REGION).Table(self.settings.catalog_table)
-        return table.get_item(Key={"pk": catalog.slide_pk(slide_id), "sk": "SLIDE"}).get("Item", {})
+        return catalog.from_dynamo(table.get_item(Key={"pk": catalog.slide_pk(slide_id), "sk": sk}).get("Item", {}))
 
     def notifications(self) -> list[dict]:
         """Messages the topic sent so far (``Subject``, ``Message``), oldest first; consumes them."""
@@ -361,7 +367,7 @@ def run_demo(out_dir: Path, *, say: Callable[[str], None] = print, progress=None
                 say(f"  status   {result.get('run_id')}: {result['status']}")
 
             cloud.pump(on_execution=on_execution, on_event=on_event)
-            record = catalog._plain(cloud.slide_record(uploaded.slide_id))
+            record = cloud.slide_record(uploaded.slide_id)
             notes = cloud.notifications()
             results_dir = overview = None
             if record.get("status") == catalog.Status.SUCCEEDED:

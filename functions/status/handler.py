@@ -8,16 +8,19 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from atlas import catalog
 
 settings = catalog.Settings.from_env()
-aws = catalog.Aws.connect(settings)
+aws = catalog.Aws(settings)
 logger, tracer, metrics = Logger(), Tracer(), Metrics(namespace=catalog.METRICS_NAMESPACE)
 idempotency = IdempotencyConfig(event_key_jmespath="detail.[execution_arn, status, redrive_count]",
                                 raise_on_no_idempotency_key=True)
-persistence = DynamoDBPersistenceLayer(table_name=settings.idempotency_table)
+persistence = DynamoDBPersistenceLayer(table_name=settings.idempotency_table, boto3_client=aws.dynamodb)
 
 
 @idempotent_function(data_keyword_argument="event", config=idempotency, persistence_store=persistence)
 def record_status(event: catalog.ExecutionStatusEvent) -> dict:
-    return catalog.record_execution_status(aws, settings, event.detail)
+    result = catalog.record_execution_status(aws, settings, event.detail)
+    if result["outcome"] == "recorded" and result["status"] in (catalog.Status.SUCCEEDED, catalog.Status.FAILED):
+        metrics.add_metric(name=f"Runs{result['status'].title()}", unit=MetricUnit.Count, value=1)
+    return result
 
 
 @logger.inject_lambda_context
@@ -27,7 +30,5 @@ def record_status(event: catalog.ExecutionStatusEvent) -> dict:
 def handler(event: catalog.ExecutionStatusEvent, context: LambdaContext) -> dict:
     idempotency.register_lambda_context(context)
     result = record_status(event=event)
-    if result["outcome"] == "recorded" and result["status"] in (catalog.Status.SUCCEEDED, catalog.Status.FAILED):
-        metrics.add_metric(name=f"Runs{result['status'].title()}", unit=MetricUnit.Count, value=1)
     logger.info("execution status recorded", extra=result)
     return result

@@ -8,15 +8,19 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from atlas import catalog
 
 settings = catalog.Settings.from_env()
-aws = catalog.Aws.connect(settings)
+aws = catalog.Aws(settings)
 logger, tracer, metrics = Logger(), Tracer(), Metrics(namespace=catalog.METRICS_NAMESPACE)
 idempotency = IdempotencyConfig(event_key_jmespath="detail.[slide_id, key, sequencer]", raise_on_no_idempotency_key=True)
-persistence = DynamoDBPersistenceLayer(table_name=settings.idempotency_table)
+persistence = DynamoDBPersistenceLayer(table_name=settings.idempotency_table, boto3_client=aws.dynamodb)
+OUTCOME_METRICS = {"started": "RunsStarted", "invalid": "SlidesInvalid"}
 
 
 @idempotent_function(data_keyword_argument="event", config=idempotency, persistence_store=persistence)
 def check_slide(event: catalog.ObjectCatalogedEvent) -> dict:
-    return catalog.check_slide(aws, settings, event.detail.slide_id)
+    result = catalog.check_slide(aws, settings, event.detail.slide_id)
+    if result["outcome"] in OUTCOME_METRICS:
+        metrics.add_metric(name=OUTCOME_METRICS[result["outcome"]], unit=MetricUnit.Count, value=1)
+    return result
 
 
 @logger.inject_lambda_context
@@ -26,8 +30,5 @@ def check_slide(event: catalog.ObjectCatalogedEvent) -> dict:
 def handler(event: catalog.ObjectCatalogedEvent, context: LambdaContext) -> dict:
     idempotency.register_lambda_context(context)
     result = check_slide(event=event)
-    if result["outcome"] in ("started", "invalid"):
-        metrics.add_metric(name="RunsStarted" if result["outcome"] == "started" else "SlidesInvalid",
-                           unit=MetricUnit.Count, value=1)
     logger.info("slide checked", extra=result)
     return result
