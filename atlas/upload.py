@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -25,6 +26,7 @@ from atlas.s3uri import S3Uri
 from atlas.slide import MANIFEST, build_manifest, check_slide_id, run_id_for
 from atlas.validate import validate_slide
 
+T = TypeVar("T")
 MiB = 1 << 20
 MULTIPART_THRESHOLD = 64 * MiB
 MULTIPART_CHUNK = 64 * MiB        # 10,000 parts max -> files up to 625 GiB
@@ -119,8 +121,8 @@ def _remote_sha256(s3, bucket: str, key: str) -> str | None:
         raise
 
 
-def _with_retries(action: Callable[[], None], what: str, attempts: int, backoff_s: float) -> None:
-    """Run ``action``; on a transfer failure wait and try again, up to ``attempts`` times in all."""
+def _with_retries(action: Callable[[], T], what: str, attempts: int, backoff_s: float) -> T:
+    """``action()``; on a transfer failure wait and try again, up to ``attempts`` times in all."""
     from boto3.exceptions import S3UploadFailedError
 
     for attempt in range(1, attempts + 1):
@@ -183,37 +185,43 @@ def upload_slide(slide_dir: Path, uri: str, *, s3=None, progress=None, attempts:
 
     for entry in doc["files"]:
         key = prefix.join(entry["path"]).key
-        if _remote_sha256(s3, root.bucket, key) == entry["sha256"]:
-            result.skipped.append(entry["path"])
-            advance(entry["size"])
-            continue
         sent = [0]
 
         def count(n: int) -> None:
             sent[0] += n
             advance(n)
 
-        def send() -> None:
+        def send() -> bool:
             if sent[0]:  # a failed attempt already counted some bytes: take them back
                 advance(-sent[0])
                 sent[0] = 0
+            if _remote_sha256(s3, root.bucket, key) == entry["sha256"]:
+                return False
             s3.upload_file(str(slide_dir / entry["path"]), root.bucket, key, Config=config, Callback=count,
                            ExtraArgs={"Metadata": {SHA256_METADATA: entry["sha256"]}})
+            return True
 
-        _with_retries(send, entry["path"], attempts, backoff_s)
-        result.uploaded.append(entry["path"])
-        result.bytes_sent += entry["size"]
+        if _with_retries(send, entry["path"], attempts, backoff_s):
+            result.uploaded.append(entry["path"])
+            result.bytes_sent += entry["size"]
+        else:
+            result.skipped.append(entry["path"])
+            advance(entry["size"])
 
     manifest_sha = hashlib.sha256(data).hexdigest()
     manifest_key = prefix.join(MANIFEST).key
-    if _remote_sha256(s3, root.bucket, manifest_key) == manifest_sha:
-        result.skipped.append(MANIFEST)  # same manifest: the catalog already has (or had) this run
-    else:
-        _with_retries(lambda: s3.put_object(Bucket=root.bucket, Key=manifest_key, Body=data,
-                                            ContentType="application/json",
-                                            Metadata={SHA256_METADATA: manifest_sha}),
-                      MANIFEST, attempts, backoff_s)
+
+    def send_manifest() -> bool:
+        if _remote_sha256(s3, root.bucket, manifest_key) == manifest_sha:
+            return False  # the same manifest: the catalog already has (or had) this run
+        s3.put_object(Bucket=root.bucket, Key=manifest_key, Body=data, ContentType="application/json",
+                      Metadata={SHA256_METADATA: manifest_sha})
+        return True
+
+    if _with_retries(send_manifest, MANIFEST, attempts, backoff_s):
         result.uploaded.append(MANIFEST)
         result.bytes_sent += len(data)
+    else:
+        result.skipped.append(MANIFEST)
     advance(len(data))
     return result
