@@ -104,7 +104,6 @@ class Catalog(Construct):
             title = name.capitalize()
             queue = sqs.Queue(self, f"{title}DeadLetters", enforce_ssl=True,
                               encryption=sqs.QueueEncryption.SQS_MANAGED, retention_period=Duration.days(14))
-            acknowledge(queue, "AwsSolutions-SQS3", "This queue is itself a dead-letter queue.")
             function = lambda_.Function(
                 self, f"{title}Function", code=code, handler=f"functions.{name}.handler.handler", runtime=RUNTIME,
                 architecture=ARCHITECTURE, memory_size=spec.memory_mib, timeout=spec.timeout,

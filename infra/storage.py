@@ -11,7 +11,6 @@ from aws_cdk import aws_s3 as s3
 from constructs import Construct
 
 from infra.config import AtlasConfig
-from infra.nag import acknowledge
 
 ABORT_INCOMPLETE_UPLOADS = Duration.days(7)
 
@@ -32,9 +31,9 @@ def secure_bucket(scope: Construct, id: str, *, log_bucket: s3.IBucket | None,
     """A private bucket with this project's safety defaults (see the module docstring).
 
     ``log_bucket`` None marks the bucket *as* a log destination: it logs nowhere (it would log
-    its own log writes) and the cdk-nag finding is acknowledged here, once.
+    its own log writes; cdk-nag recognizes log destinations).
     """
-    bucket = s3.Bucket(
+    return s3.Bucket(
         scope, id,
         bucket_name=bucket_name,
         block_public_access=s3.BlockPublicAccess.BLOCK_ALL,
@@ -48,10 +47,6 @@ def secure_bucket(scope: Construct, id: str, *, log_bucket: s3.IBucket | None,
         server_access_logs_prefix=f"{id}/" if log_bucket else None,
         removal_policy=RemovalPolicy.RETAIN,
     )
-    if log_bucket is None:
-        acknowledge(bucket, "AwsSolutions-S1",
-                    "This is the access-log destination; logging it into itself would log its own log writes.")
-    return bucket
 
 
 def log_bucket(scope: Construct, config: AtlasConfig, *, acls_for_cloudfront: bool = False) -> s3.Bucket:

@@ -1,0 +1,115 @@
+"""Catalog: tables, the three Lambdas wired to their events with dead-letter queues, least privilege."""
+from __future__ import annotations
+
+import ast
+
+from atlas import catalog
+from infra.bundling import ARCHITECTURE, REPO_ROOT, RUNTIME
+from infra.catalog import IDEMPOTENCY_KEY, IDEMPOTENCY_TTL
+
+from conftest import actions_of, logical_id, one, policy_statements, resources
+
+HANDLERS = ("catalog", "trigger", "status")
+
+
+def test_catalog_table_on_demand_with_point_in_time_recovery_retained(synth):
+    _, table = one(synth.pipeline, "AWS::DynamoDB::Table", "CatalogTable")
+    props = table["Properties"]
+    assert props["KeySchema"] == [{"AttributeName": "pk", "KeyType": "HASH"}, {"AttributeName": "sk", "KeyType": "RANGE"}]
+    assert props["AttributeDefinitions"] == [{"AttributeName": "pk", "AttributeType": "S"},
+                                             {"AttributeName": "sk", "AttributeType": "S"}]
+    assert props["BillingMode"] == "PAY_PER_REQUEST"
+    assert props["PointInTimeRecoverySpecification"]["PointInTimeRecoveryEnabled"] is True
+    assert props["DeletionProtectionEnabled"] is True and table["DeletionPolicy"] == "Retain"
+
+
+def test_idempotency_table_expires_records(synth):
+    _, table = one(synth.pipeline, "AWS::DynamoDB::Table", "CatalogIdempotencyTable")
+    props = table["Properties"]
+    assert props["KeySchema"] == [{"AttributeName": IDEMPOTENCY_KEY, "KeyType": "HASH"}]
+    assert props["TimeToLiveSpecification"] == {"AttributeName": IDEMPOTENCY_TTL, "Enabled": True}
+    assert props["BillingMode"] == "PAY_PER_REQUEST"
+
+
+def function(synth, name: str) -> tuple[str, dict]:
+    return one(synth.pipeline, "AWS::Lambda::Function", f"Catalog{name.capitalize()}Function")
+
+
+def settings_env_names() -> list[str]:
+    return list(catalog.Settings("a", "b", "c", "d", "e", "f").to_env())
+
+
+def test_each_handler_exists_and_gets_the_settings_atlas_catalog_reads(full):
+    stack = full.pipeline_stack
+    for name in HANDLERS:
+        _, fn = function(full, name)
+        props = fn["Properties"]
+        module, attr = props["Handler"].rsplit(".", 1)
+        source = REPO_ROOT / (module.replace(".", "/") + ".py")
+        assert attr in {n.name for n in ast.parse(source.read_text()).body if isinstance(n, ast.FunctionDef)}
+        env = props["Environment"]["Variables"]
+        assert set(env) == set(settings_env_names())
+        assert env[catalog.ENV_CATALOG_TABLE] == {"Ref": logical_id(stack.catalog.table)}
+        assert env[catalog.ENV_STATE_MACHINE_ARN] == {"Ref": logical_id(stack.pipeline.state_machine)}
+        assert env[catalog.ENV_RESULTS_BUCKET] == "atlas-test-results-123456789012"
+        assert env[catalog.ENV_SERVICE_NAME] == catalog.SERVICE_NAME
+        assert (props["Runtime"], props["Architectures"]) == (RUNTIME.name, [ARCHITECTURE.name])
+        assert props["TracingConfig"] == {"Mode": "Active"}
+
+
+def rule_for(synth, name: str) -> dict:
+    function_id, _ = function(synth, name)
+    (rule,) = [r["Properties"] for r in resources(synth.pipeline, "AWS::Events::Rule").values()
+               if r["Properties"]["Targets"][0]["Arn"] == {"Fn::GetAtt": [function_id, "Arn"]}]
+    return rule
+
+
+def test_rules_use_the_event_patterns_of_atlas_catalog(full):
+    stack = full.pipeline_stack
+    ingest, machine = {"Ref": logical_id(stack.storage.ingest)}, {"Ref": logical_id(stack.pipeline.state_machine)}
+    assert rule_for(full, "catalog")["EventPattern"] == catalog.object_created_pattern(ingest)
+    assert rule_for(full, "trigger")["EventPattern"] == catalog.object_cataloged_pattern()
+    assert rule_for(full, "status")["EventPattern"] == catalog.execution_status_pattern(machine)
+
+
+def test_undeliverable_and_failed_events_land_in_a_dead_letter_queue(synth):
+    for name in HANDLERS:
+        queue_id, queue = one(synth.pipeline, "AWS::SQS::Queue", f"Catalog{name.capitalize()}DeadLetters")
+        (target,) = rule_for(synth, name)["Targets"]
+        assert target["DeadLetterConfig"] == {"Arn": {"Fn::GetAtt": [queue_id, "Arn"]}}
+        assert target["RetryPolicy"] == {"MaximumEventAgeInSeconds": 6 * 3600, "MaximumRetryAttempts": 8}
+        _, fn = function(synth, name)
+        assert fn["Properties"]["DeadLetterConfig"] == {"TargetArn": {"Fn::GetAtt": [queue_id, "Arn"]}}
+        assert queue["Properties"]["SqsManagedSseEnabled"] is True
+        assert queue["Properties"]["MessageRetentionPeriod"] == 14 * 24 * 3600
+
+
+def actions(synth, name: str) -> dict[str, list]:
+    """Action -> resources granted to a function's role."""
+    role = f"Catalog{name.capitalize()}FunctionServiceRoleDefaultPolicy"
+    granted: dict[str, list] = {}
+    for statement in policy_statements(synth.pipeline, role):
+        for action in actions_of(statement):
+            granted.setdefault(action, []).append(statement["Resource"])
+    return granted
+
+
+def test_each_function_may_do_what_its_handler_does_and_no_more(full):
+    stack = full.pipeline_stack
+    catalog_fn, trigger, status = (actions(full, n) for n in HANDLERS)
+    assert "events:PutEvents" in catalog_fn and "events:PutEvents" not in trigger
+    assert trigger["states:StartExecution"] == [{"Ref": logical_id(stack.pipeline.state_machine)}]
+    assert "states:StartExecution" not in catalog_fn and "states:StartExecution" not in status
+    assert "sns:Publish" in trigger and "sns:Publish" in status and "sns:Publish" not in catalog_fn
+    assert "s3:GetObject*" in catalog_fn and "s3:GetObject*" in trigger and "s3:GetObject*" not in status
+    for granted in (catalog_fn, trigger, status):
+        assert not any(a.startswith(("s3:Put", "s3:Delete")) for a in granted)  # raw data is only read
+        assert "dynamodb:UpdateItem" in granted
+
+
+def test_functions_log_as_json_with_the_configured_retention(full):
+    for name in HANDLERS:
+        _, fn = function(full, name)
+        assert fn["Properties"]["LoggingConfig"]["LogFormat"] == "JSON"
+        _, group = one(full.pipeline, "AWS::Logs::LogGroup", f"Catalog{name.capitalize()}Logs")
+        assert group["Properties"]["RetentionInDays"] == 30
