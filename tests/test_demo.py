@@ -27,7 +27,7 @@ def test_demo_runs_the_sample_slide_from_upload_to_overview(tmp_path):
     run_id = re.search(r"\(run (sample-[0-9a-f]{12})\)", output).group(1)
     # the published results, copied to disk, with the overview page to open
     results = tmp_path / "out" / "results" / "sample" / run_id
-    overview = Path(re.search(r"overview: (\S+)", output.replace("\n", " ")).group(1))
+    overview = Path(re.search(r"^overview: (\S+)$", output, re.MULTILINE).group(1))
     assert overview == (results / layout.OVERVIEW / "index.html").resolve() and overview.is_file()
     manifest = json.loads((results / layout.MANIFEST).read_text())
     published = {f["path"] for f in manifest["files"]}

@@ -17,7 +17,7 @@ def demo(out: Path = typer.Option(Path("out/demo"), "-o", "--out",
     console = Console()
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                   console=console, transient=True) as progress:
-        result = run_demo(out, say=lambda line: console.print(line, markup=False, highlight=False),
+        result = run_demo(out, say=lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True),
                           progress=progress)
     record = result.record
     console.print(f"\nslide {record.get('pk', '').removeprefix('SLIDE#')}: [bold]{record.get('status')}[/] "
@@ -30,7 +30,9 @@ def demo(out: Path = typer.Option(Path("out/demo"), "-o", "--out",
         if record.get("cause"):
             console.print(f"[red]cause:[/] {escape(record['cause'])}")
         raise typer.Exit(1)
-    console.print(f"results:  {result.results_dir.resolve()}\noverview: {result.overview.resolve()}")
+    # soft_wrap: the paths stay on one line each, whatever the terminal width (copy-paste, scripts)
+    console.print(f"results:  {result.results_dir.resolve()}\noverview: {result.overview.resolve()}",
+                  soft_wrap=True, highlight=False)
 
 
 def register(app: typer.Typer) -> None:
