@@ -35,6 +35,7 @@ ID_COLUMN = "CellID"
 MORPHOLOGY_COLUMNS = ("X_centroid", "Y_centroid", "Area", "MajorAxisLength", "MinorAxisLength",
                       "Eccentricity", "Solidity", "Extent", "Orientation")
 STRIP_PIXELS = 1 << 22  # smallest strip worth a numpy call when the file's tiles are short
+BATCH_RUNS = 1 << 19    # runs per morphology batch: ~150 MB of temporaries
 
 
 def marker_columns(names: Sequence[str]) -> list[str]:
@@ -129,7 +130,7 @@ def _lower_hull_edges(t: np.ndarray, v: np.ndarray, length: np.ndarray):
     pt_t[slot], pt_v[slot] = t, v
     st_t, st_v = np.empty_like(t), np.empty_like(v)   # stack slot j of sequence rank r: off[j] + r
     top = np.zeros(n_seq, np.int64)
-    at, av, ot, ov = (np.zeros(n_seq, np.int64) for _ in range(4))  # top and second of each stack
+    at, av, ot, ov = (np.zeros(n_seq, t.dtype) for _ in range(4))  # top and second of each stack
     ranks = np.arange(n_seq)
     for i in range(longest):
         n = int(active[i])
@@ -158,7 +159,7 @@ def _lower_hull_edges(t: np.ndarray, v: np.ndarray, length: np.ndarray):
 
 
 def _convex_areas(grp: np.ndarray, y: np.ndarray, x0: np.ndarray, x1: np.ndarray,
-                  height: np.ndarray) -> np.ndarray:
+                  height: np.ndarray, width: np.ndarray) -> np.ndarray:
     """Pixel count of ``skimage.morphology.convex_hull_image`` of every label.
 
     skimage takes the hull of the label pixels' edge midpoints and counts the pixel centres
@@ -172,45 +173,43 @@ def _convex_areas(grp: np.ndarray, y: np.ndarray, x0: np.ndarray, x1: np.ndarray
     grp, y, x0, x1 : (R,) int64
         Foreground runs sorted by label then raster order: label index, row and first/last
         column, relative to the label's bounding box.
-    height : (K,) int64
-        Bounding-box height of each label.
+    height, width : (K,) int64
+        Bounding-box size of each label.
 
     Returns
     -------
     (K,) int64
     """
     k = height.size
+    # int32 halves the memory traffic; exact while |turn| < 2**31, i.e. labels under 8192 px.
+    coord = np.int32 if max(int(height.max()), int(width.max())) < 1 << 13 else np.int64
     first = np.flatnonzero(np.r_[True, (grp[1:] != grp[:-1]) | (y[1:] != y[:-1])])
     last = np.r_[first[1:] - 1, grp.size - 1]
-    g, r = grp[first], y[first]
+    g, r = grp[first], y[first].astype(coord)
     prev = np.r_[False, (g[1:] == g[:-1]) & (r[1:] == r[:-1] + 1)]
     nxt = np.r_[prev[1:], False]
-    t = np.empty((r.size, 3), np.int64)
-    t[:, 0], t[:, 1], t[:, 2] = 2 * r - 1, 2 * r, 2 * r + 1
     chains = []
-    for sign, edge in ((1, x0[first]), (-1, x1[last])):
-        # Edge midpoints of the row extremes, v = 2 * x (negated for the right side): top (t =
-        # 2r - 1), side (2r), bottom (2r + 1). A bottom and the next row's top share t; the
-        # outer one counts, so bottoms appear only before a gap or at the end. A side point
-        # strictly inside the chord of its top and bottom is no hull vertex and is dropped.
-        e = sign * edge
-        top_v = 2 * np.where(prev, np.minimum(e, np.r_[e[:1], e[:-1]]), e)
-        bottom_v = 2 * np.where(nxt, np.minimum(e, np.r_[e[1:], e[-1:]]), e)
-        v = np.empty_like(t)
-        v[:, 0], v[:, 1], v[:, 2] = top_v, 2 * e - 1, bottom_v
-        keep = np.empty(t.shape, dtype=bool)
-        keep[:, 0] = True
-        keep[:, 1] = 2 * v[:, 1] <= top_v + bottom_v
-        keep[:, 2] = ~nxt
-        chains.append((t[keep], v[keep], np.bincount(g, weights=keep.sum(axis=1), minlength=k).astype(np.int64)))
-    seq, t0, v0, t1, v1 = _lower_hull_edges(np.r_[chains[0][0], chains[1][0]], np.r_[chains[0][1], chains[1][1]],
-                                            np.r_[chains[0][2], chains[1][2]])
+    for e in (x0[first].astype(coord), -x1[last].astype(coord)):
+        # Per row, edge midpoints of its extreme pixel e (the right side negated), in doubled
+        # coordinates (t, v = 2x): top (2r - 1, 2e), side (2r, 2e - 1), bottom (2r + 1, 2e).
+        # A bottom and the next row's top share t: the outer one is kept as that row's top, so
+        # bottoms remain only before a gap or at the end. Points on or inside the chord of their
+        # neighbours are no hull vertices and are left out: a side unless e is a local minimum,
+        # a shared top unless e jumps by 2 or more.
+        e_prev, e_next = np.r_[e[:1], e[:-1]], np.r_[e[1:], e[-1:]]
+        keep = np.stack([~prev | (np.abs(e - e_prev) >= 2),
+                         (~prev | (e <= e_prev)) & (~nxt | (e <= e_next)), ~nxt], axis=1)
+        t = np.stack([2 * r - 1, 2 * r, 2 * r + 1], axis=1)[keep]
+        v = np.stack([2 * np.where(prev, np.minimum(e, e_prev), e), 2 * e - 1, 2 * e], axis=1)[keep]
+        chains.append((t, v, np.bincount(g, weights=keep.sum(axis=1), minlength=k).astype(np.int64)))
+    t, v, length = (np.concatenate(c) for c in zip(*chains))
+    seq, t0, v0, t1, v1 = _lower_hull_edges(t, v, length)
     # Each edge [t0, t1) covers the pixel rows t = 2 * row in it; per row ceil(v / 2) of the hull.
     e0 = t0 + (t0 & 1)
     n_rows = np.maximum((t1 - e0 + 1) // 2, 0)
     q = np.repeat(np.arange(seq.size), n_rows)
     dt = (t1 - t0)[q]
-    qt = e0[q] + 2 * (np.arange(q.size) - np.repeat(np.cumsum(n_rows) - n_rows, n_rows))
+    qt = e0[q] + 2 * (np.arange(q.size, dtype=coord) - np.repeat((np.cumsum(n_rows) - n_rows).astype(coord), n_rows))
     side = _ceil_div(v0[q] * dt + (v1 - v0)[q] * (qt - t0[q]), 2 * dt)
     sums = np.bincount(seq[q], weights=side, minlength=2 * k).astype(np.int64)
     return height - sums[:k] - sums[k:]
@@ -237,22 +236,13 @@ class Morphology:
     columns: dict[str, np.ndarray]
 
 
-def morphology_from_runs(label: np.ndarray, row: np.ndarray, col: np.ndarray,
-                         length: np.ndarray) -> Morphology:
-    """Morphology of every label from its row runs.
-
-    Parameters
-    ----------
-    label, row, col, length : (R,) int64
-        Foreground runs in raster order: label, row, first column, pixels.
-    """
-    order = np.argsort(label, kind="stable")
-    label, row, col, length = label[order], row[order], col[order], length[order]
-    first = np.flatnonzero(np.r_[True, label[1:] != label[:-1]]) if label.size else np.empty(0, np.int64)
+def _features(label: np.ndarray, row: np.ndarray, col: np.ndarray, length: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Labels, areas and morphology columns from runs sorted by label (raster order within)."""
+    label, row, col, length = (np.asarray(x, np.int64) for x in (label, row, col, length))
+    first = np.flatnonzero(np.r_[True, label[1:] != label[:-1]])
     labels = label[first]
     k = labels.size
-    if k == 0:
-        return Morphology(labels, np.empty(0, np.int64), {c: np.empty(0) for c in MORPHOLOGY_COLUMNS})
     last = np.r_[first[1:], label.size] - 1
     grp = np.repeat(np.arange(k), last - first + 1)
     area = np.add.reduceat(length, first)
@@ -281,7 +271,7 @@ def morphology_from_runs(label: np.ndarray, row: np.ndarray, col: np.ndarray,
         eccentricity = np.where(l1 > 0, np.sqrt(np.minimum(2 * radius / l1, 1.0)), 0.0)
     orientation = np.where(a - c == 0, np.where(b < 0, np.pi / 4, -np.pi / 4), 0.5 * np.arctan2(-2 * b, c - a))
     height, width = rmax - rmin + 1, cmax - cmin + 1
-    convex = _convex_areas(grp, y, x0, x1, height)
+    convex = _convex_areas(grp, y, x0, x1, height, width)
     columns = {
         "X_centroid": (area * cmin + s_x) / n,
         "Y_centroid": (area * rmin + s_y) / n,
@@ -293,7 +283,31 @@ def morphology_from_runs(label: np.ndarray, row: np.ndarray, col: np.ndarray,
         "Extent": n / (height * width),
         "Orientation": orientation,
     }
-    return Morphology(labels, area, columns)
+    return labels, area, columns
+
+
+def morphology_from_runs(label: np.ndarray, row: np.ndarray, col: np.ndarray, length: np.ndarray,
+                         batch_runs: int = BATCH_RUNS) -> Morphology:
+    """Morphology of every label from its row runs, ``batch_runs`` runs of whole labels at a time.
+
+    Parameters
+    ----------
+    label, row, col, length : (R,) integer ndarray
+        Foreground runs in raster order: label, row, first column, pixels.
+    batch_runs : int
+        Runs per batch (bounds the memory of the hull computation).
+    """
+    order = np.argsort(label, kind="stable")
+    ordered = label[order]
+    first = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]]) if ordered.size else np.empty(0, np.int64)
+    cuts = np.unique(np.r_[first[np.minimum(np.searchsorted(first, np.arange(0, ordered.size, batch_runs)),
+                                            first.size - 1)], ordered.size]) if ordered.size else np.zeros(1, np.int64)
+    parts = [_features(ordered[a:b], row[order[a:b]], col[order[a:b]], length[order[a:b]])
+             for a, b in zip(cuts[:-1], cuts[1:])]
+    if not parts:
+        return Morphology(np.empty(0, np.int64), np.empty(0, np.int64), {c: np.empty(0) for c in MORPHOLOGY_COLUMNS})
+    return Morphology(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+                      {c: np.concatenate([p[2][c] for p in parts]) for c in MORPHOLOGY_COLUMNS})
 
 
 def _rows(array, r0: int, r1: int, channel: int = 0) -> np.ndarray:
@@ -328,30 +342,35 @@ def mask_morphology(mask, name: str = "mask", rows: int | None = None,
         if keep.any() and values[keep].min() < 0:
             raise ValueError(f"mask {name!r} has negative labels; labels must be >= 0 (0 = background)")
         starts = starts[keep]
-        parts.append((values[keep].astype(np.int64), starts // width + r0, starts % width, lengths[keep]))
+        parts.append((values[keep], (starts // width + r0).astype(np.int32), (starts % width).astype(np.int32),
+                      lengths[keep].astype(np.int32)))
         if progress:
             progress(r1 - r0)
-    return morphology_from_runs(*(np.concatenate(p) for p in zip(*parts)))
+    runs = [np.concatenate(p) for p in zip(*parts)]
+    del parts
+    return morphology_from_runs(*runs)
 
 
-def _strip_index(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Labels present in a strip and, per pixel, their local index, behind a prefix.
+def _strip_index(block: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Where a strip's foreground pixels are and which label each has.
 
     Returns
     -------
-    present : (L,) label values, ascending, background left out.
-    index : (L + block.size,) intp
-        ``0..L-1`` (where the running sums go), then each pixel's local index in raster order;
-        background pixels get ``L``.
+    present : (L,) label values in the strip, ascending (background left out).
+    index : (L + F,) intp
+        ``0..L-1`` (where the running sums go), then the local label index of each of the F
+        foreground pixels in raster order.
+    take : (F,) intp
+        Flat position of each foreground pixel in ``block``.
     """
-    _, values, lengths = _row_runs(block)
+    starts, values, lengths = _row_runs(block)
+    fg = values != 0
+    starts, values, lengths = starts[fg], values[fg], lengths[fg]
     present, inverse = np.unique(values, return_inverse=True)
-    if present.size and present[0] == 0:
-        present, inverse = present[1:], inverse - 1
-        inverse[inverse < 0] = present.size
     n = present.size
     index = np.repeat(np.r_[np.arange(n), inverse.ravel()], np.r_[np.ones(n, np.int64), lengths])
-    return present, index
+    take = np.arange(int(lengths.sum())) + np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
+    return present, index, take
 
 
 def mean_intensities(image, masks: Mapping[str, object], labels: Mapping[str, np.ndarray],
@@ -386,16 +405,16 @@ def mean_intensities(image, masks: Mapping[str, object], labels: Mapping[str, np
         index = {}
         for name, mask in masks.items():
             if labels[name].size:
-                present, idx = _strip_index(_rows(mask, r0, r1))
-                index[name] = (np.searchsorted(labels[name], present), idx)
-        longest = max((pos.size for pos, _ in index.values()), default=0)
-        buf = np.empty(longest + (r1 - r0) * width) if index else None
+                present, idx, take = _strip_index(_rows(mask, r0, r1))
+                index[name] = (np.searchsorted(labels[name], present), idx, take, np.empty(idx.size))
         for j, channel in enumerate(channels if index else ()):
-            buf[longest:] = _rows(image, r0, r1, channel).ravel()
-            for name, (pos, idx) in index.items():
-                weights = buf[longest - pos.size:]
+            plane = _rows(image, r0, r1, channel).ravel()
+            for name, (pos, idx, take, weights) in index.items():
+                # Running sums first, then the pixels: each label's float64 additions happen in
+                # raster order from 0.0, exactly as one bincount over the whole image makes them.
                 weights[:pos.size] = sums[name][j, pos]
-                sums[name][j, pos] = np.bincount(idx, weights=weights, minlength=pos.size + 1)[:pos.size]
+                weights[pos.size:] = plane[take]
+                sums[name][j, pos] = np.bincount(idx, weights=weights, minlength=pos.size)
         if progress:
             progress(r1 - r0)
     return {name: (sums[name] / area[name].astype(np.float64)).T for name in masks}

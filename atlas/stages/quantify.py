@@ -1,0 +1,209 @@
+"""Stage ``quantify``: the Level 4 single-cell feature tables, ``quantification/`` in the results layout.
+
+For every segmentation engine that left masks in ``segmentation/<engine>-<slide>/`` and every mask
+named by ``quantify.masks`` in params.yml (default ``cell``, ``nuclei``) it writes MCQuant's table
+``quantification/<slide>--<engine>_<mask>.csv``, the same table as ``.parquet`` and as AnnData
+``.h5ad``, and ``qc/quantify/summary.json``. The registered image is read once, strip by strip, for
+all masks of an engine. The science is :mod:`atlas.quantification`; this module is the file I/O,
+shared with ``atlas quantify``.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from atlas import layout
+from atlas.errors import InvalidInput, Problem
+from atlas.quantification import ID_COLUMN, MORPHOLOGY_COLUMNS, marker_columns, quantify
+from atlas.slide import MARKERS, read_markers
+from atlas.stages import StageContext
+
+QC_DIR = f"{layout.QC}/quantify"
+TABLE_SUFFIXES = (".csv", ".parquet", ".h5ad")
+
+
+@contextmanager
+def open_level0(path: Path, role: str) -> Iterator:
+    """Full-resolution level of a (pyramidal OME-)TIFF as a zarr array read tile by tile.
+
+    Parameters
+    ----------
+    path : Path
+    role : {"image", "mask"}
+        What the file should be, for error messages.
+
+    Yields
+    ------
+    zarr.Array
+        (C, Y, X) or (Y, X), chunks = the file's tiles (or strips).
+    """
+    import tifffile
+    import zarr
+
+    fix = ("give a tiled (pyramidal OME-)TIFF with channel planes (C, Y, X)" if role == "image"
+           else "give an integer label image (Y, X) of the same size as the image, 0 = background")
+    try:
+        tif = tifffile.TiffFile(path)
+    except (OSError, tifffile.TiffFileError) as exc:
+        raise InvalidInput(Problem(str(path), f"cannot be read as TIFF ({exc})", fix)) from exc
+    with tif:
+        series = tif.series[0]
+        squeezed = [n for n, a in zip(series.shape, series.axes) if not (n == 1 and a not in "YX")]
+        if not series.axes.endswith("YX") or "S" in series.axes or len(squeezed) > (3 if role == "image" else 2):
+            raise InvalidInput(Problem(str(path), f"has axes {series.axes} of shape {series.shape}; "
+                                       f"expected {'(C, Y, X)' if role == 'image' else '(Y, X)'}", fix))
+        with series.aszarr(level=0) as store:
+            yield zarr.open_array(store, mode="r")
+
+
+def check_inputs(image_path: Path, image, mask_paths: Mapping[str, Path], masks: Mapping[str, object],
+                 markers_path: Path, n_markers: int) -> None:
+    """Raise InvalidInput with every mismatch between image, masks and markers.csv."""
+    problems = []
+    n_channels = image.shape[0] if image.ndim == 3 else 1
+    if n_markers != n_channels:
+        problems.append(Problem(str(markers_path), f"lists {n_markers} markers but {image_path.name} has "
+                                f"{n_channels} channels", "give markers.csv one row per image channel, in order"))
+    for name, mask in masks.items():
+        shape = tuple(s for s in mask.shape if s != 1) if mask.ndim > 2 else mask.shape
+        if shape != tuple(image.shape[-2:]):
+            problems.append(Problem(str(mask_paths[name]), f"mask has shape {tuple(mask.shape)}, the image "
+                                    f"{image_path.name} {tuple(image.shape)}",
+                                    "use the mask segmented from this image (same Y, X size)"))
+        elif not np.issubdtype(mask.dtype, np.integer):
+            problems.append(Problem(str(mask_paths[name]), f"mask has dtype {mask.dtype}, not integer labels",
+                                    "write the mask as an integer label image (e.g. uint32), 0 = background"))
+    if problems:
+        raise InvalidInput(problems)
+
+
+def quantify_files(image_path: Path, mask_paths: Mapping[str, Path], marker_names: Sequence[str],
+                   remove: Sequence[bool], *, markers_path: Path = Path(MARKERS),
+                   progress: Callable[[int, int], None] | None = None
+                   ) -> tuple[dict[str, pd.DataFrame], tuple[int, ...]]:
+    """MCQuant tables of an image file for each mask file, and the image's shape.
+
+    Parameters
+    ----------
+    image_path : Path
+        Registered (C, Y, X) OME-TIFF.
+    mask_paths : dict of str to Path
+        Mask name (e.g. ``"cell"``) to its label image.
+    marker_names, remove : sequence
+        One name and one remove flag per image channel (markers.csv order); removed channels are
+        not read and get no column.
+    markers_path : Path
+        Named in errors.
+    progress : callable, optional
+        ``progress(rows_done, rows_total)``.
+
+    Returns
+    -------
+    tables : dict of str to pandas.DataFrame
+        One MCQuant table per mask.
+    shape : tuple of int
+        Shape of the image, (C, Y, X) or (Y, X).
+
+    Raises
+    ------
+    InvalidInput
+        Unreadable files, shape mismatch, non-integer or negative masks, marker count != channels.
+    """
+    with ExitStack() as stack:
+        image = stack.enter_context(open_level0(image_path, "image"))
+        masks = {name: stack.enter_context(open_level0(path, "mask")) for name, path in mask_paths.items()}
+        check_inputs(image_path, image, mask_paths, masks, markers_path, len(marker_names))
+        kept = [i for i, r in enumerate(remove) if not r]
+        total, done = image.shape[-2] * (len(masks) + 1), 0
+
+        def step(rows: int) -> None:
+            nonlocal done
+            done += rows
+            if progress:
+                progress(done, total)
+
+        try:
+            tables = quantify(image, masks, [marker_names[i] for i in kept], channels=kept, progress=step)
+        except ValueError as exc:  # the one thing only reading the masks shows: negative labels
+            bad = next((path for name, path in mask_paths.items() if repr(name) in str(exc)), image_path)
+            raise InvalidInput(Problem(str(bad), str(exc), "write the mask as non-negative integer labels, "
+                                       "0 = background")) from exc
+        return tables, tuple(image.shape)
+
+
+def to_anndata(table: pd.DataFrame, uns: Mapping[str, str]):
+    """The table as AnnData: X = marker means, obs = CellID + centroids + morphology, var = markers.
+
+    ``obsm["spatial"]`` holds (X_centroid, Y_centroid) in pixels, as scanpy/squidpy expect.
+    """
+    import anndata
+
+    markers = [c for c in table.columns if c != ID_COLUMN and c not in MORPHOLOGY_COLUMNS]
+    obs = table[[ID_COLUMN, *MORPHOLOGY_COLUMNS]].set_index(table[ID_COLUMN].astype(str).rename(None))
+    adata = anndata.AnnData(X=table[markers].to_numpy(np.float64), obs=obs, var=pd.DataFrame(index=markers))
+    adata.obsm["spatial"] = table[["X_centroid", "Y_centroid"]].to_numpy(np.float64)
+    adata.uns.update(uns)
+    return adata
+
+
+def write_table(table: pd.DataFrame, csv_path: Path, uns: Mapping[str, str]) -> list[Path]:
+    """Write the table as MCQuant CSV, Parquet and AnnData .h5ad side by side; return the paths."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    paths = [csv_path.with_suffix(s) for s in TABLE_SUFFIXES]
+    table.to_csv(paths[0], index=False)
+    pq.write_table(pa.Table.from_pandas(table, preserve_index=False), paths[1])
+    to_anndata(table, uns).write_h5ad(paths[2])
+    return paths
+
+
+def table_summary(table: pd.DataFrame, image_shape: Sequence[int]) -> dict:
+    """QC figures of one table: cells, mask coverage, cell area quantiles (px)."""
+    area = table["Area"].to_numpy()
+    quantiles = np.quantile(area, [0.05, 0.5, 0.95]).round(1).tolist() if area.size else [None] * 3
+    return {"cells": int(len(table)),
+            "coverage": round(float(area.sum()) / float(image_shape[-2] * image_shape[-1]), 4),
+            "area_p05_p50_p95_px": quantiles}
+
+
+def find_engines(out_dir: Path, slide_id: str) -> list[str]:
+    """Segmentation engines that left a ``segmentation/<engine>-<slide>/`` folder, by name."""
+    folders = sorted((out_dir / layout.SEGMENTATION).glob(f"*-{slide_id}"))
+    return [f.name.removesuffix(f"-{slide_id}") for f in folders if f.is_dir()]
+
+
+def run(ctx: StageContext) -> None:
+    image_path = ctx.out_dir / layout.registration_tiff(ctx.slide_id)
+    if not image_path.is_file():
+        raise InvalidInput(Problem(layout.registration_tiff(ctx.slide_id), "registered image is missing",
+                                   "run the stitch stage first"))
+    markers = read_markers(ctx.slide_dir / MARKERS)
+    engines = find_engines(ctx.out_dir, ctx.slide_id)
+    if not engines:
+        raise InvalidInput(Problem(f"{layout.SEGMENTATION}/", f"no segmentation of slide {ctx.slide_id}",
+                                   "run the segment stage first"))
+    summary: dict = {"status": "ok", "markers": marker_columns([m.marker_name for m in markers if not m.remove]),
+                     "tables": {}}
+    for engine in engines:
+        rel = {mask: layout.mask_path(ctx.slide_id, engine, mask) for mask in ctx.params.quantify.masks}
+        missing = [r for r in rel.values() if not (ctx.out_dir / r).is_file()]
+        if missing:
+            raise InvalidInput([Problem(r, "mask is missing", "rerun the segment stage, or list only the masks "
+                                        "it makes under quantify.masks in params.yml") for r in missing])
+        tables, shape = quantify_files(image_path, {m: ctx.out_dir / r for m, r in rel.items()},
+                                       [m.marker_name for m in markers], [m.remove for m in markers])
+        for mask, table in tables.items():
+            name = layout.table_path(ctx.slide_id, engine, mask)
+            write_table(table, ctx.out_dir / name,
+                        {"slide_id": ctx.slide_id, "engine": engine, "mask": mask, "image": image_path.name})
+            summary["tables"][Path(name).name] = table_summary(table, shape)
+    qc = ctx.out_dir / QC_DIR
+    qc.mkdir(parents=True, exist_ok=True)
+    (qc / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
