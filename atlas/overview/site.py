@@ -12,7 +12,8 @@ from pathlib import Path
 from atlas.errors import InvalidInput, Problem
 
 VIEWER_ENV = "ATLAS_VIEWER_DIR"
-SETUP_HINT = "run the setup command (it runs `npm ci --prefix viewer`), or set ATLAS_VIEWER_DIR to OpenSeadragon's build/openseadragon folder"
+SETUP_HINT = ("run the setup command `./dev setup` (it runs `npm ci --prefix viewer`), or set ATLAS_VIEWER_DIR "
+              "to OpenSeadragon's build/openseadragon folder")
 VIEWER_FOLDER = "openseadragon"  # inside the overview
 TEMPLATE_FILES = ("overview.js", "overview.css")
 
