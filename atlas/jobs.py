@@ -32,19 +32,19 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import IntEnum
 from fnmatch import fnmatchcase
 from pathlib import Path, PurePosixPath
-from typing import Any, TypeVar
+from typing import Any
 
 from botocore.exceptions import ClientError
 
 from atlas.errors import InvalidInput, Problem
 from atlas.params import parse_params
 from atlas.runner import PROVENANCE, completion_path, write_completion
+from atlas.release import TRANSFER_THREADS, ReleaseError, parallel_map, release_run
 from atlas.s3uri import S3Uri
 from atlas.slide import MANIFEST, PARAMS, RAW, parse_manifest, sha256_file
 from atlas.stages import STAGES, Stage, StageContext, get_stage
@@ -57,7 +57,6 @@ OVERVIEW_BUCKET_ENV = "ATLAS_OVERVIEW_BUCKET"
 SCRATCH_ENV = "ATLAS_SCRATCH"
 ARRAY_INDEX_ENV = "AWS_BATCH_JOB_ARRAY_INDEX"
 IMDS_ENDPOINT_ENV = "AWS_EC2_METADATA_SERVICE_ENDPOINT"  # botocore's name for the IMDS endpoint
-TRANSFER_THREADS = 16
 RAW_PREFIX = "raw:"
 
 
@@ -135,19 +134,6 @@ class JobResult:
     item: int | None
     skipped: bool
     record: dict
-
-
-T = TypeVar("T")
-R = TypeVar("R")
-
-
-def parallel_map(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
-    """``[fn(x) for x in items]`` on a thread pool (S3 transfers are latency-bound)."""
-    items = list(items)
-    if len(items) <= 1:
-        return [fn(x) for x in items]
-    with ThreadPoolExecutor(max_workers=TRANSFER_THREADS) as pool:
-        return list(pool.map(fn, items))
 
 
 def s3_client():
@@ -508,10 +494,11 @@ def run_stage_job(stage_name: str, *, slide_uri: str, work_uri: str, run_id: str
         record = write_completion(ctx, stage, started=started, finished=finished, item=item, outputs=outputs,
                                   instance_type=instance_type())
         if stage.name == "publish":
-            from atlas.release import release_run
-
-            release_run(s3, out_dir, work=work, slide_id=slide.name, run_id=run_id, results_bucket=results_bucket,
-                        overview_bucket=os.environ.get(OVERVIEW_BUCKET_ENV) or None)
+            try:
+                release_run(s3, out_dir, work=work, slide_id=slide.name, run_id=run_id, results_bucket=results_bucket,
+                            overview_bucket=os.environ.get(OVERVIEW_BUCKET_ENV) or None)
+            except ReleaseError as exc:
+                raise CorruptWork(str(exc)) from exc
         s3.upload_file(str(out_dir / _record_rel(stage, item)), record_uri.bucket, record_uri.key)
         log.info("%s: completion record written to %s", what, record_uri)
         return JobResult(stage.name, item, False, record)

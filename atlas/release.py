@@ -25,17 +25,37 @@ from __future__ import annotations
 import json
 import mimetypes
 import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import TypeVar
 
 from atlas import layout
-from atlas.jobs import CorruptWork, parallel_map
 from atlas.s3uri import S3Uri
 
 LATEST = "latest.json"
+TRANSFER_THREADS = 16
 CONTENT_TYPES = {".json": "application/json", ".csv": "text/csv", ".html": "text/html", ".js": "text/javascript",
                  ".css": "text/css", ".tif": "image/tiff", ".png": "image/png", ".jpg": "image/jpeg",
                  ".svg": "image/svg+xml"}
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class ReleaseError(RuntimeError):
+    """The run cannot be released as its manifest says; nothing was made visible."""
+
+
+def parallel_map(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
+    """``[fn(x) for x in items]`` on a thread pool (S3 requests are latency-bound)."""
+    items = list(items)
+    if len(items) <= 1:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(max_workers=TRANSFER_THREADS) as pool:
+        return list(pool.map(fn, items))
 
 
 @dataclass(frozen=True)
@@ -95,12 +115,12 @@ def release_run(s3, out_dir: Path, *, work: S3Uri, slide_id: str, run_id: str, r
 
     Raises
     ------
-    CorruptWork
+    ReleaseError
         A listed file is missing from ``work`` or has another size; nothing becomes visible.
     """
     manifest = json.loads((Path(out_dir) / layout.MANIFEST).read_text())
     if (manifest.get("slide_id"), manifest.get("run_id")) != (slide_id, run_id):
-        raise CorruptWork(f"manifest.json is for slide {manifest.get('slide_id')!r} run {manifest.get('run_id')!r}, "
+        raise ReleaseError(f"manifest.json is for slide {manifest.get('slide_id')!r} run {manifest.get('run_id')!r}, "
                           f"not slide {slide_id!r} run {run_id!r}")
     files = manifest["files"]
     work = work.prefix()
@@ -111,7 +131,7 @@ def release_run(s3, out_dir: Path, *, work: S3Uri, slide_id: str, run_id: str, r
     if layout.MANIFEST not in sizes:
         bad.append(layout.MANIFEST)
     if bad:
-        raise CorruptWork(f"cannot release run {run_id}: {len(bad)} file(s) listed in manifest.json are missing "
+        raise ReleaseError(f"cannot release run {run_id}: {len(bad)} file(s) listed in manifest.json are missing "
                           f"from {work} or differ in size, e.g. {', '.join(bad[:5])}")
 
     prefix = S3Uri(results_bucket, f"{slide_id}/{run_id}/")

@@ -15,8 +15,7 @@ import pytest
 from moto import mock_aws
 
 from atlas import layout
-from atlas.jobs import CorruptWork
-from atlas.release import LATEST, content_type, release_run
+from atlas.release import LATEST, ReleaseError, content_type, release_run
 from atlas.s3uri import S3Uri
 
 SLIDE = "S1"
@@ -144,7 +143,7 @@ def test_incomplete_work_prefix_releases_nothing(s3, tmp_path, damage):
     else:
         s3.put_object(Bucket=bad.bucket, Key=bad.key, Body=b"CellID")
 
-    with pytest.raises(CorruptWork, match="quantification/S1--unet_cell.csv"):
+    with pytest.raises(ReleaseError, match="quantification/S1--unet_cell.csv"):
         release_run(s3, tmp_path, work=work, slide_id=SLIDE, run_id=run_id, results_bucket="results",
                     overview_bucket="site")
     assert keys(s3, "results") == [] and keys(s3, "site") == []
@@ -153,7 +152,7 @@ def test_incomplete_work_prefix_releases_nothing(s3, tmp_path, damage):
 def test_release_refuses_a_manifest_of_another_run(s3, tmp_path):
     write_run(tmp_path, "S1-dddddddddddd")
     stage_to_work(s3, tmp_path, S3Uri("work", "S1-eeeeeeeeeeee/"))
-    with pytest.raises(CorruptWork, match="not slide 'S1' run 'S1-eeeeeeeeeeee'"):
+    with pytest.raises(ReleaseError, match="not slide 'S1' run 'S1-eeeeeeeeeeee'"):
         release_run(s3, tmp_path, work=S3Uri("work", "S1-eeeeeeeeeeee/"), slide_id=SLIDE, run_id="S1-eeeeeeeeeeee",
                     results_bucket="results")
     assert keys(s3, "results") == []
