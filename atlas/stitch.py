@@ -320,11 +320,12 @@ class MosaicImage:
             del self._cache[t]
         out = np.zeros((max(y1 - y0, 0), max(x1 - x0, 0)), self.dtype)
         best = np.full(out.shape, -1, np.int32)
-        for t, (py, px) in enumerate(places):
+        hits = np.flatnonzero((places[:, 0] < y1) & (places[:, 0] + th > y0)
+                              & (places[:, 1] < x1) & (places[:, 1] + tw > x0))
+        for t in hits:
+            py, px = places[t]
             ry0, ry1 = max(y0, py), min(y1, py + th)
             rx0, rx1 = max(x0, px), min(x1, px + tw)
-            if ry0 >= ry1 or rx0 >= rx1:
-                continue
             depth = np.minimum.outer(_edge_depth(py, th, ry0, ry1), _edge_depth(px, tw, rx0, rx1))
             region = (slice(ry0 - y0, ry1 - y0), slice(rx0 - x0, rx1 - x0))
             take = depth > best[region]

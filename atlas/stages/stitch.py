@@ -120,11 +120,11 @@ def check_cycles(files: list[Path], markers: list[Marker], align_channel: int, r
     return metas
 
 
-def _open_cycle(stack: contextlib.ExitStack, path: Path, meta: CycleMetadata, params) -> TileSet:
+def _open_cycle(stack: contextlib.ExitStack, path: Path, meta: CycleMetadata, params, name: str) -> TileSet:
     tif = stack.enter_context(tifffile.TiffFile(path))
     series = tif.series
     if len(series) != meta.n_tiles:
-        raise InvalidInput(Problem(path.name, f"OME-XML lists {meta.n_tiles} tiles but the file holds "
+        raise InvalidInput(Problem(name, f"OME-XML lists {meta.n_tiles} tiles but the file holds "
                                    f"{len(series)} series", "re-export the cycle file"))
 
     def read_tile(t: int, c: int) -> np.ndarray:
@@ -160,7 +160,7 @@ def run(ctx: StageContext) -> None:
     qc_dir = out_dir / QC_DIR
     qc_dir.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
-        cycles = [_open_cycle(stack, path, meta, params) for path, meta in zip(files, metas)]
+        cycles = [_open_cycle(stack, path, meta, params, rel(path)) for path, meta in zip(files, metas)]
         alignments = align_cycles(cycles, channel=params.align_channel, max_shift_um=params.maximum_shift_um,
                                   filter_sigma=params.filter_sigma)
         failed = [k for k, a in enumerate(alignments) if not a.registered]
