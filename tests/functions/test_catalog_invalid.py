@@ -104,3 +104,11 @@ def test_broken_manifest_is_invalid(cloud, ingest, sample_slide):
     assert record["status"] == "INVALID"
     assert [p["file"] for p in record["problems"]] == ["manifest.json"]
     assert json.loads(json.dumps(record["problems"]))[0]["fix"]
+
+
+def test_empty_markers_file_is_invalid_not_an_error(cloud, ingest, slide_copy):
+    (slide_copy / "markers.csv").write_bytes(b"")
+    ingest.upload_and_settle(slide_copy)
+    record = cloud.slide_record("sample")
+    assert record["status"] == "INVALID"
+    assert "markers.csv" in {p["file"] for p in record["problems"]}

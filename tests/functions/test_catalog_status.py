@@ -94,3 +94,13 @@ def test_settings_name_every_missing_variable():
     settings = Settings("c", "i", "arn:sm", "arn:topic", "w", "r")
     assert Settings.from_env(settings.to_env()) == settings
     assert json.dumps(settings.to_env())  # plain strings, ready for a Lambda environment
+
+
+def test_the_demo_status_events_have_the_real_shape(started, load_event):
+    from atlas.demo import execution_status_event
+
+    real = load_event("sfn_execution_status_change.json")
+    made = execution_status_event(started, "FAILED", error="STAGE_FAILED", cause="boom")
+    assert made.keys() == real.keys() and made["detail"].keys() == real["detail"].keys()
+    assert (made["source"], made["detail-type"]) == (real["source"], real["detail-type"])
+    assert isinstance(made["detail"]["startDate"], int) and isinstance(made["detail"]["stopDate"], int)
