@@ -7,8 +7,9 @@ layer and zoom. Screenshots go to ``test-artifacts/`` (gitignored) for a person 
 Needs ``/usr/bin/chromium`` (``apt-get install -y chromium``; never ``playwright install``).
 
 Inputs: the real brain section of ``../shared/data/stitching/basicpy_wsi_brain`` placed at its
-registered positions, (a 2048 x 3072 px crop) with the DSB2018 nucleus image and its
-ground-truth nuclei tiled over it as a second stain and as the cell mask; and the made sample slide after the stitch stage.
+registered positions (a 2048 x 3072 px crop), with the DSB2018 nucleus image and its ground-truth
+nuclei tiled over it as a second stain and as the cell mask; and the made sample slide after the
+stitch stage.
 """
 from __future__ import annotations
 

@@ -17,12 +17,12 @@ import pytest
 import tifffile
 
 from atlas.errors import InvalidInput
-from atlas.overview import PanelInfo, render_overview
+from atlas.overview import render_overview
 from atlas.overview.contrast import auto_contrast, fit_gmm_1d, sample_pixels
 from atlas.overview.exhibit import label_dir, make_groups
 from atlas.overview.source import TiffPyramid
 from atlas.overview.tiles import composite, outlines, scale_to_display
-from atlas.params import Params
+from atlas.params import Params, RenderParams
 from atlas.pyramid import downsample, write_ome_tiff_pyramid
 from atlas.stages import StageContext
 
@@ -301,15 +301,16 @@ def _results(tmp_path: Path, images, *, segmented: bool) -> StageContext:
     (out / "registration").mkdir(parents=True)
     (out / "registration" / "S1.ome.tif").write_bytes(image.read_bytes())
     (out / "qc" / "stitch").mkdir(parents=True)
-    (out / "qc" / "stitch" / "summary.json").write_text(json.dumps(
-        {"slide_id": "S1", "aligner": "ashlar 1.20", "cycles": [{"cycle": 1, "aligned_tiles": 9, "offset_px": [0, 0]}]}))
+    summary = {"slide_id": "S1", "aligner": "ashlar 1.20",
+               "cycles": [{"cycle": 1, "aligned_tiles": 9, "offset_px": [0, 0]}]}
+    (out / "qc" / "stitch" / "summary.json").write_text(json.dumps(summary))
     if segmented:
         (out / "segmentation" / "unet-S1").mkdir(parents=True)
         (out / "segmentation" / "unet-S1" / "cell.ome.tif").write_bytes(mask.read_bytes())
         (out / "quantification").mkdir()
         (out / "quantification" / "S1--unet_cell.csv").write_text(
             "CellID,DNA_1\n" + "".join(f"{i},1.0\n" for i in range(1, 126)))
-    params = Params(render=Params().render.__class__(tile_size=TILE))
+    params = Params(render=RenderParams(tile_size=TILE))
     return StageContext(slide_id="S1", run_id="S1-0123456789ab", slide_dir=slide_dir, out_dir=out, params=params)
 
 
@@ -350,7 +351,8 @@ def test_cli_render(images, tmp_path):
 
     image, mask = images
     markers = tmp_path / "markers.csv"
-    markers.write_text("channel_number,cycle_number,marker_name\n" + "".join(f"{i + 1},1,{n}\n" for i, n in enumerate(NAMES)))
+    markers.write_text("channel_number,cycle_number,marker_name\n"
+                       + "".join(f"{i + 1},1,{n}\n" for i, n in enumerate(NAMES)))
     out = tmp_path / "site"
     result = CliRunner().invoke(app, ["render", "--image", str(image), "--mask", str(mask), "--markers", str(markers),
                                       "-o", str(out)])

@@ -33,8 +33,8 @@ def find_viewer(viewer_dir: str | os.PathLike | None = None) -> Path:
     """
     folder = Path(viewer_dir or os.environ.get(VIEWER_ENV) or default_viewer_dir())
     if not (folder / "openseadragon.min.js").is_file() or not (folder / "images").is_dir():
-        raise InvalidInput(Problem(str(folder), "OpenSeadragon (openseadragon.min.js and images/) is not installed there",
-                                   SETUP_HINT))
+        raise InvalidInput(Problem(str(folder), "OpenSeadragon (openseadragon.min.js and images/) is not "
+                                   "installed there", SETUP_HINT))
     return folder
 
 

@@ -80,7 +80,8 @@ class TiffPyramid:
             pages = list(level.pages)
             if len(pages) == self.shape[0]:
                 self._stored.append([(page, 0) for page in pages])
-            elif len(pages) == 1 and pages[0].keyframe.samplesperpixel == self.shape[0] and pages[0].keyframe.planarconfig == 2:
+            elif (len(pages) == 1 and pages[0].keyframe.samplesperpixel == self.shape[0]
+                  and pages[0].keyframe.planarconfig == 2):
                 per_plane = len(pages[0].dataoffsets) // self.shape[0]
                 self._stored.append([(pages[0], c * per_plane) for c in range(self.shape[0])])
             else:

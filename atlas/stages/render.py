@@ -98,7 +98,8 @@ def data_files(out_dir: Path, slide_id: str, run_id: str) -> list[dict]:
             if inside_zarr or not (path.is_file() or path.name.endswith(".zarr")):
                 continue
             rel = path.relative_to(out_dir).as_posix()
-            size = path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+            files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+            size = sum(p.stat().st_size for p in files)
             entries.append({"level": layout.level_of(rel), "path": rel, "size": size,
                             "uri": f"s3://{bucket}/{slide_id}/{run_id}/{rel}" if bucket else None})
     return entries
