@@ -29,8 +29,7 @@ from constructs import Construct
 from atlas import catalog
 from infra.bundling import ARCHITECTURE, RUNTIME, lambda_code
 from infra.config import AtlasConfig
-from infra.compute import S3_READ
-from infra.nag import acknowledge, acknowledge_wildcards, managed_policy_finding
+from infra.nag import S3_READ_ACTIONS, acknowledge, acknowledge_wildcards, managed_policy_finding
 
 # powertools' DynamoDBPersistenceLayer defaults: partition key "id", expiry attribute "expiration".
 IDEMPOTENCY_KEY = "id"
@@ -131,8 +130,9 @@ class Catalog(Construct):
             ingest.grant_read(self.functions[name])
             acknowledge_wildcards(self.functions[name], "Reads objects of any slide in the ingest bucket; the "
                                   "actions are CDK's read-only grant_read set on that bucket.",
-                                  actions=S3_READ, resources=[ingest.arn_for_objects("*")])
-        events.EventBus.from_event_bus_name(self, "DefaultBus", "default").grant_put_events_to(self.functions["catalog"])
+                                  actions=S3_READ_ACTIONS, resources=[ingest.arn_for_objects("*")])
+        default_bus = events.EventBus.from_event_bus_name(self, "DefaultBus", "default")
+        default_bus.grant_put_events_to(self.functions["catalog"])  # "Slide Object Cataloged"
         state_machine.grant_start_execution(self.functions["trigger"])
         for name in ("trigger", "status"):
             topic.grant_publish(self.functions[name])

@@ -24,11 +24,9 @@ from constructs import Construct
 
 from atlas.stages import STAGES, Stage
 from infra.config import AtlasConfig
-from infra.nag import acknowledge, acknowledge_wildcards, managed_policy_finding
+from infra.nag import S3_READ_ACTIONS, acknowledge, acknowledge_wildcards, managed_policy_finding
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# The wildcard actions of CDK's grant_read (a read-only set, scoped to one bucket by the grant).
-S3_READ = ("s3:GetObject*", "s3:GetBucket*", "s3:List*")
 
 # Build arguments of containers/*/Dockerfile for the segmentation weights baked into the images.
 UNET_WEIGHTS_URL_ARG = "UNET_WEIGHTS_URI"
@@ -110,7 +108,7 @@ class BatchCompute(Construct):
     cpu_queue : batch.JobQueue
     gpu_queue : batch.JobQueue or None
     job_role : iam.Role
-        Role of every stage container (grants are added by the caller).
+        Role of every stage container (bucket access via :meth:`grant_buckets`).
     jobs : dict of str to StageJob
         By job name, in registry order; an array stage is followed by its ``-merge`` job.
     """
@@ -124,52 +122,33 @@ class BatchCompute(Construct):
                 ec2.SubnetConfiguration(name="Public", subnet_type=ec2.SubnetType.PUBLIC, cidr_mask=24),
                 ec2.SubnetConfiguration(name="Jobs", subnet_type=ec2.SubnetType.PRIVATE_WITH_EGRESS, cidr_mask=20)],
             gateway_endpoints={"S3": ec2.GatewayVpcEndpointOptions(service=ec2.GatewayVpcEndpointAwsService.S3)},
-            flow_logs={"All": ec2.FlowLogOptions(destination=ec2.FlowLogDestination.to_s3(flow_log_bucket, "vpc-flow-logs/"))})
-        security_group = ec2.SecurityGroup(self, "JobSecurityGroup", vpc=self.vpc, allow_all_outbound=True,
-                                           description="Batch instances: no inbound; outbound to S3, ECR and AWS APIs")
-        instance_role = iam.Role(
+            flow_logs={"All": ec2.FlowLogOptions(
+                destination=ec2.FlowLogDestination.to_s3(flow_log_bucket, "vpc-flow-logs/"))})
+        self._security_group = ec2.SecurityGroup(
+            self, "JobSecurityGroup", vpc=self.vpc, allow_all_outbound=True,
+            description="Batch instances: no inbound; outbound to S3, ECR and AWS APIs")
+        self._instance_role = iam.Role(
             self, "InstanceRole", assumed_by=iam.ServicePrincipal("ec2.amazonaws.com"),
             managed_policies=[iam.ManagedPolicy.from_aws_managed_policy_name(
                 "service-role/AmazonEC2ContainerServiceforEC2Role")])
-        acknowledge(instance_role, managed_policy_finding("service-role/AmazonEC2ContainerServiceforEC2Role"),
+        acknowledge(self._instance_role, managed_policy_finding("service-role/AmazonEC2ContainerServiceforEC2Role"),
                     "The AWS-maintained policy the ECS agent on Batch instances needs; job permissions live in the "
                     "separate job role.")
-        launch_template = ec2.LaunchTemplate(
+        self._launch_template = ec2.LaunchTemplate(
             self, "InstanceTemplate", require_imdsv2=True, http_put_response_hop_limit=2,
             block_devices=[ec2.BlockDevice(device_name="/dev/xvda", volume=ec2.BlockDeviceVolume.ebs(
                 config.scratch_volume_gib, volume_type=ec2.EbsDeviceVolumeType.GP3, encrypted=True))])
 
-        def queue(kind: str, instance_types: tuple[str, ...], max_vcpus: int,
-                  image_type: batch.EcsMachineImageType) -> batch.JobQueue:
-            environments = []
-            for order, spot in enumerate((True, False) if config.spot else (False,), start=1):
-                environments.append(batch.OrderedComputeEnvironment(order=order, compute_environment=batch.ManagedEc2EcsComputeEnvironment(
-                    self, f"{kind}{'Spot' if spot else 'OnDemand'}", vpc=self.vpc,
-                    vpc_subnets=ec2.SubnetSelection(subnet_type=ec2.SubnetType.PRIVATE_WITH_EGRESS),
-                    security_groups=[security_group], instance_role=instance_role, launch_template=launch_template,
-                    instance_types=[ec2.InstanceType(t) for t in instance_types if "." in t],
-                    instance_classes=[ec2.InstanceClass[t.upper()] for t in instance_types if "." not in t],
-                    use_optimal_instance_classes=False,
-                    images=[batch.EcsMachineImage(image_type=image_type)], minv_cpus=0, maxv_cpus=max_vcpus,
-                    spot=spot, update_to_latest_image_version=True,
-                    allocation_strategy=(batch.AllocationStrategy.SPOT_PRICE_CAPACITY_OPTIMIZED if spot
-                                         else batch.AllocationStrategy.BEST_FIT_PROGRESSIVE))))
-            return batch.JobQueue(
-                self, f"{kind}Queue", job_queue_name=config.name(kind.lower()), priority=1,
-                compute_environments=environments,
-                job_state_time_limit_actions=[batch.JobStateTimeLimitAction(
-                    reason=reason, max_time=max_time, action=batch.JobStateTimeLimitActionsAction.CANCEL,
-                    state=batch.JobStateTimeLimitActionsState.RUNNABLE) for reason, max_time in QUEUE_TIME_LIMITS.items()])
-
-        self.cpu_queue = queue("Cpu", config.cpu_instance_types, config.cpu_max_vcpus,
-                               batch.EcsMachineImageType.ECS_AL2023)
-        self.gpu_queue = (queue("Gpu", config.gpu_instance_types, config.gpu_max_vcpus,
-                                batch.EcsMachineImageType.ECS_AL2023_NVIDIA) if config.gpu else None)
+        self.cpu_queue = self._queue("Cpu", config, config.cpu_instance_types, config.cpu_max_vcpus,
+                                     batch.EcsMachineImageType.ECS_AL2023)
+        self.gpu_queue = (self._queue("Gpu", config, config.gpu_instance_types, config.gpu_max_vcpus,
+                                      batch.EcsMachineImageType.ECS_AL2023_NVIDIA) if config.gpu else None)
 
         self.job_role = iam.Role(self, "JobRole", assumed_by=iam.ServicePrincipal("ecs-tasks.amazonaws.com"),
                                  description="Stage containers: read ingest, read/write work, publish results")
-        self.execution_role = iam.Role(self, "ExecutionRole", assumed_by=iam.ServicePrincipal("ecs-tasks.amazonaws.com"),
-                                       description="ECS agent for stage jobs: pull the stage images, write job logs")
+        self.execution_role = iam.Role(
+            self, "ExecutionRole", assumed_by=iam.ServicePrincipal("ecs-tasks.amazonaws.com"),
+            description="ECS agent for stage jobs: pull the stage images, write job logs")
         acknowledge_wildcards(self.execution_role, "ecr:GetAuthorizationToken has no resource-level permissions; "
                               "image pulls themselves are limited to the stage images' repository.", resources=["*"])
         self.log_group = logs.LogGroup(self, "JobLogs", retention=config.log_retention)
@@ -183,6 +162,32 @@ class BatchCompute(Construct):
                                                                image=images["gpu" if on_gpu else "cpu"],
                                                                environment=environment, config=config))
                 self.jobs[job.name] = job
+
+    def _queue(self, kind: str, config: AtlasConfig, instance_types: tuple[str, ...], max_vcpus: int,
+               image_type: batch.EcsMachineImageType) -> batch.JobQueue:
+        """A job queue over a Spot then an on-demand compute environment (on-demand only without Spot)."""
+        environments = [
+            batch.OrderedComputeEnvironment(order=order, compute_environment=batch.ManagedEc2EcsComputeEnvironment(
+                self, f"{kind}{'Spot' if spot else 'OnDemand'}", vpc=self.vpc,
+                vpc_subnets=ec2.SubnetSelection(subnet_type=ec2.SubnetType.PRIVATE_WITH_EGRESS),
+                security_groups=[self._security_group], instance_role=self._instance_role,
+                launch_template=self._launch_template,
+                # families ("c6i") by CDK's instance class, sizes ("m6i.4xlarge") as instance types
+                instance_types=[ec2.InstanceType(t) for t in instance_types if "." in t],
+                instance_classes=[ec2.InstanceClass[t.upper()] for t in instance_types if "." not in t],
+                use_optimal_instance_classes=False, images=[batch.EcsMachineImage(image_type=image_type)],
+                minv_cpus=0, maxv_cpus=max_vcpus, spot=spot, update_to_latest_image_version=True,
+                allocation_strategy=(batch.AllocationStrategy.SPOT_PRICE_CAPACITY_OPTIMIZED if spot
+                                     else batch.AllocationStrategy.BEST_FIT_PROGRESSIVE)))
+            for order, spot in enumerate((True, False) if config.spot else (False,), start=1)]
+        return batch.JobQueue(
+            self, f"{kind}Queue", job_queue_name=config.name(kind.lower()), priority=1,
+            compute_environments=environments,
+            job_state_time_limit_actions=[
+                batch.JobStateTimeLimitAction(reason=reason, max_time=max_time,
+                                              action=batch.JobStateTimeLimitActionsAction.CANCEL,
+                                              state=batch.JobStateTimeLimitActionsState.RUNNABLE)
+                for reason, max_time in QUEUE_TIME_LIMITS.items()])
 
     def _job_definition(self, stage: Stage, *, merge: bool, gpu: bool, image: ecs.ContainerImage,
                         environment: dict[str, str], config: AtlasConfig) -> batch.EcsJobDefinition:
@@ -209,7 +214,7 @@ class BatchCompute(Construct):
             bucket.grant_read_write(self.job_role)
         for bucket in put:
             bucket.grant_put(self.job_role)
-        actions = ((S3_READ if read or read_write else ()) + (("s3:DeleteObject*",) if read_write else ())
+        actions = ((S3_READ_ACTIONS if read or read_write else ()) + (("s3:DeleteObject*",) if read_write else ())
                    + (("s3:Abort*",) if read_write or put else ()))
         acknowledge_wildcards(
             self.job_role, "Stage jobs work on any slide's and run's objects, so object ARNs end in /*; the "

@@ -217,6 +217,10 @@ class AtlasConfig:
         if (self.segment_weights_url is None) != (self.segment_weights_sha256 is None):
             problems.append("segment_weights_url and segment_weights_sha256 go together: give both (the image "
                             "build checks the download against the sha256) or neither (classical segmentation)")
+        if self.gpu and self.segment_weights_url is None:
+            problems.append("gpu is true but segment_weights_url is not set: the GPU image runs the segmentation "
+                            "model and its build needs the weights; set segment_weights_url and "
+                            "segment_weights_sha256, or set gpu to false (classical segmentation on the CPU queue)")
         if self.segment_weights_url is not None and not self.segment_weights_url.startswith("https://"):
             problems.append(f"segment_weights_url {self.segment_weights_url!r} must be an https:// URL (for a "
                             "private S3 object, a pre-signed URL)")

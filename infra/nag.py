@@ -14,6 +14,8 @@ from cdk_nag import AwsSolutionsChecks
 from constructs import IConstruct
 
 PLUGIN = "AwsSolutions"
+# The wildcard actions of CDK's bucket.grant_read: a read-only set, scoped to one bucket by the grant.
+S3_READ_ACTIONS = ("s3:GetObject*", "s3:GetBucket*", "s3:List*")
 
 
 def add_checks(app: App) -> None:

@@ -2,7 +2,7 @@
 
 Browsers cannot read a requester-pays bucket (anonymous requests are refused), so the publish
 stage also copies each run's ``overview/`` here (``ATLAS_OVERVIEW_BUCKET``) and people open
-``https://<distribution>/<slide_id>/<run_id>/overview/index.html``.
+``https://<distribution>/<slide_id>/<run_id>/index.html``.
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ from infra.catalog import Catalog
 from infra.compute import BatchCompute, stage_images
 from infra.config import AtlasConfig
 from infra.monitoring import Alarms, Notifications
-from infra.nag import acknowledge, add_checks
+from infra.nag import add_checks
 from infra.site import OverviewSite
 from infra.storage import PipelineStorage, ResultsStorage, results_bucket_name
 from infra.workflow import Pipeline
@@ -72,7 +72,7 @@ class PipelineStack(Stack):
         for output, value, description in (
                 ("IngestBucketName", self.storage.ingest.bucket_name, "Labs upload slides here (atlas upload)"),
                 ("OverviewUrl", f"https://{self.site.distribution.distribution_domain_name}/",
-                 "Overview pages: <url><slide_id>/<run_id>/overview/index.html"),
+                 "Overview pages: <url><slide_id>/<run_id>/index.html"),
                 ("StateMachineArn", self.pipeline.state_machine.state_machine_arn, "One execution per run"),
                 ("CatalogTableName", self.catalog.table.table_name, "Slide, object and run status"),
                 ("NotificationTopicArn", self.notifications.topic.topic_arn, "Run results and alarms")):

@@ -54,6 +54,8 @@ def test_full_settings_are_read_typed():
     ({"cpu_max_vcpus": "64"}, r"cpu_max_vcpus must be a whole number"),
     ({"tags": {"aws:owner": "x"}}, r"tag 'aws:owner'"),
     ({"segment_weights_sha256": None}, r"segment_weights_url and segment_weights_sha256 go together"),
+    ({"segment_weights_url": None, "segment_weights_sha256": None},
+     r"gpu is true but segment_weights_url is not set.*or set gpu to false"),
     ({"segment_weights_url": "s3://bucket/unet.onnx"}, r"must be an https:// URL"),
     ({"grante_account_ids": []}, r"unknown key 'grante_account_ids': did you mean 'grantee_account_ids'\?"),
 ])
