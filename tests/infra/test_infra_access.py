@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import logical_id, one, render, resources
+from cdk_templates import logical_id, one, render, resources
 
 
 def sdk_call(resource: dict, phase: str) -> dict:

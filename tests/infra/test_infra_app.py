@@ -8,7 +8,7 @@ import sys
 
 from infra.config import ENVIRONMENT_KEY, ENVIRONMENTS_KEY
 
-from conftest import ROOT
+from cdk_templates import ROOT
 
 
 def run_app(tmp_path, context: dict) -> subprocess.CompletedProcess:

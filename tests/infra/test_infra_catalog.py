@@ -7,7 +7,7 @@ from atlas import catalog
 from infra.bundling import ARCHITECTURE, REPO_ROOT, RUNTIME
 from infra.catalog import IDEMPOTENCY_KEY, IDEMPOTENCY_TTL
 
-from conftest import actions_of, logical_id, one, policy_statements, resources
+from cdk_templates import actions_of, logical_id, one, policy_statements, resources
 
 HANDLERS = ("catalog", "trigger", "status")
 

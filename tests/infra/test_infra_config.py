@@ -7,7 +7,7 @@ import pytest
 
 from infra.config import ENVIRONMENT_KEY, ENVIRONMENTS_KEY, AtlasConfig, ConfigError, load_config
 
-from conftest import CDK_CONTEXT, FULL
+from cdk_templates import CDK_CONTEXT, FULL
 
 
 def problems_of(**settings) -> list[str]:

@@ -1,7 +1,7 @@
 """Alarms for failed runs, Lambda errors and dead letters, all to the one encrypted notification topic."""
 from __future__ import annotations
 
-from conftest import logical_id, one, resources
+from cdk_templates import logical_id, one, resources
 
 
 def alarms_by_metric(synth) -> dict[tuple[str, str], dict]:

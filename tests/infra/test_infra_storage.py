@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 from aws_cdk.assertions import Match
 
-from conftest import logical_id, one, render, resources
+from cdk_templates import logical_id, one, render, resources
 
 BLOCK_ALL = {"BlockPublicAcls": True, "BlockPublicPolicy": True, "IgnorePublicAcls": True, "RestrictPublicBuckets": True}
 

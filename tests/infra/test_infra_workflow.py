@@ -6,7 +6,7 @@ from atlas.stages import STAGES
 from infra.compute import job_name
 from infra.workflow import run_timeout
 
-from conftest import logical_id, one, state_machine_definition
+from cdk_templates import logical_id, one, state_machine_definition
 
 EXPECTED_JOBS = [job_name(s, merge=m) for s in STAGES for m in ((False, True) if s.array_size else (False,))]
 
