@@ -155,8 +155,11 @@ class CycleAlignment:
 
     @property
     def placement(self) -> np.ndarray:
-        """(N, 2) int: whole-pixel top-left of each tile in the mosaic."""
-        return np.rint(self.positions).astype(np.int64)
+        """(N, 2) int: whole-pixel top-left of each tile in the mosaic (halves round up).
+
+        ASHLAR's positions are multiples of 0.1 px plus float noise, so exact halves are common:
+        snap to 1e-3 px first so that 921.5 and 921.4999999 place the tile alike."""
+        return np.floor(np.round(self.positions, 3) + 0.5).astype(np.int64)
 
     @property
     def shifts(self) -> np.ndarray:
@@ -216,7 +219,7 @@ def align_cycles(cycles: Sequence[TileSet], *, channel: int = 0, max_shift_um: f
             layer_aligner = reg.LayerAligner(cycle, edge_aligner, channel=channel, max_shift=max_shift_um,
                                              filter_sigma=filter_sigma)
             layer_aligner.run()
-        results.append(_layer_result(layer_aligner, origin - frame, caught))
+        results.append(_layer_result(layer_aligner, edge_aligner, results[0], origin - frame, caught))
     return results
 
 
@@ -246,11 +249,25 @@ def _median_offset(positions: np.ndarray, nominal: np.ndarray, aligned: np.ndarr
     return np.median(positions[use] - nominal[use], axis=0)
 
 
-def _layer_result(aligner, nominal_origin: np.ndarray, caught: list[str]) -> CycleAlignment:
-    aligned = ~aligner.discard
+def _layer_result(aligner, reference, reference_result: CycleAlignment, nominal_origin: np.ndarray,
+                  caught: list[str]) -> CycleAlignment:
+    """Later-cycle result. ASHLAR discards a tile whose registration lands exactly (to 0.1 px) on
+    the cycle-1 position, assuming the camera's fixed pattern correlated rather than the tissue;
+    that is also what a perfectly repeatable instrument (in-place staining) produces. Such a tile
+    keeps its measured position and counts as registered when its cycle-1 counterpart was aligned from content and its
+    error beats cycle 1's permutation-test threshold (a random match over a whole tile scores
+    worse than one over an overlap strip, so the threshold is conservative)."""
+    measured = (aligner.corrected_nominal_positions + aligner.shifts + aligner.reference_aligner_positions
+                - aligner.reference_positions)
+    unmoved = (np.rint(np.abs(measured - aligner.reference_aligner_positions) * 10) == 0).all(axis=1)
+    rescued = aligner.discard & unmoved & (aligner.errors < reference.max_error) \
+        & reference_result.aligned[aligner.reference_idx]
+    aligned = ~aligner.discard | rescued
+    positions = aligner.positions.copy()
+    positions[rescued] = measured[rescued]       # instead of ASHLAR's model prediction
     needed = min(MIN_REGISTERED_TILES, aligner.metadata.num_images)
     nominal = aligner.metadata.positions - nominal_origin
-    return CycleAlignment(positions=aligner.positions.copy(), nominal=nominal, errors=aligner.errors.copy(),
+    return CycleAlignment(positions=positions, nominal=nominal, errors=aligner.errors.copy(),
                           aligned=aligned, registered=int(aligned.sum()) >= needed,
                           offset=np.asarray(aligner.cycle_offset, float) + np.asarray(aligner.offset, float),
                           warnings=caught)

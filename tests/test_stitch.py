@@ -339,3 +339,16 @@ def test_illumination_request_is_refused_clearly(subgrid, tmp_path):
     with pytest.raises(InvalidInput, match="stitch.illumination") as exc:
         run_stage(slide, tmp_path / "out", illumination=True)
     assert exc.value.problems[0].file == "params.yml"
+
+
+def test_cycle_identical_to_the_first_counts_as_registered(subgrid, tmp_path):
+    """An in-place instrument (no re-mounting) images cycle 2 exactly where cycle 1 was; ASHLAR
+    discards such zero-shift registrations as camera pattern, but tissue tiles that match well
+    must still count as registered."""
+    tiles, positions, px = subgrid
+    slide = make_slide(tmp_path, [(tiles, positions), (tiles, positions)], px)
+    out = run_stage(slide, tmp_path / "out")
+    summary = json.loads((out / stage.QC_DIR / "summary.json").read_text())
+    assert summary["cycles"][1]["registered"] and summary["cycles"][1]["aligned_tiles"] == 9
+    image = read_image(out / layout.registration_tiff("brain"))
+    np.testing.assert_array_equal(image[1], image[0])
