@@ -20,7 +20,6 @@ and :func:`open_zarr` (the Level 2 OME-Zarr as a lazy ``zarr.Array``; one GET pe
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import math
 import os
@@ -31,7 +30,6 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 from botocore.exceptions import ClientError, NoCredentialsError
 
@@ -542,16 +540,16 @@ def estimate_cost(release: Release, levels: frozenset[int | None] | None = None,
     assumptions = [
         f"prices of S3 in {RESULTS_REGION} as of {prices.as_of} (USD, before tax), from {prices.source}",
         "you (the requester) pay requests and transfer; the data team pays storage",
-        f"GB = 2^30 bytes; {gets:,} GET requests = the files in {part_size // 2**20} MiB ranged parts plus the "
-        f"manifest, at ${prices.get_per_1000} per 1,000; retries and re-fetched parts add requests",
-        f"inside {RESULTS_REGION}: no transfer charge; reach S3 through a VPC gateway endpoint (free), not a NAT "
-        f"gateway (+${prices.nat_gateway_per_gb}/GB)",
+        (f"GB = 2^30 bytes; {gets:,} GET requests = the files in {part_size // 2**20} MiB ranged parts plus the "
+         f"manifest, at ${prices.get_per_1000} per 1,000; retries and re-fetched parts add requests"),
+        (f"inside {RESULTS_REGION}: no transfer charge; reach S3 through a VPC gateway endpoint (free), not a NAT "
+         f"gateway (+${prices.nat_gateway_per_gb}/GB)"),
         f"another region: ${prices.other_region_per_gb}/GB ({regional})",
         "internet: tiered per month over all your account's transfer out ("
         + ", ".join(f"${p}/GB" for _, p in prices.internet_tiers)
         + "); priced as if nothing else left your account this month, without the 100 GB/month free allowance",
-        f"listing (`atlas data ls`) costs ${prices.list_per_1000} per 1,000 LIST requests; lazy reads "
-        "(`atlas data open`) cost one GET per chunk read and transfer only those chunks",
+        (f"listing (`atlas data ls`) costs ${prices.list_per_1000} per 1,000 LIST requests; lazy reads "
+         "(`atlas data open`) cost one GET per chunk read and transfer only those chunks"),
     ]
     return CostEstimate(release, levels, len(chosen), n_bytes, gets, scenarios, assumptions, prices)
 

@@ -14,7 +14,6 @@ import hashlib
 import io
 import json
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -310,13 +309,15 @@ def test_open_reads_a_region_lazily_equal_to_the_local_image(published, requests
     assert all(payer == b"requester" for _, payer in requests_seen)
 
 
+REDIRECT = "The bucket you are attempting to access must be addressed using the specified endpoint."
+MALFORMED = "The authorization header is malformed; the region 'eu-west-1' is wrong; expecting 'us-east-1'"
+
+
 @pytest.mark.parametrize("code, status, message, meta, expected", [
     ("AccessDenied", 403, "Access Denied", {}, "send your 12-digit AWS account ID"),
-    ("PermanentRedirect", 301, "The bucket you are attempting to access must be addressed using the specified "
-     "endpoint.", {"HTTPHeaders": {"x-amz-bucket-region": "eu-west-1"}}, "answered from region eu-west-1; the results "
-     "bucket is in us-east-1"),
-    ("AuthorizationHeaderMalformed", 400, "The authorization header is malformed; the region 'eu-west-1' is wrong; "
-     "expecting 'us-east-1'", {}, "the results bucket is in us-east-1"),
+    ("PermanentRedirect", 301, REDIRECT, {"HTTPHeaders": {"x-amz-bucket-region": "eu-west-1"}},
+     "answered from region eu-west-1; the results bucket is in us-east-1"),
+    ("AuthorizationHeaderMalformed", 400, MALFORMED, {}, "the results bucket is in us-east-1"),
     ("NoSuchBucket", 404, "The specified bucket does not exist", {}, "--bucket or env ATLAS_RESULTS_BUCKET"),
 ])
 def test_s3_refusals_say_what_to_do(published, code, status, message, meta, expected):
