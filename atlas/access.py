@@ -377,8 +377,16 @@ def get_release(slide_id: str, run_id: str | None = None, *, bucket: str | None 
                                        f"`atlas data ls {slide_id}` lists its releases")) from exc
         raise access_error(exc, uri) from exc
     raw = response["Body"].read()
-    doc = json.loads(raw)
-    files = tuple(ReleasedFile(f["path"], f["level"], int(f["size"]), f["sha256"]) for f in doc["files"])
+    try:
+        files = tuple(ReleasedFile(str(f["path"]), f["level"], int(f["size"]), str(f["sha256"]))
+                      for f in json.loads(raw)["files"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise AccessError(Problem(str(uri), f"not a readable release manifest ({exc.__class__.__name__}: {exc})",
+                                  "tell the data team")) from exc
+    outside = [f.path for f in files if PurePosixPath(f.path).is_absolute() or ".." in PurePosixPath(f.path).parts]
+    if outside:  # never write outside the download folder, whatever the manifest says
+        raise AccessError(Problem(str(uri), f"lists paths outside the release: {outside[:3]}",
+                                  "do not use this release; tell the data team"))
     return Release(bucket, slide_id, run_id, response.get("LastModified"), run_id == current, files, raw)
 
 
@@ -858,7 +866,7 @@ def _zarr_store_class():
     class ReleaseStore(Store):
         """Read-only zarr store over one S3 prefix, every request through a requester-pays client.
 
-        ``keys`` (relative key -> size, from the release manifest) answers listing and existence
+        ``sizes`` (relative key -> size, from the release manifest) answers listing and existence
         without requests, and absent keys (zarr probes several metadata names) without a GET.
         ``requests`` and ``bytes_fetched`` count what was read.
         """
@@ -867,9 +875,9 @@ def _zarr_store_class():
         supports_deletes = False
         supports_listing = True
 
-        def __init__(self, client, prefix: S3Uri, keys: Mapping[str, int]):
+        def __init__(self, client, prefix: S3Uri, sizes: Mapping[str, int]):
             super().__init__(read_only=True)
-            self.client, self.prefix, self.keys = requester_pays(client), prefix.prefix(), dict(keys)
+            self.client, self.prefix, self.sizes = requester_pays(client), prefix.prefix(), dict(sizes)
             self.requests = 0
             self.bytes_fetched = 0
             self._lock = threading.Lock()
@@ -899,9 +907,9 @@ def _zarr_store_class():
             return body
 
         async def get(self, key, prototype, byte_range=None):
-            if key not in self.keys:
+            if key not in self.sizes:
                 return None
-            size = self.keys[key]
+            size = self.sizes[key]
             if byte_range is None:
                 header = None
             elif isinstance(byte_range, RangeByteRequest):
@@ -925,12 +933,12 @@ def _zarr_store_class():
             return list(await asyncio.gather(*(self.get(k, prototype, r) for k, r in key_ranges)))
 
         async def exists(self, key: str) -> bool:
-            return key in self.keys
+            return key in self.sizes
 
         async def getsize(self, key: str) -> int:
-            if key not in self.keys:
+            if key not in self.sizes:
                 raise FileNotFoundError(key)
-            return self.keys[key]
+            return self.sizes[key]
 
         async def set(self, key, value) -> None:
             self._check_writable()
@@ -939,17 +947,17 @@ def _zarr_store_class():
             self._check_writable()
 
         async def list(self) -> AsyncIterator[str]:
-            for key in sorted(self.keys):
+            for key in sorted(self.sizes):
                 yield key
 
         async def list_prefix(self, prefix: str) -> AsyncIterator[str]:
-            for key in sorted(self.keys):
+            for key in sorted(self.sizes):
                 if key.startswith(prefix):
                     yield key
 
         async def list_dir(self, prefix: str) -> AsyncIterator[str]:
             prefix = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
-            for name in sorted({k[len(prefix):].split("/", 1)[0] for k in self.keys if k.startswith(prefix)}):
+            for name in sorted({k[len(prefix):].split("/", 1)[0] for k in self.sizes if k.startswith(prefix)}):
                 yield name
 
     return ReleaseStore
@@ -964,11 +972,11 @@ def release_store(release: Release, path: str, *, client=None):
         The release has no files below ``path``.
     """
     top = path.rstrip("/") + "/"
-    keys = {f.path[len(top):]: f.size for f in release.files if f.path.startswith(top)}
-    if not keys:
+    sizes = {f.path[len(top):]: f.size for f in release.files if f.path.startswith(top)}
+    if not sizes:
         raise NotPublished(Problem(str(release.prefix.join(path)), f"release {release.run_id} has no {path}",
                                    f"`atlas data ls {release.slide_id}` lists what it has"))
-    return _zarr_store_class()(client or results_client(), release.prefix.join(top), keys)
+    return _zarr_store_class()(client or results_client(), release.prefix.join(top), sizes)
 
 
 def open_zarr_group(slide_id: str, *, run_id: str | None = None, bucket: str | None = None, client=None,

@@ -108,6 +108,11 @@ def _run_items(table, slide_id: str) -> list[dict]:
         kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
 
 
+def sfn_client(arn: str):
+    """Step Functions client in the region of a state machine or execution ARN (the pipeline's region)."""
+    return boto3.client("stepfunctions", region_name=arn.split(":")[3])
+
+
 def state_machine_of(execution_arn: str) -> str:
     """``arn:aws:states:R:A:execution:MACHINE:NAME`` -> ``arn:aws:states:R:A:stateMachine:MACHINE``."""
     head, _, _name = execution_arn.rpartition(":")
@@ -291,7 +296,7 @@ def slide_status(slide_id: str, *, table, sfn=None, s3=None) -> SlideStatus:
         The catalog table (:func:`catalog_table`).
     sfn, s3 : boto3 clients, optional
     """
-    sfn, s3 = sfn or boto3.client("stepfunctions"), s3 or boto3.client("s3")
+    s3 = s3 or boto3.client("s3")
     item = catalog.from_dynamo(_slide_item(table, slide_id))
     runs = sorted((catalog.from_dynamo(r) for r in _run_items(table, slide_id)), key=lambda r: r.get("started_at", ""))
     run_id = item.get("run_id")
@@ -300,6 +305,7 @@ def slide_status(slide_id: str, *, table, sfn=None, s3=None) -> SlideStatus:
     execution_status = current = None
     work_uri = (run.get("input") or {}).get("work_uri")
     if execution_arn:
+        sfn = sfn or sfn_client(execution_arn)
         described = sfn.describe_execution(executionArn=execution_arn)
         execution_status = described["status"]
         work_uri = work_uri or json.loads(described.get("input") or "{}").get("work_uri")
@@ -453,13 +459,14 @@ def rerun(slide_id: str, *, table, from_stage: str | None = None, params_text: s
         params are invalid or change a reused stage, or a reused stage is incomplete. Nothing is
         started then.
     """
-    s3, sfn = s3 or boto3.client("s3"), sfn or boto3.client("stepfunctions")
+    s3 = s3 or boto3.client("s3")
     slide = _slide_item(table, slide_id)
-    _check_rerunnable(slide_id, slide, sfn)
-    previous_run = slide["run_id"]
+    previous_run = slide.get("run_id")
     runs = {r["run_id"]: r for r in _run_items(table, slide_id)}
     previous = catalog.from_dynamo(runs.get(previous_run, {}))
     execution_arn = slide.get("execution_arn") or previous.get("execution_arn")
+    sfn = sfn or (sfn_client(execution_arn) if execution_arn else None)
+    _check_rerunnable(slide_id, slide, sfn)
     payload = previous.get("input") or json.loads(sfn.describe_execution(executionArn=execution_arn)["input"])
     slide_uri, work_uri = S3Uri.parse(payload["slide_uri"]).prefix(), S3Uri.parse(payload["work_uri"]).prefix()
 

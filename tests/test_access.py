@@ -348,3 +348,15 @@ def test_missing_things_are_named(published, monkeypatch):
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     with pytest.raises(AccessError, match="no AWS credentials"):
         list_slides(bucket=RESULTS, client=boto3.session.Session().client("s3", region_name="us-east-1"))
+
+
+def test_a_manifest_pointing_outside_the_release_is_refused(published, tmp_path):
+    s3 = boto3.client("s3", region_name="us-east-1")
+    key = f"{published.slide_id}/{published.slide_id}-0123456789ab/{layout.MANIFEST}"
+    evil = {"slide_id": published.slide_id, "files": [{"path": "../../.bashrc", "level": 2, "size": 1, "sha256": "0"}]}
+    s3.put_object(Bucket=RESULTS, Key=key, Body=json.dumps(evil).encode())
+    try:
+        with pytest.raises(AccessError, match="outside the release"):
+            get_release(published.slide_id, f"{published.slide_id}-0123456789ab")
+    finally:
+        s3.delete_object(Bucket=RESULTS, Key=key)

@@ -138,7 +138,7 @@ def open_(slide: str = typer.Argument(..., help="slide id"), run: str = RUN, buc
     for k, dataset in enumerate(multiscale["datasets"]):
         array = group[dataset["path"]]
         first = array if first is None else first
-        size = sum(n for key, n in store.keys.items() if key.startswith(dataset["path"] + "/"))
+        size = sum(n for key, n in store.sizes.items() if key.startswith(dataset["path"] + "/"))
         table.add_row(str(k), str(array.shape), str(array.chunks), str(array.dtype), human(size))
     console.print(table)
     if "labels" in group:
