@@ -1,0 +1,91 @@
+"""The classical engine: smoothing, background subtraction, a global threshold, seeded watershed.
+
+Needs no weights, so it is always available. Every size is given in µm at the working scale of
+0.65 µm/px (the scale the U-Net engine also uses; parameters were tuned on the DSB2018 image,
+see benchmarks/segment.py). Steps, all local except the threshold:
+
+1. Gaussian smoothing (``smooth_sigma_um``) against shot noise;
+2. background subtraction: a rolling minimum over ``background_size_um`` (larger than a nucleus),
+   smoothed by a box filter of the same size, removes uneven illumination and autofluorescence;
+3. foreground = background-subtracted intensity above ``threshold_scale`` x the Otsu threshold,
+   computed once per image from :func:`atlas.segmentation.tiling.calibration_sample`, and never
+   below ``min_contrast`` x the noise sigma (a blank image gives no nuclei);
+4. core = intensity above ``core_scale`` x that threshold; peaks of its distance transform, plus
+   ``brightness_weight`` x the smoothed intensity in threshold units (so a bright nucleus beside a
+   dim one gets its own seed), seed a watershed over the foreground along the image's edges
+   (:func:`atlas.segmentation.instances.seeded_watershed`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage as ndi
+from skimage.filters import threshold_otsu
+
+from atlas.segmentation.instances import seeded_watershed
+from atlas.segmentation.tiling import Box, ScaledImage
+
+
+@dataclass(frozen=True)
+class ClassicalSettings:
+    """Parameters of the classical engine (sizes in µm at ``pixel_size_um``)."""
+
+    pixel_size_um: float = 0.65
+    smooth_sigma_um: float = 0.65
+    background_size_um: float = 20.0
+    threshold_scale: float = 0.9
+    core_scale: float = 1.1
+    min_contrast: float = 3.0
+    seed_sigma_um: float = 0.65
+    seed_min_distance_um: float = 3.25
+    brightness_weight: float = 0.2
+    brightness_sigma_um: float = 1.3
+    min_area_um2: float = 8.5
+
+
+class ClassicalEngine:
+    """Nucleus segmentation by threshold and seeded watershed (scikit-image, scipy)."""
+
+    name = "classical"
+
+    def __init__(self, settings: ClassicalSettings = ClassicalSettings()):
+        self.settings = settings
+        self.pixel_size_um = settings.pixel_size_um
+        px = settings.pixel_size_um
+        self._sigma = settings.smooth_sigma_um / px
+        self._background = max(3, round(settings.background_size_um / px) | 1)
+        self.context = math.ceil(4 * self._sigma) + 2 * self._background + 2   # px of context each side
+
+    def preprocess(self, pixels: np.ndarray) -> np.ndarray:
+        """Smoothed, background-subtracted intensity of a (Y, X) float32 array."""
+        smooth = ndi.gaussian_filter(pixels, self._sigma, mode="mirror")
+        background = ndi.uniform_filter(ndi.minimum_filter(smooth, self._background, mode="mirror"),
+                                        self._background, mode="mirror")
+        return smooth - background
+
+    def calibrate(self, sample: list[np.ndarray]) -> dict[str, float]:
+        """Global threshold (background-subtracted intensity units) and noise sigma of the image."""
+        values = np.concatenate([self.preprocess(block).ravel() for block in sample])
+        diffs = np.concatenate([np.diff(block, axis=1).ravel() for block in sample])
+        noise = float(1.4826 * np.median(np.abs(diffs - np.median(diffs))) / np.sqrt(2)) if diffs.size else 0.0
+        otsu = float(threshold_otsu(values)) if values.size and values.min() < values.max() else 0.0
+        threshold = max(self.settings.threshold_scale * otsu, self.settings.min_contrast * noise)
+        return {"threshold": threshold, "otsu": otsu, "noise_sigma": noise}
+
+    def segment(self, view: ScaledImage, box: Box, calibration: dict) -> np.ndarray:
+        """Nucleus instances (int32 labels) of ``box`` at working scale."""
+        s, px, c = self.settings, self.settings.pixel_size_um, self.context
+        y0, y1, x0, x1 = box
+        pixels = view.read((y0 - c, y1 + c, x0 - c, x1 + c))
+        signal = self.preprocess(pixels)[c:-c, c:-c]
+        edges = ndi.gaussian_gradient_magnitude(pixels, 1.0)[c:-c, c:-c]
+        threshold = calibration["threshold"]
+        if threshold <= 0:      # constant image: nothing stands out
+            return np.zeros(signal.shape, dtype=np.int32)
+        brightness = s.brightness_weight / threshold * ndi.gaussian_filter(signal, s.brightness_sigma_um / px)
+        return seeded_watershed(signal > threshold, signal > s.core_scale * threshold, edges,
+                                seed_sigma=s.seed_sigma_um / px,
+                                min_distance=max(1, round(s.seed_min_distance_um / px)),
+                                min_area=max(1, round(s.min_area_um2 / px ** 2)), brightness=brightness)
