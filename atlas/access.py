@@ -35,13 +35,13 @@ from botocore.exceptions import ClientError, NoCredentialsError
 
 from atlas import layout
 from atlas.errors import InvalidInput, Problem
+from atlas.jobs import RESULTS_BUCKET_ENV  # the variable the publish job reads the bucket name from
+from atlas.release import LATEST
 from atlas.s3uri import S3Uri
 from atlas.slide import sha256_file
 
 RESULTS_REGION = "us-east-1"            # where the results bucket is (infra checks results_region is this)
-RESULTS_BUCKET_ENV = "ATLAS_RESULTS_BUCKET"  # the same variable the publish job reads (atlas.jobs)
 REQUEST_PAYER_HEADER = "x-amz-request-payer"
-LATEST = "latest.json"                  # atlas.release.LATEST (not imported: it pulls in the stage jobs)
 PART_SIZE = 8 * 2**20                   # bytes per ranged GET of a download
 DOWNLOAD_THREADS = 8
 GIB = 2**30                             # AWS bills transfer per "GB" of 2**30 bytes
