@@ -621,7 +621,7 @@ class _PartialFile:
         self.done: set[int] = set()
         self.generation = 0
         self.outstanding = 0  # fetches submitted and not yet collected (main thread only)
-        self.fd: int | None = None
+        self.file = None
 
     def open(self) -> bool:
         """Open for writing; True when a partial download of the same object is continued."""
@@ -634,9 +634,11 @@ class _PartialFile:
             self.etag, self.done = state["etag"], set(state["done"])
         else:
             self.state.unlink(missing_ok=True)
-        self.fd = os.open(self.data, os.O_RDWR | os.O_CREAT)
         if not resumed:
-            os.ftruncate(self.fd, self.entry.size)
+            self.data.write_bytes(b"")
+        self.file = open(self.data, "r+b")  # noqa: SIM115 - open across parts, closed by close()
+        if not resumed:
+            self.file.truncate(self.entry.size)
         return resumed
 
     def _read_state(self) -> dict | None:
@@ -658,7 +660,9 @@ class _PartialFile:
         with self.lock:
             if generation != self.generation:
                 return False
-            os.pwrite(self.fd, data, index * self.part_size)
+            self.file.seek(index * self.part_size)
+            self.file.write(data)
+            self.file.flush()
             self.etag = self.etag or etag
             self.done.add(index)
             tmp = self.state.with_name(self.state.name + ".tmp")
@@ -675,9 +679,9 @@ class _PartialFile:
             self.state.unlink(missing_ok=True)
 
     def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
     def finish(self) -> str | None:
         """Verify and move into place; the actual sha256 when it differs from the manifest (file removed)."""
