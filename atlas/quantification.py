@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 import pandas as pd
@@ -299,11 +300,13 @@ def morphology_from_runs(label: np.ndarray, row: np.ndarray, col: np.ndarray, le
     """
     order = np.argsort(label, kind="stable")
     ordered = label[order]
-    first = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]]) if ordered.size else np.empty(0, np.int64)
-    cuts = np.unique(np.r_[first[np.minimum(np.searchsorted(first, np.arange(0, ordered.size, batch_runs)),
-                                            first.size - 1)], ordered.size]) if ordered.size else np.zeros(1, np.int64)
-    parts = [_features(ordered[a:b], row[order[a:b]], col[order[a:b]], length[order[a:b]])
-             for a, b in zip(cuts[:-1], cuts[1:])]
+    parts = []
+    if ordered.size:
+        first = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])  # where each label starts
+        # batches start at the first label starting at or after every multiple of batch_runs
+        starts = first[np.minimum(np.searchsorted(first, np.arange(0, ordered.size, batch_runs)), first.size - 1)]
+        parts = [_features(ordered[a:b], row[order[a:b]], col[order[a:b]], length[order[a:b]])
+                 for a, b in pairwise(np.unique(np.r_[starts, ordered.size]))]
     if not parts:
         return Morphology(np.empty(0, np.int64), np.empty(0, np.int64), {c: np.empty(0) for c in MORPHOLOGY_COLUMNS})
     return Morphology(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),

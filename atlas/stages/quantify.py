@@ -168,7 +168,7 @@ def table_summary(table: pd.DataFrame, image_shape: Sequence[int]) -> dict:
     """QC figures of one table: cells, mask coverage, cell area quantiles (px)."""
     area = table["Area"].to_numpy()
     quantiles = np.quantile(area, [0.05, 0.5, 0.95]).round(1).tolist() if area.size else [None] * 3
-    return {"cells": int(len(table)),
+    return {"cells": len(table),
             "coverage": round(float(area.sum()) / float(image_shape[-2] * image_shape[-1]), 4),
             "area_p05_p50_p95_px": quantiles}
 
