@@ -478,8 +478,10 @@ def rerun(slide_id: str, *, table, from_stage: str | None = None, params_text: s
 
     manifest_bytes = _get(s3, slide_uri.join(MANIFEST))
     if manifest_bytes is None:
-        raise InvalidInput(Problem(str(slide_uri.join(MANIFEST)), "the slide's manifest is gone",
-                                   "upload the slide again (`atlas upload`)"))
+        expired = slide_uri.key.startswith(RERUN_PREFIX + "/")
+        raise InvalidInput(Problem(str(slide_uri.join(MANIFEST)), "the slide this run read is gone"
+                                   + (" (a params copy, expired with the work bucket's retention)" if expired else ""),
+                                   "rerun with --params again" if expired else "upload the slide again (`atlas upload`)"))
     manifest = json.loads(manifest_bytes)
     override = False
     if params_text is not None:

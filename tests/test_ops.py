@@ -274,6 +274,13 @@ def test_a_slide_still_collecting_has_nothing_to_rerun(cloud):
     assert shown.exit_code == 0 and "missing: manifest.json" in shown.output
 
 
+def test_ops_commands_need_the_catalog_table(monkeypatch):
+    monkeypatch.delenv(catalog.ENV_CATALOG_TABLE, raising=False)
+    result = cli("status")
+    assert isinstance(result.exception, InvalidInput)
+    assert "--table" in str(result.exception) and "CatalogTableName" in str(result.exception)
+
+
 def test_the_state_machine_is_found_from_an_execution():
     assert ops.state_machine_of("arn:aws:states:us-east-1:123456789012:execution:atlas-pipeline:S1-abc-r2") == \
         "arn:aws:states:us-east-1:123456789012:stateMachine:atlas-pipeline"
