@@ -35,7 +35,7 @@ from botocore.exceptions import ClientError, NoCredentialsError
 
 from atlas import layout
 from atlas.errors import InvalidInput, Problem
-from atlas.jobs import RESULTS_BUCKET_ENV  # the variable the publish job reads the bucket name from
+from atlas.jobs import RESULTS_BUCKET_ENV, parallel_map  # the bucket variable of the publish job
 from atlas.release import LATEST
 from atlas.s3uri import S3Uri
 from atlas.slide import sha256_file
@@ -304,12 +304,6 @@ def _common_prefixes(client, bucket: str, prefix: str) -> list[str]:
     return names
 
 
-def _parallel(fn: Callable, items: Iterable) -> list:
-    items = list(items)
-    with ThreadPoolExecutor(max_workers=DOWNLOAD_THREADS) as pool:
-        return list(pool.map(fn, items))
-
-
 def list_slides(*, bucket: str | None = None, client=None) -> list[SlideSummary]:
     """Every slide with a complete release: one LIST, then one GET of each ``latest.json``."""
     bucket, client = results_bucket(bucket), client or results_client()
@@ -323,7 +317,7 @@ def list_slides(*, bucket: str | None = None, client=None) -> list[SlideSummary]
         return SlideSummary(slide_id, doc["run_id"], int(doc.get("files", 0)), int(doc.get("bytes", 0)),
                             doc.get("released", ""))
 
-    return [s for s in _parallel(latest, slides) if s is not None]
+    return [s for s in parallel_map(latest, slides) if s is not None]
 
 
 def latest_run(slide_id: str, *, bucket: str, client) -> str:
@@ -353,7 +347,7 @@ def list_releases(slide_id: str, *, bucket: str | None = None, client=None) -> l
                 return None  # still being released (or abandoned): not a release
             raise access_error(exc, uri) from exc
 
-    times = _parallel(released, runs)
+    times = parallel_map(released, runs)
     if not any(times):
         raise NotPublished(Problem(f"s3://{bucket}/{slide_id}/", f"slide {slide_id!r} has no release in bucket "
                                                                  f"{bucket!r}",
