@@ -13,7 +13,7 @@ Boxes are ``(y0, y1, x0, x1)`` tuples, half-open, in pixels.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -217,7 +217,7 @@ def paint_tiles(results: Iterable[TileResult], out) -> int:
     return offset
 
 
-def relabel_sequentialtile_grid(labels, n_ids: int, block: int = 4096) -> int:
+def relabel_sequential_blocks(labels, n_ids: int, block: int = 4096) -> int:
     """Renumber ``labels`` in place to 1..n (in order of id), block by block; returns n."""
     present = np.zeros(n_ids + 1, dtype=bool)
     for y0, y1, x0, x1 in tile_grid(labels.shape, block):
@@ -252,7 +252,7 @@ def expand_to_cells(nuclei, cells, distance_px: float, block: int = 4096) -> Non
 
 
 def segment_image(plane, engine, *, pixel_size_um: float | None = None, tile_size: int = 2048,
-                  overlap: int = 128, out=None) -> np.ndarray:
+                  overlap: int = 128, out=None, on_tile: Callable[[], None] | None = None) -> np.ndarray:
     """Nucleus instances of a whole 2-D image, tile by tile.
 
     Parameters
@@ -267,6 +267,8 @@ def segment_image(plane, engine, *, pixel_size_um: float | None = None, tile_siz
         Core tile size and overlap in native pixels.
     out : (Y, X) uint32 array-like, optional
         Zero-filled destination (e.g. a memmap for images larger than memory).
+    on_tile : callable, optional
+        Called after each tile (progress display).
 
     Returns
     -------
@@ -277,8 +279,14 @@ def segment_image(plane, engine, *, pixel_size_um: float | None = None, tile_siz
     calibration = engine.calibrate(calibration_sample(view))
     if out is None:
         out = np.zeros(view.native_shape, dtype=np.uint32)
-    results = (segment_tile(view, core, engine, calibration, overlap) for core in tile_grid(view.native_shape, tile_size))
-    relabel_sequentialtile_grid(out, paint_tiles(results, out))
+
+    def results() -> Iterable[TileResult]:
+        for core in tile_grid(view.native_shape, tile_size):
+            yield segment_tile(view, core, engine, calibration, overlap)
+            if on_tile:
+                on_tile()
+
+    relabel_sequential_blocks(out, paint_tiles(results(), out))
     return out
 
 

@@ -1,0 +1,257 @@
+"""Stage ``segment`` (array): nucleus and cell masks of the registered image, Level 3.
+
+Item ``index`` of ``count`` segments tiles ``index, index + count, ...`` of the nucleus channel
+(``segment.channel``) of ``registration/<slide>.ome.tif`` and writes each tile's kept instances to
+``tmp/segment/tile-<n>.tif``. ``merge`` paints them into one whole-slide label image (memory-mapped
+scratch, so any slide size fits), grows nuclei into cells by ``segment.expand_um`` and writes
+
+- ``segmentation/<engine>-<slide>/nuclei.ome.tif`` and ``cell.ome.tif``: pyramidal uint32 label
+  OME-TIFFs, cell ``i`` contains nucleus ``i`` (MCMICRO's names);
+- ``labels/nuclei`` and ``labels/cell`` in ``registration/<slide>.ome.zarr`` (NGFF labels);
+- ``qc/segment/overlay.png`` (whole slide), ``qc/segment/overlay-detail.png`` (full resolution,
+  densest tile) and ``qc/segment/summary.json``.
+
+The science is :mod:`atlas.segmentation`; this module is file I/O, shared with ``atlas segment``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tifffile
+import zarr
+from PIL import Image
+from skimage.segmentation import find_boundaries
+
+from atlas import layout
+from atlas.errors import InvalidInput, Problem
+from atlas.ometiff import parse_ome_xml
+from atlas.pyramid import write_ome_tiff_pyramid, write_zarr_labels
+from atlas.segmentation import Engine, make_engine
+from atlas.segmentation.tiling import (ScaledImage, TileResult, calibration_sample, expand_to_cells, paint_tiles,
+                                       relabel_sequential_blocks, segment_tile, tile_grid, working_factor)
+from atlas.stages import StageContext
+
+log = logging.getLogger(__name__)
+
+TMP_DIR = "tmp/segment"
+QC_DIR = f"{layout.QC}/segment"
+MASKS = ("nuclei", "cell")
+OVERVIEW_MAX_SIDE = 1024
+DETAIL_SIDE = 512
+NUCLEUS_COLOR = (0, 255, 0)
+CELL_COLOR = (255, 0, 255)
+
+
+@dataclass(frozen=True)
+class NucleusChannel:
+    """The nucleus channel of an image file, read lazily.
+
+    Attributes
+    ----------
+    plane : (Y, X) array-like
+        Full-resolution pixels, read tile by tile.
+    pixel_size_um : float or None
+        OME PhysicalSizeX (None when the file has none).
+    index : int
+        Channel index in the file.
+    channel_names : tuple of str
+    """
+
+    plane: object
+    pixel_size_um: float | None
+    index: int
+    channel_names: tuple[str, ...]
+
+
+class _Plane:
+    """One (Y, X) plane of an N-D zarr array, sliceable as ``plane[rows, cols]``."""
+
+    def __init__(self, array, prefix: tuple[int, ...]):
+        self.array, self.prefix = array, prefix
+        self.shape = tuple(array.shape[-2:])
+        self.dtype = array.dtype
+
+    def __getitem__(self, key):
+        return self.array[self.prefix + tuple(key)]
+
+
+def select_channel(channel: int | str, names: tuple[str, ...], file: str) -> int:
+    """Index of ``channel`` (an index, a digit string or a marker name) among ``names``."""
+    listing = ", ".join(f"{i}={n}" for i, n in enumerate(names))
+    if isinstance(channel, str) and channel in names:
+        return names.index(channel)
+    if isinstance(channel, int) or channel.isdigit():
+        index = int(channel)
+        if 0 <= index < len(names):
+            return index
+        raise InvalidInput(Problem(file, f"channel index {index} does not exist; channels are {listing}",
+                                   "give a channel index or a marker name from that list"))
+    raise InvalidInput(Problem(file, f"no channel named {channel!r}; channels are {listing}",
+                               "give a channel index or a marker name from that list"))
+
+
+@contextmanager
+def open_channel(path: Path, channel: int | str) -> Iterator[NucleusChannel]:
+    """Open the nucleus channel of a 2-D TIFF or a (C, Y, X) (OME-)TIFF, full resolution, lazily.
+
+    Raises
+    ------
+    InvalidInput
+        Unreadable file, more than one non-channel dimension beside Y and X (z-stacks, time
+        series, RGB), or an unknown channel.
+    """
+    fix = "give a 2-D image or a multi-channel (C, Y, X) OME-TIFF, e.g. one plane or a maximum projection"
+    try:
+        tif = tifffile.TiffFile(path)
+    except (OSError, tifffile.TiffFileError) as exc:
+        raise InvalidInput(Problem(str(path), f"cannot be read as TIFF ({exc})", fix)) from exc
+    with tif:
+        series = tif.series[0]
+        extra = [(axis, n) for axis, n in zip(series.axes[:-2], series.shape[:-2]) if n > 1]
+        if not series.axes.endswith("YX") or len(extra) > 1 or (extra and extra[0][0] != "C"):
+            raise InvalidInput(Problem(str(path), f"is not a 2-D image: axes {series.axes}, shape {series.shape}", fix))
+        pixel_size, names = None, ()
+        if tif.is_ome:
+            meta = parse_ome_xml(tif.ome_metadata)
+            pixel_size, names = meta.pixel_size_um, meta.channel_names
+        n_channels = extra[0][1] if extra else 1
+        if len(names) != n_channels:
+            names = tuple(f"Channel {i}" for i in range(n_channels))
+        index = select_channel(channel, names, str(path))
+        prefix = tuple(index if axis == "C" else 0 for axis in series.axes[:-2])
+        with series.aszarr(level=0) as store:
+            yield NucleusChannel(_Plane(zarr.open_array(store, mode="r"), prefix), pixel_size, index, names)
+
+
+def _image_path(ctx: StageContext) -> Path:
+    path = ctx.out_dir / layout.registration_tiff(ctx.slide_id)
+    if not path.is_file():
+        raise InvalidInput(Problem(layout.registration_tiff(ctx.slide_id), "registered image is missing",
+                                   "run the stitch stage first"))
+    return path
+
+
+def _tile_path(ctx: StageContext, n: int) -> Path:
+    return ctx.out_dir / TMP_DIR / f"tile-{n:05d}.tif"
+
+
+def run_item(ctx: StageContext, index: int, count: int) -> None:
+    """Segment tiles ``index, index + count, ...`` and write each one's kept instances."""
+    p = ctx.params.segment
+    engine = make_engine(p.engine)
+    with open_channel(_image_path(ctx), p.channel) as source:
+        view = ScaledImage(source.plane, working_factor(engine, source.pixel_size_um))
+        calibration = engine.calibrate(calibration_sample(view))
+        tiles = tile_grid(view.native_shape, p.tile_size)
+        (ctx.out_dir / TMP_DIR).mkdir(parents=True, exist_ok=True)
+        for n in range(index, len(tiles), count):
+            result = segment_tile(view, tiles[n], engine, calibration, p.overlap)
+            description = {"box": result.box, "core": tiles[n], "engine": engine.name, "calibration": calibration}
+            tifffile.imwrite(_tile_path(ctx, n), result.labels, compression="zlib", description=json.dumps(description),
+                             metadata=None)
+            log.info("segment tile %d/%d: %d nuclei", n + 1, len(tiles), result.count)
+
+
+def _read_tile(path: Path) -> tuple[TileResult, dict]:
+    with tifffile.TiffFile(path) as tif:
+        description = json.loads(tif.pages[0].description)
+        return TileResult(tuple(description["box"]), tif.asarray()), description
+
+
+def merge(ctx: StageContext) -> None:
+    """Join the items' tiles into whole-slide nucleus and cell masks and write every output."""
+    p = ctx.params.segment
+    engine = make_engine(p.engine)
+    image_path = _image_path(ctx)
+    with open_channel(image_path, p.channel) as source:
+        shape = source.plane.shape
+        tiles = tile_grid(shape, p.tile_size)
+        paths = [_tile_path(ctx, n) for n in range(len(tiles))]
+        missing = [n for n, path in enumerate(paths) if not path.is_file()]
+        if missing:
+            raise InvalidInput(Problem(TMP_DIR, f"{len(missing)} of {len(tiles)} tiles are missing (e.g. tile {missing[0]})",
+                                       "rerun the segment items before the merge"))
+        pixel_size = source.pixel_size_um or engine.pixel_size_um
+        scratch = Path(tempfile.mkdtemp(prefix="merge-", dir=ctx.out_dir / "tmp"))
+        try:
+            nuclei = np.lib.format.open_memmap(scratch / "nuclei.npy", mode="w+", dtype=np.uint32, shape=shape)
+            cells = np.lib.format.open_memmap(scratch / "cell.npy", mode="w+", dtype=np.uint32, shape=shape)
+            counts: list[int] = []
+
+            def results() -> Iterator[TileResult]:
+                for n, path in enumerate(paths):
+                    result, description = _read_tile(path)
+                    if (description["engine"], tuple(description["core"])) != (engine.name, tiles[n]):
+                        raise InvalidInput(Problem(f"{TMP_DIR}/{path.name}", f"was made by engine {description['engine']} "
+                                                   f"for tile {description['core']}, not {engine.name} for {tiles[n]}",
+                                                   "rerun the segment items with the current parameters"))
+                    counts.append(result.count)
+                    yield result
+
+            n_nuclei = relabel_sequential_blocks(nuclei, paint_tiles(results(), nuclei))
+            expand_to_cells(nuclei, cells, p.expand_um / pixel_size)
+            masks = {"nuclei": nuclei, "cell": cells}
+            write_masks(ctx.out_dir, ctx.slide_id, engine.name, masks, pixel_size, ctx.params.stitch.tile_size)
+            write_qc(ctx.out_dir / QC_DIR, source.plane, masks, tiles[int(np.argmax(counts))])
+            areas = np.zeros(n_nuclei + 1, dtype=np.int64)
+            for y0, y1, x0, x1 in tile_grid(shape, p.tile_size):
+                areas += np.bincount(nuclei[y0:y1, x0:x1].ravel(), minlength=n_nuclei + 1)
+            summary = {"engine": engine.name, "channel": source.channel_names[source.index],
+                       "pixel_size_um": pixel_size, "working_pixel_size_um": engine.pixel_size_um,
+                       "calibration": _read_tile(paths[0])[1]["calibration"], "tiles": len(tiles),
+                       "tile_size": p.tile_size, "overlap": p.overlap, "expand_um": p.expand_um,
+                       "nuclei": n_nuclei,
+                       "median_nucleus_area_um2": round(float(np.median(areas[1:])) * pixel_size ** 2, 2) if n_nuclei else None,
+                       "masks": {m: layout.mask_path(ctx.slide_id, engine.name, m) for m in MASKS}}
+            (ctx.out_dir / QC_DIR / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+            del nuclei, cells, masks
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def write_masks(out_dir: Path, slide_id: str, engine: str, masks: dict, pixel_size_um: float, tile_size: int) -> None:
+    """Label OME-TIFF pyramids in the results layout, and the labels in the slide's OME-Zarr if present."""
+    zarr_path = out_dir / layout.registration_zarr(slide_id)
+    for name, labels in masks.items():
+        path = out_dir / layout.mask_path(slide_id, engine, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_ome_tiff_pyramid(path, labels, channel_names=[name], pixel_size_um=pixel_size_um,
+                               tile_size=tile_size, labels=True)
+        if (zarr_path / ".zattrs").is_file():
+            write_zarr_labels(zarr_path, name, labels)
+
+
+def write_qc(qc_dir: Path, plane, masks: dict, detail_tile: tuple[int, int, int, int]) -> None:
+    """Outline overlays: the whole image (nuclei) and a full-resolution crop of ``detail_tile`` (nuclei and cells)."""
+    qc_dir.mkdir(parents=True, exist_ok=True)
+    height, width = plane.shape
+    step = max(1, math.ceil(max(height, width) / OVERVIEW_MAX_SIDE))
+    overview = np.asarray(plane[::step, ::step]) if step > 1 else np.asarray(plane[:, :])
+    _overlay(overview, {NUCLEUS_COLOR: np.asarray(masks["nuclei"][::step, ::step])}).save(qc_dir / "overlay.png")
+    y0, y1, x0, x1 = detail_tile
+    cy, cx = (y0 + y1) // 2, (x0 + x1) // 2
+    top, left = max(0, min(cy - DETAIL_SIDE // 2, height - DETAIL_SIDE)), max(0, min(cx - DETAIL_SIDE // 2, width - DETAIL_SIDE))
+    box = (slice(top, top + DETAIL_SIDE), slice(left, left + DETAIL_SIDE))
+    _overlay(np.asarray(plane[box]), {CELL_COLOR: np.asarray(masks["cell"][box]),
+                                      NUCLEUS_COLOR: np.asarray(masks["nuclei"][box])}).save(qc_dir / "overlay-detail.png")
+
+
+def _overlay(image: np.ndarray, outlines: dict) -> Image.Image:
+    """Grey image (0.5-99.5 percentile stretch) with the outlines of each label image in its colour."""
+    values = image.astype(np.float32)
+    lo, hi = np.percentile(values, (0.5, 99.5))
+    grey = (np.clip((values - lo) / max(hi - lo, 1e-6), 0, 1) * 255).astype(np.uint8)
+    rgb = np.repeat(grey[..., None], 3, axis=2)
+    for color, labels in outlines.items():
+        rgb[find_boundaries(labels, mode="inner")] = color
+    return Image.fromarray(rgb)
+
