@@ -584,7 +584,7 @@ class DownloadResult:
     corrupt : list of CorruptFile
         Files whose content does not match the manifest: reported, removed, never renamed into place.
     requests : int
-        Ranged GETs sent (manifest not counted).
+        Ranged GETs whose parts were written (manifest not counted).
     bytes_fetched : int
     """
 

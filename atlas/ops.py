@@ -386,13 +386,21 @@ def _changed_sections(old: Mapping, new: Mapping, stages: list[Stage]) -> list[s
     return [s.name for s in stages if old.get(s.name) != new.get(s.name)]
 
 
-def _reuse_outputs(s3, previous: S3Uri, target: S3Uri, *, previous_run: str, run_id: str, stages: list[Stage]) -> int:
-    """Copy the outputs of ``stages`` (all items) from run ``previous_run`` and re-issue their records.
+@dataclass(frozen=True)
+class _Reuse:
+    """Outputs (relative paths) and re-issued completion records taken over from the previous run."""
 
-    Raises InvalidInput naming the first stage whose records or outputs are incomplete.
+    outputs: tuple[str, ...]
+    records: Mapping[str, dict]
+
+
+def plan_reuse(s3, previous: S3Uri, *, previous_run: str, run_id: str, stages: list[Stage]) -> _Reuse:
+    """What reusing ``stages`` (all items) of run ``previous_run`` copies; checks everything is complete.
+
+    Raises InvalidInput naming the first job whose record or outputs are incomplete.
     """
     sizes = _list_sizes(s3, previous)
-    copies: list[str] = []
+    outputs: set[str] = set()
     records: dict[str, dict] = {}
     for stage in stages:
         for item in [*range(stage.array_size), None]:
@@ -406,15 +414,18 @@ def _reuse_outputs(s3, previous: S3Uri, target: S3Uri, *, previous_run: str, run
                 raise InvalidInput(Problem(str(previous.join(rel)), f"{job} of run {previous_run} is not complete "
                                            "(no completion record for it, or its outputs are missing)",
                                            f"rerun --from {stage.name} or an earlier stage"))
-            copies += [o["path"] for o in record["outputs"]]
+            outputs.update(o["path"] for o in record["outputs"])
             records[rel] = {**record, "run_id": run_id, "reused_from": previous_run}
+    return _Reuse(tuple(sorted(outputs)), records)
+
+
+def reuse(s3, plan: _Reuse, previous: S3Uri, target: S3Uri) -> None:
+    """Copy the planned outputs server-side, then write their records (last, as the jobs do)."""
     parallel_map(lambda rel: s3.copy({"Bucket": previous.bucket, "Key": previous.join(rel).key},
-                                     target.bucket, target.join(rel).key), sorted(set(copies)))
-    # records last, as the jobs write them: a record's presence means its outputs are in place
+                                     target.bucket, target.join(rel).key), plan.outputs)
     parallel_map(lambda kv: s3.put_object(Bucket=target.bucket, Key=target.join(kv[0]).key,
                                           Body=json.dumps(kv[1], indent=1).encode() + b"\n",
-                                          ContentType="application/json"), records.items())
-    return len(copies)
+                                          ContentType="application/json"), plan.records.items())
 
 
 def with_params(manifest: Mapping, params: bytes) -> bytes:
@@ -500,12 +511,12 @@ def rerun(slide_id: str, *, table, from_stage: str | None = None, params_text: s
     n = len(runs) + 1
     while (run_id := run_id_for(slide_id, used, suffix=f"r{n}")) in runs:
         n += 1
+    plan = plan_reuse(s3, work_uri, previous_run=previous_run, run_id=run_id, stages=reused)  # checks first
     if override:
         slide_uri = S3Uri(work_uri.bucket, f"{RERUN_PREFIX}/{run_id}/{slide_id}/")
         copy_slide(s3, S3Uri.parse(payload["slide_uri"]).prefix(), slide_uri, used, params_text.encode())
     new_work = S3Uri(work_uri.bucket, f"{run_id}/")
-    if reused:
-        _reuse_outputs(s3, work_uri, new_work, previous_run=previous_run, run_id=run_id, stages=reused)
+    reuse(s3, plan, work_uri, new_work)
 
     new_payload = {"slide_id": slide_id, "run_id": run_id, "slide_uri": str(slide_uri), "work_uri": str(new_work)}
     key = {"pk": catalog.slide_pk(slide_id), "sk": "SLIDE"}
