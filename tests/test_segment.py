@@ -1,0 +1,156 @@
+"""Segmentation engines on the real DSB2018 image: accuracy floors, seams, scale, bad input.
+
+The floors are the F1 values measured when the engines were tuned (benchmarks/segment.py prints
+them) minus a rounding margin: a change that loses a nucleus or two fails here.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+import tifffile
+from scipy import ndimage as ndi
+from skimage.segmentation import expand_labels
+
+from atlas.errors import InvalidInput
+from atlas.segmentation import make_engine, resolve_engine_name
+from atlas.segmentation.metrics import match_instances
+from atlas.segmentation.tiling import ScaledImage, expand_to_cells, segment_image
+from atlas.segmentation.unet import SHA256_ENV, WEIGHTS_ENV, resolve_weights, window_starts
+
+F1_FLOOR = {"classical": 0.84, "unet": 0.86}     # measured: classical 0.848, unet 0.868
+
+
+@pytest.fixture(scope="module")
+def dsb(shared_data):
+    folder = shared_data / "segmentation" / "stardist_dsb2018"
+    return tifffile.imread(folder / "img2d.tif"), tifffile.imread(folder / "mask2d.tif")
+
+
+@pytest.fixture(scope="module")
+def weights(shared_data):
+    return shared_data / "models" / "unet2d_nuclei_broad" / "weights.onnx"
+
+
+@pytest.fixture(scope="module")
+def engines(weights):
+    return {"classical": make_engine("classical"), "unet": make_engine("unet", weights=str(weights))}
+
+
+@pytest.mark.parametrize("name", ["classical", "unet"])
+def test_f1_on_dsb2018_stays_above_the_measured_floor(engines, dsb, name):
+    image, truth = dsb
+    labels = segment_image(image, engines[name])
+    assert labels.dtype == np.uint32 and labels.shape == image.shape
+    assert np.array_equal(np.unique(labels), np.arange(labels.max() + 1))      # ids 0..n, no gaps
+    result = match_instances(truth, labels, 0.5)
+    assert result.f1 >= F1_FLOOR[name], result
+
+
+@pytest.mark.parametrize("name, pixel_size, tile, overlap", [
+    ("classical", None, 160, 48),
+    ("classical", 0.5, 200, 64),          # resampled to the working scale: tiles read the same pixels
+    ("unet", None, 400, 96),
+])
+def test_tiled_and_untiled_give_the_same_instances(engines, dsb, name, pixel_size, tile, overlap):
+    image = np.pad(dsb[0], ((0, 300), (0, 200)), mode="reflect")   # several model windows and tiles
+    whole = segment_image(image, engines[name], pixel_size_um=pixel_size, tile_size=4096)
+    tiled = segment_image(image, engines[name], pixel_size_um=pixel_size, tile_size=tile, overlap=overlap)
+    result = match_instances(whole, tiled, 0.9)
+    assert result.n_true > 150
+    assert result.tp >= 0.99 * result.n_true and result.n_pred == result.n_true, result
+
+
+@pytest.mark.parametrize("name", ["classical", "unet"])
+def test_pixel_size_rescales_to_the_working_scale(engines, dsb, name):
+    image, truth = dsb
+    zoomed = ndi.zoom(image.astype(np.float32), 2, order=1)      # same nuclei imaged at 0.325 µm/px
+    zoomed_truth = np.repeat(np.repeat(truth, 2, axis=0), 2, axis=1)
+    aware = match_instances(zoomed_truth, segment_image(zoomed, engines[name], pixel_size_um=0.325))
+    unaware = match_instances(zoomed_truth, segment_image(zoomed, engines[name]))
+    assert aware.f1 >= F1_FLOOR[name] - 0.03, aware
+    assert unaware.f1 < aware.f1 - 0.1
+
+
+@pytest.mark.parametrize("name", ["classical", "unet"])
+def test_blank_constant_and_noise_images_give_no_nuclei(engines, name):
+    rng = np.random.default_rng(0)
+    images = [np.zeros((300, 400), np.uint16), np.full((600, 700), 1000, np.uint16),
+              # camera offset + shot noise, no sample: what an empty area of a slide looks like
+              (100 + rng.poisson(30, (600, 600))).astype(np.uint16)]
+    for image in images:
+        assert segment_image(image, engines[name]).max() == 0
+
+
+def test_non_2d_array_is_refused(engines):
+    with pytest.raises(ValueError, match="2-D"):
+        segment_image(np.zeros((2, 64, 64)), engines["classical"])
+
+
+def test_cells_grow_from_nuclei_with_matching_ids_blockwise(engines, dsb):
+    nuclei = segment_image(dsb[0], engines["classical"])
+    cells = np.zeros_like(nuclei)
+    expand_to_cells(nuclei, cells, 3.0, block=128)
+    assert cells.dtype == np.uint32
+    assert np.array_equal(cells, expand_labels(nuclei, 3.0))
+    assert np.array_equal(cells[nuclei > 0], nuclei[nuclei > 0])
+    assert set(np.unique(cells)) == set(np.unique(nuclei))
+
+
+def test_weights_are_sha256_checked(weights, tmp_path):
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert resolve_weights(str(weights), digest.upper()) == weights
+    with pytest.raises(InvalidInput, match=f"sha256 is {digest}, expected {'0' * 64}"):
+        resolve_weights(str(weights), "0" * 64)
+    with pytest.raises(InvalidInput, match="need a sha256"):
+        resolve_weights("s3://models/unet.onnx")
+    with pytest.raises(InvalidInput, match="not found"):
+        resolve_weights(str(tmp_path / "missing.onnx"))
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    with pytest.raises(InvalidInput, match="not loadable as an ONNX model"):
+        make_engine("unet", weights=str(tmp_path / "junk.onnx"))
+
+
+def test_default_engine_is_unet_only_when_weights_are_configured(monkeypatch, weights):
+    monkeypatch.delenv(WEIGHTS_ENV, raising=False)
+    assert resolve_engine_name("auto") == "classical"
+    with pytest.raises(InvalidInput, match=WEIGHTS_ENV):
+        make_engine("unet")
+    monkeypatch.setenv(WEIGHTS_ENV, str(weights))
+    monkeypatch.setenv(SHA256_ENV, hashlib.sha256(weights.read_bytes()).hexdigest())
+    assert make_engine("auto").name == "unet"
+    monkeypatch.setenv(SHA256_ENV, "f" * 64)
+    with pytest.raises(InvalidInput, match="expected f{64}"):
+        make_engine("auto")
+    with pytest.raises(InvalidInput, match="unknown engine 'cellpose'"):
+        resolve_engine_name("cellpose")
+
+
+def test_scaled_image_values_do_not_depend_on_the_box(dsb):
+    view = ScaledImage(dsb[0], 0.77)
+    whole = view.read((0, view.shape[0], 0, view.shape[1]))
+    assert np.allclose(view.read((100, 200, 150, 300)), whole[100:200, 150:300])
+    padded = view.read((-5, 20, 0, 10))
+    assert np.array_equal(padded[5:], whole[:20, :10]) and np.array_equal(padded[:5], whole[4::-1, :10])
+
+
+def test_model_windows_cover_the_axis_on_a_fixed_lattice():
+    assert window_starts(300) == [0]
+    assert window_starts(512) == [0]
+    assert window_starts(1000) == [0, 448, 488]
+    assert window_starts(1400) == [0, 448, 888]
+
+
+def test_matching_counts_one_to_one_pairs():
+    truth = np.zeros((20, 20), np.uint16)
+    truth[2:8, 2:8], truth[10:16, 10:16] = 5, 9
+    pred = np.zeros_like(truth)
+    pred[2:8, 3:9] = 1                      # IoU 30/42 = 0.71 with 5
+    pred[10:13, 10:16] = 2                  # IoU 0.5 with 9: counts at >= 0.5
+    pred[18:20, 0:2] = 3                    # false positive
+    result = match_instances(truth, pred, 0.5)
+    assert (result.tp, result.n_true, result.n_pred) == (2, 2, 3)
+    assert result.f1 == pytest.approx(0.8)
+    assert match_instances(truth, pred, 0.6).tp == 1
+    assert match_instances(np.zeros((4, 4)), np.zeros((4, 4))).f1 == 1.0
