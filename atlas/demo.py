@@ -246,22 +246,27 @@ class LocalCloud:
         listed = sfn.list_executions(stateMachineArn=self.settings.state_machine_arn)["executions"]
         return sorted(e["executionArn"] for e in listed)
 
-    def run_execution(self, execution_arn: str, env: dict[str, str]) -> dict:
-        """Run an execution's stages locally, telling the status handler as Step Functions would."""
-        from atlas.jobs import StageJobFailed, execute_run
+    def run_execution(self, execution_arn: str, env: dict[str, str]) -> tuple[dict, list]:
+        """Run an execution's stages locally, telling the status handler as Step Functions would.
+
+        Returns the status handler's last result and the jobs run (:class:`atlas.jobs.StepResult`,
+        empty when a job failed).
+        """
+        from atlas.jobs import RESULTS_BUCKET_ENV, StageJobFailed, execute_run
 
         sfn = boto3.client("stepfunctions", region_name=REGION)
         execution = sfn.describe_execution(executionArn=execution_arn)
         payload = json.loads(execution["input"])
         self.invoke("status", execution_status_event(execution, "RUNNING"))
         try:
-            execute_run(payload["slide_uri"], payload["work_uri"], payload["run_id"],
-                        env=env | {"ATLAS_RESULTS_BUCKET": self.settings.results_bucket})
+            steps = execute_run(payload["slide_uri"], payload["work_uri"], payload["run_id"],
+                                env=env | {RESULTS_BUCKET_ENV: self.settings.results_bucket})
         except StageJobFailed as exc:
             error = exc.exit_code.name if exc.exit_code is not None else "States.TaskFailed"
-            return self.invoke("status", execution_status_event(execution, "FAILED", error=error, cause=str(exc)))
+            event = execution_status_event(execution, "FAILED", error=error, cause=str(exc))
+            return self.invoke("status", event), []
         output = json.dumps({"results_uri": catalog.results_uri(self.settings, payload["slide_id"], payload["run_id"])})
-        return self.invoke("status", execution_status_event(execution, "SUCCEEDED", output=output))
+        return self.invoke("status", execution_status_event(execution, "SUCCEEDED", output=output)), steps
 
     def slide_record(self, slide_id: str, sk: str = "SLIDE") -> dict:
         """A catalog item of the slide (``SLIDE``, ``RUN#<run_id>``, ``OBJECT#<key>``) in plain JSON types."""
@@ -363,7 +368,10 @@ def run_demo(out_dir: Path, *, say: Callable[[str], None] = print, progress=None
 
             def on_execution(arn: str) -> None:
                 say(f"  execution {arn.rsplit(':', 1)[-1]} started: running the stages as `atlas stage` jobs ...")
-                result = cloud.run_execution(arn, aws_env)
+                result, steps = cloud.run_execution(arn, aws_env)
+                for step in steps:
+                    name = step.stage + ("" if step.item is None else f"[{step.item}]") + (" merge" if step.merge else "")
+                    say(f"    job  {name:<16} {step.seconds:6.1f} s")
                 say(f"  status   {result.get('run_id')}: {result['status']}")
 
             cloud.pump(on_execution=on_execution, on_event=on_event)
