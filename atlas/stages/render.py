@@ -91,18 +91,22 @@ def data_files(out_dir: Path, slide_id: str, run_id: str) -> list[dict]:
     ATLAS_RESULTS_BUCKET), else None.
     """
     bucket = os.environ.get(RESULTS_BUCKET_ENV)
-    entries = []
-    for folder in DATA_FOLDERS:
-        for path in sorted((out_dir / folder).rglob("*")):
-            inside_zarr = any(p.name.endswith(".zarr") for p in path.relative_to(out_dir).parents)
-            if inside_zarr or not (path.is_file() or path.name.endswith(".zarr")):
-                continue
-            rel = path.relative_to(out_dir).as_posix()
-            files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
-            size = sum(p.stat().st_size for p in files)
-            entries.append({"level": layout.level_of(rel), "path": rel, "size": size,
-                            "uri": f"s3://{bucket}/{slide_id}/{run_id}/{rel}" if bucket else None})
-    return entries
+    # The run's completion records list every output (a Batch job stages only the files it reads);
+    # without records (a results folder made otherwise), the files on disk.
+    sizes = {out["path"]: out["size"] for record in sorted((out_dir / "qc" / "provenance").glob("*.json"))
+             for out in json.loads(record.read_text())["outputs"]}
+    sizes = sizes or {p.relative_to(out_dir).as_posix(): p.stat().st_size
+                      for folder in DATA_FOLDERS for p in (out_dir / folder).rglob("*") if p.is_file()}
+    entries: dict[str, int] = {}
+    for rel, size in sizes.items():
+        parts = rel.split("/")
+        if parts[0] in DATA_FOLDERS:  # an .ome.zarr folder counts as one entry
+            zarr = next((i for i, part in enumerate(parts) if part.endswith(".zarr")), len(parts) - 1)
+            top = "/".join(parts[:zarr + 1])
+            entries[top] = entries.get(top, 0) + size
+    return [{"level": layout.level_of(rel), "path": rel, "size": size,
+             "uri": f"s3://{bucket}/{slide_id}/{run_id}/{rel}" if bucket else None}
+            for rel, size in sorted(entries.items(), key=lambda e: (DATA_FOLDERS.index(e[0].split("/")[0]), e[0]))]
 
 
 def run(ctx: StageContext) -> None:
