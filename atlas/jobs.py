@@ -446,9 +446,6 @@ def run_stage_job(stage_name: str, *, slide_uri: str, work_uri: str, run_id: str
         raise BadJobArguments(str(exc)) from exc
     item = _check_item(stage, array_index, merge)
     s3 = s3 or s3_client()
-    results_bucket = os.environ.get(RESULTS_BUCKET_ENV)
-    if stage.name == "publish" and not results_bucket:
-        raise Misconfigured(f"the publish job needs env {RESULTS_BUCKET_ENV} (the results bucket's name)")
     what = stage.name + ("" if item is None else f"[{item}]") + (" merge" if merge else "")
 
     record_uri = work.join(_record_rel(stage, item))
@@ -457,6 +454,9 @@ def run_stage_job(stage_name: str, *, slide_uri: str, work_uri: str, run_id: str
     if existing is not None and _record_intact(existing, run_id, _list_sizes(s3, work)):
         log.info("%s: already complete for run %s (%s), skipped", what, run_id, record_uri)
         return JobResult(stage.name, item, True, existing)
+    results_bucket = os.environ.get(RESULTS_BUCKET_ENV)
+    if stage.name == "publish" and not results_bucket:
+        raise Misconfigured(f"the publish job needs env {RESULTS_BUCKET_ENV} (the results bucket's name)")
 
     root = Path(tempfile.mkdtemp(prefix=f"atlas-{stage.name}-", dir=scratch or os.environ.get(SCRATCH_ENV) or None))
     try:

@@ -1,0 +1,362 @@
+"""The stage job contract end to end: ``atlas stage`` processes against S3 emulated on localhost.
+
+The sample slide is uploaded to an emulated ingest bucket; every registry stage then runs as its own
+process (as Batch would run it), reading and writing only S3, and the publish job releases the run
+to an emulated results bucket. The same run is interrupted (a job SIGKILLed after part of its outputs
+reached S3) and resumed; its release must be byte-identical.
+"""
+from __future__ import annotations
+
+import hashlib
+import http.server
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import threading
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+import boto3
+import pytest
+from moto.s3.models import S3Backend
+from moto.server import ThreadedMotoServer
+from typer.testing import CliRunner
+
+from atlas import layout
+from atlas.cli import app
+from atlas.errors import InvalidInput
+from atlas.jobs import (ExitCode, JobError, Misconfigured, StageJobFailed, UpstreamIncomplete, execute_run,
+                        instance_type, run_stage_job, stage_command)
+from atlas.release import LATEST
+from atlas.runner import PROVENANCE
+from atlas.slide import MANIFEST, run_id_for
+from atlas.stages import STAGES
+
+OVERVIEW_PAGE = f"{layout.OVERVIEW}/index.html"
+KILLED_STAGE = "quantify"  # a stage in the middle: the rerun must skip what came before it and redo it
+
+
+@pytest.fixture(scope="module")
+def aws():
+    """S3 emulated on localhost (moto server in this process) and the environment the jobs get."""
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_EC2_METADATA_DISABLED": "true"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield env, boto3.client("s3")
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        server.stop()
+
+
+def expected_steps(stages=STAGES) -> list[tuple[str, int | None, bool]]:
+    """(stage, array item, merge) of every job of a run, in order."""
+    steps = []
+    for stage in stages:
+        if stage.array_size:
+            steps += [(stage.name, i, False) for i in range(stage.array_size)] + [(stage.name, None, True)]
+        else:
+            steps.append((stage.name, None, False))
+    return steps
+
+
+def new_bucket(s3, name: str) -> str:
+    bucket = f"{name}-{uuid.uuid4().hex[:8]}"
+    s3.create_bucket(Bucket=bucket)
+    return bucket
+
+
+def upload_slide(s3, slide_dir: Path, bucket: str) -> str:
+    """Upload a slide folder as a lab would: manifest.json last. Returns the slide URI."""
+    files = sorted(p for p in slide_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
+    for path in files + [slide_dir / MANIFEST]:
+        s3.upload_file(str(path), bucket, f"{slide_dir.name}/{path.relative_to(slide_dir).as_posix()}")
+    return f"s3://{bucket}/{slide_dir.name}/"
+
+
+def objects(s3, bucket: str, prefix: str = "") -> dict[str, bytes]:
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return {o["Key"][len(prefix):]: s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
+            for page in pages for o in page.get("Contents", [])}
+
+
+DATA_SCRIPT = re.compile(rb'<script id="atlas-data" type="application/json">(.*?)</script>', re.S)
+
+
+def overview_data(page: bytes) -> dict:
+    """The data inlined in an overview's index.html."""
+    return json.loads(DATA_SCRIPT.search(page).group(1))  # JSON reads the page's escaped "<\\/" as "</"
+
+
+def without_data(page: bytes) -> bytes:
+    return DATA_SCRIPT.sub(b"", page)
+
+
+def data_files(release: dict[str, bytes]) -> dict[str, bytes]:
+    """A release without what records when it ran (completion records, the manifest's provenance)."""
+    return {k: v for k, v in release.items() if not k.startswith(PROVENANCE + "/") and k != layout.MANIFEST}
+
+
+@pytest.fixture(scope="module")
+def run(aws, sample_slide):
+    """One uninterrupted run of the sample slide through every stage job, released to a results bucket."""
+    env, s3 = aws
+    ingest, work, results = (new_bucket(s3, n) for n in ("ingest", "work", "results"))
+    slide_uri = upload_slide(s3, sample_slide, ingest)
+    run_id = run_id_for(sample_slide.name, (sample_slide / MANIFEST).read_bytes())
+    steps = execute_run(slide_uri, f"s3://{work}/{run_id}/", run_id, env={**env, "ATLAS_RESULTS_BUCKET": results})
+    return {"slide_uri": slide_uri, "work": work, "results": results, "run_id": run_id, "steps": steps,
+            "slide_id": sample_slide.name, "env": env}
+
+
+def test_every_stage_runs_as_a_job_and_the_run_is_released(aws, run, sample_run):
+    _, s3 = aws
+    assert [(s.stage, s.item, s.merge) for s in run["steps"]] == expected_steps()
+
+    prefix = f"{run['slide_id']}/{run['run_id']}/"
+    release = objects(s3, run["results"], prefix)
+    manifest = json.loads(release[layout.MANIFEST])
+    assert manifest["run_id"] == run["run_id"]
+    # every file the manifest lists is released with exactly its recorded bytes, and nothing else is
+    assert sorted(release) == sorted([f["path"] for f in manifest["files"]] + [layout.MANIFEST])
+    for entry in manifest["files"]:
+        assert len(release[entry["path"]]) == entry["size"]
+        assert hashlib.sha256(release[entry["path"]]).hexdigest() == entry["sha256"], entry["path"]
+    levels = {entry["level"] for entry in manifest["files"]}
+    assert {2, 3, 4, 5} <= levels
+    latest = json.loads(s3.get_object(Bucket=run["results"], Key=f"{run['slide_id']}/{LATEST}")["Body"].read())
+    assert latest["run_id"] == run["run_id"] and latest["manifest"] == f"s3://{run['results']}/{prefix}{MANIFEST}"
+
+    # cost: every stage (and array item) recorded vCPU-seconds and where it ran
+    records = {k: json.loads(v) for k, v in objects(s3, run["work"], f"{run['run_id']}/{PROVENANCE}/").items()}
+    assert sorted(records) == sorted(f"{name}.json" if item is None else f"{name}.{item}.json"
+                                     for name, item, _ in expected_steps())
+    for name, record in records.items():
+        assert record["run_id"] == run["run_id"] and record["instance_type"] == "local", name
+        assert record["vcpu_seconds"] == pytest.approx(record["seconds"] * record["vcpus"], abs=0.01)
+    assert {s["stage"] for s in manifest["stages"]} == {s.name for s in STAGES if s.name != "publish"}
+
+    # the cloud path gives the same results as the local runner on the same slide
+    local = {p.relative_to(sample_run).as_posix(): p.read_bytes() for p in sample_run.rglob("*")
+             if p.is_file() and not p.relative_to(sample_run).as_posix().startswith("tmp/")}
+    assert sorted(data_files(release)) == sorted(data_files(local))
+    assert [k for k, v in data_files(release).items() if local[k] != v and k != OVERVIEW_PAGE] == []
+    # ... except that the published overview links its data files to their released copies
+    cloud_page, local_page = overview_data(release[OVERVIEW_PAGE]), overview_data(local[OVERVIEW_PAGE])
+    links = [entry.pop("uri") for entry in cloud_page["panel"]["data"]]
+    assert links == [f"s3://{run['results']}/{prefix}{entry['path']}" for entry in cloud_page["panel"]["data"]]
+    assert all(entry.pop("uri") is None for entry in local_page["panel"]["data"])
+    assert cloud_page == local_page
+    assert without_data(release[OVERVIEW_PAGE]) == without_data(local[OVERVIEW_PAGE])
+    assert {e["path"] for e in cloud_page["panel"]["data"]} >= {layout.registration_zarr(run["slide_id"]),
+                                                                layout.registration_tiff(run["slide_id"])}
+
+
+def test_a_completed_job_skips_itself(aws, run):
+    env, s3 = aws
+    before = objects(s3, run["work"])
+    result = run_stage_job("publish", slide_uri=run["slide_uri"], work_uri=f"s3://{run['work']}/{run['run_id']}/",
+                           run_id=run["run_id"], s3=s3)
+    assert result.skipped and result.record["stage"] == "publish"
+    assert objects(s3, run["work"]) == before
+
+
+@contextmanager
+def hold_uploads_after_first(bucket: str, prefix: str):
+    """Let the first PutObject under ``bucket/prefix`` through, then hold every later one.
+
+    Patches the emulated S3 backend (the moto server runs in this process). Holding the requests
+    freezes the job with part of its outputs in S3, so it can be killed at that point every time.
+    """
+    state = {"admitted": 0, "stored": []}
+    lock, blocked, release = threading.Lock(), threading.Event(), threading.Event()
+    original = S3Backend.put_object
+
+    def put_object(self, bucket_name, key_name, *args, **kwargs):
+        if bucket_name != bucket or not key_name.startswith(prefix):
+            return original(self, bucket_name, key_name, *args, **kwargs)
+        with lock:
+            first = state["admitted"] == 0
+            state["admitted"] += 1
+        if not first:
+            blocked.set()
+            release.wait(120)
+            raise ConnectionError("the job was killed")
+        key = original(self, bucket_name, key_name, *args, **kwargs)
+        state["stored"].append(key_name)
+        return key
+
+    S3Backend.put_object = put_object
+    try:
+        yield state, blocked
+    finally:
+        release.set()
+        S3Backend.put_object = original
+
+
+def test_a_job_killed_mid_upload_resumes_to_a_byte_identical_release(aws, run, sample_slide):
+    env, s3 = aws
+    # a second work prefix for the same run, released to the same place (the overview links to it)
+    work, results = new_bucket(s3, "work"), run["results"]
+    run_id, slide_uri = run["run_id"], run["slide_uri"]
+    prefix = f"{run['slide_id']}/{run_id}/"
+    uninterrupted = objects(s3, results, prefix)
+    work_uri = f"s3://{work}/{run_id}/"
+    job_env = {**os.environ, **env, "ATLAS_RESULTS_BUCKET": results}
+    names = [s.name for s in STAGES]
+    # the run got as far as KILLED_STAGE: the earlier jobs' outputs and records, as the first run left them
+    source = f"{run_id}/"
+    done = [f"{PROVENANCE}/{name}.json" if item is None else f"{PROVENANCE}/{name}.{item}.json"
+            for name, item, _ in expected_steps(STAGES[:names.index(KILLED_STAGE)])]
+    records = [json.loads(s3.get_object(Bucket=run["work"], Key=source + rel)["Body"].read()) for rel in done]
+    for rel in done + [out["path"] for record in records for out in record["outputs"]]:
+        s3.copy({"Bucket": run["work"], "Key": source + rel}, work, source + rel)
+
+    # ... then the instance running KILLED_STAGE vanished after the first of its outputs reached S3
+    with hold_uploads_after_first(work, f"{run_id}/") as (state, blocked):
+        proc = subprocess.Popen(stage_command(KILLED_STAGE, slide_uri=slide_uri, work_uri=work_uri, run_id=run_id),
+                                env=job_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            assert blocked.wait(300), f"{KILLED_STAGE} never uploaded a second output"
+            os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    partial = objects(s3, work, f"{run_id}/")
+    assert state["stored"] and all(not k.startswith(f"{run_id}/{PROVENANCE}/") for k in state["stored"])
+    assert f"{PROVENANCE}/{KILLED_STAGE}.json" not in partial  # no completion record: the stage is not done
+
+    # Batch retries: completed jobs skip themselves, the killed one redoes its work, the run completes
+    steps = execute_run(slide_uri, work_uri, run_id, env={**env, "ATLAS_RESULTS_BUCKET": results})
+    skipped = [(s.stage, s.item, s.merge) for s in steps if "already complete" in s.output]
+    assert skipped == expected_steps(STAGES[:names.index(KILLED_STAGE)])
+
+    resumed = objects(s3, results, prefix)
+    assert sorted(resumed) == sorted(uninterrupted)
+    assert data_files(resumed) == data_files(uninterrupted)
+    listed = [[f for f in json.loads(release[MANIFEST])["files"] if not f["path"].startswith(PROVENANCE + "/")]
+              for release in (resumed, uninterrupted)]
+    assert listed[0] == listed[1]
+
+
+def test_a_corrupted_input_fails_naming_the_file_and_publishes_nothing(aws, slide_copy):
+    env, s3 = aws
+    run_id = run_id_for(slide_copy.name, (slide_copy / MANIFEST).read_bytes())
+    ingest, work, results = (new_bucket(s3, n) for n in ("ingest", "work", "results"))
+    slide_uri = upload_slide(s3, slide_copy, ingest)
+    cycle = sorted((slide_copy / "raw").iterdir())[-1]
+    data = bytearray(cycle.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, one flipped byte: only the checksum can tell
+    key = f"{slide_copy.name}/raw/{cycle.name}"
+    s3.put_object(Bucket=ingest, Key=key, Body=bytes(data))
+
+    with pytest.raises(StageJobFailed) as failed:
+        execute_run(slide_uri, f"s3://{work}/{run_id}/", run_id, env={**env, "ATLAS_RESULTS_BUCKET": results})
+    assert failed.value.step == "stitch" and failed.value.exit_code == ExitCode.INVALID_INPUT
+    assert f"raw/{cycle.name}" in str(failed.value) and "sha256" in str(failed.value)
+    assert "manifest.json" in str(failed.value)
+    assert objects(s3, work) == {} and objects(s3, results) == {}
+
+
+def test_a_stage_needs_its_upstream_records(aws):
+    _, s3 = aws
+    work = new_bucket(s3, "work")
+    with pytest.raises(UpstreamIncomplete, match="needs stitch, segment, segment item 0"):
+        run_stage_job("quantify", slide_uri="s3://ingest/S1/", work_uri=f"s3://{work}/S1-r/", run_id="S1-r", s3=s3)
+    assert objects(s3, work) == {}
+
+
+def test_a_changed_upstream_output_is_caught(aws, run):
+    _, s3 = aws
+    work = new_bucket(s3, "work")
+    source = f"{run['run_id']}/"
+    for key, body in objects(s3, run["work"], source).items():
+        if not key.startswith(("quantification/", f"{PROVENANCE}/quantify", "overview/")):
+            s3.put_object(Bucket=work, Key=source + key, Body=body)
+    tampered = layout.registration_tiff(run["slide_id"])
+    s3.put_object(Bucket=work, Key=source + tampered, Body=b"II*\x00 not the registered image")
+    with pytest.raises(JobError, match=tampered) as caught:
+        run_stage_job("quantify", slide_uri=run["slide_uri"], work_uri=f"s3://{work}/{source}",
+                      run_id=run["run_id"], s3=s3)
+    assert caught.value.exit_code == ExitCode.CORRUPT_WORK
+    assert "stitch.json" in str(caught.value)  # says which record to delete to redo the stage
+
+
+def test_missing_manifest_is_invalid_input(aws):
+    _, s3 = aws
+    ingest, work = new_bucket(s3, "ingest"), new_bucket(s3, "work")
+    with pytest.raises(InvalidInput, match="manifest.json: missing"):
+        run_stage_job("stitch", slide_uri=f"s3://{ingest}/sample/", work_uri=f"s3://{work}/r/", run_id="r", s3=s3)
+
+
+def test_publish_without_a_results_bucket_is_misconfigured(aws, monkeypatch):
+    _, s3 = aws
+    monkeypatch.delenv("ATLAS_RESULTS_BUCKET", raising=False)
+    work = new_bucket(s3, "work")
+    with pytest.raises(Misconfigured, match="ATLAS_RESULTS_BUCKET"):
+        run_stage_job("publish", slide_uri="s3://ingest/S1/", work_uri=f"s3://{work}/S1-r/", run_id="S1-r", s3=s3)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["segment"], "is an array stage"),
+    (["segment", "--array-index", "9"], "outside 0..3"),
+    (["segment", "--array-index", "1", "--merge"], "either an array index or merge"),
+    (["stitch", "--merge"], "not an array stage"),
+    (["nosuch"], "unknown stage 'nosuch'"),
+])
+def test_bad_job_arguments_are_usage_errors(monkeypatch, args, message):
+    monkeypatch.delenv("AWS_BATCH_JOB_ARRAY_INDEX", raising=False)
+    result = CliRunner().invoke(app, ["stage", *args, "--slide-uri", "s3://ingest/S1/", "--work-uri",
+                                      "s3://work/S1-r/", "--run-id", "S1-r"])
+    assert result.exit_code == ExitCode.USAGE
+    assert message in result.output
+
+
+def test_instance_type_comes_from_instance_metadata(monkeypatch):
+    monkeypatch.delenv("AWS_BATCH_JOB_ID", raising=False)
+    monkeypatch.delenv("ECS_CONTAINER_METADATA_URI_V4", raising=False)
+    assert instance_type() == "local"
+
+    seen = []
+
+    class IMDS(http.server.BaseHTTPRequestHandler):
+        def do_PUT(self):
+            self._reply(b"token-1" if self.path == "/latest/api/token" else None)
+
+        def do_GET(self):
+            seen.append(self.headers.get("X-aws-ec2-metadata-token"))
+            self._reply(b"c6i.2xlarge" if self.path == "/latest/meta-data/instance-type" else None)
+
+        def _reply(self, body):
+            self.send_response(200 if body else 404)
+            self.end_headers()
+            self.wfile.write(body or b"")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), IMDS)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("AWS_BATCH_JOB_ID", "job-1")
+        monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+        assert instance_type() == "c6i.2xlarge" and seen == ["token-1"]
+    finally:
+        server.shutdown()
+    monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    assert instance_type(timeout_s=0.2) == "unknown"
