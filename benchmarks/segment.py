@@ -1,0 +1,122 @@
+"""Benchmark: nucleus segmentation accuracy and CPU speed of each engine, against simple references.
+
+Accuracy, on the real StarDist DSB2018 test image and its ground truth (125 nuclei) in
+``../shared/data/segmentation/stardist_dsb2018/``: F1 at IoU >= 0.5 (one-to-one matching, as
+StarDist and the DSB2018 challenge report it; StarDist reaches about 0.85-0.9 on this data set),
+plus precision/recall and F1 at IoU 0.5..0.9. References in the same process:
+
+* ``otsu+cc``: Gaussian smoothing, global Otsu threshold, connected components -- the baseline
+  every classical method must beat;
+* ``unet+cc``: the U-Net probability thresholded at 0.5, connected components -- the model
+  without our seeded-watershed split (the model README's sanity run).
+
+Speed: megapixels/s on CPU over a larger image (the DSB2018 image mirrored to ``--size`` px
+square), tiled with the stage's defaults, each engine's time as a ratio of the ``otsu+cc``
+reference's time on the same image in the same process (machines here are noisy). Peak traced
+(numpy) memory, tiled vs one tile, shows that tiling bounds memory.
+
+Caveat: the engines' parameters were tuned on this same image (there is no other labelled
+nucleus image in shared/data), so the F1 values are training-set figures.
+
+    .venv/bin/python benchmarks/segment.py [--size 2048] [--repeat 2]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from scipy import ndimage as ndi
+from skimage.filters import threshold_otsu
+
+from atlas.params import SegmentParams
+from atlas.segmentation import make_engine
+from atlas.segmentation.metrics import match_instances
+from atlas.segmentation.tiling import ScaledImage, calibration_sample, segment_image
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+IMAGE = DATA / "segmentation" / "stardist_dsb2018" / "img2d.tif"
+TRUTH = DATA / "segmentation" / "stardist_dsb2018" / "mask2d.tif"
+WEIGHTS = DATA / "models" / "unet2d_nuclei_broad" / "weights.onnx"
+THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def otsu_components(image: np.ndarray) -> np.ndarray:
+    """Reference: smooth, global Otsu threshold, connected components."""
+    smooth = ndi.gaussian_filter(image.astype(np.float32), 1.0)
+    return ndi.label(smooth > threshold_otsu(smooth))[0]
+
+
+def unet_components(engine, image: np.ndarray) -> np.ndarray:
+    """Reference: the U-Net probability > 0.5, connected components (no instance split)."""
+    view = ScaledImage(image)
+    probability, _, _ = engine.probability(view, (0, *view.shape[:1], 0, view.shape[1]),
+                                           engine.calibrate(calibration_sample(view)))
+    return ndi.label(probability > 0.5)[0]
+
+
+def accuracy_row(name: str, truth: np.ndarray, labels: np.ndarray) -> str:
+    scores = [match_instances(truth, labels, t) for t in THRESHOLDS]
+    first = scores[0]
+    return (f"{name:<10} {first.f1:6.3f} {first.precision:6.3f} {first.recall:6.3f} {first.n_pred:6d}   "
+            + " ".join(f"{s.f1:5.3f}" for s in scores))
+
+
+def best_time(run, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def peak_traced(run) -> float:
+    tracemalloc.start()
+    run()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return peak / 2 ** 20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=2048, help="side of the speed image (px)")
+    parser.add_argument("--repeat", type=int, default=2, help="timed runs per engine (best counts)")
+    args = parser.parse_args()
+
+    image, truth = tifffile.imread(IMAGE), tifffile.imread(TRUTH)
+    engines = {"classical": make_engine("classical"), "unet": make_engine("unet", weights=str(WEIGHTS))}
+    print(f"U-Net providers: {engines['unet'].providers}")
+    print(f"\nAccuracy on DSB2018 ({int(np.count_nonzero(np.unique(truth)))} true nuclei, 512 x 512)")
+    print(f"{'method':<10} {'F1@.5':>6} {'prec':>6} {'recall':>6} {'n':>6}   F1 at IoU {' '.join(map(str, THRESHOLDS))}")
+    print(accuracy_row("otsu+cc", truth, otsu_components(image)))
+    print(accuracy_row("unet+cc", truth, unet_components(engines["unet"], image)))
+    for name, engine in engines.items():
+        print(accuracy_row(name, truth, segment_image(image, engine)))
+
+    big = np.pad(image, ((0, args.size - image.shape[0]), (0, args.size - image.shape[1])), mode="symmetric")
+    megapixels = big.size / 1e6
+    defaults = SegmentParams()
+    print(f"\nSpeed on CPU, {args.size} x {args.size} ({megapixels:.1f} MP), tile {defaults.tile_size} px, "
+          f"overlap {defaults.overlap} px, best of {args.repeat}")
+    reference = best_time(lambda: otsu_components(big), args.repeat)
+    print(f"{'otsu+cc':<10} {reference:7.2f} s {megapixels / reference:8.2f} MP/s   ratio 1.00")
+    for name, engine in engines.items():
+        seconds = best_time(lambda: segment_image(big, engine, tile_size=defaults.tile_size,
+                                                  overlap=defaults.overlap), args.repeat)
+        print(f"{name:<10} {seconds:7.2f} s {megapixels / seconds:8.2f} MP/s   ratio {seconds / reference:.1f} "
+              "x reference time")
+
+    print(f"\nPeak traced numpy memory, classical engine, {args.size} px image")
+    for tile in (args.size, args.size // 4):
+        mib = peak_traced(lambda: segment_image(big, engines["classical"], tile_size=tile, overlap=defaults.overlap))
+        print(f"tile {tile:>5} px: {mib:7.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
