@@ -93,7 +93,8 @@ def main() -> None:
     engines = {"classical": make_engine("classical"), "unet": make_engine("unet", weights=str(WEIGHTS))}
     print(f"U-Net providers: {engines['unet'].providers}")
     print(f"\nAccuracy on DSB2018 ({int(np.count_nonzero(np.unique(truth)))} true nuclei, 512 x 512)")
-    print(f"{'method':<10} {'F1@.5':>6} {'prec':>6} {'recall':>6} {'n':>6}   F1 at IoU {' '.join(map(str, THRESHOLDS))}")
+    print(f"{'method':<10} {'F1@.5':>6} {'prec':>6} {'recall':>6} {'n':>6}   "
+          f"F1 at IoU {' '.join(map(str, THRESHOLDS))}")
     print(accuracy_row("otsu+cc", truth, otsu_components(image)))
     print(accuracy_row("unet+cc", truth, unet_components(engines["unet"], image)))
     for name, engine in engines.items():
@@ -107,14 +108,15 @@ def main() -> None:
     reference = best_time(lambda: otsu_components(big), args.repeat)
     print(f"{'otsu+cc':<10} {reference:7.2f} s {megapixels / reference:8.2f} MP/s   ratio 1.00")
     for name, engine in engines.items():
-        seconds = best_time(lambda: segment_image(big, engine, tile_size=defaults.tile_size,
+        seconds = best_time(lambda engine=engine: segment_image(big, engine, tile_size=defaults.tile_size,
                                                   overlap=defaults.overlap), args.repeat)
         print(f"{name:<10} {seconds:7.2f} s {megapixels / seconds:8.2f} MP/s   ratio {seconds / reference:.1f} "
               "x reference time")
 
     print(f"\nPeak traced numpy memory, classical engine, {args.size} px image")
     for tile in (args.size, args.size // 4):
-        mib = peak_traced(lambda: segment_image(big, engines["classical"], tile_size=tile, overlap=defaults.overlap))
+        mib = peak_traced(lambda tile=tile: segment_image(big, engines["classical"], tile_size=tile,
+                                                           overlap=defaults.overlap))
         print(f"tile {tile:>5} px: {mib:7.0f} MiB")
 
 

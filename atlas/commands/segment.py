@@ -56,7 +56,8 @@ def segment(image: Path = typer.Argument(..., help="2-D TIFF, or multi-channel (
         size = size or engine_.pixel_size_um
         masks = {"nuclei": (out, nuclei)}
         if cell_out:
-            cells = np.lib.format.open_memmap(Path(scratch) / "cell.npy", mode="w+", dtype=np.uint32, shape=nuclei.shape)
+            cells = np.lib.format.open_memmap(Path(scratch) / "cell.npy", mode="w+", dtype=np.uint32,
+                                              shape=nuclei.shape)
             expand_to_cells(nuclei, cells, expand_um / size)
             masks["cell"] = (cell_out, cells)
         for name, (path, labels) in masks.items():

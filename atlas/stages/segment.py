@@ -35,7 +35,7 @@ from atlas import layout
 from atlas.errors import InvalidInput, Problem
 from atlas.ometiff import parse_ome_xml
 from atlas.pyramid import write_ome_tiff_pyramid, write_zarr_labels
-from atlas.segmentation import Engine, make_engine
+from atlas.segmentation import make_engine
 from atlas.segmentation.tiling import (ScaledImage, TileResult, calibration_sample, expand_to_cells, paint_tiles,
                                        relabel_sequential_blocks, segment_tile, tile_grid, working_factor)
 from atlas.stages import StageContext
@@ -116,7 +116,7 @@ def open_channel(path: Path, channel: int | str) -> Iterator[NucleusChannel]:
         raise InvalidInput(Problem(str(path), f"cannot be read as TIFF ({exc})", fix)) from exc
     with tif:
         series = tif.series[0]
-        extra = [(axis, n) for axis, n in zip(series.axes[:-2], series.shape[:-2]) if n > 1]
+        extra = [(axis, n) for axis, n in zip(series.axes[:-2], series.shape[:-2], strict=True) if n > 1]
         if not series.axes.endswith("YX") or len(extra) > 1 or (extra and extra[0][0] != "C"):
             raise InvalidInput(Problem(str(path), f"is not a 2-D image: axes {series.axes}, shape {series.shape}", fix))
         pixel_size, names = None, ()
@@ -156,8 +156,8 @@ def run_item(ctx: StageContext, index: int, count: int) -> None:
         for n in range(index, len(tiles), count):
             result = segment_tile(view, tiles[n], engine, calibration, p.overlap)
             description = {"box": result.box, "core": tiles[n], "engine": engine.name, "calibration": calibration}
-            tifffile.imwrite(_tile_path(ctx, n), result.labels, compression="zlib", description=json.dumps(description),
-                             metadata=None)
+            tifffile.imwrite(_tile_path(ctx, n), result.labels, compression="zlib",
+                             description=json.dumps(description), metadata=None)
             log.info("segment tile %d/%d: %d nuclei", n + 1, len(tiles), result.count)
 
 
@@ -167,58 +167,66 @@ def _read_tile(path: Path) -> tuple[TileResult, dict]:
         return TileResult(tuple(description["box"]), tif.asarray()), description
 
 
+def _tile_results(paths: list[Path], tiles: list, engine_name: str, counts: list[int]) -> Iterator[TileResult]:
+    """The items' tile results in tile order, checked against the current tiling; counts appended to ``counts``."""
+    missing = [n for n, path in enumerate(paths) if not path.is_file()]
+    if missing:
+        raise InvalidInput(Problem(TMP_DIR, f"{len(missing)} of {len(tiles)} tiles are missing "
+                                   f"(e.g. tile {missing[0]})", "rerun the segment items before the merge"))
+    for path, core in zip(paths, tiles, strict=True):
+        result, description = _read_tile(path)
+        if (description["engine"], tuple(description["core"])) != (engine_name, core):
+            raise InvalidInput(Problem(f"{TMP_DIR}/{path.name}", f"was made by engine {description['engine']} for "
+                                       f"tile {description['core']}, not {engine_name} for {core}",
+                                       "rerun the segment items with the current parameters"))
+        counts.append(result.count)
+        yield result
+
+
+def _median_area(labels, n_ids: int, block: int) -> float | None:
+    """Median instance area (px) of a label image read block by block."""
+    if not n_ids:
+        return None
+    areas = np.zeros(n_ids + 1, dtype=np.int64)
+    for y0, y1, x0, x1 in tile_grid(labels.shape, block):
+        areas += np.bincount(np.asarray(labels[y0:y1, x0:x1]).ravel(), minlength=n_ids + 1)
+    return float(np.median(areas[1:]))
+
+
 def merge(ctx: StageContext) -> None:
     """Join the items' tiles into whole-slide nucleus and cell masks and write every output."""
     p = ctx.params.segment
     engine = make_engine(p.engine)
-    image_path = _image_path(ctx)
-    with open_channel(image_path, p.channel) as source:
+    with open_channel(_image_path(ctx), p.channel) as source:
         shape = source.plane.shape
         tiles = tile_grid(shape, p.tile_size)
         paths = [_tile_path(ctx, n) for n in range(len(tiles))]
-        missing = [n for n, path in enumerate(paths) if not path.is_file()]
-        if missing:
-            raise InvalidInput(Problem(TMP_DIR, f"{len(missing)} of {len(tiles)} tiles are missing (e.g. tile {missing[0]})",
-                                       "rerun the segment items before the merge"))
         pixel_size = source.pixel_size_um or engine.pixel_size_um
         scratch = Path(tempfile.mkdtemp(prefix="merge-", dir=ctx.out_dir / "tmp"))
         try:
-            nuclei = np.lib.format.open_memmap(scratch / "nuclei.npy", mode="w+", dtype=np.uint32, shape=shape)
-            cells = np.lib.format.open_memmap(scratch / "cell.npy", mode="w+", dtype=np.uint32, shape=shape)
+            masks = {name: np.lib.format.open_memmap(scratch / f"{name}.npy", mode="w+", dtype=np.uint32, shape=shape)
+                     for name in MASKS}
             counts: list[int] = []
-
-            def results() -> Iterator[TileResult]:
-                for n, path in enumerate(paths):
-                    result, description = _read_tile(path)
-                    if (description["engine"], tuple(description["core"])) != (engine.name, tiles[n]):
-                        raise InvalidInput(Problem(f"{TMP_DIR}/{path.name}", f"was made by engine {description['engine']} "
-                                                   f"for tile {description['core']}, not {engine.name} for {tiles[n]}",
-                                                   "rerun the segment items with the current parameters"))
-                    counts.append(result.count)
-                    yield result
-
-            n_nuclei = relabel_sequential_blocks(nuclei, paint_tiles(results(), nuclei))
-            expand_to_cells(nuclei, cells, p.expand_um / pixel_size)
-            masks = {"nuclei": nuclei, "cell": cells}
+            painted = paint_tiles(_tile_results(paths, tiles, engine.name, counts), masks["nuclei"])
+            n_nuclei = relabel_sequential_blocks(masks["nuclei"], painted)
+            expand_to_cells(masks["nuclei"], masks["cell"], p.expand_um / pixel_size)
             write_masks(ctx.out_dir, ctx.slide_id, engine.name, masks, pixel_size, ctx.params.stitch.tile_size)
             write_qc(ctx.out_dir / QC_DIR, source.plane, masks, tiles[int(np.argmax(counts))])
-            areas = np.zeros(n_nuclei + 1, dtype=np.int64)
-            for y0, y1, x0, x1 in tile_grid(shape, p.tile_size):
-                areas += np.bincount(nuclei[y0:y1, x0:x1].ravel(), minlength=n_nuclei + 1)
+            median_area = _median_area(masks["nuclei"], n_nuclei, p.tile_size)
             summary = {"engine": engine.name, "channel": source.channel_names[source.index],
                        "pixel_size_um": pixel_size, "working_pixel_size_um": engine.pixel_size_um,
                        "calibration": _read_tile(paths[0])[1]["calibration"], "tiles": len(tiles),
-                       "tile_size": p.tile_size, "overlap": p.overlap, "expand_um": p.expand_um,
-                       "nuclei": n_nuclei,
-                       "median_nucleus_area_um2": round(float(np.median(areas[1:])) * pixel_size ** 2, 2) if n_nuclei else None,
+                       "tile_size": p.tile_size, "overlap": p.overlap, "expand_um": p.expand_um, "nuclei": n_nuclei,
+                       "median_nucleus_area_um2": None if median_area is None else round(median_area * pixel_size ** 2, 2),
                        "masks": {m: layout.mask_path(ctx.slide_id, engine.name, m) for m in MASKS}}
             (ctx.out_dir / QC_DIR / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-            del nuclei, cells, masks
+            del masks
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 
 
-def write_masks(out_dir: Path, slide_id: str, engine: str, masks: dict, pixel_size_um: float, tile_size: int) -> None:
+def write_masks(out_dir: Path, slide_id: str, engine: str, masks: dict, pixel_size_um: float,
+                tile_size: int) -> None:
     """Label OME-TIFF pyramids in the results layout, and the labels in the slide's OME-Zarr if present."""
     zarr_path = out_dir / layout.registration_zarr(slide_id)
     for name, labels in masks.items():
@@ -239,10 +247,11 @@ def write_qc(qc_dir: Path, plane, masks: dict, detail_tile: tuple[int, int, int,
     _overlay(overview, {NUCLEUS_COLOR: np.asarray(masks["nuclei"][::step, ::step])}).save(qc_dir / "overlay.png")
     y0, y1, x0, x1 = detail_tile
     cy, cx = (y0 + y1) // 2, (x0 + x1) // 2
-    top, left = max(0, min(cy - DETAIL_SIDE // 2, height - DETAIL_SIDE)), max(0, min(cx - DETAIL_SIDE // 2, width - DETAIL_SIDE))
+    top = max(0, min(cy - DETAIL_SIDE // 2, height - DETAIL_SIDE))
+    left = max(0, min(cx - DETAIL_SIDE // 2, width - DETAIL_SIDE))
     box = (slice(top, top + DETAIL_SIDE), slice(left, left + DETAIL_SIDE))
-    _overlay(np.asarray(plane[box]), {CELL_COLOR: np.asarray(masks["cell"][box]),
-                                      NUCLEUS_COLOR: np.asarray(masks["nuclei"][box])}).save(qc_dir / "overlay-detail.png")
+    outlines = {CELL_COLOR: np.asarray(masks["cell"][box]), NUCLEUS_COLOR: np.asarray(masks["nuclei"][box])}
+    _overlay(np.asarray(plane[box]), outlines).save(qc_dir / "overlay-detail.png")
 
 
 def _overlay(image: np.ndarray, outlines: dict) -> Image.Image:
