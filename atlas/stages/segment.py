@@ -183,14 +183,14 @@ def _tile_results(paths: list[Path], tiles: list, engine_name: str, counts: list
         yield result
 
 
-def _median_area(labels, n_ids: int, block: int) -> float | None:
-    """Median instance area (px) of a label image read block by block."""
+def _median_area_um2(labels, n_ids: int, pixel_size_um: float, block: int) -> float | None:
+    """Median instance area (µm², 2 decimals) of a label image read block by block."""
     if not n_ids:
         return None
     areas = np.zeros(n_ids + 1, dtype=np.int64)
     for y0, y1, x0, x1 in tile_grid(labels.shape, block):
         areas += np.bincount(np.asarray(labels[y0:y1, x0:x1]).ravel(), minlength=n_ids + 1)
-    return float(np.median(areas[1:]))
+    return round(float(np.median(areas[1:])) * pixel_size_um ** 2, 2)
 
 
 def merge(ctx: StageContext) -> None:
@@ -212,12 +212,11 @@ def merge(ctx: StageContext) -> None:
             expand_to_cells(masks["nuclei"], masks["cell"], p.expand_um / pixel_size)
             write_masks(ctx.out_dir, ctx.slide_id, engine.name, masks, pixel_size, ctx.params.stitch.tile_size)
             write_qc(ctx.out_dir / QC_DIR, source.plane, masks, tiles[int(np.argmax(counts))])
-            median_area = _median_area(masks["nuclei"], n_nuclei, p.tile_size)
             summary = {"engine": engine.name, "channel": source.channel_names[source.index],
                        "pixel_size_um": pixel_size, "working_pixel_size_um": engine.pixel_size_um,
                        "calibration": _read_tile(paths[0])[1]["calibration"], "tiles": len(tiles),
                        "tile_size": p.tile_size, "overlap": p.overlap, "expand_um": p.expand_um, "nuclei": n_nuclei,
-                       "median_nucleus_area_um2": None if median_area is None else round(median_area * pixel_size ** 2, 2),
+                       "median_nucleus_area_um2": _median_area_um2(masks["nuclei"], n_nuclei, pixel_size, p.tile_size),
                        "masks": {m: layout.mask_path(ctx.slide_id, engine.name, m) for m in MASKS}}
             (ctx.out_dir / QC_DIR / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
             del masks
