@@ -43,8 +43,8 @@ from botocore.exceptions import ClientError
 
 from atlas.errors import InvalidInput, Problem
 from atlas.params import parse_params
-from atlas.runner import PROVENANCE, completion_path, write_completion
 from atlas.release import TRANSFER_THREADS, ReleaseError, parallel_map, release_run
+from atlas.runner import PROVENANCE, completion_path, write_completion
 from atlas.s3uri import S3Uri
 from atlas.slide import MANIFEST, PARAMS, RAW, parse_manifest, sha256_file
 from atlas.stages import STAGES, Stage, StageContext, get_stage
@@ -571,7 +571,7 @@ def execute_run(slide_uri: str, work_uri: str, run_id: str, *, env: Mapping[str,
         t0 = time.perf_counter()
         proc = subprocess.run(stage_command(stage.name, slide_uri=slide_uri, work_uri=work_uri, run_id=run_id,
                                             merge=merge),
-                              env=job_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              env=job_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False)
         if proc.returncode != 0:
             raise StageJobFailed(name, proc.returncode, proc.stdout)
         steps.append(StepResult(stage.name, item, merge, time.perf_counter() - t0, proc.stdout))

@@ -20,18 +20,18 @@ class S3Uri:
     key: str = ""
 
     @classmethod
-    def parse(cls, uri: str) -> "S3Uri":
+    def parse(cls, uri: str) -> S3Uri:
         """Parse ``s3://bucket/key``; ValueError names the bad URI."""
         parts = urlsplit(uri)
         if parts.scheme != "s3" or not parts.netloc or parts.query or parts.fragment:
             raise ValueError(f"{uri!r} is not an S3 URI like s3://bucket/prefix/")
         return cls(parts.netloc, parts.path.lstrip("/"))
 
-    def prefix(self) -> "S3Uri":
+    def prefix(self) -> S3Uri:
         """The same location as a prefix (trailing ``/``; the bucket root stays ``""``)."""
         return self if not self.key or self.key.endswith("/") else S3Uri(self.bucket, self.key + "/")
 
-    def join(self, *parts: str) -> "S3Uri":
+    def join(self, *parts: str) -> S3Uri:
         """The key ``parts`` below this prefix, e.g. ``work.join("qc", "provenance", "stitch.json")``."""
         rel = "/".join(p.strip("/") for p in parts if p.strip("/"))
         return S3Uri(self.bucket, self.prefix().key + rel)

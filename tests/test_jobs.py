@@ -29,8 +29,17 @@ from typer.testing import CliRunner
 from atlas import layout
 from atlas.cli import app
 from atlas.errors import InvalidInput
-from atlas.jobs import (ExitCode, JobError, Misconfigured, StageJobFailed, UpstreamIncomplete, execute_run,
-                        instance_type, run_stage_job, stage_command)
+from atlas.jobs import (
+    ExitCode,
+    JobError,
+    Misconfigured,
+    StageJobFailed,
+    UpstreamIncomplete,
+    execute_run,
+    instance_type,
+    run_stage_job,
+    stage_command,
+)
 from atlas.release import LATEST
 from atlas.runner import PROVENANCE
 from atlas.slide import MANIFEST, run_id_for
@@ -94,7 +103,7 @@ def objects(s3, bucket: str, prefix: str = "") -> dict[str, bytes]:
             for page in pages for o in page.get("Contents", [])}
 
 
-DATA_SCRIPT = re.compile(rb'<script id="atlas-data" type="application/json">(.*?)</script>', re.S)
+DATA_SCRIPT = re.compile(rb'<script id="atlas-data" type="application/json">(.*?)</script>', re.DOTALL)
 
 
 def overview_data(page: bytes) -> dict:
@@ -167,7 +176,7 @@ def test_every_stage_runs_as_a_job_and_the_run_is_released(aws, run, sample_run)
 
 
 def test_a_completed_job_skips_itself(aws, run):
-    env, s3 = aws
+    _, s3 = aws
     before = objects(s3, run["work"])
     result = run_stage_job("publish", slide_uri=run["slide_uri"], work_uri=f"s3://{run['work']}/{run['run_id']}/",
                            run_id=run["run_id"], s3=s3)
@@ -259,7 +268,7 @@ def test_a_corrupted_input_fails_naming_the_file_and_publishes_nothing(aws, slid
     run_id = run_id_for(slide_copy.name, (slide_copy / MANIFEST).read_bytes())
     ingest, work, results = (new_bucket(s3, n) for n in ("ingest", "work", "results"))
     slide_uri = upload_slide(s3, slide_copy, ingest)
-    cycle = sorted((slide_copy / "raw").iterdir())[-1]
+    cycle = max((slide_copy / "raw").iterdir())  # the last cycle
     data = bytearray(cycle.read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size, one flipped byte: only the checksum can tell
     key = f"{slide_copy.name}/raw/{cycle.name}"
