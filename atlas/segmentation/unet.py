@@ -196,9 +196,9 @@ class UNetEngine:
         -------
         probability : (y1 - y0, x1 - x0) float32 ndarray
         pixels : float32 ndarray
-            The windows' union, read once; ``box`` starts at ``(box[0] - starts[0], box[2] - starts[1])``.
-        starts : tuple of int
-            Working coordinates of ``pixels[0, 0]``.
+            The union of the model windows over ``box``, read once (it contains ``box``).
+        origin : tuple of int
+            Working coordinates (y, x) of ``pixels[0, 0]``.
         """
         floor = self.settings.noise_floor * calibration["noise_sigma"]
         y0, y1, x0, x1 = box
@@ -223,10 +223,10 @@ class UNetEngine:
     def segment(self, view: ScaledImage, box: Box, calibration: dict) -> np.ndarray:
         """Nucleus instances (int32 labels) of ``box`` at working scale."""
         s, px = self.settings, self.settings.pixel_size_um
-        prob, pixels, (py, px0) = self.probability(view, box, calibration)
+        prob, pixels, (top, left) = self.probability(view, box, calibration)
         edges = ndi.gaussian_gradient_magnitude(pixels, 1.0)
         y0, y1, x0, x1 = box
-        surface = edges[y0 - py:y1 - py, x0 - px0:x1 - px0]
+        surface = edges[y0 - top:y1 - top, x0 - left:x1 - left]
         return seeded_watershed(prob > s.foreground_probability, prob > s.seed_probability, surface,
                                 seed_sigma=s.seed_sigma_um / px,
                                 min_distance=max(1, round(s.seed_min_distance_um / px)),
