@@ -5,7 +5,8 @@ A job (``atlas stage NAME ...`` in the CPU or GPU image) does, in order:
 1. **Skip** when the completion record of this stage (or array item) for this run id is already in the
    work prefix with every output it lists present at its recorded size: a Spot retry resumes where
    the interrupted attempt stopped instead of redoing finished work.
-2. **Stage inputs** to local scratch (instance storage, not S3 mounts): the slide's metadata files and
+2. **Stage inputs** to local scratch (instance storage, not S3 mounts), once every earlier stage's
+   completion record is there (else fail before downloading anything): the slide's metadata files and
    the raw files the registry says the stage reads, each checked against the size and sha256 in the
    slide's ``manifest.json`` (a mismatch is bad input: :class:`~atlas.errors.InvalidInput` naming the
    file); then earlier stages' outputs, each checked against its completion record.
