@@ -104,6 +104,7 @@ def test_images_run_atlas_as_a_non_root_user_under_an_init(dockerfile):
 def test_images_point_the_code_at_what_they_install(dockerfile):
     from atlas.jobs import SCRATCH_ENV
     from atlas.overview.site import VIEWER_ENV, default_viewer_dir
+    from atlas.segmentation.unet import SHA256_ENV, WEIGHTS_ENV
 
     env = env_of(dockerfile)
     text = dockerfile.read_text()
@@ -115,8 +116,8 @@ def test_images_point_the_code_at_what_they_install(dockerfile):
     # the weights the build fetched and checked are the ones the segment stage is told to load
     assert 'fetch_weights.py "${UNET_WEIGHTS_URI}" "${UNET_WEIGHTS_SHA256}" /models/unet.onnx' in text
     assert "COPY --from=weights /models /opt/atlas/models" in text
-    assert env["ATLAS_UNET_WEIGHTS"] in ("/opt/atlas/models/unet.onnx", "${UNET_WEIGHTS_URI:+/opt/atlas/models/unet.onnx}")
-    assert env["ATLAS_UNET_SHA256"] == "${UNET_WEIGHTS_SHA256}"
+    assert env[WEIGHTS_ENV] in ("/opt/atlas/models/unet.onnx", "${UNET_WEIGHTS_URI:+/opt/atlas/models/unet.onnx}")
+    assert env[SHA256_ENV] == "${UNET_WEIGHTS_SHA256}"
 
 
 def test_gpu_image_needs_weights_and_uses_the_cuda_onnxruntime():
