@@ -12,7 +12,7 @@ from pathlib import Path
 
 from atlas import layout
 from atlas.runner import PROVENANCE, file_record
-from atlas.stages import StageContext
+from atlas.stages import STAGES, StageContext
 
 SOFTWARE = ("tissue-atlas", "ashlar", "numpy", "scipy", "scikit-image", "tifffile", "zarr", "onnxruntime",
             "pandas", "anndata")
@@ -44,6 +44,8 @@ def build_manifest(ctx: StageContext) -> dict:
         record = json.loads(record_path.read_text())
         if record.get("run_id") == ctx.run_id:
             stages.append({k: record[k] for k in ("stage", "item", "seconds", "vcpus", "vcpu_seconds", "instance_type")})
+    order = [s.name for s in STAGES]
+    stages.sort(key=lambda r: (order.index(r["stage"]), -1 if r["item"] is None else r["item"]))
     files = []
     for rel in result_files(ctx.out_dir):
         files.append({**file_record(ctx.out_dir, rel), "level": layout.level_of(rel)})

@@ -1,0 +1,166 @@
+"""``atlas run`` end to end: on the made sample (checked against its truth) and on real tiles.
+
+The real run uses the 54 positioned brain tiles of ``../shared/data/stitching/basicpy_wsi_brain``
+packed with ``atlas import fiji``; the sample run checks stitching, segmentation and
+quantification against the sample's ground truth.
+"""
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+import zarr
+from typer.testing import CliRunner
+
+from atlas import layout
+from atlas.cli import app
+from atlas.runner import run_pipeline
+from atlas.slide import read_markers, sha256_file
+
+MCQUANT_MORPHOLOGY = ["X_centroid", "Y_centroid", "Area", "MajorAxisLength", "MinorAxisLength",
+                      "Eccentricity", "Solidity", "Extent", "Orientation"]
+
+
+def check_results(out: Path, slide_dir: Path) -> dict:
+    """Assert what every run must give; returns the manifest."""
+    slide_id = slide_dir.name
+    names = [m.marker_name for m in read_markers(slide_dir / "markers.csv")]
+    manifest = json.loads((out / layout.MANIFEST).read_text())
+    assert manifest["slide_id"] == slide_id and manifest["run_id"].startswith(slide_id + "-")
+    assert {"python", "ashlar", "tifffile", "zarr"} <= set(manifest["software"])
+    assert manifest["params"]["stitch"]["align_channel"] == 0
+    assert [s["stage"] for s in manifest["stages"] if s["item"] is None][:4] == ["stitch", "segment", "quantify", "render"]
+    files = {f["path"]: f for f in manifest["files"]}
+    for path, entry in files.items():
+        assert (out / path).stat().st_size == entry["size"], path
+        assert sha256_file(out / path) == entry["sha256"], path
+        assert entry["level"] == layout.level_of(path)
+
+    # Level 2: pyramidal OME-TIFF with channel names, and the same image as OME-Zarr
+    reg = layout.registration_tiff(slide_id)
+    assert files[reg]["level"] == 2
+    with tifffile.TiffFile(out / reg) as tif:
+        series = tif.series[0]
+        image = series.asarray()
+        image = image[np.newaxis] if series.axes == "YX" else image  # a one-channel image squeezes C
+        assert series.axes.endswith("YX") and image.shape[0] == len(names)
+        assert len(series.levels) > 1
+        ome_names = [c.get("Name") for c in ET.fromstring(tif.ome_metadata).iter() if c.tag.endswith("}Channel")]
+        assert ome_names == names
+    zgroup = zarr.open_group(out / layout.registration_zarr(slide_id), mode="r")
+    assert [c["label"] for c in zgroup.attrs["omero"]["channels"]] == names
+    np.testing.assert_array_equal(zgroup["0"][:], image)
+
+    # Level 3: nuclei and cell labels with matching ids
+    seg = sorted((out / layout.SEGMENTATION).iterdir())
+    assert len(seg) == 1 and seg[0].name.endswith("-" + slide_id)
+    engine = seg[0].name.split("-")[0]
+    nuclei = tifffile.imread(out / layout.mask_path(slide_id, engine, "nuclei"))
+    cell = tifffile.imread(out / layout.mask_path(slide_id, engine, "cell"))
+    assert nuclei.dtype == cell.dtype == np.uint32 and nuclei.shape == cell.shape == image.shape[1:]
+    inside = nuclei > 0
+    assert np.array_equal(cell[inside], nuclei[inside])
+    assert files[layout.mask_path(slide_id, engine, "cell")]["level"] == 3
+
+    # Level 4: MCQuant columns, one row per cell
+    table = pd.read_csv(out / layout.table_path(slide_id, engine, "cell"))
+    assert list(table.columns) == ["CellID", *names, *MCQUANT_MORPHOLOGY]
+    assert sorted(table["CellID"]) == sorted(set(np.unique(cell)) - {0})
+    assert files[layout.table_path(slide_id, engine, "cell")]["level"] == 4
+
+    # Level 5 overview and QC
+    assert (out / layout.OVERVIEW / "index.html").is_file()
+    exhibit = json.loads((out / layout.OVERVIEW / "exhibit.json").read_text())
+    assert [name for group in exhibit["Groups"] for name in group["Channels"]] == names
+    assert any(p.startswith("qc/stitch/") for p in files)
+    return {"manifest": manifest, "image": image, "nuclei": nuclei, "cell": cell, "table": table, "engine": engine}
+
+
+def match_labels(pred: np.ndarray, true: np.ndarray) -> dict[int, tuple[int, float]]:
+    """For each true label, the predicted label with the largest overlap and their IoU."""
+    both = (pred > 0) & (true > 0)
+    pairs, counts = np.unique(np.stack([true[both], pred[both]]), axis=1, return_counts=True)
+    true_area = np.bincount(true.ravel())
+    pred_area = np.bincount(pred.ravel())
+    best: dict[int, tuple[int, float]] = {}
+    for (t, p), n in zip(pairs.T, counts):
+        iou = n / (true_area[t] + pred_area[p] - n)
+        if iou > best.get(t, (0, 0.0))[1]:
+            best[int(t)] = (int(p), float(iou))
+    return best
+
+
+def test_sample_run_matches_truth(sample_run, sample_dirs):
+    slide_dir, truth_dir = sample_dirs
+    got = check_results(sample_run, slide_dir)
+    truth = json.loads((truth_dir / "truth.json").read_text())
+
+    # stitching + registration: every tile of both cycles within 1 px of its true position
+    placed = pd.read_csv(sample_run / "qc/stitch/tiles.csv")
+    true_pos = pd.read_csv(truth_dir / "tile_positions.csv")
+    joined = placed.merge(true_pos, on=["cycle", "tile"])
+    assert len(joined) == 2 * 9
+    err = np.hypot(joined["y_px"] - joined["mosaic_y_px"], joined["x_px"] - joined["mosaic_x_px"])
+    assert err.max() < 1.0, joined[["cycle", "tile", "y_px", "mosaic_y_px", "x_px", "mosaic_x_px"]]
+
+    # segmentation: most true nuclei found as one predicted nucleus (IoU >= 0.5)
+    true_nuclei = tifffile.imread(truth_dir / "nuclei.tif")
+    h = min(true_nuclei.shape[0], got["nuclei"].shape[0])
+    w = min(true_nuclei.shape[1], got["nuclei"].shape[1])
+    matches = match_labels(got["nuclei"][:h, :w], true_nuclei[:h, :w])
+    found = sum(iou >= 0.5 for _, iou in matches.values())
+    n_true = truth["n_cells"]
+    assert found / n_true > 0.7, (found, n_true)
+
+    # quantification: measured means of matched cells track the true means. Nuclear stains are
+    # compared on the nuclei table, the other markers on the cell table. Without illumination
+    # correction the tiles keep their vignetting (down to 0.68 in the corners), and cycle 2 is
+    # placed to the nearest pixel, so the floors are correlations, not equalities.
+    pairs = [(t, p) for t, (p, iou) in matches.items() if iou >= 0.5]
+    for mask, markers, floor in (("nuclei", ["DNA_1", "DNA_2"], 0.8),
+                                 ("cell", ["CD45", "panCK", "CD3", "aSMA"], 0.9)):
+        measured = pd.read_csv(sample_run / layout.table_path(slide_dir.name, got["engine"], mask)).set_index("CellID")
+        expected = pd.read_csv(truth_dir / f"{mask}.csv").set_index("CellID")
+        measured = measured.loc[[p for _, p in pairs]]
+        expected = expected.loc[[t for t, _ in pairs]]
+        for marker in markers:
+            r = np.corrcoef(measured[marker].to_numpy(), expected[marker].to_numpy())[0, 1]
+            assert r > floor, (mask, marker, r)
+
+
+def test_rerun_resumes_without_redoing_work(sample_run, sample_slide):
+    before = {p: p.stat().st_mtime_ns for p in sample_run.rglob("*") if p.is_file()}
+    result = CliRunner().invoke(app, ["run", str(sample_slide), "-o", str(sample_run)])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("already complete") == 5
+    assert "overview:" in result.output
+    after = {p: p.stat().st_mtime_ns for p in sample_run.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_run_refuses_an_invalid_slide_and_keeps_it(slide_copy, tmp_path):
+    (slide_copy / "markers.csv").write_text("junk\n")
+    before = sorted((p.name, p.stat().st_size) for p in slide_copy.rglob("*"))
+    result = CliRunner().invoke(app, ["run", str(slide_copy), "-o", str(tmp_path / "out")])
+    assert result.exit_code != 0
+    assert "markers.csv" in str(result.exception) + result.output
+    assert sorted((p.name, p.stat().st_size) for p in slide_copy.rglob("*")) == before
+
+
+@pytest.mark.timeout(900)
+def test_run_on_imported_real_brain_tiles(shared_data, tmp_path):
+    config = shared_data / "stitching/basicpy_wsi_brain/TileConfiguration.txt"
+    slide = tmp_path / "brain"
+    result = CliRunner().invoke(app, ["import", "fiji", str(config), "-o", str(slide)])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "out"
+    run_pipeline(slide, out)
+    got = check_results(out, slide)
+    # the 54 tiles of about 460 px pitch on a 9 x 6 grid give a mosaic of about 4200 x 2900 px
+    assert 2800 < got["image"].shape[1] < 3000 and 4100 < got["image"].shape[2] < 4300
+    assert len(got["table"]) > 100
