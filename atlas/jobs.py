@@ -476,13 +476,7 @@ def run_stage_job(stage_name: str, *, slide_uri: str, work_uri: str, run_id: str
         before = _snapshot(out_dir)
         started = time.time()
         try:
-            module = stage.module
-            if not stage.array_size:
-                module.run(ctx)
-            elif merge:
-                module.merge(ctx)
-            else:
-                module.run_item(ctx, item, stage.array_size)
+            stage.execute(ctx, item=item, merge=merge)
         except InvalidInput:
             raise
         except Exception as exc:

@@ -85,19 +85,11 @@ def run_stage(ctx: StageContext, stage: Stage, *, item: int | None = None, merge
 
     Returns the completion record written, or None when the work was already complete.
     """
-    if stage.array_size and not merge and item is None:
-        raise ValueError(f"stage {stage.name!r} is an array stage: give an item index or merge=True")
     record_item = item if not merge else None
     if completed(ctx, stage, record_item):
         return None
     started = time.time()
-    module = stage.module
-    if not stage.array_size:
-        module.run(ctx)
-    elif merge:
-        module.merge(ctx)
-    else:
-        module.run_item(ctx, item, stage.array_size)
+    stage.execute(ctx, item=item, merge=merge)
     outputs = None
     if item is not None and not merge:
         # an array item's outputs are its share of the scratch area, not the stage's final outputs

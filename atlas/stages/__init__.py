@@ -57,6 +57,17 @@ class Stage:
     def module(self) -> ModuleType:
         return importlib.import_module(f"atlas.stages.{self.name}")
 
+    def execute(self, ctx: StageContext, *, item: int | None = None, merge: bool = False) -> None:
+        """Run the stage's work per the contract: ``run``, one array item, or the array merge."""
+        if self.array_size and not merge and item is None:
+            raise ValueError(f"stage {self.name!r} is an array stage: give an item index or merge=True")
+        if not self.array_size:
+            self.module.run(ctx)
+        elif merge:
+            self.module.merge(ctx)
+        else:
+            self.module.run_item(ctx, item, self.array_size)
+
 
 STAGES: tuple[Stage, ...] = (
     Stage("stitch", "cpu", vcpus=4, memory_mib=16384, timeout_s=6 * 3600,
