@@ -17,7 +17,12 @@ from infra.stacks import build_app
 
 CDK_JSON = Path(__file__).resolve().parent / "cdk.json"
 
-app = App(context=json.loads(CDK_JSON.read_text())["context"])  # the CLI's -c values still win
+context = json.loads(CDK_JSON.read_text())["context"]
+if "CDK_CONTEXT_JSON" not in os.environ:
+    # Run directly (not by the CDK CLI): synthesize offline, without packaging the Lambda code.
+    # The asset hash comes from the sources, so the templates are the same as the CLI's.
+    context.setdefault("aws:cdk:bundling-stacks", [])
+app = App(context=context)  # the CLI's -c values still win
 try:
     config = load_config(app.node.try_get_context, default_account=os.environ.get("CDK_DEFAULT_ACCOUNT"))
 except ConfigError as exc:
