@@ -13,7 +13,8 @@ Cases (slides built in a temporary folder from ``../shared/data`` read in place)
   positions moved by (+7.7, -5.2) µm so it must really be registered).
 
 Each tool runs as its own child process, alternately, ``--repeats`` times; wall time and peak RSS
-(``ru_maxrss`` from ``os.wait4`` of that child) are reported as medians, then the ratios
+(``ru_maxrss`` from ``os.wait4`` of that child; this parent stays small because a child's
+``ru_maxrss`` starts at its parent's peak) are reported as medians, then the ratios
 ASHLAR / ours for throughput (higher is better for us) and ours / ASHLAR for peak RSS (lower is
 better). Ours writes more: the OME-TIFF, the OME-Zarr and QC; ASHLAR writes its OME-TIFF only.
 """
@@ -87,13 +88,15 @@ def make_slide(root: Path, name: str, *, replicate: int, channels: int, cycles: 
 
 def measure(cmd: list[str], cwd: Path) -> tuple[float, float]:
     """(wall seconds, peak RSS MiB) of one child process."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        raise RuntimeError(f"{cmd[0]} failed ({proc.returncode}): {proc.stderr.read().decode()[-2000:]}")
+    with tempfile.TemporaryFile() as log:    # a file, not a pipe: a full pipe would block the child
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode:
+            log.seek(0)
+            raise RuntimeError(f"{cmd[0]} failed ({proc.returncode}): {log.read().decode()[-2000:]}")
     return wall, usage.ru_maxrss / 1024
 
 
@@ -117,21 +120,28 @@ def bench(slide: Path, work: Path, repeats: int) -> None:
     print(f"  peak RSS   ours/ashlar = {med['ours'][1] / med['ashlar'][1]:.2f}x (goal <= 1.0)")
 
 
+CASES = {"brain": dict(replicate=1, channels=1, cycles=1), "large": dict(replicate=2, channels=4, cycles=2)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--large", action="store_true", help="also run the 216-tile, 2-cycle x 4-channel case")
+    parser.add_argument("--make-slide", nargs=2, metavar=("ROOT", "CASE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.make_slide:
+        root, name = args.make_slide
+        make_slide(Path(root), name, **CASES[name])
+        return
     with tempfile.TemporaryDirectory(prefix="bench-stitch-") as tmp:
         root = Path(tmp)
-        cases = [("brain", dict(replicate=1, channels=1, cycles=1))]
-        if args.large:
-            cases.append(("large", dict(replicate=2, channels=4, cycles=2)))
-        for name, spec in cases:
-            slide = make_slide(root, name, **spec)
+        for name in ["brain", "large"] if args.large else ["brain"]:
+            # Build the slide in a child: Linux carries a parent's peak RSS into children it
+            # spawns (ru_maxrss survives fork + exec), so this process must stay small.
+            subprocess.run([sys.executable, __file__, "--make-slide", str(root), name], check=True)
             work = root / f"{name}-work"
             work.mkdir()
-            bench(slide, work, args.repeats)
+            bench(root / name, work, args.repeats)
 
 
 if __name__ == "__main__":
