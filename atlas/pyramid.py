@@ -205,9 +205,9 @@ def write_ome_tiff_pyramid(path: str | os.PathLike, image: ArrayLike, *, channel
         if got != shapes[1:]:
             raise ValueError(f"subresolutions have shapes {got}, expected {shapes[1:]}")
         dtype = np.dtype(image.dtype)
-        options = dict(tile=(tile_size, tile_size), dtype=dtype, photometric="minisblack",
-                       compression="adobe_deflate", predictor=dtype.kind in "iu", maxworkers=os.cpu_count(),
-                       resolutionunit="CENTIMETER")
+        options = {"tile": (tile_size, tile_size), "dtype": dtype, "photometric": "minisblack",
+                       "compression": "adobe_deflate", "predictor": dtype.kind in "iu", "maxworkers": os.cpu_count(),
+                       "resolutionunit": "CENTIMETER"}
         metadata = {"axes": "CYX", "UUID": _ome_uuid(path, image.shape, channel_names),
                     "Creator": "tissue-atlas", "Channel": {"Name": list(channel_names)},
                     "PhysicalSizeX": pixel_size_um, "PhysicalSizeXUnit": "µm",

@@ -120,7 +120,7 @@ def bench(slide: Path, work: Path, repeats: int) -> None:
     print(f"  peak RSS   ours/ashlar = {med['ours'][1] / med['ashlar'][1]:.2f}x (goal <= 1.0)")
 
 
-CASES = {"brain": dict(replicate=1, channels=1, cycles=1), "large": dict(replicate=2, channels=4, cycles=2)}
+CASES = {"brain": {"replicate": 1, "channels": 1, "cycles": 1}, "large": {"replicate": 2, "channels": 4, "cycles": 2}}
 
 
 def main() -> None:

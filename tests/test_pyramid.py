@@ -10,8 +10,13 @@ import pytest
 import tifffile
 import zarr
 
-from atlas.pyramid import (downsample, level_shapes, write_ome_tiff_pyramid, write_ome_zarr,
-                           write_zarr_labels)
+from atlas.pyramid import (
+    downsample,
+    level_shapes,
+    write_ome_tiff_pyramid,
+    write_ome_zarr,
+    write_zarr_labels,
+)
 
 BRAIN = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "stitching" / "basicpy_wsi_brain"
 PIXEL_UM = 2.5833
@@ -133,7 +138,7 @@ def test_ome_zarr_ngff04_multiscales_omero_and_labels(tmp_path, brain_image):
 
 
 def test_any_array_like_gives_identical_bytes_and_zarr_levels_can_be_reused(tmp_path, brain_image):
-    kw = dict(channel_names=["a", "b", "c"], pixel_size_um=PIXEL_UM, tile_size=256)
+    kw = {"channel_names": ["a", "b", "c"], "pixel_size_um": PIXEL_UM, "tile_size": 256}
     mm = np.lib.format.open_memmap(tmp_path / "mm.npy", mode="w+", dtype=brain_image.dtype, shape=brain_image.shape)
     mm[:] = brain_image
     levels = write_ome_zarr(tmp_path / "x.ome.zarr", brain_image, **kw)

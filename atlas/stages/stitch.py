@@ -24,7 +24,14 @@ from atlas.ometiff import CycleMetadata, read_cycle_metadata
 from atlas.pyramid import write_ome_tiff_pyramid, write_ome_zarr
 from atlas.slide import MARKERS, RAW, RAW_SUFFIXES, Marker, read_markers
 from atlas.stages import StageContext
-from atlas.stitch import CycleAlignment, MosaicImage, TileSet, align_cycles, mosaic_shape, thumbnail_uint8
+from atlas.stitch import (
+    CycleAlignment,
+    MosaicImage,
+    TileSet,
+    align_cycles,
+    mosaic_shape,
+    thumbnail_uint8,
+)
 
 QC_DIR = f"{layout.QC}/stitch"
 SUPPORTED_DTYPES = ("uint8", "uint16")
