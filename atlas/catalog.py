@@ -81,7 +81,7 @@ class Status(StrEnum):
 
 
 # A run's status only moves forward: rank of each state (a redrive starts a new round, see below).
-_RANK = {Status.READY: 1, Status.RUNNING: 2, Status.SUCCEEDED: 3, Status.FAILED: 3}
+STATUS_RANK = {Status.READY: 1, Status.RUNNING: 2, Status.SUCCEEDED: 3, Status.FAILED: 3}
 _SFN_STATUS = {"RUNNING": Status.RUNNING, "SUCCEEDED": Status.SUCCEEDED, "FAILED": Status.FAILED,
                "TIMED_OUT": Status.FAILED, "ABORTED": Status.FAILED}
 
@@ -227,7 +227,8 @@ def slide_pk(slide_id: str) -> str:
     return f"SLIDE#{slide_id}"
 
 
-def _now() -> str:
+def timestamp() -> str:
+    """Now, UTC, ISO 8601 with milliseconds: the time format of every catalog item."""
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
@@ -329,7 +330,7 @@ def record_object(aws: Aws, *, bucket: str, key: str, size: int, etag: str, vers
     seq = normalize_sequencer(sequencer)
     item: dict[str, Any] = {"pk": slide_pk(slide_id), "sk": f"OBJECT#{key}", "bucket": bucket, "key": key,
                             "path": path, "size": size, "etag": etag, "version_id": version_id, "sequencer": seq,
-                            "cataloged_at": _now()}
+                            "cataloged_at": timestamp()}
     read_version = {"VersionId": version_id} if version_id else {"IfMatch": f'"{etag}"'}
     try:
         head = aws.s3.head_object(Bucket=bucket, Key=key, **read_version)
@@ -496,7 +497,7 @@ def check_slide(aws: Aws, settings: Settings, slide_id: str) -> dict:
         missing = [{"path": MANIFEST, "expected_size": None, "found_size": None,
                     "why": "not arrived yet (written last by `atlas upload`)"}]
         done = _set_slide(aws, slide_id, _open_manifest_condition(None, None),
-                          {"status": Status.COLLECTING, "missing": missing, "updated_at": _now(),
+                          {"status": Status.COLLECTING, "missing": missing, "updated_at": timestamp(),
                            "files_present": len(objects)})
         return result | {"status": Status.COLLECTING, "outcome": "collecting" if done else "stale"}
 
@@ -505,7 +506,7 @@ def check_slide(aws: Aws, settings: Settings, slide_id: str) -> dict:
         return result | {"status": slide["status"], "outcome": "decided", "run_id": slide.get("run_id")}
     manifest_text = manifest.data.decode("utf-8", errors="replace")
     version_fields = {"manifest_version": manifest.version, "manifest_sequencer": manifest.sequencer,
-                      "updated_at": _now()}
+                      "updated_at": timestamp()}
     try:
         entries = parse_manifest(manifest_text)
     except InvalidInput:
@@ -526,8 +527,8 @@ def check_slide(aws: Aws, settings: Settings, slide_id: str) -> dict:
     run_id = run_id_for(slide_id, manifest.data)
     ignored = sorted(set(objects) - listed - {MANIFEST})
     won = _set_slide(aws, slide_id, _open_manifest_condition(manifest.version, manifest.sequencer),
-                     {"status": Status.READY, "status_order": _RANK[Status.READY], "run_id": run_id, "ignored": ignored,
-                      "files_expected": len(listed), "files_present": len(listed)} | version_fields,
+                     {"status": Status.READY, "status_order": STATUS_RANK[Status.READY], "run_id": run_id,
+                      "ignored": ignored, "files_expected": len(listed), "files_present": len(listed)} | version_fields,
                      remove=("missing", "problems", "execution_arn", "cause", "error", "output_uri", "overview_uri"))
     if not won:
         # Lost the race, or this is a retry after a crash between the flip and the start: start
@@ -570,7 +571,7 @@ def _decide_invalid(aws: Aws, settings: Settings, slide_id: str, manifest: _Mani
     won = _set_slide(aws, slide_id, _open_manifest_condition(manifest.version, manifest.sequencer),
                      {"status": Status.INVALID, "problems": _problem_items(problems),
                       "manifest_version": manifest.version, "manifest_sequencer": manifest.sequencer,
-                      "updated_at": _now()},
+                      "updated_at": timestamp()},
                      remove=tuple(f for f in _DECISION_FIELDS if f != "problems"))
     if won:
         lines = [f"Slide {slide_id} is INVALID (manifest version {manifest.version}): nothing was processed "
@@ -601,14 +602,14 @@ def start_run(aws: Aws, settings: Settings, *, slide_id: str, run_id: str, inges
         arn = settings.state_machine_arn.replace(":stateMachine:", ":execution:") + f":{run_id}"
     try:
         aws.table.put_item(Item={"pk": slide_pk(slide_id), "sk": f"RUN#{run_id}", "run_id": run_id,
-                                 "status": Status.READY, "status_order": _RANK[Status.READY],
+                                 "status": Status.READY, "status_order": STATUS_RANK[Status.READY],
                                  "manifest_version": manifest_version, "execution_arn": arn, "input": payload,
-                                 "started_at": _now()},
+                                 "started_at": timestamp()},
                            ConditionExpression=Attr("sk").not_exists())
     except ClientError as exc:
         if not _is_conflict(exc):
             raise
-    _set_slide(aws, slide_id, Attr("run_id").eq(run_id), {"execution_arn": arn, "updated_at": _now()})
+    _set_slide(aws, slide_id, Attr("run_id").eq(run_id), {"execution_arn": arn, "updated_at": timestamp()})
     return arn
 
 
@@ -631,9 +632,9 @@ def record_execution_status(aws: Aws, settings: Settings, detail: ExecutionStatu
         slide_id = None
     if status is None or slide_id is None:
         return {"run_id": run_id, "outcome": "ignored", "status": detail.status}
-    order = detail.redrive_count * 10 + _RANK[status]
+    order = detail.redrive_count * 10 + STATUS_RANK[status]
     values: dict[str, Any] = {"status": status, "status_order": order, "execution_arn": detail.execution_arn,
-                              "updated_at": _now()}
+                              "updated_at": timestamp()}
     if status is Status.SUCCEEDED:
         values["output_uri"] = results_uri(settings, slide_id, run_id)
         values["overview_uri"] = values["output_uri"] + "overview/index.html"

@@ -520,7 +520,7 @@ def rerun(slide_id: str, *, table, from_stage: str | None = None, params_text: s
 
     new_payload = {"slide_id": slide_id, "run_id": run_id, "slide_uri": str(slide_uri), "work_uri": str(new_work)}
     key = {"pk": catalog.slide_pk(slide_id), "sk": "SLIDE"}
-    now = catalog._now()
+    now = catalog.timestamp()
     try:
         table.update_item(
             Key=key, ConditionExpression=Attr("run_id").eq(previous_run) & Attr("status").eq(slide["status"]),
@@ -528,14 +528,15 @@ def rerun(slide_id: str, *, table, from_stage: str | None = None, params_text: s
             ExpressionAttributeNames={"#s": "status", "#o": "status_order", "#r": "run_id", "#u": "updated_at",
                                       "#e": "execution_arn", "#c": "cause", "#x": "error", "#out": "output_uri",
                                       "#ov": "overview_uri"},
-            ExpressionAttributeValues={":s": Status.READY, ":o": catalog._RANK[Status.READY], ":r": run_id, ":u": now})
+            ExpressionAttributeValues={":s": Status.READY, ":o": catalog.STATUS_RANK[Status.READY], ":r": run_id,
+                                       ":u": now})
     except ClientError as exc:
         if exc.response["Error"]["Code"] != "ConditionalCheckFailedException":
             raise
         raise InvalidInput(Problem(slide_id, "the slide changed while the rerun was prepared (another rerun or a "
                                              "new upload)", f"check `atlas status {slide_id}` and try again")) from exc
     run_item = {"pk": catalog.slide_pk(slide_id), "sk": f"RUN#{run_id}", "run_id": run_id, "status": Status.READY,
-                "status_order": catalog._RANK[Status.READY], "manifest_version": slide.get("manifest_version"),
+                "status_order": catalog.STATUS_RANK[Status.READY], "manifest_version": slide.get("manifest_version"),
                 "input": new_payload, "started_at": now, "rerun_of": previous_run,
                 "from_stage": STAGES[stage_index].name, "params_override": override}
     table.put_item(Item=run_item)
