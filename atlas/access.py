@@ -36,11 +36,10 @@ from botocore.exceptions import ClientError, NoCredentialsError
 from atlas import layout
 from atlas.errors import InvalidInput, Problem
 from atlas.jobs import RESULTS_BUCKET_ENV, parallel_map  # the bucket variable of the publish job
-from atlas.release import LATEST
+from atlas.release import LATEST, RESULTS_REGION
 from atlas.s3uri import S3Uri
 from atlas.slide import sha256_file
 
-RESULTS_REGION = "us-east-1"            # where the results bucket is (infra checks results_region is this)
 REQUEST_PAYER_HEADER = "x-amz-request-payer"
 PART_SIZE = 8 * 2**20                   # bytes per ranged GET of a download
 DOWNLOAD_THREADS = 8

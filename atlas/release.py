@@ -35,6 +35,9 @@ from atlas import layout
 from atlas.s3uri import S3Uri
 
 LATEST = "latest.json"
+# The results bucket is published for external analysts, who are told to read it from us-east-1
+# (free in-region transfer, they pay requests): it must live there (the deployment config checks).
+RESULTS_REGION = "us-east-1"
 TRANSFER_THREADS = 16
 CONTENT_TYPES = {".json": "application/json", ".csv": "text/csv", ".html": "text/html", ".js": "text/javascript",
                  ".css": "text/css", ".tif": "image/tiff", ".png": "image/png", ".jpg": "image/jpeg",

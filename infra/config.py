@@ -17,14 +17,11 @@ from typing import Any
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_logs as logs
 
+from atlas.release import RESULTS_REGION
 from atlas.stages import STAGES
 
 ENVIRONMENT_KEY = "atlas:environment"
 ENVIRONMENTS_KEY = "atlas:environments"
-
-# The results bucket is published for external analysts, who are told to read it from us-east-1
-# (free in-region transfer, they pay requests): it must live there.
-RESULTS_REGION = "us-east-1"
 
 # Retentions CloudWatch Logs accepts, in days.
 _R = logs.RetentionDays
