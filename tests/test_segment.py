@@ -16,10 +16,12 @@ from skimage.segmentation import expand_labels
 from atlas.errors import InvalidInput
 from atlas.segmentation import make_engine, resolve_engine_name
 from atlas.segmentation.metrics import match_instances
-from atlas.segmentation.tiling import ScaledImage, expand_to_cells, segment_image
+from atlas.segmentation.tiling import (ScaledImage, expand_to_cells, grown_area, job_tiles, segment_image, tile_grid,
+                                       working_view)
 from atlas.segmentation.unet import SHA256_ENV, WEIGHTS_ENV, resolve_weights, window_starts
 
 F1_FLOOR = {"classical": 0.84, "unet": 0.86}     # measured: classical 0.848, unet 0.868
+COARSE_F1_FLOOR = 0.79      # classical at 1.3 µm/px, measured 0.808
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +73,37 @@ def test_pixel_size_rescales_to_the_working_scale(engines, dsb, name):
     unaware = match_instances(zoomed_truth, segment_image(zoomed, engines[name]))
     assert aware.f1 >= F1_FLOOR[name] - 0.03, aware
     assert unaware.f1 < aware.f1 - 0.1
+
+
+def test_coarse_images_are_segmented_at_their_own_scale_by_the_classical_engine(engines, dsb):
+    image, truth = dsb
+    coarse = image.astype(np.float32).reshape(256, 2, 256, 2).mean(axis=(1, 3))   # 2x larger camera pixels
+    engine, view = working_view(coarse, engines["classical"], 1.3)
+    assert view.shape == coarse.shape and engine.pixel_size_um == 1.3
+    native = np.repeat(np.repeat(segment_image(coarse, engines["classical"], pixel_size_um=1.3), 2, 0), 2, 1)
+    # what upsampling to the tuned 0.65 µm/px gives: no better, at 4x the pixels
+    upsampled = segment_image(ndi.zoom(coarse, 2, order=1), engines["classical"], pixel_size_um=0.65)
+    native_f1, upsampled_f1 = match_instances(truth, native).f1, match_instances(truth, upsampled).f1
+    assert native_f1 >= COARSE_F1_FLOOR and native_f1 >= upsampled_f1 - 0.03, (native_f1, upsampled_f1)
+    # finer images are still shrunk to the tuned scale; the U-Net always works at its training scale
+    assert working_view(np.zeros((1024, 1024)), engines["classical"], 0.325)[1].shape == (512, 512)
+    assert working_view(coarse, engines["unet"], 1.3)[1].shape == (512, 512)
+    assert working_view(coarse, engines["unet"], None)[1].shape == coarse.shape
+
+
+def test_tiles_split_evenly_over_parallel_jobs():
+    shape, jobs = (2878, 4237), 4     # the stitched real brain tiles
+    tiles, shares = job_tiles(shape, 2048, 128, jobs)
+    covered = np.zeros(shape, np.uint8)
+    for y0, y1, x0, x1 in tiles:
+        assert y1 - y0 <= 2048 and x1 - x0 <= 2048
+        covered[y0:y1, x0:x1] += 1
+    assert (covered == 1).all()
+    assert sorted(n for share in shares for n in share) == list(range(len(tiles)))
+    loads = [sum(grown_area(tiles[n], shape, 128) for n in share) for share in shares]
+    assert max(loads) <= 1.05 * np.mean(loads), loads
+    # the fewest 2048 px tiles (2 x 3, even sizes) cannot be shared evenly by 4 jobs
+    assert len(tile_grid(shape, 2048)) == 6 and len(tiles) == 8
 
 
 @pytest.mark.parametrize("name", ["classical", "unet"])

@@ -6,7 +6,12 @@ An engine turns part of an image into nucleus instances. It works at its own pix
 ``name``
     Short name without ``-``; the results folder is ``segmentation/<name>-<slide>/``.
 ``pixel_size_um``
-    Working scale (µm/px); images are resampled to it (:class:`tiling.ScaledImage`).
+    Working scale (µm/px); images are resampled to it (:class:`tiling.ScaledImage`). For the
+    engine :func:`make_engine` returns, the scale its parameters or weights were made for.
+``scaled_for(pixel_size_um) -> Engine``
+    The engine to run on an image of that native pixel size (None: unknown), working at the scale
+    it chooses: ``classical`` at the image's own scale unless finer than 0.65 µm/px, ``unet``
+    always at its training scale (:func:`tiling.working_view`).
 ``calibrate(sample) -> dict``
     Global constants (thresholds, noise level) from :func:`tiling.calibration_sample`, so that
     every tile of an image uses the same ones.
@@ -36,6 +41,8 @@ AUTO = "auto"
 class Engine(Protocol):
     name: str
     pixel_size_um: float
+
+    def scaled_for(self, pixel_size_um: float | None) -> Engine: ...
 
     def calibrate(self, sample: list[np.ndarray]) -> dict[str, float]: ...
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -131,11 +132,63 @@ def calibration_sample(view: ScaledImage, block: int = CALIBRATION_BLOCK,
 
 
 def tile_grid(shape: tuple[int, int], tile_size: int) -> list[Box]:
-    """Core tiles of ``tile_size`` covering an image of ``shape`` (native px), row by row."""
+    """Core tiles of at most ``tile_size`` covering an image of ``shape`` (native px), row by row.
+
+    Each axis is cut into the fewest parts, of equal size to within a pixel, so no tile is a thin
+    sliver left at the image's edge.
+    """
     if tile_size < 1:
         raise ValueError(f"tile_size must be positive, got {tile_size}")
-    return [(y, min(y + tile_size, shape[0]), x, min(x + tile_size, shape[1]))
-            for y in range(0, shape[0], tile_size) for x in range(0, shape[1], tile_size)]
+    return even_grid(shape, (math.ceil(shape[0] / tile_size), math.ceil(shape[1] / tile_size)))
+
+
+def even_grid(shape: tuple[int, int], counts: tuple[int, int]) -> list[Box]:
+    """``counts[0]`` x ``counts[1]`` tiles of equal size (to within a pixel) covering ``shape``, row by row."""
+    rows, cols = ([round(i * size / n) for i in range(n + 1)] for size, n in zip(shape, counts, strict=True))
+    return [(y0, y1, x0, x1) for y0, y1 in pairwise(rows) for x0, x1 in pairwise(cols)]
+
+
+def grown_area(core: Box, shape: tuple[int, int], overlap: int) -> int:
+    """Pixels a tile reads: its core grown by ``overlap`` on every side, clipped to the image."""
+    y0, y1, x0, x1 = core
+    return (min(y1 + overlap, shape[0]) - max(y0 - overlap, 0)) * (min(x1 + overlap, shape[1]) - max(x0 - overlap, 0))
+
+
+def assign_tiles(tiles: list[Box], shape: tuple[int, int], overlap: int, jobs: int) -> list[list[int]]:
+    """Tile indices for each of ``jobs`` parallel jobs, balanced by the pixels each tile reads.
+
+    Largest tile first, each to the job with the least work so far (ties: lowest job number).
+    """
+    loads, assigned = [0] * jobs, [[] for _ in range(jobs)]
+    work = [grown_area(tile, shape, overlap) for tile in tiles]
+    for n in sorted(range(len(tiles)), key=lambda n: (-work[n], n)):
+        job = min(range(jobs), key=lambda j: (loads[j], j))
+        loads[job] += work[n]
+        assigned[job].append(n)
+    return [sorted(indices) for indices in assigned]
+
+
+def job_tiles(shape: tuple[int, int], tile_size: int, overlap: int, jobs: int) -> tuple[list[Box], list[list[int]]]:
+    """Core tiles for ``jobs`` parallel jobs and the indices of the tiles each job segments.
+
+    Among grids with tiles of at most ``tile_size`` (up to ``jobs`` more parts per axis than the
+    fewest), picks the one whose busiest job reads the fewest pixels (core + overlap), then the
+    fewest in total: e.g. 4 jobs on a 2878 x 4237 px image with 2048 px tiles get 2 x 4 tiles,
+    two each, not 2 x 3 tiles shared 2, 2, 1, 1.
+    """
+    if tile_size < 1:
+        raise ValueError(f"tile_size must be positive, got {tile_size}")
+    fewest = [math.ceil(size / tile_size) for size in shape]
+    best = None
+    for ny in range(fewest[0], min(fewest[0] + jobs, shape[0]) + 1):
+        for nx in range(fewest[1], min(fewest[1] + jobs, shape[1]) + 1):
+            tiles = even_grid(shape, (ny, nx))
+            assigned = assign_tiles(tiles, shape, overlap, jobs)
+            work = [grown_area(tile, shape, overlap) for tile in tiles]
+            cost = (max(sum(work[n] for n in indices) for indices in assigned), sum(work))
+            if best is None or cost < best[0]:
+                best = (cost, tiles, assigned)
+    return best[1], best[2]
 
 
 @dataclass(frozen=True)
@@ -275,7 +328,7 @@ def segment_image(plane, engine, *, pixel_size_um: float | None = None, tile_siz
     (Y, X) uint32 ndarray or ``out``
         Labels 1..n, 0 background.
     """
-    view = ScaledImage(plane, working_factor(engine, pixel_size_um))
+    engine, view = working_view(plane, engine, pixel_size_um)
     calibration = engine.calibrate(calibration_sample(view))
     if out is None:
         out = np.zeros(view.native_shape, dtype=np.uint32)
@@ -290,10 +343,26 @@ def segment_image(plane, engine, *, pixel_size_um: float | None = None, tile_siz
     return out
 
 
-def working_factor(engine, pixel_size_um: float | None) -> float:
-    """Working pixels per native pixel for ``engine`` (1 when the pixel size is unknown)."""
-    if pixel_size_um is None:
-        return 1.0
-    if not pixel_size_um > 0:
+def working_view(plane, engine, pixel_size_um: float | None):
+    """``engine`` set to the working scale it picks for ``plane``, and ``plane`` seen at that scale.
+
+    Parameters
+    ----------
+    plane : (Y, X) array-like
+        Native pixels.
+    engine : Engine
+        As :func:`atlas.segmentation.make_engine` returns it.
+    pixel_size_um : float or None
+        Native pixel size (µm); None assumes the engine's reference scale (``engine.pixel_size_um``).
+
+    Returns
+    -------
+    engine : Engine
+        ``engine.scaled_for(pixel_size_um)``; its ``pixel_size_um`` is the working scale.
+    view : ScaledImage
+    """
+    if pixel_size_um is not None and not pixel_size_um > 0:
         raise ValueError(f"pixel size must be positive, got {pixel_size_um} µm")
-    return pixel_size_um / engine.pixel_size_um
+    native = pixel_size_um or engine.pixel_size_um
+    engine = engine.scaled_for(pixel_size_um)
+    return engine, ScaledImage(plane, native / engine.pixel_size_um)

@@ -1,7 +1,8 @@
 """Stage ``segment`` (array): nucleus and cell masks of the registered image, Level 3.
 
-Item ``index`` of ``count`` segments tiles ``index, index + count, ...`` of the nucleus channel
-(``segment.channel``) of ``registration/<slide>.ome.tif`` and writes each tile's kept instances to
+Item ``index`` of ``count`` segments its share of the tiles of the nucleus channel
+(``segment.channel``) of ``registration/<slide>.ome.tif`` (:func:`job_tiles`: a grid whose tiles
+split evenly by pixels read over the items) and writes each tile's kept instances to
 ``tmp/segment/tile-<n>.tif``. ``merge`` paints them into one whole-slide label image (memory-mapped
 scratch, so any slide size fits), grows nuclei into cells by ``segment.expand_um`` and writes
 
@@ -36,9 +37,9 @@ from atlas.errors import InvalidInput, Problem
 from atlas.ometiff import parse_ome_xml
 from atlas.pyramid import write_ome_tiff_pyramid, write_zarr_labels
 from atlas.segmentation import make_engine
-from atlas.segmentation.tiling import (ScaledImage, TileResult, calibration_sample, expand_to_cells, paint_tiles,
-                                       relabel_sequential_blocks, segment_tile, tile_grid, working_factor)
-from atlas.stages import StageContext
+from atlas.segmentation.tiling import (TileResult, calibration_sample, expand_to_cells, job_tiles, paint_tiles,
+                                       relabel_sequential_blocks, segment_tile, tile_grid, working_view)
+from atlas.stages import StageContext, get_stage
 
 log = logging.getLogger(__name__)
 
@@ -145,15 +146,14 @@ def _tile_path(ctx: StageContext, n: int) -> Path:
 
 
 def run_item(ctx: StageContext, index: int, count: int) -> None:
-    """Segment tiles ``index, index + count, ...`` and write each one's kept instances."""
+    """Segment item ``index``'s share of the tiles (of ``count`` items) and write each one's kept instances."""
     p = ctx.params.segment
-    engine = make_engine(p.engine)
     with open_channel(_image_path(ctx), p.channel) as source:
-        view = ScaledImage(source.plane, working_factor(engine, source.pixel_size_um))
+        engine, view = working_view(source.plane, make_engine(p.engine), source.pixel_size_um)
         calibration = engine.calibrate(calibration_sample(view))
-        tiles = tile_grid(view.native_shape, p.tile_size)
+        tiles, shares = job_tiles(view.native_shape, p.tile_size, p.overlap, count)
         (ctx.out_dir / TMP_DIR).mkdir(parents=True, exist_ok=True)
-        for n in range(index, len(tiles), count):
+        for n in shares[index]:
             result = segment_tile(view, tiles[n], engine, calibration, p.overlap)
             description = {"box": result.box, "core": tiles[n], "engine": engine.name, "calibration": calibration}
             tifffile.imwrite(_tile_path(ctx, n), result.labels, compression="zlib",
@@ -199,7 +199,7 @@ def merge(ctx: StageContext) -> None:
     engine = make_engine(p.engine)
     with open_channel(_image_path(ctx), p.channel) as source:
         shape = source.plane.shape
-        tiles = tile_grid(shape, p.tile_size)
+        tiles, _ = job_tiles(shape, p.tile_size, p.overlap, get_stage("segment").array_size)
         paths = [_tile_path(ctx, n) for n in range(len(tiles))]
         pixel_size = source.pixel_size_um or engine.pixel_size_um
         scratch = Path(tempfile.mkdtemp(prefix="merge-", dir=ctx.out_dir / "tmp"))
@@ -213,7 +213,8 @@ def merge(ctx: StageContext) -> None:
             write_masks(ctx.out_dir, ctx.slide_id, engine.name, masks, pixel_size, ctx.params.stitch.tile_size)
             write_qc(ctx.out_dir / QC_DIR, source.plane, masks, tiles[int(np.argmax(counts))])
             summary = {"engine": engine.name, "channel": source.channel_names[source.index],
-                       "pixel_size_um": pixel_size, "working_pixel_size_um": engine.pixel_size_um,
+                       "pixel_size_um": pixel_size,
+                       "working_pixel_size_um": engine.scaled_for(source.pixel_size_um).pixel_size_um,
                        "calibration": _read_tile(paths[0])[1]["calibration"], "tiles": len(tiles),
                        "tile_size": p.tile_size, "overlap": p.overlap, "expand_um": p.expand_um, "nuclei": n_nuclei,
                        "median_nucleus_area_um2": _median_area_um2(masks["nuclei"], n_nuclei, pixel_size, p.tile_size),
