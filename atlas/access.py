@@ -35,8 +35,7 @@ from botocore.exceptions import ClientError, NoCredentialsError
 
 from atlas import layout
 from atlas.errors import InvalidInput, Problem
-from atlas.jobs import RESULTS_BUCKET_ENV, parallel_map  # the bucket variable of the publish job
-from atlas.release import LATEST, RESULTS_REGION
+from atlas.release import LATEST, RESULTS_BUCKET_ENV, RESULTS_REGION, parallel_map
 from atlas.s3uri import S3Uri
 from atlas.slide import sha256_file
 

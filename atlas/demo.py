@@ -252,7 +252,8 @@ class LocalCloud:
         Returns the status handler's last result and the jobs run (:class:`atlas.jobs.StepResult`,
         empty when a job failed).
         """
-        from atlas.jobs import RESULTS_BUCKET_ENV, StageJobFailed, execute_run
+        from atlas.jobs import StageJobFailed, execute_run
+        from atlas.release import RESULTS_BUCKET_ENV
 
         sfn = boto3.client("stepfunctions", region_name=REGION)
         execution = sfn.describe_execution(executionArn=execution_arn)

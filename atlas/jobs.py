@@ -44,7 +44,8 @@ from botocore.exceptions import ClientError
 
 from atlas.errors import InvalidInput, Problem
 from atlas.params import parse_params
-from atlas.release import TRANSFER_THREADS, ReleaseError, parallel_map, release_run
+from atlas.release import (OVERVIEW_BUCKET_ENV, RESULTS_BUCKET_ENV, TRANSFER_THREADS, ReleaseError, parallel_map,
+                           release_run)
 from atlas.runner import PROVENANCE, completion_path, write_completion
 from atlas.s3uri import S3Uri
 from atlas.slide import MANIFEST, PARAMS, RAW, parse_manifest, sha256_file
@@ -53,8 +54,6 @@ from atlas.validate import REUPLOAD
 
 log = logging.getLogger(__name__)
 
-RESULTS_BUCKET_ENV = "ATLAS_RESULTS_BUCKET"
-OVERVIEW_BUCKET_ENV = "ATLAS_OVERVIEW_BUCKET"
 SCRATCH_ENV = "ATLAS_SCRATCH"
 ARRAY_INDEX_ENV = "AWS_BATCH_JOB_ARRAY_INDEX"
 IMDS_ENDPOINT_ENV = "AWS_EC2_METADATA_SERVICE_ENDPOINT"  # botocore's name for the IMDS endpoint

@@ -38,6 +38,9 @@ LATEST = "latest.json"
 # The results bucket is published for external analysts, who are told to read it from us-east-1
 # (free in-region transfer, they pay requests): it must live there (the deployment config checks).
 RESULTS_REGION = "us-east-1"
+# The publish job's environment: where it releases to (the CDK app sets these on the job definitions).
+RESULTS_BUCKET_ENV = "ATLAS_RESULTS_BUCKET"
+OVERVIEW_BUCKET_ENV = "ATLAS_OVERVIEW_BUCKET"
 TRANSFER_THREADS = 16
 CONTENT_TYPES = {".json": "application/json", ".csv": "text/csv", ".html": "text/html", ".js": "text/javascript",
                  ".css": "text/css", ".tif": "image/tiff", ".png": "image/png", ".jpg": "image/jpeg",

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from atlas import layout
 from atlas.errors import InvalidInput, Problem
-from atlas.jobs import RESULTS_BUCKET_ENV
 from atlas.overview import PanelInfo, render_overview
 from atlas.overview.source import TiffPyramid
+from atlas.release import RESULTS_BUCKET_ENV
 from atlas.slide import MARKERS, read_markers
 from atlas.stages import StageContext
 
