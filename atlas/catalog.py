@@ -49,6 +49,7 @@ from boto3.dynamodb.conditions import Attr, Key
 from botocore.exceptions import ClientError
 from pydantic import BaseModel, Field
 
+from atlas import layout
 from atlas.errors import InvalidInput, Problem
 from atlas.slide import MANIFEST, MARKERS, PARAMS, parse_manifest, raw_files, run_id_for
 
@@ -637,7 +638,7 @@ def record_execution_status(aws: Aws, settings: Settings, detail: ExecutionStatu
                               "updated_at": timestamp()}
     if status is Status.SUCCEEDED:
         values["output_uri"] = results_uri(settings, slide_id, run_id)
-        values["overview_uri"] = values["output_uri"] + "overview/index.html"
+        values["overview_uri"] = values["output_uri"] + f"{layout.OVERVIEW}/{layout.OVERVIEW_PAGE}"
     if status is Status.FAILED:
         values["error"] = detail.error or detail.status
         values["cause"] = (detail.cause or f"execution {detail.status.lower()}")[:4000]

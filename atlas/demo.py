@@ -27,7 +27,7 @@ from types import ModuleType
 
 import boto3
 
-from atlas import catalog
+from atlas import catalog, layout
 
 REGION = "us-east-1"
 ACCOUNT = "123456789012"
@@ -383,7 +383,7 @@ def run_demo(out_dir: Path, *, say: Callable[[str], None] = print, progress=None
                 results_dir = out_dir / "results" / uploaded.slide_id / record["run_id"]
                 download_prefix(cloud.settings.results_bucket, f"{uploaded.slide_id}/{record['run_id']}/",
                                 results_dir)
-                overview = results_dir / "overview" / "index.html"
+                overview = results_dir / layout.OVERVIEW / layout.OVERVIEW_PAGE
             return DemoResult(slide_dir, record, results_dir, overview, notes)
         finally:
             os.environ.clear()

@@ -14,6 +14,8 @@ QUANTIFICATION = "quantification"
 OVERVIEW = "overview"
 QC = "qc"
 ILLUMINATION = "illumination"
+OVERVIEW_PAGE = "index.html"    # the overview's entry page, in overview/ (and at the top of its site copy)
+QC_SUMMARY = "summary.json"     # each stage's qc/<stage>/summary.json, shown in the overview's QC panel
 
 # HTAN / MITI data levels of the folders above (qc and illumination are auxiliary: level None).
 LEVELS = {REGISTRATION: 2, SEGMENTATION: 3, QUANTIFICATION: 4, OVERVIEW: 5, QC: None, ILLUMINATION: None}

@@ -154,7 +154,7 @@ def release_run(s3, out_dir: Path, *, work: S3Uri, slide_id: str, run_id: str, r
     _copy(s3, work.join(layout.MANIFEST), prefix.join(layout.MANIFEST), {"htan-level": "none"})
     latest = {"slide_id": slide_id, "run_id": run_id, "prefix": str(prefix), "manifest": str(prefix.join(layout.MANIFEST)),
               "files": len(files), "bytes": sum(f["size"] for f in files),
-              "overview": str(site.join("index.html")) if site else None,
+              "overview": str(site.join(layout.OVERVIEW_PAGE)) if site else None,
               "released": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     s3.put_object(Bucket=results_bucket, Key=f"{slide_id}/{LATEST}", Body=json.dumps(latest, indent=1).encode() + b"\n",
                   ContentType="application/json")

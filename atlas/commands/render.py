@@ -7,6 +7,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from atlas.layout import OVERVIEW_PAGE
 from atlas.params import RenderParams
 from atlas.slide import read_markers
 
@@ -36,7 +37,7 @@ def render(image: Path = typer.Option(..., "--image", exists=True, dir_okay=Fals
     console.print(f"[green]✓[/] {result['tiles']} tiles, {result['groups']} group(s), {result['levels']} levels"
                   + ("" if result["mask"] else " (no outline layer)") + f" in {out}")
     console.print(f"view: python -m http.server -d {out} 8000, then open http://localhost:8000/ "
-                  f"(or open {out / 'index.html'} directly)")
+                  f"(or open {out / OVERVIEW_PAGE} directly)")
 
 
 def register(app: typer.Typer) -> None:

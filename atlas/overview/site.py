@@ -10,6 +10,7 @@ from importlib import resources
 from pathlib import Path
 
 from atlas.errors import InvalidInput, Problem
+from atlas.layout import OVERVIEW_PAGE
 
 VIEWER_ENV = "ATLAS_VIEWER_DIR"
 SETUP_HINT = ("run the setup command `./dev setup` (it runs `npm ci --prefix viewer`), or set ATLAS_VIEWER_DIR "
@@ -62,9 +63,9 @@ def write_site(site: Path, data: dict, title: str) -> None:
     """Write ``index.html`` with ``data`` inlined (so it also opens from disk) and its script and style."""
     template = resources.files("atlas.overview") / "template"
     payload = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
-    html = (template / "index.html").read_text(encoding="utf-8")
+    html = (template / OVERVIEW_PAGE).read_text(encoding="utf-8")
     html = html.replace("{{TITLE}}", _escape(title)).replace("{{DATA}}", payload)
-    (site / "index.html").write_text(html, encoding="utf-8")
+    (site / OVERVIEW_PAGE).write_text(html, encoding="utf-8")
     for name in TEMPLATE_FILES:
         (site / name).write_bytes((template / name).read_bytes())
 

@@ -206,4 +206,4 @@ def run(ctx: StageContext) -> None:
             summary["tables"][Path(name).name] = table_summary(table, shape)
     qc = ctx.out_dir / QC_DIR
     qc.mkdir(parents=True, exist_ok=True)
-    (qc / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (qc / layout.QC_SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")

@@ -16,12 +16,12 @@ from atlas.errors import InvalidInput, Problem
 from atlas.overview import PanelInfo, render_overview
 from atlas.overview.source import TiffPyramid
 from atlas.release import RESULTS_BUCKET_ENV
+from atlas.runner import PROVENANCE
 from atlas.slide import MARKERS, read_markers
 from atlas.stages import StageContext
 
 # The folders whose files the panel links to (by data level), and how deep to list them.
 DATA_FOLDERS = (layout.REGISTRATION, layout.SEGMENTATION, layout.QUANTIFICATION)
-QC_SUMMARY = "summary.json"
 MAX_QC_ITEMS = 40
 
 
@@ -74,11 +74,11 @@ def condense(doc, prefix: str = "", out: dict | None = None, limit: int = MAX_QC
 def qc_panel(out_dir: Path) -> dict:
     """``{stage: {"summary": condensed summary.json, "files": [its qc files]}}`` for every qc/<stage>/."""
     panel = {}
-    for summary in sorted((out_dir / layout.QC).glob(f"*/{QC_SUMMARY}")):
+    for summary in sorted((out_dir / layout.QC).glob(f"*/{layout.QC_SUMMARY}")):
         try:
             doc = json.loads(summary.read_text())
         except ValueError:
-            doc = {"summary.json": "unreadable"}
+            doc = {layout.QC_SUMMARY: "unreadable"}
         files = sorted(p.relative_to(out_dir).as_posix() for p in summary.parent.iterdir() if p.is_file())
         panel[summary.parent.name] = {"summary": condense(doc), "files": files}
     return panel
@@ -93,7 +93,7 @@ def data_files(out_dir: Path, slide_id: str, run_id: str) -> list[dict]:
     bucket = os.environ.get(RESULTS_BUCKET_ENV)
     # The run's completion records list every output (a Batch job stages only the files it reads);
     # without records (a results folder made otherwise), the files on disk.
-    sizes = {out["path"]: out["size"] for record in sorted((out_dir / "qc" / "provenance").glob("*.json"))
+    sizes = {out["path"]: out["size"] for record in sorted((out_dir / PROVENANCE).glob("*.json"))
              for out in json.loads(record.read_text())["outputs"]}
     sizes = sizes or {p.relative_to(out_dir).as_posix(): p.stat().st_size
                       for folder in DATA_FOLDERS for p in (out_dir / folder).rglob("*") if p.is_file()}
