@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from atlas.errors import InvalidInput, Problem
+from atlas.slide import PARAMS
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,7 @@ def _coerce(section: str, f: dataclasses.Field, value: Any, file: str) -> Any:
     return value
 
 
-def parse_params(text: str | None, file: str = "params.yml") -> Params:
+def parse_params(text: str | None, file: str = PARAMS) -> Params:
     """Parse params.yml text (None or empty -> defaults)."""
     if not text or not text.strip():
         return Params()

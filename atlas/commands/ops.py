@@ -9,6 +9,7 @@ from rich.table import Table
 
 from atlas import catalog, ops
 from atlas.commands.data import usd
+from atlas.slide import PARAMS
 
 TABLE = typer.Option(None, "--table", envvar=catalog.ENV_CATALOG_TABLE, show_envvar=True,
                      help="catalog table (the pipeline stack's CatalogTableName output)")
@@ -88,7 +89,7 @@ def rerun(slide: str = typer.Argument(..., help="slide id"),
     console = Console()
     started = ops.rerun(slide, table=ops.catalog_table(table), from_stage=from_stage,
                         params_text=params.read_text() if params else None,
-                        params_file=str(params) if params else "params.yml")
+                        params_file=str(params) if params else PARAMS)
     console.print(f"[green]✓[/] started run [bold]{started.run_id}[/] (rerun of {started.previous_run_id})")
     if started.reused:
         console.print(f"reused from {started.previous_run_id}: {', '.join(started.reused)}")

@@ -17,6 +17,7 @@ from atlas.overview.contrast import auto_contrast, sample_pixels
 from atlas.overview.site import copy_viewer, find_viewer, viewer_version, write_site
 from atlas.overview.source import TiffPyramid
 from atlas.overview.tiles import composite, encode_jpeg, encode_png, outline_rgba, outlines, tile_grid, write_tiles
+from atlas.slide import MARKERS
 
 MASK_NAME = "Cell outlines"
 MASK_PATH = "cell-outlines"
@@ -118,7 +119,7 @@ def _render(image_path: str | os.PathLike, work: Path, *, slide_id: str, markers
             viewer: Path, progress: Callable[[int, int], None] | None) -> dict:
     with TiffPyramid(image_path, tile_size) as image:
         if len(markers) != image.shape[0]:
-            raise InvalidInput(Problem("markers.csv", f"lists {len(markers)} markers but {Path(image_path).name} "
+            raise InvalidInput(Problem(MARKERS, f"lists {len(markers)} markers but {Path(image_path).name} "
                                        f"has {image.shape[0]} channels",
                                        "list exactly one marker row per channel of the registered image"))
         coarsest = image.level(image.n_levels - 1)
