@@ -224,8 +224,30 @@ class Aws:
         return boto3.client("events")
 
 
+# --- item keys (the table layout in the module doc) ---
+SLIDE_PK_PREFIX = "SLIDE#"
+SLIDE_SK = "SLIDE"
+RUN_SK_PREFIX = "RUN#"
+OBJECT_SK_PREFIX = "OBJECT#"
+
+
 def slide_pk(slide_id: str) -> str:
-    return f"SLIDE#{slide_id}"
+    return f"{SLIDE_PK_PREFIX}{slide_id}"
+
+
+def slide_id_of(pk: str) -> str:
+    """Inverse of :func:`slide_pk`."""
+    return pk.removeprefix(SLIDE_PK_PREFIX)
+
+
+def slide_key(slide_id: str) -> dict[str, str]:
+    """Key of the slide's item."""
+    return {"pk": slide_pk(slide_id), "sk": SLIDE_SK}
+
+
+def run_key(slide_id: str, run_id: str) -> dict[str, str]:
+    """Key of one run's item."""
+    return {"pk": slide_pk(slide_id), "sk": f"{RUN_SK_PREFIX}{run_id}"}
 
 
 def timestamp() -> str:
@@ -329,7 +351,7 @@ def record_object(aws: Aws, *, bucket: str, key: str, size: int, etag: str, vers
         return {"slide_id": None, "key": key, "outcome": "ignored"}
     slide_id, path = parts
     seq = normalize_sequencer(sequencer)
-    item: dict[str, Any] = {"pk": slide_pk(slide_id), "sk": f"OBJECT#{key}", "bucket": bucket, "key": key,
+    item: dict[str, Any] = {"pk": slide_pk(slide_id), "sk": f"{OBJECT_SK_PREFIX}{key}", "bucket": bucket, "key": key,
                             "path": path, "size": size, "etag": etag, "version_id": version_id, "sequencer": seq,
                             "cataloged_at": timestamp()}
     read_version = {"VersionId": version_id} if version_id else {"IfMatch": f'"{etag}"'}
@@ -452,7 +474,7 @@ def _open_manifest_condition(version: str | None, sequencer: str | None):
 
 def _set_slide(aws: Aws, slide_id: str, condition, values: dict, remove: tuple[str, ...] = ()) -> bool:
     """Conditional update of the slide item; False when the condition did not hold."""
-    return _update(aws, {"pk": slide_pk(slide_id), "sk": "SLIDE"}, condition, values, remove)
+    return _update(aws, slide_key(slide_id), condition, values, remove)
 
 
 def _update(aws: Aws, key: dict, condition, values: dict, remove: tuple[str, ...] = ()) -> bool:
@@ -491,8 +513,8 @@ def check_slide(aws: Aws, settings: Settings, slide_id: str) -> dict:
         (a newer manifest was seen meanwhile).
     """
     items = _query_slide(aws, slide_id)
-    slide = next((i for i in items if i["sk"] == "SLIDE"), {})
-    objects = {i["path"]: i for i in items if i["sk"].startswith("OBJECT#")}
+    slide = next((i for i in items if i["sk"] == SLIDE_SK), {})
+    objects = {i["path"]: i for i in items if i["sk"].startswith(OBJECT_SK_PREFIX)}
     result = {"slide_id": slide_id}
     if MANIFEST not in objects:
         missing = [{"path": MANIFEST, "expected_size": None, "found_size": None,
@@ -534,7 +556,7 @@ def check_slide(aws: Aws, settings: Settings, slide_id: str) -> dict:
     if not won:
         # Lost the race, or this is a retry after a crash between the flip and the start: start
         # only if the item says READY for this run without an execution (the start is idempotent).
-        current = aws.table.get_item(Key={"pk": slide_pk(slide_id), "sk": "SLIDE"}, ConsistentRead=True)["Item"]
+        current = aws.table.get_item(Key=slide_key(slide_id), ConsistentRead=True)["Item"]
         if current.get("run_id") != run_id or current.get("status") != Status.READY or current.get("execution_arn"):
             return result | {"status": current["status"], "outcome": "decided", "run_id": current.get("run_id")}
     bucket = objects[MANIFEST]["bucket"]
@@ -602,7 +624,7 @@ def start_run(aws: Aws, settings: Settings, *, slide_id: str, run_id: str, inges
             raise
         arn = settings.state_machine_arn.replace(":stateMachine:", ":execution:") + f":{run_id}"
     try:
-        aws.table.put_item(Item={"pk": slide_pk(slide_id), "sk": f"RUN#{run_id}", "run_id": run_id,
+        aws.table.put_item(Item={**run_key(slide_id, run_id), "run_id": run_id,
                                  "status": Status.READY, "status_order": STATUS_RANK[Status.READY],
                                  "manifest_version": manifest_version, "execution_arn": arn, "input": payload,
                                  "started_at": timestamp()},
@@ -645,7 +667,7 @@ def record_execution_status(aws: Aws, settings: Settings, detail: ExecutionStatu
     if detail.output:
         values["execution_output"] = detail.output[:4000]
     forward = Attr("status_order").not_exists() | Attr("status_order").lt(order)
-    if not _update(aws, {"pk": slide_pk(slide_id), "sk": f"RUN#{run_id}"}, forward, values | {"run_id": run_id}):
+    if not _update(aws, run_key(slide_id, run_id), forward, values | {"run_id": run_id}):
         return {"slide_id": slide_id, "run_id": run_id, "status": status, "outcome": "stale"}
     slide_values = {k: v for k, v in values.items() if k != "execution_output"}
     current = _set_slide(aws, slide_id, Attr("run_id").eq(run_id) & forward, slide_values)

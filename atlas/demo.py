@@ -269,7 +269,7 @@ class LocalCloud:
         output = json.dumps({"results_uri": catalog.results_uri(self.settings, payload["slide_id"], payload["run_id"])})
         return self.invoke("status", execution_status_event(execution, "SUCCEEDED", output=output)), steps
 
-    def slide_record(self, slide_id: str, sk: str = "SLIDE") -> dict:
+    def slide_record(self, slide_id: str, sk: str = catalog.SLIDE_SK) -> dict:
         """A catalog item of the slide (``SLIDE``, ``RUN#<run_id>``, ``OBJECT#<key>``) in plain JSON types."""
         table = boto3.resource("dynamodb", region_name=REGION).Table(self.settings.catalog_table)
         return catalog.from_dynamo(table.get_item(Key={"pk": catalog.slide_pk(slide_id), "sk": sk}).get("Item", {}))

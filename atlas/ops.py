@@ -90,7 +90,7 @@ def catalog_table(name: str | None = None):
 
 
 def _slide_item(table, slide_id: str) -> dict:
-    item = table.get_item(Key={"pk": catalog.slide_pk(slide_id), "sk": "SLIDE"}, ConsistentRead=True).get("Item")
+    item = table.get_item(Key=catalog.slide_key(slide_id), ConsistentRead=True).get("Item")
     if item is None:
         raise InvalidInput(Problem(slide_id, f"slide {slide_id!r} is not in the catalog table {table.name}",
                                    "check the slide id (`atlas status` lists the slides) and the table (--table)"))
@@ -99,7 +99,7 @@ def _slide_item(table, slide_id: str) -> dict:
 
 def _run_items(table, slide_id: str) -> list[dict]:
     items, kwargs = [], {"KeyConditionExpression": Key("pk").eq(catalog.slide_pk(slide_id))
-                         & Key("sk").begins_with("RUN#"), "ConsistentRead": True}
+                         & Key("sk").begins_with(catalog.RUN_SK_PREFIX), "ConsistentRead": True}
     while True:
         page = table.query(**kwargs)
         items += page["Items"]
@@ -187,14 +187,14 @@ class SlideStatus:
 
 def list_slides(table) -> list[dict]:
     """The slide item of every slide (plain JSON types), by slide id."""
-    items, kwargs = [], {"FilterExpression": Attr("sk").eq("SLIDE")}
+    items, kwargs = [], {"FilterExpression": Attr("sk").eq(catalog.SLIDE_SK)}
     while True:
         page = table.scan(**kwargs)
         items += [catalog.from_dynamo(i) for i in page["Items"]]
         if "LastEvaluatedKey" not in page:
             break
         kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
-    return sorted(({"slide_id": i["pk"].removeprefix("SLIDE#"), **i} for i in items), key=lambda i: i["slide_id"])
+    return sorted(({"slide_id": catalog.slide_id_of(i["pk"]), **i} for i in items), key=lambda i: i["slide_id"])
 
 
 def job_stage(state_name: str) -> Stage | None:
@@ -519,7 +519,7 @@ def rerun(slide_id: str, *, table, from_stage: str | None = None, params_text: s
     reuse(s3, plan, work_uri, new_work)
 
     new_payload = {"slide_id": slide_id, "run_id": run_id, "slide_uri": str(slide_uri), "work_uri": str(new_work)}
-    key = {"pk": catalog.slide_pk(slide_id), "sk": "SLIDE"}
+    key = catalog.slide_key(slide_id)
     now = catalog.timestamp()
     try:
         table.update_item(
@@ -535,7 +535,7 @@ def rerun(slide_id: str, *, table, from_stage: str | None = None, params_text: s
             raise
         raise InvalidInput(Problem(slide_id, "the slide changed while the rerun was prepared (another rerun or a "
                                              "new upload)", f"check `atlas status {slide_id}` and try again")) from exc
-    run_item = {"pk": catalog.slide_pk(slide_id), "sk": f"RUN#{run_id}", "run_id": run_id, "status": Status.READY,
+    run_item = {**catalog.run_key(slide_id, run_id), "run_id": run_id, "status": Status.READY,
                 "status_order": catalog.STATUS_RANK[Status.READY], "manifest_version": slide.get("manifest_version"),
                 "input": new_payload, "started_at": now, "rerun_of": previous_run,
                 "from_stage": STAGES[stage_index].name, "params_override": override}
@@ -546,10 +546,10 @@ def rerun(slide_id: str, *, table, from_stage: str | None = None, params_text: s
     except Exception:
         # nothing started: back to the run the slide was on
         table.put_item(Item=slide, ConditionExpression=Attr("run_id").eq(run_id))
-        table.delete_item(Key={"pk": run_item["pk"], "sk": run_item["sk"]})
+        table.delete_item(Key=catalog.run_key(slide_id, run_id))
         raise
-    for sk in ("SLIDE", f"RUN#{run_id}"):
-        table.update_item(Key={"pk": catalog.slide_pk(slide_id), "sk": sk}, UpdateExpression="SET #e = :e",
+    for item_key in (catalog.slide_key(slide_id), catalog.run_key(slide_id, run_id)):
+        table.update_item(Key=item_key, UpdateExpression="SET #e = :e",
                           ConditionExpression=Attr("run_id").eq(run_id),
                           ExpressionAttributeNames={"#e": "execution_arn"}, ExpressionAttributeValues={":e": arn})
     return Rerun(slide_id, run_id, previous_run, arn, str(slide_uri), str(new_work), tuple(s.name for s in reused),

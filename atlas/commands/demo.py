@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
+from atlas import catalog
 from atlas.demo import run_demo
 
 
@@ -20,7 +21,7 @@ def demo(out: Path = typer.Option(Path("out/demo"), "-o", "--out",
         result = run_demo(out, say=lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True),
                           progress=progress)
     record = result.record
-    console.print(f"\nslide {record.get('pk', '').removeprefix('SLIDE#')}: [bold]{record.get('status')}[/] "
+    console.print(f"\nslide {catalog.slide_id_of(record.get('pk', ''))}: [bold]{record.get('status')}[/] "
                   f"(run {record.get('run_id', '-')})")
     for note in result.notifications:
         console.print(f"[dim]notification: {escape(note.get('Subject', ''))}[/]\n{escape(note.get('Message', ''))}")
