@@ -33,8 +33,8 @@ from botocore.exceptions import ClientError
 from atlas import catalog
 from atlas.catalog import Status
 from atlas.errors import InvalidInput, Problem
-from atlas.jobs import parallel_map
 from atlas.params import parse_params
+from atlas.release import parallel_map
 from atlas.runner import PROVENANCE, completion_path
 from atlas.s3uri import S3Uri
 from atlas.slide import MANIFEST, PARAMS, parse_manifest, run_id_for
