@@ -183,6 +183,12 @@ def test_tiff_pyramid_refuses_interleaved_rgb(tmp_path):
         TiffPyramid(tmp_path / "rgb.tif", 1024)
 
 
+def test_tiff_pyramid_names_a_file_that_is_not_a_tiff(tmp_path):
+    (tmp_path / "junk.tif").write_bytes(b"not a tiff")
+    with pytest.raises(InvalidInput, match="junk.tif: cannot be read as TIFF .*give a \\(pyramidal OME-\\)TIFF"):
+        TiffPyramid(tmp_path / "junk.tif", 1024)
+
+
 # ---- the whole site -------------------------------------------------------------------------
 
 def test_site_layout_follows_minerva(site):

@@ -14,6 +14,7 @@ import numpy as np
 import tifffile
 
 from atlas.errors import InvalidInput, Problem
+from atlas.imageio import open_tiff
 from atlas.pyramid import downsample, level_shapes
 
 # A computed (not stored) level may hold at most this many bytes over all channels.
@@ -48,11 +49,7 @@ class TiffPyramid:
     def __init__(self, path: str | os.PathLike, tile_size: int, *, labels: bool = False):
         self.path = Path(path)
         self.labels = labels
-        try:
-            self._tif = tifffile.TiffFile(self.path)
-        except (OSError, tifffile.TiffFileError) as exc:
-            raise InvalidInput(Problem(str(self.path), f"cannot be read as TIFF ({exc})",
-                                       "give a (pyramidal OME-)TIFF file")) from exc
+        self._tif = open_tiff(self.path, "give a (pyramidal OME-)TIFF file")
         series = self._tif.series[0]
         if not series.axes.endswith("YX"):
             self._tif.close()

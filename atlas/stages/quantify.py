@@ -19,6 +19,7 @@ import pandas as pd
 
 from atlas import layout
 from atlas.errors import InvalidInput, Problem
+from atlas.imageio import open_tiff
 from atlas.quantification import ID_COLUMN, MORPHOLOGY_COLUMNS, marker_columns, quantify
 from atlas.slide import MARKERS, read_markers
 from atlas.stages import StageContext
@@ -42,16 +43,11 @@ def open_level0(path: Path, role: str) -> Iterator:
     zarr.Array
         (C, Y, X) or (Y, X), chunks = the file's tiles (or strips).
     """
-    import tifffile
     import zarr
 
     fix = ("give a tiled (pyramidal OME-)TIFF with channel planes (C, Y, X)" if role == "image"
            else "give an integer label image (Y, X) of the same size as the image, 0 = background")
-    try:
-        tif = tifffile.TiffFile(path)
-    except (OSError, tifffile.TiffFileError) as exc:
-        raise InvalidInput(Problem(str(path), f"cannot be read as TIFF ({exc})", fix)) from exc
-    with tif:
+    with open_tiff(path, fix) as tif:
         series = tif.series[0]
         squeezed = [n for n, a in zip(series.shape, series.axes) if not (n == 1 and a not in "YX")]
         if not series.axes.endswith("YX") or "S" in series.axes or len(squeezed) > (3 if role == "image" else 2):

@@ -1,0 +1,33 @@
+"""Opening the image files that users and earlier stages give, with errors that name the file and the fix."""
+from __future__ import annotations
+
+import os
+
+import tifffile
+
+from atlas.errors import InvalidInput, Problem
+
+
+def open_tiff(path: str | os.PathLike, fix: str) -> tifffile.TiffFile:
+    """``tifffile.TiffFile(path)``, or InvalidInput naming the file when it cannot be read as TIFF.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+    fix : str
+        What to give instead, for the error (e.g. ``"give a (pyramidal OME-)TIFF file"``).
+
+    Returns
+    -------
+    tifffile.TiffFile
+        Open; the caller closes it (``with open_tiff(path, fix) as tif: ...``).
+
+    Raises
+    ------
+    InvalidInput
+        The file is missing, unreadable or not a TIFF.
+    """
+    try:
+        return tifffile.TiffFile(path)
+    except (OSError, tifffile.TiffFileError) as exc:
+        raise InvalidInput(Problem(str(path), f"cannot be read as TIFF ({exc})", fix)) from exc
