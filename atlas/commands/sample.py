@@ -6,8 +6,6 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from atlas.sample import make_sample
-
 
 def sample(out_dir: Path = typer.Argument(..., help="folder that receives <slide_id>/ and <slide_id>.truth/"),
            slide_id: str = typer.Option("sample", help="slide id = name of the slide folder"),
@@ -21,6 +19,8 @@ def sample(out_dir: Path = typer.Argument(..., help="folder that receives <slide
     The truth folder (true tile positions, nuclei/cell labels, per-cell means) is not part of the slide:
     upload only <slide_id>/. An earlier sample at the same place is replaced. See docs/sample-slide.md.
     """
+    from atlas.sample import make_sample  # scikit-image and scipy: loaded only when a sample is made
+
     console = Console()
     with console.status("making the sample slide ..."):
         slide_dir, truth_dir = make_sample(out_dir, slide_id=slide_id, seed=seed, grid=(rows, cols),
