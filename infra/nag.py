@@ -41,7 +41,7 @@ def acknowledge_wildcards(scope: IConstruct, reason: str, *, actions: Iterable[s
     for action in actions:
         acknowledge(scope, f"AwsSolutions-IAM5[Action::{action}]", reason)
     for arn in resources:
-        acknowledge(scope, f"AwsSolutions-IAM5[Resource::{_render(Stack.of(scope).resolve(arn))}]", reason)
+        acknowledge(scope, f"AwsSolutions-IAM5[Resource::{render_intrinsics(Stack.of(scope).resolve(arn))}]", reason)
 
 
 def managed_policy_finding(name: str) -> str:
@@ -49,13 +49,16 @@ def managed_policy_finding(name: str) -> str:
     return f"AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/{name}]"
 
 
-def _render(value: Any) -> str:
-    """A resolved CloudFormation value as cdk-nag prints it: ``<Logical.Attr>``, ``<AWS::AccountId>``."""
+def render_intrinsics(value: Any) -> str:
+    """A resolved CloudFormation value as cdk-nag prints it: ``<Logical.Attr>``, ``<AWS::AccountId>``.
+
+    Also how the infra tests read templates (e.g. a state machine's DefinitionString).
+    """
     if isinstance(value, str):
         return value
     if "Fn::Join" in value:
         separator, parts = value["Fn::Join"]
-        return separator.join(_render(p) for p in parts)
+        return separator.join(render_intrinsics(p) for p in parts)
     if "Fn::GetAtt" in value:
         return "<{}.{}>".format(*value["Fn::GetAtt"])
     if "Ref" in value:

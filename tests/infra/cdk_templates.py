@@ -28,6 +28,7 @@ from aws_cdk import App, Stack  # noqa: E402
 from aws_cdk.assertions import Template  # noqa: E402
 
 from infra.config import ENVIRONMENT_KEY, ENVIRONMENTS_KEY, AtlasConfig, load_config  # noqa: E402
+from infra.nag import render_intrinsics  # noqa: E402
 from infra.stacks import PipelineStack, ResultsStack, build_app  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -98,24 +99,10 @@ def one(template: Template, type_: str, id_prefix: str) -> tuple[str, dict]:
     return next(iter(found.items()))
 
 
-def render(value: Any) -> str:
-    """A CloudFormation string value with intrinsics rendered as ``<Logical>`` / ``<Logical.Attr>``."""
-    if isinstance(value, str):
-        return value
-    if "Fn::Join" in value:
-        separator, parts = value["Fn::Join"]
-        return separator.join(render(p) for p in parts)
-    if "Ref" in value:
-        return f"<{value['Ref']}>"
-    if "Fn::GetAtt" in value:
-        return "<{}.{}>".format(*value["Fn::GetAtt"])
-    raise AssertionError(f"cannot render {value!r}")
-
-
 def state_machine_definition(template: Template) -> dict:
     """The state machine's Amazon States Language document (intrinsics rendered as ``<...>``)."""
     _, machine = one(template, "AWS::StepFunctions::StateMachine", "Pipeline")
-    return json.loads(render(machine["Properties"]["DefinitionString"]))
+    return json.loads(render_intrinsics(machine["Properties"]["DefinitionString"]))
 
 
 def policy_statements(template: Template, id_prefix: str) -> list[dict]:

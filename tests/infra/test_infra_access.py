@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import json
 
-from cdk_templates import logical_id, one, render, resources
+from cdk_templates import logical_id, one, resources
+from infra.nag import render_intrinsics
 
 
 def sdk_call(resource: dict, phase: str) -> dict:
-    return json.loads(render(resource["Properties"][phase]))
+    return json.loads(render_intrinsics(resource["Properties"][phase]))
 
 
 def test_requester_pays_is_switched_on_at_create_and_update(synth):

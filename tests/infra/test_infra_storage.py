@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 from aws_cdk.assertions import Match
 
-from cdk_templates import logical_id, one, render, resources
+from cdk_templates import logical_id, one, resources
+from infra.nag import render_intrinsics
 
 BLOCK_ALL = {"BlockPublicAcls": True, "BlockPublicPolicy": True, "IgnorePublicAcls": True, "RestrictPublicBuckets": True}
 
@@ -59,7 +60,7 @@ def test_results_bucket_is_in_us_east_1_with_a_fixed_name(full, lean):
     _, bucket = one(full.results, "AWS::S3::Bucket", "StorageResults")
     assert bucket["Properties"]["BucketName"] == "atlas-test-results-123456789012"
     _, bucket = one(lean.results, "AWS::S3::Bucket", "StorageResults")
-    assert render(bucket["Properties"]["BucketName"]) == "lean-results-<AWS::AccountId>"
+    assert render_intrinsics(bucket["Properties"]["BucketName"]) == "lean-results-<AWS::AccountId>"
     # the pipeline finds it by that name, not by a cross-region reference
     environment = next(iter(resources(full.pipeline, "AWS::Batch::JobDefinition").values()))[
         "Properties"]["ContainerProperties"]["Environment"]
