@@ -10,6 +10,11 @@ plus precision/recall and F1 at IoU 0.5..0.9. References in the same process:
 * ``unet+cc``: the U-Net probability thresholded at 0.5, connected components -- the model
   without our seeded-watershed split (the model README's sanity run).
 
+Scale: the same image as a coarser camera would record it (resized by 1/d with anti-aliasing,
+pixel size 0.65 d µm), segmented at its own scale and resampled to 0.65 µm/px, F1 against the
+true masks (labels enlarged back by nearest neighbour). This is what decides each engine's working
+scale: the classical engine works at the image's scale, the U-Net at its training scale.
+
 Speed: megapixels/s on CPU over a larger image (the DSB2018 image mirrored to ``--size`` px
 square), tiled with the stage's defaults, each engine's time as a ratio of the ``otsu+cc``
 reference's time on the same image in the same process (machines here are noisy). Peak traced
@@ -31,11 +36,14 @@ import numpy as np
 import tifffile
 from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
+from skimage.transform import resize
 
 from atlas.params import SegmentParams
 from atlas.segmentation import make_engine
+from atlas.segmentation.classical import ClassicalEngine
 from atlas.segmentation.metrics import match_instances
 from atlas.segmentation.tiling import ScaledImage, calibration_sample, segment_image
+from atlas.segmentation.unet import UNetEngine, UNetSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -43,6 +51,8 @@ IMAGE = DATA / "segmentation" / "stardist_dsb2018" / "img2d.tif"
 TRUTH = DATA / "segmentation" / "stardist_dsb2018" / "mask2d.tif"
 WEIGHTS = DATA / "models" / "unet2d_nuclei_broad" / "weights.onnx"
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
+COARSENING = (1.5, 2, 3, 4)        # pixel size 0.65 d µm
+REFERENCE_UM = 0.65
 
 
 def otsu_components(image: np.ndarray) -> np.ndarray:
@@ -57,6 +67,34 @@ def unet_components(engine, image: np.ndarray) -> np.ndarray:
     probability, _, _ = engine.probability(view, (0, *view.shape[:1], 0, view.shape[1]),
                                            engine.calibrate(calibration_sample(view)))
     return ndi.label(probability > 0.5)[0]
+
+
+def segment_at(engine, image: np.ndarray, pixel_size_um: float) -> np.ndarray:
+    """Instances of ``image`` (untiled) with ``engine`` held at its own working scale, whatever the image's."""
+    view = ScaledImage(image, pixel_size_um / engine.pixel_size_um)
+    whole = (0, image.shape[0], 0, image.shape[1])
+    work_box = view.native_box_to_working(whole)
+    labels = engine.segment(view, work_box, engine.calibrate(calibration_sample(view)))
+    return view.labels_to_native(labels, work_box, whole)
+
+
+def scale_table(image: np.ndarray, truth: np.ndarray) -> None:
+    """F1@0.5 of each engine on coarser copies of ``image``: at 0.65 µm/px vs at the image's own scale."""
+    print("\nScale: F1@0.5 on DSB2018 recorded with coarser pixels; engine at 0.65 µm/px | at the image's scale")
+    print("px (µm)      shape   classical 0.65 | own   unet 0.65 | own")
+    unet_reference = UNetEngine(WEIGHTS, settings=UNetSettings(pixel_size_um=REFERENCE_UM))
+    for d in COARSENING:
+        pixel = REFERENCE_UM * d
+        shape = tuple(round(n / d) for n in image.shape)
+        coarse = resize(image.astype(np.float32), shape, anti_aliasing=True, preserve_range=True).astype(np.float32)
+        scores = []
+        for engine in (ClassicalEngine(pixel_size_um=REFERENCE_UM), ClassicalEngine(pixel_size_um=pixel),
+                       unet_reference, UNetEngine(WEIGHTS, settings=UNetSettings(pixel_size_um=pixel))):
+            labels = segment_at(engine, coarse, pixel)
+            enlarged = resize(labels, truth.shape, order=0, preserve_range=True, anti_aliasing=False).astype(np.int32)
+            scores.append(match_instances(truth, enlarged, 0.5).f1)
+        print(f"{pixel:7.3f} {str(shape):>10}   {scores[0]:14.3f} | {scores[1]:.3f}"
+              f"   {scores[2]:9.3f} | {scores[3]:.3f}")
 
 
 def accuracy_row(name: str, truth: np.ndarray, labels: np.ndarray) -> str:
@@ -99,6 +137,7 @@ def main() -> None:
     print(accuracy_row("unet+cc", truth, unet_components(engines["unet"], image)))
     for name, engine in engines.items():
         print(accuracy_row(name, truth, segment_image(image, engine)))
+    scale_table(image, truth)
 
     big = np.pad(image, ((0, args.size - image.shape[0]), (0, args.size - image.shape[1])), mode="symmetric")
     megapixels = big.size / 1e6
@@ -112,6 +151,15 @@ def main() -> None:
                                                   overlap=defaults.overlap), args.repeat)
         print(f"{name:<10} {seconds:7.2f} s {megapixels / seconds:8.2f} MP/s   ratio {seconds / reference:.1f} "
               "x reference time")
+
+    coarse = big[:args.size // 2, :args.size // 2]
+    pixel = 4 * REFERENCE_UM
+    print(f"\nClassical engine on a coarse image ({coarse.shape[0]} px square declared {pixel:.2f} µm/px), "
+          f"best of {args.repeat}")
+    own = best_time(lambda: segment_image(coarse, engines["classical"], pixel_size_um=pixel), args.repeat)
+    upsampled = best_time(lambda: segment_at(ClassicalEngine(pixel_size_um=REFERENCE_UM), coarse, pixel), args.repeat)
+    print(f"at its own scale {own:7.2f} s; upsampled to {REFERENCE_UM} µm/px {upsampled:7.2f} s "
+          f"({upsampled / own:.1f} x the time)")
 
     print(f"\nPeak traced numpy memory, classical engine, {args.size} px image")
     for tile in (args.size, args.size // 4):
