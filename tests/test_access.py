@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import zarr
 from botocore.stub import Stubber
+from fake_aws import use_fake_aws
 from moto import mock_aws
 from typer.testing import CliRunner
 
@@ -56,12 +57,7 @@ def published(sample_slide, tmp_path_factory):
     for name in ("stitch", "publish"):
         run_stage(ctx, get_stage(name))
     with pytest.MonkeyPatch.context() as mp:
-        for key in ("AWS_ENDPOINT_URL", "AWS_PROFILE"):
-            mp.delenv(key, raising=False)
-        for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                           "AWS_SESSION_TOKEN": "testing", "AWS_DEFAULT_REGION": "eu-west-1",
-                           "ATLAS_RESULTS_BUCKET": RESULTS}.items():
-            mp.setenv(key, value)  # a reader whose default region is not us-east-1
+        use_fake_aws(mp, region="eu-west-1", ATLAS_RESULTS_BUCKET=RESULTS)  # a reader not in us-east-1
         with mock_aws():
             s3 = boto3.client("s3", region_name="us-east-1")
             for bucket in (RESULTS, WORK):

@@ -28,6 +28,7 @@ from typer.testing import CliRunner
 
 from atlas import layout
 from atlas.cli import app
+from atlas.demo import local_aws_env
 from atlas.errors import InvalidInput
 from atlas.jobs import (
     ExitCode,
@@ -56,19 +57,14 @@ def aws():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_EC2_METADATA_DISABLED": "true"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+    env = local_aws_env(f"http://{host}:{port}") | {"AWS_EC2_METADATA_DISABLED": "true"}
     try:
-        yield env, boto3.client("s3")
+        with pytest.MonkeyPatch.context() as mp:
+            mp.delenv("AWS_PROFILE", raising=False)
+            for key, value in env.items():
+                mp.setenv(key, value)
+            yield env, boto3.client("s3")
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
         server.stop()
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import boto3
 import pytest
 from botocore.stub import Stubber
+from fake_aws import use_fake_aws
 from moto import mock_aws
 from typer.testing import CliRunner
 
@@ -37,12 +38,7 @@ from atlas.upload import upload_slide
 @pytest.fixture
 def cloud(monkeypatch, sample_slide):
     """The deployed resources emulated in-process, with the sample slide uploaded and its run started."""
-    for key in ("AWS_ENDPOINT_URL", "AWS_PROFILE"):
-        monkeypatch.delenv(key, raising=False)
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_SESSION_TOKEN": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                       **POWERTOOLS_LOCAL_ENV}.items():
-        monkeypatch.setenv(key, value)
+    use_fake_aws(monkeypatch, **POWERTOOLS_LOCAL_ENV)
     with mock_aws():
         local = LocalCloud.create("ops")
         for key, value in local.settings.to_env().items():

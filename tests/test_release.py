@@ -12,6 +12,7 @@ from pathlib import Path
 
 import boto3
 import pytest
+from fake_aws import use_fake_aws
 from moto import mock_aws
 
 from atlas import layout
@@ -52,10 +53,7 @@ def stage_to_work(s3, out_dir: Path, work: S3Uri) -> None:
 
 @pytest.fixture
 def s3(monkeypatch):
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    use_fake_aws(monkeypatch)
     with mock_aws():
         client = boto3.client("s3")
         for bucket in ("work", "results", "site"):

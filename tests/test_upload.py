@@ -8,6 +8,7 @@ import boto3
 import pytest
 from botocore.awsrequest import AWSResponse
 from botocore.config import Config
+from fake_aws import use_fake_aws
 from moto import mock_aws
 from typer.testing import CliRunner
 
@@ -22,11 +23,7 @@ SMALL_PARTS = {"multipart_threshold": 5 << 20, "multipart_chunk": 5 << 20}  # th
 
 @pytest.fixture
 def s3(monkeypatch):
-    for key in ("AWS_ENDPOINT_URL", "AWS_PROFILE"):
-        monkeypatch.delenv(key, raising=False)
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(key, value)
+    use_fake_aws(monkeypatch)
     with mock_aws():
         client = boto3.client("s3", config=Config(retries={"max_attempts": 1}))
         client.create_bucket(Bucket=BUCKET)

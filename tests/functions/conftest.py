@@ -17,6 +17,7 @@ from urllib.parse import quote_plus
 
 import boto3
 import pytest
+from fake_aws import use_fake_aws
 from moto import mock_aws
 
 from atlas.demo import HANDLERS, LambdaContext, LocalCloud, load_handler
@@ -39,12 +40,7 @@ def load_event():
 @pytest.fixture(autouse=True)
 def aws_env(monkeypatch):
     """Fake credentials and region; no endpoint override (moto intercepts in-process); no X-Ray."""
-    for key in ("AWS_ENDPOINT_URL", "AWS_PROFILE"):
-        monkeypatch.delenv(key, raising=False)
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_SESSION_TOKEN": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                       "POWERTOOLS_SERVICE_NAME": "atlas-test", "POWERTOOLS_TRACE_DISABLED": "1"}.items():
-        monkeypatch.setenv(key, value)
+    use_fake_aws(monkeypatch, POWERTOOLS_SERVICE_NAME="atlas-test", POWERTOOLS_TRACE_DISABLED="1")
 
 
 @pytest.fixture
