@@ -8,8 +8,8 @@ Needs ``/usr/bin/chromium`` (``apt-get install -y chromium``; never ``playwright
 
 Inputs: the real brain section of ``../shared/data/stitching/basicpy_wsi_brain`` placed at its
 registered positions (a 2048 x 3072 px crop), with the DSB2018 nucleus image and its ground-truth
-nuclei tiled over it as a second stain and as the cell mask; and the made sample slide after the
-stitch stage.
+nuclei tiled over it as a second stain and as the cell mask; and the results of one full ``atlas run``
+of the made sample slide (the session fixture ``sample_run``: with segmentation and quantification).
 """
 from __future__ import annotations
 
@@ -25,11 +25,10 @@ import pytest
 import tifffile
 from PIL import Image
 
+from atlas import layout
 from atlas.fiji import read_tile_configuration
 from atlas.overview import render_overview
-from atlas.params import Params
 from atlas.pyramid import write_ome_tiff_pyramid
-from atlas.stages import StageContext
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"
@@ -85,19 +84,6 @@ def brain_results(shared_data, tmp_path_factory) -> Path:
     render_overview(root / "registration" / "brain.ome.tif", root / "overview", slide_id="brain",
                     markers=BRAIN_MARKERS, mask_path=root / "segmentation" / "truth-brain" / "cell.ome.tif")
     return root
-
-
-@pytest.fixture(scope="module")
-def sample_results(sample_slide, tmp_path_factory) -> Path:
-    """The made sample slide after the stitch and render stages."""
-    from atlas.stages import render, stitch
-
-    out = tmp_path_factory.mktemp("sample-results")
-    ctx = StageContext(slide_id=sample_slide.name, run_id=f"{sample_slide.name}-test", slide_dir=sample_slide,
-                       out_dir=out, params=Params())
-    stitch.run(ctx)
-    render.run(ctx)
-    return out
 
 
 @contextmanager
@@ -225,10 +211,12 @@ def test_overview_opens_switches_groups_and_toggles_outlines(browser, brain_resu
         assert links == []  # render_overview without a panel: no data section
 
 
-def test_sample_slide_overview_in_browser(browser, sample_results):
-    """The made sample slide, stitched and rendered by the stages, opened from its results folder."""
-    slide_id = next((sample_results / "registration").glob("*.ome.tif")).name.removesuffix(".ome.tif")
-    with served(sample_results) as base, opened(browser, f"{base}/overview/index.html#group=1") as page:
+def test_sample_slide_overview_in_browser(browser, sample_run):
+    """The overview of a full run of the made sample slide, opened from its results folder (read only)."""
+    slide_id = next((sample_run / layout.REGISTRATION).glob("*.ome.tif")).name.removesuffix(".ome.tif")
+    [cell_mask] = (sample_run / layout.SEGMENTATION).glob(f"*-{slide_id}/cell.ome.tif")
+    n_cells = len(np.unique(tifffile.imread(cell_mask, level=0))) - 1  # labels other than background
+    with served(sample_run) as base, opened(browser, f"{base}/overview/index.html#group=1") as page:
         page.settle()
         assert page.page.get_attribute("#groups .group >> nth=1", "aria-checked") == "true"  # from the URL
         tiles = page.tiles("Group-2_")
@@ -238,10 +226,26 @@ def test_sample_slide_overview_in_browser(browser, sample_results):
         page.page.click("#groups .group >> nth=0")
         page.settle()
         assert page.tiles("Group-1_") and all(status == 200 for _, status in page.tiles("Group-1_"))
-        page.shot("overview-sample-group1")
+        view = page.shot("overview-sample-group1")
+        assert yellow(view) < 50
+
+        # segmentation: the outline layer, hidden until switched on
+        assert page.page.evaluate("window.atlasOverview.viewer.world.getItemCount()") == 2
+        assert page.page.is_visible("#outline-toggle")
+        page.page.check("#outline-toggle")
+        page.settle()
+        outlines = page.tiles("cell-outlines", "png")
+        assert outlines and all(status == 200 for _, status in outlines)
+        assert yellow(page.shot("overview-sample-outlines")) > 1000
+        # quantification: the cell count of the cell table, one row per segmented cell
+        assert n_cells > 0
+        assert page.page.text_content("#cell-count") == f"{n_cells:,} segmented cells"
+
         assert page.page.text_content("#slide-id") == slide_id
         links = page.page.eval_on_selector_all("#data a", "els => els.map(e => e.href)")
-        assert any(link.endswith(f"/registration/{slide_id}.ome.tif") for link in links)
+        for rel in (layout.registration_tiff(slide_id), cell_mask.relative_to(sample_run).as_posix(),
+                    f"{layout.QUANTIFICATION}/{slide_id}--"):
+            assert any(f"/{rel}" in link for link in links), (rel, links)
         for link in links:  # the data links resolve on the same server
             assert page.page.request.head(link).status == 200, link
         assert page.page.evaluate("window.tileFailures") == []
