@@ -1,8 +1,9 @@
 """Stage ``stitch``: raw cycle files -> Level 2 registered image (OME-TIFF + OME-Zarr) and QC.
 
 Reads ``raw/*.ome.tif`` (one per cycle, see :mod:`atlas.ometiff`) and ``markers.csv`` of the
-slide; writes ``registration/<slide>.ome.tif``, ``registration/<slide>.ome.zarr`` and
-``qc/stitch/`` (``tiles.csv``, ``edges.csv``, ``mosaic.png``, ``summary.json``). The science lives in :mod:`atlas.stitch`; this module is the file I/O.
+slide; writes ``registration/<slide>.ome.tif``, ``registration/<slide>.ome.zarr``, with
+``stitch.illumination`` the per-cycle flat/dark fields ``illumination/<slide>-cycle-NN-{ffp,dfp}.tif``
+(applied to every tile before alignment and stitching), and ``qc/stitch/`` (``tiles.csv``, ``edges.csv``, ``mosaic.png``, ``summary.json``). The science lives in :mod:`atlas.stitch`; this module is the file I/O.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from PIL import Image, ImageDraw
 
 from atlas import layout
 from atlas.errors import InvalidInput, Problem
+from atlas.illumination import correct, estimate_flatfield
 from atlas.ometiff import CycleMetadata, read_cycle_metadata
 from atlas.pyramid import write_ome_tiff_pyramid, write_ome_zarr
 from atlas.slide import MARKERS, RAW, RAW_SUFFIXES, Marker, read_markers
@@ -127,15 +129,36 @@ def check_cycles(files: list[Path], markers: list[Marker], align_channel: int, r
     return metas
 
 
-def _open_cycle(stack: contextlib.ExitStack, path: Path, meta: CycleMetadata, params, name: str) -> TileSet:
+def illumination_paths(slide_id: str, cycle: int) -> tuple[str, str]:
+    """MCMICRO's flat- and dark-field profile names of a cycle, e.g. ``illumination/S1-cycle-01-ffp.tif``."""
+    stem = f"{layout.ILLUMINATION}/{slide_id}-cycle-{cycle:02d}"
+    return f"{stem}-ffp.tif", f"{stem}-dfp.tif"
+
+
+def _open_cycle(stack: contextlib.ExitStack, path: Path, meta: CycleMetadata, params, name: str,
+                profiles: tuple[Path, Path] | None = None) -> TileSet:
+    """The cycle's tiles as a TileSet; with ``profiles`` (ffp, dfp paths), shading-corrected tiles
+    whose (C, Y, X) flat and dark fields are estimated from this cycle and written there."""
     tif = stack.enter_context(tifffile.TiffFile(path))
     series = tif.series
     if len(series) != meta.n_tiles:
         raise InvalidInput(Problem(name, f"OME-XML lists {meta.n_tiles} tiles but the file holds "
                                    f"{len(series)} series", "re-export the cycle file"))
 
-    def read_tile(t: int, c: int) -> np.ndarray:
+    def raw_tile(t: int, c: int) -> np.ndarray:
         return series[t].pages[c].asarray()
+
+    if profiles is None:
+        read_tile = raw_tile
+    else:
+        fields = [estimate_flatfield(raw_tile(t, c) for t in range(meta.n_tiles)) for c in range(meta.n_channels)]
+        flat, dark = (np.stack(f) for f in zip(*fields))
+        for out, image in zip(profiles, (flat, dark)):
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tifffile.imwrite(out, image, photometric="minisblack")
+
+        def read_tile(t: int, c: int) -> np.ndarray:
+            return correct(raw_tile(t, c), flat[c], dark[c])
 
     return TileSet(read_tile, meta.positions_um, meta.tile_shape, meta.n_channels, meta.dtype,
                    meta.pixel_size_um, flip_x=params.flip_x, flip_y=params.flip_y)
@@ -156,18 +179,14 @@ def run(ctx: StageContext) -> None:
         raise InvalidInput(Problem(MARKERS, f"not found in {slide_dir}",
                                    "add markers.csv (channel_number,cycle_number,marker_name; one row per channel)"))
     markers = read_markers(slide_dir / MARKERS)
-    if params.illumination:
-        # basicpy 2.0 needs torch (CUDA wheels) and numpy < 2, 1.x needs jax: not in this image.
-        raise InvalidInput(Problem("params.yml", "stitch.illumination: true asks for BaSiC flat-field correction, "
-                                   "which this pipeline does not provide yet",
-                                   "remove stitch.illumination (or set it to false); correct the tiles before upload "
-                                   "if needed"))
     files = cycle_files(slide_dir)
     metas = check_cycles(files, markers, params.align_channel, rel)
     qc_dir = out_dir / QC_DIR
     qc_dir.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
-        cycles = [_open_cycle(stack, path, meta, params, rel(path)) for path, meta in zip(files, metas)]
+        cycles = [_open_cycle(stack, path, meta, params, rel(path),
+                              [out_dir / p for p in illumination_paths(ctx.slide_id, k)] if params.illumination else None)
+                  for k, (path, meta) in enumerate(zip(files, metas), start=1)]
         alignments = align_cycles(cycles, channel=params.align_channel, max_shift_um=params.maximum_shift_um,
                                   filter_sigma=params.filter_sigma)
         failed = [k for k, a in enumerate(alignments) if not a.registered]
