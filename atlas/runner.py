@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from atlas import layout
 from atlas.errors import InvalidInput
 from atlas.params import parse_params
 from atlas.slide import MANIFEST, PARAMS, run_id_for, sha256_file
@@ -128,4 +129,4 @@ def run_pipeline(slide_dir: Path, out_dir: Path, *, run_id: str | None = None,
         else:
             ran = [run_stage(ctx, stage)]
         notify(stage, "skip" if all(r is None for r in ran) else "done")
-    return Path(out_dir) / "manifest.json"
+    return Path(out_dir) / layout.MANIFEST

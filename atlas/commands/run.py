@@ -27,7 +27,7 @@ def run(slide: Path = typer.Argument(..., help="slide folder <slide_id>/"),
     with status:
         manifest = run_pipeline(slide, out, run_id=run_id, on_stage=on_stage)
     console.print(f"results:  {out.resolve()}\nmanifest: {manifest.resolve()}\n"
-                  f"overview: {(out / layout.OVERVIEW / 'index.html').resolve()}")
+                  f"overview: {(out / layout.OVERVIEW / layout.OVERVIEW_PAGE).resolve()}")
 
 
 def register(app: typer.Typer) -> None:

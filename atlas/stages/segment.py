@@ -34,11 +34,21 @@ from skimage.segmentation import find_boundaries
 
 from atlas import layout
 from atlas.errors import InvalidInput, Problem
+from atlas.imageio import open_tiff
 from atlas.ometiff import parse_ome_xml
 from atlas.pyramid import write_ome_tiff_pyramid, write_zarr_labels
 from atlas.segmentation import make_engine
-from atlas.segmentation.tiling import (TileResult, calibration_sample, expand_to_cells, job_tiles, paint_tiles,
-                                       relabel_sequential_blocks, segment_tile, tile_grid, working_view)
+from atlas.segmentation.tiling import (
+    TileResult,
+    calibration_sample,
+    expand_to_cells,
+    job_tiles,
+    paint_tiles,
+    relabel_sequential_blocks,
+    segment_tile,
+    tile_grid,
+    working_view,
+)
 from atlas.stages import StageContext, get_stage
 
 log = logging.getLogger(__name__)
@@ -111,11 +121,7 @@ def open_channel(path: Path, channel: int | str) -> Iterator[NucleusChannel]:
         series, RGB), or an unknown channel.
     """
     fix = "give a 2-D image or a multi-channel (C, Y, X) OME-TIFF, e.g. one plane or a maximum projection"
-    try:
-        tif = tifffile.TiffFile(path)
-    except (OSError, tifffile.TiffFileError) as exc:
-        raise InvalidInput(Problem(str(path), f"cannot be read as TIFF ({exc})", fix)) from exc
-    with tif:
+    with open_tiff(path, fix) as tif:
         series = tif.series[0]
         extra = [(axis, n) for axis, n in zip(series.axes[:-2], series.shape[:-2], strict=True) if n > 1]
         if not series.axes.endswith("YX") or len(extra) > 1 or (extra and extra[0][0] != "C"):
