@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import tifffile
 
+from atlas.fiji import read_tile_configuration
 from atlas.illumination import correct, estimate_flatfield
 from atlas.ometiff import read_cycle_metadata, read_tile
 
@@ -50,12 +51,7 @@ def test_sample_flatfield_matches_truth(sample_dirs):
 
 
 def _read_tileconfig(path) -> dict[str, tuple[float, float]]:
-    pos = {}
-    for line in path.read_text().splitlines():
-        m = re.match(r"\s*C3-BrainSection(\d+)\.tif\s*;\s*;\s*\(\s*([-\d.eE+]+)\s*,\s*([-\d.eE+]+)\s*\)", line)
-        if m:
-            pos[m.group(1)] = (float(m.group(3)), float(m.group(2)))
-    return pos
+    return {re.search(r"(\d+)\.tif$", e.name).group(1): (e.y, e.x) for e in read_tile_configuration(path)}
 
 
 def overlap_disagreement(tiles: dict[str, np.ndarray], positions: dict[str, tuple[float, float]]) -> float:

@@ -18,6 +18,7 @@ import zarr
 
 from atlas import layout
 from atlas.errors import InvalidInput
+from atlas.fiji import read_tile_configuration
 from atlas.ometiff import write_cycle
 from atlas.params import Params, StitchParams
 from atlas.stages import StageContext
@@ -34,12 +35,7 @@ TISSUE_P99 = 1500          # README: tiles whose 99th percentile is below this a
 
 def read_tileconfig(path: Path) -> dict[str, tuple[float, float]]:
     """Fiji TileConfiguration: tile id ("0009") -> (y, x) top-left in pixels."""
-    pos = {}
-    for line in path.read_text().splitlines():
-        m = re.match(r"\s*C3-BrainSection(\d+)\.tif\s*;\s*;\s*\(\s*([-\d.eE+]+)\s*,\s*([-\d.eE+]+)\s*\)", line)
-        if m:
-            pos[m.group(1)] = (float(m.group(3)), float(m.group(2)))
-    return pos
+    return {re.search(r"(\d+)\.tif$", e.name).group(1): (e.y, e.x) for e in read_tile_configuration(path)}
 
 
 class Brain:
