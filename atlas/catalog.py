@@ -61,6 +61,7 @@ ENV_NOTIFY_TOPIC_ARN = "NOTIFY_TOPIC_ARN"
 ENV_WORK_BUCKET = "WORK_BUCKET"
 ENV_RESULTS_BUCKET = "RESULTS_BUCKET"
 ENV_SERVICE_NAME = "POWERTOOLS_SERVICE_NAME"
+ENV_OVERVIEW_SITE_URL = "OVERVIEW_SITE_URL"
 SERVICE_NAME = "tissue-atlas"
 METRICS_NAMESPACE = "TissueAtlas"
 
@@ -105,6 +106,10 @@ class Settings:
         Where publish puts ``<slide_id>/<run_id>/`` (named in notifications).
     service_name : str
         Powertools service name (logs, traces, metrics dimension).
+    overview_site_url : str, optional
+        ``https://<distribution>/`` of the overview site, where publish copies each run's overview
+        (``<slide_id>/<run_id>/index.html``); notifications link there. Without it (the local demo
+        has no site) they name the overview in the results bucket.
     """
 
     catalog_table: str
@@ -114,24 +119,27 @@ class Settings:
     work_bucket: str
     results_bucket: str
     service_name: str = SERVICE_NAME
+    overview_site_url: str | None = None
 
     _ENV = {"catalog_table": ENV_CATALOG_TABLE, "idempotency_table": ENV_IDEMPOTENCY_TABLE,
             "state_machine_arn": ENV_STATE_MACHINE_ARN, "notify_topic_arn": ENV_NOTIFY_TOPIC_ARN,
-            "work_bucket": ENV_WORK_BUCKET, "results_bucket": ENV_RESULTS_BUCKET, "service_name": ENV_SERVICE_NAME}
+            "work_bucket": ENV_WORK_BUCKET, "results_bucket": ENV_RESULTS_BUCKET, "service_name": ENV_SERVICE_NAME,
+            "overview_site_url": ENV_OVERVIEW_SITE_URL}
+    _OPTIONAL = ("service_name", "overview_site_url")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
         """Settings from environment variables; RuntimeError naming every missing one."""
         values = {f.name: env.get(cls._ENV[f.name]) for f in fields(cls)}
-        missing = [cls._ENV[name] for name, value in values.items() if not value and name != "service_name"]
+        missing = [cls._ENV[name] for name, value in values.items() if not value and name not in cls._OPTIONAL]
         if missing:
             raise RuntimeError(f"missing environment variable(s) {', '.join(missing)}; "
                                "the CDK app sets them from atlas.catalog.Settings.to_env()")
         return cls(**{k: v for k, v in values.items() if v})
 
     def to_env(self) -> dict[str, str]:
-        """The Lambda environment carrying these settings."""
-        return {self._ENV[f.name]: getattr(self, f.name) for f in fields(self)}
+        """The Lambda environment carrying these settings (unset optional ones left out)."""
+        return {self._ENV[f.name]: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
 
 def object_created_pattern(bucket_name: str) -> dict:
@@ -641,6 +649,14 @@ def results_uri(settings: Settings, slide_id: str, run_id: str) -> str:
     return f"s3://{settings.results_bucket}/{slide_id}/{run_id}/"
 
 
+def overview_uri(settings: Settings, slide_id: str, run_id: str) -> str:
+    """Where people open a run's overview: on the overview site when there is one (the key layout of
+    :func:`atlas.release.release_run`), else in the results bucket."""
+    if settings.overview_site_url:
+        return f"{settings.overview_site_url.rstrip('/')}/{slide_id}/{run_id}/{layout.OVERVIEW_PAGE}"
+    return results_uri(settings, slide_id, run_id) + f"{layout.OVERVIEW}/{layout.OVERVIEW_PAGE}"
+
+
 def record_execution_status(aws: Aws, settings: Settings, detail: ExecutionStatusDetail) -> dict:
     """Apply one Step Functions status change to the run's item (and the slide's, if current).
 
@@ -660,7 +676,7 @@ def record_execution_status(aws: Aws, settings: Settings, detail: ExecutionStatu
                               "updated_at": timestamp()}
     if status is Status.SUCCEEDED:
         values["output_uri"] = results_uri(settings, slide_id, run_id)
-        values["overview_uri"] = values["output_uri"] + f"{layout.OVERVIEW}/{layout.OVERVIEW_PAGE}"
+        values["overview_uri"] = overview_uri(settings, slide_id, run_id)
     if status is Status.FAILED:
         values["error"] = detail.error or detail.status
         values["cause"] = (detail.cause or f"execution {detail.status.lower()}")[:4000]

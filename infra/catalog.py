@@ -66,7 +66,8 @@ class Catalog(Construct):
     """
 
     def __init__(self, scope: Construct, id: str, *, config: AtlasConfig, ingest: s3.IBucket, work: s3.IBucket,
-                 results_bucket_name: str, state_machine: sfn.IStateMachine, topic: sns.ITopic) -> None:
+                 results_bucket_name: str, overview_site_url: str, state_machine: sfn.IStateMachine,
+                 topic: sns.ITopic) -> None:
         super().__init__(scope, id)
         self.table = dynamodb.Table(
             self, "Table", table_name=config.name("catalog"),
@@ -87,7 +88,7 @@ class Catalog(Construct):
         settings = catalog.Settings(
             catalog_table=self.table.table_name, idempotency_table=self.idempotency_table.table_name,
             state_machine_arn=state_machine.state_machine_arn, notify_topic_arn=topic.topic_arn,
-            work_bucket=work.bucket_name, results_bucket=results_bucket_name)
+            work_bucket=work.bucket_name, results_bucket=results_bucket_name, overview_site_url=overview_site_url)
         handlers = {
             # Reads OME-XML of cycle files by ranged GETs: memory for tifffile's parse, not for pixels.
             "catalog": _Handler(1024, Duration.minutes(1), catalog.object_created_pattern(ingest.bucket_name)),

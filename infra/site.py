@@ -22,6 +22,8 @@ class OverviewSite(Construct):
     ----------
     bucket : s3.Bucket
     distribution : cloudfront.Distribution
+    url : str
+        ``https://<distribution domain>/``; a run's overview is ``<url><slide_id>/<run_id>/index.html``.
     """
 
     def __init__(self, scope: Construct, id: str, *, log_bucket: s3.IBucket) -> None:
@@ -39,6 +41,7 @@ class OverviewSite(Construct):
                 response_headers_policy=cloudfront.ResponseHeadersPolicy.SECURITY_HEADERS),
             price_class=cloudfront.PriceClass.PRICE_CLASS_100,
             enable_logging=True, log_bucket=log_bucket, log_file_prefix="cloudfront/")
+        self.url = f"https://{self.distribution.distribution_domain_name}/"
         acknowledge(self.distribution, "AwsSolutions-CFR1",
                     "Overviews are for collaborators worldwide; no country is to be blocked.")
         acknowledge(self.distribution, "AwsSolutions-CFR4",

@@ -64,14 +64,14 @@ class PipelineStack(Stack):
 
         self.pipeline = Pipeline(self, "Pipeline", config=config, jobs=list(self.compute.jobs.values()))
         self.catalog = Catalog(self, "Catalog", config=config, ingest=self.storage.ingest, work=self.storage.work,
-                               results_bucket_name=results.bucket_name, state_machine=self.pipeline.state_machine,
-                               topic=self.notifications.topic)
+                               results_bucket_name=results.bucket_name, overview_site_url=self.site.url,
+                               state_machine=self.pipeline.state_machine, topic=self.notifications.topic)
         self.alarms = Alarms(self, "Alarms", topic=self.notifications.topic, state_machine=self.pipeline.state_machine,
                              functions=self.catalog.functions, dead_letter_queues=self.catalog.dead_letter_queues)
 
         for output, value, description in (
                 ("IngestBucketName", self.storage.ingest.bucket_name, "Labs upload slides here (atlas upload)"),
-                ("OverviewUrl", f"https://{self.site.distribution.distribution_domain_name}/",
+                ("OverviewUrl", self.site.url,
                  "Overview pages: <url><slide_id>/<run_id>/index.html"),
                 ("StateMachineArn", self.pipeline.state_machine.state_machine_arn, "One execution per run"),
                 ("CatalogTableName", self.catalog.table.table_name, "Slide, object and run status"),

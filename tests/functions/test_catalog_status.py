@@ -6,7 +6,8 @@ import json
 import boto3
 import pytest
 
-from atlas.catalog import Settings
+from atlas.catalog import ENV_OVERVIEW_SITE_URL, Settings
+from atlas.demo import load_handler
 
 
 @pytest.fixture
@@ -64,6 +65,23 @@ def test_succeeded_run_records_where_the_results_are(cloud, started, lambda_cont
     assert expected in message and "overview/index.html" in message
 
 
+def test_with_an_overview_site_the_lab_gets_a_link_a_browser_opens(cloud, started, lambda_context, status_event,
+                                                                    monkeypatch):
+    # GIVEN the status Lambda deployed with the overview site's URL (as the CDK app sets it)
+    monkeypatch.setenv(ENV_OVERVIEW_SITE_URL, "https://d111111abcdef8.cloudfront.net/")
+    status = load_handler("status").handler
+    # WHEN the run succeeds
+    status(status_event(started, "SUCCEEDED", output="{}"), lambda_context)
+    # THEN record and message point at the site copy publish makes (<slide>/<run>/index.html), results stay s3://
+    site_page = f"https://d111111abcdef8.cloudfront.net/sample/{started['name']}/index.html"
+    record = cloud.slide_record("sample")
+    assert record["overview_uri"] == site_page
+    assert record["output_uri"] == f"s3://{cloud.settings.results_bucket}/sample/{started['name']}/"
+    message = cloud.notifications()[0]["Message"]
+    assert f"Overview: {site_page}" in message.splitlines()
+    assert f"Results: {record['output_uri']}" in message.splitlines()
+
+
 def test_out_of_order_events_never_move_status_back(cloud, started, lambda_context, status_event):
     status = cloud.handlers["status"].handler
     status(status_event(started, "SUCCEEDED"), lambda_context)
@@ -94,6 +112,9 @@ def test_settings_name_every_missing_variable():
     settings = Settings("c", "i", "arn:sm", "arn:topic", "w", "r")
     assert Settings.from_env(settings.to_env()) == settings
     assert json.dumps(settings.to_env())  # plain strings, ready for a Lambda environment
+    assert ENV_OVERVIEW_SITE_URL not in settings.to_env()  # unset optional settings are left out
+    with_site = Settings("c", "i", "arn:sm", "arn:topic", "w", "r", overview_site_url="https://d.example/")
+    assert Settings.from_env(with_site.to_env()) == with_site
 
 
 def test_the_demo_status_events_have_the_real_shape(started, load_event):

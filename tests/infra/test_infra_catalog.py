@@ -36,7 +36,7 @@ def function(synth, name: str) -> tuple[str, dict]:
 
 
 def settings_env_names() -> list[str]:
-    return list(catalog.Settings("a", "b", "c", "d", "e", "f").to_env())
+    return list(catalog.Settings("a", "b", "c", "d", "e", "f", overview_site_url="g").to_env())
 
 
 def test_each_handler_exists_and_gets_the_settings_atlas_catalog_reads(full):
@@ -53,6 +53,8 @@ def test_each_handler_exists_and_gets_the_settings_atlas_catalog_reads(full):
         assert env[catalog.ENV_STATE_MACHINE_ARN] == {"Ref": logical_id(stack.pipeline.state_machine)}
         assert env[catalog.ENV_RESULTS_BUCKET] == "atlas-test-results-123456789012"
         assert env[catalog.ENV_SERVICE_NAME] == catalog.SERVICE_NAME
+        assert env[catalog.ENV_OVERVIEW_SITE_URL] == {"Fn::Join": ["", [
+            "https://", {"Fn::GetAtt": [logical_id(stack.site.distribution), "DomainName"]}, "/"]]}
         assert (props["Runtime"], props["Architectures"]) == (RUNTIME.name, [ARCHITECTURE.name])
         assert props["TracingConfig"] == {"Mode": "Active"}
 
