@@ -138,11 +138,10 @@ def validate_slide(slide_dir: Path) -> list[Problem]:
                 problems.append(Problem(name, f"truncated: {why}", REUPLOAD))
         except Exception as exc:  # noqa: BLE001 - any reader failure means the file is unusable
             cycles[name] = exc
-    problems = check_contents(slide_id=slide_dir.name, files=files,
-                              manifest_text=_read_text(slide_dir / MANIFEST),
+    manifest_text = _read_text(slide_dir / MANIFEST)
+    problems = check_contents(slide_id=slide_dir.name, files=files, manifest_text=manifest_text,
                               markers_text=_read_text(slide_dir / MARKERS),
                               params_text=_read_text(slide_dir / PARAMS), cycles=cycles) + problems
-    manifest_text = _read_text(slide_dir / MANIFEST)
     if manifest_text is not None:
         try:
             entries = parse_manifest(manifest_text)
