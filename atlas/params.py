@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from atlas.errors import InvalidInput, Problem
-from atlas.slide import PARAMS
+from atlas.slide.convention import PARAMS
 
 
 @dataclass(frozen=True)

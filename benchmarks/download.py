@@ -1,4 +1,4 @@
-"""Benchmark: ``atlas data get`` (atlas.access.download_release) vs boto3's s3transfer, over HTTP.
+"""Benchmark: ``atlas data get`` (atlas.aws.access.download_release) vs boto3's s3transfer, over HTTP.
 
 Why our own downloader: s3transfer (boto3's ``TransferManager``) also fetches in parallel ranged
 GETs, but keeps no state across processes: an interrupted download starts its files again from
@@ -11,7 +11,7 @@ concatenated ``--copies`` times (stands for a Level 2 OME-TIFF). They are put in
 emulated by moto's server on localhost (real HTTP, one connection per request thread) with a
 release manifest, as the publish job leaves it.
 
-* ours: :func:`atlas.access.download_release` (8 MiB parts, 8 threads, sha256 of every file);
+* ours: :func:`atlas.aws.access.download_release` (8 MiB parts, 8 threads, sha256 of every file);
 * reference: ``boto3.s3.transfer.TransferManager`` with the same part size and concurrency and
   ``RequestPayer=requester``, every file submitted at once, then the same sha256 of every file.
 
@@ -43,10 +43,10 @@ class Interrupted(Exception):
 
 
 def make_release(s3, copies: int):
-    """Upload the files and their manifest; returns the Release as atlas.access reads it."""
+    """Upload the files and their manifest; returns the Release as atlas.aws.access reads it."""
     import json
 
-    from atlas.access import get_release
+    from atlas.aws.access import get_release
 
     tiles = sorted(TILES.rglob("*.tif"))
     files = {f"segmentation/tiles/{p.name}": p.read_bytes() for p in tiles}
@@ -89,7 +89,7 @@ def reference(client, release, target: Path) -> None:
 
 
 def ours(client, release, target: Path) -> None:
-    from atlas.access import download_release
+    from atlas.aws.access import download_release
 
     result = download_release(release, target, client=client, part_size=PART, threads=THREADS)
     assert not result.corrupt and len(result.fetched) + len(result.verified) == len(release.files)
@@ -97,7 +97,7 @@ def ours(client, release, target: Path) -> None:
 
 def counting_client(limit: int | None = None):
     """A requester-pays client counting the bytes S3 sends; raises Interrupted past ``limit`` bytes."""
-    from atlas.access import results_client
+    from atlas.aws.access import results_client
 
     client, counted = results_client(), {"bytes": 0}
 
@@ -129,7 +129,7 @@ def main() -> None:
                        "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"})
     work = Path(tempfile.mkdtemp(prefix="atlas-bench-download-"))
     try:
-        from atlas.access import results_client
+        from atlas.aws.access import results_client
 
         release = make_release(results_client(), args.copies)
         total = release.size

@@ -5,11 +5,11 @@ Usage: ``.venv/bin/python benchmarks/render.py [--repeat N] [--scale S]``
 The mosaic is the real BaSiCPy brain section (``../shared/data/stitching/basicpy_wsi_brain``, its
 54 tiles placed at Fiji's registered positions), repeated ``S x S`` times, as 8 channels (the
 mosaic, the DSB2018 nucleus image tiled over it, and mixes of the two) written as a pyramidal
-OME-TIFF with :mod:`atlas.pyramid`, like the registered image the render stage reads.
+OME-TIFF with :mod:`atlas.science.pyramid`, like the registered image the render stage reads.
 
 Both sides render the same two groups of four channels into 1024-px JPEG (quality 85) tiles down
 to a level that fits one tile:
-- ours: :func:`atlas.overview.render_overview` (the full stage work: contrast, tiles, exhibit, page);
+- ours: :func:`atlas.science.overview.render_overview` (the full stage work: contrast, tiles, exhibit, page);
 - reference: pyvips reads the same channels from the same file, applies the same display ranges
   and colours (linear, clamp, tint, sum, clamp), and writes them with ``dzsave`` (depth onetile).
   It gets the display ranges for free.
@@ -33,12 +33,12 @@ import tifffile
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from atlas.overview import render_overview  # noqa: E402
-from atlas.overview.contrast import _gmm_range, sample_pixels  # noqa: E402
-from atlas.overview.exhibit import make_groups  # noqa: E402
-from atlas.overview.source import TiffPyramid  # noqa: E402
-from atlas.overview.tiles import hex_to_rgb  # noqa: E402
-from atlas.pyramid import write_ome_tiff_pyramid  # noqa: E402
+from atlas.science.overview import render_overview  # noqa: E402
+from atlas.science.overview.contrast import _gmm_range, sample_pixels  # noqa: E402
+from atlas.science.overview.exhibit import make_groups  # noqa: E402
+from atlas.science.overview.source import TiffPyramid  # noqa: E402
+from atlas.science.overview.tiles import hex_to_rgb  # noqa: E402
+from atlas.science.pyramid import write_ome_tiff_pyramid  # noqa: E402
 from tests.test_overview_browser import brain_mosaic, tiled  # noqa: E402  (the test's real mosaic)
 
 DATA = ROOT.parent / "shared" / "data"
@@ -66,7 +66,7 @@ def run_vips(image: Path, out: Path) -> tuple[float, int]:
 
     with TiffPyramid(image, TILE) as pyramid:
         coarsest = pyramid.level(pyramid.n_levels - 1)
-    from atlas.overview.contrast import auto_contrast
+    from atlas.science.overview.contrast import auto_contrast
     ranges = [auto_contrast(sample_pixels(plane)) for plane in coarsest]
     groups = make_groups(MARKERS, ranges, 4)
     start = time.perf_counter()

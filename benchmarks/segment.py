@@ -39,11 +39,11 @@ from skimage.filters import threshold_otsu
 from skimage.transform import resize
 
 from atlas.params import SegmentParams
-from atlas.segmentation import make_engine
-from atlas.segmentation.classical import ClassicalEngine
-from atlas.segmentation.metrics import match_instances
-from atlas.segmentation.tiling import ScaledImage, calibration_sample, segment_image
-from atlas.segmentation.unet import UNetEngine, UNetSettings
+from atlas.science.segmentation import make_engine
+from atlas.science.segmentation.classical import ClassicalEngine
+from atlas.science.segmentation.metrics import match_instances
+from atlas.science.segmentation.tiling import ScaledImage, calibration_sample, segment_image
+from atlas.science.segmentation.unet import UNetEngine, UNetSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"

@@ -64,7 +64,7 @@ def brain_tiles() -> tuple[np.ndarray, np.ndarray, float]:
 
 
 def make_slide(root: Path, name: str, *, replicate: int, channels: int, cycles: int) -> Path:
-    from atlas.ometiff import write_cycle
+    from atlas.slide.ome import write_cycle
     tiles, positions, pixel_size = brain_tiles()
     extent = positions.max(axis=0) + np.array(tiles.shape[1:]) * pixel_size * 0.9
     grid_tiles, grid_positions = [], []

@@ -27,7 +27,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ("atlas", "functions")
 CONSTRAINTS = "containers/constraints.txt"
 # The distributions the handlers import (powertools: parser -> pydantic, tracer -> X-Ray SDK;
-# atlas.catalog -> ometiff -> numpy, tifffile; params -> pyyaml). boto3 comes with the runtime.
+# atlas.aws.catalog -> ometiff -> numpy, tifffile; params -> pyyaml). boto3 comes with the runtime.
 LAMBDA_PACKAGES = ("aws-lambda-powertools", "numpy", "tifffile", "pyyaml")
 
 # The newest runtime within pyproject's requires-python (< 3.14). It runs on Amazon Linux 2023

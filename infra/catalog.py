@@ -3,10 +3,10 @@
 ::
 
     ingest bucket  -- S3 Object Created -------------------> catalog Lambda  (records the object)
-    catalog Lambda -- "Slide Object Cataloged" (atlas.catalog) -> trigger Lambda (starts the run once complete)
+    catalog Lambda -- "Slide Object Cataloged" (atlas.aws.catalog) -> trigger Lambda (starts the run once complete)
     state machine  -- Execution Status Change ---------------> status Lambda  (run status, notification)
 
-Event patterns, environment names and the service name come from :mod:`atlas.catalog`, so the
+Event patterns, environment names and the service name come from :mod:`atlas.aws.catalog`, so the
 handlers and this app cannot drift apart. Each Lambda has a dead-letter queue that receives both
 the events EventBridge could not deliver and the invocations that failed after Lambda's retries.
 """
@@ -26,7 +26,7 @@ from aws_cdk import aws_sqs as sqs
 from aws_cdk import aws_stepfunctions as sfn
 from constructs import Construct
 
-from atlas import catalog
+from atlas.aws import catalog
 from infra.bundling import ARCHITECTURE, RUNTIME, lambda_code
 from infra.config import AtlasConfig
 from infra.nag import S3_READ_ACTIONS, acknowledge, acknowledge_wildcards, managed_policy_finding
@@ -56,7 +56,7 @@ class Catalog(Construct):
     Attributes
     ----------
     table : dynamodb.Table
-        ``pk``/``sk`` items per slide, object and run (see :mod:`atlas.catalog`).
+        ``pk``/``sk`` items per slide, object and run (see :mod:`atlas.aws.catalog`).
     idempotency_table : dynamodb.Table
         powertools idempotency records (expire by TTL).
     functions : dict of str to lambda_.Function

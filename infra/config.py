@@ -17,7 +17,7 @@ from typing import Any
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_logs as logs
 
-from atlas.release import RESULTS_REGION
+from atlas.aws.release import RESULTS_REGION
 from atlas.stages import STAGES
 
 ENVIRONMENT_KEY = "atlas:environment"

@@ -14,7 +14,7 @@ from aws_cdk import App, CfnOutput, Environment, Stack, Tags
 from aws_cdk import aws_s3 as s3
 from constructs import Construct
 
-from atlas.release import OVERVIEW_BUCKET_ENV, RESULTS_BUCKET_ENV
+from atlas.aws.release import OVERVIEW_BUCKET_ENV, RESULTS_BUCKET_ENV
 from infra.access import ResultsAccess
 from infra.catalog import Catalog
 from infra.compute import BatchCompute, stage_images

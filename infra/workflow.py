@@ -22,7 +22,7 @@ from infra.compute import JOB_PARAMETERS, QUEUE_TIME_LIMITS, SPOT_ATTEMPTS, Stag
 from infra.config import AtlasConfig
 from infra.nag import acknowledge_wildcards
 
-# The execution input, written by the trigger Lambda (atlas.catalog.execution_input).
+# The execution input, written by the trigger Lambda (atlas.aws.catalog.execution_input).
 EXECUTION_INPUT = ("slide_id", "run_id", "slide_uri", "work_uri")
 JOB_TAGS = ("slide_id", "run_id")
 FAILURE_PATH = "$.failure"

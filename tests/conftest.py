@@ -21,7 +21,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def sample_dirs(tmp_path_factory) -> tuple[Path, Path]:
     """(slide_dir, truth_dir) of the made sample slide; treat as read-only (copy it to change it)."""
-    from atlas.sample import make_sample
+    from atlas.slide.sample import make_sample
 
     return make_sample(tmp_path_factory.mktemp("sample"))
 
@@ -40,7 +40,7 @@ def slide_copy(sample_slide, tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def sample_run(sample_slide, tmp_path_factory) -> Path:
     """Results folder of one full local run of the sample slide, shared by the end-to-end tests."""
-    from atlas.runner import run_pipeline
+    from atlas.pipeline.local import run_pipeline
 
     out = tmp_path_factory.mktemp("sample-run")
     run_pipeline(sample_slide, out)

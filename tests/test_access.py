@@ -1,7 +1,7 @@
-"""External access to published results (atlas.access, ``atlas data``) against S3 emulated by moto.
+"""External access to published results (atlas.aws.access, ``atlas data``) against S3 emulated by moto.
 
 The release is real: the sample slide is stitched (its Level 2 OME-TIFF and OME-Zarr, the stitch QC)
-and published by the publish stage's manifest and :func:`atlas.release.release_run`, exactly as the
+and published by the publish stage's manifest and :func:`atlas.aws.release.release_run`, exactly as the
 publish job releases a run. Only the later stages are left out (they do not change how a release is
 read). The emulator does not enforce requester pays, so the header is checked on every request with
 botocore's ``before-send`` event; error answers that the emulator cannot produce (AccessDenied, wrong
@@ -27,15 +27,32 @@ from moto import mock_aws
 from typer.testing import CliRunner
 
 from atlas import layout
-from atlas.access import (GIB, PART_SIZE, PART_SUFFIX, PRICES, REQUEST_PAYER_HEADER, STATE_SUFFIX, AccessError,
-                          NotPublished, download_release, estimate_cost, get_release, internet_transfer_usd, items,
-                          list_releases, list_slides, open_zarr, parse_levels, results_client)
+from atlas.aws.access import (
+    GIB,
+    PART_SIZE,
+    PART_SUFFIX,
+    PRICES,
+    REQUEST_PAYER_HEADER,
+    STATE_SUFFIX,
+    AccessError,
+    NotPublished,
+    download_release,
+    estimate_cost,
+    get_release,
+    internet_transfer_usd,
+    items,
+    list_releases,
+    list_slides,
+    open_zarr,
+    parse_levels,
+    results_client,
+)
+from atlas.aws.release import release_run
+from atlas.aws.s3uri import S3Uri
 from atlas.cli import app
-from atlas.commands.data import human
+from atlas.cli.data import human
 from atlas.errors import InvalidInput
-from atlas.release import release_run
-from atlas.runner import make_context, run_stage
-from atlas.s3uri import S3Uri
+from atlas.pipeline.local import make_context, run_stage
 from atlas.stages import get_stage
 
 RESULTS, WORK = "atlas-test-results", "atlas-test-work"

@@ -14,10 +14,10 @@ from typer.testing import CliRunner
 
 from atlas.cli import app
 from atlas.errors import InvalidInput
-from atlas.fiji import import_fiji, parse_tile_configuration, read_tile_configuration
-from atlas.ometiff import read_cycle_metadata, read_tile
-from atlas.slide import read_markers
-from atlas.validate import validate_slide
+from atlas.slide.convention import read_markers
+from atlas.slide.fiji import import_fiji, parse_tile_configuration, read_tile_configuration
+from atlas.slide.ome import read_cycle_metadata, read_tile
+from atlas.slide.validate import validate_slide
 
 BRAIN_PIXEL_SIZE_UM = 1 / 0.3871          # XResolution 0.3871 px/µm (see the data's README)
 

@@ -1,4 +1,4 @@
-"""Flat-field estimation (atlas.illumination) against truth and on real tiles.
+"""Flat-field estimation (atlas.science.illumination) against truth and on real tiles.
 
 * Truth: the made sample slide's tiles carry a known vignetting profile (``truth/flatfield.tif``,
   corners ~0.68 of the centre); the estimate is compared after normalising both to mean 1.
@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import tifffile
 
-from atlas.fiji import read_tile_configuration
-from atlas.illumination import correct, estimate_flatfield
-from atlas.ometiff import read_cycle_metadata, read_tile
+from atlas.science.illumination import correct, estimate_flatfield
+from atlas.slide.fiji import read_tile_configuration
+from atlas.slide.ome import read_cycle_metadata, read_tile
 
 BRAIN_TILES = 63
 # Tiles whose Fiji position is wrong (see tests/test_stitch.py and the data README): left out.

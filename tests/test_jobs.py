@@ -27,24 +27,15 @@ from moto.server import ThreadedMotoServer
 from typer.testing import CliRunner
 
 from atlas import layout
+from atlas.aws.release import LATEST
 from atlas.cli import app
-from atlas.demo import local_aws_env
 from atlas.errors import InvalidInput
-from atlas.jobs import (
-    ExitCode,
-    JobError,
-    Misconfigured,
-    StageJobFailed,
-    UpstreamIncomplete,
-    execute_run,
-    instance_type,
-    run_stage_job,
-    stage_command,
-)
-from atlas.release import LATEST
-from atlas.runner import PROVENANCE
-from atlas.slide import MANIFEST, run_id_for
+from atlas.pipeline.job import ExitCode, JobError, Misconfigured, UpstreamIncomplete, instance_type, run_stage_job
+from atlas.pipeline.local import PROVENANCE
+from atlas.slide.convention import MANIFEST, run_id_for
 from atlas.stages import STAGES
+from localcloud.demo import local_aws_env
+from localcloud.executor import StageJobFailed, execute_run, stage_command
 
 OVERVIEW_PAGE = f"{layout.OVERVIEW}/index.html"
 KILLED_STAGE = "quantify"  # a stage in the middle: the rerun must skip what came before it and redo it

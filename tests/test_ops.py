@@ -2,9 +2,9 @@
 
 The slide gets to the catalog the real way: the sample slide is uploaded with ``atlas upload``'s
 code to the emulated ingest bucket, whose S3 events go through EventBridge to the real catalog and
-trigger handlers (:class:`atlas.demo.LocalCloud`), which start the execution. Step Functions' status
+trigger handlers (:class:`localcloud.demo.LocalCloud`), which start the execution. Step Functions' status
 changes are the events AWS sends, handed to the real status handler. Stage progress is what the
-stage jobs leave in the work bucket: completion records written by :func:`atlas.runner.write_completion`
+stage jobs leave in the work bucket: completion records written by :func:`atlas.pipeline.local.write_completion`
 with a small output file each, standing for the jobs' real outputs (their content does not matter
 to status, cost or reuse; the job wrapper's own skip check is run on the reused ones).
 """
@@ -21,18 +21,18 @@ from fake_aws import use_fake_aws
 from moto import mock_aws
 from typer.testing import CliRunner
 
-from atlas import catalog, ops
+from atlas.aws import catalog, ops
+from atlas.aws.s3uri import S3Uri
+from atlas.aws.upload import upload_slide
 from atlas.cli import app
-from atlas.commands.data import usd
-from atlas.demo import HANDLERS, POWERTOOLS_LOCAL_ENV, LocalCloud, execution_status_event, load_handler
+from atlas.cli.data import usd
 from atlas.errors import InvalidInput
-from atlas.jobs import run_stage_job, stage_slide
 from atlas.params import Params, parse_params
-from atlas.runner import completion_path, write_completion
-from atlas.s3uri import S3Uri
-from atlas.slide import MANIFEST, PARAMS, parse_manifest
+from atlas.pipeline.job import run_stage_job, stage_slide
+from atlas.pipeline.local import completion_path, write_completion
+from atlas.slide.convention import MANIFEST, PARAMS, parse_manifest
 from atlas.stages import StageContext, get_stage
-from atlas.upload import upload_slide
+from localcloud.demo import HANDLERS, POWERTOOLS_LOCAL_ENV, LocalCloud, execution_status_event, load_handler
 
 
 @pytest.fixture

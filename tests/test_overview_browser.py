@@ -26,9 +26,9 @@ import tifffile
 from PIL import Image
 
 from atlas import layout
-from atlas.fiji import read_tile_configuration
-from atlas.overview import render_overview
-from atlas.pyramid import write_ome_tiff_pyramid
+from atlas.science.overview import render_overview
+from atlas.science.pyramid import write_ome_tiff_pyramid
+from atlas.slide.fiji import read_tile_configuration
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"

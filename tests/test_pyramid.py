@@ -1,4 +1,4 @@
-"""Level 2/3 writers (atlas.pyramid): pyramidal OME-TIFF and OME-Zarr, on real brain tiles."""
+"""Level 2/3 writers (atlas.science.pyramid): pyramidal OME-TIFF and OME-Zarr, on real brain tiles."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ import pytest
 import tifffile
 import zarr
 
-from atlas.pyramid import (
+from atlas.science.pyramid import (
     downsample,
     level_shapes,
     write_ome_tiff_pyramid,

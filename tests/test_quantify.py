@@ -21,18 +21,19 @@ from skimage.draw import ellipse, line, polygon
 from skimage.measure import regionprops_table
 from typer.testing import CliRunner
 
-from atlas import layout, quantification
+from atlas import layout
 from atlas.cli import app
 from atlas.errors import InvalidInput
 from atlas.params import Params
-from atlas.pyramid import write_ome_tiff_pyramid
-from atlas.quantification import (
+from atlas.science import quantification
+from atlas.science.pyramid import write_ome_tiff_pyramid
+from atlas.science.quantification import (
     MORPHOLOGY_COLUMNS,
     marker_columns,
     quantify,
     table_columns,
 )
-from atlas.slide import read_markers
+from atlas.slide.convention import read_markers
 from atlas.stages import StageContext
 from atlas.stages.quantify import quantify_files, run
 

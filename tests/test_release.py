@@ -16,8 +16,8 @@ from fake_aws import use_fake_aws
 from moto import mock_aws
 
 from atlas import layout
-from atlas.release import LATEST, ReleaseError, content_type, release_run
-from atlas.s3uri import S3Uri
+from atlas.aws.release import LATEST, ReleaseError, content_type, release_run
+from atlas.aws.s3uri import S3Uri
 
 SLIDE = "S1"
 FILES = {  # relative path -> bytes

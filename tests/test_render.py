@@ -1,4 +1,4 @@
-"""Overview rendering (atlas.overview, the render stage, `atlas render`) on real images.
+"""Overview rendering (atlas.science.overview, the render stage, `atlas render`) on real images.
 
 Real data (read in place from ../shared/data): the DSB2018 nucleus image and its ground-truth
 label mask, and the steinbock IMC float32 ROI with its DeepCell mask. Synthetic planes only where
@@ -17,13 +17,13 @@ import pytest
 import tifffile
 
 from atlas.errors import InvalidInput
-from atlas.overview import render_overview
-from atlas.overview.contrast import auto_contrast, fit_gmm_1d, sample_pixels
-from atlas.overview.exhibit import label_dir, make_groups
-from atlas.overview.source import TiffPyramid
-from atlas.overview.tiles import composite, outlines, scale_to_display
 from atlas.params import Params, RenderParams
-from atlas.pyramid import downsample, write_ome_tiff_pyramid
+from atlas.science.overview import render_overview
+from atlas.science.overview.contrast import auto_contrast, fit_gmm_1d, sample_pixels
+from atlas.science.overview.exhibit import label_dir, make_groups
+from atlas.science.overview.source import TiffPyramid
+from atlas.science.overview.tiles import composite, outlines, scale_to_display
+from atlas.science.pyramid import downsample, write_ome_tiff_pyramid
 from atlas.stages import StageContext
 
 EXHIBIT_KEYS = {"Images", "Header", "Rotation", "Layout", "Stories", "Channels", "Masks", "Groups"}

@@ -19,8 +19,8 @@ from typer.testing import CliRunner
 
 from atlas import layout
 from atlas.cli import app
-from atlas.runner import run_pipeline
-from atlas.slide import read_markers, sha256_file
+from atlas.pipeline.local import run_pipeline
+from atlas.slide.convention import read_markers, sha256_file
 
 MCQUANT_MORPHOLOGY = ["X_centroid", "Y_centroid", "Area", "MajorAxisLength", "MinorAxisLength",
                       "Eccentricity", "Solidity", "Extent", "Orientation"]

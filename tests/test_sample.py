@@ -18,10 +18,10 @@ from typer.testing import CliRunner
 
 from atlas.cli import app
 from atlas.errors import InvalidInput
-from atlas.ometiff import read_cycle_metadata, read_tile
-from atlas.sample import CAMERA_OFFSET, PIXEL_SIZE_UM, make_sample, markers, simulate
-from atlas.slide import MANIFEST, parse_manifest, read_markers
-from atlas.validate import validate_slide
+from atlas.slide.convention import MANIFEST, parse_manifest, read_markers
+from atlas.slide.ome import read_cycle_metadata, read_tile
+from atlas.slide.sample import CAMERA_OFFSET, PIXEL_SIZE_UM, make_sample, markers, simulate
+from atlas.slide.validate import validate_slide
 
 SMALL = {"grid": (2, 2), "tile_size": 128, "overlap": 0.3}
 

@@ -14,11 +14,18 @@ from scipy import ndimage as ndi
 from skimage.segmentation import expand_labels
 
 from atlas.errors import InvalidInput
-from atlas.segmentation import make_engine, resolve_engine_name
-from atlas.segmentation.metrics import match_instances
-from atlas.segmentation.tiling import (ScaledImage, expand_to_cells, grown_area, job_tiles, segment_image, tile_grid,
-                                       working_view)
-from atlas.segmentation.unet import SHA256_ENV, WEIGHTS_ENV, resolve_weights, window_starts
+from atlas.science.segmentation import make_engine, resolve_engine_name
+from atlas.science.segmentation.metrics import match_instances
+from atlas.science.segmentation.tiling import (
+    ScaledImage,
+    expand_to_cells,
+    grown_area,
+    job_tiles,
+    segment_image,
+    tile_grid,
+    working_view,
+)
+from atlas.science.segmentation.unet import SHA256_ENV, WEIGHTS_ENV, resolve_weights, window_starts
 
 F1_FLOOR = {"classical": 0.84, "unet": 0.86}     # measured: classical 0.848, unet 0.868
 COARSE_F1_FLOOR = 0.79      # classical at 1.3 µm/px, measured 0.808

@@ -20,10 +20,10 @@ from atlas import layout
 from atlas.cli import app
 from atlas.errors import InvalidInput
 from atlas.params import Params, SegmentParams
-from atlas.pyramid import write_ome_tiff_pyramid, write_ome_zarr
-from atlas.segmentation import make_engine
-from atlas.segmentation.metrics import match_instances
-from atlas.segmentation.tiling import segment_image
+from atlas.science.pyramid import write_ome_tiff_pyramid, write_ome_zarr
+from atlas.science.segmentation import make_engine
+from atlas.science.segmentation.metrics import match_instances
+from atlas.science.segmentation.tiling import segment_image
 from atlas.stages import StageContext, get_stage
 from atlas.stages import segment as stage
 

@@ -18,12 +18,12 @@ import zarr
 
 from atlas import layout
 from atlas.errors import InvalidInput
-from atlas.fiji import read_tile_configuration
-from atlas.ometiff import write_cycle
 from atlas.params import Params, StitchParams
+from atlas.science.stitch import TileSet
+from atlas.slide.fiji import read_tile_configuration
+from atlas.slide.ome import write_cycle
 from atlas.stages import StageContext
 from atlas.stages import stitch as stage
-from atlas.stitch import TileSet
 
 BRAIN = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "stitching" / "basicpy_wsi_brain"
 # Fiji's registration is unreliable here (README): background outliers, and the left column that

@@ -12,10 +12,10 @@ from fake_aws import use_fake_aws
 from moto import mock_aws
 from typer.testing import CliRunner
 
+from atlas.aws.upload import UploadFailed, upload_slide
 from atlas.cli import app
 from atlas.errors import InvalidInput
-from atlas.slide import build_manifest, run_id_for
-from atlas.upload import UploadFailed, upload_slide
+from atlas.slide.convention import build_manifest, run_id_for
 
 BUCKET = "ingest"
 SMALL_PARTS = {"multipart_threshold": 5 << 20, "multipart_chunk": 5 << 20}  # the sample's cycles go multipart

@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 from atlas.cli import app
 from atlas.errors import InvalidInput
 from atlas.params import parse_params
-from atlas.slide import parse_markers, write_manifest
-from atlas.validate import validate_slide
+from atlas.slide.convention import parse_markers, write_manifest
+from atlas.slide.validate import validate_slide
 
 
 def tree_digest(folder: Path) -> dict[str, str]:

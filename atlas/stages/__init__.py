@@ -1,6 +1,6 @@
 """The stage registry: the one ordered list of pipeline stages.
 
-It drives the local runner (:mod:`atlas.runner`), the Batch entrypoint (``atlas stage``), the
+It drives the local runner (:mod:`atlas.pipeline.local`), the Batch entrypoint (``atlas stage``), the
 Batch job definitions and the Step Functions state machine (``infra/``).
 
 The stage contract

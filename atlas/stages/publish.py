@@ -1,7 +1,7 @@
 """Stage ``publish``: the results manifest, written last.
 
 Locally this is the end of the run. In the cloud the job wrapper then copies the run's outputs
-to the requester-pays results bucket with this manifest last (:mod:`atlas.release`).
+to the requester-pays results bucket with this manifest last (:mod:`atlas.aws.release`).
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from importlib import metadata
 from pathlib import Path
 
 from atlas import layout
-from atlas.runner import PROVENANCE, file_record
+from atlas.pipeline.local import PROVENANCE, file_record
 from atlas.stages import STAGES, StageContext
 
 SOFTWARE = ("tissue-atlas", "ashlar", "numpy", "scipy", "scikit-image", "tifffile", "zarr", "onnxruntime",

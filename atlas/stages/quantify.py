@@ -4,7 +4,7 @@ For every segmentation engine that left masks in ``segmentation/<engine>-<slide>
 named by ``quantify.masks`` in params.yml (default ``cell``, ``nuclei``) it writes MCQuant's table
 ``quantification/<slide>--<engine>_<mask>.csv``, the same table as ``.parquet`` and as AnnData
 ``.h5ad``, and ``qc/quantify/summary.json``. The registered image is read once, strip by strip, for
-all masks of an engine. The science is :mod:`atlas.quantification`; this module is the file I/O,
+all masks of an engine. The science is :mod:`atlas.science.quantification`; this module is the file I/O,
 shared with ``atlas quantify``.
 """
 from __future__ import annotations
@@ -19,9 +19,9 @@ import pandas as pd
 
 from atlas import layout
 from atlas.errors import InvalidInput, Problem
-from atlas.imageio import open_tiff
-from atlas.quantification import ID_COLUMN, MORPHOLOGY_COLUMNS, marker_columns, quantify
-from atlas.slide import MARKERS, read_markers
+from atlas.science.imageio import open_tiff
+from atlas.science.quantification import ID_COLUMN, MORPHOLOGY_COLUMNS, marker_columns, quantify
+from atlas.slide.convention import MARKERS, read_markers
 from atlas.stages import StageContext
 
 QC_DIR = f"{layout.QC}/quantify"

@@ -3,7 +3,7 @@
 Reads ``registration/<slide>.ome.tif`` (pyramid levels), the cell mask
 ``segmentation/<engine>-<slide>/cell.ome.tif`` for the outline layer (left out when there is no
 segmentation), the cell table for the cell count, ``qc/<stage>/summary.json`` for the QC panel
-and ``markers.csv``; the rendering itself is :func:`atlas.overview.render_overview`.
+and ``markers.csv``; the rendering itself is :func:`atlas.science.overview.render_overview`.
 """
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ import os
 from pathlib import Path
 
 from atlas import layout
+from atlas.aws.release import RESULTS_BUCKET_ENV
 from atlas.errors import InvalidInput, Problem
-from atlas.overview import PanelInfo, render_overview
-from atlas.overview.source import TiffPyramid
-from atlas.release import RESULTS_BUCKET_ENV
-from atlas.runner import PROVENANCE
-from atlas.slide import MARKERS, read_markers
+from atlas.pipeline.local import PROVENANCE
+from atlas.science.overview import PanelInfo, render_overview
+from atlas.science.overview.source import TiffPyramid
+from atlas.slide.convention import MARKERS, read_markers
 from atlas.stages import StageContext
 
 # The folders whose files the panel links to (by data level), and how deep to list them.

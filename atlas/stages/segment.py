@@ -12,7 +12,7 @@ scratch, so any slide size fits), grows nuclei into cells by ``segment.expand_um
 - ``qc/segment/overlay.png`` (whole slide), ``qc/segment/overlay-detail.png`` (full resolution,
   densest tile) and ``qc/segment/summary.json``.
 
-The science is :mod:`atlas.segmentation`; this module is file I/O, shared with ``atlas segment``.
+The science is :mod:`atlas.science.segmentation`; this module is file I/O, shared with ``atlas segment``.
 """
 from __future__ import annotations
 
@@ -34,11 +34,10 @@ from skimage.segmentation import find_boundaries
 
 from atlas import layout
 from atlas.errors import InvalidInput, Problem
-from atlas.imageio import open_tiff
-from atlas.ometiff import parse_ome_xml
-from atlas.pyramid import write_ome_tiff_pyramid, write_zarr_labels
-from atlas.segmentation import make_engine
-from atlas.segmentation.tiling import (
+from atlas.science.imageio import open_tiff
+from atlas.science.pyramid import write_ome_tiff_pyramid, write_zarr_labels
+from atlas.science.segmentation import make_engine
+from atlas.science.segmentation.tiling import (
     TileResult,
     calibration_sample,
     expand_to_cells,
@@ -49,6 +48,7 @@ from atlas.segmentation.tiling import (
     tile_grid,
     working_view,
 )
+from atlas.slide.ome import parse_ome_xml
 from atlas.stages import StageContext, get_stage
 
 log = logging.getLogger(__name__)

@@ -1,9 +1,9 @@
 """Stage ``stitch``: raw cycle files -> Level 2 registered image (OME-TIFF + OME-Zarr) and QC.
 
-Reads ``raw/*.ome.tif`` (one per cycle, see :mod:`atlas.ometiff`) and ``markers.csv`` of the
+Reads ``raw/*.ome.tif`` (one per cycle, see :mod:`atlas.slide.ome`) and ``markers.csv`` of the
 slide; writes ``registration/<slide>.ome.tif``, ``registration/<slide>.ome.zarr``, with
 ``stitch.illumination`` the per-cycle flat/dark fields ``illumination/<slide>-cycle-NN-{ffp,dfp}.tif``
-(applied to every tile before alignment and stitching), and ``qc/stitch/`` (``tiles.csv``, ``edges.csv``, ``mosaic.png``, ``summary.json``). The science lives in :mod:`atlas.stitch`; this module is the file I/O.
+(applied to every tile before alignment and stitching), and ``qc/stitch/`` (``tiles.csv``, ``edges.csv``, ``mosaic.png``, ``summary.json``). The science lives in :mod:`atlas.science.stitch`; this module is the file I/O.
 """
 from __future__ import annotations
 
@@ -21,12 +21,9 @@ from PIL import Image, ImageDraw
 
 from atlas import layout
 from atlas.errors import InvalidInput, Problem
-from atlas.illumination import correct, estimate_flatfield
-from atlas.ometiff import CycleMetadata, read_cycle_metadata
-from atlas.pyramid import write_ome_tiff_pyramid, write_ome_zarr
-from atlas.slide import MARKERS, RAW, RAW_SUFFIXES, Marker, read_markers
-from atlas.stages import StageContext
-from atlas.stitch import (
+from atlas.science.illumination import correct, estimate_flatfield
+from atlas.science.pyramid import write_ome_tiff_pyramid, write_ome_zarr
+from atlas.science.stitch import (
     CycleAlignment,
     MosaicImage,
     TileSet,
@@ -34,6 +31,9 @@ from atlas.stitch import (
     mosaic_shape,
     thumbnail_uint8,
 )
+from atlas.slide.convention import MARKERS, RAW, RAW_SUFFIXES, Marker, read_markers
+from atlas.slide.ome import CycleMetadata, read_cycle_metadata
+from atlas.stages import StageContext
 
 QC_DIR = f"{layout.QC}/stitch"
 SUPPORTED_DTYPES = ("uint8", "uint16")

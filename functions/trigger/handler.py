@@ -5,7 +5,7 @@ from aws_lambda_powertools.utilities.idempotency import DynamoDBPersistenceLayer
 from aws_lambda_powertools.utilities.parser import event_parser
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
-from atlas import catalog
+from atlas.aws import catalog
 
 settings = catalog.Settings.from_env()
 aws = catalog.Aws(settings)

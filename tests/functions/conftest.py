@@ -1,6 +1,6 @@
 """Fixtures for the Lambda handlers: AWS emulated in-process by moto, events in their real shapes.
 
-``cloud`` is the same set of resources the demo builds (atlas.demo.LocalCloud), with the ingest
+``cloud`` is the same set of resources the demo builds (localcloud.demo.LocalCloud), with the ingest
 bucket's own EventBridge notifications switched off: tests deliver S3 events built from
 ``tests/events/s3_object_created.json`` (the shape AWS sends, increasing sequencers) in whatever
 order and multiplicity they want. The catalog's own events still flow through the EventBridge rule
@@ -20,8 +20,8 @@ import pytest
 from fake_aws import use_fake_aws
 from moto import mock_aws
 
-from atlas.demo import HANDLERS, LambdaContext, LocalCloud, load_handler
-from atlas.slide import MANIFEST, build_manifest
+from atlas.slide.convention import MANIFEST, build_manifest
+from localcloud.demo import HANDLERS, LambdaContext, LocalCloud, load_handler
 
 EVENTS = Path(__file__).resolve().parents[1] / "events"
 

@@ -11,9 +11,9 @@ import tifffile
 from botocore.exceptions import ClientError
 from moto import mock_aws
 
-from atlas.catalog import cycle_metadata_from_item
-from atlas.ometiff import read_cycle_metadata
-from atlas.s3range import S3RangeFile
+from atlas.aws.catalog import cycle_metadata_from_item
+from atlas.aws.s3range import S3RangeFile
+from atlas.slide.ome import read_cycle_metadata
 
 CYCLE = "raw/cycle-01.ome.tif"
 

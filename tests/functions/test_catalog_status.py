@@ -6,8 +6,8 @@ import json
 import boto3
 import pytest
 
-from atlas.catalog import ENV_OVERVIEW_SITE_URL, Settings
-from atlas.demo import load_handler
+from atlas.aws.catalog import ENV_OVERVIEW_SITE_URL, Settings
+from localcloud.demo import load_handler
 
 
 @pytest.fixture
@@ -118,7 +118,7 @@ def test_settings_name_every_missing_variable():
 
 
 def test_the_demo_status_events_have_the_real_shape(started, load_event):
-    from atlas.demo import execution_status_event
+    from localcloud.demo import execution_status_event
 
     real = load_event("sfn_execution_status_change.json")
     made = execution_status_event(started, "FAILED", error="STAGE_FAILED", cause="boom")

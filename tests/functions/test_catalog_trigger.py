@@ -1,7 +1,7 @@
 """Exactly one run per complete slide, whatever the order and multiplicity of the S3 events.
 
 Events are the real EventBridge shapes (tests/events/), objects live in moto's S3, the handlers are
-the ones the CDK app deploys. The sample slide (atlas.sample) stands for a lab's upload.
+the ones the CDK app deploys. The sample slide (atlas.slide.sample) stands for a lab's upload.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import random
 import boto3
 import pytest
 
-from atlas.slide import MANIFEST
+from atlas.slide.convention import MANIFEST
 
 
 def start_execution_calls(cloud) -> list[dict]:
@@ -117,7 +117,7 @@ def test_new_manifest_version_starts_a_new_run_and_keeps_the_earlier_one(cloud, 
     s3.put_object(Bucket=cloud.settings.results_bucket, Key=f"sample/{first}/manifest.json", Body=b"{}")
     sfn = boto3.client("stepfunctions")
     execution = sfn.describe_execution(executionArn=cloud.executions()[0])
-    from atlas.demo import execution_status_event
+    from localcloud.demo import execution_status_event
 
     for status in ("RUNNING", "SUCCEEDED"):
         ingest.deliver(execution_status_event(execution, status))
@@ -147,7 +147,7 @@ def test_events_from_moto_s3_through_the_rules_start_the_run(cloud, sample_slide
     # GIVEN the ingest bucket's own EventBridge notifications (as the demo uses them)
     boto3.client("s3").put_bucket_notification_configuration(
         Bucket=cloud.ingest_bucket, NotificationConfiguration={"EventBridgeConfiguration": {}})
-    from atlas.upload import upload_slide
+    from atlas.aws.upload import upload_slide
 
     upload_slide(sample_slide, f"s3://{cloud.ingest_bucket}")
     started = []

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-
 from cdk_templates import FULL, LEAN, Synth, synthesize
 
 

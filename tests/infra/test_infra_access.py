@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 from cdk_templates import logical_id, one, resources
+
 from infra.nag import render_intrinsics
 
 

@@ -6,9 +6,9 @@ import os
 import subprocess
 import sys
 
-from infra.config import ENVIRONMENT_KEY, ENVIRONMENTS_KEY
-
 from cdk_templates import ROOT
+
+from infra.config import ENVIRONMENT_KEY, ENVIRONMENTS_KEY
 
 
 def run_app(tmp_path, context: dict) -> subprocess.CompletedProcess:

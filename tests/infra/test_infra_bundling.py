@@ -4,8 +4,16 @@ from __future__ import annotations
 import re
 import tomllib
 
-from infra.bundling import (ARCHITECTURE, CONSTRAINTS, LAMBDA_PACKAGES, REPO_ROOT, RUNTIME, LocalPipBundling,
-                            lambda_requirements, pip_arguments)
+from infra.bundling import (
+    ARCHITECTURE,
+    CONSTRAINTS,
+    LAMBDA_PACKAGES,
+    REPO_ROOT,
+    RUNTIME,
+    LocalPipBundling,
+    lambda_requirements,
+    pip_arguments,
+)
 
 
 def test_requirements_come_from_pyproject_with_extras_and_ranges():

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import ast
 
-from atlas import catalog
+from cdk_templates import actions_of, logical_id, one, policy_statements, resources
+
+from atlas.aws import catalog
 from infra.bundling import ARCHITECTURE, REPO_ROOT, RUNTIME
 from infra.catalog import IDEMPOTENCY_KEY, IDEMPOTENCY_TTL
-
-from cdk_templates import actions_of, logical_id, one, policy_statements, resources
 
 HANDLERS = ("catalog", "trigger", "status")
 

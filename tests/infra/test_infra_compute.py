@@ -4,11 +4,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from cdk_templates import actions_of, logical_id, one, policy_statements, resources
 
 from atlas.stages import STAGES
 from infra.compute import QUEUE_TIME_LIMITS, job_name
-
-from cdk_templates import actions_of, logical_id, one, policy_statements, resources
 
 JOBS = [(stage, merge) for stage in STAGES for merge in ((False, True) if stage.array_size else (False,))]
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 import re
 
 import pytest
+from cdk_templates import CDK_CONTEXT, FULL
 
 from infra.config import ENVIRONMENT_KEY, ENVIRONMENTS_KEY, AtlasConfig, ConfigError, load_config
-
-from cdk_templates import CDK_CONTEXT, FULL
 
 
 def problems_of(**settings) -> list[str]:

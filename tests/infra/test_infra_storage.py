@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 from aws_cdk.assertions import Match
-
 from cdk_templates import logical_id, one, resources
+
 from infra.nag import render_intrinsics
 
 BLOCK_ALL = {"BlockPublicAcls": True, "BlockPublicPolicy": True, "IgnorePublicAcls": True, "RestrictPublicBuckets": True}

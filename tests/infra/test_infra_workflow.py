@@ -1,12 +1,12 @@
 """The state machine is the stage registry: one Batch .sync job state per registry job, in order."""
 from __future__ import annotations
 
-from atlas.catalog import Settings, execution_input
+from cdk_templates import logical_id, one, state_machine_definition
+
+from atlas.aws.catalog import Settings, execution_input
 from atlas.stages import STAGES
 from infra.compute import job_name
 from infra.workflow import run_timeout
-
-from cdk_templates import logical_id, one, state_machine_definition
 
 EXPECTED_JOBS = [job_name(s, merge=m) for s in STAGES for m in ((False, True) if s.array_size else (False,))]
 

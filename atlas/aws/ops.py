@@ -1,0 +1,556 @@
+"""Operating the pipeline: where a slide is, what its run cost so far, and rerunning it.
+
+Status comes from three places, each authoritative for one thing:
+
+- the **catalog table** (:mod:`atlas.aws.catalog`): the slide's state (COLLECTING, READY, RUNNING,
+  SUCCEEDED, FAILED, INVALID), its current run id, problems, missing files, error and cause, and
+  one ``RUN#<run_id>`` item per run with the execution input (slide and work URIs);
+- **Step Functions**: the execution's own status and the job state it is in (its history);
+- the **completion records** of the run in the work bucket (``<work_uri>/qc/provenance/``): which
+  stages and array items finished, their vCPU-seconds and instance types, hence the cost so far.
+
+A rerun starts a new execution of the same slide under a new run id (``<slide_id>-<manifest
+sha256[:12]>-r<N>``, :func:`atlas.slide.convention.run_id_for`), so the earlier run's work and its release
+stay as they are. ``from_stage`` reuses the earlier stages' outputs: they are copied server-side
+into the new run's work prefix with their completion records re-issued for the new run id (marked
+``reused_from``), so those stage jobs find themselves complete and skip. A params override is
+applied to a copy of the slide (``s3://<work>/reruns/<run_id>/<slide_id>/``, raw files copied
+server-side; the lab's upload is never changed) whose manifest lists the new ``params.yml``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import boto3
+from boto3.dynamodb.conditions import Attr, Key
+from botocore.exceptions import ClientError
+
+from atlas.aws import catalog
+from atlas.aws.catalog import Status
+from atlas.aws.release import parallel_map
+from atlas.aws.s3uri import S3Uri
+from atlas.errors import InvalidInput, Problem
+from atlas.params import parse_params
+from atlas.pipeline.local import PROVENANCE, completion_path
+from atlas.slide.convention import MANIFEST, PARAMS, parse_manifest, run_id_for
+from atlas.stages import STAGES, Stage, get_stage
+
+RERUN_PREFIX = "reruns"      # work bucket: slide copies carrying an overridden params.yml
+MERGE_SUFFIX = "-merge"      # state name of an array stage's merge job (infra.compute.job_name)
+RERUNNABLE = (Status.SUCCEEDED, Status.FAILED)
+ENDED = ("SUCCEEDED", "FAILED", "TIMED_OUT", "ABORTED")  # Step Functions execution statuses of a finished run
+
+
+@dataclass(frozen=True)
+class ComputePrices:
+    """On-demand price of a vCPU-hour by instance type or family (USD, Linux, us-east-1).
+
+    Batch runs several jobs on one instance; a job is charged its vCPUs' share of the instance for
+    its run time (what the completion records' ``vcpu_seconds`` measure). Spot capacity, which the
+    queues prefer, costs less: these are upper bounds.
+    """
+
+    as_of: str
+    source: str
+    vcpu_hour: Mapping[str, float]
+
+    def per_vcpu_hour(self, instance_type: str) -> float | None:
+        """Price for an instance type (exact, else its family); None when unknown."""
+        if instance_type in self.vcpu_hour:
+            return self.vcpu_hour[instance_type]
+        return self.vcpu_hour.get(instance_type.split(".")[0])
+
+
+# The one compute price table: instance price / vCPUs. CPU families scale linearly with size; GPU
+# sizes do not (one GPU from xlarge to 4xlarge), so GPU types are listed by size.
+COMPUTE_PRICES = ComputePrices(
+    as_of="2025-06-01",
+    source="https://aws.amazon.com/ec2/pricing/on-demand/ (Linux, US East (N. Virginia))",
+    vcpu_hour={"c6i": 0.17 / 4, "m6i": 0.192 / 4, "r6i": 0.252 / 4,
+               "g5.xlarge": 1.006 / 4, "g5.2xlarge": 1.212 / 8, "g5.4xlarge": 1.624 / 16,
+               "g6.xlarge": 0.8048 / 4, "g6.2xlarge": 0.9776 / 8, "g6.4xlarge": 1.3232 / 16,
+               "local": 0.0},  # the local executor (atlas demo): no AWS compute
+)
+
+
+# --- clients and tables -------------------------------------------------------------------------
+def catalog_table(name: str | None = None):
+    """The catalog table (``name`` or env ``CATALOG_TABLE``, as the Lambdas get it)."""
+    name = name or os.environ.get(catalog.ENV_CATALOG_TABLE)
+    if not name:
+        raise InvalidInput(Problem("--table", "no catalog table given",
+                                   f"pass --table NAME or set {catalog.ENV_CATALOG_TABLE} (the pipeline stack's "
+                                   "CatalogTableName output)"))
+    return boto3.resource("dynamodb").Table(name)
+
+
+def _slide_item(table, slide_id: str) -> dict:
+    item = table.get_item(Key=catalog.slide_key(slide_id), ConsistentRead=True).get("Item")
+    if item is None:
+        raise InvalidInput(Problem(slide_id, f"slide {slide_id!r} is not in the catalog table {table.name}",
+                                   "check the slide id (`atlas status` lists the slides) and the table (--table)"))
+    return item
+
+
+def _run_items(table, slide_id: str) -> list[dict]:
+    items, kwargs = [], {"KeyConditionExpression": Key("pk").eq(catalog.slide_pk(slide_id))
+                         & Key("sk").begins_with(catalog.RUN_SK_PREFIX), "ConsistentRead": True}
+    while True:
+        page = table.query(**kwargs)
+        items += page["Items"]
+        if "LastEvaluatedKey" not in page:
+            return items
+        kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+
+def sfn_client(arn: str):
+    """Step Functions client in the region of a state machine or execution ARN (the pipeline's region)."""
+    return boto3.client("stepfunctions", region_name=arn.split(":")[3])
+
+
+def state_machine_of(execution_arn: str) -> str:
+    """``arn:aws:states:R:A:execution:MACHINE:NAME`` -> ``arn:aws:states:R:A:stateMachine:MACHINE``."""
+    head, _, _name = execution_arn.rpartition(":")
+    return head.replace(":execution:", ":stateMachine:", 1)
+
+
+# --- status -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StageProgress:
+    """One registry stage of a run.
+
+    Attributes
+    ----------
+    stage : str
+    state : {"done", "reused", "running", "failed", "pending"}
+        ``reused``: taken over from an earlier run by ``rerun --from``.
+    items_done, items : int
+        Finished array items and their number (0 and 0 for a plain stage).
+    seconds, vcpu_seconds : float
+        Wall time and vCPU-seconds of its finished jobs (items and merge summed).
+    instance_types : tuple of str
+    cost_usd : float or None
+        On-demand estimate of its finished jobs (0 when reused); None if an instance type is unknown.
+    """
+
+    stage: str
+    state: str
+    items_done: int = 0
+    items: int = 0
+    seconds: float = 0.0
+    vcpu_seconds: float = 0.0
+    instance_types: tuple[str, ...] = ()
+    cost_usd: float | None = 0.0
+
+
+@dataclass(frozen=True)
+class SlideStatus:
+    """Everything ops need to know about one slide (see :func:`slide_status`).
+
+    Attributes
+    ----------
+    status : str
+        The catalog's slide state.
+    execution_status : str or None
+        Step Functions' status of the current run's execution (None before it started).
+    current_stage : str or None
+        The job the run is in (running) or stopped in (failed), e.g. ``segment-merge``.
+    cost_usd : float
+        Compute cost so far (on-demand estimate, reused stages not counted); ``cost_complete`` is
+        False when some job ran on an instance type without a price.
+    """
+
+    slide_id: str
+    status: str
+    run_id: str | None
+    execution_arn: str | None
+    execution_status: str | None
+    current_stage: str | None
+    stages: list[StageProgress]
+    error: str | None
+    cause: str | None
+    problems: list[dict]
+    missing: list[dict]
+    cost_usd: float
+    cost_complete: bool
+    work_uri: str | None
+    results_uri: str | None
+    overview_uri: str | None
+    updated_at: str | None
+    runs: list[dict] = field(default_factory=list)
+
+
+def list_slides(table) -> list[dict]:
+    """The slide item of every slide (plain JSON types), by slide id."""
+    items, kwargs = [], {"FilterExpression": Attr("sk").eq(catalog.SLIDE_SK)}
+    while True:
+        page = table.scan(**kwargs)
+        items += [catalog.from_dynamo(i) for i in page["Items"]]
+        if "LastEvaluatedKey" not in page:
+            break
+        kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+    return sorted(({"slide_id": catalog.slide_id_of(i["pk"]), **i} for i in items), key=lambda i: i["slide_id"])
+
+
+def job_stage(state_name: str) -> Stage | None:
+    """The registry stage a state machine state runs (``segment``, ``segment-merge``), else None."""
+    try:
+        return get_stage(state_name.removesuffix(MERGE_SUFFIX))
+    except ValueError:
+        return None
+
+
+def current_job(sfn, execution_arn: str) -> str | None:
+    """The job state the execution entered last (running, or where it failed), from its history."""
+    kwargs = {"executionArn": execution_arn, "reverseOrder": True, "maxResults": 200}
+    while True:
+        page = sfn.get_execution_history(**kwargs)
+        for event in page["events"]:
+            name = (event.get("stateEnteredEventDetails") or {}).get("name")
+            if name and job_stage(name) is not None:
+                return name
+        if not page.get("nextToken"):
+            return None
+        kwargs["nextToken"] = page["nextToken"]
+
+
+def completion_records(s3, work: S3Uri, run_id: str) -> dict[str, dict]:
+    """This run's completion records in its work prefix: record path (``qc/provenance/...``) -> record."""
+    prefix = work.prefix().join(PROVENANCE).prefix()
+    keys = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=prefix.bucket, Prefix=prefix.key):
+        keys += [o["Key"] for o in page.get("Contents", []) if o["Key"].endswith(".json")]
+    docs = parallel_map(lambda key: json.loads(s3.get_object(Bucket=prefix.bucket, Key=key)["Body"].read()), keys)
+    return {key[len(work.prefix().key):]: doc for key, doc in zip(keys, docs) if doc.get("run_id") == run_id}
+
+
+def _record_rel(stage: Stage, item: int | None = None) -> str:
+    return completion_path(Path("."), stage, item).as_posix()
+
+
+def job_cost(record: Mapping, prices: ComputePrices = COMPUTE_PRICES) -> float | None:
+    """On-demand cost of one finished job from its completion record (0 when reused); None if unpriced."""
+    if record.get("reused_from"):
+        return 0.0
+    rate = prices.per_vcpu_hour(str(record.get("instance_type", "")))
+    return None if rate is None else float(record.get("vcpu_seconds", 0.0)) / 3600 * rate
+
+
+def stage_progress(records: Mapping[str, dict], *, execution_status: str | None,
+                   current: str | None) -> tuple[list[StageProgress], str | None]:
+    """Per-stage progress of a run from its completion records and its execution status.
+
+    ``current`` is the job state from Step Functions when known; otherwise the first stage
+    without a complete record is taken as the one running (or failed).
+
+    Returns
+    -------
+    stages : list of StageProgress
+    current : str or None
+        The job running or failed (None when the run has not started or has succeeded).
+    """
+    finished = {}
+    for stage in STAGES:
+        jobs = [records.get(_record_rel(stage, i)) for i in range(stage.array_size)] + [records.get(_record_rel(stage))]
+        finished[stage.name] = [r for r in jobs if r is not None]
+    complete = {s.name for s in STAGES if _record_rel(s) in records}
+    if current is None and execution_status in ("RUNNING", "FAILED", "TIMED_OUT", "ABORTED"):
+        stage = next((s for s in STAGES if s.name not in complete), None)
+        if stage is not None:
+            items_done = sum(_record_rel(stage, i) in records for i in range(stage.array_size))
+            current = stage.name + (MERGE_SUFFIX if stage.array_size and items_done == stage.array_size else "")
+    running = job_stage(current).name if current else None
+    stages = []
+    for stage in STAGES:
+        jobs = finished[stage.name]
+        costs = [job_cost(r) for r in jobs]
+        if stage.name in complete:
+            state = "reused" if records[_record_rel(stage)].get("reused_from") else "done"
+        elif stage.name == running:
+            state = "running" if execution_status == "RUNNING" else "failed"
+        else:
+            state = "pending"
+        stages.append(StageProgress(
+            stage.name, state, sum(_record_rel(stage, i) in records for i in range(stage.array_size)),
+            stage.array_size, sum(float(r.get("seconds", 0)) for r in jobs),
+            sum(float(r.get("vcpu_seconds", 0)) for r in jobs),
+            tuple(sorted({str(r.get("instance_type")) for r in jobs})),
+            None if None in costs else sum(costs)))
+    if execution_status == "SUCCEEDED":
+        current = None
+    return stages, current
+
+
+def slide_status(slide_id: str, *, table, sfn=None, s3=None) -> SlideStatus:
+    """Where a slide is: catalog state, execution status, current stage, errors, run id, cost so far.
+
+    Parameters
+    ----------
+    slide_id : str
+    table : DynamoDB Table
+        The catalog table (:func:`catalog_table`).
+    sfn, s3 : boto3 clients, optional
+    """
+    s3 = s3 or boto3.client("s3")
+    item = catalog.from_dynamo(_slide_item(table, slide_id))
+    runs = sorted((catalog.from_dynamo(r) for r in _run_items(table, slide_id)), key=lambda r: r.get("started_at", ""))
+    run_id = item.get("run_id")
+    run = next((r for r in runs if r.get("run_id") == run_id), {})
+    execution_arn = item.get("execution_arn") or run.get("execution_arn")
+    execution_status = current = None
+    work_uri = (run.get("input") or {}).get("work_uri")
+    if execution_arn:
+        sfn = sfn or sfn_client(execution_arn)
+        described = sfn.describe_execution(executionArn=execution_arn)
+        execution_status = described["status"]
+        work_uri = work_uri or json.loads(described.get("input") or "{}").get("work_uri")
+        current = current_job(sfn, execution_arn)
+    records = completion_records(s3, S3Uri.parse(work_uri), run_id) if work_uri and run_id else {}
+    stages, current = stage_progress(records, execution_status=execution_status, current=current)
+    costs = [job_cost(r) for r in records.values()]
+    return SlideStatus(
+        slide_id=slide_id, status=item.get("status", "?"), run_id=run_id, execution_arn=execution_arn,
+        execution_status=execution_status, current_stage=current, stages=stages, error=item.get("error"),
+        cause=item.get("cause"), problems=item.get("problems") or [], missing=item.get("missing") or [],
+        cost_usd=sum(c for c in costs if c is not None), cost_complete=None not in costs, work_uri=work_uri,
+        results_uri=item.get("output_uri"), overview_uri=item.get("overview_uri"), updated_at=item.get("updated_at"),
+        runs=runs)
+
+
+# --- rerun --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Rerun:
+    """A started rerun.
+
+    Attributes
+    ----------
+    run_id, previous_run_id : str
+    execution_arn : str
+    slide_uri, work_uri : str
+        The new execution's input (``slide_uri`` is a copy of the slide when params were overridden).
+    reused : tuple of str
+        Stages whose outputs were taken over from the previous run.
+    params_override : bool
+    """
+
+    slide_id: str
+    run_id: str
+    previous_run_id: str
+    execution_arn: str
+    slide_uri: str
+    work_uri: str
+    reused: tuple[str, ...]
+    params_override: bool
+
+
+def _get(s3, uri: S3Uri) -> bytes | None:
+    try:
+        return s3.get_object(Bucket=uri.bucket, Key=uri.key)["Body"].read()
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+            return None
+        raise
+
+
+def _list_sizes(s3, prefix: S3Uri) -> dict[str, int]:
+    sizes = {}
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=prefix.bucket, Prefix=prefix.key):
+        sizes.update({o["Key"][len(prefix.key):]: o["Size"] for o in page.get("Contents", [])})
+    return sizes
+
+
+def _check_rerunnable(slide_id: str, item: Mapping, sfn) -> None:
+    status, run_id, arn = item.get("status"), item.get("run_id"), item.get("execution_arn")
+    if status in RERUNNABLE:
+        return
+    if status in (Status.READY, Status.RUNNING) and arn:
+        described = sfn.describe_execution(executionArn=arn)
+        if described["status"] in ENDED:
+            return  # the execution ended but its status event has not (yet) reached the catalog
+        raise InvalidInput(Problem(slide_id, f"run {run_id} is still {described['status']}",
+                                   f"wait for it to end (`atlas status {slide_id}`), or stop it: aws stepfunctions "
+                                   f"stop-execution --execution-arn {arn}; then rerun"))
+    fixes = {Status.INVALID: "fix the problems `atlas status` lists and upload the slide again (`atlas upload`): "
+                             "the new manifest starts a new run by itself",
+             Status.COLLECTING: "wait for the upload to finish: `atlas status` lists the files still missing"}
+    raise InvalidInput(Problem(slide_id, f"slide is {status}: there is no run to rerun",
+                               fixes.get(status, f"check `atlas status {slide_id}`")))
+
+
+def _changed_sections(old: Mapping, new: Mapping, stages: list[Stage]) -> list[str]:
+    return [s.name for s in stages if old.get(s.name) != new.get(s.name)]
+
+
+@dataclass(frozen=True)
+class _Reuse:
+    """Outputs (relative paths) and re-issued completion records taken over from the previous run."""
+
+    outputs: tuple[str, ...]
+    records: Mapping[str, dict]
+
+
+def plan_reuse(s3, previous: S3Uri, *, previous_run: str, run_id: str, stages: list[Stage]) -> _Reuse:
+    """What reusing ``stages`` (all items) of run ``previous_run`` copies; checks everything is complete.
+
+    Raises InvalidInput naming the first job whose record or outputs are incomplete.
+    """
+    sizes = _list_sizes(s3, previous)
+    outputs: set[str] = set()
+    records: dict[str, dict] = {}
+    for stage in stages:
+        for item in [*range(stage.array_size), None]:
+            rel = _record_rel(stage, item)
+            raw = _get(s3, previous.join(rel))
+            record = json.loads(raw) if raw is not None else None
+            intact = record is not None and record.get("run_id") == previous_run and all(
+                sizes.get(o["path"]) == o["size"] for o in record["outputs"])
+            if not intact:
+                job = stage.name + ("" if item is None else f" item {item}")
+                raise InvalidInput(Problem(str(previous.join(rel)), f"{job} of run {previous_run} is not complete "
+                                           "(no completion record for it, or its outputs are missing)",
+                                           f"rerun --from {stage.name} or an earlier stage"))
+            outputs.update(o["path"] for o in record["outputs"])
+            records[rel] = {**record, "run_id": run_id, "reused_from": previous_run}
+    return _Reuse(tuple(sorted(outputs)), records)
+
+
+def reuse(s3, plan: _Reuse, previous: S3Uri, target: S3Uri) -> None:
+    """Copy the planned outputs server-side, then write their records (last, as the jobs do)."""
+    parallel_map(lambda rel: s3.copy({"Bucket": previous.bucket, "Key": previous.join(rel).key},
+                                     target.bucket, target.join(rel).key), plan.outputs)
+    parallel_map(lambda kv: s3.put_object(Bucket=target.bucket, Key=target.join(kv[0]).key,
+                                          Body=json.dumps(kv[1], indent=1).encode() + b"\n",
+                                          ContentType="application/json"), plan.records.items())
+
+
+def with_params(manifest: Mapping, params: bytes) -> bytes:
+    """A slide manifest (as ``atlas upload`` writes it) listing ``params`` as its params.yml."""
+    entry = {"path": PARAMS, "size": len(params), "sha256": hashlib.sha256(params).hexdigest()}
+    files = sorted([f for f in manifest["files"] if f["path"] != PARAMS] + [entry], key=lambda f: f["path"])
+    return json.dumps({**manifest, "files": files}, indent=1).encode() + b"\n"
+
+
+def copy_slide(s3, slide: S3Uri, target: S3Uri, manifest: bytes, params: bytes) -> None:
+    """Copy a slide server-side to ``target`` with ``params`` as params.yml and ``manifest`` written last."""
+    files = [f["path"] for f in json.loads(manifest)["files"] if f["path"] != PARAMS]
+    parallel_map(lambda rel: s3.copy({"Bucket": slide.bucket, "Key": slide.join(rel).key}, target.bucket,
+                                     target.join(rel).key), files)
+    s3.put_object(Bucket=target.bucket, Key=target.join(PARAMS).key, Body=params)
+    s3.put_object(Bucket=target.bucket, Key=target.join(MANIFEST).key, Body=manifest)
+
+
+def rerun(slide_id: str, *, table, from_stage: str | None = None, params_text: str | None = None,
+          params_file: str = PARAMS, s3=None, sfn=None) -> Rerun:
+    """Start a new run of a slide's current run, under a new run id; the earlier run stays as it is.
+
+    Parameters
+    ----------
+    slide_id : str
+    table : DynamoDB Table
+        The catalog table.
+    from_stage : str, optional
+        First stage to redo; the outputs of the stages before it are reused from the current run
+        (they must be complete there).
+    params_text : str, optional
+        params.yml to use instead of the slide's (validated first). It may not change the
+        parameters of a reused stage.
+    params_file : str
+        Name of that file in error messages.
+    s3, sfn : boto3 clients, optional
+
+    Raises
+    ------
+    InvalidInput
+        The slide is not rerunnable (running, invalid, collecting), the stage is unknown, the
+        params are invalid or change a reused stage, or a reused stage is incomplete. Nothing is
+        started then.
+    """
+    s3 = s3 or boto3.client("s3")
+    slide = _slide_item(table, slide_id)
+    previous_run = slide.get("run_id")
+    runs = {r["run_id"]: r for r in _run_items(table, slide_id)}
+    previous = catalog.from_dynamo(runs.get(previous_run, {}))
+    execution_arn = slide.get("execution_arn") or previous.get("execution_arn")
+    sfn = sfn or (sfn_client(execution_arn) if execution_arn else None)
+    _check_rerunnable(slide_id, slide, sfn)
+    payload = previous.get("input") or json.loads(sfn.describe_execution(executionArn=execution_arn)["input"])
+    slide_uri, work_uri = S3Uri.parse(payload["slide_uri"]).prefix(), S3Uri.parse(payload["work_uri"]).prefix()
+
+    try:
+        stage_index = [s.name for s in STAGES].index(get_stage(from_stage).name) if from_stage else 0
+    except ValueError as exc:
+        raise InvalidInput(Problem("--from", str(exc), "name one of the stages")) from exc
+    reused = list(STAGES[:stage_index])
+
+    manifest_bytes = _get(s3, slide_uri.join(MANIFEST))
+    if manifest_bytes is None:
+        expired = slide_uri.key.startswith(RERUN_PREFIX + "/")
+        raise InvalidInput(Problem(str(slide_uri.join(MANIFEST)), "the slide this run read is gone"
+                                   + (" (a params copy, expired with the work bucket's retention)" if expired else ""),
+                                   "rerun with --params again" if expired else "upload the slide again (`atlas upload`)"))
+    manifest = json.loads(manifest_bytes)
+    override = False
+    if params_text is not None:
+        new = parse_params(params_text, file=params_file).to_dict()
+        listed = any(e.path == PARAMS for e in parse_manifest(manifest_bytes.decode()))
+        old = parse_params((_get(s3, slide_uri.join(PARAMS)) or b"").decode() if listed else None).to_dict()
+        changed = _changed_sections(old, new, reused)
+        if changed:
+            raise InvalidInput(Problem(params_file, f"changes the {', '.join(changed)} parameters, but --from "
+                                                    f"{from_stage} reuses the {changed[0]} outputs of run {previous_run}",
+                                       f"rerun --from {changed[0]} (or an earlier stage)"))
+        override = old != new
+
+    # the run id hashes the manifest the run reads: the slide's, or its copy's listing the new params.yml
+    used = with_params(manifest, params_text.encode()) if override else manifest_bytes
+    n = len(runs) + 1
+    while (run_id := run_id_for(slide_id, used, suffix=f"r{n}")) in runs:
+        n += 1
+    plan = plan_reuse(s3, work_uri, previous_run=previous_run, run_id=run_id, stages=reused)  # checks first
+    if override:
+        slide_uri = S3Uri(work_uri.bucket, f"{RERUN_PREFIX}/{run_id}/{slide_id}/")
+        copy_slide(s3, S3Uri.parse(payload["slide_uri"]).prefix(), slide_uri, used, params_text.encode())
+    new_work = S3Uri(work_uri.bucket, f"{run_id}/")
+    reuse(s3, plan, work_uri, new_work)
+
+    new_payload = {"slide_id": slide_id, "run_id": run_id, "slide_uri": str(slide_uri), "work_uri": str(new_work)}
+    key = catalog.slide_key(slide_id)
+    now = catalog.timestamp()
+    try:
+        table.update_item(
+            Key=key, ConditionExpression=Attr("run_id").eq(previous_run) & Attr("status").eq(slide["status"]),
+            UpdateExpression="SET #s = :s, #o = :o, #r = :r, #u = :u REMOVE #e, #c, #x, #out, #ov",
+            ExpressionAttributeNames={"#s": "status", "#o": "status_order", "#r": "run_id", "#u": "updated_at",
+                                      "#e": "execution_arn", "#c": "cause", "#x": "error", "#out": "output_uri",
+                                      "#ov": "overview_uri"},
+            ExpressionAttributeValues={":s": Status.READY, ":o": catalog.STATUS_RANK[Status.READY], ":r": run_id,
+                                       ":u": now})
+    except ClientError as exc:
+        if exc.response["Error"]["Code"] != "ConditionalCheckFailedException":
+            raise
+        raise InvalidInput(Problem(slide_id, "the slide changed while the rerun was prepared (another rerun or a "
+                                             "new upload)", f"check `atlas status {slide_id}` and try again")) from exc
+    run_item = {**catalog.run_key(slide_id, run_id), "run_id": run_id, "status": Status.READY,
+                "status_order": catalog.STATUS_RANK[Status.READY], "manifest_version": slide.get("manifest_version"),
+                "input": new_payload, "started_at": now, "rerun_of": previous_run,
+                "from_stage": STAGES[stage_index].name, "params_override": override}
+    table.put_item(Item=run_item)
+    try:
+        arn = sfn.start_execution(stateMachineArn=state_machine_of(execution_arn), name=run_id,
+                                  input=json.dumps(new_payload, sort_keys=True))["executionArn"]
+    except Exception:
+        # nothing started: back to the run the slide was on
+        table.put_item(Item=slide, ConditionExpression=Attr("run_id").eq(run_id))
+        table.delete_item(Key=catalog.run_key(slide_id, run_id))
+        raise
+    for item_key in (catalog.slide_key(slide_id), catalog.run_key(slide_id, run_id)):
+        table.update_item(Key=item_key, UpdateExpression="SET #e = :e",
+                          ConditionExpression=Attr("run_id").eq(run_id),
+                          ExpressionAttributeNames={"#e": "execution_arn"}, ExpressionAttributeValues={":e": arn})
+    return Rerun(slide_id, run_id, previous_run, arn, str(slide_uri), str(new_work), tuple(s.name for s in reused),
+                 override)

@@ -1,0 +1,161 @@
+"""Release a run: its results go from the work prefix to the requester-pays results bucket, all at once.
+
+Readers discover a release through its ``manifest.json``, so it is written only after every file it
+lists is in place (and the overview is on the site), and ``<slide_id>/latest.json`` only after the
+manifest. A release interrupted half-way therefore shows no manifest: readers never see it, and the
+retried publish job copies again (server side, idempotent). Each run has its own prefix
+``<slide_id>/<run_id>/``, so earlier releases of a slide stay as they were.
+
+Results bucket::
+
+    <slide_id>/<run_id>/registration/...      Level 2  (object metadata htan-level: 2)
+    <slide_id>/<run_id>/segmentation/...      Level 3
+    <slide_id>/<run_id>/quantification/...    Level 4
+    <slide_id>/<run_id>/overview/...          Level 5
+    <slide_id>/<run_id>/qc/...                auxiliary (htan-level: none)
+    <slide_id>/<run_id>/manifest.json         written last
+    <slide_id>/latest.json                    then this: which release is current
+
+Overview site bucket (optional, served by CloudFront; browsers cannot read a requester-pays bucket)::
+
+    <slide_id>/<run_id>/index.html ...        the contents of overview/
+"""
+from __future__ import annotations
+
+import json
+import mimetypes
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import TypeVar
+
+from atlas import layout
+from atlas.aws.s3uri import S3Uri
+
+LATEST = "latest.json"
+# The results bucket is published for external analysts, who are told to read it from us-east-1
+# (free in-region transfer, they pay requests): it must live there (the deployment config checks).
+RESULTS_REGION = "us-east-1"
+# The publish job's environment: where it releases to (the CDK app sets these on the job definitions).
+RESULTS_BUCKET_ENV = "ATLAS_RESULTS_BUCKET"
+OVERVIEW_BUCKET_ENV = "ATLAS_OVERVIEW_BUCKET"
+TRANSFER_THREADS = 16
+CONTENT_TYPES = {".json": "application/json", ".csv": "text/csv", ".html": "text/html", ".js": "text/javascript",
+                 ".css": "text/css", ".tif": "image/tiff", ".png": "image/png", ".jpg": "image/jpeg",
+                 ".svg": "image/svg+xml"}
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class ReleaseError(RuntimeError):
+    """The run cannot be released as its manifest says; nothing was made visible."""
+
+
+def parallel_map(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
+    """``[fn(x) for x in items]`` on a thread pool (S3 requests are latency-bound)."""
+    items = list(items)
+    if len(items) <= 1:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(max_workers=TRANSFER_THREADS) as pool:
+        return list(pool.map(fn, items))
+
+
+@dataclass(frozen=True)
+class Release:
+    """A published run.
+
+    Attributes
+    ----------
+    prefix : S3Uri
+        ``s3://<results>/<slide_id>/<run_id>/``.
+    manifest : S3Uri
+        Its ``manifest.json``.
+    files : int
+        Files released (the manifest not counted).
+    bytes : int
+        Their total size.
+    overview : S3Uri or None
+        Where the overview site copy went, when an overview bucket is configured.
+    """
+
+    prefix: S3Uri
+    manifest: S3Uri
+    files: int
+    bytes: int
+    overview: S3Uri | None
+
+
+def content_type(key: str) -> str:
+    """MIME type of a key (browsers and S3 consoles need it for html/js; binary otherwise)."""
+    suffix = PurePosixPath(key).suffix.lower()
+    return CONTENT_TYPES.get(suffix) or mimetypes.guess_type(key)[0] or "application/octet-stream"
+
+
+def _copy(s3, source: S3Uri, target: S3Uri, metadata: dict[str, str]) -> None:
+    # managed copy: server-side, multipart for objects over 8 MiB (CopyObject alone stops at 5 GB)
+    s3.copy({"Bucket": source.bucket, "Key": source.key}, target.bucket, target.key,
+            ExtraArgs={"MetadataDirective": "REPLACE", "ContentType": content_type(target.key), "Metadata": metadata})
+
+
+def release_run(s3, out_dir: Path, *, work: S3Uri, slide_id: str, run_id: str, results_bucket: str,
+                overview_bucket: str | None = None) -> Release:
+    """Copy the run's results from ``work`` to ``s3://<results_bucket>/<slide_id>/<run_id>/``, manifest last.
+
+    Parameters
+    ----------
+    s3 : botocore S3 client
+    out_dir : Path
+        Local results folder holding the results ``manifest.json`` written by the publish stage (it
+        lists every file to release with its level, size and sha256; the same bytes are in ``work``).
+    work : S3Uri
+        The run's work prefix, where every listed file and the manifest already are.
+    slide_id, run_id : str
+    results_bucket : str
+        The requester-pays results bucket (the owner's writes need no request-payer header).
+    overview_bucket : str, optional
+        Overview site bucket; ``overview/`` is copied to ``<slide_id>/<run_id>/`` there.
+
+    Raises
+    ------
+    ReleaseError
+        A listed file is missing from ``work`` or has another size; nothing becomes visible.
+    """
+    manifest = json.loads((Path(out_dir) / layout.MANIFEST).read_text())
+    if (manifest.get("slide_id"), manifest.get("run_id")) != (slide_id, run_id):
+        raise ReleaseError(f"manifest.json is for slide {manifest.get('slide_id')!r} run {manifest.get('run_id')!r}, "
+                          f"not slide {slide_id!r} run {run_id!r}")
+    files = manifest["files"]
+    work = work.prefix()
+    sizes = {}
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=work.bucket, Prefix=work.key):
+        sizes.update({obj["Key"][len(work.key):]: obj["Size"] for obj in page.get("Contents", [])})
+    bad = [f["path"] for f in files if sizes.get(f["path"]) != f["size"]]
+    if layout.MANIFEST not in sizes:
+        bad.append(layout.MANIFEST)
+    if bad:
+        raise ReleaseError(f"cannot release run {run_id}: {len(bad)} file(s) listed in manifest.json are missing "
+                          f"from {work} or differ in size, e.g. {', '.join(bad[:5])}")
+
+    prefix = S3Uri(results_bucket, f"{slide_id}/{run_id}/")
+    parallel_map(lambda f: _copy(s3, work.join(f["path"]), prefix.join(f["path"]),
+                                 {"htan-level": str(f["level"]) if f["level"] is not None else "none",
+                                  "sha256": f["sha256"]}), files)
+    site = None
+    if overview_bucket:
+        site = S3Uri(overview_bucket, f"{slide_id}/{run_id}/")
+        top = layout.OVERVIEW + "/"
+        parallel_map(lambda f: _copy(s3, work.join(f["path"]), site.join(f["path"][len(top):]), {"sha256": f["sha256"]}),
+                     [f for f in files if f["path"].startswith(top)])
+    # the manifest is the release: only now does it become visible
+    _copy(s3, work.join(layout.MANIFEST), prefix.join(layout.MANIFEST), {"htan-level": "none"})
+    latest = {"slide_id": slide_id, "run_id": run_id, "prefix": str(prefix), "manifest": str(prefix.join(layout.MANIFEST)),
+              "files": len(files), "bytes": sum(f["size"] for f in files),
+              "overview": str(site.join(layout.OVERVIEW_PAGE)) if site else None,
+              "released": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    s3.put_object(Bucket=results_bucket, Key=f"{slide_id}/{LATEST}", Body=json.dumps(latest, indent=1).encode() + b"\n",
+                  ContentType="application/json")
+    return Release(prefix, prefix.join(layout.MANIFEST), latest["files"], latest["bytes"], site)

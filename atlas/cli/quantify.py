@@ -1,0 +1,98 @@
+"""``atlas quantify --image REG.ome.tif --mask cell.ome.tif [--mask nuclei.ome.tif ...] --markers markers.csv -o OUT``.
+
+A drop-in for MCQuant (``mcquant --image --masks --channel_names --output``): the same CSV
+columns and file names, plus each table as Parquet and AnnData ``.h5ad``.
+"""
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+from atlas import layout
+from atlas.errors import InvalidInput, Problem
+
+TIFF_SUFFIXES = (".tif", ".tiff", ".btf")
+
+
+def read_marker_names(path: Path) -> tuple[list[str], list[bool]]:
+    """Marker names and remove flags of a markers.csv, read as MCQuant reads it.
+
+    Either a CSV with a ``marker_name`` column (other columns optional; ``remove`` = TRUE drops the
+    channel) or one name per line without header. Repeated names are allowed (they get MCQuant's
+    ``_1``, ``_2`` suffixes).
+    """
+    fix = "give a CSV with a marker_name column, one row per image channel in order"
+    try:
+        rows = [r for r in csv.reader(io.StringIO(path.read_text(encoding="utf-8-sig"))) if any(c.strip() for c in r)]
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise InvalidInput(Problem(str(path), f"not readable as UTF-8 CSV ({exc})", fix)) from exc
+    header = [c.strip() for c in rows[0]] if rows else []
+    if "marker_name" in header:
+        col, body = header.index("marker_name"), rows[1:]
+        flag = header.index("remove") if "remove" in header else None
+        names = [r[col].strip() if col < len(r) else "" for r in body]
+        remove = [flag is not None and flag < len(r) and r[flag].strip().upper() in ("TRUE", "1", "YES") for r in body]
+    elif rows and all(len(r) == 1 for r in rows):
+        names, remove = [r[0].strip() for r in rows], [False] * len(rows)
+    else:
+        raise InvalidInput(Problem(str(path), f"has no marker_name column (header {header})", fix))
+    empty = [i + 2 for i, n in enumerate(names) if not n]
+    if not names or empty:
+        raise InvalidInput(Problem(str(path), f"empty marker_name on line(s) {empty}" if empty else "lists no markers",
+                                   fix))
+    return names, remove
+
+
+def image_stem(path: Path) -> str:
+    """MCQuant's image name: the file name without ``.tif``/``.tiff`` and a trailing ``.ome``."""
+    name = path.name
+    for suffix in TIFF_SUFFIXES:
+        name = name.removesuffix(suffix)
+    return name.removesuffix(".ome")
+
+
+def quantify(image: Path = typer.Option(..., "--image", exists=True, dir_okay=False,
+                                        help="registered (C, Y, X) OME-TIFF, e.g. registration/S1.ome.tif"),
+             masks: list[Path] = typer.Option(..., "--mask", exists=True, dir_okay=False,
+                                              help="label image (repeat for several); its name before the "
+                                                   "first '.' names the table, e.g. cell.ome.tif -> cell"),
+             markers: Path = typer.Option(..., "--markers", exists=True, dir_okay=False,
+                                          help="markers.csv: marker_name per image channel, in order"),
+             out: Path = typer.Option(..., "-o", "--out", file_okay=False, help="folder for the tables"),
+             slide_id: str | None = typer.Option(None, "--slide-id", help="default: the image name"),
+             engine: str | None = typer.Option(None, "--engine",
+                                               help="segmentation method: names tables <slide>--<engine>_<mask> "
+                                                    "as MCMICRO does (default: <slide>_<mask>, as mcquant)")) -> None:
+    """Single-cell feature tables, MCQuant-compatible: CSV, Parquet and AnnData .h5ad per mask."""
+    from atlas.science.quantification import MORPHOLOGY_COLUMNS
+    from atlas.stages.quantify import quantify_files, table_summary, write_table
+
+    if engine is not None and ("-" in engine or not engine):
+        raise typer.BadParameter("engine names contain no '-' (MCMICRO splits folder names on it)", param_hint="--engine")
+    names, remove = read_marker_names(markers)
+    slide = slide_id or image_stem(image)
+    mask_paths = {p.name.split(".")[0]: p for p in masks}
+    if len(mask_paths) != len(masks):
+        raise InvalidInput(Problem(", ".join(map(str, masks)), "two masks have the same name before the first '.'",
+                                   "rename them, e.g. cell.ome.tif and nuclei.ome.tif"))
+    console = Console()
+    columns = (TextColumn("quantifying"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"), TimeRemainingColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("rows", total=None)
+        tables, shape = quantify_files(image, mask_paths, names, remove, markers_path=markers,
+                                       progress=lambda done, total: progress.update(task, completed=done, total=total))
+    for mask, table in tables.items():
+        name = Path(layout.table_path(slide, engine, mask)).name if engine else f"{slide}_{mask}.csv"
+        write_table(table, out / name, {"slide_id": slide, "engine": engine or "", "mask": mask, "image": image.name})
+        figures = table_summary(table, shape)
+        console.print(f"[green]✓[/] {out / name} (+ .parquet, .h5ad): {figures['cells']} cells, "
+                      f"{table.shape[1] - 1 - len(MORPHOLOGY_COLUMNS)} markers, {figures['coverage']:.1%} of the image in cells")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(quantify)

@@ -1,0 +1,34 @@
+"""``atlas run SLIDE -o OUT``: the whole pipeline locally."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from atlas import layout
+from atlas.pipeline.local import run_pipeline
+from atlas.stages import Stage
+
+
+def run(slide: Path = typer.Argument(..., help="slide folder <slide_id>/"),
+        out: Path = typer.Option(..., "-o", "--out", help="results folder (resumes if it holds a partial run)"),
+        run_id: str = typer.Option(None, help="run id (default: <slide_id>-<manifest sha256[:12]>)")) -> None:
+    """Run every stage (stitch, segment, quantify, render, publish) locally; completed stages are skipped."""
+    console = Console()
+    status = console.status("starting")
+
+    def on_stage(stage: Stage, event: str) -> None:
+        if event == "start":
+            status.update(f"[bold]{stage.name}[/] running ...")
+        else:
+            console.print(f"[green]✓[/] {stage.name}" + (" (already complete)" if event == "skip" else ""))
+
+    with status:
+        manifest = run_pipeline(slide, out, run_id=run_id, on_stage=on_stage)
+    console.print(f"results:  {out.resolve()}\nmanifest: {manifest.resolve()}\n"
+                  f"overview: {(out / layout.OVERVIEW / layout.OVERVIEW_PAGE).resolve()}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(run)

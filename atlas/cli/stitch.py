@@ -1,0 +1,43 @@
+"""``atlas stitch SLIDE -o OUT``: the stitch stage alone, on a local slide folder."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from atlas import layout
+from atlas.errors import InvalidInput
+from atlas.params import parse_params
+from atlas.slide.convention import PARAMS, check_slide_id
+from atlas.stages import StageContext
+
+
+def stitch(slide: Path = typer.Argument(..., help="slide folder <slide_id>/ (markers.csv, raw/*.ome.tif)"),
+           out: Path = typer.Option(..., "-o", "--out", help="results folder (registration/ and qc/stitch/ go here)")
+           ) -> None:
+    """Stitch the first cycle and register the later ones (ASHLAR); write the Level 2 OME-TIFF + OME-Zarr."""
+    from atlas.stages import stitch as stage
+
+    slide = slide.resolve()
+    if problems := check_slide_id(slide.name):
+        raise InvalidInput(problems)
+    params_file = slide / PARAMS
+    params = parse_params(params_file.read_text() if params_file.is_file() else None, PARAMS)
+    out.mkdir(parents=True, exist_ok=True)
+    ctx = StageContext(slide_id=slide.name, run_id="local", slide_dir=slide, out_dir=out, params=params)
+    console = Console()
+    with console.status(f"stitching {slide.name} ..."):
+        stage.run(ctx)
+    summary = json.loads((out / stage.QC_DIR / "summary.json").read_text())
+    for cycle in summary["cycles"]:
+        console.print(f"cycle {cycle['cycle']}: {cycle['aligned_tiles']}/{cycle['tiles']} tiles aligned"
+                      + ("" if cycle["included"] else " [red](left out: not registered)[/]"))
+    console.print(f"[green]✓[/] {out / layout.registration_tiff(slide.name)}\n"
+                  f"[green]✓[/] {out / layout.registration_zarr(slide.name)}\n"
+                  f"QC: {out / stage.QC_DIR}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(stitch)

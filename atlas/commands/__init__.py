@@ -1,1 +1,0 @@
-"""CLI verbs; each module defines ``register(app: typer.Typer) -> None``."""

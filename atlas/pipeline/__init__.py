@@ -1,0 +1,1 @@
+"""The pipeline: completion records, the local runner, the cloud stage job."""

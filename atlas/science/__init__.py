@@ -1,0 +1,1 @@
+"""The science: pure functions over arrays (stitching, illumination, segmentation, quantification, overview, pyramids)."""
