@@ -4,11 +4,10 @@ from __future__ import annotations
 from cdk_templates import logical_id, one, state_machine_definition
 
 from atlas.aws.catalog import Settings, execution_input
-from atlas.stages import STAGES
-from infra.compute import job_name
+from atlas.stages import STAGES, batch_jobs
 from infra.workflow import run_timeout
 
-EXPECTED_JOBS = [job_name(s, merge=m) for s in STAGES for m in ((False, True) if s.array_size else (False,))]
+EXPECTED_JOBS = [job.name for job in batch_jobs()]
 
 
 def job_states(definition: dict) -> list[tuple[str, dict]]:
