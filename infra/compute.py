@@ -195,11 +195,12 @@ class BatchCompute(Construct):
                                                         max_vcpus=max_vcpus, image_type=image_type)
                         for spot in ((True, False) if config.spot else (False,))}
         if config.spot:
-            self.on_demand_queues[kind.lower()] = self._job_queue(f"{kind}OnDemandQueue", config.name(f"{kind.lower()}-ondemand"),
-                                                                  [environments[False]])
+            self.on_demand_queues[kind.lower()] = self._job_queue(
+                f"{kind}OnDemandQueue", config.name(f"{kind.lower()}-ondemand"), [environments[False]])
         return self._job_queue(f"{kind}Queue", config.name(kind.lower()), list(environments.values()))
 
-    def _job_queue(self, id: str, name: str, environments: list[batch.IManagedEc2EcsComputeEnvironment]) -> batch.JobQueue:
+    def _job_queue(self, id: str, name: str,
+                   environments: list[batch.IManagedEc2EcsComputeEnvironment]) -> batch.JobQueue:
         return batch.JobQueue(
             self, id, job_queue_name=name, priority=1,
             compute_environments=[batch.OrderedComputeEnvironment(order=order, compute_environment=environment)

@@ -62,7 +62,7 @@ def test_cloudwatch_and_budgets_may_publish_to_the_topic_for_this_account_only(s
     account = synth.config.account or "<AWS::AccountId>"
     allows = {s["Principal"]["Service"]: s for s in topic_policy_statements(synth) if s["Effect"] == "Allow"}
     assert set(allows) == {"cloudwatch.amazonaws.com", "budgets.amazonaws.com"}
-    for service, statement in allows.items():
+    for statement in allows.values():
         assert statement["Action"] == "sns:Publish" and statement["Resource"] == topic
         assert render_intrinsics(statement["Condition"]["StringEquals"]["aws:SourceAccount"]) == account
     arns = {service: render_intrinsics(statement["Condition"]["ArnLike"]["aws:SourceArn"])

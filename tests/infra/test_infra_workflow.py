@@ -6,9 +6,9 @@ import json
 from cdk_templates import logical_id, one, policy_statements, resources, state_machine_definition
 
 from atlas.aws.catalog import Settings, execution_input
-from infra.nag import render_intrinsics
 from atlas.stages import STAGES
 from infra.compute import job_name
+from infra.nag import render_intrinsics
 from infra.workflow import run_timeout
 
 EXPECTED_JOBS = [job_name(s, merge=m) for s in STAGES for m in ((False, True) if s.array_size else (False,))]
