@@ -226,7 +226,8 @@ def completion_records(s3, work: S3Uri, run_id: str) -> dict[str, dict]:
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=prefix.bucket, Prefix=prefix.key):
         keys += [o["Key"] for o in page.get("Contents", []) if o["Key"].endswith(".json")]
     docs = parallel_map(lambda key: json.loads(s3.get_object(Bucket=prefix.bucket, Key=key)["Body"].read()), keys)
-    return {key[len(work.prefix().key):]: doc for key, doc in zip(keys, docs) if doc.get("run_id") == run_id}
+    return {key[len(work.prefix().key):]: doc
+            for key, doc in zip(keys, docs, strict=True) if doc.get("run_id") == run_id}
 
 
 def _record_rel(stage: Stage, item: int | None = None) -> str:
@@ -492,7 +493,8 @@ def rerun(slide_id: str, *, table, from_stage: str | None = None, params_text: s
         expired = slide_uri.key.startswith(RERUN_PREFIX + "/")
         raise InvalidInput(Problem(str(slide_uri.join(MANIFEST)), "the slide this run read is gone"
                                    + (" (a params copy, expired with the work bucket's retention)" if expired else ""),
-                                   "rerun with --params again" if expired else "upload the slide again (`atlas upload`)"))
+                                   "rerun with --params again" if expired
+                                   else "upload the slide again (`atlas upload`)"))
     manifest = json.loads(manifest_bytes)
     override = False
     if params_text is not None:
@@ -502,7 +504,7 @@ def rerun(slide_id: str, *, table, from_stage: str | None = None, params_text: s
         changed = _changed_sections(old, new, reused)
         if changed:
             raise InvalidInput(Problem(params_file, f"changes the {', '.join(changed)} parameters, but --from "
-                                                    f"{from_stage} reuses the {changed[0]} outputs of run {previous_run}",
+                                       f"{from_stage} reuses the {changed[0]} outputs of run {previous_run}",
                                        f"rerun --from {changed[0]} (or an earlier stage)"))
         override = old != new
 

@@ -152,7 +152,7 @@ def s3_client():
 def _matches(rel: str, pattern: str) -> bool:
     """Glob match as :meth:`pathlib.Path.glob` + "a matching folder counts file by file" does."""
     parts, pats = PurePosixPath(rel).parts, PurePosixPath(pattern).parts
-    return len(parts) >= len(pats) and all(fnmatchcase(p, q) for p, q in zip(parts, pats))
+    return len(parts) >= len(pats) and all(fnmatchcase(p, q) for p, q in zip(parts, pats, strict=False))
 
 
 def _record_rel(stage: Stage, item: int | None) -> str:
@@ -226,7 +226,8 @@ def stage_slide(s3, slide: S3Uri, slide_dir: Path, stage: Stage) -> list[str]:
     except ClientError as exc:
         if _is_missing(exc):
             raise InvalidInput(Problem(MANIFEST, f"missing at {manifest_uri}",
-                                       "upload the slide with `atlas upload`, which writes manifest.json last")) from exc
+                                       "upload the slide with `atlas upload`, which writes manifest.json last")
+                               ) from exc
         raise
     entries = parse_manifest(manifest_bytes.decode("utf-8"))
     raw_patterns = [p[len(RAW_PREFIX):] for p in stage.inputs if p.startswith(RAW_PREFIX)]
@@ -272,11 +273,11 @@ def upstream_records(s3, work: S3Uri, stage: Stage, run_id: str, merge: bool) ->
     raws = parallel_map(lambda si: _get_bytes(s3, work.join(_record_rel(*si))), wanted)
     records = [json.loads(raw) if raw is not None else None for raw in raws]
     missing = [f"{s.name}" + ("" if i is None else f" item {i}")
-               for (s, i), r in zip(wanted, records) if r is None or r.get("run_id") != run_id]
+               for (s, i), r in zip(wanted, records, strict=True) if r is None or r.get("run_id") != run_id]
     if missing:
         raise UpstreamIncomplete(f"stage {stage.name} of run {run_id} needs {', '.join(missing)} to be complete "
                                  f"first: no completion record for this run under {work}")
-    return [UpstreamRecord(s, i, r, raw) for (s, i), r, raw in zip(wanted, records, raws)]
+    return [UpstreamRecord(s, i, r, raw) for (s, i), r, raw in zip(wanted, records, raws, strict=True)]
 
 
 def stage_work(s3, work: S3Uri, out_dir: Path, stage: Stage, records: list[UpstreamRecord]) -> dict[str, str]:
