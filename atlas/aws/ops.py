@@ -223,7 +223,7 @@ def completion_records(s3, work: S3Uri, run_id: str) -> dict[str, dict]:
     records = work.prefix().join(PROVENANCE).prefix()
     rels = [f"{PROVENANCE}/{name}" for name in list_sizes(s3, records) if name.endswith(".json")]
     raws = parallel_map(lambda rel: get_bytes(s3, work.join(rel)), rels)
-    docs = {rel: json.loads(raw) for rel, raw in zip(rels, raws) if raw is not None}
+    docs = {rel: json.loads(raw) for rel, raw in zip(rels, raws, strict=True) if raw is not None}
     return {rel: doc for rel, doc in docs.items() if doc.get("run_id") == run_id}
 
 
@@ -474,7 +474,8 @@ def rerun(slide_id: str, *, table, from_stage: str | None = None, params_text: s
         expired = slide_uri.key.startswith(RERUN_PREFIX + "/")
         raise InvalidInput(Problem(str(slide_uri.join(MANIFEST)), "the slide this run read is gone"
                                    + (" (a params copy, expired with the work bucket's retention)" if expired else ""),
-                                   "rerun with --params again" if expired else "upload the slide again (`atlas upload`)"))
+                                   "rerun with --params again" if expired
+                                   else "upload the slide again (`atlas upload`)"))
     manifest = json.loads(manifest_bytes)
     override = False
     if params_text is not None:
@@ -484,7 +485,7 @@ def rerun(slide_id: str, *, table, from_stage: str | None = None, params_text: s
         changed = _changed_sections(old, new, reused)
         if changed:
             raise InvalidInput(Problem(params_file, f"changes the {', '.join(changed)} parameters, but --from "
-                                                    f"{from_stage} reuses the {changed[0]} outputs of run {previous_run}",
+                                       f"{from_stage} reuses the {changed[0]} outputs of run {previous_run}",
                                        f"rerun --from {changed[0]} (or an earlier stage)"))
         override = old != new
 
