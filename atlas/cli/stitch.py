@@ -29,7 +29,7 @@ def stitch(slide: Path = typer.Argument(..., help="slide folder <slide_id>/ (mar
     job = get_stage("stitch").jobs()[0]
     console = Console()
     with console.status(f"stitching {slide.name} ..."), tempfile.TemporaryDirectory() as scratch:
-        ctx = stage_context(slide.name, "local", slide, out, environ=os.environ)
+        ctx = stage_context(slide.name, "local", slide, out, settings=os.environ)
         ctx.for_job(job, scratch=Path(scratch)).run(job)
     summary = json.loads((out / stage.QC_DIR / "summary.json").read_text())
     for cycle in summary["cycles"]:

@@ -39,16 +39,8 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from atlas.aws.release import (
-    OVERVIEW_BUCKET_ENV,
-    RESULTS_BUCKET_ENV,
-    TRANSFER_THREADS,
-    ReleaseError,
-    parallel_map,
-    release_prefix,
-    release_run,
-)
-from atlas.aws.s3uri import S3Uri
+from atlas.aws.release import OVERVIEW_BUCKET_ENV, RESULTS_BUCKET_ENV, ReleaseError, release_prefix, release_run
+from atlas.aws.s3 import S3Uri, get_bytes, is_missing, list_sizes, parallel_map, s3_client
 from atlas.errors import InvalidInput, Problem
 from atlas.pipeline import records
 from atlas.pipeline.contract import (
@@ -91,39 +83,6 @@ class JobResult:
     record: dict
 
 
-def s3_client():
-    """S3 client for the jobs: standard retries (throttling, 5xx) and a pool for parallel transfers."""
-    import boto3
-    from botocore.config import Config
-
-    return boto3.client("s3", config=Config(retries={"max_attempts": 10, "mode": "standard"},
-                                            max_pool_connections=2 * TRANSFER_THREADS))
-
-
-def _is_missing(exc: Exception) -> bool:
-    code = getattr(exc, "response", {}).get("Error", {}).get("Code")
-    return code in ("404", "NoSuchKey", "NotFound")
-
-
-def _get_bytes(s3, uri: S3Uri) -> bytes | None:
-    """An object's bytes, or None when the key does not exist."""
-    try:
-        return s3.get_object(Bucket=uri.bucket, Key=uri.key)["Body"].read()
-    except ClientError as exc:
-        if _is_missing(exc):
-            return None
-        raise
-
-
-def _list_sizes(s3, prefix: S3Uri) -> dict[str, int]:
-    """Relative key -> size of every object below ``prefix``."""
-    sizes: dict[str, int] = {}
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=prefix.bucket, Prefix=prefix.key):
-        for obj in page.get("Contents", []):
-            sizes[obj["Key"][len(prefix.key):]] = obj["Size"]
-    return sizes
-
-
 def _download(s3, source: S3Uri, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     s3.download_file(source.bucket, source.key, str(target))
@@ -146,7 +105,7 @@ def stage_slide(s3, slide: S3Uri, slide_dir: Path, stage: Stage) -> list[str]:
         Naming every file that is missing or whose size or sha256 differs from manifest.json.
     """
     manifest_uri = slide.join(MANIFEST)
-    manifest_bytes = _get_bytes(s3, manifest_uri)
+    manifest_bytes = get_bytes(s3, manifest_uri)
     if manifest_bytes is None:
         raise InvalidInput(Problem(MANIFEST, f"missing at {manifest_uri}",
                                    "upload the slide with `atlas upload`, which writes manifest.json last"))
@@ -161,7 +120,7 @@ def stage_slide(s3, slide: S3Uri, slide_dir: Path, stage: Stage) -> list[str]:
         try:
             _download(s3, source, target)
         except ClientError as exc:
-            if _is_missing(exc):
+            if is_missing(exc):
                 return Problem(entry.path, f"listed in manifest.json but missing at {source}", REUPLOAD)
             raise
         size, digest = target.stat().st_size, sha256_file(target)
@@ -186,8 +145,8 @@ def upstream_records(s3, work: S3Uri, job: Job, run_id: str) -> dict[str, Comple
     Raises UpstreamIncomplete naming the jobs without a record of this run.
     """
     wanted = upstream_jobs(job)
-    raws = parallel_map(lambda j: _get_bytes(s3, work.join(j.record)), wanted)
-    found = {j.record: records.upstream(j.record, raw) for j, raw in zip(wanted, raws) if raw is not None}
+    raws = parallel_map(lambda j: get_bytes(s3, work.join(j.record)), wanted)
+    found = {j.record: records.upstream(j.record, raw) for j, raw in zip(wanted, raws, strict=True) if raw is not None}
     missing = records.missing_jobs(wanted, {rel: r.doc for rel, r in found.items()}, run_id)
     if missing:
         raise upstream_incomplete(job, missing, run_id, str(work))
@@ -223,7 +182,7 @@ def stage_work(s3, work: S3Uri, out_dir: Path, job: Job, upstream: Mapping[str, 
         try:
             _download(s3, source, target)
         except ClientError as exc:
-            if _is_missing(exc):
+            if is_missing(exc):
                 raise corrupt_output(out["path"], out["stage"], "is listed in its completion record but missing",
                                      str(source), str(stage_record)) from exc
             raise
@@ -311,13 +270,13 @@ class JobPlace:
 
 def finished_record(s3, place: JobPlace, job: Job) -> dict | None:
     """``job``'s completion record when its work in the work prefix is intact (:func:`records.is_intact`)."""
-    record = records.loads(_get_bytes(s3, place.work.join(job.record)))
-    if record is None or not records.is_intact(record, place.run_id, _list_sizes(s3, place.work)):
+    record = records.loads(get_bytes(s3, place.work.join(job.record)))
+    if record is None or not records.is_intact(record, place.run_id, list_sizes(s3, place.work)):
         return None
     return record
 
 
-def prepare(s3, place: JobPlace, job: Job, root: Path, environ: Mapping[str, str]) -> StageContext:
+def prepare(s3, place: JobPlace, job: Job, root: Path, settings: Mapping[str, str]) -> StageContext:
     """Check upstream records, stage inputs below ``root`` and return the context the job runs in."""
     t0 = time.time()
     upstream = upstream_records(s3, place.work, job, place.run_id)  # fail fast, before any download
@@ -327,27 +286,27 @@ def prepare(s3, place: JobPlace, job: Job, root: Path, environ: Mapping[str, str
     staged = stage_work(s3, place.work, out_dir, job, upstream)
     log.info("%s: staged %d slide files and %d work files in %.1f s", job.label, len(staged_slide), len(staged),
              time.time() - t0)
-    results_bucket = environ.get(RESULTS_BUCKET_ENV)
+    results_bucket = settings.get(RESULTS_BUCKET_ENV)
     results = str(release_prefix(results_bucket, place.slide.name, place.run_id)) if results_bucket else None
-    ctx = stage_context(place.slide.name, place.run_id, slide_dir, out_dir, environ=environ, results_uri=results)
+    ctx = stage_context(place.slide.name, place.run_id, slide_dir, out_dir, settings=settings, results_uri=results)
     scratch = root / "scratch"
     scratch.mkdir()
     return ctx.for_job(job, scratch=scratch, records=upstream)
 
 
-def publish(s3, place: JobPlace, out_dir: Path, environ: Mapping[str, str]) -> None:
+def publish(s3, place: JobPlace, out_dir: Path, settings: Mapping[str, str]) -> None:
     """Release the run (publishing stage only), before its completion record is written."""
     try:
         release_run(s3, out_dir, work=place.work, slide_id=place.slide.name, run_id=place.run_id,
-                    results_bucket=environ[RESULTS_BUCKET_ENV],
-                    overview_bucket=environ.get(OVERVIEW_BUCKET_ENV) or None)
+                    results_bucket=settings[RESULTS_BUCKET_ENV],
+                    overview_bucket=settings.get(OVERVIEW_BUCKET_ENV) or None)
     except ReleaseError as exc:
         raise CorruptWork(str(exc)) from exc
 
 
 def run_stage_job(stage_name: str, *, slide_uri: str, work_uri: str, run_id: str, array_index: int | None = None,
                   merge: bool = False, s3: Any = None, scratch: Path | str | None = None,
-                  environ: Mapping[str, str] | None = None) -> JobResult:
+                  settings: Mapping[str, str] | None = None) -> JobResult:
     """Run one stage (or array item, or merge) of run ``run_id`` from S3 to S3; see the module doc.
 
     Parameters
@@ -368,7 +327,7 @@ def run_stage_job(stage_name: str, *, slide_uri: str, work_uri: str, run_id: str
     scratch : path, optional
         Local folder for the staged copies (default env ``ATLAS_SCRATCH``, else the system temp dir);
         the job's own subfolder is removed at the end.
-    environ : mapping, optional
+    settings : mapping, optional
         The job's settings (default: this process's environment): ``ATLAS_RESULTS_BUCKET``,
         ``ATLAS_OVERVIEW_BUCKET``, the segmentation weights, the viewer folder.
 
@@ -383,18 +342,18 @@ def run_stage_job(stage_name: str, *, slide_uri: str, work_uri: str, run_id: str
     """
     job = job_of(stage_name, array_index, merge)
     place = JobPlace.parse(slide_uri, work_uri, run_id)
-    environ = os.environ if environ is None else environ
+    settings = os.environ if settings is None else settings
     s3 = s3 or s3_client()
     existing = finished_record(s3, place, job)
     if existing is not None:
         log.info("%s: already complete for run %s, skipped", job.label, run_id)
         return JobResult(job.stage.name, job.item, True, existing)
-    if job.stage.publishes and not environ.get(RESULTS_BUCKET_ENV):
+    if job.stage.publishes and not settings.get(RESULTS_BUCKET_ENV):
         raise Misconfigured(f"the {job.stage.name} job needs env {RESULTS_BUCKET_ENV} (the results bucket's name) "
                             "-- fix: set it in the job definition (the CDK app does)")
-    root = Path(tempfile.mkdtemp(prefix=f"atlas-{job.stage.name}-", dir=scratch or environ.get(SCRATCH_ENV) or None))
+    root = Path(tempfile.mkdtemp(prefix=f"atlas-{job.stage.name}-", dir=scratch or settings.get(SCRATCH_ENV) or None))
     try:
-        ctx = prepare(s3, place, job, root, environ)
+        ctx = prepare(s3, place, job, root, settings)
         started = time.time()
         outputs = execute(ctx, job)
         finished = time.time()
@@ -404,7 +363,7 @@ def run_stage_job(stage_name: str, *, slide_uri: str, work_uri: str, run_id: str
         record = records.new_record(job, run_id=run_id, started=started, finished=finished, outputs=outputs,
                                     instance_type=instance_type())
         if job.stage.publishes:
-            publish(s3, place, ctx.out_dir, environ)
+            publish(s3, place, ctx.out_dir, settings)
         record_uri = place.work.join(job.record)
         s3.put_object(Bucket=record_uri.bucket, Key=record_uri.key, Body=records.dumps(record),
                       ContentType="application/json")

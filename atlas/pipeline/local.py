@@ -133,26 +133,26 @@ def run_job(ctx: StageContext, job: Job) -> dict | None:
     return record
 
 
-def stage_context(slide_id: str, run_id: str, slide_dir: Path, out_dir: Path, *, environ: Mapping[str, str],
+def stage_context(slide_id: str, run_id: str, slide_dir: Path, out_dir: Path, *, settings: Mapping[str, str],
                   results_uri: str | None = None) -> StageContext:
-    """The context a slide's jobs run in: params.yml parsed, engine and viewer resolved from ``environ``.
+    """The context a slide's jobs run in: params.yml parsed, engine and viewer resolved from ``settings``.
 
     The one place a context is made from a slide folder (local runner, Batch job, ``atlas stitch``).
     """
     params_file = Path(slide_dir) / PARAMS
     params = parse_params(params_file.read_text() if params_file.is_file() else None, PARAMS)
     return StageContext(slide_id=slide_id, run_id=run_id, slide_dir=Path(slide_dir), out_dir=Path(out_dir),
-                        params=params, engine=EngineSettings.resolve(params.segment.engine, environ),
+                        params=params, engine=EngineSettings.resolve(params.segment.engine, settings),
                         results_uri=results_uri,
-                        viewer_dir=Path(environ.get(VIEWER_ENV) or default_viewer_dir()))
+                        viewer_dir=Path(settings.get(VIEWER_ENV) or default_viewer_dir()))
 
 
 def make_context(slide_dir: Path, out_dir: Path, run_id: str | None = None, *,
-                 environ: Mapping[str, str] | None = None) -> StageContext:
+                 settings: Mapping[str, str] | None = None) -> StageContext:
     """Validate a local slide and build the context its jobs run in (raises InvalidInput).
 
-    ``environ`` (default: this process's environment) configures the segmentation weights and the
-    overview viewer.
+    ``settings`` (the entry point's environment: ``atlas run`` passes its own; default none) configures
+    the segmentation weights and the overview viewer.
     """
     slide_dir, out_dir = Path(slide_dir), Path(out_dir)
     problems = validate_slide(slide_dir)
@@ -160,16 +160,18 @@ def make_context(slide_dir: Path, out_dir: Path, run_id: str | None = None, *,
         raise InvalidInput(problems)
     run_id = run_id or run_id_for(slide_dir.name, (slide_dir / MANIFEST).read_bytes())
     out_dir.mkdir(parents=True, exist_ok=True)
-    return stage_context(slide_dir.name, run_id, slide_dir, out_dir, environ=os.environ if environ is None else environ)
+    return stage_context(slide_dir.name, run_id, slide_dir, out_dir, settings=settings or {})
 
 
 def run_pipeline(slide_dir: Path, out_dir: Path, *, run_id: str | None = None,
-                 on_stage: Callable[[Stage, str], None] | None = None) -> Path:
+                 on_stage: Callable[[Stage, str], None] | None = None,
+                 settings: Mapping[str, str] | None = None) -> Path:
     """Run every registry job locally; returns the path of the results ``manifest.json``.
 
-    ``on_stage(stage, event)`` is called with event "start", "skip" or "done" (progress display).
+    ``on_stage(stage, event)`` is called with event "start", "skip" or "done" (progress display);
+    ``settings`` as for :func:`make_context`.
     """
-    ctx = make_context(slide_dir, out_dir, run_id)
+    ctx = make_context(slide_dir, out_dir, run_id, settings=settings)
     notify = on_stage or (lambda s, e: None)
     for stage in STAGES:
         notify(stage, "start")

@@ -44,7 +44,7 @@ def matches(rel: str, pattern: str) -> bool:
     labels group, as :meth:`pathlib.Path.glob` plus "a folder counts file by file" would.
     """
     parts, pats = PurePosixPath(rel).parts, PurePosixPath(pattern).parts
-    return len(parts) >= len(pats) and all(fnmatchcase(p, q) for p, q in zip(parts, pats))
+    return len(parts) >= len(pats) and all(fnmatchcase(p, q) for p, q in zip(parts, pats, strict=False))
 
 
 @dataclass(frozen=True)

@@ -67,12 +67,12 @@ class EngineSettings:
     weights_sha256: str | None = None
 
     @classmethod
-    def resolve(cls, name: str, environ: Mapping[str, str], *, weights: str | None = None,
+    def resolve(cls, name: str, settings: Mapping[str, str], *, weights: str | None = None,
                 weights_sha256: str | None = None) -> EngineSettings:
-        """Settings for engine ``name`` (``auto`` included): weights given here, else from ``environ``
+        """Settings for engine ``name`` (``auto`` included): weights given here, else from ``settings``
         (``$ATLAS_UNET_WEIGHTS``, ``$ATLAS_UNET_SHA256``; the entry point passes its environment)."""
-        weights = weights or environ.get(WEIGHTS_ENV) or None
-        weights_sha256 = weights_sha256 or environ.get(SHA256_ENV) or None
+        weights = weights or settings.get(WEIGHTS_ENV) or None
+        weights_sha256 = weights_sha256 or settings.get(SHA256_ENV) or None
         return cls(resolve_engine_name(name, weights), weights, weights_sha256)
 
     def make(self) -> Engine:
