@@ -9,12 +9,17 @@ from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
 from atlas.aws import catalog
-from localcloud.demo import run_demo
+from atlas.errors import InvalidInput, Problem
 
 
 def demo(out: Path = typer.Option(Path("out/demo"), "-o", "--out",
                                   help="folder for the sample slide and the downloaded results")) -> None:
     """Make the sample slide, upload it, and let the real Lambda handlers and the stage jobs process it."""
+    try:  # the harness lives in the checkout only (not in the images or the Lambda asset)
+        from localcloud.demo import run_demo
+    except ImportError as exc:
+        raise InvalidInput(Problem("atlas demo", f"the demo harness is not installed ({exc})",
+                                   "run it from a checkout of the project: ./dev demo")) from exc
     console = Console()
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                   console=console, transient=True) as progress:
