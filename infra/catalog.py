@@ -7,8 +7,9 @@
     state machine  -- Execution Status Change ---------------> status Lambda  (run status, notification)
 
 Table keys, event patterns, environment names and the service name come from :mod:`atlas.aws.catalog`
-(which the local demo builds from too), so the handlers, the demo and this app cannot drift apart. Each Lambda has a dead-letter queue that receives both
-the events EventBridge could not deliver and the invocations that failed after Lambda's retries.
+(which the local demo builds from too), so the handlers, the demo and this app cannot drift apart.
+Each Lambda has a dead-letter queue that receives both the events EventBridge could not deliver and
+the invocations that failed after Lambda's retries.
 """
 from __future__ import annotations
 
@@ -34,10 +35,16 @@ from infra.nag import S3_READ_ACTIONS, acknowledge, acknowledge_wildcards, manag
 
 @dataclass(frozen=True)
 class _Handler:
-    """One Lambda of ``functions/``: its memory (MiB) and timeout."""
+    """One Lambda of ``functions/``: its memory (MiB), timeout and reserved concurrency.
+
+    Reserved concurrency caps each function (DynamoDB, S3 and Step Functions see a bounded load, and
+    a burst of uploads cannot take the account's whole Lambda concurrency) and guarantees it that
+    much; invocations over the cap are throttled and retried by Lambda's async queue, not lost.
+    """
 
     memory_mib: int
     timeout: Duration
+    reserved_concurrency: int
 
 
 def _key(name: str | None) -> dynamodb.Attribute | None:
@@ -77,7 +84,8 @@ class Catalog(Construct):
             deletion_protection=True, removal_policy=RemovalPolicy.RETAIN)
         self.idempotency_table = dynamodb.Table(
             self, "IdempotencyTable",
-            partition_key=_key(catalog.IDEMPOTENCY_TABLE.partition_key), billing_mode=dynamodb.BillingMode.PAY_PER_REQUEST,
+            partition_key=_key(catalog.IDEMPOTENCY_TABLE.partition_key),
+            billing_mode=dynamodb.BillingMode.PAY_PER_REQUEST,
             time_to_live_attribute=catalog.IDEMPOTENCY_TABLE.ttl_attribute,
             point_in_time_recovery_specification=dynamodb.PointInTimeRecoverySpecification(
                 point_in_time_recovery_enabled=True),
@@ -89,10 +97,10 @@ class Catalog(Construct):
             work_bucket=work.bucket_name, results_bucket=results_bucket_name, overview_site_url=overview_site_url)
         handlers = {
             # Reads OME-XML of cycle files by ranged GETs: memory for tifffile's parse, not for pixels.
-            "catalog": _Handler(1024, Duration.minutes(1)),
+            "catalog": _Handler(1024, Duration.minutes(1), 20),
             # Reads every item of the slide and validates it.
-            "trigger": _Handler(1024, Duration.minutes(2)),
-            "status": _Handler(256, Duration.seconds(30)),
+            "trigger": _Handler(1024, Duration.minutes(2), 10),
+            "status": _Handler(256, Duration.seconds(30), 5),
         }
         patterns = catalog.event_patterns(ingest_bucket=ingest.bucket_name,
                                           state_machine_arn=state_machine.state_machine_arn)
@@ -107,6 +115,7 @@ class Catalog(Construct):
                 self, f"{title}Function", code=code, handler=f"functions.{name}.handler.handler", runtime=RUNTIME,
                 architecture=ARCHITECTURE, memory_size=spec.memory_mib, timeout=spec.timeout,
                 environment=settings.to_env(), tracing=lambda_.Tracing.ACTIVE, dead_letter_queue=queue,
+                reserved_concurrent_executions=spec.reserved_concurrency,
                 logging_format=lambda_.LoggingFormat.JSON,
                 log_group=logs.LogGroup(self, f"{title}Logs", retention=config.log_retention,
                                         removal_policy=RemovalPolicy.RETAIN))

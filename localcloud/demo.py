@@ -371,7 +371,8 @@ def run_demo(out_dir: Path, *, say: Callable[[str], None] = print, progress=None
                 say(f"  execution {arn.rsplit(':', 1)[-1]} started: running the stages as `atlas stage` jobs ...")
                 result, steps = cloud.run_execution(arn, aws_env)
                 for step in steps:
-                    name = step.stage + ("" if step.item is None else f"[{step.item}]") + (" merge" if step.merge else "")
+                    name = (step.stage + ("" if step.item is None else f"[{step.item}]")
+                            + (" merge" if step.merge else ""))
                     say(f"    job  {name:<16} {step.seconds:6.1f} s")
                 say(f"  status   {result.get('run_id')}: {result['status']}")
 

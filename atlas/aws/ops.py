@@ -213,7 +213,7 @@ def completion_records(s3, work: S3Uri, run_id: str) -> dict[str, dict]:
     records = work.prefix().join(PROVENANCE).prefix()
     rels = [f"{PROVENANCE}/{name}" for name in list_sizes(s3, records) if name.endswith(".json")]
     raws = parallel_map(lambda rel: get_bytes(s3, work.join(rel)), rels)
-    docs = {rel: json.loads(raw) for rel, raw in zip(rels, raws) if raw is not None}
+    docs = {rel: json.loads(raw) for rel, raw in zip(rels, raws, strict=True) if raw is not None}
     return {rel: doc for rel, doc in docs.items() if doc.get("run_id") == run_id}
 
 
@@ -494,7 +494,8 @@ def _slide_manifest(s3, slide: S3Uri) -> bytes:
         expired = slide.key.startswith(RERUN_PREFIX + "/")
         raise InvalidInput(Problem(str(slide.join(MANIFEST)), "the slide this run read is gone"
                                    + (" (a params copy, expired with the work bucket's retention)" if expired else ""),
-                                   "rerun with --params again" if expired else "upload the slide again (`atlas upload`)"))
+                                   "rerun with --params again" if expired
+                                   else "upload the slide again (`atlas upload`)"))
     return manifest
 
 

@@ -1,4 +1,4 @@
-"""Status Lambda: Step Functions execution status changes -> run and slide status, and a notification when a run ends."""
+"""Status Lambda: Step Functions status changes -> run and slide status; a notification when a run ends."""
 import os
 
 from atlas.aws import catalog
