@@ -232,6 +232,8 @@ def documented_requests(view: TemplateView) -> dict[Request, tuple[str, str]]:
                     ctx = tuple((k, v.format(**filled)) for k, v in context)
                     out[Request(principal, action, resource.format(**filled), ctx)] = (who, doc)
             continue
+        if who == "budgets.amazonaws.com" and not values["budget"]:
+            continue  # no budget configured, nothing publishes as Budgets
         principal = principal_arn(roles[who]) if who in roles else who
         keys = [k for k in values if f"{{{k}}}" in resource or any(f"{{{k}}}" in v for _, v in context)]
         combos = [{}]
