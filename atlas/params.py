@@ -62,12 +62,18 @@ class PublishParams:
 
 
 @dataclass(frozen=True)
+class OverviewParams:
+    public: bool = True             # false: the overview is released to the results bucket only, not the public site
+
+
+@dataclass(frozen=True)
 class Params:
     stitch: StitchParams = field(default_factory=StitchParams)
     segment: SegmentParams = field(default_factory=SegmentParams)
     quantify: QuantifyParams = field(default_factory=QuantifyParams)
     render: RenderParams = field(default_factory=RenderParams)
     publish: PublishParams = field(default_factory=PublishParams)
+    overview: OverviewParams = field(default_factory=OverviewParams)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
