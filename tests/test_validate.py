@@ -15,7 +15,6 @@ from typer.testing import CliRunner
 
 from atlas.cli import app
 from atlas.errors import InvalidInput
-from atlas.params import parse_params
 from atlas.slide.convention import parse_markers, write_manifest
 from atlas.slide.validate import validate_slide
 
@@ -120,12 +119,3 @@ def test_markers_optional_columns():
                             "1,1,DNA_1,100,,\n2,1,CD45,200,DNA_1,TRUE\n")
     assert [m.remove for m in markers] == [False, True]
     assert markers[1].background == "DNA_1" and markers[1].exposure == 200.0
-
-
-def test_params_parse_and_reject():
-    params = parse_params("stitch:\n  maximum_shift_um: 15\nsegment:\n  channel: DNA_1\n")
-    assert params.stitch.maximum_shift_um == 15.0 and params.segment.channel == "DNA_1"
-    with pytest.raises(InvalidInput, match="wrong type"):
-        parse_params("stitch:\n  flip_x: 'yes'\n")
-    with pytest.raises(InvalidInput, match="unknown section 'stich'"):
-        parse_params("stich: {}\n")
