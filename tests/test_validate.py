@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from atlas.cli import app
 from atlas.errors import InvalidInput
-from atlas.slide.convention import parse_markers, write_manifest
+from atlas.slide.convention import parse_markers, run_id_for, write_manifest
 from atlas.slide.validate import validate_slide
 
 
@@ -119,3 +119,30 @@ def test_markers_optional_columns():
                             "1,1,DNA_1,100,,\n2,1,CD45,200,DNA_1,TRUE\n")
     assert [m.remove for m in markers] == [False, True]
     assert markers[1].background == "DNA_1" and markers[1].exposure == 200.0
+
+
+def test_manifest_verb_writes_what_upload_would_and_refuses_an_invalid_slide(slide_copy, monkeypatch):
+    """`atlas manifest SLIDE` after the last file: the same bytes `atlas upload` sends (same run id)."""
+    expected = (slide_copy / "manifest.json").read_bytes()   # the sample's, written by write_manifest
+    (slide_copy / "manifest.json").unlink()
+    result = CliRunner().invoke(app, ["manifest", str(slide_copy)])
+    assert result.exit_code == 0, result.output
+    assert (slide_copy / "manifest.json").read_bytes() == expected
+    assert run_id_for(slide_copy.name, expected) in result.output
+    assert validate_slide(slide_copy) == []
+
+    (slide_copy / "params.yml").write_text("stitch:\n  align_chanel: 1\n")   # added after: listed by a rerun
+    monkeypatch.chdir(slide_copy)
+    result = CliRunner().invoke(app, ["manifest", "."])
+    assert result.exit_code == 1 and isinstance(result.exception, InvalidInput)
+    assert [str(p) for p in result.exception.problems] == [
+        "params.yml: unknown key stitch.align_chanel -- fix: did you mean 'align_channel'? use one of "
+        "align_channel, maximum_shift_um, filter_sigma, flip_x, flip_y, illumination, skip_failed_cycles, tile_size"]
+    assert (slide_copy / "manifest.json").read_bytes() == expected, "a refused slide keeps its manifest"
+
+    (slide_copy / "params.yml").write_text("stitch:\n  align_channel: 1\n")
+    result = CliRunner().invoke(app, ["manifest", "."])
+    assert result.exit_code == 0, result.output
+    listed = {f["path"]: f for f in json.loads((slide_copy / "manifest.json").read_text())["files"]}
+    assert listed["params.yml"]["size"] == (slide_copy / "params.yml").stat().st_size
+    assert validate_slide(slide_copy) == [] and not list(slide_copy.glob(".*partial"))

@@ -28,8 +28,6 @@ RAW = "raw"
 RAW_SUFFIXES = (".ome.tif", ".ome.tiff")
 SLIDE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 MARKER_COLUMNS = ("channel_number", "cycle_number", "marker_name")
-OPTIONAL_MARKER_COLUMNS = ("exposure", "background", "remove", "Filter",
-                           "excitation_wavelength", "emission_wavelength")
 
 
 @dataclass(frozen=True)
@@ -171,18 +169,30 @@ def slide_files(slide_dir: Path) -> list[str]:
                   if p.is_file() and p.relative_to(slide_dir).as_posix() != MANIFEST)
 
 
-def build_manifest(slide_dir: Path) -> dict:
-    """The manifest document of a slide folder as it is now (does not write it)."""
+def slide_manifest(slide_dir: Path, slide_id: str | None = None) -> dict:
+    """The manifest document of a slide folder as it is now (does not write it).
+
+    ``slide_id`` defaults to the folder's name (``atlas upload s3://BUCKET/SLIDE_ID`` may rename it).
+    """
     slide_dir = Path(slide_dir)
-    return {"slide_id": slide_dir.name,
+    return {"slide_id": slide_id or slide_dir.name,
             "files": [{"path": rel, "size": (slide_dir / rel).stat().st_size, "sha256": sha256_file(slide_dir / rel)}
                       for rel in slide_files(slide_dir)]}
 
 
+def manifest_bytes(doc: dict) -> bytes:
+    """manifest.json's bytes for a manifest document; the run id hashes exactly these."""
+    return (json.dumps(doc, indent=1) + "\n").encode()
+
+
 def write_manifest(slide_dir: Path) -> Path:
-    """Write ``manifest.json`` for a slide folder; call it after every other file is in place."""
+    """Write ``manifest.json`` for a slide folder; call it after every other file is in place.
+
+    Unchecked: for slides this package makes. ``atlas manifest`` checks the slide first
+    (:func:`atlas.slide.validate.write_checked_manifest`).
+    """
     path = Path(slide_dir) / MANIFEST
-    path.write_text(json.dumps(build_manifest(slide_dir), indent=1) + "\n")
+    path.write_bytes(manifest_bytes(slide_manifest(slide_dir)))
     return path
 
 

@@ -6,6 +6,8 @@ from a local folder and adds what only a local copy can show (sha256, truncated 
 """
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import tifffile
@@ -20,11 +22,13 @@ from atlas.slide.convention import (
     RAW_SUFFIXES,
     channels_per_cycle,
     check_slide_id,
+    manifest_bytes,
     parse_manifest,
     parse_markers,
     raw_files,
     sha256_file,
     slide_files,
+    slide_manifest,
 )
 from atlas.slide.ome import CycleMetadata, read_cycle_metadata
 
@@ -152,7 +156,7 @@ def validate_slide(slide_dir: Path) -> list[Problem]:
         except Exception as exc:  # noqa: BLE001 - any reader failure means the file is unusable
             cycles[name] = exc
     manifest_text = _read_text(slide_dir / MANIFEST)
-    problems = check_contents(slide_id=slide_dir.name, files=files, manifest_text=manifest_text,
+    problems = check_contents(slide_id=slide_dir.resolve().name, files=files, manifest_text=manifest_text,
                               markers_text=_read_text(slide_dir / MARKERS),
                               params_text=_read_text(slide_dir / PARAMS), cycles=cycles) + problems
     if manifest_text is not None:
@@ -165,3 +169,41 @@ def validate_slide(slide_dir: Path) -> list[Problem]:
                 problems.append(Problem(entry.path, "sha256 differs from manifest.json (file changed or corrupted)",
                                         REUPLOAD))
     return problems
+
+
+def validate_with_manifest(slide_dir: Path, slide_id: str, manifest: bytes) -> list[Problem]:
+    """Every problem of the slide as it will be with ``manifest`` as its manifest.json.
+
+    Runs :func:`validate_slide` on a view of the folder named ``slide_id`` whose files are links to
+    the originals, so the folder itself is never modified.
+    """
+    with tempfile.TemporaryDirectory(prefix="atlas-manifest-") as tmp:
+        view = Path(tmp) / slide_id
+        view.mkdir()
+        for entry in parse_manifest(manifest.decode()):
+            (view / entry.path).parent.mkdir(parents=True, exist_ok=True)
+            os.symlink((Path(slide_dir) / entry.path).resolve(), view / entry.path)
+        (view / MANIFEST).write_bytes(manifest)
+        return validate_slide(view)
+
+
+def write_checked_manifest(slide_dir: Path) -> Path:
+    """Write ``manifest.json`` for a slide folder after its last file, as ``atlas upload`` does.
+
+    Raises
+    ------
+    InvalidInput
+        With every problem of the slide (then nothing is written, an earlier manifest.json stays).
+    """
+    slide_dir = Path(slide_dir)
+    if not slide_dir.is_dir():
+        raise InvalidInput(Problem(str(slide_dir), "is not a folder", "give the path of the slide folder"))
+    slide_id = slide_dir.resolve().name   # also for `atlas manifest .`
+    data = manifest_bytes(slide_manifest(slide_dir, slide_id))
+    if problems := validate_with_manifest(slide_dir, slide_id, data):
+        raise InvalidInput(problems)
+    path = slide_dir / MANIFEST
+    partial = path.with_name(f".{MANIFEST}.partial")
+    partial.write_bytes(data)
+    partial.replace(path)   # whole or not at all: the manifest is the slide's completeness signal
+    return path
