@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -146,3 +147,46 @@ def test_manifest_verb_writes_what_upload_would_and_refuses_an_invalid_slide(sli
     listed = {f["path"]: f for f in json.loads((slide_copy / "manifest.json").read_text())["files"]}
     assert listed["params.yml"]["size"] == (slide_copy / "params.yml").stat().st_size
     assert validate_slide(slide_copy) == [] and not list(slide_copy.glob(".*partial"))
+
+
+def test_cycle_checks_are_the_stitch_stages_own(sample_slide):
+    """The checks upload, the catalog and the stitch stage share (pure): each mistake once, by file.
+
+    The metadata stand for what a microscope export gets wrong: another camera binning in one
+    cycle, another objective, no calibration, an alignment channel the cycles do not have.
+    """
+    from atlas.slide.validate import check_contents, check_cycles, read_cycles
+
+    names = ["raw/cycle-01.ome.tif", "raw/cycle-02.ome.tif"]
+    good = read_cycles(sample_slide, names)
+    markers = parse_markers((sample_slide / "markers.csv").read_text())
+    assert check_cycles(markers, good, align_channel=0) == []
+    first, second = (good[n] for n in names)
+    binned = replace(second, tile_shape=(first.tile_shape[0] // 2, first.tile_shape[1] // 2),
+                     pixel_size_um=None)
+    problems = check_cycles(markers, {names[0]: first, names[1]: binned}, align_channel=first.n_channels)
+    expected = [
+        (names[0], f"alignment channel {first.n_channels} does not exist"),
+        (names[1], "has no physical pixel size"),
+        (names[1], f"alignment channel {first.n_channels} does not exist"),
+        (names[1], f"tiles are {binned.tile_shape} {binned.dtype}, but the first cycle's"),
+    ]
+    assert len(problems) == len(expected)
+    for problem, (file, start) in zip(problems, expected, strict=True):
+        assert problem.file == file and problem.message.startswith(start), problem
+    other_objective = replace(second, pixel_size_um=second.pixel_size_um * 2)
+    (problem,) = check_cycles(markers, {names[0]: first, names[1]: other_objective})
+    assert problem.file == names[1] and "differs from the first cycle's" in problem.message
+    (problem,) = check_cycles(markers, {names[0]: first})
+    assert problem.file == "markers.csv" and "lists 2 cycle(s) but raw/ holds 1 cycle file(s)" in problem.message
+
+    texts = {"markers_text": (sample_slide / "markers.csv").read_text(), "manifest_text": None}
+    problems = check_contents(slide_id="S1", files={}, params_text="stitch:\n  align_channel: 9\n",
+                              cycles=good, **texts)
+    assert [(p.file, p.message) for p in problems if "alignment" in p.message] == [
+        (name, f"alignment channel 9 does not exist (the cycle has {first.n_channels} channels)") for name in names]
+
+
+def test_cycle_numbers_may_not_skip_a_cycle():
+    with pytest.raises(InvalidInput, match=r"cycle_number must run 1, 2, 3, ... without gaps"):
+        parse_markers("channel_number,cycle_number,marker_name\n1,1,DNA_1\n2,3,DNA_3\n")

@@ -105,6 +105,13 @@ class TileSet:
             size=np.array(tile_shape, dtype=int), num_channels=int(n_channels),
             pixel_size=float(pixel_size_um), pixel_dtype=np.dtype(dtype))
 
+    @classmethod
+    def from_array(cls, tiles: np.ndarray, positions_um: np.ndarray, pixel_size_um: float,
+                   **flips: bool) -> TileSet:
+        """Tiles held in memory: ``tiles`` is (N, C, Y, X)."""
+        return cls(lambda t, c: tiles[t, c], positions_um, tiles.shape[2:], tiles.shape[1], tiles.dtype,
+                   pixel_size_um, **flips)
+
     def read(self, series: int, c: int) -> np.ndarray:
         return np.asarray(self._read_tile(series, c))
 

@@ -26,6 +26,7 @@ MARKERS = "markers.csv"
 MANIFEST = "manifest.json"
 RAW = "raw"
 RAW_SUFFIXES = (".ome.tif", ".ome.tiff")
+RAW_DTYPES = ("uint8", "uint16")             # pixel types of raw tiles: what ASHLAR's reader stitches
 SLIDE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 MARKER_COLUMNS = ("channel_number", "cycle_number", "marker_name")
 
@@ -114,9 +115,9 @@ def parse_markers(text: str, file: str = MARKERS) -> list[Marker]:
         problems.append(Problem(file, f"channel_number must run 1..{len(numbers)} in order, got {numbers}",
                                 "number the channels 1, 2, 3, ... in image order"))
     cycles = [m.cycle_number for m in markers]
-    if cycles != sorted(cycles) or (cycles and cycles[0] != 1):
-        problems.append(Problem(file, f"cycle_number must start at 1 and never decrease, got {cycles}",
-                                "list channels cycle by cycle, first cycle = 1"))
+    if cycles != sorted(cycles) or sorted(set(cycles)) != list(range(1, len(set(cycles)) + 1)):
+        problems.append(Problem(file, f"cycle_number must run 1, 2, 3, ... without gaps and never decrease, "
+                                f"got {cycles}", "list channels cycle by cycle, first cycle = 1"))
     if problems:
         raise InvalidInput(problems)
     return markers
