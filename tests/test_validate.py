@@ -190,3 +190,24 @@ def test_cycle_checks_are_the_stitch_stages_own(sample_slide):
 def test_cycle_numbers_may_not_skip_a_cycle():
     with pytest.raises(InvalidInput, match=r"cycle_number must run 1, 2, 3, ... without gaps"):
         parse_markers("channel_number,cycle_number,marker_name\n1,1,DNA_1\n2,3,DNA_3\n")
+
+
+def test_marker_names_read_as_mcquant_reads_them():
+    """`atlas quantify` takes markers files made for MCQuant: looser than a slide's markers.csv."""
+    from atlas.slide.convention import parse_marker_names
+
+    assert parse_marker_names("\ufeffmarker_name,remove\nDNA,\nCD3,TRUE\nDNA,\n\n") == (
+        ["DNA", "CD3", "DNA"], [False, True, False])
+    assert parse_marker_names("DNA\nCK5\nDNA\n") == (["DNA", "CK5", "DNA"], [False, False, False])
+    slide_markers = "channel_number,cycle_number,marker_name\n1,1,DNA_1\n2,1,CD45\n"
+    assert parse_marker_names(slide_markers) == (["DNA_1", "CD45"], [False, False])
+    for text, message in [("name,other\nA,B\n", "has no marker_name column (header ['name', 'other'])"),
+                          ("marker_name\nA\n\n,x\n", "empty marker_name on line(s) [3]"),
+                          ("A\n\n  \nB\n ", None), ("", "lists no markers")]:
+        if message is None:
+            assert parse_marker_names(text, "m.csv") == (["A", "B"], [False, False])
+            continue
+        with pytest.raises(InvalidInput) as info:
+            parse_marker_names(text, "m.csv")
+        (problem,) = info.value.problems
+        assert problem.file == "m.csv" and problem.message == message and "marker_name column" in problem.fix
