@@ -72,11 +72,16 @@ class RenderParams(_Section):
     tile_size: Int = Field(1024, gt=0)           # Minerva's deep-zoom tile size
 
 
+class OverviewParams(_Section):
+    public: bool = True                          # false: released to the results bucket only, not the public site
+
+
 class Params(_Section):
     stitch: StitchParams = StitchParams()
     segment: SegmentParams = SegmentParams()
     quantify: QuantifyParams = QuantifyParams()
     render: RenderParams = RenderParams()
+    overview: OverviewParams = OverviewParams()
 
     @model_validator(mode="before")
     @classmethod

@@ -31,6 +31,7 @@ def test_defaults_are_the_documented_ones_and_recorded_whole():
         "segment": {"engine": "auto", "channel": 0, "expand_um": 2.0, "tile_size": 2048, "overlap": 128},
         "quantify": {"masks": ("cell", "nuclei")},
         "render": {"channels_per_group": 4, "tile_size": 1024},
+        "overview": {"public": True},
     }
 
 
@@ -64,7 +65,8 @@ def test_every_bad_field_is_one_problem_naming_field_value_and_fix():
         "maximum_shift_um, filter_sigma, flip_x, flip_y, illumination, skip_failed_cycles, tile_size",
         "stitch.tile_size = 1.5: input should be a valid integer -- fix: use a value like 1024, "
         "or leave stitch.tile_size out for its default",
-        "unknown section 'stich' -- fix: did you mean 'stitch'? use one of stitch, segment, quantify, render",
+        "unknown section 'stich' -- fix: did you mean 'stitch'? use one of stitch, segment, quantify, render, "
+        "overview",
         "segment.channel = True: input should be a valid integer or input should be a valid string "
         "-- fix: use a value like 0, or leave segment.channel out for its default",
         "segment.overlap = -1: input should be greater than or equal to 0 -- fix: use a value like 128, "
