@@ -14,5 +14,5 @@ def test_overviews_are_public_unless_the_slide_says_otherwise():
 
 
 def test_public_must_be_true_or_false():
-    with pytest.raises(InvalidInput, match=r"overview.public = 'no' has the wrong type"):
+    with pytest.raises(InvalidInput, match=r"overview.public = 'no': input should be a valid boolean"):
         parse_params("overview:\n  public: 'no'\n")
