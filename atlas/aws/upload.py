@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,8 +21,8 @@ from botocore.exceptions import BotoCoreError, ClientError
 from atlas.aws.catalog import SHA256_METADATA
 from atlas.aws.s3 import S3Uri, is_missing, s3_client
 from atlas.errors import InvalidInput, Problem
-from atlas.slide.convention import MANIFEST, build_manifest, check_slide_id, run_id_for
-from atlas.slide.validate import validate_slide
+from atlas.slide.convention import MANIFEST, check_slide_id, manifest_bytes, run_id_for, slide_manifest
+from atlas.slide.validate import validate_with_manifest
 
 T = TypeVar("T")
 MiB = 1 << 20
@@ -82,28 +79,6 @@ def destination(slide_dir: Path, uri: str) -> tuple[S3Uri, str]:
     if problems := check_slide_id(slide_id):
         raise InvalidInput(problems)
     return S3Uri(target.bucket), slide_id
-
-
-def manifest_bytes(slide_dir: Path, slide_id: str) -> tuple[bytes, dict]:
-    """The manifest of the folder's current files, as uploaded (same layout as ``write_manifest``)."""
-    doc = build_manifest(slide_dir) | {"slide_id": slide_id}
-    return (json.dumps(doc, indent=1) + "\n").encode(), doc
-
-
-def check_before_upload(slide_dir: Path, slide_id: str, data: bytes) -> list[Problem]:
-    """Every problem of the slide as it will be uploaded (its files plus the regenerated manifest).
-
-    Runs :func:`atlas.slide.validate.validate_slide` on a view of the folder named ``slide_id`` whose
-    files are links to the originals, so the folder itself is never modified.
-    """
-    with tempfile.TemporaryDirectory(prefix="atlas-upload-") as tmp:
-        view = Path(tmp) / slide_id
-        view.mkdir()
-        for rel in (e["path"] for e in json.loads(data)["files"]):
-            (view / rel).parent.mkdir(parents=True, exist_ok=True)
-            os.symlink((Path(slide_dir) / rel).resolve(), view / rel)
-        (view / MANIFEST).write_bytes(data)
-        return validate_slide(view)
 
 
 def _remote_sha256(s3, bucket: str, key: str) -> str | None:
@@ -164,8 +139,9 @@ def upload_slide(slide_dir: Path, uri: str, *, s3=None, progress=None, attempts:
     if not slide_dir.is_dir():
         raise InvalidInput(Problem(str(slide_dir), "is not a folder", "give the path of the slide folder"))
     root, slide_id = destination(slide_dir, uri)
-    data, doc = manifest_bytes(slide_dir, slide_id)
-    if problems := check_before_upload(slide_dir, slide_id, data):
+    doc = slide_manifest(slide_dir, slide_id)
+    data = manifest_bytes(doc)
+    if problems := validate_with_manifest(slide_dir, slide_id, data):
         raise InvalidInput(problems)
     s3 = s3 or s3_client()
     prefix = root.join(slide_id).prefix()

@@ -294,12 +294,15 @@ def prepare(s3, place: JobPlace, job: Job, root: Path, settings: Mapping[str, st
     return ctx.for_job(job, scratch=scratch, records=upstream)
 
 
-def publish(s3, place: JobPlace, out_dir: Path, settings: Mapping[str, str]) -> None:
-    """Release the run (publishing stage only), before its completion record is written."""
+def publish(s3, place: JobPlace, ctx: StageContext, settings: Mapping[str, str]) -> None:
+    """Release the run (publishing stage only), before its completion record is written.
+
+    The overview goes to the public site too unless the slide's params.yml says ``overview.public: false``.
+    """
+    site = (settings.get(OVERVIEW_BUCKET_ENV) or None) if ctx.params.overview.public else None
     try:
-        release_run(s3, out_dir, work=place.work, slide_id=place.slide.name, run_id=place.run_id,
-                    results_bucket=settings[RESULTS_BUCKET_ENV],
-                    overview_bucket=settings.get(OVERVIEW_BUCKET_ENV) or None)
+        release_run(s3, ctx.out_dir, work=place.work, slide_id=place.slide.name, run_id=place.run_id,
+                    results_bucket=settings[RESULTS_BUCKET_ENV], overview_bucket=site)
     except ReleaseError as exc:
         raise CorruptWork(str(exc)) from exc
 
@@ -363,7 +366,7 @@ def run_stage_job(stage_name: str, *, slide_uri: str, work_uri: str, run_id: str
         record = records.new_record(job, run_id=run_id, started=started, finished=finished, outputs=outputs,
                                     instance_type=instance_type())
         if job.stage.publishes:
-            publish(s3, place, ctx.out_dir, settings)
+            publish(s3, place, ctx, settings)
         record_uri = place.work.join(job.record)
         s3.put_object(Bucket=record_uri.bucket, Key=record_uri.key, Body=records.dumps(record),
                       ContentType="application/json")
