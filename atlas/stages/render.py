@@ -1,50 +1,51 @@
 """Stage ``render``: the slide's Minerva-style web overview, ``overview/`` in the results layout.
 
-Reads ``registration/<slide>.ome.tif`` (pyramid levels), the cell mask
-``segmentation/<engine>-<slide>/cell.ome.tif`` for the outline layer (left out when there is no
-segmentation), the cell table for the cell count, ``qc/<stage>/summary.json`` for the QC panel
+Reads the pyramid levels of ``registration/<slide>.ome.zarr`` chunk by chunk, its cell labels
+(``labels/cell``) for the outline layer (left out when there is no segmentation), the quantify
+stage's ``qc/quantify/summary.json`` for the cell count, ``qc/<stage>/summary.json`` for the QC panel
 and ``markers.csv``; the rendering itself is :func:`atlas.science.overview.render_overview`.
 """
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
-from pathlib import Path
+from pathlib import PurePosixPath
+
+import zarr
 
 from atlas import layout
 from atlas.errors import InvalidInput, Problem
 from atlas.science.overview import PanelInfo, render_overview
-from atlas.science.overview.source import TiffPyramid
-from atlas.slide.convention import MARKERS, read_markers
+from atlas.science.overview.source import ZarrPyramid
+from atlas.slide.convention import MARKERS, parse_markers
 from atlas.stages import CompletionRecord, StageContext
+from atlas.storage import MissingObject, Store
 
 # The folders whose files the panel links to (by data level), and how deep to list them.
 DATA_FOLDERS = (layout.REGISTRATION, layout.SEGMENTATION, layout.QUANTIFICATION)
 MAX_QC_ITEMS = 40
 
 
-def find_cell_mask(out_dir: Path, slide_id: str) -> Path | None:
+def find_cell_mask(work: Store, slide_id: str) -> str | None:
     """``segmentation/<engine>-<slide>/cell.ome.tif`` of the first engine (by name) that made one."""
-    found = sorted((out_dir / layout.SEGMENTATION).glob(f"*-{slide_id}/cell.ome.tif"))
+    found = sorted(rel for rel in work.list(layout.SEGMENTATION)
+                   if PurePosixPath(rel).name == "cell.ome.tif"
+                   and PurePosixPath(rel).parent.name.endswith(f"-{slide_id}"))
     return found[0] if found else None
 
 
-def count_cells(out_dir: Path, slide_id: str, mask: Path | None) -> int | None:
-    """Rows of the cell feature table (MCQuant CSV, one row per cell), or None without one."""
-    tables = []
-    if mask is not None:
-        engine = mask.parent.name.removesuffix(f"-{slide_id}")
-        tables.append(out_dir / layout.table_path(slide_id, engine, "cell"))
-    tables += sorted((out_dir / layout.QUANTIFICATION).glob(f"{slide_id}--*_cell.csv"))
-    table = next((t for t in tables if t.is_file()), None)
-    if table is None:
+def count_cells(work: Store, slide_id: str, mask: str | None) -> int | None:
+    """Cells of the cell feature table, from the quantify stage's QC summary, or None without one."""
+    try:
+        tables = json.loads(work.read_text(f"{layout.QC}/quantify/{layout.QC_SUMMARY}")).get("tables", {})
+    except (MissingObject, ValueError):
         return None
-    with open(table, "rb") as f:
-        lines = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
-        f.seek(-1, os.SEEK_END)
-        unterminated = f.read(1) != b"\n"
-    return lines + unterminated - 1  # minus the header
+    names = []
+    if mask is not None:
+        engine = PurePosixPath(mask).parent.name.removesuffix(f"-{slide_id}")
+        names.append(PurePosixPath(layout.table_path(slide_id, engine, "cell")).name)
+    names += sorted(n for n in tables if n.startswith(f"{slide_id}--") and n.endswith("_cell.csv"))
+    return next((int(tables[n]["cells"]) for n in names if n in tables), None)
 
 
 def condense(doc, prefix: str = "", out: dict | None = None, limit: int = MAX_QC_ITEMS) -> dict:
@@ -70,29 +71,30 @@ def condense(doc, prefix: str = "", out: dict | None = None, limit: int = MAX_QC
     return out
 
 
-def qc_panel(out_dir: Path) -> dict:
+def qc_panel(work: Store) -> dict:
     """``{stage: {"summary": condensed summary.json, "files": [its qc files]}}`` for every qc/<stage>/."""
     panel = {}
-    for summary in sorted((out_dir / layout.QC).glob(f"*/{layout.QC_SUMMARY}")):
+    listed = work.list(layout.QC)
+    for summary in sorted(rel for rel in listed if rel.count("/") == 2 and rel.endswith("/" + layout.QC_SUMMARY)):
+        folder = summary.rsplit("/", 1)[0]
         try:
-            doc = json.loads(summary.read_text())
+            doc = json.loads(work.read_text(summary))
         except ValueError:
             doc = {layout.QC_SUMMARY: "unreadable"}
-        files = sorted(p.relative_to(out_dir).as_posix() for p in summary.parent.iterdir() if p.is_file())
-        panel[summary.parent.name] = {"summary": condense(doc), "files": files}
+        files = sorted(rel for rel in listed if rel.rsplit("/", 1)[0] == folder)
+        panel[folder.split("/")[1]] = {"summary": condense(doc), "files": files}
     return panel
 
 
-def data_files(out_dir: Path, records: Mapping[str, CompletionRecord], results_uri: str | None) -> list[dict]:
+def data_files(work: Store, records: Mapping[str, CompletionRecord], results_uri: str | None) -> list[dict]:
     """Result files by data level for the panel; an ``.ome.zarr`` folder counts as one entry.
 
-    Sizes come from the run's completion records ``records`` (they list every output; a job need
-    not hold the files it does not read), else, for a results folder made otherwise, from the files
-    on disk. ``uri`` is the file's published location below ``results_uri``, or None (not published).
+    Sizes come from the run's completion records ``records`` (they list every output, read or
+    not), else, for a results folder made otherwise, from the store's listing. ``uri`` is the
+    file's published location below ``results_uri``, or None (not published).
     """
     sizes = {out["path"]: out["size"] for _, record in sorted(records.items()) for out in record.doc["outputs"]}
-    sizes = sizes or {p.relative_to(out_dir).as_posix(): p.stat().st_size
-                      for folder in DATA_FOLDERS for p in (out_dir / folder).rglob("*") if p.is_file()}
+    sizes = sizes or {rel: size for folder in DATA_FOLDERS for rel, size in work.list(folder).items()}
     entries: dict[str, int] = {}
     for rel, size in sizes.items():
         parts = rel.split("/")
@@ -107,20 +109,25 @@ def data_files(out_dir: Path, records: Mapping[str, CompletionRecord], results_u
 
 def run(ctx: StageContext) -> None:
     """Render ``overview/`` from the registered image and whatever later stages produced."""
-    out_dir = Path(ctx.out_dir)
-    image = out_dir / layout.registration_tiff(ctx.slide_id)
-    if not image.is_file():
-        raise InvalidInput(Problem(layout.registration_tiff(ctx.slide_id), "not found; the render stage needs "
-                                   "the registered image", "run the stitch stage first"))
-    names = [m.marker_name for m in read_markers(Path(ctx.slide_dir) / MARKERS)]
-    params = ctx.params.render
-    with TiffPyramid(image, params.tile_size) as pyramid:
-        # A cycle left out by stitch.skip_failed_cycles is missing from the image, which names its channels.
-        if pyramid.channel_names and len(pyramid.channel_names) != len(names):
-            names = pyramid.channel_names
-    mask = find_cell_mask(out_dir, ctx.slide_id)
-    panel = PanelInfo(run_id=ctx.run_id, cell_count=count_cells(out_dir, ctx.slide_id, mask),
-                      qc=qc_panel(out_dir), data=data_files(out_dir, ctx.records, ctx.results_uri))
-    render_overview(image, out_dir / layout.OVERVIEW, slide_id=ctx.slide_id, markers=names, mask_path=mask,
-                    panel=panel, channels_per_group=params.channels_per_group, tile_size=params.tile_size,
-                    viewer_dir=ctx.viewer_dir)
+    zarr_rel = layout.registration_zarr(ctx.slide_id)
+    try:
+        group = zarr.open_group(ctx.work.zarr(zarr_rel, read_only=True), mode="r", zarr_format=2)
+        image = ZarrPyramid(group, ctx.params.render.tile_size, name=zarr_rel)
+    except (FileNotFoundError, KeyError) as exc:
+        raise InvalidInput(Problem(zarr_rel, "not found; the render stage needs the registered image",
+                                   "run the stitch stage first")) from exc
+    names = [m.marker_name for m in parse_markers(ctx.slide.read_text(MARKERS))]
+    # A cycle left out by stitch.skip_failed_cycles is missing from the image, which names its channels.
+    if image.channel_names and len(image.channel_names) != len(names):
+        names = image.channel_names
+    mask = find_cell_mask(ctx.work, ctx.slide_id)
+    labels = None
+    if mask is not None and "labels" in group and "cell" in group["labels"]:
+        labels = ZarrPyramid(group["labels"]["cell"], ctx.params.render.tile_size, labels=True,
+                             name=f"{zarr_rel}/labels/cell")
+    panel = PanelInfo(run_id=ctx.run_id, cell_count=count_cells(ctx.work, ctx.slide_id, mask),
+                      qc=qc_panel(ctx.work), data=data_files(ctx.work, ctx.records, ctx.results_uri))
+    with ctx.work.local_folder(layout.OVERVIEW, scratch=ctx.scratch) as site:
+        render_overview(image, site, slide_id=ctx.slide_id, markers=names, mask_path=labels, panel=panel,
+                        channels_per_group=ctx.params.render.channels_per_group, tile_size=ctx.params.render.tile_size,
+                        viewer_dir=ctx.viewer_dir, workers=ctx.vcpus)

@@ -15,7 +15,7 @@ from atlas.errors import InvalidInput, Problem
 from atlas.science.overview import exhibit as ex
 from atlas.science.overview.contrast import auto_contrast, sample_pixels
 from atlas.science.overview.site import copy_viewer, find_viewer, viewer_version, write_site
-from atlas.science.overview.source import TiffPyramid
+from atlas.science.overview.source import TiffPyramid, ZarrPyramid
 from atlas.science.overview.tiles import (
     composite,
     encode_jpeg,
@@ -67,23 +67,24 @@ def _read_with_margin(labels: TiffPyramid, level: int, y0: int, y1: int, x0: int
     return np.pad(region, pad, mode="edge")
 
 
-def render_overview(image_path: str | os.PathLike, out_dir: str | os.PathLike, *, slide_id: str,
-                    markers: Sequence[str], mask_path: str | os.PathLike | None = None,
+def render_overview(image_path: str | os.PathLike | ZarrPyramid, out_dir: str | os.PathLike, *, slide_id: str,
+                    markers: Sequence[str], mask_path: str | os.PathLike | ZarrPyramid | None = None,
                     panel: PanelInfo | None = None, channels_per_group: int = 4, tile_size: int = 1024,
-                    viewer_dir: str | os.PathLike | None = None,
+                    viewer_dir: str | os.PathLike | None = None, workers: int | None = None,
                     progress: Callable[[int, int], None] | None = None) -> dict:
     """Render the Minerva-style overview site of one registered image.
 
     Parameters
     ----------
-    image_path : path
-        Registered image, (C, Y, X) pyramidal OME-TIFF (levels not in the file are computed).
+    image_path : path or ZarrPyramid
+        Registered image, (C, Y, X) pyramidal OME-TIFF (levels not in the file are computed), or
+        an OME-Zarr's pyramid (e.g. over S3, read chunk by chunk).
     out_dir : path
         The site folder; replaced as a whole when rendering has succeeded.
     slide_id : str
     markers : sequence of str
         Marker name of each channel, in image channel order (markers.csv).
-    mask_path : path, optional
+    mask_path : path or ZarrPyramid, optional
         Cell label image of the same Y, X for the outline layer; None renders without it.
     panel : PanelInfo, optional
     channels_per_group : int
@@ -91,6 +92,8 @@ def render_overview(image_path: str | os.PathLike, out_dir: str | os.PathLike, *
         Deep-zoom tile edge in pixels (Minerva uses 1024).
     viewer_dir : path, optional
         OpenSeadragon's build folder (default: env ATLAS_VIEWER_DIR, then the repo's npm install).
+    workers : int, optional
+        Threads rendering tiles (the job's vCPUs); default the host's CPU count.
     progress : callable, optional
         ``progress(done, total)`` in tiles.
 
@@ -112,7 +115,7 @@ def render_overview(image_path: str | os.PathLike, out_dir: str | os.PathLike, *
     try:
         summary = _render(image_path, work, slide_id=slide_id, markers=markers, mask_path=mask_path, panel=panel,
                           channels_per_group=channels_per_group, tile_size=tile_size, viewer=viewer,
-                          progress=progress)
+                          workers=workers, progress=progress)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -122,12 +125,18 @@ def render_overview(image_path: str | os.PathLike, out_dir: str | os.PathLike, *
     return summary
 
 
-def _render(image_path: str | os.PathLike, work: Path, *, slide_id: str, markers: Sequence[str],
-            mask_path: str | os.PathLike | None, panel: PanelInfo, channels_per_group: int, tile_size: int,
-            viewer: Path, progress: Callable[[int, int], None] | None) -> dict:
-    with TiffPyramid(image_path, tile_size) as image:
+def _pyramid(source, tile_size: int, *, labels: bool = False):
+    """A path opened as a TiffPyramid; a pyramid object as it is."""
+    return TiffPyramid(source, tile_size, labels=labels) if isinstance(source, (str, os.PathLike)) else source
+
+
+def _render(image_path, work: Path, *, slide_id: str, markers: Sequence[str], mask_path, panel: PanelInfo,
+            channels_per_group: int, tile_size: int, viewer: Path, workers: int | None,
+            progress: Callable[[int, int], None] | None) -> dict:
+    with _pyramid(image_path, tile_size) as image:
         if len(markers) != image.shape[0]:
-            raise InvalidInput(Problem(MARKERS, f"lists {len(markers)} markers but {Path(image_path).name} "
+            name = Path(image_path).name if isinstance(image_path, (str, os.PathLike)) else image.name
+            raise InvalidInput(Problem(MARKERS, f"lists {len(markers)} markers but {name} "
                                        f"has {image.shape[0]} channels",
                                        "list exactly one marker row per channel of the registered image"))
         coarsest = image.level(image.n_levels - 1)
@@ -135,10 +144,11 @@ def _render(image_path: str | os.PathLike, work: Path, *, slide_id: str, markers
         groups = ex.make_groups(list(markers), ranges, channels_per_group)
         labels = None
         if mask_path is not None:
-            labels = TiffPyramid(mask_path, tile_size, labels=True)
+            labels = _pyramid(mask_path, tile_size, labels=True)
             if labels.shape != (1, *image.shape[1:]):
                 labels.close()
-                raise InvalidInput(Problem(str(mask_path), f"mask shape {labels.shape} does not match the image "
+                raise InvalidInput(Problem(str(getattr(labels, "name", mask_path)), f"mask shape {labels.shape} "
+                                           "does not match the image "
                                            f"(1, {image.shape[1]}, {image.shape[2]})",
                                            "give the cell mask segmented from this registered image"))
         per_layer = sum(1 for _ in tile_grid(image.level_shapes, tile_size))
@@ -158,12 +168,14 @@ def _render(image_path: str | os.PathLike, work: Path, *, slide_id: str, markers
                 def render_group(level: int, y0: int, y1: int, x0: int, x1: int, group=group) -> bytes:
                     return encode_jpeg(composite(image.read(level, group.channels, y0, y1, x0, x1),
                                                  group.ranges, group.colors))
-                write_tiles(images / group.path, image.level_shapes, tile_size, "jpg", render_group, progress=tick)
+                write_tiles(images / group.path, image.level_shapes, tile_size, "jpg", render_group, progress=tick,
+                            workers=workers)
             if labels is not None:
                 def render_outline(level: int, y0: int, y1: int, x0: int, x1: int) -> bytes:
                     return encode_png(outline_rgba(outlines(_read_with_margin(labels, level, y0, y1, x0, x1)),
                                                    ex.OUTLINE_COLOR))
-                write_tiles(images / MASK_PATH, image.level_shapes, tile_size, "png", render_outline, progress=tick)
+                write_tiles(images / MASK_PATH, image.level_shapes, tile_size, "png", render_outline, progress=tick,
+                            workers=workers)
         finally:
             if labels is not None:
                 labels.close()
