@@ -21,10 +21,13 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urlsplit
 
 from botocore.exceptions import ClientError
+
+if TYPE_CHECKING:
+    from atlas.aws.s3zarr import S3Store
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -318,7 +321,7 @@ class S3RangeFile(io.RawIOBase):
 
 # --- zarr 3 store ---------------------------------------------------------------------------------
 def s3_store(client, prefix: S3Uri, *, sizes: Mapping[str, int] | None = None, read_only: bool = False,
-             explain: Callable[[Exception, S3Uri], Exception] | None = None) -> Any:
+             explain: Callable[[Exception, S3Uri], Exception] | None = None) -> S3Store:
     """A zarr 3 store over ``prefix`` (a ``*.zarr`` folder), every request through ``client``.
 
     ``zarr.open_group(store=s3_store(...), mode="r")`` reads only the chunks indexed (one GET each);
