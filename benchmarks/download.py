@@ -28,12 +28,16 @@ import hashlib
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TILES = ROOT.parent / "shared" / "data" / "stitching" / "basicpy_wsi_brain"
+sys.path.insert(0, str(ROOT))
+from tests.realdata import data_root  # noqa: E402  (../shared/data, or fetched)
+
+TILES = data_root() / "stitching" / "basicpy_wsi_brain"
 BUCKET, SLIDE, RUN = "bench-results", "brain", "brain-000000000000"
 PART, THREADS = 8 * 2**20, 8
 

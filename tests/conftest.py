@@ -8,16 +8,17 @@ import numpy as np
 import pytest
 import tifffile
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
-
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """``../shared/data`` (real, licensed test data; read in place, never copied into the repo)."""
-    if not SHARED_DATA.is_dir():
-        pytest.fail(f"real test data not found at {SHARED_DATA}; tests expect ../shared/data beside the repo")
-    return SHARED_DATA
+    """Real, licensed test data: ``../shared/data`` read in place, else fetched once (tests/realdata.py)."""
+    from realdata import data_root
+
+    try:
+        return data_root()
+    except Exception as exc:  # noqa: BLE001 - any fetch failure: say where the data should come from
+        pytest.fail(f"real test data: ../shared/data is not beside the repository and fetching it failed ({exc}); "
+                    "see tests/realdata.py")
 
 
 @pytest.fixture(scope="session")
