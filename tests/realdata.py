@@ -20,6 +20,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from atlas.slide.convention import sha256_file
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 PINS = Path(__file__).with_name("realdata.sha256")
@@ -77,14 +79,6 @@ def read_pins(path: Path = PINS) -> dict[str, str]:
     return pins
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def default_cache() -> Path:
     import pooch
 
@@ -130,7 +124,7 @@ def _fetch_from_archive(origin: Origin, files: dict[str, str], cache: Path) -> N
     """The files out of a pinned zip archive (a wheel), each checked against its own pin."""
     import pooch
 
-    missing = {rel: d for rel, d in files.items() if not (cache / rel).is_file() or sha256_of(cache / rel) != d}
+    missing = {rel: d for rel, d in files.items() if not (cache / rel).is_file() or sha256_file(cache / rel) != d}
     if not missing:
         return
     archive = pooch.retrieve(origin.url, known_hash=f"sha256:{origin.archive_sha256}",
