@@ -9,7 +9,7 @@ stage gets:
 - **small objects** whole: :meth:`Store.read_bytes` / :meth:`Store.write_bytes` (tables, JSON, PNG);
 - **byte ranges**: :meth:`Store.open` is a seekable read-only file object that fetches only the
   ranges read (tifffile parses OME-TIFF headers and reads tiles or strips through it);
-- **chunks**: :meth:`Store.zarr` is a zarr 3 store (:class:`ZarrStore`) for an OME-Zarr below a
+- **chunks**: :meth:`Store.zarr` is a zarr 3 store (:mod:`atlas.storage.zarrstore`) for an OME-Zarr below a
   path, so a reader fetches only the chunks it indexes and a writer puts chunk by chunk;
 - **files written with seeks** (the pyramidal OME-TIFF, HDF5): :meth:`Store.local_file` gives a
   local path and puts the finished file in place when the block ends without error; and
@@ -26,7 +26,6 @@ sha256 of every object it writes, which is what the job's completion record list
 """
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import io
 import os
@@ -34,7 +33,7 @@ import shutil
 import tempfile
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -215,7 +214,10 @@ class Store(ABC):
             shutil.rmtree(folder, ignore_errors=True)
 
     def zarr(self, rel: str = "", *, read_only: bool = False):
-        """A zarr 3 store (:func:`ZarrStore`) for the zarr hierarchy at ``rel`` (e.g. ``registration/S1.ome.zarr``)."""
+        """A zarr 3 store (:class:`atlas.storage.zarrstore.ZarrStore`) for the zarr hierarchy at ``rel``
+        (e.g. ``registration/S1.ome.zarr``)."""
+        from atlas.storage.zarrstore import ZarrStore
+
         return ZarrStore(self, rel, read_only=read_only)
 
 
@@ -451,119 +453,3 @@ class JobView(Store):
 
     def local_folder(self, rel: str, *, scratch: Path | None = None):
         return super().local_folder(rel, scratch=scratch or self._scratch)
-
-
-def _make_zarr_store_class():
-    """The zarr 3 store over a :class:`Store` (defined when first needed: zarr is a heavy import)."""
-    from zarr.abc.store import ByteRequest, OffsetByteRequest, RangeByteRequest, SuffixByteRequest
-    from zarr.abc.store import Store as ZarrBase
-    from zarr.core.buffer import Buffer, BufferPrototype
-
-    class _ZarrStore(ZarrBase):
-        """zarr 3 store for the hierarchy below ``prefix`` of an atlas :class:`Store`.
-
-        Chunk and metadata reads are whole-object reads (checked against their records in a
-        :class:`JobView`); writes put one chunk at a time. Blocking I/O runs in worker threads.
-        """
-
-        supports_writes = True
-        supports_deletes = True
-        supports_partial_writes = False
-        supports_listing = True
-
-        def __init__(self, store: Store, prefix: str = "", *, read_only: bool = False):
-            super().__init__(read_only=read_only)
-            self.store, self.prefix = store, prefix.strip("/")
-
-        def __eq__(self, other: object) -> bool:
-            return isinstance(other, _ZarrStore) and (other.store, other.prefix) == (self.store, self.prefix)
-
-        def __repr__(self) -> str:
-            return f"ZarrStore({self.store!r}, {self.prefix!r})"
-
-        def with_read_only(self, read_only: bool = False) -> _ZarrStore:
-            return _ZarrStore(self.store, self.prefix, read_only=read_only)
-
-        def _rel(self, key: str) -> str:
-            return join(self.prefix, key)
-
-        def _read(self, key: str, byte_range: ByteRequest | None) -> bytes | None:
-            rel = self._rel(key)
-            try:
-                if byte_range is None:
-                    return self.store._get(rel)
-                size = self.store.size(rel)
-                if size is None:
-                    return None
-                if isinstance(byte_range, RangeByteRequest):
-                    start, end = byte_range.start, byte_range.end
-                elif isinstance(byte_range, OffsetByteRequest):
-                    start, end = byte_range.offset, size
-                elif isinstance(byte_range, SuffixByteRequest):
-                    start, end = max(0, size - byte_range.suffix), size
-                else:
-                    raise ValueError(f"unexpected byte range {byte_range!r}")
-                return self.store._get(rel, start, min(end, size)) if end > start else b""
-            except MissingObject:
-                return None
-
-        async def get(self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None
-                      ) -> Buffer | None:
-            data = await asyncio.to_thread(self._read, key, byte_range)
-            return None if data is None else prototype.buffer.from_bytes(data)
-
-        async def get_partial_values(self, prototype, key_ranges):
-            return list(await asyncio.gather(*(self.get(k, prototype, r) for k, r in key_ranges)))
-
-        async def exists(self, key: str) -> bool:
-            return await asyncio.to_thread(self.store.exists, self._rel(key))
-
-        async def getsize(self, key: str) -> int:
-            size = await asyncio.to_thread(self.store.size, self._rel(key))
-            if size is None:
-                raise FileNotFoundError(key)
-            return size
-
-        async def set(self, key: str, value: Buffer) -> None:
-            self._check_writable()
-            await asyncio.to_thread(self.store._put, self._rel(key), value.to_bytes())
-
-        async def set_if_not_exists(self, key: str, value: Buffer) -> None:
-            if not await self.exists(key):
-                await self.set(key, value)
-
-        async def delete(self, key: str) -> None:
-            self._check_writable()
-            await asyncio.to_thread(self.store._delete, self._rel(key))
-
-        def _keys(self, prefix: str) -> list[str]:
-            root = self.prefix + "/" if self.prefix else ""
-            return sorted(rel[len(root):] for rel in self.store.list(self.prefix)
-                          if rel.startswith(root) and rel[len(root):].startswith(prefix))
-
-        async def list(self) -> AsyncIterator[str]:
-            for key in await asyncio.to_thread(self._keys, ""):
-                yield key
-
-        async def list_prefix(self, prefix: str) -> AsyncIterator[str]:
-            for key in await asyncio.to_thread(self._keys, prefix):
-                yield key
-
-        async def list_dir(self, prefix: str) -> AsyncIterator[str]:
-            prefix = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
-            keys = await asyncio.to_thread(self._keys, prefix)
-            for name in sorted({k[len(prefix):].split("/", 1)[0] for k in keys}):
-                yield name
-
-    return _ZarrStore
-
-
-_zarr_store_class = None
-
-
-def ZarrStore(store: Store, prefix: str = "", *, read_only: bool = False):  # noqa: N802 (a class, made lazily)
-    """A zarr 3 store (``zarr.abc.store.Store``) over the hierarchy below ``prefix`` of ``store``."""
-    global _zarr_store_class
-    if _zarr_store_class is None:
-        _zarr_store_class = _make_zarr_store_class()
-    return _zarr_store_class(store, prefix, read_only=read_only)
