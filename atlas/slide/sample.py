@@ -30,11 +30,10 @@ import os
 import shutil
 import tempfile
 import uuid
-import zlib
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -46,10 +45,8 @@ from atlas.errors import InvalidInput, Problem
 from atlas.slide.convention import MARKERS, RAW, check_slide_id, write_manifest
 from atlas.slide.ome import CycleWriter
 from atlas.slide.specimen import (
-    CELL_TYPES,
     PIXEL_SIZE_UM,
     PSF_SIGMA_PX,
-    REACH_PX,
     Marker,
     Patch,
     Specimen,
@@ -58,6 +55,7 @@ from atlas.slide.specimen import (
     marker_panel,
     stream,
 )
+from atlas.slide.truth import TruthShare, TruthWriter
 
 GENERATOR = "atlas.sample"     # a stable name: it seeds the sample files' UUIDs
 GENERATOR_VERSION = 2
@@ -69,7 +67,6 @@ CAMERA_OFFSET = 100.0                   # ADU
 READ_NOISE = 4.0                        # ADU (sd)
 FLAT_CORNER = 0.68                      # illumination at the tile corners relative to the optical centre
 MIN_OVERLAP_PX = 32
-TRUTH_CHUNK_PX = 512                    # chunks (TIFF tiles) of the truth label images
 _GEOMETRY, _CAMERA = 7, 8               # purposes of random streams (atlas.slide.specimen uses 1-6)
 # what `atlas sample` accepts: (flag, smallest, largest, example)
 LIMITS = {"rows": ("--rows", 1, 64, 3), "cols": ("--cols", 1, 64, 3), "tile_size": ("--tile-size", 64, 4096, 512),
@@ -253,51 +250,11 @@ def _seen(geom: Geometry, design: SampleDesign, window: tuple[int, int, int, int
 
 
 @dataclass
-class _OpenCells:
-    """Per-cell sums of cells that later tiles may still add to, indexed by ID - ``first``."""
-
-    n_values: int
-    first: int = 1
-    last_tile: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    kind: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    sums: np.ndarray = None
-
-    def __post_init__(self):
-        self.sums = np.zeros((0, 2, self.n_values))
-
-    def add(self, last_tile: np.ndarray, kind: np.ndarray) -> None:
-        """Open the next IDs."""
-        self.last_tile, self.kind = np.r_[self.last_tile, last_tile], np.r_[self.kind, kind]
-        self.sums = np.concatenate([self.sums, np.zeros((len(kind), 2, self.n_values))])
-
-    def complete(self, t: int):
-        """Close the leading cells no tile after ``t`` touches: (first ID, kinds, sums)."""
-        pending = np.flatnonzero(self.last_tile > t)
-        n = int(pending[0]) if len(pending) else len(self.kind)
-        done = (self.first, self.kind[:n], self.sums[:n])
-        self.first += n
-        self.last_tile, self.kind, self.sums = self.last_tile[n:], self.kind[n:], self.sums[n:]
-        return done
-
-
-@dataclass
 class _TileResult:
-    """One tile rendered: its tile of every cycle, and its share of the truth.
+    """One tile rendered: its tile of every cycle, ``(C, T, T)`` uint16 each, and its share of the truth."""
 
-    The share is the rectangle of the frame the tile owns, its cells numbered 1..n locally: label images
-    of the rectangle, and per cell its key (slide-wide identity), kind, centre (y, x px), first pixel in
-    the rectangle (raster index) and sums over the rectangle.
-    """
-
-    t: int
-    tiles: list[np.ndarray]             # per cycle, (C, T, T) uint16
-    nuclei: np.ndarray                  # (h, w) uint32, local cell numbers
-    cells: np.ndarray
-    keys: np.ndarray                    # (n,) int64
-    kinds: np.ndarray                   # (n,) index into CELL_TYPES
-    centres: np.ndarray                 # (n, 2) float
-    first: np.ndarray                   # (n,) int
-    sums: np.ndarray                    # (n, 2 masks (nucleus, cell), area | sum y | sum x | sum of S_c per channel)
+    tiles: list[np.ndarray]
+    share: TruthShare
 
 
 class _TileMaker:
@@ -328,7 +285,7 @@ class _TileMaker:
             tiles.append(tile)
         n = len(share["keys"])
         nucleus, cytoplasm = raw[n + 1:], raw[1:n + 1]      # parts: 1..n cytoplasm, n + 1..2n nucleus
-        return _TileResult(t=t, tiles=tiles, sums=np.stack([nucleus, nucleus + cytoplasm], 1), **share)
+        return _TileResult(tiles, TruthShare(t=t, sums=np.stack([nucleus, nucleus + cytoplasm], 1), **share))
 
     def _truth_share(self, patch: Patch, rect: tuple[int, int, int, int]):
         """The truth labels of the rectangle (cut where no cycle-1 tile looked), its cells, and the
@@ -359,104 +316,6 @@ class _TileMaker:
 
 def _take_cells(cells: dict, index: np.ndarray) -> dict:
     return {k: cells[k][index] for k in ("key", "kind", "y", "x")}
-
-
-class _Truth:
-    """The truth folder, written as the tiles come: each tile's rectangle of the label images (pieced
-    into a tiled TIFF at the end), and one table row per cell once no later tile can add to it.
-
-    IDs run 1..N in the order of the tiles' rectangles, and within a rectangle in raster order of the
-    cell's first pixel there; cell ``i`` holds nucleus ``i``.
-    """
-
-    def __init__(self, folder: Path, scratch: Path, design: SampleDesign, geom: Geometry, names: list[str]):
-        self.folder, self.scratch, self.design, self.geom, self.names = folder, scratch, design, geom, names
-        self.ids: dict[int, int] = {}              # cell key -> ID, while a later tile may meet the cell again
-        self.expiry: dict[int, list[int]] = {}     # last tile that may meet a cell -> keys
-        self.next_id = 1
-        self.open = _OpenCells(3 + len(names))
-        self.type_counts = np.zeros(len(CELL_TYPES), np.int64)
-        folder.mkdir()
-        for name in ("nuclei", "cell"):
-            (folder / f"{name}.csv").write_text(",".join(["CellID", *names, "X_centroid", "Y_centroid", "Area"]) + "\n")
-        (folder / "cell_types.csv").write_text("CellID,cell_type\n")
-
-    def add(self, tile: _TileResult) -> None:
-        """Number the tile's new cells, keep its rectangle of the labels, add its sums, write complete cells."""
-        ids = np.array([self.ids.get(k, 0) for k in tile.keys.tolist()], np.int64)
-        new = np.flatnonzero(ids == 0)
-        new = new[np.argsort(tile.first[new], kind="stable")]
-        ids[new] = self.next_id + np.arange(len(new))
-        self.next_id += len(new)
-        self._open(tile.centres[new], tile.kinds[new], tile.keys[new], ids[new])
-        lut = np.r_[np.uint32(0), ids.astype(np.uint32)]
-        for name, labels in (("nuclei", tile.nuclei), ("cell", tile.cells)):
-            (self.scratch / f"{name}-{tile.t}.zlib").write_bytes(zlib.compress(lut[labels].tobytes(), 1))
-        self.open.sums[ids - self.open.first] += tile.sums
-        self._write_complete(tile.t)
-
-    def _open(self, centres: np.ndarray, kinds: np.ndarray, keys: np.ndarray, ids: np.ndarray) -> None:
-        """Remember new cells until the last tile whose rectangle their reach touches."""
-        geom, rows, cols = self.geom, self.design.rows, self.design.cols
-        row = np.searchsorted(geom.row_edges, centres[:, 0] + REACH_PX, side="right") - 1
-        col = np.searchsorted(geom.col_edges, centres[:, 1] + REACH_PX, side="right") - 1
-        last = np.clip(row, 0, rows - 1) * cols + np.clip(col, 0, cols - 1)
-        self.open.add(last, kinds)
-        for key, cell_id, until in zip(keys.tolist(), ids.tolist(), last.tolist(), strict=True):
-            self.ids[key] = cell_id
-            self.expiry.setdefault(until, []).append(key)
-
-    def _write_complete(self, t: int) -> None:
-        """Write the rows of the cells no tile after ``t`` can add to."""
-        first, kinds, sums = self.open.complete(t)
-        for key in self.expiry.pop(t, []):
-            del self.ids[key]
-        if not len(kinds):
-            return
-        ids = first + np.arange(len(kinds))
-        for mask, name in enumerate(("nuclei", "cell")):
-            area = sums[:, mask, 0]
-            means = {n: CAMERA_OFFSET + sums[:, mask, 3 + c] / area for c, n in enumerate(self.names)}
-            table = pd.DataFrame({"CellID": ids, **means, "X_centroid": sums[:, mask, 2] / area,
-                                  "Y_centroid": sums[:, mask, 1] / area}).round(4)   # pandas' fast formatter
-            table["Area"] = area.astype(np.int64)
-            table.to_csv(self.folder / f"{name}.csv", mode="a", header=False, index=False)
-        pd.DataFrame({"CellID": ids, "cell_type": np.array(CELL_TYPES)[kinds]}).to_csv(
-            self.folder / "cell_types.csv", mode="a", header=False, index=False)
-        self.type_counts += np.bincount(kinds, minlength=len(CELL_TYPES))
-
-    def _chunks(self, name: str):
-        """The label image ``name`` in chunks of TRUTH_CHUNK_PX, row-major (as a tiled TIFF takes them),
-        each pieced together from the tiles' rectangles it overlaps."""
-        (height, width), size, cols = self.geom.frame_shape, TRUTH_CHUNK_PX, self.design.cols
-        row_edges, col_edges = self.geom.row_edges, self.geom.col_edges
-        for y in range(0, height, size):
-            rows = range(np.searchsorted(row_edges, y, "right") - 1, np.searchsorted(row_edges, min(y + size, height)))
-            for x in range(0, width, size):
-                chunk = np.zeros((min(size, height - y), min(size, width - x)), np.uint32)
-                for r in rows:
-                    for c in range(np.searchsorted(col_edges, x, "right") - 1,
-                                   np.searchsorted(col_edges, min(x + size, width))):
-                        rect = self.geom.owned(r * cols + c, cols)
-                        piece = zlib.decompress((self.scratch / f"{name}-{r * cols + c}.zlib").read_bytes())
-                        piece = np.frombuffer(piece, np.uint32).reshape(rect[2] - rect[0], rect[3] - rect[1])
-                        part = (max(rect[0], y), max(rect[1], x), min(rect[2], y + size), min(rect[3], x + size))
-                        chunk[part[0] - y:part[2] - y, part[1] - x:part[3] - x] = crop(piece, rect, part)
-                yield chunk
-
-    def close(self, doc: dict) -> None:
-        """Label images as tiled TIFFs, tile positions, flat field and truth.json."""
-        if len(self.open.kind):
-            raise RuntimeError(f"{len(self.open.kind)} cells were never completed")
-        for name in ("nuclei", "cell"):
-            tifffile.imwrite(self.folder / f"{name}.tif", self._chunks(name), shape=self.geom.frame_shape,
-                             dtype=np.uint32, tile=(TRUTH_CHUNK_PX, TRUTH_CHUNK_PX), compression="zlib", maxworkers=1)
-        positions = _tile_positions(self.geom, self.design)
-        positions.to_csv(self.folder / "tile_positions.csv", index=False, float_format="%.4f")
-        tifffile.imwrite(self.folder / "flatfield.tif", flatfield(self.design.tile_size))
-        doc.update(n_cells=self.next_id - 1,
-                   cell_type_counts={t: int(n) for t, n in zip(CELL_TYPES, self.type_counts, strict=True) if n})
-        (self.folder / "truth.json").write_text(json.dumps(doc, indent=1) + "\n")
 
 
 def _tile_positions(geom: Geometry, design: SampleDesign) -> pd.DataFrame:
@@ -534,7 +393,7 @@ def _build(design: SampleDesign, slide_id: str, slide_dir: Path, truth_dir: Path
     (slide_dir / MARKERS).write_text("channel_number,cycle_number,marker_name\n" + "".join(
         f"{i},{1 + (i - 1) // design.channels},{name}\n" for i, name in enumerate(names, start=1)))
     cycle_files = [f"{RAW}/cycle-{k + 1:02d}.ome.tif" for k in range(design.cycles)]
-    truth = _Truth(truth_dir, scratch, design, geom, names)
+    truth = TruthWriter(truth_dir, scratch, geom.row_edges, geom.col_edges, names, CAMERA_OFFSET)
     with ExitStack() as files:
         writers = []
         for k, (rel, cycle) in enumerate(zip(cycle_files, panel, strict=True)):
@@ -545,7 +404,9 @@ def _build(design: SampleDesign, slide_id: str, slide_dir: Path, truth_dir: Path
         for tile in _rendered(design, workers):
             for writer, cycle_tile in zip(writers, tile.tiles, strict=True):
                 writer.write(cycle_tile)
-            truth.add(tile)
+            truth.add(tile.share)
+    _tile_positions(geom, design).to_csv(truth_dir / "tile_positions.csv", index=False, float_format="%.4f")
+    tifffile.imwrite(truth_dir / "flatfield.tif", flatfield(design.tile_size))
     truth.close(_truth_doc(design, geom, slide_id, panel, cycle_files))
     write_manifest(slide_dir)
 
