@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 
 from atlas.cli import app
 from atlas.errors import InvalidInput
+from atlas.slide.cell_shapes import render_labels
 from atlas.slide.convention import MANIFEST, parse_manifest, read_markers
 from atlas.slide.ome import read_cycle_metadata, read_tile
 from atlas.slide.sample import (
@@ -41,7 +42,6 @@ from atlas.slide.specimen import (
     Specimen,
     _greedy,
     marker_panel,
-    render_labels,
 )
 from atlas.slide.validate import validate_slide
 

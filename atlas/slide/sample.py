@@ -42,17 +42,19 @@ import tifffile
 from threadpoolctl import threadpool_limits
 
 from atlas.errors import InvalidInput, Problem
+from atlas.slide.cell_shapes import largest_pieces
 from atlas.slide.convention import MARKERS, RAW, check_slide_id, write_manifest
 from atlas.slide.ome import CycleWriter
 from atlas.slide.specimen import (
+    LABEL_HALO_PX,
     PIXEL_SIZE_UM,
     PSF_SIGMA_PX,
     Marker,
     Patch,
     Specimen,
     crop,
-    largest_pieces,
     marker_panel,
+    normals,
     stream,
 )
 from atlas.slide.truth import TruthShare, TruthWriter
@@ -217,22 +219,23 @@ def _camera(expected: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
     Shot noise is Poisson(expected), drawn as its Gaussian limit N(expected, expected): every expected
     count here is at least ~60 e- (background x the darkest corner), where the two agree in mean and
-    variance exactly and differ in skewness by under 0.13; one float32 normal per pixel is ~5x faster.
+    variance exactly and differ in skewness by under 0.13; one table-lookup normal per pixel
+    (:func:`atlas.slide.specimen.normals`) is ~10x faster than a Poisson draw.
     """
     signal = np.maximum(expected, 0)
     counts = signal + np.float32(READ_NOISE ** 2)
     np.sqrt(counts, out=counts)
-    counts *= rng.standard_normal(expected.shape, np.float32)
+    counts *= normals(rng, expected.shape)
     counts += signal
     counts += np.float32(CAMERA_OFFSET + 0.5)             # + 0.5, then truncation: rounding (all >= 0 after clip)
     np.clip(counts, 0, 65535, out=counts)
     return counts.astype(np.uint16)
 
 
-def _tile_window(geom: Geometry, design: SampleDesign, t: int) -> tuple[int, int, int, int]:
-    """The frame window tile ``t`` needs: every cycle's footprint with the cubic kernel's margin, and
-    the rectangle it owns."""
-    start = np.floor(geom.tile_px[:, t]).astype(int)
+def _tile_window(geom: Geometry, design: SampleDesign, t: int, cycle: int | None = None) -> tuple[int, int, int, int]:
+    """The frame window tile ``t`` needs: the footprint of every cycle (or of one) with the cubic
+    kernel's margin, and the rectangle it owns."""
+    start = np.floor(geom.tile_px[:, t] if cycle is None else geom.tile_px[[cycle], t]).astype(int)
     low = np.minimum(start.min(axis=0) - 1, geom.owned(t, design.cols)[:2])
     high = np.maximum(start.max(axis=0) + design.tile_size + 2, geom.owned(t, design.cols)[2:])
     return int(low[0]), int(low[1]), int(high[0]), int(high[1])
@@ -263,22 +266,26 @@ class _TileMaker:
     def __init__(self, design: SampleDesign):
         self.design, self.geom = design, geometry(design)
         self.panel = marker_panel(design.cycles, design.channels)
-        self.specimen = Specimen(design.seed, [m for cycle in self.panel for m in cycle])
+        sides = np.subtract(_tile_window(self.geom, design, 0)[2:], _tile_window(self.geom, design, 0)[:2])
+        self.specimen = Specimen(design.seed, [m for cycle in self.panel for m in cycle],
+                                 window_px=int(sides.max()) + 2 * LABEL_HALO_PX)
         self.flat = flatfield(design.tile_size)
 
     def render(self, t: int) -> _TileResult:
         """Tile ``t`` of every cycle, and the truth of the rectangle it owns."""
         design, geom = self.design, self.geom
-        window = _tile_window(geom, design, t)
-        patch = Patch(self.specimen, window)
+        patch = Patch(self.specimen, _tile_window(geom, design, t))
         rect = geom.owned(t, design.cols)
         share, parts, raw = self._truth_share(patch, rect)
+        inside = np.flatnonzero(parts)                      # the rectangle's pixels that belong to a cell
+        parts = parts[inside]
         tiles, channel = [], 0
         for k, cycle in enumerate(self.panel):
+            window = _tile_window(geom, design, t, cycle=k)   # this cycle's footprint and the rectangle
             tile = np.empty((len(cycle), design.tile_size, design.tile_size), np.uint16)
             for c in range(len(cycle)):
-                signal = patch.signal(channel)
-                raw[:, 3 + channel] = np.bincount(parts, crop(signal, window, rect).ravel(), len(raw))
+                signal = patch.signal(channel, window)
+                raw[:, 3 + channel] = np.bincount(parts, crop(signal, window, rect).ravel()[inside], len(raw))
                 expected = self.flat * _sample_tile(signal, geom.tile_px[k, t] - window[:2], design.tile_size)
                 tile[c] = _camera(expected, stream(design.seed, _CAMERA, (k << 8) | c, t))
                 channel += 1
@@ -339,28 +346,35 @@ def _start_worker(design: SampleDesign) -> None:
     _WORKER = _TileMaker(design)
 
 
-def _render_in_worker(t: int) -> _TileResult:
-    return _WORKER.render(t)
+def _render_in_worker(tiles: range) -> list[_TileResult]:
+    return [_WORKER.render(t) for t in tiles]
+
+
+_TASK_BYTES = 32 << 20      # a worker's task: consecutive tiles of about this many bytes (at least one tile)
 
 
 def _rendered(design: SampleDesign, workers: int):
-    """Every tile rendered, in tile order, by ``workers`` processes (at most two tiles per worker in
-    flight, so memory stays bounded); one worker renders here."""
+    """Every tile rendered, in tile order, by ``workers`` processes; one worker renders here.
+
+    A task is a run of consecutive tiles (neighbours share a worker's caches of placed cells and
+    labels), and at most ``workers + 1`` tasks are in flight, so memory stays bounded."""
     if workers == 1:
         maker = _TileMaker(design)
         yield from (maker.render(t) for t in range(design.n_tiles))
         return
+    tile_bytes = 2 * design.tile_size ** 2 * design.cycles * design.channels
+    run = max(1, min(8, _TASK_BYTES // tile_bytes))
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
     pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(design,))
     try:
         pending: deque = deque()
-        for t in range(design.n_tiles):
-            pending.append(pool.submit(_render_in_worker, t))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().result()
+        for start in range(0, design.n_tiles, run):
+            pending.append(pool.submit(_render_in_worker, range(start, min(start + run, design.n_tiles))))
+            if len(pending) > workers:
+                yield from pending.popleft().result()
         while pending:
-            yield pending.popleft().result()
+            yield from pending.popleft().result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 

@@ -20,6 +20,7 @@ import tifffile
 from atlas.slide.specimen import CELL_TYPES, REACH_PX, crop
 
 TRUTH_CHUNK_PX = 512                    # chunks (TIFF tiles) of the truth label images
+_ROWS_PER_WRITE = 20_000                # complete cells are written in batches of about this many
 
 
 @dataclass
@@ -75,9 +76,9 @@ class _OpenCells:
         """Close the leading cells no tile after ``t`` touches: (first ID, kinds, sums)."""
         pending = np.flatnonzero(self.last_tile > t)
         n = int(pending[0]) if len(pending) else len(self.kind)
-        done = (self.first, self.kind[:n], self.sums[:n])
+        done = (self.first, self.kind[:n].copy(), self.sums[:n].copy())      # copies: no view keeps the whole
         self.first += n
-        self.last_tile, self.kind, self.sums = self.last_tile[n:], self.kind[n:], self.sums[n:]
+        self.last_tile, self.kind, self.sums = self.last_tile[n:].copy(), self.kind[n:].copy(), self.sums[n:].copy()
         return done
 
 
@@ -113,6 +114,8 @@ class TruthWriter:
         self.next_id = 1
         self.open = _OpenCells(3 + len(names))
         self.type_counts = np.zeros(len(CELL_TYPES), np.int64)
+        self._done: list = []                      # complete cells not yet written: (first ID, kinds, sums)
+        self._done_rows = 0
         folder.mkdir()
         header = ",".join(["CellID", *names, "X_centroid", "Y_centroid", "Area"]) + "\n"
         for name in ("nuclei", "cell"):
@@ -150,18 +153,29 @@ class TruthWriter:
             self.expiry.setdefault(until, []).append(key)
 
     def _write_complete(self, t: int) -> None:
-        """Write the rows of the cells no tile after ``t`` can add to."""
+        """Queue the rows of the cells no tile after ``t`` can add to; write them in batches."""
         first, kinds, sums = self.open.complete(t)
         for key in self.expiry.pop(t, []):
             del self.ids[key]
-        if not len(kinds):
+        if len(kinds):
+            self._done.append((first, kinds, sums))
+            self._done_rows += len(kinds)
+        if self._done_rows >= _ROWS_PER_WRITE:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Append the queued rows to the tables (pandas' fast formatter, 4 decimals)."""
+        if not self._done:
             return
+        first, kinds, sums = self._done[0][0], np.concatenate([d[1] for d in self._done]), \
+            np.concatenate([d[2] for d in self._done])
+        self._done, self._done_rows = [], 0
         ids = first + np.arange(len(kinds))
         for mask, name in enumerate(("nuclei", "cell")):
             area = sums[:, mask, 0]
             means = {n: self.offset + sums[:, mask, 3 + c] / area for c, n in enumerate(self.names)}
             table = pd.DataFrame({"CellID": ids, **means, "X_centroid": sums[:, mask, 2] / area,
-                                  "Y_centroid": sums[:, mask, 1] / area}).round(4)   # pandas' fast formatter
+                                  "Y_centroid": sums[:, mask, 1] / area}).round(4)
             table["Area"] = area.astype(np.int64)
             table.to_csv(self.folder / f"{name}.csv", mode="a", header=False, index=False)
         pd.DataFrame({"CellID": ids, "cell_type": np.array(CELL_TYPES)[kinds]}).to_csv(
@@ -193,6 +207,7 @@ class TruthWriter:
         ``n_cells`` and ``cell_type_counts`` added)."""
         if len(self.open.kind):
             raise RuntimeError(f"{len(self.open.kind)} cells were never completed")
+        self._flush()
         shape = (int(self.row_edges[-1]), int(self.col_edges[-1]))
         for name in ("nuclei", "cell"):
             tifffile.imwrite(self.folder / f"{name}.tif", self._chunks(name), shape=shape, dtype=np.uint32,
