@@ -53,6 +53,7 @@ class QuantifyParams:
 class RenderParams:
     channels_per_group: int = 4     # auto-minerva groups 4 channels per group
     tile_size: int = 1024           # Minerva's deep-zoom tile size
+    channel_layers: bool = False    # also one grey tile layer per channel (Minerva composites them)
 
 
 @dataclass(frozen=True)

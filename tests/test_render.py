@@ -201,7 +201,7 @@ def test_site_layout_follows_minerva(site):
     assert [g["Channels"] for g in exhibit["Groups"]] == [["DNA_1", "Empty"], ["Saturated", "CD45"]]
     waypoint = exhibit["Stories"][0]["Waypoints"][0]
     assert waypoint["Group"] == exhibit["Groups"][0]["Name"] and waypoint["Masks"] == ["Cell outlines"]
-    assert result == {"tiles": 3 * 21, "groups": 2, "levels": 3, "mask": True}
+    assert result == {"tiles": 3 * 21, "groups": 2, "levels": 3, "mask": True, "waypoints": 3, "drafted": True}
     for layer, ext in [(g["Path"], "jpg") for g in exhibit["Groups"]] + [(exhibit["Masks"][0]["Path"], "png")]:
         folder = out / image["Path"] / layer
         names = sorted(p.name for p in folder.iterdir())
@@ -276,7 +276,7 @@ def test_render_float_image_with_its_real_mask(shared_data, tmp_path):
     out = tmp_path / "overview"
     result = render_overview(folder / "img" / name, out, slide_id="IMC", markers=panel,
                              mask_path=folder / "masks_deepcell" / name)
-    assert result == {"tiles": 3, "groups": 2, "levels": 1, "mask": True}
+    assert result == {"tiles": 3, "groups": 2, "levels": 1, "mask": True, "waypoints": 3, "drafted": True}
     text = (out / "exhibit.json").read_text()
     assert "NaN" not in text and "Infinity" not in text
     assert decode(out / "images" / "cell-outlines" / "0_0_0.png").shape == (87, 103, 4)
