@@ -76,7 +76,7 @@ def slide_entry(release: access.Release, *, released: str, summary: Mapping | No
         files = [f for f in release.files if PurePosixPath(f.path).parts[0] == folder]
         if not files:
             continue
-        uri = str(release.prefix.join(folder + "/"))
+        uri = str(release.prefix.join(folder).prefix())
         levels.append({"level": level, "folder": folder, "name": access.LEVEL_NAMES[level], "files": len(files),
                        "bytes": sum(f.size for f in files), "uri": uri,
                        "command": copy_command(uri, f"./{release.slide_id}/{folder}/")})
@@ -204,8 +204,8 @@ def read_index(location: str) -> dict:
         raw, where = path.read_bytes(), str(path)
     try:
         index = json.loads(raw)
-        if not isinstance(index.get("slides"), list):
+        if not isinstance(index, dict) or not isinstance(index.get("slides"), list):
             raise ValueError("no slides list")
-    except (ValueError, AttributeError) as exc:
+    except ValueError as exc:
         raise InvalidInput(Problem(where, f"is not a portal index.json ({exc})", fix)) from exc
     return index

@@ -19,6 +19,8 @@ Results bucket::
 Overview site bucket (optional, served by CloudFront; browsers cannot read a requester-pays bucket)::
 
     <slide_id>/<run_id>/index.html ...        the contents of overview/
+    index.html, index.json                    the portal: every released slide (atlas.aws.portal), rewritten
+                                              after each release
 """
 from __future__ import annotations
 
@@ -158,4 +160,8 @@ def release_run(s3, out_dir: Path, *, work: S3Uri, slide_id: str, run_id: str, r
               "released": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     s3.put_object(Bucket=results_bucket, Key=f"{slide_id}/{LATEST}", Body=json.dumps(latest, indent=1).encode() + b"\n",
                   ContentType="application/json")
+    if overview_bucket:  # the release is complete: the portal at the site's root now lists it
+        from atlas.aws.portal import publish_portal
+
+        publish_portal(s3, results_bucket=results_bucket, overview_bucket=overview_bucket)
     return Release(prefix, prefix.join(layout.MANIFEST), latest["files"], latest["bytes"], site)
