@@ -441,7 +441,8 @@ def injected(page) -> dict:
     return page.page.evaluate("""() => ({
         pwned: window.pwned === undefined ? null : String(window.pwned),
         scripts: [...document.scripts].filter(s => s.src === '' && s.id !== 'atlas-data').length,
-        handlers: [...document.querySelectorAll('*')].filter(e => [...e.attributes].some(a => a.name.startsWith('on'))).length,
+        handlers: [...document.querySelectorAll('*')].filter(
+            e => [...e.attributes].some(a => a.name.startsWith('on'))).length,
         images: document.querySelectorAll('img[src^="x-"]').length,
         frames: document.querySelectorAll('iframe, object, embed').length,
         jsLinks: [...document.querySelectorAll('[href], [src]')].filter(

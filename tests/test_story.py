@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import tifffile
+from test_ops import cloud  # noqa: F401 - the emulated deployment (fixture)
 from typer.testing import CliRunner
 
 from atlas import layout
@@ -196,8 +197,8 @@ def test_drafted_views_hold_more_marker_high_cells_than_the_slide(imc):
     image, names, cells = imc
     for waypoint in story.waypoints[1:]:
         text = waypoint.description
-        found = re.search(r"\*\*(\d+)\*\* of the \*\*(\d+)\*\* cells in view .* \(\*\*(\d+)%\*\*; slide: (\d+)% of (\d+) "
-                          r"cells\)", text)
+        found = re.search(r"\*\*(\d+)\*\* of the \*\*(\d+)\*\* cells in view .* "
+                          r"\(\*\*(\d+)%\*\*; slide: (\d+)% of (\d+) cells\)", text)
         assert found, text
         high, in_view, share, slide_share, total = map(int, found.groups())
         assert total == cells.x.size and 0 < high <= in_view < total
@@ -237,3 +238,59 @@ def test_story_draft_cli_prints_the_story_the_run_rendered(sample_run):
         assert waypoint.center_um == pytest.approx([v * pixel for v in shown["center"]], abs=0.06)
     assert len(story.waypoints) == 1 + len(page["exhibit"]["Groups"])   # overview + one per group
     assert "cells in view" in story.waypoints[1].description
+
+
+# ---- atlas rerun --story ------------------------------------------------------------------------
+
+def test_rerun_from_render_with_a_new_story(cloud, sample_slide, tmp_path):  # noqa: F811 - the fixture
+    """`atlas rerun SLIDE --from render --story FILE`: a copy of the slide listing the new story.yml,
+    the earlier stages reused; a story that does not fit the slide, or one the rerun would not
+    render, starts nothing."""
+    import boto3
+    from test_ops import cli, finish_job, objects, table, tell
+
+    from atlas.aws import ops
+    from atlas.aws.s3uri import S3Uri
+    from atlas.pipeline.job import stage_slide
+    from atlas.slide.convention import MANIFEST, parse_manifest
+    from atlas.stages import get_stage
+
+    # the emulated cloud of tests/test_ops.py: the sample slide uploaded and its run started
+    slide_id = sample_slide.name
+    old = ops.slide_status(slide_id, table=table(cloud)).run_id
+    tell(cloud, old, "RUNNING")
+    finish_job(cloud, tmp_path, slide_id, old, "stitch")
+    for item in range(4):
+        finish_job(cloud, tmp_path, slide_id, old, "segment", item)
+    finish_job(cloud, tmp_path, slide_id, old, "segment")   # the merge
+    finish_job(cloud, tmp_path, slide_id, old, "quantify")
+    tell(cloud, old, "SUCCEEDED")
+
+    bad = tmp_path / "bad.yml"
+    bad.write_text("waypoints: [{name: A, group: Immune}]\n")
+    refused = cli("rerun", slide_id, "--from", "render", "--story", str(bad))
+    assert isinstance(refused.exception, InvalidInput)
+    assert f"{bad}: waypoint 1 'A': group 'Immune' is not a channel group of this slide" in str(refused.exception)
+    good = tmp_path / "story.yml"
+    good.write_text(GOOD)
+    late = cli("rerun", slide_id, "--from", "publish", "--story", str(good))
+    assert isinstance(late.exception, InvalidInput) and "rerun --from render" in str(late.exception)
+    assert ops.slide_status(slide_id, table=table(cloud)).run_id == old      # nothing was started
+
+    shown = cli("rerun", slide_id, "--from", "render", "--story", str(good))
+    assert shown.exit_code == 0, shown.output
+    assert f"with {good}" in shown.output
+    status = ops.slide_status(slide_id, table=table(cloud))
+    payload = json.loads(boto3.client("stepfunctions").describe_execution(
+        executionArn=status.execution_arn)["input"])
+    assert payload["slide_uri"] == f"s3://{cloud.settings.work_bucket}/{ops.RERUN_PREFIX}/{status.run_id}/{slide_id}/"
+    files = objects(payload["slide_uri"])
+    assert files[STORY] == GOOD.encode()
+    assert STORY in {e.path for e in parse_manifest(files[MANIFEST].decode())}
+    assert STORY not in objects(f"s3://{cloud.ingest_bucket}/{slide_id}/")   # the lab's upload is unchanged
+    reused = objects(payload["work_uri"])
+    assert "qc/quantify/job.txt" in reused and not any(k.startswith("overview/") for k in reused)
+    # the render job gets the new story with the slide's small files
+    staged = stage_slide(boto3.client("s3"), S3Uri.parse(payload["slide_uri"]), tmp_path / "staged" / slide_id,
+                         get_stage("render"))
+    assert STORY in staged and (tmp_path / "staged" / slide_id / STORY).read_text() == GOOD

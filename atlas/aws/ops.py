@@ -13,9 +13,10 @@ A rerun starts a new execution of the same slide under a new run id (``<slide_id
 sha256[:12]>-r<N>``, :func:`atlas.slide.convention.run_id_for`), so the earlier run's work and its release
 stay as they are. ``from_stage`` reuses the earlier stages' outputs: they are copied server-side
 into the new run's work prefix with their completion records re-issued for the new run id (marked
-``reused_from``), so those stage jobs find themselves complete and skip. A params override is
-applied to a copy of the slide (``s3://<work>/reruns/<run_id>/<slide_id>/``, raw files copied
-server-side; the lab's upload is never changed) whose manifest lists the new ``params.yml``.
+``reused_from``), so those stage jobs find themselves complete and skip. A params or story override
+is applied to a copy of the slide (``s3://<work>/reruns/<run_id>/<slide_id>/``, raw files copied
+server-side; the lab's upload is never changed) whose manifest lists the new ``params.yml`` or
+``story.yml``.
 """
 from __future__ import annotations
 
@@ -37,10 +38,11 @@ from atlas.aws.s3uri import S3Uri
 from atlas.errors import InvalidInput, Problem
 from atlas.params import parse_params
 from atlas.pipeline.local import PROVENANCE, completion_path
-from atlas.slide.convention import MANIFEST, PARAMS, parse_manifest, run_id_for
+from atlas.slide.convention import MANIFEST, MARKERS, PARAMS, parse_manifest, parse_markers, run_id_for
+from atlas.slide.story import STORY, check_story, parse_story
 from atlas.stages import STAGES, Stage, get_stage
 
-RERUN_PREFIX = "reruns"      # work bucket: slide copies carrying an overridden params.yml
+RERUN_PREFIX = "reruns"      # work bucket: slide copies carrying an overridden params.yml or story.yml
 MERGE_SUFFIX = "-merge"      # state name of an array stage's merge job (infra.compute.job_name)
 RERUNNABLE = (Status.SUCCEEDED, Status.FAILED)
 ENDED = ("SUCCEEDED", "FAILED", "TIMED_OUT", "ABORTED")  # Step Functions execution statuses of a finished run
@@ -332,10 +334,11 @@ class Rerun:
     run_id, previous_run_id : str
     execution_arn : str
     slide_uri, work_uri : str
-        The new execution's input (``slide_uri`` is a copy of the slide when params were overridden).
+        The new execution's input (``slide_uri`` is a copy of the slide when params or the story
+        were overridden).
     reused : tuple of str
         Stages whose outputs were taken over from the previous run.
-    params_override : bool
+    params_override, story_override : bool
     """
 
     slide_id: str
@@ -346,6 +349,7 @@ class Rerun:
     work_uri: str
     reused: tuple[str, ...]
     params_override: bool
+    story_override: bool = False
 
 
 def _get(s3, uri: S3Uri) -> bytes | None:
@@ -428,24 +432,46 @@ def reuse(s3, plan: _Reuse, previous: S3Uri, target: S3Uri) -> None:
                                           ContentType="application/json"), plan.records.items())
 
 
-def with_params(manifest: Mapping, params: bytes) -> bytes:
-    """A slide manifest (as ``atlas upload`` writes it) listing ``params`` as its params.yml."""
-    entry = {"path": PARAMS, "size": len(params), "sha256": hashlib.sha256(params).hexdigest()}
-    files = sorted([f for f in manifest["files"] if f["path"] != PARAMS] + [entry], key=lambda f: f["path"])
-    return json.dumps({**manifest, "files": files}, indent=1).encode() + b"\n"
+def with_files(manifest: Mapping, files: Mapping[str, bytes]) -> bytes:
+    """A slide manifest (as ``atlas upload`` writes it) listing ``files`` (params.yml, story.yml) instead
+    of the slide's own."""
+    entries = [{"path": name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+               for name, data in files.items()]
+    kept = [f for f in manifest["files"] if f["path"] not in files]
+    return json.dumps({**manifest, "files": sorted(kept + entries, key=lambda f: f["path"])}, indent=1).encode() + b"\n"
 
 
-def copy_slide(s3, slide: S3Uri, target: S3Uri, manifest: bytes, params: bytes) -> None:
-    """Copy a slide server-side to ``target`` with ``params`` as params.yml and ``manifest`` written last."""
-    files = [f["path"] for f in json.loads(manifest)["files"] if f["path"] != PARAMS]
+def copy_slide(s3, slide: S3Uri, target: S3Uri, manifest: bytes, files: Mapping[str, bytes]) -> None:
+    """Copy a slide server-side to ``target`` with ``files`` in place of its own and ``manifest`` written last."""
+    copied = [f["path"] for f in json.loads(manifest)["files"] if f["path"] not in files]
     parallel_map(lambda rel: s3.copy({"Bucket": slide.bucket, "Key": slide.join(rel).key}, target.bucket,
-                                     target.join(rel).key), files)
-    s3.put_object(Bucket=target.bucket, Key=target.join(PARAMS).key, Body=params)
+                                     target.join(rel).key), copied)
+    for name, data in files.items():
+        s3.put_object(Bucket=target.bucket, Key=target.join(name).key, Body=data)
     s3.put_object(Bucket=target.bucket, Key=target.join(MANIFEST).key, Body=manifest)
 
 
+def _check_story_override(s3, slide_uri: S3Uri, listed: set[str], story_text: str, story_file: str,
+                          params: Mapping, reused: list[Stage]) -> None:
+    """A story.yml for a rerun: its form, its groups and channels against the slide's markers (the
+    image extent is checked when rendering), and not while the render outputs are reused."""
+    story = parse_story(story_text, story_file)
+    markers_text = (_get(s3, slide_uri.join(MARKERS)) or b"").decode() if MARKERS in listed else None
+    if markers_text:
+        per_group = params.get("render", {}).get("channels_per_group", 4)
+        problems = check_story(story, markers=[m.marker_name for m in parse_markers(markers_text)],
+                               per_group=per_group, extent_um=None, file=story_file)
+        if problems:
+            raise InvalidInput(problems)
+    if "render" in [s.name for s in reused]:
+        raise InvalidInput(Problem(story_file, "changes the overview's story, but the rerun reuses the render "
+                                               "outputs of the current run",
+                                   "rerun --from render (or an earlier stage)"))
+
+
 def rerun(slide_id: str, *, table, from_stage: str | None = None, params_text: str | None = None,
-          params_file: str = PARAMS, s3=None, sfn=None) -> Rerun:
+          params_file: str = PARAMS, story_text: str | None = None, story_file: str = STORY, s3=None,
+          sfn=None) -> Rerun:
     """Start a new run of a slide's current run, under a new run id; the earlier run stays as it is.
 
     Parameters
@@ -460,6 +486,11 @@ def rerun(slide_id: str, *, table, from_stage: str | None = None, params_text: s
         params.yml to use instead of the slide's (validated first). It may not change the
         parameters of a reused stage.
     params_file : str
+        Name of that file in error messages.
+    story_text : str, optional
+        story.yml to use instead of the slide's (checked against its markers first); it changes
+        the overview only, so it needs ``from_stage`` at render or earlier.
+    story_file : str
         Name of that file in error messages.
     s3, sfn : boto3 clients, optional
 
@@ -494,27 +525,35 @@ def rerun(slide_id: str, *, table, from_stage: str | None = None, params_text: s
                                    + (" (a params copy, expired with the work bucket's retention)" if expired else ""),
                                    "rerun with --params again" if expired else "upload the slide again (`atlas upload`)"))
     manifest = json.loads(manifest_bytes)
-    override = False
-    if params_text is not None:
-        new = parse_params(params_text, file=params_file).to_dict()
-        listed = any(e.path == PARAMS for e in parse_manifest(manifest_bytes.decode()))
-        old = parse_params((_get(s3, slide_uri.join(PARAMS)) or b"").decode() if listed else None).to_dict()
-        changed = _changed_sections(old, new, reused)
-        if changed:
-            raise InvalidInput(Problem(params_file, f"changes the {', '.join(changed)} parameters, but --from "
-                                                    f"{from_stage} reuses the {changed[0]} outputs of run {previous_run}",
-                                       f"rerun --from {changed[0]} (or an earlier stage)"))
-        override = old != new
+    overrides: dict[str, bytes] = {}  # slide files replaced in a copy of the slide
+    if params_text is not None or story_text is not None:
+        listed = {e.path for e in parse_manifest(manifest_bytes.decode())}
+        old = parse_params((_get(s3, slide_uri.join(PARAMS)) or b"").decode() if PARAMS in listed else None).to_dict()
+        new = old
+        if params_text is not None:
+            new = parse_params(params_text, file=params_file).to_dict()
+            changed = _changed_sections(old, new, reused)
+            if changed:
+                raise InvalidInput(Problem(params_file, f"changes the {', '.join(changed)} parameters, but --from "
+                                                        f"{from_stage} reuses the {changed[0]} outputs of run "
+                                                        f"{previous_run}",
+                                           f"rerun --from {changed[0]} (or an earlier stage)"))
+            if old != new:
+                overrides[PARAMS] = params_text.encode()
+        if story_text is not None and story_text.encode() != (_get(s3, slide_uri.join(STORY)) if STORY in listed
+                                                               else None):
+            _check_story_override(s3, slide_uri, listed, story_text, story_file, new, reused)
+            overrides[STORY] = story_text.encode()
 
-    # the run id hashes the manifest the run reads: the slide's, or its copy's listing the new params.yml
-    used = with_params(manifest, params_text.encode()) if override else manifest_bytes
+    # the run id hashes the manifest the run reads: the slide's, or its copy's listing the new files
+    used = with_files(manifest, overrides) if overrides else manifest_bytes
     n = len(runs) + 1
     while (run_id := run_id_for(slide_id, used, suffix=f"r{n}")) in runs:
         n += 1
     plan = plan_reuse(s3, work_uri, previous_run=previous_run, run_id=run_id, stages=reused)  # checks first
-    if override:
+    if overrides:
         slide_uri = S3Uri(work_uri.bucket, f"{RERUN_PREFIX}/{run_id}/{slide_id}/")
-        copy_slide(s3, S3Uri.parse(payload["slide_uri"]).prefix(), slide_uri, used, params_text.encode())
+        copy_slide(s3, S3Uri.parse(payload["slide_uri"]).prefix(), slide_uri, used, overrides)
     new_work = S3Uri(work_uri.bucket, f"{run_id}/")
     reuse(s3, plan, work_uri, new_work)
 
@@ -538,7 +577,8 @@ def rerun(slide_id: str, *, table, from_stage: str | None = None, params_text: s
     run_item = {**catalog.run_key(slide_id, run_id), "run_id": run_id, "status": Status.READY,
                 "status_order": catalog.STATUS_RANK[Status.READY], "manifest_version": slide.get("manifest_version"),
                 "input": new_payload, "started_at": now, "rerun_of": previous_run,
-                "from_stage": STAGES[stage_index].name, "params_override": override}
+                "from_stage": STAGES[stage_index].name, "params_override": PARAMS in overrides,
+                "story_override": STORY in overrides}
     table.put_item(Item=run_item)
     try:
         arn = sfn.start_execution(stateMachineArn=state_machine_of(execution_arn), name=run_id,
@@ -553,4 +593,4 @@ def rerun(slide_id: str, *, table, from_stage: str | None = None, params_text: s
                           ConditionExpression=Attr("run_id").eq(run_id),
                           ExpressionAttributeNames={"#e": "execution_arn"}, ExpressionAttributeValues={":e": arn})
     return Rerun(slide_id, run_id, previous_run, arn, str(slide_uri), str(new_work), tuple(s.name for s in reused),
-                 override)
+                 PARAMS in overrides, STORY in overrides)
