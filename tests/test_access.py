@@ -32,7 +32,6 @@ from atlas.aws.access import (
     PART_SIZE,
     PART_SUFFIX,
     PRICES,
-    REQUEST_PAYER_HEADER,
     STATE_SUFFIX,
     AccessError,
     NotPublished,
@@ -48,7 +47,7 @@ from atlas.aws.access import (
     results_client,
 )
 from atlas.aws.release import release_run
-from atlas.aws.s3uri import S3Uri
+from atlas.aws.s3 import REQUEST_PAYER_HEADER, S3Uri
 from atlas.cli import app
 from atlas.cli.data import human
 from atlas.errors import InvalidInput

@@ -22,7 +22,7 @@ from moto import mock_aws
 from typer.testing import CliRunner
 
 from atlas.aws import catalog, ops
-from atlas.aws.s3uri import S3Uri
+from atlas.aws.s3 import S3Uri
 from atlas.aws.upload import upload_slide
 from atlas.cli import app
 from atlas.cli.data import usd

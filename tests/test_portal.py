@@ -25,7 +25,7 @@ from atlas import layout
 from atlas.aws import access
 from atlas.aws.portal import INDEX_JSON, publish_portal, read_index
 from atlas.aws.release import LATEST, release_run
-from atlas.aws.s3uri import S3Uri
+from atlas.aws.s3 import S3Uri
 from atlas.errors import InvalidInput
 from atlas.science.overview import render_overview
 from atlas.science.pyramid import write_ome_tiff_pyramid

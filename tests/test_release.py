@@ -17,7 +17,7 @@ from moto import mock_aws
 
 from atlas import layout
 from atlas.aws.release import LATEST, ReleaseError, content_type, release_run
-from atlas.aws.s3uri import S3Uri
+from atlas.aws.s3 import S3Uri
 
 SLIDE = "S1"
 FILES = {  # relative path -> bytes

@@ -250,7 +250,7 @@ def test_rerun_from_render_with_a_new_story(cloud, sample_slide, tmp_path):  # n
     from test_ops import cli, finish_job, objects, table, tell
 
     from atlas.aws import ops
-    from atlas.aws.s3uri import S3Uri
+    from atlas.aws.s3 import S3Uri
     from atlas.pipeline.job import stage_slide
     from atlas.slide.convention import MANIFEST, parse_manifest
     from atlas.stages import get_stage

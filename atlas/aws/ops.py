@@ -33,8 +33,7 @@ from botocore.exceptions import ClientError
 
 from atlas.aws import catalog
 from atlas.aws.catalog import Status
-from atlas.aws.release import parallel_map
-from atlas.aws.s3uri import S3Uri
+from atlas.aws.s3 import S3Uri, get_bytes, list_sizes, parallel_map, s3_client
 from atlas.errors import InvalidInput, Problem
 from atlas.params import parse_params
 from atlas.pipeline.local import PROVENANCE, completion_path
@@ -223,12 +222,11 @@ def current_job(sfn, execution_arn: str) -> str | None:
 
 def completion_records(s3, work: S3Uri, run_id: str) -> dict[str, dict]:
     """This run's completion records in its work prefix: record path (``qc/provenance/...``) -> record."""
-    prefix = work.prefix().join(PROVENANCE).prefix()
-    keys = []
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=prefix.bucket, Prefix=prefix.key):
-        keys += [o["Key"] for o in page.get("Contents", []) if o["Key"].endswith(".json")]
-    docs = parallel_map(lambda key: json.loads(s3.get_object(Bucket=prefix.bucket, Key=key)["Body"].read()), keys)
-    return {key[len(work.prefix().key):]: doc for key, doc in zip(keys, docs) if doc.get("run_id") == run_id}
+    records = work.prefix().join(PROVENANCE).prefix()
+    rels = [f"{PROVENANCE}/{name}" for name in list_sizes(s3, records) if name.endswith(".json")]
+    raws = parallel_map(lambda rel: get_bytes(s3, work.join(rel)), rels)
+    docs = {rel: json.loads(raw) for rel, raw in zip(rels, raws) if raw is not None}
+    return {rel: doc for rel, doc in docs.items() if doc.get("run_id") == run_id}
 
 
 def _record_rel(stage: Stage, item: int | None = None) -> str:
@@ -298,7 +296,7 @@ def slide_status(slide_id: str, *, table, sfn=None, s3=None) -> SlideStatus:
         The catalog table (:func:`catalog_table`).
     sfn, s3 : boto3 clients, optional
     """
-    s3 = s3 or boto3.client("s3")
+    s3 = s3 or s3_client()
     item = catalog.from_dynamo(_slide_item(table, slide_id))
     runs = sorted((catalog.from_dynamo(r) for r in _run_items(table, slide_id)), key=lambda r: r.get("started_at", ""))
     run_id = item.get("run_id")
@@ -352,22 +350,6 @@ class Rerun:
     story_override: bool = False
 
 
-def _get(s3, uri: S3Uri) -> bytes | None:
-    try:
-        return s3.get_object(Bucket=uri.bucket, Key=uri.key)["Body"].read()
-    except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-            return None
-        raise
-
-
-def _list_sizes(s3, prefix: S3Uri) -> dict[str, int]:
-    sizes = {}
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=prefix.bucket, Prefix=prefix.key):
-        sizes.update({o["Key"][len(prefix.key):]: o["Size"] for o in page.get("Contents", [])})
-    return sizes
-
-
 def _check_rerunnable(slide_id: str, item: Mapping, sfn) -> None:
     status, run_id, arn = item.get("status"), item.get("run_id"), item.get("execution_arn")
     if status in RERUNNABLE:
@@ -403,13 +385,13 @@ def plan_reuse(s3, previous: S3Uri, *, previous_run: str, run_id: str, stages: l
 
     Raises InvalidInput naming the first job whose record or outputs are incomplete.
     """
-    sizes = _list_sizes(s3, previous)
+    sizes = list_sizes(s3, previous)
     outputs: set[str] = set()
     records: dict[str, dict] = {}
     for stage in stages:
         for item in [*range(stage.array_size), None]:
             rel = _record_rel(stage, item)
-            raw = _get(s3, previous.join(rel))
+            raw = get_bytes(s3, previous.join(rel))
             record = json.loads(raw) if raw is not None else None
             intact = record is not None and record.get("run_id") == previous_run and all(
                 sizes.get(o["path"]) == o["size"] for o in record["outputs"])
@@ -456,7 +438,7 @@ def _check_story_override(s3, slide_uri: S3Uri, listed: set[str], story_text: st
     """A story.yml for a rerun: its form, its groups and channels against the slide's markers (the
     image extent is checked when rendering), and not while the render outputs are reused."""
     story = parse_story(story_text, story_file)
-    markers_text = (_get(s3, slide_uri.join(MARKERS)) or b"").decode() if MARKERS in listed else None
+    markers_text = (get_bytes(s3, slide_uri.join(MARKERS)) or b"").decode() if MARKERS in listed else None
     if markers_text:
         per_group = params.get("render", {}).get("channels_per_group", 4)
         problems = check_story(story, markers=[m.marker_name for m in parse_markers(markers_text)],
@@ -501,7 +483,7 @@ def rerun(slide_id: str, *, table, from_stage: str | None = None, params_text: s
         params are invalid or change a reused stage, or a reused stage is incomplete. Nothing is
         started then.
     """
-    s3 = s3 or boto3.client("s3")
+    s3 = s3 or s3_client()
     slide = _slide_item(table, slide_id)
     previous_run = slide.get("run_id")
     runs = {r["run_id"]: r for r in _run_items(table, slide_id)}
@@ -518,7 +500,7 @@ def rerun(slide_id: str, *, table, from_stage: str | None = None, params_text: s
         raise InvalidInput(Problem("--from", str(exc), "name one of the stages")) from exc
     reused = list(STAGES[:stage_index])
 
-    manifest_bytes = _get(s3, slide_uri.join(MANIFEST))
+    manifest_bytes = get_bytes(s3, slide_uri.join(MANIFEST))
     if manifest_bytes is None:
         expired = slide_uri.key.startswith(RERUN_PREFIX + "/")
         raise InvalidInput(Problem(str(slide_uri.join(MANIFEST)), "the slide this run read is gone"
@@ -528,7 +510,7 @@ def rerun(slide_id: str, *, table, from_stage: str | None = None, params_text: s
     overrides: dict[str, bytes] = {}  # slide files replaced in a copy of the slide
     if params_text is not None or story_text is not None:
         listed = {e.path for e in parse_manifest(manifest_bytes.decode())}
-        old = parse_params((_get(s3, slide_uri.join(PARAMS)) or b"").decode() if PARAMS in listed else None).to_dict()
+        old = parse_params((get_bytes(s3, slide_uri.join(PARAMS)) or b"").decode() if PARAMS in listed else None).to_dict()
         new = old
         if params_text is not None:
             new = parse_params(params_text, file=params_file).to_dict()
@@ -540,7 +522,7 @@ def rerun(slide_id: str, *, table, from_stage: str | None = None, params_text: s
                                            f"rerun --from {changed[0]} (or an earlier stage)"))
             if old != new:
                 overrides[PARAMS] = params_text.encode()
-        if story_text is not None and story_text.encode() != (_get(s3, slide_uri.join(STORY)) if STORY in listed
+        if story_text is not None and story_text.encode() != (get_bytes(s3, slide_uri.join(STORY)) if STORY in listed
                                                                else None):
             _check_story_override(s3, slide_uri, listed, story_text, story_file, new, reused)
             overrides[STORY] = story_text.encode()

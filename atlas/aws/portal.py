@@ -30,11 +30,10 @@ from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path, PurePosixPath
 
-from botocore.exceptions import ClientError
-
 from atlas import layout
 from atlas.aws import access
-from atlas.aws.release import RESULTS_REGION, parallel_map
+from atlas.aws.release import RESULTS_REGION
+from atlas.aws.s3 import S3Uri, get_bytes, parallel_map
 from atlas.errors import InvalidInput, Problem
 
 INDEX_JSON = "index.json"
@@ -124,12 +123,9 @@ def portal_files(index: dict) -> dict[str, bytes]:
 
 def _read_json(s3, bucket: str, key: str) -> dict | None:
     """A JSON object of ours, or None when it is not there (or not JSON: then it is rebuilt)."""
+    raw = get_bytes(s3, S3Uri(bucket, key))
     try:
-        return json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
-    except ClientError as exc:
-        if access.is_missing(exc):
-            return None
-        raise
+        return json.loads(raw) if raw is not None else None
     except ValueError:
         return None
 

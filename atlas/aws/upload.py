@@ -21,7 +21,7 @@ from typing import TypeVar
 from botocore.exceptions import BotoCoreError, ClientError
 
 from atlas.aws.catalog import SHA256_METADATA
-from atlas.aws.s3uri import S3Uri
+from atlas.aws.s3 import S3Uri, is_missing, s3_client
 from atlas.errors import InvalidInput, Problem
 from atlas.slide.convention import MANIFEST, build_manifest, check_slide_id, run_id_for
 from atlas.slide.validate import validate_slide
@@ -57,14 +57,6 @@ class UploadResult:
     uploaded: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     bytes_sent: int = 0
-
-
-def s3_client():
-    """S3 client with botocore's standard retries (throttling, 5xx, dropped connections)."""
-    import boto3
-    from botocore.config import Config
-
-    return boto3.client("s3", config=Config(retries={"max_attempts": 10, "mode": "standard"}))
 
 
 def destination(slide_dir: Path, uri: str) -> tuple[S3Uri, str]:
@@ -116,7 +108,7 @@ def _remote_sha256(s3, bucket: str, key: str) -> str | None:
     try:
         return s3.head_object(Bucket=bucket, Key=key).get("Metadata", {}).get(SHA256_METADATA)
     except ClientError as exc:
-        if exc.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+        if is_missing(exc):
             return None
         raise
 
@@ -146,7 +138,7 @@ def upload_slide(slide_dir: Path, uri: str, *, s3=None, progress=None, attempts:
     uri : str
         ``s3://bucket`` or ``s3://bucket/SLIDE_ID`` (default slide id: the folder name).
     s3 : botocore S3 client, optional
-        Default :func:`s3_client` (honours ``AWS_ENDPOINT_URL`` and the usual AWS settings).
+        Default :func:`atlas.aws.s3.s3_client` (honours ``AWS_ENDPOINT_URL`` and the usual AWS settings).
     progress : rich.progress.Progress, optional
         Gets one task counting bytes sent.
     attempts : int

@@ -115,3 +115,9 @@ def test_functions_log_as_json_with_the_configured_retention(full):
         assert fn["Properties"]["LoggingConfig"]["LogFormat"] == "JSON"
         _, group = one(full.pipeline, "AWS::Logs::LogGroup", f"Catalog{name.capitalize()}Logs")
         assert group["Properties"]["RetentionInDays"] == 30
+
+
+def test_each_function_has_reserved_concurrency(synth):
+    reserved = {name: function(synth, name)[1]["Properties"]["ReservedConcurrentExecutions"] for name in HANDLERS}
+    assert all(isinstance(n, int) and n > 0 for n in reserved.values()), reserved
+    assert reserved["catalog"] >= reserved["trigger"] >= reserved["status"]  # one event per object, per slide, per run

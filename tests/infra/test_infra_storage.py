@@ -119,3 +119,18 @@ def test_overview_site_is_served_by_cloudfront_through_origin_access_control(ful
     reads = [s for s in bucket_policy_statements(full.pipeline, bucket_id) if s["Effect"] == "Allow"]
     assert [s["Principal"] for s in reads] == [{"Service": "cloudfront.amazonaws.com"}]
     assert reads[0]["Action"] == "s3:GetObject"
+
+
+def test_overview_site_sends_a_content_security_policy(full):
+    from infra.site import CONTENT_SECURITY_POLICY
+
+    (distribution,) = resources(full.pipeline, "AWS::CloudFront::Distribution").values()
+    policy_ref = distribution["Properties"]["DistributionConfig"]["DefaultCacheBehavior"]["ResponseHeadersPolicyId"]
+    (policy,) = [r for k, r in resources(full.pipeline, "AWS::CloudFront::ResponseHeadersPolicy").items()
+                 if policy_ref == {"Ref": k}]
+    headers = policy["Properties"]["ResponseHeadersPolicyConfig"]["SecurityHeadersConfig"]
+    assert headers["ContentSecurityPolicy"] == {"ContentSecurityPolicy": CONTENT_SECURITY_POLICY, "Override": True}
+    directives = dict(d.strip().split(" ", 1) for d in CONTENT_SECURITY_POLICY.split(";"))
+    assert directives["script-src"] == "'self'" and directives["object-src"] == "'none'"
+    assert directives["frame-ancestors"] == "'none'" and headers["FrameOptions"]["FrameOption"] == "DENY"
+    assert headers["StrictTransportSecurity"]["AccessControlMaxAgeSec"] >= 31536000
