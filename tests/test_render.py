@@ -363,8 +363,14 @@ def test_cli_render(images, tmp_path):
     result = CliRunner().invoke(app, ["render", "--image", str(image), "--mask", str(mask), "--markers", str(markers),
                                       "-o", str(out)])
     assert result.exit_code == 0, result.output
-    assert "1 group(s)" in result.output and (out / "index.html").is_file()
+    assert "1 group(s)" in result.output and "2 waypoints (drafted)" in result.output and (out / "index.html").is_file()
     assert inlined_data(out)["panel"]["slideId"] == "image"
+    story = tmp_path / "story.yml"
+    story.write_text(STORY_YML)
+    authored = CliRunner().invoke(app, ["render", "--image", str(image), "--markers", str(markers), "--story", str(story),
+                                        "-o", str(out)])
+    assert authored.exit_code == 0, authored.output
+    assert "2 group(s)" in authored.output and "2 waypoints (authored)" in authored.output
 
 
 # ---- stories, Minerva compatibility ---------------------------------------------------------
