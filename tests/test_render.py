@@ -127,7 +127,7 @@ def test_composite_is_minervas_formula(dsb):
     planes = np.stack([nuclei, np.flipud(nuclei)])
     ranges, colors = [(20.0, 120.0), (30.0, 90.0)], ["ffffff", "ff8000"]
     expected = np.zeros(nuclei.shape + (3,))
-    for plane, (low, high), color in zip(planes, ranges, colors):
+    for plane, (low, high), color in zip(planes, ranges, colors, strict=True):
         value = np.clip((plane - low) / (high - low), 0, 1)
         expected += value[..., None] * np.array([int(color[i:i + 2], 16) for i in (0, 2, 4)]) / 255
     expected = np.clip(expected, 0, 1) * 255
@@ -367,8 +367,8 @@ def test_cli_render(images, tmp_path):
     assert inlined_data(out)["panel"]["slideId"] == "image"
     story = tmp_path / "story.yml"
     story.write_text(STORY_YML)
-    authored = CliRunner().invoke(app, ["render", "--image", str(image), "--markers", str(markers), "--story", str(story),
-                                        "-o", str(out)])
+    authored = CliRunner().invoke(app, ["render", "--image", str(image), "--markers", str(markers),
+                                        "--story", str(story), "-o", str(out)])
     assert authored.exit_code == 0, authored.output
     assert "2 group(s)" in authored.output and "2 waypoints (authored)" in authored.output
 

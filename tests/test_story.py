@@ -234,7 +234,7 @@ def test_story_draft_cli_prints_the_story_the_run_rendered(sample_run):
     assert [w.name for w in story.waypoints] == [w["name"] for w in rendered]
     assert [w.description for w in story.waypoints] == [w["description"] for w in rendered]
     pixel = page["panel"]["image"]["pixelSizeUm"]
-    for waypoint, shown in zip(story.waypoints, rendered):
+    for waypoint, shown in zip(story.waypoints, rendered, strict=True):
         assert waypoint.center_um == pytest.approx([v * pixel for v in shown["center"]], abs=0.06)
     assert len(story.waypoints) == 1 + len(page["exhibit"]["Groups"])   # overview + one per group
     assert "cells in view" in story.waypoints[1].description

@@ -329,7 +329,8 @@ def list_releases(slide_id: str, *, bucket: str | None = None, client=None) -> l
                                                                  f"{bucket!r}",
                                    "check the slide id: `atlas data ls` lists the published slides"))
     current = latest_run(slide_id, bucket=bucket, client=client)
-    found = [Release(bucket, slide_id, run, when, run == current) for run, when in zip(runs, times) if when]
+    found = [Release(bucket, slide_id, run, when, run == current)
+             for run, when in zip(runs, times, strict=True) if when]
     return sorted(found, key=lambda r: r.released)
 
 

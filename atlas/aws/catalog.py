@@ -37,7 +37,7 @@ import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
 from functools import cached_property
@@ -262,7 +262,7 @@ def run_key(slide_id: str, run_id: str) -> dict[str, str]:
 
 def timestamp() -> str:
     """Now, UTC, ISO 8601 with milliseconds: the time format of every catalog item."""
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 def normalize_sequencer(sequencer: str | None) -> str:

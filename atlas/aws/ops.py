@@ -225,7 +225,7 @@ def completion_records(s3, work: S3Uri, run_id: str) -> dict[str, dict]:
     records = work.prefix().join(PROVENANCE).prefix()
     rels = [f"{PROVENANCE}/{name}" for name in list_sizes(s3, records) if name.endswith(".json")]
     raws = parallel_map(lambda rel: get_bytes(s3, work.join(rel)), rels)
-    docs = {rel: json.loads(raw) for rel, raw in zip(rels, raws) if raw is not None}
+    docs = {rel: json.loads(raw) for rel, raw in zip(rels, raws, strict=True) if raw is not None}
     return {rel: doc for rel, doc in docs.items() if doc.get("run_id") == run_id}
 
 
@@ -505,12 +505,14 @@ def rerun(slide_id: str, *, table, from_stage: str | None = None, params_text: s
         expired = slide_uri.key.startswith(RERUN_PREFIX + "/")
         raise InvalidInput(Problem(str(slide_uri.join(MANIFEST)), "the slide this run read is gone"
                                    + (" (a params copy, expired with the work bucket's retention)" if expired else ""),
-                                   "rerun with --params again" if expired else "upload the slide again (`atlas upload`)"))
+                                   "rerun with --params again" if expired
+                                   else "upload the slide again (`atlas upload`)"))
     manifest = json.loads(manifest_bytes)
     overrides: dict[str, bytes] = {}  # slide files replaced in a copy of the slide
     if params_text is not None or story_text is not None:
         listed = {e.path for e in parse_manifest(manifest_bytes.decode())}
-        old = parse_params((get_bytes(s3, slide_uri.join(PARAMS)) or b"").decode() if PARAMS in listed else None).to_dict()
+        old_text = (get_bytes(s3, slide_uri.join(PARAMS)) or b"").decode() if PARAMS in listed else None
+        old = parse_params(old_text).to_dict()
         new = old
         if params_text is not None:
             new = parse_params(params_text, file=params_file).to_dict()
@@ -522,8 +524,8 @@ def rerun(slide_id: str, *, table, from_stage: str | None = None, params_text: s
                                            f"rerun --from {changed[0]} (or an earlier stage)"))
             if old != new:
                 overrides[PARAMS] = params_text.encode()
-        if story_text is not None and story_text.encode() != (get_bytes(s3, slide_uri.join(STORY)) if STORY in listed
-                                                               else None):
+        current_story = get_bytes(s3, slide_uri.join(STORY)) if STORY in listed else None
+        if story_text is not None and story_text.encode() != current_story:
             _check_story_override(s3, slide_uri, listed, story_text, story_file, new, reused)
             overrides[STORY] = story_text.encode()
 

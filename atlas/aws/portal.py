@@ -103,9 +103,9 @@ def portal_index(slides: list[dict], *, results_bucket: str, generated: str) -> 
         "prices_as_of": prices.as_of,
         "cost_note": (f"Downloading the whole release to the internet, at S3 prices in {RESULTS_REGION} of "
                       f"{prices.as_of} (first-tier transfer ${prices.internet_tiers[0][1]}/GB plus "
-                      f"${prices.get_per_1000} per 1,000 GET requests, paid by your AWS account: requester pays). Inside {RESULTS_REGION} (EC2, "
-                      "SageMaker, ...) there is no transfer charge, only the requests. `atlas data cost SLIDE` prices "
-                      "single levels and other regions."),
+                      f"${prices.get_per_1000} per 1,000 GET requests, paid by your AWS account: requester "
+                      f"pays). Inside {RESULTS_REGION} (EC2, SageMaker, ...) there is no transfer charge, only the "
+                      "requests. `atlas data cost SLIDE` prices single levels and other regions."),
         "slides": sorted(slides, key=lambda s: s["slide_id"]),
     }
 

@@ -135,11 +135,13 @@ def release_run(s3, out_dir: Path, *, work: S3Uri, slide_id: str, run_id: str, r
     if overview_bucket:
         site = S3Uri(overview_bucket, f"{slide_id}/{run_id}/")
         top = layout.OVERVIEW + "/"
-        parallel_map(lambda f: _copy(s3, work.join(f["path"]), site.join(f["path"][len(top):]), {"sha256": f["sha256"]}),
+        parallel_map(lambda f: _copy(s3, work.join(f["path"]), site.join(f["path"][len(top):]),
+                                     {"sha256": f["sha256"]}),
                      [f for f in files if f["path"].startswith(top)])
     # the manifest is the release: only now does it become visible
     _copy(s3, work.join(layout.MANIFEST), prefix.join(layout.MANIFEST), {"htan-level": "none"})
-    latest = {"slide_id": slide_id, "run_id": run_id, "prefix": str(prefix), "manifest": str(prefix.join(layout.MANIFEST)),
+    latest = {"slide_id": slide_id, "run_id": run_id, "prefix": str(prefix),
+              "manifest": str(prefix.join(layout.MANIFEST)),
               "files": len(files), "bytes": sum(f["size"] for f in files),
               "overview": str(site.join(layout.OVERVIEW_PAGE)) if site else None,
               "released": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

@@ -8,6 +8,7 @@ that are already there (an interrupted upload resumes where it stopped).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -71,7 +72,8 @@ def destination(slide_dir: Path, uri: str) -> tuple[S3Uri, str]:
     try:
         target = S3Uri.parse(uri)
     except ValueError as exc:
-        raise InvalidInput(Problem(uri, str(exc), "give the ingest bucket as s3://BUCKET or s3://BUCKET/SLIDE_ID")) from exc
+        raise InvalidInput(Problem(uri, str(exc),
+                                   "give the ingest bucket as s3://BUCKET or s3://BUCKET/SLIDE_ID")) from exc
     slide_id = target.key.strip("/") or Path(slide_dir).resolve().name
     if "/" in slide_id:
         raise InvalidInput(Problem(uri, f"prefix {target.key!r} has more than one level; slides live at "
@@ -128,7 +130,8 @@ def _with_retries(action: Callable[[], T], what: str, attempts: int, backoff_s: 
 
 
 def upload_slide(slide_dir: Path, uri: str, *, s3=None, progress=None, attempts: int = 3, backoff_s: float = 2.0,
-                 multipart_threshold: int = MULTIPART_THRESHOLD, multipart_chunk: int = MULTIPART_CHUNK) -> UploadResult:
+                 multipart_threshold: int = MULTIPART_THRESHOLD,
+                 multipart_chunk: int = MULTIPART_CHUNK) -> UploadResult:
     """Validate a slide folder and upload it to ``s3://bucket/<slide_id>/``, manifest.json last.
 
     Parameters
@@ -175,25 +178,28 @@ def upload_slide(slide_dir: Path, uri: str, *, s3=None, progress=None, attempts:
         if progress is not None:
             progress.advance(task, n)
 
-    for entry in doc["files"]:
+    def send(entry: dict) -> bool:
+        """One try at one file; a failed try takes back the bytes it counted."""
         key = prefix.join(entry["path"]).key
-        sent = [0]
+        sent = 0
 
         def count(n: int) -> None:
-            sent[0] += n
+            nonlocal sent
+            sent += n
             advance(n)
 
-        def send() -> bool:
-            if sent[0]:  # a failed attempt already counted some bytes: take them back
-                advance(-sent[0])
-                sent[0] = 0
-            if _remote_sha256(s3, root.bucket, key) == entry["sha256"]:
-                return False
+        if _remote_sha256(s3, root.bucket, key) == entry["sha256"]:
+            return False
+        try:
             s3.upload_file(str(slide_dir / entry["path"]), root.bucket, key, Config=config, Callback=count,
                            ExtraArgs={"Metadata": {SHA256_METADATA: entry["sha256"]}})
-            return True
+        except BaseException:
+            advance(-sent)
+            raise
+        return True
 
-        if _with_retries(send, entry["path"], attempts, backoff_s):
+    for entry in doc["files"]:
+        if _with_retries(functools.partial(send, entry), entry["path"], attempts, backoff_s):
             result.uploaded.append(entry["path"])
             result.bytes_sent += entry["size"]
         else:

@@ -136,7 +136,7 @@ class JobResult:
 def _matches(rel: str, pattern: str) -> bool:
     """Glob match as :meth:`pathlib.Path.glob` + "a matching folder counts file by file" does."""
     parts, pats = PurePosixPath(rel).parts, PurePosixPath(pattern).parts
-    return len(parts) >= len(pats) and all(fnmatchcase(p, q) for p, q in zip(parts, pats))
+    return len(parts) >= len(pats) and all(fnmatchcase(p, q) for p, q in zip(parts, pats, strict=False))
 
 
 def _record_rel(stage: Stage, item: int | None) -> str:
@@ -229,11 +229,11 @@ def upstream_records(s3, work: S3Uri, stage: Stage, run_id: str, merge: bool) ->
     raws = parallel_map(lambda si: get_bytes(s3, work.join(_record_rel(*si))), wanted)
     records = [json.loads(raw) if raw is not None else None for raw in raws]
     missing = [f"{s.name}" + ("" if i is None else f" item {i}")
-               for (s, i), r in zip(wanted, records) if r is None or r.get("run_id") != run_id]
+               for (s, i), r in zip(wanted, records, strict=True) if r is None or r.get("run_id") != run_id]
     if missing:
         raise UpstreamIncomplete(f"stage {stage.name} of run {run_id} needs {', '.join(missing)} to be complete "
                                  f"first: no completion record for this run under {work}")
-    return [UpstreamRecord(s, i, r, raw) for (s, i), r, raw in zip(wanted, records, raws)]
+    return [UpstreamRecord(s, i, r, raw) for (s, i), r, raw in zip(wanted, records, raws, strict=True)]
 
 
 def stage_work(s3, work: S3Uri, out_dir: Path, stage: Stage, records: list[UpstreamRecord]) -> dict[str, str]:

@@ -310,7 +310,7 @@ def write_ome_zarr(path: str | os.PathLike, image: ArrayLike, *, channel_names: 
                  "inverted": False,
                  "window": {"min": float(info.min) if info else start, "max": float(info.max) if info else end,
                             "start": start, "end": end}}
-                for name, color, (start, end) in zip(channel_names, colors, contrast_windows(levels[-1]))]
+                for name, color, (start, end) in zip(channel_names, colors, contrast_windows(levels[-1]), strict=True)]
     group.attrs.update({"multiscales": _multiscales(path.name.removesuffix(".ome.zarr"), len(levels), pixel_size_um),
                         "omero": {"name": path.name.removesuffix(".ome.zarr"), "version": NGFF_VERSION,
                                   "channels": channels, "rdefs": {"model": "color", "defaultZ": 0, "defaultT": 0}}})

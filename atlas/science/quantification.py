@@ -203,7 +203,7 @@ def _convex_areas(grp: np.ndarray, y: np.ndarray, x0: np.ndarray, x1: np.ndarray
         t = np.stack([2 * r - 1, 2 * r, 2 * r + 1], axis=1)[keep]
         v = np.stack([2 * np.where(prev, np.minimum(e, e_prev), e), 2 * e - 1, 2 * e], axis=1)[keep]
         chains.append((t, v, np.bincount(g, weights=keep.sum(axis=1), minlength=k).astype(np.int64)))
-    t, v, length = (np.concatenate(c) for c in zip(*chains))
+    t, v, length = (np.concatenate(c) for c in zip(*chains, strict=True))
     seq, t0, v0, t1, v1 = _lower_hull_edges(t, v, length)
     # Each edge [t0, t1) covers the pixel rows t = 2 * row in it; per row ceil(v / 2) of the hull.
     e0 = t0 + (t0 & 1)
@@ -349,7 +349,7 @@ def mask_morphology(mask, name: str = "mask", rows: int | None = None,
                       lengths[keep].astype(np.int32)))
         if progress:
             progress(r1 - r0)
-    runs = [np.concatenate(p) for p in zip(*parts)]
+    runs = [np.concatenate(p) for p in zip(*parts, strict=True)]
     del parts
     return morphology_from_runs(*runs)
 
@@ -435,7 +435,8 @@ def feature_table(morphology: Morphology, means: np.ndarray, marker_names: Seque
         N names (repeats get MCQuant's suffixes).
     """
     data = {ID_COLUMN: morphology.labels.astype(np.int64)}
-    data.update(zip(marker_columns(marker_names), np.asarray(means, np.float64).reshape(-1, len(marker_names)).T))
+    columns = np.asarray(means, np.float64).reshape(-1, len(marker_names)).T
+    data.update(zip(marker_columns(marker_names), columns, strict=True))
     data.update(morphology.columns)
     return pd.DataFrame(data, columns=table_columns(marker_names))
 

@@ -69,7 +69,7 @@ def write_cycle(path: Path, tiles: np.ndarray, positions_um: np.ndarray, pixel_s
                          f"got shape {tiles.shape}, {len(positions_um)} positions, {len(channel_names)} names")
     n_channels = tiles.shape[1]
     with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tif:
-        for i, (tile, (y, x)) in enumerate(zip(tiles, positions_um)):
+        for i, (tile, (y, x)) in enumerate(zip(tiles, positions_um, strict=True)):
             tif.write(tile, compression=compression, metadata={
                 "axes": "CYX", "Name": f"tile-{i}", **({"UUID": uuid} if uuid and i == 0 else {}),
                 "PhysicalSizeX": pixel_size_um, "PhysicalSizeXUnit": "µm",

@@ -241,7 +241,7 @@ def _read_group(r: _Reader, value: Any, index: int) -> StoryGroup | None:
         raw = r.names(doc["colors"], f"{where}: colors")
         if raw is not None:
             matched = [COLOR.fullmatch(str(c)) for c in raw]
-            bad = [c for c, m in zip(raw, matched) if m is None]
+            bad = [c for c, m in zip(raw, matched, strict=True) if m is None]
             if bad:
                 r.problem(where, f"colors {bad} are not 6-digit hex colours",
                           "write colours as 6 hex digits, e.g. ff0000")

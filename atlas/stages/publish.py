@@ -43,7 +43,8 @@ def build_manifest(ctx: StageContext) -> dict:
     for record_path in sorted(provenance.glob("*.json")):
         record = json.loads(record_path.read_text())
         if record.get("run_id") == ctx.run_id:
-            stages.append({k: record[k] for k in ("stage", "item", "seconds", "vcpus", "vcpu_seconds", "instance_type")})
+            stages.append({k: record[k]
+                           for k in ("stage", "item", "seconds", "vcpus", "vcpu_seconds", "instance_type")})
     order = [s.name for s in STAGES]
     stages.sort(key=lambda r: (order.index(r["stage"]), -1 if r["item"] is None else r["item"]))
     files = []

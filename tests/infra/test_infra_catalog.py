@@ -15,7 +15,8 @@ HANDLERS = ("catalog", "trigger", "status")
 def test_catalog_table_on_demand_with_point_in_time_recovery_retained(synth):
     _, table = one(synth.pipeline, "AWS::DynamoDB::Table", "CatalogTable")
     props = table["Properties"]
-    assert props["KeySchema"] == [{"AttributeName": "pk", "KeyType": "HASH"}, {"AttributeName": "sk", "KeyType": "RANGE"}]
+    assert props["KeySchema"] == [{"AttributeName": "pk", "KeyType": "HASH"},
+                                  {"AttributeName": "sk", "KeyType": "RANGE"}]
     assert props["AttributeDefinitions"] == [{"AttributeName": "pk", "AttributeType": "S"},
                                              {"AttributeName": "sk", "AttributeType": "S"}]
     assert props["BillingMode"] == "PAY_PER_REQUEST"

@@ -75,7 +75,8 @@ def test_queues_cancel_jobs_stuck_runnable(synth):
 
 
 def definition(synth, stage, merge=False) -> dict:
-    _, job = one(synth.pipeline, "AWS::Batch::JobDefinition", f"Batch{job_name(stage, merge=merge).replace('-', '')}Job")
+    _, job = one(synth.pipeline, "AWS::Batch::JobDefinition",
+                 f"Batch{job_name(stage, merge=merge).replace('-', '')}Job")
     return job["Properties"]
 
 

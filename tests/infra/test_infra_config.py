@@ -33,7 +33,8 @@ def test_full_settings_are_read_typed():
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({"grantee_account_ids": ["11112222333"]}, r"grantee_account_ids\[0\] '11112222333' is not a 12-digit AWS account ID"),
+    ({"grantee_account_ids": ["11112222333"]},
+     r"grantee_account_ids\[0\] '11112222333' is not a 12-digit AWS account ID"),
     ({"grantee_account_ids": ["1111-2222-3333"]}, r"12-digit AWS account ID"),
     ({"grantee_account_ids": [111122223333]}, r"quoted strings \(a JSON number loses leading zeros\)"),
     ({"grantee_account_ids": ["111122223333", "111122223333"]}, r"lists 111122223333 more than once"),

@@ -262,7 +262,7 @@ def make_story(*, slide_id: str, groups: Sequence[Group], views: Sequence[View],
         "groups": [{"label": g.name, "channels": [
             {"color": color, "id": c, "label": label,
              "min": round(low / dtype_max, 6), "max": round(high / dtype_max, 6)}
-            for c, label, color, (low, high) in zip(g.channels, g.labels, g.colors, g.ranges)]}
+            for c, label, color, (low, high) in zip(g.channels, g.labels, g.colors, g.ranges, strict=True)]}
             for g in groups],
         "masks": masks,
         "waypoints": [{"name": v.name, "text": safe_markdown(v.description), "group": groups[v.group].name,

@@ -270,7 +270,7 @@ def _render(image_path: str | os.PathLike, work: Path, *, slide_id: str, markers
                         for c, name in enumerate(markers)],
             "groups": [{"name": g.name, "channels": [
                 {"index": c, "name": label, "color": color, "low": round(low, 4), "high": round(high, 4)}
-                for c, label, color, (low, high) in zip(g.channels, g.labels, g.colors, g.ranges)]}
+                for c, label, color, (low, high) in zip(g.channels, g.labels, g.colors, g.ranges, strict=True)]}
                 for g in groups],
         },
     }
@@ -285,7 +285,7 @@ def _render(image_path: str | os.PathLike, work: Path, *, slide_id: str, markers
 
 def _channel_ranges(groups: Sequence[ex.Group], n_channels: int, coarsest: np.ndarray) -> list[tuple[float, float]]:
     """Display range of every channel: as in its group, or (in no group) from the coarsest level."""
-    ranges: dict[int, tuple[float, float]] = {c: r for g in groups for c, r in zip(g.channels, g.ranges)}
+    ranges: dict[int, tuple[float, float]] = {c: r for g in groups for c, r in zip(g.channels, g.ranges, strict=True)}
     return [ranges[c] if c in ranges else auto_contrast(sample_pixels(coarsest[c])) for c in range(n_channels)]
 
 

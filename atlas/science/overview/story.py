@@ -5,12 +5,12 @@ centred on the region where that group's markers are most enriched:
 
 - **with a cell table**: each marker's cells are split into high and low at the Otsu threshold of
   the log intensities of the cells with signal (cells at 0, e.g. outside a cycle's field, never
-  count as high); the image is cut into a grid of square bins (64 along its
-  longer side) and of the view-sized windows the one with the most cells high in any of the
-  group's markers, weighted by their share of the cells in it (high² / cells, so that a dense region
-  of mostly negative cells does not win), is chosen (the first in raster order on a tie). Its description gives the cells in view, the share
-  of marker-high cells in view and on the slide, and each marker's mean intensity in view against
-  the slide's.
+  count as high); the image is cut into a grid of square bins (64 along its longer side) and of
+  the view-sized windows the one with the most cells high in any of the group's markers, weighted
+  by their share of the cells in it (high² / cells, so that a dense region of mostly negative
+  cells does not win), is chosen (the first in raster order on a tie). Its description gives the
+  cells in view, the share of marker-high cells in view and on the slide, and each marker's mean
+  intensity in view against the slide's.
 - **without one** (no segmentation): the same window search over the group's display intensities
   at the coarsest pyramid level (brightest region), with their means in view and on the slide.
 
