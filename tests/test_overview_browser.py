@@ -479,3 +479,63 @@ def test_hostile_story_text_and_marker_names_stay_text(browser, hostile_sites):
             page.page.wait_for_timeout(500)
             assert injected(page) == clean
             assert page.errors == []
+
+
+# ---- single-channel layers ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def channel_site(shared_data, tmp_path_factory) -> Path:
+    """The DSB nuclei and the nuclei flipped, with render.channel_layers: one grey layer per channel."""
+    root = tmp_path_factory.mktemp("channels")
+    nuclei = tifffile.imread(shared_data / "segmentation" / "stardist_dsb2018" / "img2d.tif")
+    write_ome_tiff_pyramid(root / "image.ome.tif", np.stack([nuclei, np.fliplr(nuclei)]),
+                           channel_names=["DNA_1", "CD45"], pixel_size_um=1.0, tile_size=256)
+    render_overview(root / "image.ome.tif", root / "overview", slide_id="channels", markers=["DNA_1", "CD45"],
+                    tile_size=256, channel_layers=True)
+    return root
+
+
+def colours(view: np.ndarray) -> tuple[float, float, float]:
+    """Mean red, green, blue of the bright pixels of a view."""
+    bright = view[view.max(axis=-1) > 60].astype(float)
+    return tuple(bright.mean(axis=0)) if bright.size else (0.0, 0.0, 0.0)
+
+
+def test_channel_layers_toggle_and_recolour_in_the_page(browser, channel_site):
+    with served(channel_site) as base, opened(browser, f"{base}/overview/index.html") as page:
+        page.settle()
+        assert page.page.is_visible("#channels-section")
+        grouped = page.shot("channels-group")
+        r, g, b = colours(grouped)
+        assert r > g + 20 and abs(g - b) < 5            # DNA_1 white + CD45 red (the group's colours)
+
+        page.page.check("#channel-mode")
+        page.page.wait_for_function("window.atlasOverview.channels.every(c => c.item)")
+        page.settle()
+        layers = [t for t in page.tiles("DNA-1_0__DNA-1") + page.tiles("CD45_1__CD45")]
+        assert layers and all(status == 200 for _, status in layers)
+        assert page.page.evaluate("window.atlasOverview.viewer.world.getItemAt(0).getOpacity()") == 0
+
+        page.page.uncheck("#channel-list li:nth-child(2) input[type=checkbox]")   # CD45 off: DNA_1 alone, white
+        page.settle()
+        r, g, b = colours(page.shot("channels-dna-white"))
+        assert min(r, g, b) > 100 and max(r, g, b) - min(r, g, b) < 15
+
+        page.page.fill("#channel-list li:nth-child(1) input[type=color]", "#00ff00")  # recolour DNA_1 green
+        page.page.wait_for_timeout(500)
+        page.settle()
+        r, g, b = colours(page.shot("channels-dna-green"))
+        assert g > 100 and r < 30 and b < 30
+
+        page.page.check("#channel-list li:nth-child(2) input[type=checkbox]")     # CD45 back, in red: they add up
+        page.settle()
+        both = page.shot("channels-green-red")
+        r, g, b = colours(both)
+        assert r > 40 and g > 40 and b < 30
+        assert ((both[..., 0] > 150) & (both[..., 1] > 150)).sum() > 100        # yellow where both are bright
+
+        page.page.uncheck("#channel-mode")                                        # back to the group
+        page.settle()
+        assert np.abs(page.shot("channels-group-again").astype(int) - grouped.astype(int)).mean() < 2
+        assert page.page.evaluate("window.tileFailures") == []
+        assert page.errors == []

@@ -249,9 +249,11 @@ def _render(image_path: str | os.PathLike, work: Path, *, slide_id: str, markers
     (work / "story.json").write_text(json.dumps(author, indent=1) + "\n")
     copy_viewer(viewer, work)
     group_of: dict[int, list[str]] = {}
+    color_of: dict[int, str] = {}   # a channel layer starts in its colour in the first group showing it
     for g in groups:
-        for c in g.channels:
+        for c, color in zip(g.channels, g.colors, strict=True):
             group_of.setdefault(c, []).append(g.name)
+            color_of.setdefault(c, color)
     thumbnail = f"{ex.IMAGES_PATH}/{groups[0].path}/{n_levels - 1}_0_0.jpg"
     data = {
         "exhibit": exhibit, "tileSize": tile_size, "viewer": f"OpenSeadragon {viewer_version(viewer)}",
@@ -260,7 +262,8 @@ def _render(image_path: str | os.PathLike, work: Path, *, slide_id: str, markers
              "zoom": v.zoom, "arrows": [{"at": list(at), "text": text} for at, text in v.arrows],
              "overlays": [list(box) for box in v.overlays], "outlines": MASK_NAME in v.masks} for v in views]},
         "channelLayers": [{"name": layer["Name"], "path": layer["Path"], "channel": layer["channel"],
-                           "color": ex.palette_color(i)} for i, layer in enumerate(layers)],
+                           "color": color_of.get(layer["channel"], ex.palette_color(i))}
+                          for i, layer in enumerate(layers)],
         "panel": {
             "slideId": slide_id, "runId": panel.run_id, "cellCount": panel.cell_count, "qc": panel.qc,
             "data": panel.data,

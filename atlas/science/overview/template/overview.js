@@ -139,7 +139,8 @@
     if (index === state.group && viewer.world.getItemCount()) { writeHash(); return; }
     state.group = index;
     const group = groups[index];
-    viewer.addTiledImage({ tileSource: tileSource(group.Path, group.Format || "jpg"), index: 0, replace: true });
+    viewer.addTiledImage({ tileSource: tileSource(group.Path, group.Format || "jpg"), index: 0, replace: true,
+                           opacity: channelMode ? 0 : 1 });
     document.querySelectorAll("#groups .group").forEach((node, i) => {
       node.classList.toggle("active", i === index);
       node.setAttribute("aria-checked", String(i === index));
@@ -152,6 +153,72 @@
     document.getElementById("outline-toggle").checked = on;
     if (outlineImage) outlineImage.setOpacity(on ? 1 : 0);
     writeHash();
+  }
+
+  // ---- single-channel layers (render.channel_layers): grey tiles, tinted and added up here, so a
+  // reader can switch channels on and off and recolour them (as Minerva Story does with them)
+  const channelLayers = data.channelLayers || [];
+  const channels = channelLayers.map((layer) => ({ on: true, color: layer.color, item: null, adding: false }));
+  let channelMode = false;
+
+  viewer.addHandler("tile-invalidated", async (event) => {
+    const index = event.tiledImage.source.atlasChannel;
+    if (index === undefined) return;
+    const ctx = await event.getData("context2d");
+    if (!ctx) return;
+    ctx.globalCompositeOperation = "multiply";   // grey x colour: the channel in its colour
+    ctx.fillStyle = "#" + channels[index].color;
+    ctx.fillRect(0, 0, ctx.canvas.width, ctx.canvas.height);
+    ctx.globalCompositeOperation = "source-over";
+    await event.setData(ctx, "context2d");
+  });
+
+  function setChannelMode(on) {
+    channelMode = on;
+    document.getElementById("channel-mode").checked = on;
+    const group = viewer.world.getItemAt(0);
+    if (group) group.setOpacity(on ? 0 : 1);
+    channels.forEach((channel, i) => {
+      if (on && !channel.item && !channel.adding) {
+        channel.adding = true;
+        viewer.addTiledImage({
+          tileSource: Object.assign(tileSource(channelLayers[i].path, "jpg"), { atlasChannel: i }),
+          index: viewer.world.getItemCount() - (outlineImage ? 1 : 0),   // below the outlines
+          compositeOperation: "lighter",                                 // channels add up
+          opacity: channelMode && channel.on ? 1 : 0,
+          success: (event) => {
+            channel.item = event.item;
+            channel.item.setOpacity(channelMode && channel.on ? 1 : 0);
+          },
+        });
+      }
+      if (channel.item) channel.item.setOpacity(on && channel.on ? 1 : 0);
+    });
+  }
+
+  function setChannel(index, change) {
+    const channel = channels[index];
+    Object.assign(channel, change);
+    if (!channelMode) setChannelMode(true);
+    if (channel.item) {
+      channel.item.setOpacity(channel.on ? 1 : 0);
+      if ("color" in change) channel.item.requestInvalidate();
+    }
+  }
+
+  if (channelLayers.length) {
+    document.getElementById("channels-section").hidden = false;
+    const modeToggle = document.getElementById("channel-mode");
+    modeToggle.addEventListener("change", () => setChannelMode(modeToggle.checked));
+    const list = document.getElementById("channel-list");
+    channelLayers.forEach((layer, i) => {
+      const box = el("input", { type: "checkbox", "aria-label": "show " + layer.name });
+      box.checked = true;
+      box.addEventListener("change", () => setChannel(i, { on: box.checked }));
+      const color = el("input", { type: "color", value: "#" + layer.color, "aria-label": "colour of " + layer.name });
+      color.addEventListener("input", () => setChannel(i, { color: color.value.slice(1) }));
+      list.appendChild(el("li", {}, [el("label", {}, [box, el("span", { text: layer.name })]), color]));
+    });
   }
 
   // ---- story: waypoints step through views, with arrows and boxes drawn over the image
@@ -327,5 +394,6 @@
   viewer.addHandler("open", updateScalebar);
 
   window.atlasOverview = { viewer: viewer, setGroup: setGroup, setOutlines: setOutlines, showWaypoint: showWaypoint,
+                           setChannelMode: setChannelMode, setChannel: setChannel, channels: channels,
                            waypoints: waypoints, ready: ready, state: state };
 }());
