@@ -22,29 +22,26 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import boto3
-from boto3.dynamodb.conditions import Attr, Key
+from boto3.dynamodb.conditions import Attr
 from botocore.exceptions import ClientError
 
+from atlas import layout
 from atlas.aws import catalog
 from atlas.aws.catalog import Status
 from atlas.aws.s3 import S3Uri, get_bytes, list_sizes, parallel_map, s3_client
 from atlas.errors import InvalidInput, Problem
 from atlas.params import parse_params
-from atlas.pipeline.local import PROVENANCE, completion_path
+from atlas.pipeline import records as completion
 from atlas.slide.convention import MANIFEST, MARKERS, PARAMS, parse_manifest, parse_markers, run_id_for
 from atlas.slide.story import STORY, check_story, parse_story
-from atlas.stages import STAGES, Stage, get_stage
+from atlas.stages import STAGES, Stage, batch_jobs, get_stage, run_jobs
 
-RERUN_PREFIX = "reruns"      # work bucket: slide copies carrying an overridden params.yml or story.yml
-MERGE_SUFFIX = "-merge"      # state name of an array stage's merge job (infra.compute.job_name)
-RERUNNABLE = (Status.SUCCEEDED, Status.FAILED)
-ENDED = ("SUCCEEDED", "FAILED", "TIMED_OUT", "ABORTED")  # Step Functions execution statuses of a finished run
+RERUN_PREFIX = "reruns"      # work bucket: slide copies carrying an overridden params.yml
+RERUNNABLE = catalog.ENDED
 
 
 @dataclass(frozen=True)
@@ -80,9 +77,8 @@ COMPUTE_PRICES = ComputePrices(
 
 
 # --- clients and tables -------------------------------------------------------------------------
-def catalog_table(name: str | None = None):
-    """The catalog table (``name`` or env ``CATALOG_TABLE``, as the Lambdas get it)."""
-    name = name or os.environ.get(catalog.ENV_CATALOG_TABLE)
+def catalog_table(name: str | None):
+    """The catalog table named ``name`` (the CLI takes it from --table or env ``CATALOG_TABLE``)."""
     if not name:
         raise InvalidInput(Problem("--table", "no catalog table given",
                                    f"pass --table NAME or set {catalog.ENV_CATALOG_TABLE} (the pipeline stack's "
@@ -99,14 +95,7 @@ def _slide_item(table, slide_id: str) -> dict:
 
 
 def _run_items(table, slide_id: str) -> list[dict]:
-    items, kwargs = [], {"KeyConditionExpression": Key("pk").eq(catalog.slide_pk(slide_id))
-                         & Key("sk").begins_with(catalog.RUN_SK_PREFIX), "ConsistentRead": True}
-    while True:
-        page = table.query(**kwargs)
-        items += page["Items"]
-        if "LastEvaluatedKey" not in page:
-            return items
-        kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+    return catalog.slide_items(table, slide_id, catalog.RUN_SK_PREFIX)
 
 
 def sfn_client(arn: str):
@@ -186,7 +175,7 @@ class SlideStatus:
     runs: list[dict] = field(default_factory=list)
 
 
-def list_slides(table) -> list[dict]:
+def list_catalog_slides(table) -> list[dict]:
     """The slide item of every slide (plain JSON types), by slide id."""
     items, kwargs = [], {"FilterExpression": Attr("sk").eq(catalog.SLIDE_SK)}
     while True:
@@ -200,10 +189,7 @@ def list_slides(table) -> list[dict]:
 
 def job_stage(state_name: str) -> Stage | None:
     """The registry stage a state machine state runs (``segment``, ``segment-merge``), else None."""
-    try:
-        return get_stage(state_name.removesuffix(MERGE_SUFFIX))
-    except ValueError:
-        return None
+    return next((job.stage for job in batch_jobs() if job.name == state_name), None)
 
 
 def current_job(sfn, execution_arn: str) -> str | None:
@@ -222,15 +208,11 @@ def current_job(sfn, execution_arn: str) -> str | None:
 
 def completion_records(s3, work: S3Uri, run_id: str) -> dict[str, dict]:
     """This run's completion records in its work prefix: record path (``qc/provenance/...``) -> record."""
-    records = work.prefix().join(PROVENANCE).prefix()
-    rels = [f"{PROVENANCE}/{name}" for name in list_sizes(s3, records) if name.endswith(".json")]
+    records = work.prefix().join(layout.PROVENANCE).prefix()
+    rels = [f"{layout.PROVENANCE}/{name}" for name in list_sizes(s3, records) if name.endswith(".json")]
     raws = parallel_map(lambda rel: get_bytes(s3, work.join(rel)), rels)
     docs = {rel: json.loads(raw) for rel, raw in zip(rels, raws, strict=True) if raw is not None}
     return {rel: doc for rel, doc in docs.items() if doc.get("run_id") == run_id}
-
-
-def _record_rel(stage: Stage, item: int | None = None) -> str:
-    return completion_path(Path("."), stage, item).as_posix()
 
 
 def job_cost(record: Mapping, prices: ComputePrices = COMPUTE_PRICES) -> float | None:
@@ -254,30 +236,33 @@ def stage_progress(records: Mapping[str, dict], *, execution_status: str | None,
     current : str or None
         The job running or failed (None when the run has not started or has succeeded).
     """
-    finished = {}
+    finished, complete, items_done = {}, set(), {}
     for stage in STAGES:
-        jobs = [records.get(_record_rel(stage, i)) for i in range(stage.array_size)] + [records.get(_record_rel(stage))]
+        *items, last = stage.jobs()
+        jobs = [records.get(job.record) for job in (*items, last)]
         finished[stage.name] = [r for r in jobs if r is not None]
-    complete = {s.name for s in STAGES if _record_rel(s) in records}
-    if current is None and execution_status in ("RUNNING", "FAILED", "TIMED_OUT", "ABORTED"):
+        items_done[stage.name] = sum(records.get(job.record) is not None for job in items)
+        if last.record in records:
+            complete.add(stage.name)
+    if current is None and execution_status and catalog.run_status(execution_status) in (Status.RUNNING,
+                                                                                          Status.FAILED):
         stage = next((s for s in STAGES if s.name not in complete), None)
         if stage is not None:
-            items_done = sum(_record_rel(stage, i) in records for i in range(stage.array_size))
-            current = stage.name + (MERGE_SUFFIX if stage.array_size and items_done == stage.array_size else "")
+            current = stage.jobs()[-1].name if stage.array_size and items_done[stage.name] == stage.array_size \
+                else stage.name
     running = job_stage(current).name if current else None
     stages = []
     for stage in STAGES:
         jobs = finished[stage.name]
         costs = [job_cost(r) for r in jobs]
         if stage.name in complete:
-            state = "reused" if records[_record_rel(stage)].get("reused_from") else "done"
+            state = "reused" if records[stage.jobs()[-1].record].get("reused_from") else "done"
         elif stage.name == running:
             state = "running" if execution_status == "RUNNING" else "failed"
         else:
             state = "pending"
         stages.append(StageProgress(
-            stage.name, state, sum(_record_rel(stage, i) in records for i in range(stage.array_size)),
-            stage.array_size, sum(float(r.get("seconds", 0)) for r in jobs),
+            stage.name, state, items_done[stage.name], stage.array_size, sum(float(r.get("seconds", 0)) for r in jobs),
             sum(float(r.get("vcpu_seconds", 0)) for r in jobs),
             tuple(sorted({str(r.get("instance_type")) for r in jobs})),
             None if None in costs else sum(costs)))
@@ -356,7 +341,7 @@ def _check_rerunnable(slide_id: str, item: Mapping, sfn) -> None:
         return
     if status in (Status.READY, Status.RUNNING) and arn:
         described = sfn.describe_execution(executionArn=arn)
-        if described["status"] in ENDED:
+        if catalog.run_status(described["status"]) in catalog.ENDED:
             return  # the execution ended but its status event has not (yet) reached the catalog
         raise InvalidInput(Problem(slide_id, f"run {run_id} is still {described['status']}",
                                    f"wait for it to end (`atlas status {slide_id}`), or stop it: aws stepfunctions "
@@ -366,10 +351,6 @@ def _check_rerunnable(slide_id: str, item: Mapping, sfn) -> None:
              Status.COLLECTING: "wait for the upload to finish: `atlas status` lists the files still missing"}
     raise InvalidInput(Problem(slide_id, f"slide is {status}: there is no run to rerun",
                                fixes.get(status, f"check `atlas status {slide_id}`")))
-
-
-def _changed_sections(old: Mapping, new: Mapping, stages: list[Stage]) -> list[str]:
-    return [s.name for s in stages if old.get(s.name) != new.get(s.name)]
 
 
 @dataclass(frozen=True)
@@ -388,20 +369,14 @@ def plan_reuse(s3, previous: S3Uri, *, previous_run: str, run_id: str, stages: l
     sizes = list_sizes(s3, previous)
     outputs: set[str] = set()
     records: dict[str, dict] = {}
-    for stage in stages:
-        for item in [*range(stage.array_size), None]:
-            rel = _record_rel(stage, item)
-            raw = get_bytes(s3, previous.join(rel))
-            record = json.loads(raw) if raw is not None else None
-            intact = record is not None and record.get("run_id") == previous_run and all(
-                sizes.get(o["path"]) == o["size"] for o in record["outputs"])
-            if not intact:
-                job = stage.name + ("" if item is None else f" item {item}")
-                raise InvalidInput(Problem(str(previous.join(rel)), f"{job} of run {previous_run} is not complete "
-                                           "(no completion record for it, or its outputs are missing)",
-                                           f"rerun --from {stage.name} or an earlier stage"))
-            outputs.update(o["path"] for o in record["outputs"])
-            records[rel] = {**record, "run_id": run_id, "reused_from": previous_run}
+    for job in run_jobs(stages):
+        record = completion.loads(get_bytes(s3, previous.join(job.record)))
+        if not completion.is_intact(record, previous_run, sizes):
+            raise InvalidInput(Problem(str(previous.join(job.record)), f"{job.label} of run {previous_run} is not "
+                                       "complete (no completion record for it, or its outputs are missing)",
+                                       f"rerun --from {job.stage.name} or an earlier stage"))
+        outputs.update(o["path"] for o in record["outputs"])
+        records[job.record] = {**record, "run_id": run_id, "reused_from": previous_run}
     return _Reuse(tuple(sorted(outputs)), records)
 
 
@@ -410,8 +385,8 @@ def reuse(s3, plan: _Reuse, previous: S3Uri, target: S3Uri) -> None:
     parallel_map(lambda rel: s3.copy({"Bucket": previous.bucket, "Key": previous.join(rel).key},
                                      target.bucket, target.join(rel).key), plan.outputs)
     parallel_map(lambda kv: s3.put_object(Bucket=target.bucket, Key=target.join(kv[0]).key,
-                                          Body=json.dumps(kv[1], indent=1).encode() + b"\n",
-                                          ContentType="application/json"), plan.records.items())
+                                          Body=completion.dumps(kv[1]), ContentType="application/json"),
+                 plan.records.items())
 
 
 def with_files(manifest: Mapping, files: Mapping[str, bytes]) -> bytes:
@@ -431,24 +406,6 @@ def copy_slide(s3, slide: S3Uri, target: S3Uri, manifest: bytes, files: Mapping[
     for name, data in files.items():
         s3.put_object(Bucket=target.bucket, Key=target.join(name).key, Body=data)
     s3.put_object(Bucket=target.bucket, Key=target.join(MANIFEST).key, Body=manifest)
-
-
-def _check_story_override(s3, slide_uri: S3Uri, listed: set[str], story_text: str, story_file: str,
-                          params: Mapping, reused: list[Stage]) -> None:
-    """A story.yml for a rerun: its form, its groups and channels against the slide's markers (the
-    image extent is checked when rendering), and not while the render outputs are reused."""
-    story = parse_story(story_text, story_file)
-    markers_text = (get_bytes(s3, slide_uri.join(MARKERS)) or b"").decode() if MARKERS in listed else None
-    if markers_text:
-        per_group = params.get("render", {}).get("channels_per_group", 4)
-        problems = check_story(story, markers=[m.marker_name for m in parse_markers(markers_text)],
-                               per_group=per_group, extent_um=None, file=story_file)
-        if problems:
-            raise InvalidInput(problems)
-    if "render" in [s.name for s in reused]:
-        raise InvalidInput(Problem(story_file, "changes the overview's story, but the rerun reuses the render "
-                                               "outputs of the current run",
-                                   "rerun --from render (or an earlier stage)"))
 
 
 def rerun(slide_id: str, *, table, from_stage: str | None = None, params_text: str | None = None,
@@ -485,96 +442,135 @@ def rerun(slide_id: str, *, table, from_stage: str | None = None, params_text: s
     """
     s3 = s3 or s3_client()
     slide = _slide_item(table, slide_id)
+    runs = {r["run_id"]: catalog.from_dynamo(r) for r in _run_items(table, slide_id)}
     previous_run = slide.get("run_id")
-    runs = {r["run_id"]: r for r in _run_items(table, slide_id)}
-    previous = catalog.from_dynamo(runs.get(previous_run, {}))
+    previous = runs.get(previous_run, {})
     execution_arn = slide.get("execution_arn") or previous.get("execution_arn")
     sfn = sfn or (sfn_client(execution_arn) if execution_arn else None)
     _check_rerunnable(slide_id, slide, sfn)
     payload = previous.get("input") or json.loads(sfn.describe_execution(executionArn=execution_arn)["input"])
     slide_uri, work_uri = S3Uri.parse(payload["slide_uri"]).prefix(), S3Uri.parse(payload["work_uri"]).prefix()
+    first = _first_stage(from_stage)
+    reused = list(STAGES[:first])
+    manifest = _slide_manifest(s3, slide_uri)
+    params = _params_override(s3, slide_uri, manifest, params_text, params_file, reused, previous_run)
+    story = _story_override(s3, slide_uri, manifest, story_text, story_file,
+                            params_text if params is not None else None, reused)
+    overrides = {name: data for name, data in ((PARAMS, params), (STORY, story)) if data is not None}
+    # the run id hashes the manifest the run reads: the slide's, or its copy's listing the new files
+    used = with_files(json.loads(manifest), overrides) if overrides else manifest
+    run_id = _new_run_id(slide_id, used, runs)
+    plan = plan_reuse(s3, work_uri, previous_run=previous_run, run_id=run_id, stages=reused)  # checks first
+    if overrides:
+        copy = S3Uri(work_uri.bucket, f"{RERUN_PREFIX}/{run_id}/{slide_id}/")
+        copy_slide(s3, slide_uri, copy, used, overrides)
+        slide_uri = copy
+    new_payload = catalog.execution_input(slide_id=slide_id, run_id=run_id, slide_uri=str(slide_uri),
+                                          work_bucket=work_uri.bucket)
+    reuse(s3, plan, work_uri, S3Uri.parse(new_payload["work_uri"]))
+    arn = _start(table, sfn, state_machine_of(execution_arn), slide, new_payload,
+                 {"manifest_version": slide.get("manifest_version"), "rerun_of": previous_run,
+                  "from_stage": STAGES[first].name, "params_override": params is not None,
+                  "story_override": story is not None})
+    return Rerun(slide_id, run_id, previous_run, arn, new_payload["slide_uri"], new_payload["work_uri"],
+                 tuple(s.name for s in reused), params is not None, story is not None)
 
+
+def _first_stage(from_stage: str | None) -> int:
+    """Index in the registry of the first stage to redo (0: all)."""
     try:
-        stage_index = [s.name for s in STAGES].index(get_stage(from_stage).name) if from_stage else 0
+        return [s.name for s in STAGES].index(get_stage(from_stage).name) if from_stage else 0
     except ValueError as exc:
         raise InvalidInput(Problem("--from", str(exc), "name one of the stages")) from exc
-    reused = list(STAGES[:stage_index])
 
-    manifest_bytes = get_bytes(s3, slide_uri.join(MANIFEST))
-    if manifest_bytes is None:
-        expired = slide_uri.key.startswith(RERUN_PREFIX + "/")
-        raise InvalidInput(Problem(str(slide_uri.join(MANIFEST)), "the slide this run read is gone"
+
+def _new_run_id(slide_id: str, manifest: bytes, taken: Mapping) -> str:
+    """``<slide_id>-<sha256[:12]>-r<N>``, N from the number of runs on, the first not taken."""
+    n = len(taken) + 1
+    while (run_id := run_id_for(slide_id, manifest, suffix=f"r{n}")) in taken:
+        n += 1
+    return run_id
+
+
+def _slide_manifest(s3, slide: S3Uri) -> bytes:
+    """The manifest.json of the slide (or params copy) a run read; InvalidInput when it is gone."""
+    manifest = get_bytes(s3, slide.join(MANIFEST))
+    if manifest is None:
+        expired = slide.key.startswith(RERUN_PREFIX + "/")
+        raise InvalidInput(Problem(str(slide.join(MANIFEST)), "the slide this run read is gone"
                                    + (" (a params copy, expired with the work bucket's retention)" if expired else ""),
                                    "rerun with --params again" if expired
                                    else "upload the slide again (`atlas upload`)"))
-    manifest = json.loads(manifest_bytes)
-    overrides: dict[str, bytes] = {}  # slide files replaced in a copy of the slide
-    if params_text is not None or story_text is not None:
-        listed = {e.path for e in parse_manifest(manifest_bytes.decode())}
-        old_text = (get_bytes(s3, slide_uri.join(PARAMS)) or b"").decode() if PARAMS in listed else None
-        old = parse_params(old_text).to_dict()
-        new = old
-        if params_text is not None:
-            new = parse_params(params_text, file=params_file).to_dict()
-            changed = _changed_sections(old, new, reused)
-            if changed:
-                raise InvalidInput(Problem(params_file, f"changes the {', '.join(changed)} parameters, but --from "
-                                                        f"{from_stage} reuses the {changed[0]} outputs of run "
-                                                        f"{previous_run}",
-                                           f"rerun --from {changed[0]} (or an earlier stage)"))
-            if old != new:
-                overrides[PARAMS] = params_text.encode()
-        current_story = get_bytes(s3, slide_uri.join(STORY)) if STORY in listed else None
-        if story_text is not None and story_text.encode() != current_story:
-            _check_story_override(s3, slide_uri, listed, story_text, story_file, new, reused)
-            overrides[STORY] = story_text.encode()
+    return manifest
 
-    # the run id hashes the manifest the run reads: the slide's, or its copy's listing the new files
-    used = with_files(manifest, overrides) if overrides else manifest_bytes
-    n = len(runs) + 1
-    while (run_id := run_id_for(slide_id, used, suffix=f"r{n}")) in runs:
-        n += 1
-    plan = plan_reuse(s3, work_uri, previous_run=previous_run, run_id=run_id, stages=reused)  # checks first
-    if overrides:
-        slide_uri = S3Uri(work_uri.bucket, f"{RERUN_PREFIX}/{run_id}/{slide_id}/")
-        copy_slide(s3, S3Uri.parse(payload["slide_uri"]).prefix(), slide_uri, used, overrides)
-    new_work = S3Uri(work_uri.bucket, f"{run_id}/")
-    reuse(s3, plan, work_uri, new_work)
 
-    new_payload = {"slide_id": slide_id, "run_id": run_id, "slide_uri": str(slide_uri), "work_uri": str(new_work)}
-    key = catalog.slide_key(slide_id)
-    now = catalog.timestamp()
-    try:
-        table.update_item(
-            Key=key, ConditionExpression=Attr("run_id").eq(previous_run) & Attr("status").eq(slide["status"]),
-            UpdateExpression="SET #s = :s, #o = :o, #r = :r, #u = :u REMOVE #e, #c, #x, #out, #ov",
-            ExpressionAttributeNames={"#s": "status", "#o": "status_order", "#r": "run_id", "#u": "updated_at",
-                                      "#e": "execution_arn", "#c": "cause", "#x": "error", "#out": "output_uri",
-                                      "#ov": "overview_uri"},
-            ExpressionAttributeValues={":s": Status.READY, ":o": catalog.STATUS_RANK[Status.READY], ":r": run_id,
-                                       ":u": now})
-    except ClientError as exc:
-        if exc.response["Error"]["Code"] != "ConditionalCheckFailedException":
-            raise
+def _params_override(s3, slide: S3Uri, manifest: bytes, params_text: str | None, params_file: str,
+                     reused: list[Stage], previous_run: str) -> bytes | None:
+    """The new params.yml when it differs from the slide's (None: no override); InvalidInput when it is
+    invalid or changes the parameters of a reused stage."""
+    if params_text is None:
+        return None
+    new = parse_params(params_text, file=params_file).to_dict()
+    listed = any(e.path == PARAMS for e in parse_manifest(manifest.decode()))
+    old = parse_params((get_bytes(s3, slide.join(PARAMS)) or b"").decode() if listed else None).to_dict()
+    if changed := [s.name for s in reused if old.get(s.name) != new.get(s.name)]:
+        raise InvalidInput(Problem(params_file, f"changes the {', '.join(changed)} parameters, but --from "
+                                                f"{STAGES[len(reused)].name} reuses the {changed[0]} outputs of run "
+                                                f"{previous_run}",
+                                   f"rerun --from {changed[0]} (or an earlier stage)"))
+    return params_text.encode() if old != new else None
+
+
+def _story_override(s3, slide: S3Uri, manifest: bytes, story_text: str | None, story_file: str,
+                    params_text: str | None, reused: list[Stage]) -> bytes | None:
+    """The new story.yml when it differs from the slide's (None: no override); InvalidInput when it does
+    not fit the slide's markers (the image's extent is checked when rendering) or the rerun reuses
+    the render outputs, so the story would not be rendered."""
+    if story_text is None:
+        return None
+    listed = {e.path for e in parse_manifest(manifest.decode())}
+    if STORY in listed and get_bytes(s3, slide.join(STORY)) == story_text.encode():
+        return None
+    story = parse_story(story_text, story_file)
+    if params_text is None and PARAMS in listed:
+        params_text = (get_bytes(s3, slide.join(PARAMS)) or b"").decode()
+    markers_text = (get_bytes(s3, slide.join(MARKERS)) or b"").decode() if MARKERS in listed else ""
+    if markers_text:
+        markers = [m.marker_name for m in parse_markers(markers_text)]
+        problems = check_story(story, markers=markers, per_group=parse_params(params_text).render.channels_per_group,
+                               extent_um=None, file=story_file)
+        if problems:
+            raise InvalidInput(problems)
+    if "render" in [s.name for s in reused]:
+        raise InvalidInput(Problem(story_file, "changes the overview's story, but the rerun reuses the render "
+                                               "outputs of the current run",
+                                   "rerun --from render (or an earlier stage)"))
+    return story_text.encode()
+
+
+def _start(table, sfn, state_machine_arn: str, slide: Mapping, payload: Mapping[str, str],
+           run_fields: Mapping) -> str:
+    """Move the slide to the new run (if it is still on the one the rerun was planned from) and start it."""
+    slide_id, run_id = payload["slide_id"], payload["run_id"]
+    unchanged = Attr("run_id").eq(slide.get("run_id")) & Attr("status").eq(slide["status"])
+    if not catalog.mark_ready(table, slide_id, run_id, unchanged):
         raise InvalidInput(Problem(slide_id, "the slide changed while the rerun was prepared (another rerun or a "
-                                             "new upload)", f"check `atlas status {slide_id}` and try again")) from exc
-    run_item = {**catalog.run_key(slide_id, run_id), "run_id": run_id, "status": Status.READY,
-                "status_order": catalog.STATUS_RANK[Status.READY], "manifest_version": slide.get("manifest_version"),
-                "input": new_payload, "started_at": now, "rerun_of": previous_run,
-                "from_stage": STAGES[stage_index].name, "params_override": PARAMS in overrides,
-                "story_override": STORY in overrides}
-    table.put_item(Item=run_item)
+                                             "new upload)", f"check `atlas status {slide_id}` and try again"))
     try:
-        arn = sfn.start_execution(stateMachineArn=state_machine_of(execution_arn), name=run_id,
-                                  input=json.dumps(new_payload, sort_keys=True))["executionArn"]
+        return catalog.start_run(table, sfn, state_machine_arn, payload=payload, run_fields=run_fields)
     except Exception:
-        # nothing started: back to the run the slide was on
-        table.put_item(Item=slide, ConditionExpression=Attr("run_id").eq(run_id))
-        table.delete_item(Key=catalog.run_key(slide_id, run_id))
+        if not _execution_exists(sfn, state_machine_arn, run_id):  # nothing started: back to the previous run
+            table.put_item(Item=slide, ConditionExpression=Attr("run_id").eq(run_id))
+            table.delete_item(Key=catalog.run_key(slide_id, run_id))
         raise
-    for item_key in (catalog.slide_key(slide_id), catalog.run_key(slide_id, run_id)):
-        table.update_item(Key=item_key, UpdateExpression="SET #e = :e",
-                          ConditionExpression=Attr("run_id").eq(run_id),
-                          ExpressionAttributeNames={"#e": "execution_arn"}, ExpressionAttributeValues={":e": arn})
-    return Rerun(slide_id, run_id, previous_run, arn, str(slide_uri), str(new_work), tuple(s.name for s in reused),
-                 PARAMS in overrides, STORY in overrides)
+
+
+def _execution_exists(sfn, state_machine_arn: str, name: str) -> bool:
+    arn = state_machine_arn.replace(":stateMachine:", ":execution:") + f":{name}"
+    try:
+        sfn.describe_execution(executionArn=arn)
+    except ClientError as exc:
+        if exc.response["Error"]["Code"] == "ExecutionDoesNotExist":
+            return False
+        raise
+    return True

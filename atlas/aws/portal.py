@@ -54,7 +54,7 @@ def copy_command(uri: str, target: str) -> str:
     return f"aws s3 cp --recursive {uri} {target} --request-payer requester --region {RESULTS_REGION}"
 
 
-def slide_entry(release: access.Release, *, released: str, summary: Mapping | None) -> dict | None:
+def slide_entry(release: access.PublishedRelease, *, released: str, summary: Mapping | None) -> dict | None:
     """The portal entry of one release; None when its overview is not public.
 
     Parameters
@@ -136,7 +136,7 @@ def build_index(s3, *, results_bucket: str, previous: Mapping | None = None) -> 
     Entries of ``previous`` (the index now on the site) for an unchanged release are reused;
     other releases cost a GET of their manifest and of ``overview/summary.json``.
     """
-    latest = access.list_slides(bucket=results_bucket, client=s3)
+    latest = access.list_published_slides(bucket=results_bucket, client=s3)
     known = {(s["slide_id"], s["run_id"]): s for s in (previous or {}).get("slides", [])}
 
     def entry(summary: access.SlideSummary) -> dict | None:
@@ -167,7 +167,7 @@ def publish_portal(s3, *, results_bucket: str, overview_bucket: str) -> dict:
                             ".js": "text/javascript", ".css": "text/css"}[PurePosixPath(name).suffix]
             s3.put_object(Bucket=overview_bucket, Key=name, Body=files[name], ContentType=content_type,
                           CacheControl="no-cache")
-        now = sorted((s.slide_id, s.run_id) for s in access.list_slides(bucket=results_bucket, client=s3))
+        now = sorted((s.slide_id, s.run_id) for s in access.list_published_slides(bucket=results_bucket, client=s3))
         if now == releases:
             break
         previous = index

@@ -87,7 +87,7 @@ def _copy(s3, source: S3Uri, target: S3Uri, metadata: dict[str, str]) -> None:
 
 
 def release_run(s3, out_dir: Path, *, work: S3Uri, slide_id: str, run_id: str, results_bucket: str,
-                overview_bucket: str | None = None) -> Release:
+                overview_bucket: str | None = None, public: bool = True) -> Release:
     """Copy the run's results from ``work`` to ``s3://<results_bucket>/<slide_id>/<run_id>/``, manifest last.
 
     Parameters
@@ -102,7 +102,11 @@ def release_run(s3, out_dir: Path, *, work: S3Uri, slide_id: str, run_id: str, r
     results_bucket : str
         The requester-pays results bucket (the owner's writes need no request-payer header).
     overview_bucket : str, optional
-        Overview site bucket; ``overview/`` is copied to ``<slide_id>/<run_id>/`` there.
+        Overview site bucket; ``overview/`` is copied to ``<slide_id>/<run_id>/`` there (when
+        ``public``), then the portal at its root is rewritten (:mod:`atlas.aws.portal`).
+    public : bool
+        ``overview.public`` of the slide's params.yml: False keeps the overview off the site (and
+        the portal, rewritten all the same, then no longer lists the slide).
 
     Raises
     ------
@@ -132,7 +136,7 @@ def release_run(s3, out_dir: Path, *, work: S3Uri, slide_id: str, run_id: str, r
                                  {"htan-level": str(f["level"]) if f["level"] is not None else "none",
                                   "sha256": f["sha256"]}), files)
     site = None
-    if overview_bucket:
+    if overview_bucket and public:
         site = S3Uri(overview_bucket, f"{slide_id}/{run_id}/")
         top = layout.OVERVIEW + "/"
         parallel_map(lambda f: _copy(s3, work.join(f["path"]), site.join(f["path"][len(top):]),
