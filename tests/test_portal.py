@@ -80,7 +80,7 @@ def release(s3, tmp_path: Path, overviews: dict, slide: str, run_id: str, *, pub
         if path.is_file():
             s3.upload_file(str(path), "work", work.join(path.relative_to(out).as_posix()).key)
     release_run(s3, out, work=work, slide_id=slide, run_id=run_id, results_bucket="results",
-                overview_bucket="site" if portal else None)
+                overview_bucket="site" if portal else None, public=public)
 
 
 def site_copy(s3, target: Path) -> Path:
@@ -90,6 +90,19 @@ def site_copy(s3, target: Path) -> Path:
             path.parent.mkdir(parents=True, exist_ok=True)
             s3.download_file("site", obj["Key"], str(path))
     return target
+
+
+def site_keys(s3) -> list[str]:
+    return [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="site")
+            for o in page.get("Contents", [])]
+
+
+def test_a_slide_made_private_leaves_the_portal(s3, tmp_path, overviews):
+    release(s3, tmp_path, overviews, "S1", "S1-aaaaaaaaaaaa")
+    release(s3, tmp_path, overviews, "S2", "S2-bbbbbbbbbbbb")
+    release(s3, tmp_path, overviews, "S1", "S1-cccccccccccc", public=False)   # params.yml now overview.public: false
+    assert [s["slide_id"] for s in index_of(s3)["slides"]] == ["S2"]
+    assert not any(key.startswith("S1/S1-cccccccccccc/") for key in site_keys(s3))
 
 
 def index_of(s3) -> dict:
@@ -105,6 +118,7 @@ def test_each_release_rewrites_the_portal_with_every_public_slide(s3, tmp_path, 
     index = index_of(s3)
     slides = {s["slide_id"]: s for s in index["slides"]}
     assert list(slides) == ["S1", "S2"]                    # S3 is not public; S1 only once, its latest run
+    assert not any(key.startswith("S3/") for key in site_keys(s3))   # nor is its overview on the site
     s1 = slides["S1"]
     assert INDEX_KEYS <= s1.keys() and s1["run_id"] == "S1-dddddddddddd"
     assert s1["overview"] == "S1/S1-dddddddddddd/index.html" and s1["markers"] == MARKERS["S1"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import imagecodecs
@@ -320,11 +321,10 @@ def _results(tmp_path: Path, images, *, segmented: bool) -> StageContext:
     return StageContext(slide_id="S1", run_id="S1-0123456789ab", slide_dir=slide_dir, out_dir=out, params=params)
 
 
-def test_stage_renders_the_panel_from_the_results(images, tmp_path, monkeypatch):
+def test_stage_renders_the_panel_from_the_results(images, tmp_path):
     from atlas.stages import render
 
-    monkeypatch.setenv("ATLAS_RESULTS_BUCKET", "atlas-results")
-    ctx = _results(tmp_path, images, segmented=True)
+    ctx = replace(_results(tmp_path, images, segmented=True), results_uri="s3://atlas-results/S1/S1-0123456789ab/")
     render.run(ctx)
     panel = inlined_data(ctx.out_dir / "overview")["panel"]
     assert panel["slideId"] == "S1" and panel["runId"] == "S1-0123456789ab"
@@ -339,11 +339,10 @@ def test_stage_renders_the_panel_from_the_results(images, tmp_path, monkeypatch)
     assert (ctx.out_dir / "overview" / "images" / "cell-outlines" / "0_0_0.png").is_file()
 
 
-def test_stage_without_segmentation(images, tmp_path, monkeypatch):
+def test_stage_without_segmentation(images, tmp_path):
     from atlas.stages import render
 
-    monkeypatch.delenv("ATLAS_RESULTS_BUCKET", raising=False)
-    ctx = _results(tmp_path, images, segmented=False)
+    ctx = _results(tmp_path, images, segmented=False)  # not published: no results_uri
     render.run(ctx)
     data = inlined_data(ctx.out_dir / "overview")
     assert data["exhibit"]["Masks"] == [] and data["panel"]["cellCount"] is None

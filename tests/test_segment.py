@@ -14,7 +14,7 @@ from scipy import ndimage as ndi
 from skimage.segmentation import expand_labels
 
 from atlas.errors import InvalidInput
-from atlas.science.segmentation import make_engine, resolve_engine_name
+from atlas.science.segmentation import EngineSettings, make_engine, resolve_engine_name
 from atlas.science.segmentation.metrics import match_instances
 from atlas.science.segmentation.tiling import (
     ScaledImage,
@@ -152,17 +152,15 @@ def test_weights_are_sha256_checked(weights, tmp_path):
         make_engine("unet", weights=str(tmp_path / "junk.onnx"))
 
 
-def test_default_engine_is_unet_only_when_weights_are_configured(monkeypatch, weights):
-    monkeypatch.delenv(WEIGHTS_ENV, raising=False)
-    assert resolve_engine_name("auto") == "classical"
+def test_default_engine_is_unet_only_when_weights_are_configured(weights):
+    # the entry points (CLI, stage job) pass their environment; the engine code reads none itself
+    assert EngineSettings.resolve("auto", {}).name == resolve_engine_name("auto") == "classical"
     with pytest.raises(InvalidInput, match=WEIGHTS_ENV):
-        make_engine("unet")
-    monkeypatch.setenv(WEIGHTS_ENV, str(weights))
-    monkeypatch.setenv(SHA256_ENV, hashlib.sha256(weights.read_bytes()).hexdigest())
-    assert make_engine("auto").name == "unet"
-    monkeypatch.setenv(SHA256_ENV, "f" * 64)
+        EngineSettings.resolve("unet", {}).make()
+    environ = {WEIGHTS_ENV: str(weights), SHA256_ENV: hashlib.sha256(weights.read_bytes()).hexdigest()}
+    assert EngineSettings.resolve("auto", environ).make().name == "unet"
     with pytest.raises(InvalidInput, match="expected f{64}"):
-        make_engine("auto")
+        EngineSettings.resolve("auto", {**environ, SHA256_ENV: "f" * 64}).make()
     with pytest.raises(InvalidInput, match="unknown engine 'cellpose'"):
         resolve_engine_name("cellpose")
 

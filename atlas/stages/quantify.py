@@ -20,7 +20,7 @@ import pandas as pd
 from atlas import layout
 from atlas.errors import InvalidInput, Problem
 from atlas.science.imageio import open_tiff
-from atlas.science.quantification import ID_COLUMN, MORPHOLOGY_COLUMNS, marker_columns, quantify
+from atlas.science.quantification import ID_COLUMN, MORPHOLOGY_COLUMNS, NegativeLabels, marker_columns, quantify
 from atlas.slide.convention import MARKERS, read_markers
 from atlas.stages import StageContext
 
@@ -125,10 +125,9 @@ def quantify_files(image_path: Path, mask_paths: Mapping[str, Path], marker_name
 
         try:
             tables = quantify(image, masks, [marker_names[i] for i in kept], channels=kept, progress=step)
-        except ValueError as exc:  # the one thing only reading the masks shows: negative labels
-            bad = next((path for name, path in mask_paths.items() if repr(name) in str(exc)), image_path)
-            raise InvalidInput(Problem(str(bad), str(exc), "write the mask as non-negative integer labels, "
-                                       "0 = background")) from exc
+        except NegativeLabels as exc:  # the one thing only reading the masks shows
+            raise InvalidInput(Problem(str(mask_paths[exc.mask]), str(exc), "write the mask as non-negative integer "
+                                       "labels, 0 = background")) from exc
         return tables, tuple(image.shape)
 
 
