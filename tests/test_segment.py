@@ -9,7 +9,6 @@ import hashlib
 
 import numpy as np
 import pytest
-import tifffile
 from scipy import ndimage as ndi
 from skimage.segmentation import expand_labels
 
@@ -29,12 +28,6 @@ from atlas.science.segmentation.unet import SHA256_ENV, WEIGHTS_ENV, resolve_wei
 
 F1_FLOOR = {"classical": 0.84, "unet": 0.86}     # measured: classical 0.848, unet 0.868
 COARSE_F1_FLOOR = 0.79      # classical at 1.3 µm/px, measured 0.808
-
-
-@pytest.fixture(scope="module")
-def dsb(shared_data):
-    folder = shared_data / "segmentation" / "stardist_dsb2018"
-    return tifffile.imread(folder / "img2d.tif"), tifffile.imread(folder / "mask2d.tif")
 
 
 @pytest.fixture(scope="module")

@@ -33,12 +33,6 @@ CHANNELS = ["DNA_1", "CD3"]
 
 
 @pytest.fixture(scope="module")
-def dsb(shared_data):
-    folder = shared_data / "segmentation" / "stardist_dsb2018"
-    return tifffile.imread(folder / "img2d.tif"), tifffile.imread(folder / "mask2d.tif")
-
-
-@pytest.fixture(scope="module")
 def registered(dsb, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run")
     image = np.stack([dsb[0], dsb[0].max() - dsb[0]])
