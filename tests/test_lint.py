@@ -39,7 +39,6 @@ MAX_FUNCTION_LINES = 60   # of code, docstring not counted
 # Issue 14: functions still to be split by their owners.
 LONG_FUNCTIONS_KNOWN = {
     "atlas/aws/s3.py:_store_class",                 # h2: the zarr store class built inside a function
-    "atlas/science/overview/render.py:_render",     # h6: reworking the overview
 }
 
 
