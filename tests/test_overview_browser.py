@@ -512,7 +512,7 @@ def test_channel_layers_toggle_and_recolour_in_the_page(browser, channel_site):
         page.page.check("#channel-mode")
         page.page.wait_for_function("window.atlasOverview.channels.every(c => c.item)")
         page.settle()
-        layers = [t for t in page.tiles("DNA-1_0__DNA-1") + page.tiles("CD45_1__CD45")]
+        layers = page.tiles("DNA-1_0__DNA-1") + page.tiles("CD45_1__CD45")
         assert layers and all(status == 200 for _, status in layers)
         assert page.page.evaluate("window.atlasOverview.viewer.world.getItemAt(0).getOpacity()") == 0
 

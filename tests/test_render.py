@@ -204,7 +204,7 @@ def test_tiff_pyramid_names_a_file_that_is_not_a_tiff(tmp_path):
 def test_site_layout_follows_minerva(site):
     out, result = site
     exhibit = json.loads((out / "exhibit.json").read_text())
-    assert EXHIBIT_KEYS <= exhibit.keys()
+    assert exhibit.keys() >= EXHIBIT_KEYS
     image = exhibit["Images"][0]
     assert (image["Width"], image["Height"], image["MaxLevel"]) == (512, 512, 2)
     assert exhibit["PixelsPerMicron"] == 2.0
@@ -437,7 +437,7 @@ def test_exhibit_carries_the_authored_story_in_minervas_keys(story_site):
     assert exhibit["Groups"][0]["Colors"] == ["0000ff", "ff8000"]   # authored colours win
     assert exhibit["Groups"][1]["Colors"] == ["ffffff"]             # the palette otherwise
     start, corner = exhibit["Stories"][0]["Waypoints"]
-    assert WAYPOINT_KEYS <= start.keys() and WAYPOINT_KEYS <= corner.keys()
+    assert start.keys() >= WAYPOINT_KEYS and corner.keys() >= WAYPOINT_KEYS
     # Minerva's viewport: the image is 1 high; µm -> px at 0.5 µm/px, then / 512 px
     assert start["Pan"] == [0.5, 0.5] and corner["Pan"] == [0.25, 0.75]
     assert corner["Group"] == "Bright" and corner["ActiveMasks"] == ["Cell outlines"] and start["ActiveMasks"] == []
@@ -469,7 +469,7 @@ def test_channel_layers_are_grey_tiles_minerva_composites(story_site):
 def test_story_json_is_a_minerva_author_save_file(story_site):
     out, _ = story_site
     story = json.loads((out / "story.json").read_text())
-    assert AUTHOR_KEYS <= story.keys()
+    assert story.keys() >= AUTHOR_KEYS
     # Author opens in_file relative to where it runs and asks for it when missing; the image and
     # the mask it names are those this overview was rendered from
     assert (out / story["in_file"]).resolve().name == "image.ome.tif"

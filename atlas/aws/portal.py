@@ -187,7 +187,7 @@ def read_index(location: str) -> dict:
     if is_url:
         url = location if location.endswith(".json") else location.rstrip("/") + "/" + INDEX_JSON
         try:
-            with urllib.request.urlopen(url, timeout=30) as response:  # noqa: S310 - http(s) only, checked above
+            with urllib.request.urlopen(url, timeout=30) as response:
                 raw = response.read()
         except OSError as exc:
             raise InvalidInput(Problem(url, f"cannot be read ({exc})", fix)) from exc
