@@ -24,6 +24,7 @@ counted from the requests' ``Range`` headers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import logging
 import os
@@ -151,10 +152,8 @@ def main() -> None:
             target = work / f"{name}-resume"
             shutil.rmtree(target, ignore_errors=True)
             client, first = counting_client(limit=big // 2)
-            try:
+            with contextlib.suppress(Interrupted):
                 fn(client, release, target)
-            except Interrupted:
-                pass
             if name == "s3transfer":  # it leaves temp files that the next run does not use: start again
                 shutil.rmtree(target, ignore_errors=True)
             client, second = counting_client()

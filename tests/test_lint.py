@@ -37,10 +37,7 @@ ENV_KNOWN_READERS = {
 OVERSIZED_KNOWN: set[str] = set()
 MAX_FUNCTION_LINES = 60   # of code, docstring not counted
 # Issue 14: functions still to be split by their owners.
-LONG_FUNCTIONS_KNOWN = {
-    "atlas/aws/s3.py:_store_class",                 # h2: the zarr store class built inside a function
-    "atlas/science/overview/render.py:_render",     # h6: reworking the overview
-}
+LONG_FUNCTIONS_KNOWN: set[str] = set()
 
 
 def _tool(name: str) -> str:
@@ -101,19 +98,23 @@ def test_the_demo_harness_is_imported_only_lazily_by_the_demo_verb():
     assert not any(importers["atlas/cli/demo.py"]), "atlas/cli/demo.py must import localcloud inside the verb"
 
 
+ENV_NAMES = ("environ", "environb", "getenv", "putenv")
+
+
+def _reads_environment(node: ast.AST) -> bool:
+    """``os.environ``/``os.getenv``..., a bare ``environ``/``getenv``, or ``from os import environ``."""
+    if isinstance(node, ast.Attribute):
+        return node.attr in ENV_NAMES and isinstance(node.value, ast.Name) and node.value.id == "os"
+    if isinstance(node, ast.Name):
+        return node.id in ENV_NAMES
+    if isinstance(node, ast.ImportFrom):
+        return node.module == "os" and any(alias.name in ENV_NAMES for alias in node.names)
+    return False
+
+
 def _environment_reads(tree: ast.AST) -> list[int]:
-    """Lines that touch ``os.environ``, ``os.getenv`` or ``getenv`` (imported by name)."""
-    lines = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Attribute) and node.attr in ("environ", "getenv", "environb", "putenv") \
-                and isinstance(node.value, ast.Name) and node.value.id == "os":
-            lines.append(node.lineno)
-        elif isinstance(node, ast.Name) and node.id in ("getenv", "environ"):
-            lines.append(node.lineno)
-        elif isinstance(node, ast.ImportFrom) and node.module == "os" \
-                and any(a.name in ("environ", "getenv", "environb") for a in node.names):
-            lines.append(node.lineno)
-    return sorted(set(lines))
+    """Lines that touch the process environment."""
+    return sorted({node.lineno for node in ast.walk(tree) if _reads_environment(node)})
 
 
 def _is_entry(rel: str) -> bool:

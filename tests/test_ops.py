@@ -16,6 +16,7 @@ from pathlib import Path
 
 import boto3
 import pytest
+from botocore.exceptions import ClientError
 from botocore.stub import Stubber
 from fake_aws import use_fake_aws
 from moto import mock_aws
@@ -256,6 +257,36 @@ def test_rerun_refuses_what_cannot_work(cloud, sample_slide, tmp_path):
     assert ops.slide_status(slide_id, table=table(cloud)).status == "FAILED"  # nothing was started
     assert len(boto3.client("stepfunctions").list_executions(
         stateMachineArn=cloud.settings.state_machine_arn)["executions"]) == 1
+
+
+def test_a_rerun_whose_execution_cannot_start_leaves_the_slide_on_its_run(cloud, sample_slide, tmp_path):
+    """StartExecution refused (throttled, no permission): the slide item goes back to the failed run and the
+    new run's item is removed, so `atlas rerun` can simply be run again."""
+    slide_id = sample_slide.name
+    old = fail_at_segment(cloud, slide_id, tmp_path)
+    before = catalog.from_dynamo(table(cloud).get_item(Key=catalog.slide_key(slide_id))["Item"])
+
+    class Refusing:
+        """Step Functions as the emulator has it, but StartExecution is refused."""
+
+        def __init__(self):
+            self.real = boto3.client("stepfunctions")
+
+        def start_execution(self, **_):
+            raise ClientError({"Error": {"Code": "ThrottlingException", "Message": "Rate exceeded"}}, "StartExecution")
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+    with pytest.raises(ClientError, match="Rate exceeded"):
+        ops.rerun(slide_id, table=table(cloud), from_stage="segment", sfn=Refusing())
+    after = catalog.from_dynamo(table(cloud).get_item(Key=catalog.slide_key(slide_id))["Item"])
+    assert after == before and after["run_id"] == old and after["status"] == "FAILED"
+    runs = [r["run_id"] for r in catalog.slide_items(table(cloud), slide_id, catalog.RUN_SK_PREFIX)]
+    assert runs == [old]
+    started = cli("rerun", slide_id, "--from", "segment")  # and it works once StartExecution does
+    assert started.exit_code == 0, started.output
+    assert ops.slide_status(slide_id, table=table(cloud)).run_id == f"{old}-r2"
 
 
 def test_a_slide_still_collecting_has_nothing_to_rerun(cloud):
