@@ -2,8 +2,9 @@
 
 Reads the pyramid levels of ``registration/<slide>.ome.zarr`` chunk by chunk, its cell labels
 (``labels/cell``) for the outline layer (left out when there is no segmentation), the quantify
-stage's ``qc/quantify/summary.json`` for the cell count, ``qc/<stage>/summary.json`` for the QC panel
-and ``markers.csv``; the rendering itself is :func:`atlas.science.overview.render_overview`.
+stage's ``qc/quantify/summary.json`` for the cell count, the cell table's centroid and marker columns
+for the drafted story, ``qc/<stage>/summary.json`` for the QC panel, ``markers.csv`` and the slide's
+``story.yml`` when it has one; the rendering itself is :func:`atlas.science.overview.render_overview`.
 """
 from __future__ import annotations
 
@@ -16,8 +17,12 @@ import zarr
 from atlas import layout
 from atlas.errors import InvalidInput, Problem
 from atlas.science.overview import PanelInfo, render_overview
+from atlas.science.overview.render import draft_for_image, header_text
 from atlas.science.overview.source import ZarrPyramid
+from atlas.science.overview.story import CellTable
+from atlas.science.quantification import marker_columns
 from atlas.slide.convention import MARKERS, parse_markers
+from atlas.slide.story import STORY, Story, parse_story
 from atlas.stages import CompletionRecord, StageContext
 from atlas.storage import MissingObject, Store
 
@@ -32,6 +37,69 @@ def find_cell_mask(work: Store, slide_id: str) -> str | None:
                    if PurePosixPath(rel).name == "cell.ome.tif"
                    and PurePosixPath(rel).parent.name.endswith(f"-{slide_id}"))
     return found[0] if found else None
+
+
+def cell_table(work: Store, slide_id: str, mask: str | None) -> str | None:
+    """The cell feature table (MCQuant CSV) of the mask's engine, else of any engine; None without one."""
+    tables = []
+    if mask is not None:
+        engine = PurePosixPath(mask).parent.name.removesuffix(f"-{slide_id}")
+        tables.append(layout.table_path(slide_id, engine, "cell"))
+    listed = work.list(layout.QUANTIFICATION)
+    tables += sorted(rel for rel in listed if PurePosixPath(rel).name.startswith(f"{slide_id}--")
+                     and rel.endswith("_cell.csv"))
+    return next((t for t in tables if t in listed), None)
+
+
+def read_cells(work: Store, table: str, markers: list[str]) -> CellTable | None:
+    """Centroids and marker means of a cell table (its Parquet twin when present: only the columns
+    needed are read, by range); None when it lacks the columns of these markers."""
+    import pandas as pd
+
+    columns = ["X_centroid", "Y_centroid", *marker_columns(markers)]
+    parquet = str(PurePosixPath(table).with_suffix(".parquet"))
+    try:
+        if work.exists(parquet):
+            with work.open(parquet) as f:
+                frame = pd.read_parquet(f, columns=columns)
+        else:
+            with work.open(table) as f:
+                frame = pd.read_csv(f, usecols=columns, dtype=dict.fromkeys(columns, "float64"))
+    except (ValueError, KeyError):
+        return None
+    return CellTable(frame["X_centroid"].to_numpy(), frame["Y_centroid"].to_numpy(),
+                     frame[columns[2:]].to_numpy(dtype="float32"))
+
+
+def read_story(slide: Store) -> Story | None:
+    """The slide's story.yml, parsed (checked against the image when rendering); None without one."""
+    try:
+        text = slide.read_text(STORY)
+    except MissingObject:
+        return None
+    return parse_story(text, STORY)
+
+
+def open_image(work: Store, slide_id: str, tile_size: int) -> tuple[zarr.Group, ZarrPyramid]:
+    """The registered image's OME-Zarr group and its pyramid, read chunk by chunk."""
+    zarr_rel = layout.registration_zarr(slide_id)
+    try:
+        group = zarr.open_group(work.zarr(zarr_rel, read_only=True), mode="r", zarr_format=2)
+        return group, ZarrPyramid(group, tile_size, name=zarr_rel)
+    except (FileNotFoundError, KeyError) as exc:
+        raise InvalidInput(Problem(zarr_rel, "not found; the render stage needs the registered image",
+                                   "run the stitch stage first")) from exc
+
+
+def draft(work: Store, slide_id: str, markers: list[str], channels_per_group: int, tile_size: int) -> Story:
+    """The story the render stage drafts for a results folder without story.yml (``atlas story draft``)."""
+    mask = find_cell_mask(work, slide_id)
+    table = cell_table(work, slide_id, mask)
+    _, image = open_image(work, slide_id, tile_size)
+    with image:
+        return draft_for_image(image, markers, channels_per_group=channels_per_group,
+                               cells=read_cells(work, table, markers) if table else None,
+                               header=header_text(slide_id, markers, count_cells(work, slide_id, mask)))
 
 
 def count_cells(work: Store, slide_id: str, mask: str | None) -> int | None:
@@ -109,13 +177,9 @@ def data_files(work: Store, records: Mapping[str, CompletionRecord], results_uri
 
 def run(ctx: StageContext) -> None:
     """Render ``overview/`` from the registered image and whatever later stages produced."""
-    zarr_rel = layout.registration_zarr(ctx.slide_id)
-    try:
-        group = zarr.open_group(ctx.work.zarr(zarr_rel, read_only=True), mode="r", zarr_format=2)
-        image = ZarrPyramid(group, ctx.params.render.tile_size, name=zarr_rel)
-    except (FileNotFoundError, KeyError) as exc:
-        raise InvalidInput(Problem(zarr_rel, "not found; the render stage needs the registered image",
-                                   "run the stitch stage first")) from exc
+    params = ctx.params.render
+    story = read_story(ctx.slide)  # before the long part: a malformed story.yml fails at once
+    group, image = open_image(ctx.work, ctx.slide_id, params.tile_size)
     names = [m.marker_name for m in parse_markers(ctx.slide.read_text(MARKERS))]
     # A cycle left out by stitch.skip_failed_cycles is missing from the image, which names its channels.
     if image.channel_names and len(image.channel_names) != len(names):
@@ -123,11 +187,16 @@ def run(ctx: StageContext) -> None:
     mask = find_cell_mask(ctx.work, ctx.slide_id)
     labels = None
     if mask is not None and "labels" in group and "cell" in group["labels"]:
-        labels = ZarrPyramid(group["labels"]["cell"], ctx.params.render.tile_size, labels=True,
-                             name=f"{zarr_rel}/labels/cell")
+        labels = ZarrPyramid(group["labels"]["cell"], params.tile_size, labels=True,
+                             name=f"{layout.registration_zarr(ctx.slide_id)}/labels/cell")
+    table = cell_table(ctx.work, ctx.slide_id, mask)
     panel = PanelInfo(run_id=ctx.run_id, cell_count=count_cells(ctx.work, ctx.slide_id, mask),
                       qc=qc_panel(ctx.work), data=data_files(ctx.work, ctx.records, ctx.results_uri))
+    cells = read_cells(ctx.work, table, names) if table is not None and story is None else None
+    # story.json (Minerva Author) names the files as they lie next to overview/ in the results
+    files = (f"../{layout.registration_tiff(ctx.slide_id)}", f"../{mask}" if mask else None)
     with ctx.work.local_folder(layout.OVERVIEW, scratch=ctx.scratch) as site:
         render_overview(image, site, slide_id=ctx.slide_id, markers=names, mask_path=labels, panel=panel,
-                        channels_per_group=ctx.params.render.channels_per_group, tile_size=ctx.params.render.tile_size,
-                        viewer_dir=ctx.viewer_dir, workers=ctx.vcpus)
+                        channels_per_group=params.channels_per_group, tile_size=params.tile_size, story=story,
+                        cells=cells, channel_layers=params.channel_layers, viewer_dir=ctx.viewer_dir,
+                        workers=ctx.vcpus, story_files=files)

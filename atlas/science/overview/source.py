@@ -50,6 +50,7 @@ class TiffPyramid:
 
     def __init__(self, path: str | os.PathLike, tile_size: int, *, labels: bool = False):
         self.path = Path(path)
+        self.name = self.path.name
         self.labels = labels
         self._tif = open_tiff(self.path, "give a (pyramidal OME-)TIFF file")
         series = self._tif.series[0]
