@@ -40,6 +40,8 @@ UNET_WEIGHTS_SHA256_ARG = "UNET_WEIGHTS_SHA256"
 
 # Batch parameters filled in per job by Step Functions (the execution input's fields).
 JOB_PARAMETERS = ("slide_uri", "work_uri", "run_id")
+# ... and, for an array stage's items and merge, the array's size in this run (its ``sizes``).
+ITEMS_PARAMETER = "items"
 
 # Attempts per job; only Spot reclaims are retried (see retry strategies below).
 SPOT_ATTEMPTS = 3
@@ -64,7 +66,7 @@ def stage_command(job: Job) -> list[str]:
     from Batch parameters (``Ref::name``) that Step Functions passes per run; array children
     find their index in ``AWS_BATCH_JOB_ARRAY_INDEX``.
     """
-    return job.argv(**{name: f"Ref::{name}" for name in JOB_PARAMETERS})
+    return job.argv(**{name: f"Ref::{name}" for name in JOB_PARAMETERS}, items=f"Ref::{ITEMS_PARAMETER}")
 
 
 @dataclass(frozen=True)

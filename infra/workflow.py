@@ -1,9 +1,12 @@
 """The Step Functions state machine, generated from the stage registry.
 
 One Batch job state per registry stage, in registry order, each run with the ``.sync``
-integration (RUN_JOB: the state waits for the job). An array stage becomes an array job over
-``array_size`` children followed by its ``-merge`` job. Each job gets the execution input's
-``slide_uri``, ``work_uri`` and ``run_id`` as Batch parameters and ``slide_id``/``run_id`` as tags.
+integration (RUN_JOB: the state waits for the job). An array stage becomes an array job followed
+by its ``-merge`` job; its size comes from the execution input at run time
+(``ArrayProperties.Size`` = ``$.sizes.<stage>.items``, which the trigger computed from the slide's
+size with the registry's sizing; :func:`atlas.stages.execution_sizes`), and the items and the merge
+get it as the ``items`` parameter. Each job gets the execution input's ``slide_uri``, ``work_uri``
+and ``run_id`` as Batch parameters and ``slide_id``/``run_id`` as tags.
 
 Failure: every job state catches any error into a Fail state whose error and cause are the
 job's, so the execution's FAILED event carries them; the status Lambda records that event in
@@ -27,12 +30,19 @@ from aws_cdk import aws_stepfunctions as sfn
 from aws_cdk import aws_stepfunctions_tasks as tasks
 from constructs import Construct
 
-from infra.compute import CAPACITY_CANCELLED, JOB_PARAMETERS, QUEUE_TIME_LIMITS, SPOT_ATTEMPTS, StageJob
+from infra.compute import (
+    CAPACITY_CANCELLED,
+    ITEMS_PARAMETER,
+    JOB_PARAMETERS,
+    QUEUE_TIME_LIMITS,
+    SPOT_ATTEMPTS,
+    StageJob,
+)
 from infra.config import AtlasConfig
 from infra.nag import acknowledge_wildcards
 
 # The execution input, written by the trigger Lambda (atlas.aws.catalog.execution_input).
-EXECUTION_INPUT = ("slide_id", "run_id", "slide_uri", "work_uri")
+EXECUTION_INPUT = ("slide_id", "run_id", "slide_uri", "work_uri", "sizes")
 JOB_TAGS = ("slide_id", "run_id")
 FAILURE_PATH = "$.failure"
 # The rule Step Functions manages to learn when a .sync Batch job ends (AWS-documented name).
@@ -44,6 +54,11 @@ LOG_DELIVERY_ACTIONS = ("logs:CreateLogDelivery", "logs:GetLogDelivery", "logs:U
                         "logs:DescribeResourcePolicies", "logs:DescribeLogGroups")
 XRAY_ACTIONS = ("xray:PutTraceSegments", "xray:PutTelemetryRecords", "xray:GetSamplingRules",
                 "xray:GetSamplingTargets")
+
+
+def items_path(job: StageJob) -> str:
+    """Where the execution input says how many items the job's array stage runs."""
+    return f"$.sizes.{job.stage.name}.items"
 
 
 def run_timeout(jobs: list[StageJob]) -> Duration:
@@ -147,12 +162,15 @@ class Pipeline(Construct):
         return state, [state, on_demand]
 
     def _submit(self, state_name: str, job: StageJob, queue, failed: sfn.Fail | None) -> tasks.BatchSubmitJob:
+        payload = {p: sfn.JsonPath.string_at(f"$.{p}") for p in JOB_PARAMETERS}
+        if job.stage.array_size:  # the items and the merge learn the array's size (a Batch parameter is a string)
+            payload[ITEMS_PARAMETER] = sfn.JsonPath.format("{}", sfn.JsonPath.string_at(items_path(job)))
         state = tasks.BatchSubmitJob(
             self, state_name,
             job_name=sfn.JsonPath.format(f"{{}}-{job.name}", sfn.JsonPath.string_at("$.run_id")),
             job_definition_arn=job.definition.job_definition_arn, job_queue_arn=queue.job_queue_arn,
-            array_size=job.array_size or None, integration_pattern=sfn.IntegrationPattern.RUN_JOB,
-            payload=sfn.TaskInput.from_object({p: sfn.JsonPath.string_at(f"$.{p}") for p in JOB_PARAMETERS}),
+            array_size=sfn.JsonPath.number_at(items_path(job)) if job.array_size else None,
+            integration_pattern=sfn.IntegrationPattern.RUN_JOB, payload=sfn.TaskInput.from_object(payload),
             tags={t: sfn.JsonPath.string_at(f"$.{t}") for t in JOB_TAGS},
             # The input passes on unchanged: a job's description (large for array jobs) is not needed.
             result_path=sfn.JsonPath.DISCARD)

@@ -263,7 +263,7 @@ class LocalCloud:
         try:
             steps = execute_run(payload["slide_uri"], payload["work_uri"], payload["run_id"],
                                 env=env | {RESULTS_BUCKET_ENV: self.settings.results_bucket,
-                                           OVERVIEW_BUCKET_ENV: self.site_bucket})
+                                           OVERVIEW_BUCKET_ENV: self.site_bucket}, sizes=payload.get("sizes"))
         except StageJobFailed as exc:
             error = exc.exit_code.name if exc.exit_code is not None else "States.TaskFailed"
             event = execution_status_event(execution, "FAILED", error=error, cause=str(exc))

@@ -47,11 +47,13 @@ class StageJobFailed(RuntimeError):
 
 def stage_command(job: Job, *, slide_uri: str, work_uri: str, run_id: str) -> list[str]:
     """The command line of one job: the image's ``atlas`` entrypoint with the job's arguments (array
-    index from env, as in Batch)."""
-    return [sys.executable, "-m", "atlas", *job.argv(slide_uri=slide_uri, work_uri=work_uri, run_id=run_id)]
+    index from env, as in Batch; the array's size as Step Functions passes it)."""
+    return [sys.executable, "-m", "atlas", *job.argv(slide_uri=slide_uri, work_uri=work_uri, run_id=run_id,
+                                                     items=job.count or None)]
 
 
-def execute_run(slide_uri: str, work_uri: str, run_id: str, *, env: Mapping[str, str]) -> list[StepResult]:
+def execute_run(slide_uri: str, work_uri: str, run_id: str, *, env: Mapping[str, str],
+                sizes: Mapping[str, Mapping[str, int]] | None = None) -> list[StepResult]:
     """Run every registry stage as ``atlas stage`` processes in order, as Step Functions + Batch would.
 
     Array stages run item by item (index in ``AWS_BATCH_JOB_ARRAY_INDEX``, as Batch sets it), then
@@ -64,6 +66,10 @@ def execute_run(slide_uri: str, work_uri: str, run_id: str, *, env: Mapping[str,
     env : mapping
         Variables added to this process's environment for the jobs, e.g. ``AWS_ENDPOINT_URL`` of the
         emulated AWS APIs and ``ATLAS_RESULTS_BUCKET``.
+    sizes : mapping, optional
+        The execution input's ``sizes`` (:func:`atlas.stages.execution_sizes`): each array stage
+        runs as many items as it says, as Step Functions sizes the Batch array; default the
+        registry's ``array_size``.
 
     Returns
     -------
@@ -78,7 +84,7 @@ def execute_run(slide_uri: str, work_uri: str, run_id: str, *, env: Mapping[str,
     base = {k: v for k, v in {**os.environ, **env}.items() if k != ARRAY_INDEX_ENV}
     steps: list[StepResult] = []
 
-    for job in run_jobs():
+    for job in run_jobs(sizes=sizes):
         job_env = base if job.item is None else {**base, ARRAY_INDEX_ENV: str(job.item)}
         t0 = time.perf_counter()
         proc = subprocess.run(stage_command(job, slide_uri=slide_uri, work_uri=work_uri, run_id=run_id),

@@ -2,17 +2,21 @@
 run time carried through the completion records."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from atlas.aws.job import job_of
 from atlas.pipeline import records
 from atlas.pipeline.contract import BadJobArguments
+from atlas.slide.ome import CycleMetadata
 from atlas.stages import (
     HOST_MEMORY_MIB,
     MAX_ARRAY_SIZE,
     STAGES,
     SlideSize,
     batch_jobs,
+    execution_sizes,
     get_stage,
     run_jobs,
     run_sizes,
@@ -47,6 +51,23 @@ def test_array_sizes_and_resources_follow_the_slide():
         assert sizes.memory_mib <= HOST_MEMORY_MIB, name  # every request fits a 16 GiB host
         assert (sizes.items > 0) == (name == "segment"), name
     assert all(stage.memory_mib <= HOST_MEMORY_MIB for stage in STAGES)
+
+
+def test_the_execution_input_sizes_the_arrays_of_a_run():
+    """What the trigger sends (sizes from the catalogued OME metadata) is what Step Functions and the
+    local executor run: the array's items and merge, each told the array's size."""
+    cycles = [CycleMetadata(n_tiles=1000, tile_shape=(2048, 2048), n_channels=4, dtype="uint16",
+                            channel_names=("DNA", "a", "b", "c"), pixel_size_um=0.65, positions_um=None)
+              for _ in range(10)]
+    assert SlideSize.of_cycles(cycles) == TARGET
+    sizes = execution_sizes(TARGET)
+    assert sizes["segment"] == {"items": 42, "vcpus": 4, "memory_mib": HOST_MEMORY_MIB, "timeout_s": 6 * 3600}
+    assert json.loads(json.dumps(sizes)) == sizes  # plain JSON, as an execution input
+    jobs = [job for job in run_jobs(sizes=sizes) if job.stage.name == "segment"]
+    assert [job.label for job in jobs] == [f"segment[{i}]" for i in range(42)] + ["segment merge"]
+    assert jobs[-1].argv(slide_uri="s3://i/S1/", work_uri="s3://w/r/", run_id="r", items=42)[-3:] == [
+        "--merge", "--items", "42"]
+    assert [job.label for job in run_jobs(sizes=execution_sizes(None))] == [job.label for job in run_jobs()]
 
 
 def test_an_array_run_at_another_size_is_found_by_the_stages_after_it(tmp_path):

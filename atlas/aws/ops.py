@@ -466,7 +466,7 @@ def rerun(slide_id: str, *, table, from_stage: str | None = None, params_text: s
         copy_slide(s3, slide_uri, copy, used, overrides)
         slide_uri = copy
     new_payload = catalog.execution_input(slide_id=slide_id, run_id=run_id, slide_uri=str(slide_uri),
-                                          work_bucket=work_uri.bucket)
+                                          work_bucket=work_uri.bucket, sizes=payload.get("sizes"))
     reuse(s3, plan, work_uri, S3Uri.parse(new_payload["work_uri"]))
     arn = _start(table, sfn, state_machine_of(execution_arn), slide, new_payload,
                  {"manifest_version": slide.get("manifest_version"), "rerun_of": previous_run,

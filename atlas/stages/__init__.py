@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import importlib
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
 from pathlib import Path, PurePosixPath
@@ -76,6 +76,14 @@ class SlideSize:
     def pixels(self) -> int:
         """Pixels per channel of the mosaic, at most (tiles x tile pixels; overlaps counted twice)."""
         return self.tiles * self.tile_shape[0] * self.tile_shape[1]
+
+    @classmethod
+    def of_cycles(cls, cycles: Sequence[Any]) -> SlideSize:
+        """The size of a slide from its cycles' OME metadata (:class:`atlas.slide.ome.CycleMetadata`:
+        ``n_tiles``, ``n_channels``, ``tile_shape``), in cycle order; the first cycle's tiles count."""
+        first = cycles[0]
+        return cls(tiles=int(first.n_tiles), cycles=len(cycles), channels=sum(int(c.n_channels) for c in cycles),
+                   tile_shape=(int(first.tile_shape[0]), int(first.tile_shape[1])))
 
 
 @dataclass(frozen=True)
@@ -216,14 +224,17 @@ class Job:
         """Results-layout path of its completion record, ``qc/provenance/<stage>[.<item>].json``."""
         return layout.completion_record(self.stage.name, self.item)
 
-    def argv(self, *, slide_uri: str, work_uri: str, run_id: str) -> list[str]:
-        """Arguments of ``atlas`` that run this job: ``stage NAME --slide-uri ... [--merge]``.
+    def argv(self, *, slide_uri: str, work_uri: str, run_id: str, items: int | str | None = None) -> list[str]:
+        """Arguments of ``atlas`` that run this job: ``stage NAME --slide-uri ... [--merge] [--items N]``.
 
         Array items get no index here: Batch sets ``AWS_BATCH_JOB_ARRAY_INDEX`` in each child (the
-        local executor does the same). Values may be Batch parameter references (``Ref::run_id``).
+        local executor does the same). ``items``: the array's size in this run, for an array stage's
+        items and merge (the execution input's ``sizes``). Values may be Batch parameter references
+        (``Ref::run_id``).
         """
         argv = ["stage", self.stage.name, "--slide-uri", slide_uri, "--work-uri", work_uri, "--run-id", run_id]
-        return argv + (["--merge"] if self.merge else [])
+        argv += ["--merge"] if self.merge else []
+        return argv + (["--items", str(items)] if items is not None and self.stage.array_size else [])
 
     def declared(self, rel: str) -> bool:
         """May this job write ``rel``? (:meth:`Stage.declared`)"""
@@ -273,10 +284,12 @@ def get_stage(name: str) -> Stage:
     raise ValueError(f"unknown stage {name!r}; stages are {', '.join(s.name for s in STAGES)}")
 
 
-def run_jobs(stages: tuple[Stage, ...] | list[Stage] = STAGES) -> Iterator[Job]:
-    """Every job of a run (of ``stages``), in the order they run."""
+def run_jobs(stages: tuple[Stage, ...] | list[Stage] = STAGES,
+             sizes: Mapping[str, Mapping[str, int]] | None = None) -> Iterator[Job]:
+    """Every job of a run (of ``stages``), in the order they run; array stages as many items as the
+    execution input's ``sizes`` say (:func:`execution_sizes`), default their ``array_size``."""
     for stage in stages:
-        yield from stage.jobs()
+        yield from stage.jobs(items_in(sizes, stage))
 
 
 def batch_jobs(stages: tuple[Stage, ...] | list[Stage] = STAGES) -> list[Job]:
@@ -307,15 +320,30 @@ def final_jobs(job: Job) -> list[Job]:
     return [earlier.jobs()[-1] for earlier in STAGES[:STAGES.index(job.stage)]]
 
 
-def run_sizes(slide: SlideSize) -> dict[str, JobSizes]:
-    """Every Batch job's sizes for ``slide``, by job name (``segment``, ``segment-merge``, ...): what a
-    run's execution input carries so that Step Functions can size each job at run time (the
-    array's ``ArrayProperties.Size``, the container's vCPUs and memory, the attempt timeout)."""
+def run_sizes(slide: SlideSize | None) -> dict[str, JobSizes]:
+    """Every Batch job's sizes for ``slide`` (None: the registry's constants), by job name
+    (``segment``, ``segment-merge``, ...)."""
     sizes = {}
     for job in batch_jobs():
         sized = job.stage.sizes(slide)
         sizes[job.name] = replace(sized, items=0) if job.merge else sized
     return sizes
+
+
+def execution_sizes(slide: SlideSize | None) -> dict[str, dict[str, int]]:
+    """:func:`run_sizes` as a run's execution input carries them (``"sizes"``): ``{job name: {"items",
+    "vcpus", "memory_mib", "timeout_s"}}``. Step Functions sizes each array job from it at run time
+    (``ArrayProperties.Size`` = ``$.sizes.<stage>.items``, passed to the items and the merge as
+    ``--items``); the local executor does the same."""
+    return {name: {"items": s.items, "vcpus": s.vcpus, "memory_mib": s.memory_mib, "timeout_s": s.timeout_s}
+            for name, s in run_sizes(slide).items()}
+
+
+def items_in(sizes: Mapping[str, Mapping[str, int]] | None, stage: Stage) -> int | None:
+    """The array size of ``stage`` in a run's execution-input ``sizes`` (None: plain stage, or not given)."""
+    if not stage.array_size or not sizes or stage.name not in sizes:
+        return None
+    return int(sizes[stage.name]["items"])
 
 
 @dataclass(frozen=True)

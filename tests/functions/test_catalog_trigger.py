@@ -12,6 +12,7 @@ import boto3
 import pytest
 
 from atlas.slide.convention import MANIFEST
+from atlas.stages import SlideSize, execution_sizes
 
 
 def start_execution_calls(cloud) -> list[dict]:
@@ -46,9 +47,11 @@ def test_all_events_100_times_shuffled_start_exactly_one_run(cloud, ingest, samp
     record = cloud.slide_record("sample")
     assert record["status"] == "READY"
     assert calls[0]["name"] == record["run_id"]
+    # the jobs' sizes come from the slide's catalogued OME metadata (sample: 3 x 3 tiles of 512 px, 2 cycles)
+    sizes = execution_sizes(SlideSize(tiles=9, cycles=2, channels=6, tile_shape=(512, 512)))
     assert json.loads(calls[0]["input"]) == {
-        "slide_id": "sample", "run_id": record["run_id"],
-        "slide_uri": f"s3://{cloud.ingest_bucket}/sample/", "work_uri": f"s3://{cloud.settings.work_bucket}/{record['run_id']}/"}
+        "slide_id": "sample", "run_id": record["run_id"], "slide_uri": f"s3://{cloud.ingest_bucket}/sample/",
+        "work_uri": f"s3://{cloud.settings.work_bucket}/{record['run_id']}/", "sizes": sizes}
     assert record["execution_arn"].endswith(f":{record['run_id']}")
 
 

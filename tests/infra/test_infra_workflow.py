@@ -6,7 +6,7 @@ import json
 from cdk_templates import logical_id, one, policy_statements, resources, state_machine_definition
 
 from atlas.aws.catalog import execution_input
-from atlas.stages import STAGES, batch_jobs
+from atlas.stages import STAGES, SlideSize, batch_jobs, execution_sizes
 from infra.nag import render_intrinsics
 from infra.workflow import run_timeout
 
@@ -47,14 +47,26 @@ def test_each_state_runs_its_job_definition_synchronously(synth):
         assert params["JobName.$"] == f"States.Format('{{}}-{name}', $.run_id)"
 
 
-def test_array_stage_fans_out_then_merges(synth):
+def test_array_stage_fans_out_by_the_execution_input_then_merges(synth):
+    """The array's size is the execution input's (the trigger's sizing of the slide), not a constant:
+    the array job's ArrayProperties.Size and the items parameter of its items and merge read it."""
     states = dict(job_states(state_machine_definition(synth.pipeline)))
+    target = execution_input(slide_id="S1", run_id="S1-abc", slide_uri="s3://ingest/S1/", work_bucket="work",
+                             sizes=execution_sizes(SlideSize(tiles=1000, cycles=10, channels=40,
+                                                             tile_shape=(2048, 2048))))
     for stage in STAGES:
         props = states[stage.name]["Parameters"].get("ArrayProperties")
-        assert props == ({"Size": stage.array_size} if stage.array_size else None), stage.name
+        assert props == ({"Size.$": f"$.sizes.{stage.name}.items"} if stage.array_size else None), stage.name
         if stage.array_size:
             assert states[stage.name]["Next"] == f"{stage.name}-merge"
             assert "ArrayProperties" not in states[f"{stage.name}-merge"]["Parameters"]
+            for name in (stage.name, f"{stage.name}-merge"):
+                assert states[name]["Parameters"]["Parameters"]["items.$"] == \
+                    f"States.Format('{{}}', $.sizes.{stage.name}.items)"
+            assert target["sizes"][stage.name]["items"] == stage.sizes(SlideSize(
+                tiles=1000, cycles=10, channels=40, tile_shape=(2048, 2048))).items > stage.array_size
+        else:
+            assert "items.$" not in states[stage.name]["Parameters"]["Parameters"]
 
 
 def test_gpu_stage_goes_to_the_gpu_queue_only_when_gpu_is_on(full, lean):
@@ -68,10 +80,11 @@ def test_jobs_get_the_execution_input_as_parameters_and_tags(synth):
     sample = execution_input(slide_id="S1", run_id="S1-abc", slide_uri="s3://ingest/S1/", work_bucket="work")
     for name, state in job_states(state_machine_definition(synth.pipeline)):
         params = state["Parameters"]
-        assert params["Parameters"] == {"slide_uri.$": "$.slide_uri", "work_uri.$": "$.work_uri",
-                                        "run_id.$": "$.run_id"}
+        assert {k: v for k, v in params["Parameters"].items() if k != "items.$"} == {
+            "slide_uri.$": "$.slide_uri", "work_uri.$": "$.work_uri", "run_id.$": "$.run_id"}
         assert params["Tags"] == {"slide_id.$": "$.slide_id", "run_id.$": "$.run_id"}
-        referenced = {v[2:] for v in [*params["Parameters"].values(), *params["Tags"].values()]}
+        referenced = {v[2:].split(".")[0] for v in [*params["Parameters"].values(), *params["Tags"].values()]
+                      if v.startswith("$.")}
         assert referenced <= set(sample), f"{name} reads a field the trigger does not send"
         assert state["ResultPath"] is None  # the input passes on unchanged
 

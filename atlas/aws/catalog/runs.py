@@ -23,11 +23,16 @@ from atlas.aws.catalog.table import (
     timestamp,
     update_if,
 )
+from atlas.stages import execution_sizes
 
 
-def execution_input(*, slide_id: str, run_id: str, slide_uri: str, work_bucket: str) -> dict[str, str]:
-    """The state machine's input (the contract with the stage jobs): the slide and the run's work prefix."""
-    return {"slide_id": slide_id, "run_id": run_id, "slide_uri": slide_uri, "work_uri": f"s3://{work_bucket}/{run_id}/"}
+def execution_input(*, slide_id: str, run_id: str, slide_uri: str, work_bucket: str,
+                    sizes: Mapping[str, Mapping[str, int]] | None = None) -> dict[str, Any]:
+    """The state machine's input (the contract with the stage jobs): the slide, the run's work prefix and
+    its jobs' sizes (:func:`atlas.stages.execution_sizes`; default the registry's constants), from which
+    Step Functions sizes each array job."""
+    return {"slide_id": slide_id, "run_id": run_id, "slide_uri": slide_uri, "work_uri": f"s3://{work_bucket}/{run_id}/",
+            "sizes": {k: dict(v) for k, v in (sizes or execution_sizes(None)).items()}}
 
 
 def mark_ready(table, slide_id: str, run_id: str, condition, values: Mapping[str, Any] | None = None) -> bool:

@@ -33,6 +33,7 @@ from atlas.aws.catalog.table import (
 from atlas.errors import InvalidInput, Problem
 from atlas.slide.convention import MANIFEST, MARKERS, PARAMS, parse_manifest, raw_files, run_id_for
 from atlas.slide.story import STORY
+from atlas.stages import SlideSize, execution_sizes
 
 # Everything a decision on a manifest version writes: cleared when a newer version is collected.
 _DECISION_FIELDS = (*RUN_OUTCOME_FIELDS, "run_id", "status_order", "ignored")
@@ -116,7 +117,14 @@ def check_slide(aws: Aws, settings: Settings, slide_id: str) -> dict:
     listed = set(objects) - {MANIFEST} if entries is None else {e.path for e in entries}
     if problems := _validate(aws, slide_id, manifest_text, listed, objects):
         return _decide_invalid(aws, settings, slide_id, manifest, problems)
-    return _decide_ready(aws, settings, slide_id, manifest, listed, sorted(set(objects) - listed - {MANIFEST}))
+    return _decide_ready(aws, settings, slide_id, manifest, listed, sorted(set(objects) - listed - {MANIFEST}),
+                         slide_size(objects, listed))
+
+
+def slide_size(objects: Mapping[str, Mapping], listed: set[str]) -> SlideSize:
+    """The slide's size (:class:`atlas.stages.SlideSize`) from its cycles' catalogued OME metadata, which
+    sizes the run's jobs (the execution input's ``sizes``)."""
+    return SlideSize.of_cycles([cycle_metadata_from_item(objects[path]["ome"]) for path in raw_files(sorted(listed))])
 
 
 def _version_fields(manifest: _Manifest) -> dict:
@@ -137,7 +145,7 @@ def _collecting(aws: Aws, slide_id: str, manifest: _Manifest | None, missing: li
 
 
 def _decide_ready(aws: Aws, settings: Settings, slide_id: str, manifest: _Manifest, listed: set[str],
-                  ignored: list[str]) -> dict:
+                  ignored: list[str], size: SlideSize) -> dict:
     """Flip to READY for the manifest's run id and start its execution (once)."""
     run_id = run_id_for(slide_id, manifest.data)
     won = mark_ready(aws.table, slide_id, run_id, _open_manifest_condition(manifest.version, manifest.sequencer),
@@ -151,7 +159,7 @@ def _decide_ready(aws: Aws, settings: Settings, slide_id: str, manifest: _Manife
             return {"slide_id": slide_id, "status": current["status"], "outcome": "decided",
                     "run_id": current.get("run_id")}
     payload = execution_input(slide_id=slide_id, run_id=run_id, work_bucket=settings.work_bucket,
-                              slide_uri=f"s3://{manifest.item['bucket']}/{slide_id}/")
+                              slide_uri=f"s3://{manifest.item['bucket']}/{slide_id}/", sizes=execution_sizes(size))
     arn = start_run(aws.table, aws.sfn, settings.state_machine_arn, payload=payload,
                     run_fields={"manifest_version": manifest.version})
     return {"slide_id": slide_id, "status": Status.READY, "outcome": "started", "run_id": run_id,
