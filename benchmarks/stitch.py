@@ -44,11 +44,13 @@ OUR_STAGE = """
 import sys
 from pathlib import Path
 from atlas.params import Params
-from atlas.stages import StageContext
-from atlas.stages.stitch import run
+from atlas.stages import STITCHING, StageContext, run_jobs
 from atlas.storage import FolderStore
 slide, out = Path(sys.argv[1]), Path(sys.argv[2])
-run(StageContext(slide_id=slide.name, run_id="bench", slide=FolderStore(slide), work=FolderStore(out), params=Params()))
+ctx = StageContext(slide_id=slide.name, run_id="bench", slide=FolderStore(slide), work=FolderStore(out),
+                   params=Params())
+for job in run_jobs(STITCHING):
+    ctx.for_job(job, scratch=out).run(job)
 """
 
 

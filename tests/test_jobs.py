@@ -34,7 +34,7 @@ from atlas.cli import app
 from atlas.errors import InvalidInput
 from atlas.pipeline.contract import ExitCode, JobError, Misconfigured, UpstreamIncomplete
 from atlas.slide.convention import MANIFEST, run_id_for, sha256_file
-from atlas.stages import STAGES, get_stage, run_jobs
+from atlas.stages import STAGES, get_stage, run_jobs, upstream_jobs
 from localcloud.demo import local_aws_env
 from localcloud.executor import StageJobFailed, execute_run, stage_command
 
@@ -142,7 +142,10 @@ def test_every_stage_runs_as_a_job_and_the_run_is_released(aws, run, sample_run,
         assert record["run_id"] == run["run_id"] and record["instance_type"] == "local", name
         assert record["vcpu_seconds"] == pytest.approx(record["seconds"] * record["vcpus"], abs=0.01)
         assert record["peak_rss_bytes"] > 50 << 20 and record["scratch_peak_bytes"] >= 0, name
-        assert record["s3_bytes_written"] >= sum(o["size"] for o in record["outputs"]) > 0, name
+        assert record["s3_bytes_written"] >= sum(o["size"] for o in record["outputs"]), name
+        # every job writes something, but illuminate when the slide's params leave illumination off
+        assert record["outputs"] or (record["stage"] == "illuminate"
+                                     and not manifest["params"]["stitch"]["illumination"])
     assert {s["stage"] for s in manifest["stages"]} == {s.name for s in STAGES if s.name != "publish"}
 
     # no job downloads a whole input image: they read byte ranges and chunks where the data lies
@@ -152,7 +155,7 @@ def test_every_stage_runs_as_a_job_and_the_run_is_released(aws, run, sample_run,
     items = [r for r in records.values() if r["stage"] == "segment" and r["item"] is not None]
     assert all(0 < r["s3_bytes_read"] < registered for r in items)  # its share of one channel's chunks
     assert records["publish.json"]["s3_bytes_read"] < released / 100  # the manifest comes from the records
-    assert records["stitch.json"]["scratch_peak_bytes"] >= registered  # the OME-TIFF, written with seeks, then put
+    assert records["export.json"]["scratch_peak_bytes"] >= registered  # the OME-TIFF, written with seeks, then put
     assert sum(r["s3_bytes_read"] for r in records.values()) <= 3 * (raw + released)
 
     # the cloud path gives the same results as the local runner on the same slide
@@ -260,17 +263,24 @@ def test_a_job_killed_mid_upload_resumes_to_a_byte_identical_release(aws, run, s
     assert listed[0] == listed[1]
 
 
+def copy_upstream(s3, run: dict, work: str, job) -> None:
+    """Copy what ``job`` builds on (the records of the jobs before it and their outputs) from the
+    uninterrupted run's work prefix to ``work``."""
+    source = f"{run['run_id']}/"
+    for earlier in upstream_jobs(job):
+        record = json.loads(s3.get_object(Bucket=run["work"], Key=source + earlier.record)["Body"].read())
+        for rel in [earlier.record] + [out["path"] for out in record["outputs"]]:
+            s3.copy({"Bucket": run["work"], "Key": source + rel}, work, source + rel)
+
+
 def test_a_killed_array_item_is_redone_to_the_same_outputs(aws, run):
     """Batch retries an array child whose Spot instance went away mid-way: the retry finds no record,
     redoes the item, and records exactly the outputs of an uninterrupted item."""
     env, s3 = aws
     work, run_id = new_bucket(s3, "work"), run["run_id"]
     source = f"{run_id}/"
-    stitch = get_stage("stitch").jobs()[0]
-    record = json.loads(s3.get_object(Bucket=run["work"], Key=source + stitch.record)["Body"].read())
-    for rel in [stitch.record] + [out["path"] for out in record["outputs"]]:
-        s3.copy({"Bucket": run["work"], "Key": source + rel}, work, source + rel)
     item = get_stage("segment").jobs()[1]
+    copy_upstream(s3, run, work, item)
     uninterrupted = json.loads(s3.get_object(Bucket=run["work"], Key=source + item.record)["Body"].read())
     work_uri = f"s3://{work}/{run_id}/"
     last = len(uninterrupted["outputs"]) - 1
@@ -290,6 +300,37 @@ def test_a_killed_array_item_is_redone_to_the_same_outputs(aws, run):
     assert not retried.skipped and retried.record["outputs"] == uninterrupted["outputs"]
 
 
+def test_a_killed_mosaic_item_resumes_from_its_last_written_chunk_row(aws, run):
+    """A Spot reclaim in the middle of a long item: the retry skips every chunk row whose journal
+    object the killed attempt left, redoes the rest, and records exactly the outputs of an
+    uninterrupted item."""
+    env, s3 = aws
+    work, run_id = new_bucket(s3, "work"), run["run_id"]
+    item = get_stage("mosaic").jobs()[0]
+    copy_upstream(s3, run, work, item)
+    uninterrupted = json.loads(s3.get_object(Bucket=run["work"], Key=f"{run_id}/{item.record}")["Body"].read())
+    journal = f"{run_id}/{item.stage.item_dir}/{item.item}/"
+    rows = sum(out["path"].startswith(journal[len(run_id) + 1:]) for out in uninterrupted["outputs"])
+    assert rows >= 4  # chunk rows of its channels' pyramid levels
+    work_uri = f"s3://{work}/{run_id}/"
+    with hold_uploads_after_first(work, journal, admit=2) as (_, blocked):
+        proc = subprocess.Popen(stage_command(item, slide_uri=run["slide_uri"], work_uri=work_uri, run_id=run_id),
+                                env={**os.environ, **env, "AWS_BATCH_JOB_ARRAY_INDEX": str(item.item)},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            assert blocked.wait(300), "the item never finished two chunk rows"
+            os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.wait()
+    assert len(objects(s3, work, journal)) == 2 and item.record not in objects(s3, work, f"{run_id}/")
+    retried = run_stage_job("mosaic", slide_uri=run["slide_uri"], work_uri=work_uri, run_id=run_id,
+                            array_index=item.item, s3=s3)
+    assert not retried.skipped and retried.record["outputs"] == uninterrupted["outputs"]
+    # the two finished rows were taken over unread and not written again
+    assert retried.record["s3_bytes_written"] < uninterrupted["s3_bytes_written"]
+
+
 def test_a_corrupted_input_fails_naming_the_file_and_publishes_nothing(aws, slide_copy):
     env, s3 = aws
     run_id = run_id_for(slide_copy.name, (slide_copy / MANIFEST).read_bytes())
@@ -303,7 +344,7 @@ def test_a_corrupted_input_fails_naming_the_file_and_publishes_nothing(aws, slid
 
     with pytest.raises(StageJobFailed) as failed:
         execute_run(slide_uri, f"s3://{work}/{run_id}/", run_id, env={**env, "ATLAS_RESULTS_BUCKET": results})
-    assert failed.value.step == "stitch" and failed.value.exit_code == ExitCode.INVALID_INPUT
+    assert failed.value.step == "illuminate[0]" and failed.value.exit_code == ExitCode.INVALID_INPUT
     assert f"raw/{cycle.name}" in str(failed.value) and "sha256" in str(failed.value)
     assert "manifest.json" in str(failed.value)
     assert objects(s3, work) == {} and objects(s3, results) == {}
@@ -312,8 +353,9 @@ def test_a_corrupted_input_fails_naming_the_file_and_publishes_nothing(aws, slid
 def test_a_stage_needs_its_upstream_records(aws):
     _, s3 = aws
     work = new_bucket(s3, "work")
-    with pytest.raises(UpstreamIncomplete, match=re.escape("needs stitch, segment[0], segment[1], segment[2], "
-                                                           "segment[3], segment merge to be complete first")):
+    with pytest.raises(UpstreamIncomplete, match=re.escape(
+            "needs illuminate[0], illuminate[1], illuminate merge, align, mosaic[0], mosaic[1], mosaic merge, export, "
+            "segment[0], segment[1], segment[2], segment[3], segment merge to be complete first")):
         run_stage_job("quantify", slide_uri="s3://ingest/S1/", work_uri=f"s3://{work}/S1-r/", run_id="S1-r", s3=s3)
     assert objects(s3, work) == {}
 
@@ -331,14 +373,15 @@ def test_a_changed_upstream_output_is_caught(aws, run):
         run_stage_job("quantify", slide_uri=run["slide_uri"], work_uri=f"s3://{work}/{source}",
                       run_id=run["run_id"], s3=s3)
     assert caught.value.exit_code == ExitCode.CORRUPT_WORK
-    assert "stitch.json" in str(caught.value)  # says which record to delete to redo the stage
+    assert "export.json" in str(caught.value)  # says which record to delete to redo the stage
 
 
 def test_missing_manifest_is_invalid_input(aws):
     _, s3 = aws
     ingest, work = new_bucket(s3, "ingest"), new_bucket(s3, "work")
     with pytest.raises(InvalidInput, match="manifest.json: missing"):
-        run_stage_job("stitch", slide_uri=f"s3://{ingest}/sample/", work_uri=f"s3://{work}/r/", run_id="r", s3=s3)
+        run_stage_job("illuminate", slide_uri=f"s3://{ingest}/sample/", work_uri=f"s3://{work}/r/", run_id="r",
+                      array_index=0, s3=s3)
 
 
 def test_publish_without_a_results_bucket_is_misconfigured(aws, monkeypatch):
@@ -353,7 +396,7 @@ def test_publish_without_a_results_bucket_is_misconfigured(aws, monkeypatch):
     (["segment"], "is an array stage"),
     (["segment", "--array-index", "9"], "outside 0..3"),
     (["segment", "--array-index", "1", "--merge"], "either an array index or merge"),
-    (["stitch", "--merge"], "not an array stage"),
+    (["align", "--merge"], "not an array stage"),
     (["nosuch"], "unknown stage 'nosuch'"),
 ])
 def test_bad_job_arguments_are_usage_errors(monkeypatch, args, message):

@@ -34,7 +34,7 @@ from atlas.params import parse_params
 from atlas.pipeline import records
 from atlas.pipeline.runner import slide_entries
 from atlas.slide.convention import MANIFEST, PARAMS, parse_manifest
-from atlas.stages import get_stage
+from atlas.stages import STAGES, STITCHING, get_stage, run_jobs
 from atlas.storage import JobView, file_entry
 from localcloud.demo import HANDLERS, POWERTOOLS_LOCAL_ENV, LocalCloud, execution_status_event, load_handler
 
@@ -88,6 +88,12 @@ def finish_job(cloud: LocalCloud, tmp: Path, slide_id: str, run_id: str, stage_n
     return record
 
 
+def finish_stitching(cloud: LocalCloud, tmp: Path, slide_id: str, run_id: str, seconds: float = 600) -> list[dict]:
+    """Every job of the stitching stages finished (items, then merges): their records."""
+    return [finish_job(cloud, tmp, slide_id, run_id, job.stage.name, job.item, seconds)
+            for job in run_jobs(STITCHING)]
+
+
 def cli(*args: str):
     return CliRunner().invoke(app, list(args))
 
@@ -95,23 +101,24 @@ def cli(*args: str):
 def test_status_follows_a_run_from_start_to_failure(cloud, sample_slide, tmp_path):
     slide_id = sample_slide.name
     started = ops.slide_status(slide_id, table=table(cloud))
-    assert (started.status, started.execution_status, started.current_stage) == ("READY", "RUNNING", "stitch")
+    assert (started.status, started.execution_status, started.current_stage) == ("READY", "RUNNING", "illuminate")
     run_id = started.run_id
     assert started.work_uri == f"s3://{cloud.settings.work_bucket}/{run_id}/"
-    assert [p.state for p in started.stages] == ["running", "pending", "pending", "pending", "pending"]
+    assert [p.state for p in started.stages] == ["running"] + ["pending"] * (len(STAGES) - 1)
 
     tell(cloud, run_id, "RUNNING")
-    stitch = finish_job(cloud, tmp_path, slide_id, run_id, "stitch", seconds=600)
+    stitching = finish_stitching(cloud, tmp_path, slide_id, run_id, seconds=600)
     for item in (0, 1):
         finish_job(cloud, tmp_path, slide_id, run_id, "segment", item, seconds=300, instance="g5.xlarge")
     running = ops.slide_status(slide_id, table=table(cloud))
     assert (running.status, running.current_stage) == ("RUNNING", "segment")
     stages = {p.stage: p for p in running.stages}
-    assert (stages["stitch"].state, stages["segment"].state, stages["quantify"].state) == ("done", "running", "pending")
+    assert (stages["export"].state, stages["segment"].state, stages["quantify"].state) == ("done", "running", "pending")
+    assert all(stages[stage.name].state == "done" for stage in STITCHING)
     assert (stages["segment"].items_done, stages["segment"].items) == (2, 4)
-    stitch_usd = stitch["vcpu_seconds"] / 3600 * ops.COMPUTE_PRICES.per_vcpu_hour("c6i.2xlarge")
+    stitch_usd = sum(r["vcpu_seconds"] for r in stitching) / 3600 * ops.COMPUTE_PRICES.per_vcpu_hour("c6i.2xlarge")
     segment_usd = 2 * 300 * 4 / 3600 * ops.COMPUTE_PRICES.per_vcpu_hour("g5.xlarge")
-    assert stages["stitch"].cost_usd == pytest.approx(stitch_usd)
+    assert sum(stages[stage.name].cost_usd for stage in STITCHING) == pytest.approx(stitch_usd)
     assert running.cost_usd == pytest.approx(stitch_usd + segment_usd) and running.cost_complete
 
     shown = cli("status", slide_id)
@@ -134,7 +141,7 @@ def test_status_follows_a_run_from_start_to_failure(cloud, sample_slide, tmp_pat
 def test_the_current_stage_comes_from_the_execution_history(cloud, sample_slide, tmp_path):
     slide_id = sample_slide.name
     run_id = ops.slide_status(slide_id, table=table(cloud)).run_id
-    finish_job(cloud, tmp_path, slide_id, run_id, "stitch")
+    finish_stitching(cloud, tmp_path, slide_id, run_id)
     for item in range(4):
         finish_job(cloud, tmp_path, slide_id, run_id, "segment", item)
     sfn = boto3.client("stepfunctions")
@@ -158,7 +165,7 @@ def test_the_current_stage_comes_from_the_execution_history(cloud, sample_slide,
 def fail_at_segment(cloud, slide_id: str, tmp_path: Path) -> str:
     run_id = ops.slide_status(slide_id, table=table(cloud)).run_id
     tell(cloud, run_id, "RUNNING")
-    finish_job(cloud, tmp_path, slide_id, run_id, "stitch")
+    finish_stitching(cloud, tmp_path, slide_id, run_id)
     finish_job(cloud, tmp_path, slide_id, run_id, "segment", 0)
     tell(cloud, run_id, "FAILED", error="segment failed: STAGE_FAILED", cause="out of memory")
     return run_id
@@ -182,7 +189,7 @@ def test_rerun_from_a_stage_reuses_the_earlier_outputs_under_a_new_run_id(cloud,
     item = catalog.from_dynamo(table(cloud).get_item(Key={"pk": catalog.slide_pk(slide_id), "sk": "SLIDE"})["Item"])
     new = item["run_id"]
     assert new == f"{old}-r2" and item["status"] == "READY" and "error" not in item
-    assert new in shown.output and "reused from" in shown.output and "stitch" in shown.output
+    assert new in shown.output and "reused from" in shown.output and "align" in shown.output
     run = catalog.from_dynamo(table(cloud).get_item(Key={"pk": catalog.slide_pk(slide_id), "sk": f"RUN#{new}"})["Item"])
     assert (run["rerun_of"], run["from_stage"], run["params_override"]) == (old, "segment", False)
 
@@ -195,19 +202,19 @@ def test_rerun_from_a_stage_reuses_the_earlier_outputs_under_a_new_run_id(cloud,
 
     assert objects(old_work) == before  # the earlier run is untouched
     copied = objects(payload["work_uri"])
-    assert copied["qc/stitch/job.txt"] == before["qc/stitch/job.txt"]
+    assert copied["qc/align/job.txt"] == before["qc/align/job.txt"]
     assert not any(k.startswith("qc/segment/") for k in copied)  # segment is redone, item 0 included
-    record = json.loads(copied["qc/provenance/stitch.json"])
+    record = json.loads(copied["qc/provenance/align.json"])
     assert (record["run_id"], record["reused_from"]) == (new, old)
-    # the stage job of the new run finds stitch complete and skips it
-    skipped = run_stage_job("stitch", slide_uri=payload["slide_uri"], work_uri=payload["work_uri"], run_id=new,
+    # the stage job of the new run finds align complete and skips it
+    skipped = run_stage_job("align", slide_uri=payload["slide_uri"], work_uri=payload["work_uri"], run_id=new,
                             s3=boto3.client("s3"))
     assert skipped.skipped
 
     tell(cloud, new, "RUNNING")  # the status handler follows the new run
     status = ops.slide_status(slide_id, table=table(cloud))
     assert (status.status, status.run_id, status.current_stage) == ("RUNNING", new, "segment")
-    assert {p.stage: p.state for p in status.stages}["stitch"] == "reused" and status.cost_usd == 0
+    assert {p.stage: p.state for p in status.stages}["align"] == "reused" and status.cost_usd == 0
     assert [r["run_id"] for r in status.runs] == [old, new]
 
     refused = cli("rerun", slide_id)
@@ -236,7 +243,7 @@ def test_rerun_with_new_params_runs_a_copy_of_the_slide(cloud, sample_slide, tmp
     # the stage jobs accept the copy: every file matches its manifest entry
     slide = S3Store(boto3.client("s3"), copy)
     entries = slide_entries(slide)
-    check_raw_inputs(slide, get_stage("stitch").jobs()[0], entries)  # the raw files, copied server-side
+    check_raw_inputs(slide, get_stage("align").jobs()[0], entries)  # the raw files, copied server-side
     as_read = JobView(slide, entries, readable=lambda rel: True, writable=lambda rel: False)  # checked as read
     assert parse_params(as_read.read_text(PARAMS)).segment.expand_um == 3.0
 
@@ -247,10 +254,10 @@ def test_rerun_refuses_what_cannot_work(cloud, sample_slide, tmp_path):
     stitch_change = tmp_path / "stitch.yml"
     stitch_change.write_text("stitch:\n  maximum_shift_um: 50\n")
     cases = [
-        (["--from", "segment", "--params", str(stitch_change)], "--from segment reuses the stitch outputs",
-         "rerun --from stitch"),
+        (["--from", "segment", "--params", str(stitch_change)], "changes the stitch parameters, but --from segment "
+         "reuses the illuminate outputs", "rerun --from illuminate"),
         (["--from", "quantify"], "segment[1] of run", "rerun --from segment"),
-        (["--from", "stiching"], "unknown stage 'stiching'", "stitch, segment, quantify"),
+        (["--from", "stiching"], "unknown stage 'stiching'", "illuminate, align, mosaic, export, segment, quantify"),
     ]
     bad_params = tmp_path / "bad.yml"
     bad_params.write_text("segmnt:\n  channel: 0\n")

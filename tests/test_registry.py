@@ -14,6 +14,7 @@ from atlas.stages import (
     HOST_MEMORY_MIB,
     MAX_ARRAY_SIZE,
     STAGES,
+    STITCHING,
     SlideSize,
     batch_jobs,
     execution_sizes,
@@ -28,10 +29,14 @@ TARGET = SlideSize(tiles=1000, cycles=10, channels=40, tile_shape=(2048, 2048)) 
 
 
 def test_each_stage_runs_as_its_jobs_in_order():
-    assert [job.label for job in run_jobs()] == ["stitch", "segment[0]", "segment[1]", "segment[2]", "segment[3]",
-                                                 "segment merge", "quantify", "render", "publish"]
-    assert [job.name for job in batch_jobs()] == ["stitch", "segment", "segment-merge", "quantify", "render",
+    assert [job.label for job in run_jobs()] == [
+        "illuminate[0]", "illuminate[1]", "illuminate merge", "align", "mosaic[0]", "mosaic[1]", "mosaic merge",
+        "export", "segment[0]", "segment[1]", "segment[2]", "segment[3]", "segment merge", "quantify", "render",
+        "publish"]
+    assert [job.name for job in batch_jobs()] == ["illuminate", "illuminate-merge", "align", "mosaic", "mosaic-merge",
+                                                  "export", "segment", "segment-merge", "quantify", "render",
                                                   "publish"]
+    assert [stage.params for stage in STITCHING] == ["stitch"] * 4  # they share the params.yml section
     segment = get_stage("segment")
     assert [job.record for job in segment.jobs(2)] == ["qc/provenance/segment.0.json", "qc/provenance/segment.1.json",
                                                        "qc/provenance/segment.json"]
@@ -49,7 +54,11 @@ def test_array_sizes_and_resources_follow_the_slide():
     assert set(target) == {job.name for job in batch_jobs()}
     for name, sizes in target.items():
         assert sizes.memory_mib <= HOST_MEMORY_MIB, name  # every request fits a 16 GiB host
-        assert (sizes.items > 0) == (name == "segment"), name
+        assert (sizes.items > 0) == (name in ("illuminate", "mosaic", "segment")), name
+    # the stitching fan-out: one item per cycle; timeouts grow with the tiles and channels
+    assert target["illuminate"].items == target["mosaic"].items == 10 and run_sizes(SAMPLE)["mosaic"].items == 2
+    assert all(target[name].timeout_s >= run_sizes(SAMPLE)[name].timeout_s for name in target)
+    assert target["align"].timeout_s > run_sizes(SAMPLE)["align"].timeout_s
     assert all(stage.memory_mib <= HOST_MEMORY_MIB for stage in STAGES)
 
 
@@ -78,10 +87,11 @@ def test_an_array_run_at_another_size_is_found_by_the_stages_after_it(tmp_path):
     with pytest.raises(BadJobArguments, match="array index 2 is outside 0..1"):
         job_of("segment", 2, False, items=2)
     work = FolderStore(tmp_path)
-    for job in [get_stage("stitch").jobs()[0], *items, merge]:
+    earlier = list(run_jobs(STITCHING))
+    for job in [*earlier, *items, merge]:
         records.write_record(work, job, records.new_record(job, run_id="r", started=0, finished=1, outputs=[]))
     assert records.loads(work.read_bytes(merge.record))["count"] == 2
     found, missing, changed = records.upstream_records(work, get_stage("quantify").jobs()[0], "r")
-    assert sorted(found) == sorted(j.record for j in [get_stage("stitch").jobs()[0], *items, merge])
+    assert sorted(found) == sorted(j.record for j in [*earlier, *items, merge])
     assert missing == [] and changed == {}
     assert segment.jobs()[2].record not in found  # the registry's default of 4 items does not apply

@@ -25,7 +25,7 @@ from atlas.pipeline.contract import CorruptWork, UndeclaredOutput, UpstreamIncom
 from atlas.pipeline.local import make_context, run_local_job, run_pipeline
 from atlas.pipeline.runner import execute, job_context
 from atlas.slide.convention import read_markers, sha256_file, write_manifest
-from atlas.stages import CompletionRecord, StageContext, get_stage
+from atlas.stages import STAGES, CompletionRecord, StageContext, get_stage
 from atlas.storage import FolderStore
 
 MCQUANT_MORPHOLOGY = ["X_centroid", "Y_centroid", "Area", "MajorAxisLength", "MinorAxisLength",
@@ -41,7 +41,7 @@ def check_results(out: Path, slide_dir: Path) -> dict:
     assert {"python", "ashlar", "tifffile", "zarr"} <= set(manifest["software"])
     assert manifest["params"]["stitch"]["align_channel"] == 0
     stages = [s["stage"] for s in manifest["stages"] if s["item"] is None]
-    assert stages[:4] == ["stitch", "segment", "quantify", "render"]
+    assert stages[:7] == ["illuminate", "align", "mosaic", "export", "segment", "quantify", "render"]
     files = {f["path"]: f for f in manifest["files"]}
     for path, entry in files.items():
         assert (out / path).stat().st_size == entry["size"], path
@@ -144,7 +144,7 @@ def test_rerun_resumes_without_redoing_work(sample_run, sample_slide):
     before = {p: p.stat().st_mtime_ns for p in sample_run.rglob("*") if p.is_file()}
     result = CliRunner().invoke(app, ["run", str(sample_slide), "-o", str(sample_run)])
     assert result.exit_code == 0, result.output
-    assert result.output.count("already complete") == 5
+    assert result.output.count("already complete") == len(STAGES)
     assert "overview:" in result.output
     after = {p: p.stat().st_mtime_ns for p in sample_run.rglob("*") if p.is_file()}
     assert after == before
@@ -220,5 +220,6 @@ def test_jobs_read_and_write_only_what_the_registry_declares(tmp_path, monkeypat
 
 def test_a_job_needs_the_records_of_the_jobs_before_it(sample_slide, tmp_path):
     ctx = make_context(sample_slide, tmp_path)
-    with pytest.raises(UpstreamIncomplete, match=r"render of run .* needs stitch, segment\[0\]"):
+    with pytest.raises(UpstreamIncomplete, match=r"render of run .* needs illuminate\[0\], illuminate\[1\], "
+                                                 r"illuminate merge, align, mosaic\[0\]"):
         run_local_job(ctx, get_stage("render").jobs()[0])

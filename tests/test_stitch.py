@@ -22,8 +22,8 @@ from atlas.params import Params, StitchParams
 from atlas.science.stitch import TileSet
 from atlas.slide.fiji import read_tile_configuration
 from atlas.slide.ome import write_cycle
-from atlas.stages import StageContext
-from atlas.stages import stitch as stage
+from atlas.stages import STITCHING, StageContext, run_jobs
+from atlas.stages import cycles as stage
 from atlas.storage import FolderStore
 
 BRAIN = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "stitching" / "basicpy_wsi_brain"
@@ -79,9 +79,11 @@ def make_slide(root: Path, cycles: list[tuple[np.ndarray, np.ndarray]], pixel_si
 
 
 def run_stage(slide: Path, out: Path, **stitch) -> Path:
+    """The stitching stages (illuminate, align, mosaic, export) on folders, each job in turn."""
     ctx = StageContext(slide_id=slide.name, run_id="test", slide=FolderStore(slide), work=FolderStore(out),
                        params=Params(stitch=StitchParams(**stitch)))
-    stage.run(ctx)
+    for job in run_jobs(STITCHING):
+        ctx.for_job(job, scratch=out).run(job)
     return out
 
 

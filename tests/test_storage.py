@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+from functools import partial
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from moto import mock_aws
 
 from atlas.aws.store import S3Store, counted
 from atlas.storage import FolderStore, IntegrityError, JobView, MissingObject, UndeclaredAccess
+from atlas.storage.journal import Journal
 
 BUCKET = "atlas-test-store"
 
@@ -166,3 +168,42 @@ def test_an_interrupted_chunk_writer_resumes_to_the_same_objects(store):
         group.create_array("0", shape=data.shape, chunks=(1, 128, 128), dtype="uint16", fill_value=0,
                            chunk_key_encoding={"name": "v2", "separator": "/"})[:] = data
         assert {rel: stored(fresh, rel) for rel in fresh.list()} == {rel: stored(store, rel) for rel in done}
+
+
+def test_a_journaled_job_resumes_from_its_last_finished_unit(store):
+    """A job killed after some units of work: its retry takes the finished units' objects into its
+    record unread (from their journal objects), redoes only the rest, and ends with the record of
+    an uninterrupted job."""
+    rows = {f"row{n}": f"row {n}\n".encode() * 1000 for n in range(5)}
+
+    def attempt(view: JobView, kill_at: int | None = None) -> list[str]:
+        journal, done = Journal(view, "tmp/mosaic/0"), []
+
+        def write(unit: str) -> None:
+            if kill_at is not None and len(done) == kill_at:
+                view.write_bytes(f"registration/{unit}", b"half")  # cut short mid-unit
+                raise KeyboardInterrupt("reclaimed")
+            view.write_bytes(f"registration/{unit}", rows[unit])
+            done.append(unit)
+
+        for unit in rows:
+            journal.run(unit, partial(write, unit))
+        return journal.resumed
+
+    def view_of(target) -> JobView:
+        return JobView(target, {}, readable=lambda rel: False,
+                       writable=lambda rel: rel.startswith(("registration/", "tmp/mosaic/0/")))
+
+    uninterrupted = FolderStore(store.root.parent / "fresh") if isinstance(store, FolderStore) else None
+    killed = view_of(store)
+    with pytest.raises(KeyboardInterrupt):
+        attempt(killed, kill_at=3)
+    retry = view_of(store)
+    assert attempt(retry) == ["row0", "row1", "row2"]  # the finished units are not written again
+    assert stored(store, "registration/row3") == rows["row3"]
+    if uninterrupted is not None:
+        whole = view_of(uninterrupted)
+        assert attempt(whole) == []
+        assert retry.written == whole.written  # the same record as an uninterrupted job
+    assert {rel: e["size"] for rel, e in retry.written.items() if rel.startswith("registration/")} == {
+        f"registration/{unit}": len(data) for unit, data in rows.items()}

@@ -247,7 +247,7 @@ def test_rerun_from_render_with_a_new_story(cloud, sample_slide, tmp_path):  # n
     the earlier stages reused; a story that does not fit the slide, or one the rerun would not
     render, starts nothing."""
     import boto3
-    from test_ops import cli, finish_job, objects, table, tell
+    from test_ops import cli, finish_job, finish_stitching, objects, table, tell
 
     from atlas.aws import ops
     from atlas.aws.s3 import S3Uri
@@ -261,7 +261,7 @@ def test_rerun_from_render_with_a_new_story(cloud, sample_slide, tmp_path):  # n
     slide_id = sample_slide.name
     old = ops.slide_status(slide_id, table=table(cloud)).run_id
     tell(cloud, old, "RUNNING")
-    finish_job(cloud, tmp_path, slide_id, old, "stitch")
+    finish_stitching(cloud, tmp_path, slide_id, old)
     for item in range(4):
         finish_job(cloud, tmp_path, slide_id, old, "segment", item)
     finish_job(cloud, tmp_path, slide_id, old, "segment")   # the merge

@@ -513,11 +513,12 @@ def _params_override(s3, slide: S3Uri, manifest: bytes, params_text: str | None,
     new = parse_params(params_text, file=params_file).to_dict()
     listed = any(e.path == PARAMS for e in parse_manifest(manifest.decode()))
     old = parse_params((get_bytes(s3, slide.join(PARAMS)) or b"").decode() if listed else None).to_dict()
-    if changed := [s.name for s in reused if old.get(s.name) != new.get(s.name)]:
-        raise InvalidInput(Problem(params_file, f"changes the {', '.join(changed)} parameters, but --from "
-                                                f"{STAGES[len(reused)].name} reuses the {changed[0]} outputs of run "
-                                                f"{previous_run}",
-                                   f"rerun --from {changed[0]} (or an earlier stage)"))
+    if changed := [s for s in reused if old.get(s.params) != new.get(s.params)]:
+        sections = ", ".join(dict.fromkeys(s.params for s in changed))
+        raise InvalidInput(Problem(params_file, f"changes the {sections} parameters, but --from "
+                                                f"{STAGES[len(reused)].name} reuses the {changed[0].name} outputs of "
+                                                f"run {previous_run}",
+                                   f"rerun --from {changed[0].name} (or an earlier stage)"))
     return params_text.encode() if old != new else None
 
 

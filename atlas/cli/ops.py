@@ -11,6 +11,7 @@ from atlas.aws import catalog, ops
 from atlas.cli.data import usd
 from atlas.slide.convention import PARAMS
 from atlas.slide.story import STORY
+from atlas.stages import STAGES
 
 TABLE = typer.Option(None, "--table", envvar=catalog.ENV_CATALOG_TABLE, show_envvar=True,
                      help="catalog table (the pipeline stack's CatalogTableName output)")
@@ -83,7 +84,7 @@ def status(slide: str = typer.Argument(None, help="slide id (default: every slid
 
 def rerun(slide: str = typer.Argument(..., help="slide id"),
           from_stage: str = typer.Option(None, "--from", help="first stage to redo; earlier outputs are reused "
-                                                               "(stitch, segment, quantify, render, publish)"),
+                                                               f"({', '.join(s.name for s in STAGES)})"),
           params: Path = typer.Option(None, "--params", exists=True, dir_okay=False,
                                       help="params.yml to use instead of the slide's"),
           story: Path = typer.Option(None, "--story", exists=True, dir_okay=False,

@@ -15,7 +15,8 @@ from atlas.stages import Stage
 def run(slide: Path = typer.Argument(..., help="slide folder <slide_id>/"),
         out: Path = typer.Option(..., "-o", "--out", help="results folder (resumes if it holds a partial run)"),
         run_id: str = typer.Option(None, help="run id (default: <slide_id>-<manifest sha256[:12]>)")) -> None:
-    """Run every stage (stitch, segment, quantify, render, publish) locally; completed stages are skipped."""
+    """Run every stage (the stitching stages, segment, quantify, render, publish) locally; completed jobs are
+    skipped."""
     console = Console()
     status = console.status("starting")
 

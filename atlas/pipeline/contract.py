@@ -93,7 +93,7 @@ def undeclared_outputs(job: Job, paths: list[str], action: str = "write") -> Und
     """The error of a stage that wrote (``action="write"``) or read (``"read"``) where the registry
     does not let it."""
     if action == "write":
-        declared, kind = ((job.stage.item_dir,) if job.item is not None else job.stage.outputs), "outputs"
+        declared, kind = job.stage.writes(job), "outputs"
     else:
         declared, kind = job.stage.inputs, "inputs"
     shown = ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")

@@ -121,7 +121,7 @@ def job_context(ctx: StageContext, job: Job, upstream: Mapping[str, CompletionRe
     known = records.recorded_outputs(ordered)
     slide = JobView(ctx.slide, slide_entries(ctx.slide), readable=lambda rel: reads_slide(job, rel),
                     writable=lambda rel: False, inputs=job.stage.raw_inputs())
-    declared = (job.stage.item_dir,) if job.item is not None else job.stage.outputs
+    declared = job.stage.writes(job)
     work = JobView(ctx.work, known, readable=lambda rel: reads_work(job, rel), writable=job.declared,
                    inputs=job.stage.inputs, outputs=declared, scratch=scratch)
     return replace(ctx.for_job(job, scratch=scratch, records=upstream), slide=slide, work=work)

@@ -17,7 +17,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -308,23 +308,67 @@ def write_ome_zarr(path: str | os.PathLike | zarr.abc.store.Store, image: ArrayL
             shutil.rmtree(path)
     elif name is None:
         raise ValueError("give the image's name with a zarr store")
+    group, levels = create_ome_zarr(path, tuple(image.shape), image.dtype, tile_size)
+    for c in range(image.shape[0]):
+        for k in range(len(levels)):
+            for row in range(level_rows(levels[k], tile_size)):
+                write_level_row(levels, k, c, row, tile_size, read=lambda ys, xs, c=c: image[c, ys, xs])
+    describe_ome_zarr(group, levels, channel_names=channel_names, pixel_size_um=pixel_size_um, colors=colors,
+                      name=name)
+    return levels
+
+
+def create_ome_zarr(path: str | os.PathLike | zarr.abc.store.Store, shape: tuple[int, int, int], dtype: Any,
+                    tile_size: int) -> tuple[zarr.Group, list[zarr.Array]]:
+    """An empty OME-Zarr hierarchy: the group and its pyramid levels' arrays ("0", "1", ...; chunks
+    (1, tile_size, tile_size), Blosc-zstd), without data or image metadata. Writers then fill the
+    levels channel by channel and row by row (:func:`write_level_row`), possibly in several
+    processes, and :func:`describe_ome_zarr` adds the NGFF metadata last."""
     group = zarr.open_group(path, mode="w", zarr_format=2)
-    base = _create_level(group, "0", tuple(image.shape), image.dtype, tile_size)
-    _copy_into(image, base, size=tile_size)
-    levels = [base, *_build_levels(group, base, 1, labels=False, tile_size=tile_size)]
-    dtype = np.dtype(image.dtype)
+    levels = [_create_level(group, str(k), (shape[0], *yx), dtype, tile_size)
+              for k, yx in enumerate(level_shapes(shape[1:], tile_size))]
+    return group, levels
+
+
+def level_rows(level: ArrayLike, tile_size: int) -> int:
+    """Rows of chunks of a pyramid level (the units :func:`write_level_row` writes)."""
+    return math.ceil(level.shape[1] / tile_size)
+
+
+def write_level_row(levels: Sequence[zarr.Array], k: int, c: int, row: int, tile_size: int, *,
+                    read: Callable[[slice, slice], np.ndarray] | None = None, labels: bool = False) -> None:
+    """Write chunk row ``row`` of channel ``c`` of level ``k``: level 0 from ``read(rows, cols)`` (the
+    full-resolution pixels of channel ``c`` in those slices), a smaller level by halving the two chunk
+    rows of level ``k - 1`` that it covers, which must be written already. Each chunk is written
+    once, whole; rows and channels are independent, so writers may split them between them."""
+    y0, y1 = row * tile_size, min((row + 1) * tile_size, levels[k].shape[1])
+    width = levels[k].shape[2]
+    for x in range(0, width, tile_size):
+        x1 = min(x + tile_size, width)
+        if k == 0:
+            block = np.asarray(read(slice(y0, y1), slice(x, x1)))
+        else:
+            block = downsample(np.asarray(levels[k - 1][c, 2 * y0:2 * y1, 2 * x:2 * x1]), labels=labels)
+        levels[k][c, y0:y1, x:x1] = block
+
+
+def describe_ome_zarr(group: zarr.Group, levels: Sequence[zarr.Array], *, channel_names: Sequence[str],
+                      pixel_size_um: float, name: str, colors: Sequence[str] | None = None) -> None:
+    """Add the NGFF 0.4 image metadata (multiscales, omero with display windows from the smallest
+    level) to an OME-Zarr whose levels are written."""
+    dtype = np.dtype(levels[0].dtype)
     info = np.iinfo(dtype) if dtype.kind in "iu" else None
     colors = list(colors) if colors is not None else [CHANNEL_COLORS[i % len(CHANNEL_COLORS)]
-                                                       for i in range(image.shape[0])]
-    channels = [{"label": name, "color": color, "active": True, "coefficient": 1.0, "family": "linear",
+                                                       for i in range(levels[0].shape[0])]
+    channels = [{"label": label, "color": color, "active": True, "coefficient": 1.0, "family": "linear",
                  "inverted": False,
                  "window": {"min": float(info.min) if info else start, "max": float(info.max) if info else end,
                             "start": start, "end": end}}
-                for name, color, (start, end) in zip(channel_names, colors, contrast_windows(levels[-1]), strict=True)]
+                for label, color, (start, end) in zip(channel_names, colors, contrast_windows(levels[-1]),
+                                                      strict=True)]
     group.attrs.update({"multiscales": _multiscales(name, len(levels), pixel_size_um),
                         "omero": {"name": name, "version": NGFF_VERSION,
                                   "channels": channels, "rdefs": {"model": "color", "defaultZ": 0, "defaultT": 0}}})
-    return levels
 
 
 def write_zarr_labels(zarr_path: str | os.PathLike | zarr.abc.store.Store, name: str, labels: ArrayLike

@@ -22,8 +22,12 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
+import threading
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -167,21 +171,80 @@ class CycleAlignment:
         return self.positions - self.nominal
 
 
+class TileCache:
+    """ASHLAR reader of one cycle that keeps only the last ``capacity`` tiles of the alignment channel
+    read (least recently used go first), in place of ASHLAR's ``CachingReader``, which keeps every
+    tile of the cycle (8-11 GB for 1,000 tiles of 2048^2 px). Aligning reads tiles row by row, so a
+    few tile rows (:func:`rows_capacity`) hold what is read again. Thread-safe: later cycles are
+    registered in parallel against the first cycle's tiles.
+    """
+
+    def __init__(self, reader: TileSet, channel: int, capacity: int):
+        self.reader, self.channel, self.capacity = reader, channel, max(1, int(capacity))
+        self._tiles: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @property
+    def metadata(self) -> TileMetadata:
+        return self.reader.metadata
+
+    def read(self, series: int, c: int) -> np.ndarray:
+        if c != self.channel:
+            return self.reader.read(series, c)
+        with self._lock:
+            if series in self._tiles:
+                self._tiles.move_to_end(series)
+                return self._tiles[series]
+        tile = self.reader.read(series, c)
+        with self._lock:
+            self._tiles[series] = tile
+            while len(self._tiles) > self.capacity:
+                self._tiles.popitem(last=False)
+        return tile
+
+
+def rows_capacity(metadata: TileMetadata, rows: int = 3) -> int:
+    """Tiles in ``rows`` rows of a cycle's grid (a new row where sorted nominal y jumps by half a tile)."""
+    ys = np.sort(metadata.positions[:, 0])
+    grid_rows = 1 + int(np.count_nonzero(np.diff(ys) > metadata.size[0] / 2))
+    return rows * math.ceil(metadata.num_images / grid_rows) + 1
+
+
+_warnings_of_thread = threading.local()
+
+
 @contextlib.contextmanager
-def _quiet_ashlar(caught: list[str]):
-    """Silence ASHLAR's progress prints and collect its data warnings."""
+def _quiet_ashlar():
+    """Silence ASHLAR's progress prints and collect its data warnings into the list of the thread
+    that raised them (:func:`_collecting`); other warnings are dropped."""
     from ashlar import reg
-    with warnings.catch_warnings(record=True) as records, contextlib.redirect_stdout(io.StringIO()):
+
+    def collect(message, category, *args, **kwargs) -> None:
+        caught = getattr(_warnings_of_thread, "caught", None)
+        if caught is not None and issubclass(category, reg.DataWarning):
+            caught.append(str(message))
+
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("always", reg.DataWarning)
         # ashlar 1.20 calls scikit-image APIs deprecated in 0.26; not our users' concern.
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.showwarning = collect
         yield
-    caught.extend(str(r.message) for r in records if issubclass(r.category, reg.DataWarning))
+
+
+def _collecting(work: Callable[[], object]) -> tuple[object, list[str]]:
+    """``work()`` and the ASHLAR data warnings it raised in this thread."""
+    _warnings_of_thread.caught = []
+    try:
+        return work(), _warnings_of_thread.caught
+    finally:
+        del _warnings_of_thread.caught
 
 
 def align_cycles(cycles: Sequence[TileSet], *, channel: int = 0, max_shift_um: float = 30.0,
-                 alpha: float = 0.01, filter_sigma: float = 0.0) -> list[CycleAlignment]:
+                 alpha: float = 0.01, filter_sigma: float = 0.0, cache_rows: int = 3,
+                 workers: int = 1) -> list[CycleAlignment]:
     """Align the first cycle's tiles to each other and register every later cycle to it.
 
     Parameters
@@ -196,6 +259,10 @@ def align_cycles(cycles: Sequence[TileSet], *, channel: int = 0, max_shift_um: f
         Significance level of ASHLAR's permutation test for accepting an edge.
     filter_sigma : float
         Gaussian sigma (pixels) applied before correlation; 0 = ASHLAR's Laplacian whitening only.
+    cache_rows : int
+        Tile rows of the first cycle's alignment channel kept in memory (:class:`TileCache`).
+    workers : int
+        Later cycles registered at once (threads; the job's vCPUs).
 
     Returns
     -------
@@ -204,22 +271,24 @@ def align_cycles(cycles: Sequence[TileSet], *, channel: int = 0, max_shift_um: f
     """
     from ashlar import reg
     first = cycles[0]
-    caught: list[str] = []
-    with _quiet_ashlar(caught):
-        edge_aligner = reg.EdgeAligner(first, channel=channel, max_shift=max_shift_um, alpha=alpha,
-                                       filter_sigma=filter_sigma, do_make_thumbnail=len(cycles) > 1)
-        edge_aligner.run()
-    origin = first.metadata.origin
-    results = [_edge_result(edge_aligner, origin, caught)]
-    # Translation from "stage positions minus their origin" to the mosaic frame.
-    frame = results[0].nominal[0] - (first.metadata.positions[0] - origin)
-    for cycle in cycles[1:]:
-        caught = []
-        with _quiet_ashlar(caught):
+    edge_aligner = reg.EdgeAligner(first, channel=channel, max_shift=max_shift_um, alpha=alpha,
+                                   filter_sigma=filter_sigma, do_make_thumbnail=len(cycles) > 1)
+    edge_aligner.reader = TileCache(first, channel, rows_capacity(first.metadata, cache_rows))
+    with _quiet_ashlar():
+        _, caught = _collecting(edge_aligner.run)
+        origin = first.metadata.origin
+        results = [_edge_result(edge_aligner, origin, caught)]
+        # Translation from "stage positions minus their origin" to the mosaic frame.
+        frame = results[0].nominal[0] - (first.metadata.positions[0] - origin)
+
+        def register(cycle: TileSet) -> CycleAlignment:
             layer_aligner = reg.LayerAligner(cycle, edge_aligner, channel=channel, max_shift=max_shift_um,
                                              filter_sigma=filter_sigma)
-            layer_aligner.run()
-        results.append(_layer_result(layer_aligner, edge_aligner, results[0], origin - frame, caught))
+            _, caught = _collecting(layer_aligner.run)
+            return _layer_result(layer_aligner, edge_aligner, results[0], origin - frame, caught)
+
+        with ThreadPoolExecutor(max(1, min(workers, len(cycles) - 1))) as pool:
+            results += list(pool.map(register, cycles[1:]))
     return results
 
 
@@ -295,8 +364,8 @@ class MosaicImage:
     Parameters
     ----------
     cycles : sequence of TileSet
-    alignments : sequence of CycleAlignment
-        Same order as ``cycles``.
+    placements : sequence of (N, 2) int ndarray
+        Whole-pixel top-left of each tile (:attr:`CycleAlignment.placement`), same order as ``cycles``.
     shape : (int, int)
         Canvas (Y, X), normally :func:`mosaic_shape` of the first cycle.
 
@@ -307,13 +376,12 @@ class MosaicImage:
     output region and an int32 depth map of its size.
     """
 
-    def __init__(self, cycles: Sequence[TileSet], alignments: Sequence[CycleAlignment],
-                 shape: tuple[int, int]):
+    def __init__(self, cycles: Sequence[TileSet], placements: Sequence[np.ndarray], shape: tuple[int, int]):
         self.cycles = list(cycles)
         self.channels = [(k, c) for k, cycle in enumerate(self.cycles) for c in range(cycle.metadata.num_channels)]
         self.shape = (len(self.channels), int(shape[0]), int(shape[1]))
         self.dtype = self.cycles[0].metadata.pixel_dtype
-        self._placement = [a.placement for a in alignments]
+        self._placement = [np.asarray(p, dtype=np.int64) for p in placements]
         self._cache_key: tuple[int, int] | None = None
         self._cache: dict[int, np.ndarray] = {}
 

@@ -128,10 +128,16 @@ class Stage:
     array_size : int
         0 for a single job; otherwise the number of Batch array items (then a merge job).
     item_dir : str or None
-        Array stages: the work folder the items write their parts to (and the merge reads); an
-        item may write nothing else. It is part of the run's work, never of a release.
+        Array stages: the work folder the items write their parts to (and the merge reads). It is
+        part of the run's work, never of a release.
+    item_outputs : tuple of str
+        Array stages: glob patterns of results an item writes in place besides its ``item_dir``
+        (e.g. its share of an OME-Zarr's chunks); an item may write nothing else.
     publishes : bool
         The job releases the run to the results bucket after the stage (the last stage).
+    params_section : str or None
+        The params.yml section its outputs depend on (default: the stage's name; the stitching
+        stages share ``stitch``).
     sizing : callable, optional
         ``sizing(slide: SlideSize) -> JobSizes``: the stage's fan-out, memory and timeout as
         functions of the slide (:meth:`sizes`); None: the constants above, whatever the slide.
@@ -146,7 +152,9 @@ class Stage:
     outputs: tuple[str, ...]
     array_size: int = 0
     item_dir: str | None = None
+    item_outputs: tuple[str, ...] = ()
     publishes: bool = False
+    params_section: str | None = None
     sizing: Callable[[SlideSize], JobSizes] | None = None
 
     def __post_init__(self) -> None:
@@ -164,6 +172,11 @@ class Stage:
         return sized
 
     @property
+    def params(self) -> str:
+        """The params.yml section its outputs depend on."""
+        return self.params_section or self.name
+
+    @property
     def module(self) -> ModuleType:
         return importlib.import_module(f"atlas.stages.{self.name}")
 
@@ -177,9 +190,12 @@ class Stage:
 
     def declared(self, job: Job, rel: str) -> bool:
         """May ``job`` of this stage write the results-layout path ``rel``?"""
-        if job.item is not None:
-            return matches(rel, self.item_dir)
-        return any(matches(rel, pattern) for pattern in self.outputs)
+        return any(matches(rel, pattern) for pattern in self.writes(job))
+
+    def writes(self, job: Job) -> tuple[str, ...]:
+        """The patterns ``job`` of this stage may write: an item's ``item_dir`` and ``item_outputs``,
+        else the ``outputs``."""
+        return (self.item_dir, *self.item_outputs) if job.item is not None else self.outputs
 
     def reads(self, rel: str) -> bool:
         """Is the results-layout path ``rel`` one of this stage's declared (non-raw) inputs?"""
@@ -247,6 +263,7 @@ HOST_MEMORY_MIB = 15 * 1024
 MAX_ARRAY_SIZE = 10_000
 SEGMENT_PIXELS_PER_ITEM = 100_000_000  # one segment item per ~100 MP of the nucleus channel
 SEGMENT_MIN_ITEMS = 4
+TARGET_TILE_PIXELS = 2048 * 2048  # the rates in the sizings below are per tile of this size
 
 
 def segment_sizes(slide: SlideSize) -> JobSizes:
@@ -256,24 +273,61 @@ def segment_sizes(slide: SlideSize) -> JobSizes:
     return JobSizes(items=items, vcpus=4, memory_mib=HOST_MEMORY_MIB, timeout_s=6 * 3600)
 
 
+def per_cycle_sizes(vcpus: int, memory_mib: int, seconds_per_tile_channel: float) -> Callable[[SlideSize], JobSizes]:
+    """Sizes of a stage that fans out one item per cycle, its timeout from the tiles and channels of a
+    cycle (``seconds_per_tile_channel`` at the 2048^2 px tiles of the target, three times over)."""
+    def sizing(slide: SlideSize) -> JobSizes:
+        tile_channels = math.ceil(slide.channels / slide.cycles) * slide.pixels / TARGET_TILE_PIXELS
+        timeout = max(3600, math.ceil(3 * seconds_per_tile_channel * tile_channels))
+        return JobSizes(items=min(MAX_ARRAY_SIZE, slide.cycles), vcpus=vcpus, memory_mib=memory_mib,
+                        timeout_s=timeout)
+    return sizing
+
+
+def align_sizes(slide: SlideSize) -> JobSizes:
+    """Align reads the alignment channel of every tile of every cycle (about 1 s per 2048^2 px tile,
+    three times over), the later cycles in parallel."""
+    tiles = slide.cycles * slide.pixels / TARGET_TILE_PIXELS
+    return JobSizes(items=0, vcpus=4, memory_mib=HOST_MEMORY_MIB, timeout_s=max(3600, math.ceil(3 * tiles)))
+
+
+RAW_INPUTS = ("raw:markers.csv", "raw:raw/*", "raw:params.yml")
+REGISTERED_ZARR = f"{layout.REGISTRATION}/*.ome.zarr"
+
 STAGES: tuple[Stage, ...] = (
-    Stage("stitch", "cpu", vcpus=4, memory_mib=HOST_MEMORY_MIB, timeout_s=6 * 3600,
-          inputs=("raw:markers.csv", "raw:raw/*", "raw:params.yml"),
-          outputs=(f"{layout.REGISTRATION}/*", f"{layout.ILLUMINATION}/*", f"{layout.QC}/stitch/*")),
+    Stage("illuminate", "cpu", vcpus=1, memory_mib=4096, timeout_s=3 * 3600, array_size=2,
+          item_dir=f"{layout.WORK}/illuminate", item_outputs=(f"{layout.ILLUMINATION}/*",),
+          sizing=per_cycle_sizes(1, 4096, 0.5), params_section="stitch", inputs=RAW_INPUTS, outputs=()),
+    Stage("align", "cpu", vcpus=4, memory_mib=HOST_MEMORY_MIB, timeout_s=6 * 3600, sizing=align_sizes,
+          params_section="stitch",
+          inputs=(*RAW_INPUTS, f"{layout.ILLUMINATION}/*"),
+          outputs=(REGISTERED_ZARR, f"{layout.QC}/stitch/*", f"{layout.WORK}/align/*")),
+    Stage("mosaic", "cpu", vcpus=2, memory_mib=4096, timeout_s=6 * 3600, array_size=2,
+          item_dir=f"{layout.WORK}/mosaic", item_outputs=(REGISTERED_ZARR,), sizing=per_cycle_sizes(2, 4096, 2.0),
+          params_section="stitch",
+          inputs=(*RAW_INPUTS, f"{layout.ILLUMINATION}/*", f"{layout.WORK}/align/*", REGISTERED_ZARR),
+          outputs=(f"{REGISTERED_ZARR}/.zattrs", f"{REGISTERED_ZARR}/.zgroup", f"{layout.QC}/stitch/mosaic.png")),
+    Stage("export", "cpu", vcpus=2, memory_mib=4096, timeout_s=6 * 3600, params_section="stitch",
+          inputs=(REGISTERED_ZARR,),
+          outputs=(f"{layout.REGISTRATION}/*.ome.tif",)),
     Stage("segment", "gpu", vcpus=4, memory_mib=HOST_MEMORY_MIB, timeout_s=6 * 3600, array_size=SEGMENT_MIN_ITEMS,
           item_dir=f"{layout.WORK}/segment", sizing=segment_sizes,
-          inputs=(f"{layout.REGISTRATION}/*.ome.zarr",),
-          outputs=(f"{layout.SEGMENTATION}/*/*", f"{layout.QC}/segment/*", f"{layout.REGISTRATION}/*.ome.zarr/labels")),
+          inputs=(REGISTERED_ZARR,),
+          outputs=(f"{layout.SEGMENTATION}/*/*", f"{layout.QC}/segment/*", f"{REGISTERED_ZARR}/labels")),
     Stage("quantify", "cpu", vcpus=2, memory_mib=8192, timeout_s=3 * 3600,
-          inputs=(f"{layout.REGISTRATION}/*.ome.zarr", f"{layout.SEGMENTATION}/*/*"),
+          inputs=(REGISTERED_ZARR, f"{layout.SEGMENTATION}/*/*"),
           outputs=(f"{layout.QUANTIFICATION}/*", f"{layout.QC}/quantify/*")),
     Stage("render", "cpu", vcpus=2, memory_mib=8192, timeout_s=3 * 3600,
-          inputs=("raw:story.yml", f"{layout.REGISTRATION}/*.ome.zarr", f"{layout.SEGMENTATION}/*/*",
+          inputs=("raw:story.yml", REGISTERED_ZARR, f"{layout.SEGMENTATION}/*/*",
                   f"{layout.QUANTIFICATION}/*", f"{layout.QC}/*/*"),
           outputs=(f"{layout.OVERVIEW}/*",)),
     Stage("publish", "cpu", vcpus=1, memory_mib=2048, timeout_s=3600, publishes=True,
           inputs=(), outputs=(layout.MANIFEST,)),
 )
+
+
+# The stages that make the registered image (Level 2) from the raw cycles: ``atlas stitch``.
+STITCHING: tuple[Stage, ...] = STAGES[:4]
 
 
 def get_stage(name: str) -> Stage:

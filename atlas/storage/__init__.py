@@ -451,5 +451,26 @@ class JobView(Store):
     def local_file(self, rel: str, *, scratch: Path | None = None):
         return super().local_file(rel, scratch=scratch or self._scratch)
 
+    def resume(self, rel: str) -> bytes | None:
+        """An object an earlier attempt of this job left at ``rel`` (one of its outputs, unrecorded
+        since the attempt never finished), now recorded as written by this job; None when absent."""
+        self._check_write(rel)
+        try:
+            data = self.inner._get(rel)
+        except MissingObject:
+            return None
+        with self._lock:
+            self.written[rel] = sha256_entry(rel, data)
+        return data
+
+    def adopt(self, entries: Iterable[Mapping[str, Any]]) -> None:
+        """Record objects an earlier attempt of this job wrote (``{"path", "size", "sha256"}`` as it
+        recorded them) as written by this job, without reading them: a resumed job lists them."""
+        entries = [dict(e) for e in entries]
+        for entry in entries:
+            self._check_write(entry["path"])
+        with self._lock:
+            self.written.update((e["path"], e) for e in entries)
+
     def local_folder(self, rel: str, *, scratch: Path | None = None):
         return super().local_folder(rel, scratch=scratch or self._scratch)

@@ -200,7 +200,7 @@ def documented_requests(view: TemplateView) -> dict[Request, tuple[str, str]]:
         "job": [f"arn:aws:batch:{REGION}:{ACCOUNT}:job/{JOB_ID}"],
         "batch_rule": [f"arn:aws:events:{REGION}:{ACCOUNT}:rule/StepFunctionsGetEventsForBatchJobsRule"],
         "repository": [f"arn:aws:ecr:{REGION}:{ACCOUNT}:repository/cdk-hnb659fds-container-assets-{ACCOUNT}-{REGION}"],
-        "job_log_stream": [view.names[f"{g}.Arn"].removesuffix("*") + "log-stream:stitch/default/1"
+        "job_log_stream": [view.names[f"{g}.Arn"].removesuffix("*") + "log-stream:align/default/1"
                            for g in of_type["AWS::Logs::LogGroup"] if g.startswith("BatchJobLogs")],
         "topic": [view.names[t] for t in of_type["AWS::SNS::Topic"]],
         "topic_key": [view.names[f"{k}.Arn"] for k in of_type["AWS::KMS::Key"]],
@@ -254,7 +254,7 @@ def test_every_call_of_the_demo_and_every_documented_integration_is_allowed(depl
     results_bucket = f"{PREFIX}-results-{ACCOUNT}"
     by_component, unmapped = recorded_requests(view, calls, results_bucket)
     assert unmapped == [], "map these operations in localcloud.awscalls.iam_requests"
-    assert {"lambda:catalog", "lambda:trigger", "lambda:status", "job:stitch", "job:publish"} <= set(by_component)
+    assert {"lambda:catalog", "lambda:trigger", "lambda:status", "job:align", "job:publish"} <= set(by_component)
 
     cases = {r: identity(view, r) for requests in by_component.values() for r in requests}
     documented = documented_requests(view)
@@ -294,7 +294,7 @@ def test_the_check_refuses_what_the_template_does_not_allow(deployment, recorded
     by_component, _ = recorded_requests(view, calls, f"{PREFIX}-results-{ACCOUNT}")
     writes = [r for r in by_component["job:publish"] if r.action == "s3:PutObject" and PREFIX + "-results" in r.resource]  # noqa: E501
     assert writes
-    as_stitch = {Request(principal_arn(roles["job:stitch"]), r.action, r.resource): [] for r in writes}
+    as_stitch = {Request(principal_arn(roles["job:align"]), r.action, r.resource): [] for r in writes}
     for request in as_stitch:
         as_stitch[request] = identity(view, request)
     bogus = Request(principal_arn(roles["lambda:status"]), "states:StartExecution", cloud.settings.state_machine_arn)
