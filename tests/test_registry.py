@@ -25,8 +25,8 @@ TARGET = SlideSize(tiles=1000, cycles=10, channels=40, tile_shape=(2048, 2048)) 
 
 def test_each_stage_runs_as_its_jobs_in_order():
     assert [job.label for job in run_jobs()] == ["stitch", "segment[0]", "segment[1]", "segment[2]", "segment[3]",
-                                                 "segment merge", "quantify[0]", "quantify[1]", "quantify merge", "render",
-                                                 "publish"]
+                                                 "segment merge", "quantify[0]", "quantify[1]", "quantify merge",
+                                                 "render", "publish"]
     assert [job.name for job in batch_jobs()] == ["stitch", "segment", "segment-merge", "quantify", "quantify-merge",
                                                   "render", "publish"]
     segment = get_stage("segment")

@@ -275,7 +275,8 @@ def _part_rel(ctx: StageContext, engine: str, name: str, index: int) -> str:
 def _masks(work: Store, rel: Mapping[str, str]) -> Iterator[dict]:
     """The masks at ``rel`` (mask name -> path) opened as lazy arrays read by byte ranges."""
     with ExitStack() as stack:
-        yield {m: stack.enter_context(open_level0(stack.enter_context(work.open(r)), "mask", r)) for m, r in rel.items()}
+        yield {m: stack.enter_context(open_level0(stack.enter_context(work.open(r)), "mask", r))
+               for m, r in rel.items()}
 
 
 def run_item(ctx: StageContext, index: int, count: int) -> None:
