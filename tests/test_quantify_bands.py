@@ -63,7 +63,8 @@ def test_cells_on_band_edges_are_measured_once_by_the_band_they_begin_in(shared_
         owned = set(np.unique(read.masks["cell"]).tolist()) - {0}
         assert owned == {v for v, r in first_row.items() if band[0] <= r < band[1]}
         crossing += sum(1 for v in owned if (mask[band[1]:] == v).any())
-        assert read.read[0] == max(band[0] - 4, 0)
+        assert read.read[0] == max(band[0] - 4, 0) and read.rows[0] == band[0]
+        assert read.rows[1] - band[1] < 40  # the image: the band and the overhang of the cells crossing its end
     assert crossing > 0, "the real mask has cells across band edges"
 
 
@@ -74,7 +75,7 @@ def test_a_cell_taller_than_the_margin_is_read_whole():
     mask[10:14, 10:14] = 3
     image = np.arange(2000, dtype=np.float32).reshape(1, 100, 20) / 7
     read = band_masks({"m": mask}, (0, 40), margin=4)
-    assert read.read == (0, 100) and (read.masks["m"] == 7).sum() == 180
+    assert read.read == (0, 100) and read.rows == (0, 90) and (read.masks["m"] == 7).sum() == 180
     whole = quantify(image, {"m": mask}, ["a"])["m"]
     pd.testing.assert_frame_equal(by_bands(image, {"m": mask}, 3, margin=4, markers=["a"])["m"], whole,
                                   check_exact=True)

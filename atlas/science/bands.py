@@ -1,9 +1,10 @@
 """Quantification by row bands: MCQuant's tables of a slide made by many jobs, exactly as by one.
 
 The label image is cut into row bands; each band's job measures the cells it *owns*, those whose
-first (top) row lies in the band, and reads only the rows they cover: its band, a margin above
-(to see which cells began earlier) and below (to finish the cells crossing its lower edge),
-extended until no owned cell touches the last row read. A cell on a band edge is measured once,
+first (top) row lies in the band. It reads the masks in its band and a margin above (to see which
+cells began earlier) and below (to finish the cells crossing its lower edge), extended until no
+owned cell touches the last row read; the image's channels only in the owned cells' rows (the band
+and the overhang of the cells crossing its lower edge). A cell on a band edge is measured once,
 whole, by the band where it begins.
 
 Why the bands' tables equal the one-band table bit for bit: an owned cell has no pixel above the
@@ -89,15 +90,20 @@ class BandMasks:
 
     Attributes
     ----------
+    rows : (int, int)
+        The owned cells' rows, ``[start, stop)`` of the whole image: from the band's first row
+        (no owned cell begins above it) to the last row an owned cell reaches; all of the image
+        the band reads.
     read : (int, int)
-        Rows read, ``[start, stop)`` of the whole image: the band and its margins.
+        Rows of the masks read: the band, its margins and their extension.
     masks : dict of str to (stop - start, X) ndarray
-        Each mask's rows read, labels the band does not own set to 0.
+        Each mask in ``rows``, labels the band does not own set to 0.
     foreground : dict of str to int
         Foreground pixels of each mask in the band's own rows (what its owned areas add up to
         over all bands, see :func:`merge_bands`).
     """
 
+    rows: Rows
     read: Rows
     masks: dict[str, np.ndarray]
     foreground: dict[str, int]
@@ -130,11 +136,15 @@ def band_masks(masks: Mapping[str, object], band: Rows, margin: int = BAND_MARGI
         blocks = {n: np.concatenate([b, _plane_rows(masks[n], stop, more)]) for n, b in blocks.items()}
         stop = more
     foreground = {n: int(np.count_nonzero(b[band[0] - start:band[1] - start])) for n, b in blocks.items()}
+    end = min(band[0] + 1, height)  # owned cells' rows: from the band's start (none begins above) to their last
     for name, block in blocks.items():
         values, lengths = _runs(block)
         keep = np.repeat(np.isin(values, owned[name]), lengths).reshape(block.shape)
         blocks[name] = np.where(keep, block, 0).astype(block.dtype, copy=False)
-    return BandMasks((start, stop), blocks, foreground)
+        rows = np.flatnonzero(keep.any(axis=1))
+        end = max(end, start + int(rows[-1]) + 1 if rows.size else end)
+    masks_owned = {n: b[band[0] - start:end - start] for n, b in blocks.items()}
+    return BandMasks((band[0], end), (start, stop), masks_owned, foreground)
 
 
 def _shift_rows(table: pd.DataFrame, rows: int) -> pd.DataFrame:
@@ -159,12 +169,12 @@ def quantify_band(image, masks: Mapping[str, object], marker_names: Sequence[str
     Parameters
     ----------
     image : (C, Y, X) or (Y, X) array-like
-        Read only in the rows of the band and its margins (:class:`BandMasks` ``read``).
+        Read only in the rows of the cells the band owns (:class:`BandMasks` ``rows``).
     masks : dict of str to (Y, X) or (1, Y, X) integer array-like
     marker_names, channels, rows
         As for :func:`atlas.science.quantification.quantify`.
     band : (int, int)
-        The band's rows (:func:`band_rows`); an empty band owns no cell.
+        The band's rows (:func:`band_rows`), not empty.
     margin : int
         See :func:`band_masks`.
 
@@ -175,8 +185,8 @@ def quantify_band(image, masks: Mapping[str, object], marker_names: Sequence[str
     read : BandMasks
     """
     window = band_masks(masks, band, margin)
-    tables = quantify(_RowWindow(image, window.read), window.masks, marker_names, channels=channels, rows=rows)
-    return {name: _shift_rows(table, window.read[0]) for name, table in tables.items()}, window
+    tables = quantify(_RowWindow(image, window.rows), window.masks, marker_names, channels=channels, rows=rows)
+    return {name: _shift_rows(table, window.rows[0]) for name, table in tables.items()}, window
 
 
 class BandsDisagree(ValueError):

@@ -286,14 +286,16 @@ def run_item(ctx: StageContext, index: int, count: int) -> None:
     markers = parse_markers(ctx.slide.read_text(MARKERS))
     band = band_rows(image.shape[-2], count, image.chunks[-2])[index]
     for engine, rel in _engine_masks(ctx).items():
-        read = {"band": list(band), "read": list(band), "foreground": dict.fromkeys(rel, 0)}
+        read = {"band": list(band), "image_rows": list(band), "mask_rows": list(band),
+                "foreground": dict.fromkeys(rel, 0)}
         if band[1] > band[0]:
             with _masks(ctx.work, rel) as masks:
                 tables, window = measure_checked(
                     image, layout.registration_zarr(ctx.slide_id), masks, rel, [m.marker_name for m in markers],
                     [m.remove for m in markers], Path(MARKERS),
                     lambda names, kept: quantify_band(image, masks, names, band, channels=kept))
-            read.update({"read": list(window.read), "foreground": window.foreground})
+            read.update({"image_rows": list(window.rows), "mask_rows": list(window.read),
+                         "foreground": window.foreground})
             for mask, table in tables.items():
                 buffer = io.BytesIO()
                 table.to_parquet(buffer, index=False)
