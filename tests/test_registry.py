@@ -31,11 +31,11 @@ TARGET = SlideSize(tiles=1000, cycles=10, channels=40, tile_shape=(2048, 2048)) 
 def test_each_stage_runs_as_its_jobs_in_order():
     assert [job.label for job in run_jobs()] == [
         "illuminate[0]", "illuminate[1]", "illuminate merge", "align", "mosaic[0]", "mosaic[1]", "mosaic merge",
-        "export", "segment[0]", "segment[1]", "segment[2]", "segment[3]", "segment merge", "quantify", "render",
-        "publish"]
+        "export", "segment[0]", "segment[1]", "segment[2]", "segment[3]", "segment merge", "quantify[0]",
+        "quantify[1]", "quantify merge", "render", "publish"]
     assert [job.name for job in batch_jobs()] == ["illuminate", "illuminate-merge", "align", "mosaic", "mosaic-merge",
-                                                  "export", "segment", "segment-merge", "quantify", "render",
-                                                  "publish"]
+                                                  "export", "segment", "segment-merge", "quantify", "quantify-merge",
+                                                  "render", "publish"]
     assert [stage.params for stage in STITCHING] == ["stitch"] * 4  # they share the params.yml section
     segment = get_stage("segment")
     assert [job.record for job in segment.jobs(2)] == ["qc/provenance/segment.0.json", "qc/provenance/segment.1.json",
@@ -45,16 +45,18 @@ def test_each_stage_runs_as_its_jobs_in_order():
 
 
 def test_array_sizes_and_resources_follow_the_slide():
-    assert run_sizes(SAMPLE)["segment"].items == 4  # a small slide keeps the minimum
+    # a small slide keeps the minimum
+    assert (run_sizes(SAMPLE)["segment"].items, run_sizes(SAMPLE)["quantify"].items) == (4, 2)
     target = run_sizes(TARGET)
-    # about one segment item per 100 MP: 1,000 tiles of 2048^2 px are 4.2 GP
+    # about one segment item and one quantify band per 100 MP: 1,000 tiles of 2048^2 px are 4.2 GP
     assert target["segment"].items == 42 and target["segment-merge"].items == 0
+    assert target["quantify"].items == 42 and target["quantify-merge"].items == 0
     assert run_sizes(SlideSize(tiles=10**6, cycles=1, channels=1, tile_shape=(2048, 2048)))["segment"].items \
         == MAX_ARRAY_SIZE
     assert set(target) == {job.name for job in batch_jobs()}
     for name, sizes in target.items():
         assert sizes.memory_mib <= HOST_MEMORY_MIB, name  # every request fits a 16 GiB host
-        assert (sizes.items > 0) == (name in ("illuminate", "mosaic", "segment")), name
+        assert (sizes.items > 0) == (name in ("illuminate", "mosaic", "segment", "quantify")), name
     # the stitching fan-out: one item per cycle; timeouts grow with the tiles and channels
     assert target["illuminate"].items == target["mosaic"].items == 10 and run_sizes(SAMPLE)["mosaic"].items == 2
     assert all(target[name].timeout_s >= run_sizes(SAMPLE)[name].timeout_s for name in target)
