@@ -309,10 +309,12 @@ JOBS_FILE = "jobs.json"  # in the demo's output folder: the jobs of the last exe
 
 
 def write_jobs(path: Path, steps) -> None:
-    """``[{"job", "seconds", "peak_rss_bytes"}, ...]`` of the jobs run (:class:`localcloud.executor.StepResult`)."""
+    """``[{"job", "stage", "item", "merge", "seconds", "cpu_seconds", "peak_rss_bytes"}, ...]``: the jobs run
+    (:class:`localcloud.executor.StepResult`), in order."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps([{"job": s.label, "seconds": round(s.seconds, 3), "peak_rss_bytes": s.peak_rss_bytes}
-                                for s in steps], indent=1) + "\n")
+    path.write_text(json.dumps([{"job": s.label, "stage": s.stage, "item": s.item, "merge": s.merge,
+                                 "seconds": round(s.seconds, 3), "cpu_seconds": round(s.cpu_seconds, 3),
+                                 "peak_rss_bytes": s.peak_rss_bytes} for s in steps], indent=1) + "\n")
 
 
 @dataclass(frozen=True)

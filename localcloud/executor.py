@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from atlas.pipeline.contract import ExitCode
 from atlas.pipeline.job import ARRAY_INDEX_ENV
@@ -31,7 +32,8 @@ class StepResult:
     merge: bool
     seconds: float
     output: str
-    peak_rss_bytes: int = 0  # the process's peak resident memory (its rusage)
+    peak_rss_bytes: int = 0  # the process's peak resident memory (:func:`run_process`)
+    cpu_seconds: float = 0.0
 
     @property
     def label(self) -> str:
@@ -71,12 +73,22 @@ def peak_rss(pid: int) -> int | None:
     return None
 
 
-def run_process(argv: list[str], env: Mapping[str, str]) -> tuple[int, str, int]:
-    """Run a command to its end: (exit code, stdout and stderr together, its peak RSS in bytes).
+class ProcessRun(NamedTuple):
+    """A finished process: exit code, stdout and stderr together, peak RSS (bytes), CPU time (s)."""
 
-    The peak is the process's own VmHWM, read every :data:`RSS_SAMPLE_S` while it runs (its last
-    fraction of a second is not seen). Not its rusage: a child's ``ru_maxrss`` starts from the RSS
-    of the parent it was forked from, here the demo with its emulated AWS.
+    returncode: int
+    output: str
+    peak_rss_bytes: int
+    cpu_seconds: float
+
+
+def run_process(argv: list[str], env: Mapping[str, str]) -> ProcessRun:
+    """Run a command to its end and measure it.
+
+    The peak memory is the process's own VmHWM, read every :data:`RSS_SAMPLE_S` while it runs (its
+    last fraction of a second is not seen), not its rusage: a child's ``ru_maxrss`` starts from the
+    RSS of the parent it was forked from, here the demo with its emulated AWS. The CPU time (user +
+    system, its own children included) is its rusage.
     """
     proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak = 0
@@ -89,10 +101,13 @@ def run_process(argv: list[str], env: Mapping[str, str]) -> tuple[int, str, int]
 
     sampler = threading.Thread(target=sample, name="rss-sampler", daemon=True)
     sampler.start()
-    output, _ = proc.communicate()
+    with proc.stdout:
+        output = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
     done.set()
     sampler.join()
-    return proc.returncode, output, peak
+    return ProcessRun(proc.returncode, output, peak, usage.ru_utime + usage.ru_stime)
 
 
 def execute_run(slide_uri: str, work_uri: str, run_id: str, *, env: Mapping[str, str]) -> list[StepResult]:
@@ -126,10 +141,10 @@ def execute_run(slide_uri: str, work_uri: str, run_id: str, *, env: Mapping[str,
     for job in run_jobs():
         job_env = base if job.item is None else {**base, ARRAY_INDEX_ENV: str(job.item)}
         t0 = time.perf_counter()
-        returncode, output, peak_rss = run_process(
-            stage_command(job, slide_uri=slide_uri, work_uri=work_uri, run_id=run_id), job_env)
-        if returncode != 0:
-            raise StageJobFailed(job.label, returncode, output)
-        steps.append(StepResult(job.stage.name, job.item, job.merge, time.perf_counter() - t0, output, peak_rss))
+        ran = run_process(stage_command(job, slide_uri=slide_uri, work_uri=work_uri, run_id=run_id), job_env)
+        if ran.returncode != 0:
+            raise StageJobFailed(job.label, ran.returncode, ran.output)
+        steps.append(StepResult(job.stage.name, job.item, job.merge, time.perf_counter() - t0, ran.output,
+                                ran.peak_rss_bytes, ran.cpu_seconds))
         log.info("%s done in %.1f s", job.label, steps[-1].seconds)
     return steps

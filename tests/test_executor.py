@@ -16,12 +16,13 @@ def test_a_jobs_peak_memory_is_its_own_not_its_parents():
     # the child holds 150 MiB for half a second (the sampler reads it every 50 ms), then exits
     child = ("import time; block = bytearray(150 * 2**20); block[::4096] = b'\\x01' * len(block[::4096]); "
              "time.sleep(0.5); print('ok')")
-    returncode, output, peak = run_process([sys.executable, "-c", child], {})
-    assert (returncode, output.strip()) == (0, "ok")
-    assert 150 * MIB <= peak < 300 * MIB, peak / MIB
+    ran = run_process([sys.executable, "-c", child], {})
+    assert (ran.returncode, ran.output.strip()) == (0, "ok")
+    assert 150 * MIB <= ran.peak_rss_bytes < 300 * MIB, ran.peak_rss_bytes / MIB
+    assert 0 < ran.cpu_seconds < 30
     assert held[0] == 1
 
 
 def test_a_failing_job_reports_its_exit_code_and_output():
-    returncode, output, _ = run_process([sys.executable, "-c", "import sys; print('bad input'); sys.exit(3)"], {})
-    assert (returncode, output.strip()) == (3, "bad input")
+    ran = run_process([sys.executable, "-c", "import sys; print('bad input'); sys.exit(3)"], {})
+    assert (ran.returncode, ran.output.strip()) == (3, "bad input")
