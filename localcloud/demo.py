@@ -308,13 +308,24 @@ def download_prefix(bucket: str, prefix: str, target: Path) -> list[Path]:
 JOBS_FILE = "jobs.json"  # in the demo's output folder: the jobs of the last execution
 
 
-def write_jobs(path: Path, steps) -> None:
-    """``[{"job", "stage", "item", "merge", "seconds", "cpu_seconds", "peak_rss_bytes"}, ...]``: the jobs run
-    (:class:`localcloud.executor.StepResult`), in order."""
+def write_jobs(path: Path, steps, work_bucket: str, run_id: str) -> None:
+    """``[{"job", "stage", "item", "merge", "seconds", "cpu_seconds", "peak_rss_bytes", "record"}, ...]``: the
+    jobs run (:class:`localcloud.executor.StepResult`) in order, each with its completion record from
+    the run's work prefix (what it read, wrote and held as scratch; None where it left none)."""
+    s3 = boto3.client("s3", region_name=REGION)
+
+    def record(step) -> dict | None:
+        key = f"{run_id}/{layout.completion_record(step.stage, step.item)}"
+        try:
+            return json.loads(s3.get_object(Bucket=work_bucket, Key=key)["Body"].read())
+        except s3.exceptions.NoSuchKey:
+            return None
+
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps([{"job": s.label, "stage": s.stage, "item": s.item, "merge": s.merge,
                                  "seconds": round(s.seconds, 3), "cpu_seconds": round(s.cpu_seconds, 3),
-                                 "peak_rss_bytes": s.peak_rss_bytes} for s in steps], indent=1) + "\n")
+                                 "peak_rss_bytes": s.peak_rss_bytes, "record": record(s)} for s in steps],
+                               indent=1) + "\n")
 
 
 @dataclass(frozen=True)
@@ -356,7 +367,8 @@ def run_demo(out_dir: Path, *, slide_dir: Path | None = None, say: Callable[[str
     ----------
     out_dir : Path
         Receives ``sample/<slide_id>/`` (the made sample, when no ``slide_dir`` is given), ``jobs.json``
-        (each job of the run: its time and its process's peak RSS, :func:`write_jobs`),
+        (each job of the run: its time, its process's peak RSS and CPU time, its completion record:
+        :func:`write_jobs`),
         ``results/<slide_id>/<run_id>/`` (a copy of the published results) and ``site/`` (a copy of
         the overview site: the portal's ``index.html`` and ``index.json``, each overview at
         ``<slide_id>/<run_id>/``).
@@ -400,7 +412,7 @@ def run_demo(out_dir: Path, *, slide_dir: Path | None = None, say: Callable[[str
                 say(f"  execution {arn.rsplit(':', 1)[-1]} started: running the stages as `atlas stage` jobs ...")
                 result, steps = cloud.run_execution(arn, aws_env)
                 ran.extend(steps)
-                write_jobs(out_dir / JOBS_FILE, steps)
+                write_jobs(out_dir / JOBS_FILE, steps, cloud.settings.work_bucket, arn.rsplit(":", 1)[-1])
                 for step in steps:
                     say(f"    job  {step.label:<16} {step.seconds:6.1f} s  {step.peak_rss_bytes / 2**20:7.0f} MiB")
                 say(f"  status   {result.get('run_id')}: {result['status']}")
