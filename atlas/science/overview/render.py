@@ -23,7 +23,7 @@ from atlas.science.overview.tiles import (
     encode_png,
     outline_rgba,
     outlines,
-    tile_grid,
+    pyramid_tiles,
     write_tiles,
 )
 from atlas.slide.convention import MARKERS
@@ -241,7 +241,7 @@ def _open_mask(mask_path, tile_size: int, image) -> TiffPyramid | ZarrPyramid | 
 def _write_layers(image, labels, plan: _Plan, images: Path, tile_size: int, workers: int | None,
                   progress: Callable[[int, int], None] | None) -> int:
     """Every tile of every layer (groups, channel layers, outlines); returns the number of tiles."""
-    total = sum(1 for _ in tile_grid(image.level_shapes, tile_size)) * (
+    total = sum(1 for _ in pyramid_tiles(image.level_shapes, tile_size)) * (
         len(plan.groups) + len(plan.layers) + (labels is not None))
     done, lock = 0, threading.Lock()
 
