@@ -135,13 +135,21 @@ def goal(name: str, figure: str, limit: str, ok: bool) -> str:
     return f"GOAL  {name:<44} {figure:>22}  (goal {limit:<10}) {'PASS' if ok else 'MISS'}"
 
 
+def save(work: Path, runs: list[dict], jobs: list[dict], raw: int, release: int) -> None:
+    """What was measured so far, to ``work/measured.json``."""
+    (work / "measured.json").write_text(json.dumps({"local": runs, "jobs": jobs, "raw_bytes": raw,
+                                                    "release_bytes": release}, indent=1))
+
+
+def local_line(r: dict) -> str:
+    return (f"  {r['tiles']:5d} tiles: {r['wall_s']:7.1f} s wall = {1e3 * r['wall_s'] / r['tiles']:6.0f} ms/tile, "
+            f"{r['cpu_s']:7.1f} s CPU = {1e3 * r['cpu_s'] / r['tiles']:6.0f} ms/tile; peak RSS "
+            f"{r['rss'] / MIB:6.0f} MiB; nuclei {r['nuclei']:,} found / {r['truth']:,} true "
+            f"({100 * (r['nuclei'] / r['truth'] - 1):+.1f} %)")
+
+
 def report_local(runs: list[dict]) -> list[str]:
     small, large = runs
-    for r in runs:
-        print(f"  {r['tiles']:5d} tiles: {r['wall_s']:7.1f} s wall = {1e3 * r['wall_s'] / r['tiles']:6.0f} ms/tile, "
-              f"{r['cpu_s']:7.1f} s CPU = {1e3 * r['cpu_s'] / r['tiles']:6.0f} ms/tile; peak RSS "
-              f"{r['rss'] / MIB:6.0f} MiB; nuclei {r['nuclei']:,} found / {r['truth']:,} true "
-              f"({100 * (r['nuclei'] / r['truth'] - 1):+.1f} %)")
     rss = large["rss"] / small["rss"]
     wall = (large["wall_s"] / large["tiles"]) / (small["wall_s"] / small["tiles"])
     cpu = (large["cpu_s"] / large["tiles"]) / (small["cpu_s"] / small["tiles"])
@@ -275,23 +283,26 @@ def main() -> None:
           f"CPUs, load {os.getloadavg()[0]:.1f} at start", flush=True)
     try:
         small, large = sizes
+        print("1. local pipeline (atlas run, one process)", flush=True)
         slide, truth = make_slide(work / "slides", small, overlap)
         runs = [local_run(slide, truth, work / "local" / slide.name, small)]
+        print(local_line(runs[0]), flush=True)
         # the demo's figures are per job (its memory, bytes, CPU time), not wall times: it runs while the
         # larger slide is made (untimed), then the larger slide's local run has the machine to itself
         with ThreadPoolExecutor(1) as pool:
             demo = pool.submit(demo_run, slide, work / "demo")
             large_slide, large_truth = make_slide(work / "slides", large, overlap)
             jobs, raw, release = demo.result()
-        runs.append(local_run(large_slide, large_truth, work / "local" / large_slide.name, large))
-        (work / "measured.json").write_text(json.dumps({"local": runs, "jobs": jobs, "raw_bytes": raw,
-                                                        "release_bytes": release}, indent=1))
-        print("1. local pipeline (atlas run, one process)", flush=True)
-        goals = report_local(runs)
+        save(work, runs, jobs, raw, release)
         print(f"2. emulated cloud (atlas demo --slide, one process per job): {small.label()}", flush=True)
-        goals += report_demo(jobs, raw, release)
+        goals = report_demo(jobs, raw, release)
         print("3. model of the target on Batch, from the jobs of step 2 (docs/scale.md)", flush=True)
-        goals += model(jobs, sizes[0], TARGET, args.spot_usd_per_vcpu_hour)
+        goals += model(jobs, small, TARGET, args.spot_usd_per_vcpu_hour)
+        print("1. local pipeline, the larger slide", flush=True)
+        runs.append(local_run(large_slide, large_truth, work / "local" / large_slide.name, large))
+        save(work, runs, jobs, raw, release)
+        print(local_line(runs[1]), flush=True)
+        goals = report_local(runs) + goals
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
