@@ -40,7 +40,16 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from atlas.aws.release import OVERVIEW_BUCKET_ENV, RESULTS_BUCKET_ENV, ReleaseError, release_prefix, release_run
-from atlas.aws.s3 import S3Uri, get_bytes, is_missing, list_sizes, parallel_map, s3_client
+from atlas.aws.s3 import (
+    BUCKET_OWNER_ENV,
+    S3Uri,
+    expect_bucket_owner,
+    get_bytes,
+    is_missing,
+    list_sizes,
+    parallel_map,
+    s3_client,
+)
 from atlas.errors import InvalidInput, Problem
 from atlas.pipeline import records
 from atlas.pipeline.contract import (
@@ -307,6 +316,22 @@ def publish(s3, place: JobPlace, ctx: StageContext, settings: Mapping[str, str])
         raise CorruptWork(str(exc)) from exc
 
 
+def own_buckets(s3, place: JobPlace, settings: Mapping[str, str]) -> None:
+    """``ExpectedBucketOwner`` on every request of ``s3`` to the run's buckets (the slide's, the work,
+    results and site buckets) when the settings name their owner (``ATLAS_BUCKET_OWNER``: the CDK
+    app sets the deploying account on every job definition)."""
+    owner = settings.get(BUCKET_OWNER_ENV)
+    if not owner:
+        return
+    buckets = {place.slide.bucket, place.work.bucket} | {settings[k] for k in (RESULTS_BUCKET_ENV, OVERVIEW_BUCKET_ENV)
+                                                         if settings.get(k)}
+    try:
+        expect_bucket_owner(s3, owner, buckets)
+    except ValueError as exc:
+        raise Misconfigured(f"env {BUCKET_OWNER_ENV}: {exc} -- fix: set it to the account owning the buckets "
+                            "in the job definition (the CDK app does)") from exc
+
+
 def run_stage_job(stage_name: str, *, slide_uri: str, work_uri: str, run_id: str, array_index: int | None = None,
                   merge: bool = False, s3: Any = None, scratch: Path | str | None = None,
                   settings: Mapping[str, str] | None = None) -> JobResult:
@@ -332,7 +357,8 @@ def run_stage_job(stage_name: str, *, slide_uri: str, work_uri: str, run_id: str
         the job's own subfolder is removed at the end.
     settings : mapping, optional
         The job's settings (default: this process's environment): ``ATLAS_RESULTS_BUCKET``,
-        ``ATLAS_OVERVIEW_BUCKET``, the segmentation weights, the viewer folder.
+        ``ATLAS_OVERVIEW_BUCKET``, ``ATLAS_BUCKET_OWNER`` (:func:`own_buckets`), the segmentation
+        weights, the viewer folder.
 
     Raises
     ------
@@ -347,6 +373,7 @@ def run_stage_job(stage_name: str, *, slide_uri: str, work_uri: str, run_id: str
     place = JobPlace.parse(slide_uri, work_uri, run_id)
     settings = os.environ if settings is None else settings
     s3 = s3 or s3_client()
+    own_buckets(s3, place, settings)
     existing = finished_record(s3, place, job)
     if existing is not None:
         log.info("%s: already complete for run %s, skipped", job.label, run_id)

@@ -108,14 +108,17 @@ def test_events_without_a_slide_are_ignored(cloud, started, lambda_context, stat
 
 def test_settings_name_every_missing_variable():
     with pytest.raises(RuntimeError, match="CATALOG_TABLE, IDEMPOTENCY_TABLE, STATE_MACHINE_ARN, NOTIFY_TOPIC_ARN, "
-                                           "WORK_BUCKET, RESULTS_BUCKET"):
+                                           "INGEST_BUCKET, WORK_BUCKET, RESULTS_BUCKET, BUCKET_OWNER"):
         Settings.from_env({})
-    settings = Settings("c", "i", "arn:sm", "arn:topic", "w", "r")
+    settings = Settings("c", "i", "arn:sm", "arn:topic", "in", "w", "r", "123456789012")
     assert Settings.from_env(settings.to_env()) == settings
     assert json.dumps(settings.to_env())  # plain strings, ready for a Lambda environment
     assert ENV_OVERVIEW_SITE_URL not in settings.to_env()  # unset optional settings are left out
-    with_site = Settings("c", "i", "arn:sm", "arn:topic", "w", "r", overview_site_url="https://d.example/")
+    with_site = Settings("c", "i", "arn:sm", "arn:topic", "in", "w", "r", "123456789012",
+                         overview_site_url="https://d.example/")
     assert Settings.from_env(with_site.to_env()) == with_site
+    with pytest.raises(RuntimeError, match="BUCKET_OWNER='atlas' is not an AWS account id"):
+        Settings.from_env(settings.to_env() | {"BUCKET_OWNER": "atlas"})
 
 
 def test_the_demo_status_events_have_the_real_shape(started, load_event):
