@@ -83,6 +83,23 @@ def test_with_an_overview_site_the_lab_gets_a_link_a_browser_opens(cloud, starte
     assert f"Results: {record['output_uri']}" in message.splitlines()
 
 
+def test_a_private_overview_is_linked_in_the_results_bucket_not_on_the_site(cloud, ingest, slide_copy,
+                                                                           lambda_context, status_event, monkeypatch):
+    # GIVEN a site, and a slide whose params.yml keeps its overview off it (publish releases it only in results)
+    monkeypatch.setenv(ENV_OVERVIEW_SITE_URL, "https://d111111abcdef8.cloudfront.net/")
+    status = load_handler("status").handler
+    (slide_copy / "params.yml").write_text("overview:\n  public: false\n")
+    ingest.upload_and_settle(slide_copy)
+    started = boto3.client("stepfunctions").describe_execution(executionArn=cloud.executions()[0])
+    # WHEN its run succeeds
+    status(status_event(started, "SUCCEEDED", output="{}"), lambda_context)
+    # THEN record and message name the results bucket's copy (a site link would 404), never the site
+    in_results = f"s3://{cloud.settings.results_bucket}/sample/{started['name']}/overview/index.html"
+    assert cloud.slide_record("sample")["overview_uri"] == in_results
+    message = cloud.notifications()[0]["Message"]
+    assert f"Overview: {in_results}" in message.splitlines() and "cloudfront" not in message
+
+
 def test_out_of_order_events_never_move_status_back(cloud, started, lambda_context, status_event):
     status = cloud.handlers["status"].handler
     status(status_event(started, "SUCCEEDED"), lambda_context)

@@ -119,8 +119,7 @@ def recorded(tmp_path_factory):
     original_create, original_invoke = demo.LocalCloud.create.__func__, demo.LocalCloud.invoke
 
     def create(cls, prefix=PREFIX):
-        cloud = original_create(cls, prefix)
-        demo.boto3.client("s3", region_name=REGION).create_bucket(Bucket=f"{PREFIX}-overview")
+        cloud = original_create(cls, prefix)   # with its overview site bucket, where the publish job copies to
         created["cloud"] = cloud
         return cloud
 
@@ -137,8 +136,7 @@ def recorded(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(demo.LocalCloud, "create", classmethod(create))
         mp.setattr(demo.LocalCloud, "invoke", invoke)
-        os.environ.update({"PYTHONPATH": os.pathsep.join(filter(None, [recording, os.environ.get("PYTHONPATH")])),
-                           "ATLAS_OVERVIEW_BUCKET": f"{PREFIX}-overview"})
+        os.environ.update({"PYTHONPATH": os.pathsep.join(filter(None, [recording, os.environ.get("PYTHONPATH")]))})
         try:
             result = demo.run_demo(out, say=lambda line: None)
         finally:
@@ -152,7 +150,7 @@ def view_of(deployment, cloud) -> TemplateView:
     stack = deployment.pipeline_stack
     settings = cloud.settings
     names = {logical_id(stack.storage.ingest): cloud.ingest_bucket, logical_id(stack.storage.work): settings.work_bucket,  # noqa: E501
-             logical_id(stack.site.bucket): f"{PREFIX}-overview",
+             logical_id(stack.site.bucket): cloud.site_bucket,
              logical_id(stack.catalog.table): settings.catalog_table,
              logical_id(stack.catalog.idempotency_table): settings.idempotency_table,
              logical_id(stack.notifications.topic): settings.notify_topic_arn,
@@ -208,7 +206,7 @@ def documented_requests(view: TemplateView) -> dict[Request, tuple[str, str]]:
         "topic_key": [view.names[f"{k}.Arn"] for k in of_type["AWS::KMS::Key"]],
         "alarm": [view.names[f"{a}.Arn"] for a in of_type["AWS::CloudWatch::Alarm"]],
         "budget": [f"arn:aws:budgets::{ACCOUNT}:budget/{PREFIX}-monthly"] if of_type["AWS::Budgets::Budget"] else [],
-        "site_object": [f"arn:aws:s3:::{PREFIX}-overview/S1/S1-abc/index.html"],
+        "site_object": [f"arn:aws:s3:::{PREFIX}-site/S1/S1-abc/index.html"],
         "distribution": [f"arn:aws:cloudfront::{ACCOUNT}:distribution/{d}" for d in of_type["AWS::CloudFront::Distribution"]],  # noqa: E501
     }
     out = {}
@@ -302,6 +300,23 @@ def test_the_check_refuses_what_the_template_does_not_allow(deployment, recorded
     bogus = Request(principal_arn(roles["lambda:status"]), "states:StartExecution", cloud.settings.state_machine_arn)
     decisions = simulate(view, {**as_stitch, bogus: identity(view, bogus)})
     assert {d for d, _ in decisions.values()} == {"ImplicitlyDenied"}
+
+
+def test_every_request_of_the_lambdas_and_jobs_to_our_buckets_names_their_owner(recorded):
+    """ExpectedBucketOwner (and ExpectedSourceBucketOwner on copies) = the deploying account on every S3
+    request the Lambdas and the stage jobs make to the app's buckets (set from the environment the CDK app
+    gives them): S3 refuses the request if a bucket of that name belongs to anyone else."""
+    calls, cloud = recorded
+    ours = {cloud.ingest_bucket, cloud.settings.work_bucket, cloud.settings.results_bucket, cloud.site_bucket}
+    to_ours = [c for c in calls if c.service == "s3" and (c.component or "").startswith(("lambda:", "job:"))
+               and c.params.get("Bucket") in ours]
+    assert {c.component for c in to_ours} >= {"lambda:catalog", "lambda:trigger", "job:stitch", "job:publish"}
+    assert {c.params["Bucket"] for c in to_ours} == ours
+    unnamed = [(c.component, c.operation, c.params["Bucket"]) for c in to_ours
+               if c.params.get("ExpectedBucketOwner") != ACCOUNT]
+    assert unnamed == []
+    copies = [c for c in to_ours if "CopySource" in c.params]
+    assert all(c.params.get("ExpectedSourceBucketOwner") == ACCOUNT for c in copies)
 
 
 def test_recorded_calls_keep_their_parameters(recorded):

@@ -66,7 +66,8 @@ class Settings:
     _ENV = {"catalog_table": ENV_CATALOG_TABLE, "idempotency_table": ENV_IDEMPOTENCY_TABLE,
             "state_machine_arn": ENV_STATE_MACHINE_ARN, "notify_topic_arn": ENV_NOTIFY_TOPIC_ARN,
             "ingest_bucket": ENV_INGEST_BUCKET, "work_bucket": ENV_WORK_BUCKET, "results_bucket": ENV_RESULTS_BUCKET,
-            "bucket_owner": ENV_BUCKET_OWNER, "service_name": ENV_SERVICE_NAME, "overview_site_url": ENV_OVERVIEW_SITE_URL}
+            "bucket_owner": ENV_BUCKET_OWNER, "service_name": ENV_SERVICE_NAME,
+            "overview_site_url": ENV_OVERVIEW_SITE_URL}
     _OPTIONAL = ("service_name", "overview_site_url")
 
     @classmethod
