@@ -23,7 +23,7 @@ from atlas.science.overview.tiles import (
     encode_png,
     outline_rgba,
     outlines,
-    tile_grid,
+    pyramid_tiles,
     write_tiles,
 )
 from atlas.slide.convention import MARKERS
@@ -225,7 +225,7 @@ def _open_mask(mask_path: str | os.PathLike | None, tile_size: int, image: TiffP
 def _write_layers(image: TiffPyramid, labels: TiffPyramid | None, plan: _Plan, images: Path, tile_size: int,
                   progress: Callable[[int, int], None] | None) -> int:
     """Every tile of every layer (groups, channel layers, outlines); returns the number of tiles."""
-    total = sum(1 for _ in tile_grid(image.level_shapes, tile_size)) * (
+    total = sum(1 for _ in pyramid_tiles(image.level_shapes, tile_size)) * (
         len(plan.groups) + len(plan.layers) + (labels is not None))
     done, lock = 0, threading.Lock()
 
