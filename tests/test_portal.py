@@ -67,8 +67,8 @@ def release(s3, tmp_path: Path, overviews: dict, slide: str, run_id: str, *, pub
     for path in sorted(out.rglob("*")):
         if path.is_file():
             s3.upload_file(str(path), "work", work.join(path.relative_to(out).as_posix()).key)
-    release_run(s3, out, work=work, slide_id=slide, run_id=run_id, results_bucket="results",
-                overview_bucket="site" if portal else None, public=public)
+    release_run(s3, json.loads((out / layout.MANIFEST).read_text()), work=work, slide_id=slide, run_id=run_id,
+                results_bucket="results", overview_bucket="site" if portal else None, public=public)
 
 
 def site_copy(s3, target: Path) -> Path:
