@@ -25,6 +25,7 @@ from atlas.science.overview.source import TiffPyramid
 from atlas.science.overview.tiles import composite, outlines, scale_to_display
 from atlas.science.pyramid import downsample, write_ome_tiff_pyramid
 from atlas.stages import StageContext
+from atlas.slide.palette import channel_colors
 
 EXHIBIT_KEYS = {"Images", "Header", "Rotation", "Layout", "Stories", "Channels", "Masks", "Groups"}
 TILE = 128  # small tiles, so a 512 px image has a real pyramid (512, 256, 128 px levels)
@@ -153,7 +154,10 @@ def test_groups_start_at_dna_stains_and_paths_follow_minerva():
     assert [g.labels for g in groups] == [("DNA_1", "CD45", "panCK"), ("DNA 2", "CD3", "aSMA", "Ki67"),
                                           ("CD8",), ("Hoechst",)]
     assert groups[1].path == "Group-2_3__DNA-2--4__CD3--5__aSMA--6__Ki67"
+    # the slide's one palette (also the OME-TIFF's and OME-Zarr's): a marker keeps its colour in every view
     assert groups[0].colors == ("ffffff", "ff0000", "00ff00")
+    assert groups[1].colors == ("ffffff", "0000ff", "ff00ff", "ffff00")
+    assert [c for g in groups for c in g.colors] == channel_colors(names)
     assert label_dir("CD45 (clone/2)") == "CD45-clone2"
 
 
@@ -232,8 +236,9 @@ def test_site_tiles_show_the_channels(site, dsb):
     nuclei, mask = dsb
     region = mask[TILE:2 * TILE, TILE:2 * TILE] > 0
     assert tile[region].mean() > 3 * tile[~region].mean()
-    # group 2: a saturated channel in white covers everything
-    assert decode(second / "1_0_1.jpg").mean() > 250
+    # group 2: a saturated channel covers everything in its palette colour (the slide's second marker: green)
+    assert exhibit["Groups"][1]["Colors"][0] == channel_colors(NAMES)[2] == "00ff00"
+    assert decode(second / "1_0_1.jpg")[..., 1].mean() > 250
 
 
 def test_outline_tiles_join_into_the_whole_image_outlines(site, dsb):

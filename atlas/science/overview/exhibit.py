@@ -12,15 +12,13 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-# auto-minerva's colours, restarted in each group: white (the group's first channel, its DNA
-# stain when groups are cycles), red, green, blue, then magenta, yellow, cyan.
-from atlas.science.pyramid import CHANNEL_COLORS
+# The slide's one palette (also the OME-TIFF's and OME-Zarr's channel colours).
+from atlas.slide.palette import channel_colors, is_nuclear_stain
 
 OUTLINE_COLOR = "ffff00"
 IMAGE_NAME = "i0"
 IMAGES_PATH = "images"  # tiles live in <overview>/images/<layer path>/
 _MAX_LABEL_DIR = 40
-NUCLEAR_STAIN = re.compile(r"dna|hoechst|dapi", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -57,17 +55,13 @@ def label_dir(label: str) -> str:
     return re.sub(r"-+", "-", kept)[:_MAX_LABEL_DIR] or "channel"
 
 
-def is_nuclear_stain(label: str) -> bool:
-    """True for marker names of a DNA stain (DNA_1, Hoechst, DAPI, ...)."""
-    return bool(NUCLEAR_STAIN.search(label))
-
-
 def make_groups(labels: Sequence[str], ranges: Sequence[tuple[float, float]], per_group: int) -> list[Group]:
     """Consecutive groups of at most ``per_group`` channels, a new one starting at each DNA stain.
 
     auto-minerva cuts fixed groups of four; like Minerva Author's newer grouping, a DNA stain
     (by name: DNA, Hoechst, DAPI) also starts a group, so with markers.csv in cycle order each
     cycle becomes a group with its DNA stain first, shown white, as context for its markers.
+    Colours are the slide's palette (:func:`atlas.slide.palette.channel_colors`).
     """
     if per_group < 1:
         raise ValueError(f"channels per group must be >= 1, got {per_group}")
@@ -76,12 +70,13 @@ def make_groups(labels: Sequence[str], ranges: Sequence[tuple[float, float]], pe
         if not chunks or len(chunks[-1]) >= per_group or (is_nuclear_stain(label) and chunks[-1]):
             chunks.append([])
         chunks[-1].append(c)
+    colors = channel_colors(labels)
     groups = []
     for number, channels in enumerate(chunks, start=1):
         name = f"Group {number}"
         path = label_dir(name) + "_" + "--".join(f"{c}__{label_dir(labels[c])}" for c in channels)
         groups.append(Group(name, path, tuple(channels), tuple(labels[c] for c in channels),
-                            tuple(CHANNEL_COLORS[i % len(CHANNEL_COLORS)] for i in range(len(channels))),
+                            tuple(colors[c] for c in channels),
                             tuple(ranges[c] for c in channels)))
     return groups
 
