@@ -219,10 +219,12 @@ def test_stage_writes_exact_tables_in_three_formats(stage_run):
             np.testing.assert_array_equal(table[name_], ndimage.mean(image[PANEL.index(name_)], mask, ids))
         assert_matches_regionprops(table, mask)
         pd.testing.assert_frame_equal(pd.read_parquet(csv.with_suffix(".parquet")), table)
-        adata = anndata.read_h5ad(csv.with_suffix(".h5ad"))
-        assert list(adata.var_names) == kept and list(adata.obs.columns) == ["CellID", *MORPHOLOGY_COLUMNS]
-        np.testing.assert_array_equal(adata.X, table[kept].to_numpy())
+        adata = anndata.read_h5ad(csv.with_suffix(".h5ad"))   # scimap's layout: tests/test_anndata_scimap.py
+        assert list(adata.var_names) == kept and list(adata.obs.columns) == [*MORPHOLOGY_COLUMNS, "CellID", "imageid"]
+        np.testing.assert_array_equal(adata.raw.X, table[kept].to_numpy())
+        np.testing.assert_array_equal(adata.X, np.log1p(table[kept].to_numpy()))
         np.testing.assert_array_equal(adata.obs["CellID"], table["CellID"])
+        assert list(adata.obs_names[:2]) == ["S1_1", "S1_2"] and set(adata.obs["imageid"]) == {"S1"}
         np.testing.assert_array_equal(adata.obsm["spatial"], table[["X_centroid", "Y_centroid"]].to_numpy())
         assert adata.uns["engine"] == "deepcell" and adata.uns["mask"] == name
     summary = json.loads((ctx.out_dir / "qc/quantify/summary.json").read_text())
@@ -258,7 +260,7 @@ def test_cli_reads_mcquant_marker_files_and_names_tables_like_mcquant(shared_dat
     header_only = (tmp_path / "out" / "roi3_nuclei.csv").read_text()
     assert header_only == ",".join(table_columns(names)) + "\n"
     assert len(pd.read_parquet(tmp_path / "out" / "roi3_nuclei.parquet")) == 0
-    assert anndata.read_h5ad(tmp_path / "out" / "roi3_nuclei.h5ad").shape == (0, 5)
+    assert anndata.read_h5ad(tmp_path / "out" / "roi3_nuclei.h5ad").shape == (0, 3)   # scimap leaves DNA out of X
     result = CliRunner().invoke(app, ["quantify", "--image", str(img), "--mask", str(cell), "--engine", "ilastik",
                                       "--markers", str(tmp_path / "names.csv"), "-o", str(tmp_path / "out2")])
     assert result.exit_code == 0 and (tmp_path / "out2" / "roi3--ilastik_cell.csv").is_file(), result.output

@@ -132,18 +132,31 @@ def quantify_files(image_path: Path, mask_paths: Mapping[str, Path], marker_name
         return tables, tuple(image.shape)
 
 
-def to_anndata(table: pd.DataFrame, uns: Mapping[str, str]):
-    """The table as AnnData: X = marker means, obs = CellID + centroids + morphology, var = markers.
+def to_anndata(table: pd.DataFrame, slide_id: str, uns: Mapping[str, str]):
+    """The table as AnnData, laid out as scimap's MCMICRO import builds it (and as squidpy reads it).
 
-    ``obsm["spatial"]`` holds (X_centroid, Y_centroid) in pixels, as scanpy/squidpy expect.
+    scimap's ``mcmicro_to_scimap`` (labsyspharm/scimap ``scimap/preprocessing/mcmicro_to_scimap.py``,
+    default arguments, ``custom_imageid`` = the slide id) makes: obs names ``<imageid>_<CellID>``
+    (unique when slides are combined); ``obs`` = the table's columns from ``X_centroid`` on, then
+    ``CellID``, then ``imageid`` (= ``slide_id``, the column its tools group by); ``var`` = the
+    markers whose name does not contain "dna" (any case); ``.raw`` = their mean intensities;
+    ``X`` and ``layers["log"]`` = ``log1p`` of them; ``uns["all_markers"]`` = every marker column.
+    Added for squidpy/scanpy: ``obsm["spatial"]`` = (X_centroid, Y_centroid) in pixels; and ``uns``
+    entries describing the table (slide, engine, mask, image).
     """
     import anndata
 
     markers = [c for c in table.columns if c != ID_COLUMN and c not in MORPHOLOGY_COLUMNS]
-    obs = table[[ID_COLUMN, *MORPHOLOGY_COLUMNS]].set_index(table[ID_COLUMN].astype(str).rename(None))
-    adata = anndata.AnnData(X=table[markers].to_numpy(np.float64), obs=obs, var=pd.DataFrame(index=markers))
+    kept = [m for m in markers if "dna" not in m.lower()]
+    obs = table[[*MORPHOLOGY_COLUMNS, ID_COLUMN]].assign(imageid=slide_id)
+    obs.index = pd.Index((f"{slide_id}_" + table[ID_COLUMN].astype(str)).to_numpy(), dtype=object)
+    means = table[kept].to_numpy(np.float64)
+    adata = anndata.AnnData(X=means, obs=obs, var=pd.DataFrame(index=pd.Index(kept, dtype=object)))
+    adata.raw = adata
+    adata.X = np.log1p(means)
+    adata.layers["log"] = adata.X
     adata.obsm["spatial"] = table[["X_centroid", "Y_centroid"]].to_numpy(np.float64)
-    adata.uns.update(uns)
+    adata.uns.update({"all_markers": markers, **uns})
     return adata
 
 
@@ -156,7 +169,7 @@ def write_table(table: pd.DataFrame, csv_path: Path, uns: Mapping[str, str]) -> 
     paths = [csv_path.with_suffix(s) for s in TABLE_SUFFIXES]
     table.to_csv(paths[0], index=False)
     pq.write_table(pa.Table.from_pandas(table, preserve_index=False), paths[1])
-    to_anndata(table, uns).write_h5ad(paths[2])
+    to_anndata(table, uns["slide_id"], uns).write_h5ad(paths[2])
     return paths
 
 
