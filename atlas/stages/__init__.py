@@ -83,7 +83,7 @@ STAGES: tuple[Stage, ...] = (
           inputs=("registration/*.ome.tif", "segmentation/*/*", "quantification/*", "qc/*/*"),
           outputs=("overview/*",)),
     Stage("publish", "cpu", vcpus=1, memory_mib=2048, timeout_s=3600,
-          inputs=("*",), outputs=("manifest.json",)),
+          inputs=("*", "raw:markers.csv"), outputs=("metadata/*", "manifest.json")),
 )
 
 
