@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO
 
@@ -45,7 +46,8 @@ class CycleMetadata:
 
 
 def write_cycle(path: Path, tiles: np.ndarray, positions_um: np.ndarray, pixel_size_um: float,
-                channel_names: list[str], *, compression: str | None = "zlib", uuid: str | None = None) -> None:
+                channel_names: list[str], *, compression: str | None = "zlib", uuid: str | None = None,
+                acquired: datetime | None = None) -> None:
     """Write one cycle as a multi-series OME-TIFF.
 
     Parameters
@@ -62,16 +64,20 @@ def write_cycle(path: Path, tiles: np.ndarray, positions_um: np.ndarray, pixel_s
     uuid : str, optional
         OME UUID of the file; pass one derived from the content for byte-reproducible files
         (default: a random one, as tifffile does).
+    acquired : datetime, optional
+        Acquisition time, written as microscopes write it: OME ``AcquisitionDate`` of every
+        image and TIFF ``DateTime`` of every IFD (released images never carry it on).
     """
     tiles = np.asarray(tiles)
     if tiles.ndim != 4 or len(channel_names) != tiles.shape[1] or len(positions_um) != len(tiles):
         raise ValueError(f"tiles must be (n_tiles, C, Y, X) with one position per tile and one name per channel; "
                          f"got shape {tiles.shape}, {len(positions_um)} positions, {len(channel_names)} names")
     n_channels = tiles.shape[1]
+    dated = {"AcquisitionDate": acquired.isoformat(timespec="seconds")} if acquired else {}
     with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tif:
         for i, (tile, (y, x)) in enumerate(zip(tiles, positions_um)):
-            tif.write(tile, compression=compression, metadata={
-                "axes": "CYX", "Name": f"tile-{i}", **({"UUID": uuid} if uuid and i == 0 else {}),
+            tif.write(tile, compression=compression, datetime=acquired or False, metadata={
+                "axes": "CYX", "Name": f"tile-{i}", **({"UUID": uuid} if uuid and i == 0 else {}), **dated,
                 "PhysicalSizeX": pixel_size_um, "PhysicalSizeXUnit": "µm",
                 "PhysicalSizeY": pixel_size_um, "PhysicalSizeYUnit": "µm",
                 "Channel": {"Name": list(channel_names)},

@@ -24,6 +24,7 @@ import shutil
 import tempfile
 import uuid
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,9 @@ CYCLE_SHIFT_UM = (8.0, 16.0)            # range of |global shift| of cycle 2 (re
 CAMERA_OFFSET = 100.0                   # ADU
 READ_NOISE = 4.0                        # ADU (sd)
 PSF_SIGMA_PX = 1.0
+# Microscopes date their files (OME AcquisitionDate, TIFF DateTime); so does the sample's raw
+# upload, one day per cycle, so that the pipeline is seen to keep dates out of every release.
+ACQUIRED = datetime(2024, 3, 5, 14, 22, 31)
 FLAT_CORNER = 0.68                      # illumination at the tile corners relative to the optical centre
 MIN_OVERLAP_PX = 32
 
@@ -555,7 +559,7 @@ def make_sample(out_dir: Path, *, slide_id: str = "sample", seed: int = 0, grid:
             file_uuid = uuid.uuid5(uuid.NAMESPACE_URL, f"{GENERATOR}/{GENERATOR_VERSION}/{slide_id}/{seed}/"
                                    f"{grid}/{tile_size}/{overlap}/{k}")
             write_cycle(new_slide / rel, tiles, sample.stage_positions_um, PIXEL_SIZE_UM, list(channels),
-                        uuid=f"urn:uuid:{file_uuid}")
+                        uuid=f"urn:uuid:{file_uuid}", acquired=ACQUIRED + timedelta(days=k))
         write_manifest(new_slide)
         _write_truth(new_truth, sample, slide_id=slide_id, seed=seed, grid=grid, tile_size=tile_size,
                      overlap=overlap, cycle_files=cycle_files)
