@@ -35,7 +35,7 @@ from atlas.science.quantification import (
 )
 from atlas.slide.convention import read_markers
 from atlas.stages import StageContext
-from atlas.stages.quantify import quantify_files, run
+from atlas.stages.quantify import quantify_files, run, write_csv
 
 STEINBOCK = "quantification/steinbock_imc"
 ROIS = ("20210305_NE_mockData1_002", "20210305_NE_mockData2_001", "20210305_NE_mockData3_003")
@@ -154,6 +154,31 @@ def test_columns_follow_mcquant():
     assert MORPHOLOGY_COLUMNS == ("X_centroid", "Y_centroid", "Area", "MajorAxisLength", "MinorAxisLength",
                                   "Eccentricity", "Solidity", "Extent", "Orientation")
     assert table_columns(["B", "A"]) == ["CellID", "B", "A", *MORPHOLOGY_COLUMNS]
+
+
+@pytest.mark.parametrize("roi", ROIS)
+def test_csv_is_byte_for_byte_what_pandas_writes_for_mcquant(shared_data, roi, tmp_path):
+    image, mask = steinbock(shared_data, roi, "deepcell")
+    table = quantify(image, {"cell": mask}, ["DNA, 1", 'CK "5"', *PANEL[2:]])["cell"]   # quoting in the header
+    table.to_csv(tmp_path / "pandas.csv", index=False)
+    write_csv(table, tmp_path / "ours.csv")
+    assert (tmp_path / "ours.csv").read_bytes() == (tmp_path / "pandas.csv").read_bytes()
+
+
+def test_csv_float_text_matches_pandas_at_every_magnitude(tmp_path):
+    """Synthetic: float64 values over the whole range (1e-320..1e308, both signs), the edges where
+    Python's and Arrow's notations change, zeros, NaN, inf, whole numbers; they stand for what a
+    float image's means or degenerate shapes can hold."""
+    rng = np.random.default_rng(0)
+    values = 10.0 ** rng.uniform(-320, 308, 200_000) * rng.choice([1, -1], 200_000)
+    edges = [0.0, -0.0, np.nan, np.inf, -np.inf, 1e-4, np.nextafter(1e-4, 0), 1e10, np.nextafter(1e10, 0),
+             5e-324, np.finfo(np.float64).max, 0.1, 1 / 3, 2.0 ** 53, 2.0 ** 53 + 2, 1e16, 9999999999999998.0]
+    values[:len(edges)] = edges
+    table = pd.DataFrame({"CellID": np.arange(values.size), "x": values,
+                          "whole": np.round(rng.normal(0, 1, values.size) * 10.0 ** rng.integers(0, 18, values.size))})
+    table.to_csv(tmp_path / "pandas.csv", index=False)
+    write_csv(table, tmp_path / "ours.csv")
+    assert (tmp_path / "ours.csv").read_bytes() == (tmp_path / "pandas.csv").read_bytes()
 
 
 def test_empty_mask_gives_header_only_table(tmp_path):

