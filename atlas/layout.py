@@ -14,7 +14,7 @@ QUANTIFICATION = "quantification"
 OVERVIEW = "overview"
 QC = "qc"
 ILLUMINATION = "illumination"
-METADATA = "metadata"           # the release's HTAN metadata tables (atlas.htan)
+METADATA = "metadata"           # the release's HTAN metadata tables (atlas.slide.htan)
 OVERVIEW_PAGE = "index.html"    # the overview's entry page, in overview/ (and at the top of its site copy)
 QC_SUMMARY = "summary.json"     # each stage's qc/<stage>/summary.json, shown in the overview's QC panel
 

@@ -20,7 +20,8 @@ from typing import Any
 import yaml
 
 from atlas.errors import InvalidInput, Problem
-from atlas.slide.convention import PARAMS
+
+PARAMS = "params.yml"   # the file's name in a slide folder
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,8 @@ def parse_params(text: str | None, file: str = PARAMS) -> Params:
         kwargs = {}
         for key, value in values.items():
             if key not in fields:
-                problems.append(Problem(file, f"unknown key {name}.{key}", f"use one of {', '.join(fields) or '(none)'}"))
+                problems.append(Problem(file, f"unknown key {name}.{key}",
+                                        f"use one of {', '.join(fields) or '(none)'}"))
                 continue
             try:
                 kwargs[key] = _coerce(name, fields[key], value, file)

@@ -72,7 +72,7 @@ def run_vips(image: Path, out: Path) -> tuple[float, int]:
     start = time.perf_counter()
     for group in groups:
         total = None
-        for c, (low, high), color in zip(group.channels, group.ranges, group.colors):
+        for c, (low, high), color in zip(group.channels, group.ranges, group.colors, strict=True):
             channel = pyvips.Image.tiffload(str(image), page=c, access="sequential")
             value = ((channel - low) * (255.0 / (high - low))).clamp(min=0, max=255)
             tinted = value.linear([w / 255 for w in hex_to_rgb(color)], [0, 0, 0])

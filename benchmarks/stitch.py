@@ -110,7 +110,8 @@ def bench(slide: Path, work: Path, repeats: int) -> None:
     for i in range(repeats):
         for name, cmd in tools.items():
             results[name].append(measure(cmd(i), work))
-    med = {name: (statistics.median(w for w, _ in r), statistics.median(m for _, m in r)) for name, r in results.items()}
+    med = {name: (statistics.median(w for w, _ in r), statistics.median(m for _, m in r))
+           for name, r in results.items()}
     with tifffile.TiffFile(work / "ashlar-0.ome.tif") as tif:
         shape = tif.series[0].shape
     print(f"\n== {slide.name}: {len(cycles)} cycle(s), image {shape}, {repeats} run(s) each, medians")

@@ -4,6 +4,11 @@ CloudFormation has no property for requester pays, so a custom resource calls
 ``PutBucketRequestPayment`` on create and on update. The bucket policy, which carries the
 external grants, is made to depend on it: CloudFormation switches requester pays on *before*
 any external account can read, so no request is ever billed to the owner.
+
+Grants scale by being compact: one statement lists every grantee account as a principal and allows
+both actions on both resources (``s3:ListBucket`` only applies to the bucket, ``s3:GetObject`` only to
+objects), about 34 bytes per account. S3 limits a bucket policy to 20 KB, which holds
+``MAX_GRANTEES`` accounts; the configuration refuses more (docs/runbook.md says what to do then).
 """
 from __future__ import annotations
 
@@ -15,7 +20,10 @@ from constructs import Construct
 
 from infra.nag import acknowledge, managed_policy_finding
 
-GRANTEE_ACTIONS = {"List": ("s3:ListBucket",), "Read": ("s3:GetObject",)}
+GRANTEE_ACTIONS = ("s3:ListBucket", "s3:GetObject")
+GRANT_SID = "GranteesListAndRead"
+# Grantees one bucket policy holds within S3's 20 KB (tests/infra/test_infra_access.py measures it).
+MAX_GRANTEES = 550
 
 
 class ResultsAccess(Construct):
@@ -42,12 +50,11 @@ class ResultsAccess(Construct):
             policy=cr.AwsCustomResourcePolicy.from_statements([iam.PolicyStatement(
                 actions=["s3:PutBucketRequestPayment"], resources=[bucket.bucket_arn])]),
             install_latest_aws_sdk=False)
-        for account in grantee_account_ids:
-            for verb, actions in GRANTEE_ACTIONS.items():
-                # 🚨 Cross-account read of the published results: the grantee pays its requests.
-                bucket.add_to_resource_policy(iam.PolicyStatement(
-                    sid=f"Grantee{verb}{account}", principals=[iam.AccountPrincipal(account)], actions=list(actions),
-                    resources=[bucket.bucket_arn if verb == "List" else bucket.arn_for_objects("*")]))
+        if grantee_account_ids:
+            # 🚨 Cross-account read of the published results: the grantees pay their requests.
+            bucket.add_to_resource_policy(iam.PolicyStatement(
+                sid=GRANT_SID, principals=[iam.AccountPrincipal(a) for a in grantee_account_ids],
+                actions=list(GRANTEE_ACTIONS), resources=[bucket.bucket_arn, bucket.arn_for_objects("*")]))
         bucket.policy.node.add_dependency(self.requester_pays)
         # The call runs in CDK's singleton provider Lambda, created at stack level.
         provider = Stack.of(self).node.find_child("AWS" + cr.AwsCustomResource.PROVIDER_FUNCTION_UUID.replace("-", ""))

@@ -38,11 +38,17 @@ IDEMPOTENCY_TTL = "expiration"
 
 @dataclass(frozen=True)
 class _Handler:
-    """One Lambda of ``functions/``: its memory (MiB), timeout and event pattern."""
+    """One Lambda of ``functions/``: its memory (MiB), timeout, event pattern and reserved concurrency.
+
+    Reserved concurrency caps each function (DynamoDB, S3 and Step Functions see a bounded load, and
+    a burst of uploads cannot take the account's whole Lambda concurrency) and guarantees it that
+    much; invocations over the cap are throttled and retried by Lambda's async queue, not lost.
+    """
 
     memory_mib: int
     timeout: Duration
     pattern: dict
+    reserved_concurrency: int
 
 
 def _event_pattern(pattern: dict) -> events.EventPattern:
@@ -91,11 +97,11 @@ class Catalog(Construct):
             work_bucket=work.bucket_name, results_bucket=results_bucket_name, overview_site_url=overview_site_url)
         handlers = {
             # Reads OME-XML of cycle files by ranged GETs: memory for tifffile's parse, not for pixels.
-            "catalog": _Handler(1024, Duration.minutes(1), catalog.object_created_pattern(ingest.bucket_name)),
+            "catalog": _Handler(1024, Duration.minutes(1), catalog.object_created_pattern(ingest.bucket_name), 20),
             # Reads every item of the slide and validates it.
-            "trigger": _Handler(1024, Duration.minutes(2), catalog.object_cataloged_pattern()),
+            "trigger": _Handler(1024, Duration.minutes(2), catalog.object_cataloged_pattern(), 10),
             "status": _Handler(256, Duration.seconds(30),
-                               catalog.execution_status_pattern(state_machine.state_machine_arn)),
+                               catalog.execution_status_pattern(state_machine.state_machine_arn), 5),
         }
         code = lambda_code()
         self.functions: dict[str, lambda_.Function] = {}
@@ -108,6 +114,7 @@ class Catalog(Construct):
                 self, f"{title}Function", code=code, handler=f"functions.{name}.handler.handler", runtime=RUNTIME,
                 architecture=ARCHITECTURE, memory_size=spec.memory_mib, timeout=spec.timeout,
                 environment=settings.to_env(), tracing=lambda_.Tracing.ACTIVE, dead_letter_queue=queue,
+                reserved_concurrent_executions=spec.reserved_concurrency,
                 logging_format=lambda_.LoggingFormat.JSON,
                 log_group=logs.LogGroup(self, f"{title}Logs", retention=config.log_retention,
                                         removal_policy=RemovalPolicy.RETAIN))

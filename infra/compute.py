@@ -2,9 +2,14 @@
 
 CPU jobs go to a queue that fills a Spot compute environment first and an on-demand one when
 Spot is at its vCPU ceiling; GPU stages get a GPU queue of the same shape (ECS AL2023 NVIDIA
-AMI) when ``gpu`` is on, and otherwise run on the CPU queue with the CPU image. A job retries
-only when its Spot instance was reclaimed: any other failure is real and is reported, not
-silently rerun. Jobs propagate their tags (slide_id, run_id) to the ECS tasks for cost per slide.
+AMI) when ``gpu`` is on, and otherwise run on the CPU queue with the CPU image. With Spot on,
+each kind also has an on-demand-only queue: a job the Spot queue cancelled for lack of capacity
+is resubmitted there by the state machine (Spot first, never stuck). A job retries only when its
+Spot instance was reclaimed: any other failure is real and is reported, not silently rerun. Jobs
+propagate their tags (slide_id, run_id) to the ECS tasks for cost per slide.
+
+Two job roles: every stage reads the ingest bucket and reads/writes the work bucket; only the
+publish job's role may add objects to the results bucket and the overview site.
 """
 from __future__ import annotations
 
@@ -39,12 +44,18 @@ JOB_PARAMETERS = ("slide_uri", "work_uri", "run_id")
 SPOT_ATTEMPTS = 3
 
 # Jobs stuck RUNNABLE at the head of a queue are cancelled, so the run fails with a reason
-# instead of waiting forever: at once for impossible requests, later for a capacity shortage.
+# instead of waiting forever: at once for impossible requests, later for a capacity shortage
+# (on a Spot queue the state machine then resubmits the job to the on-demand-only queue).
 QUEUE_TIME_LIMITS = {
     batch.JobStateTimeLimitActionsReason.JOB_RESOURCE_REQUIREMENT: Duration.minutes(10),
     batch.JobStateTimeLimitActionsReason.COMPUTE_ENVIRONMENT_MAX_RESOURCE: Duration.minutes(10),
-    batch.JobStateTimeLimitActionsReason.INSUFFICIENT_INSTANCE_CAPACITY: Duration.hours(2),
+    batch.JobStateTimeLimitActionsReason.INSUFFICIENT_INSTANCE_CAPACITY: Duration.hours(1),
 }
+# What Batch writes into a job's statusReason when the time limit above cancels it for capacity
+# (docs: AWS Batch user guide, "Jobs stuck in RUNNABLE due to capacity").
+CAPACITY_CANCELLED = "CAPACITY:INSUFFICIENT_INSTANCE_CAPACITY"
+# The stage that releases a run (atlas.pipeline.job): the only one whose role writes results and the site.
+PUBLISH_STAGE = "publish"
 
 
 def stage_command(stage: Stage, *, merge: bool = False) -> list[str]:
@@ -74,6 +85,7 @@ class StageJob:
     definition: batch.EcsJobDefinition
     queue: batch.JobQueue
     array_size: int
+    on_demand_queue: batch.JobQueue | None = None  # where a capacity-cancelled job is resubmitted
 
     @property
     def name(self) -> str:
@@ -107,8 +119,14 @@ class BatchCompute(Construct):
         Private subnets with one NAT gateway; S3 traffic goes through a free gateway endpoint.
     cpu_queue : batch.JobQueue
     gpu_queue : batch.JobQueue or None
+    on_demand_queues : dict of str to batch.JobQueue
+        ``cpu``/``gpu`` on-demand-only queues (Spot on only): capacity-cancelled jobs go there.
+    launch_template : ec2.LaunchTemplate
+        Of every compute environment, which follow its latest version.
     job_role : iam.Role
-        Role of every stage container (bucket access via :meth:`grant_buckets`).
+        Role of the stage containers but publish (bucket access via :meth:`grant_buckets`).
+    publish_role : iam.Role
+        Role of the publish container: the only one that may write results and the overview site.
     jobs : dict of str to StageJob
         By job name, in registry order; an array stage is followed by its ``-merge`` job.
     """
@@ -134,18 +152,21 @@ class BatchCompute(Construct):
         acknowledge(self._instance_role, managed_policy_finding("service-role/AmazonEC2ContainerServiceforEC2Role"),
                     "The AWS-maintained policy the ECS agent on Batch instances needs; job permissions live in the "
                     "separate job role.")
-        self._launch_template = ec2.LaunchTemplate(
+        self.launch_template = ec2.LaunchTemplate(
             self, "InstanceTemplate", require_imdsv2=True, http_put_response_hop_limit=2,
             block_devices=[ec2.BlockDevice(device_name="/dev/xvda", volume=ec2.BlockDeviceVolume.ebs(
                 config.scratch_volume_gib, volume_type=ec2.EbsDeviceVolumeType.GP3, encrypted=True))])
 
+        self.on_demand_queues: dict[str, batch.JobQueue] = {}
         self.cpu_queue = self._queue("Cpu", config, config.cpu_instance_types, config.cpu_max_vcpus,
                                      batch.EcsMachineImageType.ECS_AL2023)
         self.gpu_queue = (self._queue("Gpu", config, config.gpu_instance_types, config.gpu_max_vcpus,
                                       batch.EcsMachineImageType.ECS_AL2023_NVIDIA) if config.gpu else None)
 
         self.job_role = iam.Role(self, "JobRole", assumed_by=iam.ServicePrincipal("ecs-tasks.amazonaws.com"),
-                                 description="Stage containers: read ingest, read/write work, publish results")
+                                 description="Stage containers but publish: read ingest, read/write work")
+        self.publish_role = iam.Role(self, "PublishRole", assumed_by=iam.ServicePrincipal("ecs-tasks.amazonaws.com"),
+                                     description="Publish container: read work, add results and overview pages")
         self.execution_role = iam.Role(
             self, "ExecutionRole", assumed_by=iam.ServicePrincipal("ecs-tasks.amazonaws.com"),
             description="ECS agent for stage jobs: pull the stage images, write job logs")
@@ -157,6 +178,7 @@ class BatchCompute(Construct):
             for merge in (False, True) if stage.array_size else (False,):
                 on_gpu = stage.image == "gpu" and config.gpu and not merge
                 job = StageJob(stage=stage, merge=merge, queue=self.gpu_queue if on_gpu else self.cpu_queue,
+                               on_demand_queue=self.on_demand_queues.get("gpu" if on_gpu else "cpu"),
                                array_size=0 if merge else stage.array_size,
                                definition=self._job_definition(stage, merge=merge, gpu=on_gpu,
                                                                image=images["gpu" if on_gpu else "cpu"],
@@ -165,29 +187,50 @@ class BatchCompute(Construct):
 
     def _queue(self, kind: str, config: AtlasConfig, instance_types: tuple[str, ...], max_vcpus: int,
                image_type: batch.EcsMachineImageType) -> batch.JobQueue:
-        """A job queue over a Spot then an on-demand compute environment (on-demand only without Spot)."""
-        environments = [
-            batch.OrderedComputeEnvironment(order=order, compute_environment=batch.ManagedEc2EcsComputeEnvironment(
-                self, f"{kind}{'Spot' if spot else 'OnDemand'}", vpc=self.vpc,
-                vpc_subnets=ec2.SubnetSelection(subnet_type=ec2.SubnetType.PRIVATE_WITH_EGRESS),
-                security_groups=[self._security_group], instance_role=self._instance_role,
-                launch_template=self._launch_template,
-                # families ("c6i") by CDK's instance class, sizes ("m6i.4xlarge") as instance types
-                instance_types=[ec2.InstanceType(t) for t in instance_types if "." in t],
-                instance_classes=[ec2.InstanceClass[t.upper()] for t in instance_types if "." not in t],
-                use_optimal_instance_classes=False, images=[batch.EcsMachineImage(image_type=image_type)],
-                minv_cpus=0, maxv_cpus=max_vcpus, spot=spot, update_to_latest_image_version=True,
-                allocation_strategy=(batch.AllocationStrategy.SPOT_PRICE_CAPACITY_OPTIMIZED if spot
-                                     else batch.AllocationStrategy.BEST_FIT_PROGRESSIVE)))
-            for order, spot in enumerate((True, False) if config.spot else (False,), start=1)]
+        """A job queue over a Spot then an on-demand compute environment (on-demand only without Spot).
+
+        With Spot, the on-demand environment also gets a queue of its own (``on_demand_queues``).
+        """
+        environments = {spot: self._compute_environment(kind, spot=spot, instance_types=instance_types,
+                                                        max_vcpus=max_vcpus, image_type=image_type)
+                        for spot in ((True, False) if config.spot else (False,))}
+        if config.spot:
+            self.on_demand_queues[kind.lower()] = self._job_queue(
+                f"{kind}OnDemandQueue", config.name(f"{kind.lower()}-ondemand"), [environments[False]])
+        return self._job_queue(f"{kind}Queue", config.name(kind.lower()), list(environments.values()))
+
+    def _job_queue(self, id: str, name: str,
+                   environments: list[batch.IManagedEc2EcsComputeEnvironment]) -> batch.JobQueue:
         return batch.JobQueue(
-            self, f"{kind}Queue", job_queue_name=config.name(kind.lower()), priority=1,
-            compute_environments=environments,
+            self, id, job_queue_name=name, priority=1,
+            compute_environments=[batch.OrderedComputeEnvironment(order=order, compute_environment=environment)
+                                  for order, environment in enumerate(environments, start=1)],
             job_state_time_limit_actions=[
                 batch.JobStateTimeLimitAction(reason=reason, max_time=max_time,
                                               action=batch.JobStateTimeLimitActionsAction.CANCEL,
                                               state=batch.JobStateTimeLimitActionsState.RUNNABLE)
                 for reason, max_time in QUEUE_TIME_LIMITS.items()])
+
+    def _compute_environment(self, kind: str, *, spot: bool, instance_types: tuple[str, ...], max_vcpus: int,
+                             image_type: batch.EcsMachineImageType) -> batch.ManagedEc2EcsComputeEnvironment:
+        environment = batch.ManagedEc2EcsComputeEnvironment(
+            self, f"{kind}{'Spot' if spot else 'OnDemand'}", vpc=self.vpc,
+            vpc_subnets=ec2.SubnetSelection(subnet_type=ec2.SubnetType.PRIVATE_WITH_EGRESS),
+            security_groups=[self._security_group], instance_role=self._instance_role,
+            launch_template=self.launch_template,
+            # families ("c6i") by CDK's instance class, sizes ("m6i.4xlarge") as instance types
+            instance_types=[ec2.InstanceType(t) for t in instance_types if "." in t],
+            instance_classes=[ec2.InstanceClass[t.upper()] for t in instance_types if "." not in t],
+            use_optimal_instance_classes=False, images=[batch.EcsMachineImage(image_type=image_type)],
+            minv_cpus=0, maxv_cpus=max_vcpus, spot=spot, update_to_latest_image_version=True,
+            allocation_strategy=(batch.AllocationStrategy.SPOT_PRICE_CAPACITY_OPTIMIZED if spot
+                                 else batch.AllocationStrategy.BEST_FIT_PROGRESSIVE))
+        # Batch freezes the launch template version a compute environment uses when it is created;
+        # naming the latest version makes a template change (scratch size, IMDS) a change of this
+        # property, so CloudFormation updates the environment (an infrastructure update) on deploy.
+        environment.node.default_child.add_property_override(
+            "ComputeResources.LaunchTemplate.Version", self.launch_template.latest_version_number)
+        return environment
 
     def _job_definition(self, stage: Stage, *, merge: bool, gpu: bool, image: ecs.ContainerImage,
                         environment: dict[str, str], config: AtlasConfig) -> batch.EcsJobDefinition:
@@ -195,7 +238,8 @@ class BatchCompute(Construct):
         container = batch.EcsEc2ContainerDefinition(
             self, f"{name}Container", image=image, cpu=stage.vcpus, memory=Size.mebibytes(stage.memory_mib),
             gpu=1 if gpu else None, command=stage_command(stage, merge=merge), environment=environment,
-            job_role=self.job_role, execution_role=self.execution_role,
+            job_role=self.publish_role if stage.name == PUBLISH_STAGE else self.job_role,
+            execution_role=self.execution_role,
             logging=ecs.LogDriver.aws_logs(stream_prefix=name, log_group=self.log_group))
         return batch.EcsJobDefinition(
             self, f"{name}Job", job_definition_name=config.name(name), container=container,
@@ -205,18 +249,17 @@ class BatchCompute(Construct):
                 batch.RetryStrategy.of(batch.Action.EXIT, batch.Reason.custom(on_reason="*")),
             ])
 
-    def grant_buckets(self, *, read: Sequence[s3.IBucket] = (), read_write: Sequence[s3.IBucket] = (),
-                      put: Sequence[s3.IBucket] = ()) -> None:
-        """Let the stage containers read, read and write, or only add objects (never delete) in these buckets."""
-        for bucket in read:
-            bucket.grant_read(self.job_role)
-        for bucket in read_write:
-            bucket.grant_read_write(self.job_role)
-        for bucket in put:
-            bucket.grant_put(self.job_role)
-        actions = ((S3_READ_ACTIONS if read or read_write else ()) + (("s3:DeleteObject*",) if read_write else ())
-                   + (("s3:Abort*",) if read_write or put else ()))
-        acknowledge_wildcards(
-            self.job_role, "Stage jobs work on any slide's and run's objects, so object ARNs end in /*; the "
-            "actions are CDK's grant_read / grant_read_write / grant_put sets, each on the named buckets only.",
-            actions=actions, resources=[b.arn_for_objects("*") for b in (*read, *read_write, *put)])
+    def grant_buckets(self, *, ingest: s3.IBucket, work: s3.IBucket, publish: Sequence[s3.IBucket]) -> None:
+        """Stage jobs read ``ingest`` and read/write ``work``; the publish job reads both and may only add
+        objects (never delete) to the ``publish`` buckets (results, overview site)."""
+        for role in (self.job_role, self.publish_role):
+            ingest.grant_read(role)
+            work.grant_read_write(role)
+        for bucket in publish:
+            bucket.grant_put(self.publish_role)
+        reason = ("Stage jobs work on any slide's and run's objects, so object ARNs end in /*; the actions are "
+                  "CDK's grant_read / grant_read_write / grant_put sets, each on the named buckets only.")
+        acknowledge_wildcards(self.job_role, reason, actions=(*S3_READ_ACTIONS, "s3:DeleteObject*", "s3:Abort*"),
+                              resources=[b.arn_for_objects("*") for b in (ingest, work)])
+        acknowledge_wildcards(self.publish_role, reason, actions=(*S3_READ_ACTIONS, "s3:DeleteObject*", "s3:Abort*"),
+                              resources=[b.arn_for_objects("*") for b in (ingest, work, *publish)])

@@ -1,11 +1,17 @@
 """Notifications and alarms: one SNS topic for run results and operational alarms.
 
 Lab staff hear when a slide is done or why it failed; ops hear when something needs a person
-(failed executions, Lambda errors, undelivered events waiting in a dead-letter queue).
+(failed executions, Lambda errors, undelivered events waiting in a dead-letter queue) or when the
+month's cost heads past the configured budget.
+
+``enforce_ssl`` gives the topic a policy, which replaces SNS's default one: every service that
+publishes (CloudWatch alarms, AWS Budgets) is allowed by a statement of its own, limited to this
+account's alarms and budgets, and may use the topic's key.
 """
 from __future__ import annotations
 
-from aws_cdk import Duration
+from aws_cdk import ArnFormat, Duration, Stack
+from aws_cdk import aws_budgets as budgets
 from aws_cdk import aws_cloudwatch as cloudwatch
 from aws_cdk import aws_cloudwatch_actions as cloudwatch_actions
 from aws_cdk import aws_iam as iam
@@ -30,17 +36,45 @@ class Notifications(Construct):
     ----------
     topic : sns.Topic
     key : kms.Key
+    budget : budgets.CfnBudget or None
+        The account's monthly cost budget (``monthly_budget_usd``): 80 % spent, or 100 % forecast, notify.
     """
 
     def __init__(self, scope: Construct, id: str, *, config: AtlasConfig) -> None:
         super().__init__(scope, id)
         self.key = kms.Key(self, "Key", enable_key_rotation=True,
                            description=f"Encrypts the {config.name('notifications')} SNS topic")
-        self.key.grant(iam.ServicePrincipal("cloudwatch.amazonaws.com"), "kms:Decrypt", "kms:GenerateDataKey*")
         self.topic = sns.Topic(self, "Topic", topic_name=config.name("notifications"),
                                display_name="Tissue Atlas", master_key=self.key, enforce_ssl=True)
+        stack = Stack.of(self)
+        for service, sid, source_arn in (
+                ("cloudwatch", "CloudWatchAlarmsPublish",
+                 stack.format_arn(service="cloudwatch", resource="alarm", resource_name="*",
+                                  arn_format=ArnFormat.COLON_RESOURCE_NAME)),
+                ("budgets", "BudgetsPublish", f"arn:{stack.partition}:budgets::{stack.account}:*")):
+            principal = iam.ServicePrincipal(f"{service}.amazonaws.com")
+            self.key.grant(principal, "kms:Decrypt", "kms:GenerateDataKey*")
+            self.topic.add_to_resource_policy(iam.PolicyStatement(
+                sid=sid, principals=[principal], actions=["sns:Publish"], resources=[self.topic.topic_arn],
+                conditions={"StringEquals": {"aws:SourceAccount": stack.account},
+                            "ArnLike": {"aws:SourceArn": source_arn}}))
         for email in config.notification_emails:
             self.topic.add_subscription(subscriptions.EmailSubscription(email))
+        self.budget = None
+        if config.monthly_budget_usd is not None:
+            self.budget = budgets.CfnBudget(self, "MonthlyBudget", budget=budgets.CfnBudget.BudgetDataProperty(
+                budget_name=config.name("monthly"), budget_type="COST", time_unit="MONTHLY",
+                budget_limit=budgets.CfnBudget.SpendProperty(amount=config.monthly_budget_usd, unit="USD")),
+                notifications_with_subscribers=[
+                    budgets.CfnBudget.NotificationWithSubscribersProperty(
+                        notification=budgets.CfnBudget.NotificationProperty(
+                            notification_type=kind, comparison_operator="GREATER_THAN", threshold=percent,
+                            threshold_type="PERCENTAGE"),
+                        subscribers=[budgets.CfnBudget.SubscriberProperty(subscription_type="SNS",
+                                                                          address=self.topic.topic_arn)])
+                    for kind, percent in (("ACTUAL", 80), ("FORECASTED", 100))])
+            # Budgets checks at creation that it may publish to the topic.
+            self.budget.node.add_dependency(self.topic)
 
 
 class Alarms(Construct):

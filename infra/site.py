@@ -2,10 +2,15 @@
 
 Browsers cannot read a requester-pays bucket (anonymous requests are refused), so the publish
 stage also copies each run's ``overview/`` here (``ATLAS_OVERVIEW_BUCKET``) and people open
-``https://<distribution>/<slide_id>/<run_id>/index.html``.
+``https://<distribution>/<slide_id>/<run_id>/index.html``; a slide whose params.yml says
+``overview: {public: false}`` is released to the results bucket only.
+
+Every response carries a Content-Security-Policy: an overview only loads its own scripts,
+styles and tiles from the site (the viewer is copied in, no CDN), so anything else is refused.
 """
 from __future__ import annotations
 
+from aws_cdk import Duration
 from aws_cdk import aws_cloudfront as cloudfront
 from aws_cdk import aws_cloudfront_origins as origins
 from aws_cdk import aws_s3 as s3
@@ -13,6 +18,12 @@ from constructs import Construct
 
 from infra.nag import acknowledge
 from infra.storage import ABORT_INCOMPLETE_UPLOADS, secure_bucket
+
+# What an overview page needs (atlas/science/overview/template): its own scripts and styles, the
+# viewer's inline style attributes, tiles drawn through a canvas; no framing, no forms, no plugins.
+CONTENT_SECURITY_POLICY = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+                           "img-src 'self' data: blob:; connect-src 'self'; object-src 'none'; base-uri 'none'; "
+                           "form-action 'none'; frame-ancestors 'none'")
 
 
 class OverviewSite(Construct):
@@ -38,7 +49,19 @@ class OverviewSite(Construct):
                 origin=origins.S3BucketOrigin.with_origin_access_control(self.bucket),
                 viewer_protocol_policy=cloudfront.ViewerProtocolPolicy.REDIRECT_TO_HTTPS,
                 cache_policy=cloudfront.CachePolicy.CACHING_OPTIMIZED,
-                response_headers_policy=cloudfront.ResponseHeadersPolicy.SECURITY_HEADERS),
+                response_headers_policy=cloudfront.ResponseHeadersPolicy(
+                    self, "Headers", comment="Overview pages: CSP and the usual security headers",
+                    security_headers_behavior=cloudfront.ResponseSecurityHeadersBehavior(
+                        content_security_policy=cloudfront.ResponseHeadersContentSecurityPolicy(
+                            content_security_policy=CONTENT_SECURITY_POLICY, override=True),
+                        content_type_options=cloudfront.ResponseHeadersContentTypeOptions(override=True),
+                        frame_options=cloudfront.ResponseHeadersFrameOptions(
+                            frame_option=cloudfront.HeadersFrameOption.DENY, override=True),
+                        referrer_policy=cloudfront.ResponseHeadersReferrerPolicy(
+                            referrer_policy=cloudfront.HeadersReferrerPolicy.STRICT_ORIGIN_WHEN_CROSS_ORIGIN,
+                            override=True),
+                        strict_transport_security=cloudfront.ResponseHeadersStrictTransportSecurity(
+                            access_control_max_age=Duration.days(365), include_subdomains=True, override=True)))),
             price_class=cloudfront.PriceClass.PRICE_CLASS_100,
             enable_logging=True, log_bucket=log_bucket, log_file_prefix="cloudfront/")
         self.url = f"https://{self.distribution.distribution_domain_name}/"

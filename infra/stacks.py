@@ -59,8 +59,8 @@ class PipelineStack(Stack):
             environment={RESULTS_BUCKET_ENV: results.bucket_name, OVERVIEW_BUCKET_ENV: self.site.bucket.bucket_name},
             flow_log_bucket=self.storage.log_bucket)
         # Raw data is only read; published results and overviews are only added, never deleted.
-        self.compute.grant_buckets(read=[self.storage.ingest], read_write=[self.storage.work],
-                                   put=[results, self.site.bucket])
+        self.compute.grant_buckets(ingest=self.storage.ingest, work=self.storage.work,
+                                   publish=[results, self.site.bucket])
 
         self.pipeline = Pipeline(self, "Pipeline", config=config, jobs=list(self.compute.jobs.values()))
         self.catalog = Catalog(self, "Catalog", config=config, ingest=self.storage.ingest, work=self.storage.work,

@@ -7,18 +7,27 @@ integration (RUN_JOB: the state waits for the job). An array stage becomes an ar
 
 Failure: every job state catches any error into a Fail state whose error and cause are the
 job's, so the execution's FAILED event carries them; the status Lambda records that event in
-the catalog and notifies the lab (SNS), and the failed-executions alarm tells ops.
+the catalog and notifies the lab (SNS), and the failed-executions alarm tells ops. With Spot on,
+a job that its Spot queue cancelled for lack of capacity (``CAPACITY:INSUFFICIENT_INSTANCE_CAPACITY``
+in its status reason) is first resubmitted to the on-demand-only queue of its kind.
 Execution names are the run ids chosen by the trigger (a duplicate start is refused by AWS).
+
+The state machine's role holds exactly what AWS documents for the ``.sync`` Batch integration
+with tags (SubmitJob on this app's queues and job definitions, TagResource for tag-on-create,
+DescribeJobs, TerminateJob so that stopping an execution ends its job, and the managed events
+rule), plus log delivery and X-Ray; CDK's own generated statements are not used. Its log group
+is under ``/aws/vendedlogs/states/`` (CloudWatch Logs resource-policy size limit in busy accounts).
 """
 from __future__ import annotations
 
 from aws_cdk import Duration, RemovalPolicy, Stack
+from aws_cdk import aws_iam as iam
 from aws_cdk import aws_logs as logs
 from aws_cdk import aws_stepfunctions as sfn
 from aws_cdk import aws_stepfunctions_tasks as tasks
 from constructs import Construct
 
-from infra.compute import JOB_PARAMETERS, QUEUE_TIME_LIMITS, SPOT_ATTEMPTS, StageJob
+from infra.compute import CAPACITY_CANCELLED, JOB_PARAMETERS, QUEUE_TIME_LIMITS, SPOT_ATTEMPTS, StageJob
 from infra.config import AtlasConfig
 from infra.nag import acknowledge_wildcards
 
@@ -26,13 +35,24 @@ from infra.nag import acknowledge_wildcards
 EXECUTION_INPUT = ("slide_id", "run_id", "slide_uri", "work_uri")
 JOB_TAGS = ("slide_id", "run_id")
 FAILURE_PATH = "$.failure"
+# The rule Step Functions manages to learn when a .sync Batch job ends (AWS-documented name).
+BATCH_EVENTS_RULE = "StepFunctionsGetEventsForBatchJobsRule"
+# Log delivery of Step Functions to CloudWatch Logs and X-Ray tracing: AWS-documented actions,
+# none with resource-level permissions.
+LOG_DELIVERY_ACTIONS = ("logs:CreateLogDelivery", "logs:GetLogDelivery", "logs:UpdateLogDelivery",
+                        "logs:DeleteLogDelivery", "logs:ListLogDeliveries", "logs:PutResourcePolicy",
+                        "logs:DescribeResourcePolicies", "logs:DescribeLogGroups")
+XRAY_ACTIONS = ("xray:PutTraceSegments", "xray:PutTelemetryRecords", "xray:GetSamplingRules",
+                "xray:GetSamplingTargets")
 
 
 def run_timeout(jobs: list[StageJob]) -> Duration:
     """Longest legitimate run: every job at its timeout on every Spot attempt, after waiting in
-    the queue as long as the queue allows, plus an hour of slack."""
+    the queue as long as the queue allows (twice where a capacity shortage sends it on to the
+    on-demand queue), plus an hour of slack."""
     queue_wait = max(d.to_seconds() for d in QUEUE_TIME_LIMITS.values())
-    seconds = sum((job.stage.timeout_s + queue_wait) * SPOT_ATTEMPTS for job in jobs)
+    seconds = sum((job.stage.timeout_s + queue_wait * (2 if job.on_demand_queue else 1)) * SPOT_ATTEMPTS
+                  for job in jobs)
     return Duration.seconds(seconds + 3600)
 
 
@@ -42,35 +62,95 @@ class Pipeline(Construct):
     Attributes
     ----------
     state_machine : sfn.StateMachine
+    role : iam.Role
+        The state machine's role; its only policy is ``policy``.
+    policy : iam.Policy
     job_states : list of tasks.BatchSubmitJob
         In execution order (registry order, merge jobs after their array job).
+    on_demand_states : dict of str to tasks.BatchSubmitJob
+        By job name: the resubmission of a capacity-cancelled job to its on-demand-only queue.
     """
 
     def __init__(self, scope: Construct, id: str, *, config: AtlasConfig, jobs: list[StageJob]) -> None:
         super().__init__(scope, id)
-        self.job_states = [self._job_state(job) for job in jobs]
-        chain = sfn.Chain.start(self.job_states[0])
-        for state in self.job_states[1:]:
-            chain = chain.next(state)
-        chain = chain.next(sfn.Succeed(self, "Published"))
+        self.on_demand_states: dict[str, tasks.BatchSubmitJob] = {}
+        exits: list[sfn.INextable] = []
+        self.job_states = []
+        for job in jobs:
+            state, job_exits = self._job_states(job)
+            for previous in exits:
+                previous.next(state)
+            self.job_states.append(state)
+            exits = job_exits
+        published = sfn.Succeed(self, "Published")
+        for previous in exits:
+            previous.next(published)
+
+        self.role = iam.Role(self, "Role", assumed_by=iam.ServicePrincipal("states.amazonaws.com"),
+                             description="Step Functions: run the stage jobs on Batch, deliver logs and traces")
+        self.policy = self._policy(config, jobs)
         self.state_machine = sfn.StateMachine(
             self, "StateMachine", state_machine_name=config.name("pipeline"),
             comment="Runs one slide through the registry's stages as AWS Batch jobs (atlas stage NAME)",
-            definition_body=sfn.DefinitionBody.from_chainable(chain), timeout=run_timeout(jobs),
-            tracing_enabled=True,
+            definition_body=sfn.DefinitionBody.from_chainable(self.job_states[0]), timeout=run_timeout(jobs),
+            tracing_enabled=True, role=self.role.without_policy_updates(),
             logs=sfn.LogOptions(destination=logs.LogGroup(
-                self, "ExecutionLogs", retention=config.log_retention,
-                removal_policy=RemovalPolicy.RETAIN), level=sfn.LogLevel.ALL, include_execution_data=True))
-        acknowledge_wildcards(
-            self.state_machine, "CDK's policy for Step Functions' Batch .sync integration and execution logging: "
-            "job definition ARNs end in a revision that changes on every deploy; log delivery and X-Ray actions "
-            "have no resource-level permissions.",
-            resources=["*", Stack.of(self).format_arn(service="batch", resource="job-definition", resource_name="*")])
+                self, "ExecutionLogs", log_group_name=f"/aws/vendedlogs/states/{config.name('pipeline')}",
+                retention=config.log_retention, removal_policy=RemovalPolicy.RETAIN),
+                level=sfn.LogLevel.ALL, include_execution_data=True))
+        # CreateStateMachine checks that the role may deliver logs: the policy must exist first.
+        self.state_machine.node.add_dependency(self.policy)
 
-    def _job_state(self, job: StageJob) -> tasks.BatchSubmitJob:
+    def _policy(self, config: AtlasConfig, jobs: list[StageJob]) -> iam.Policy:
+        """What AWS documents for the .sync Batch integration with tags, scoped to this app's jobs and queues."""
+        stack = Stack.of(self)
+        queues = {id(q): q for job in jobs for q in (job.queue, job.on_demand_queue) if q is not None}
+        definitions = [stack.format_arn(service="batch", resource="job-definition",
+                                        resource_name=f"{config.name(job.name)}:*") for job in jobs]
+        batch_jobs = stack.format_arn(service="batch", resource="job", resource_name="*")
+        policy = iam.Policy(self, "Policy", roles=[self.role], statements=[
+            iam.PolicyStatement(sid="SubmitStageJobs", actions=["batch:SubmitJob"],
+                                resources=[*(q.job_queue_arn for q in queues.values()), *definitions, batch_jobs]),
+            # SubmitJob with Tags is also authorized as TagResource (tag on create).
+            iam.PolicyStatement(sid="TagStageJobsOnSubmit", actions=["batch:TagResource"], resources=[batch_jobs]),
+            # Stopping or timing out an execution terminates its job.
+            iam.PolicyStatement(sid="EndStageJobs", actions=["batch:TerminateJob"], resources=[batch_jobs]),
+            iam.PolicyStatement(sid="WatchStageJobs", actions=["batch:DescribeJobs"], resources=["*"]),
+            iam.PolicyStatement(sid="BatchJobEventsRule",
+                                actions=["events:PutTargets", "events:PutRule", "events:DescribeRule"],
+                                resources=[stack.format_arn(service="events", resource="rule",
+                                                            resource_name=BATCH_EVENTS_RULE)]),
+            iam.PolicyStatement(sid="DeliverLogs", actions=list(LOG_DELIVERY_ACTIONS), resources=["*"]),
+            iam.PolicyStatement(sid="Trace", actions=list(XRAY_ACTIONS), resources=["*"]),
+        ])
+        acknowledge_wildcards(
+            policy, "AWS's documented policy for Step Functions' Batch .sync integration: job ids exist only at run "
+            "time (job/*), job definition revisions change on every deploy (<name>:*), DescribeJobs, log delivery "
+            "and X-Ray actions have no resource-level permissions.", resources=["*", batch_jobs, *definitions])
+        return policy
+
+    def _job_states(self, job: StageJob) -> tuple[tasks.BatchSubmitJob, list[sfn.INextable]]:
+        """The job's state and the states the run goes on from (the job, and its on-demand resubmission)."""
+        failed = sfn.Fail(self, f"{job.name} failed",
+                          error_path=sfn.JsonPath.format(f"{job.name} failed: {{}}",
+                                                         sfn.JsonPath.string_at(f"{FAILURE_PATH}.Error")),
+                          cause_path=f"{FAILURE_PATH}.Cause")
+        state = self._submit(job.name, job, job.queue, failed if job.on_demand_queue is None else None)
+        if job.on_demand_queue is None:
+            return state, [state]
+        on_demand = self._submit(f"{job.name} on-demand", job, job.on_demand_queue, failed)
+        self.on_demand_states[job.name] = on_demand
+        capacity = sfn.Choice(self, f"{job.name} lacked capacity?").when(
+            sfn.Condition.string_matches(f"{FAILURE_PATH}.Cause", f"*{CAPACITY_CANCELLED}*"), on_demand
+        ).otherwise(failed)
+        state.add_catch(capacity, errors=[sfn.Errors.ALL], result_path=FAILURE_PATH)
+        return state, [state, on_demand]
+
+    def _submit(self, state_name: str, job: StageJob, queue, failed: sfn.Fail | None) -> tasks.BatchSubmitJob:
         state = tasks.BatchSubmitJob(
-            self, job.name, job_name=sfn.JsonPath.format(f"{{}}-{job.name}", sfn.JsonPath.string_at("$.run_id")),
-            job_definition_arn=job.definition.job_definition_arn, job_queue_arn=job.queue.job_queue_arn,
+            self, state_name,
+            job_name=sfn.JsonPath.format(f"{{}}-{job.name}", sfn.JsonPath.string_at("$.run_id")),
+            job_definition_arn=job.definition.job_definition_arn, job_queue_arn=queue.job_queue_arn,
             array_size=job.array_size or None, integration_pattern=sfn.IntegrationPattern.RUN_JOB,
             payload=sfn.TaskInput.from_object({p: sfn.JsonPath.string_at(f"$.{p}") for p in JOB_PARAMETERS}),
             tags={t: sfn.JsonPath.string_at(f"$.{t}") for t in JOB_TAGS},
@@ -79,9 +159,6 @@ class Pipeline(Construct):
         # SubmitJob throttling or a transient Batch API error is retried; a failed job is not.
         state.add_retry(errors=["Batch.AWSBatchException"], interval=Duration.seconds(10), max_attempts=5,
                         backoff_rate=2.0)
-        failed = sfn.Fail(self, f"{job.name} failed",
-                          error_path=sfn.JsonPath.format(f"{job.name} failed: {{}}",
-                                                         sfn.JsonPath.string_at(f"{FAILURE_PATH}.Error")),
-                          cause_path=f"{FAILURE_PATH}.Cause")
-        state.add_catch(failed, errors=[sfn.Errors.ALL], result_path=FAILURE_PATH)
+        if failed is not None:
+            state.add_catch(failed, errors=[sfn.Errors.ALL], result_path=FAILURE_PATH)
         return state

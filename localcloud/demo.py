@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from types import ModuleType
 
@@ -106,7 +106,7 @@ def execution_status_event(execution: dict, status: str, *, error: str | None = 
         ``DescribeExecution`` response of the execution.
     status : {"RUNNING", "SUCCEEDED", "FAILED", "TIMED_OUT", "ABORTED"}
     """
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     start = execution["startDate"]
     ended = status != "RUNNING"
     return {
@@ -211,7 +211,7 @@ class LocalCloud:
         obj["sequencer"] = f"{self._sequence:018X}"
         time_ = event["time"]
         if isinstance(time_, (int, float)):
-            time_ = datetime.fromtimestamp(time_, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+            time_ = datetime.fromtimestamp(time_, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         return event | {"time": time_, "detail": event["detail"] | {"object": obj}}
 
     def receive(self, wait_s: float = 0) -> list[dict]:
@@ -372,7 +372,8 @@ def run_demo(out_dir: Path, *, say: Callable[[str], None] = print, progress=None
                 say(f"  execution {arn.rsplit(':', 1)[-1]} started: running the stages as `atlas stage` jobs ...")
                 result, steps = cloud.run_execution(arn, aws_env)
                 for step in steps:
-                    name = step.stage + ("" if step.item is None else f"[{step.item}]") + (" merge" if step.merge else "")
+                    name = (step.stage + ("" if step.item is None else f"[{step.item}]")
+                            + (" merge" if step.merge else ""))
                     say(f"    job  {name:<16} {step.seconds:6.1f} s")
                 say(f"  status   {result.get('run_id')}: {result['status']}")
 

@@ -32,7 +32,6 @@ from atlas.aws.access import (
     PART_SIZE,
     PART_SUFFIX,
     PRICES,
-    REQUEST_PAYER_HEADER,
     STATE_SUFFIX,
     AccessError,
     NotPublished,
@@ -48,7 +47,7 @@ from atlas.aws.access import (
     results_client,
 )
 from atlas.aws.release import release_run
-from atlas.aws.s3uri import S3Uri
+from atlas.aws.s3 import REQUEST_PAYER_HEADER, S3Uri
 from atlas.cli import app
 from atlas.cli.data import human
 from atlas.errors import InvalidInput
@@ -263,7 +262,8 @@ def test_a_tampered_file_is_reported_and_not_kept(published, tmp_path):
     with tampered(f"{published.slide_id}/{published.run_id}/{victim['path']}"):
         result = download_release(get_release(published.slide_id), tmp_path, levels=parse_levels("qc"))
         [bad] = result.corrupt
-        assert (bad.path, bad.expected_sha256) == (victim["path"], victim["sha256"]) and bad.actual_sha256 != bad.expected_sha256
+        assert (bad.path, bad.expected_sha256) == (victim["path"], victim["sha256"])
+        assert bad.actual_sha256 != bad.expected_sha256
         target = result.target
         assert not (target / victim["path"]).exists() and not list(target.rglob("*" + PART_SUFFIX))
         assert sorted(result.fetched) == sorted(f["path"] for f in qc if f is not victim)

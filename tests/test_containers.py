@@ -6,8 +6,10 @@ pins, the weights check the build runs, and that the paths the images set match 
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import http.server
+import importlib.util
 import re
 import shutil
 import subprocess
@@ -23,8 +25,16 @@ from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILES = sorted(ROOT.glob("containers/*/Dockerfile"))
-sys.path.insert(0, str(ROOT / "containers"))
-import fetch_weights
+
+def _load(path: Path):
+    """A script of containers/ (not a package) as a module."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+fetch_weights = _load(ROOT / "containers" / "fetch_weights.py")
 
 
 def instructions(dockerfile: Path) -> list[tuple[str, str]]:
@@ -189,7 +199,7 @@ def weights_server(shared_data):
         def log_message(self, *args):
             pass
 
-    handler = lambda *a, **kw: Quiet(*a, directory=str(model_dir), **kw)
+    handler = functools.partial(Quiet, directory=str(model_dir))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}/weights.onnx", model_dir / "weights.onnx"

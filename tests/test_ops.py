@@ -11,7 +11,7 @@ to status, cost or reuse; the job wrapper's own skip check is run on the reused 
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import boto3
@@ -22,7 +22,7 @@ from moto import mock_aws
 from typer.testing import CliRunner
 
 from atlas.aws import catalog, ops
-from atlas.aws.s3uri import S3Uri
+from atlas.aws.s3 import S3Uri
 from atlas.aws.upload import upload_slide
 from atlas.cli import app
 from atlas.cli.data import usd
@@ -136,7 +136,7 @@ def test_the_current_stage_comes_from_the_execution_history(cloud, sample_slide,
         finish_job(cloud, tmp_path, slide_id, run_id, "segment", item)
     sfn = boto3.client("stepfunctions")
     arn = ops.slide_status(slide_id, table=table(cloud)).execution_arn
-    when = datetime(2025, 6, 1, tzinfo=timezone.utc)
+    when = datetime(2025, 6, 1, tzinfo=UTC)
     history = [{"timestamp": when, "type": "TaskStateEntered", "id": 9, "previousEventId": 8,
                 "stateEnteredEventDetails": {"name": "segment-merge", "input": "{}"}},
                {"timestamp": when, "type": "TaskStateExited", "id": 8, "previousEventId": 7,

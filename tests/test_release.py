@@ -17,7 +17,7 @@ from moto import mock_aws
 
 from atlas import layout
 from atlas.aws.release import LATEST, ReleaseError, content_type, release_run
-from atlas.aws.s3uri import S3Uri
+from atlas.aws.s3 import S3Uri
 
 SLIDE = "S1"
 FILES = {  # relative path -> bytes
@@ -90,7 +90,8 @@ def test_release_copies_every_file_by_level_and_writes_manifest_last(s3, tmp_pat
 
     prefix = f"{SLIDE}/{run_id}/"
     assert str(release.prefix) == f"s3://results/{prefix}"
-    assert keys(s3, "results", prefix) == sorted([prefix + f["path"] for f in manifest["files"]] + [prefix + "manifest.json"])
+    assert keys(s3, "results", prefix) == sorted([prefix + f["path"] for f in manifest["files"]]
+                                                 + [prefix + "manifest.json"])
     for entry in manifest["files"]:
         obj = s3.get_object(Bucket="results", Key=prefix + entry["path"])
         assert obj["Body"].read() == (tmp_path / entry["path"]).read_bytes()
@@ -103,14 +104,17 @@ def test_release_copies_every_file_by_level_and_writes_manifest_last(s3, tmp_pat
     # the release becomes visible only with its manifest, after every file and the overview site; latest.json after that
     results_writes = [w for w in writes if w.startswith("results/")]
     assert results_writes[-2:] == [f"results/{prefix}manifest.json", f"results/{SLIDE}/{LATEST}"]
-    assert writes.index(f"results/{prefix}manifest.json") > max(i for i, w in enumerate(writes) if w.startswith("site/"))
+    last_site_write = max(i for i, w in enumerate(writes) if w.startswith("site/"))
+    assert writes.index(f"results/{prefix}manifest.json") > last_site_write
     latest = json.loads(s3.get_object(Bucket="results", Key=f"{SLIDE}/{LATEST}")["Body"].read())
     assert latest["run_id"] == run_id and latest["manifest"] == f"s3://results/{prefix}manifest.json"
     assert latest["files"] == len(FILES) and latest["bytes"] == sum(f["size"] for f in manifest["files"])
 
     # the overview site gets the overview folder, served with browser content types
-    assert keys(s3, "site") == sorted(f"{prefix}{rel[len('overview/'):]}" for rel in FILES if rel.startswith("overview/"))
-    assert s3.head_object(Bucket="site", Key=prefix + "openseadragon/openseadragon.min.js")["ContentType"] == "text/javascript"
+    assert keys(s3, "site") == sorted(f"{prefix}{rel[len('overview/'):]}"
+                                      for rel in FILES if rel.startswith("overview/"))
+    script = s3.head_object(Bucket="site", Key=prefix + "openseadragon/openseadragon.min.js")
+    assert script["ContentType"] == "text/javascript"
     assert latest["overview"] == f"s3://site/{prefix}index.html"
 
 

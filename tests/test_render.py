@@ -24,8 +24,8 @@ from atlas.science.overview.exhibit import label_dir, make_groups
 from atlas.science.overview.source import TiffPyramid
 from atlas.science.overview.tiles import composite, outlines, scale_to_display
 from atlas.science.pyramid import downsample, write_ome_tiff_pyramid
-from atlas.stages import StageContext
 from atlas.slide.palette import channel_colors
+from atlas.stages import StageContext
 
 EXHIBIT_KEYS = {"Images", "Header", "Rotation", "Layout", "Stories", "Channels", "Masks", "Groups"}
 TILE = 128  # small tiles, so a 512 px image has a real pyramid (512, 256, 128 px levels)
@@ -128,7 +128,7 @@ def test_composite_is_minervas_formula(dsb):
     planes = np.stack([nuclei, np.flipud(nuclei)])
     ranges, colors = [(20.0, 120.0), (30.0, 90.0)], ["ffffff", "ff8000"]
     expected = np.zeros(nuclei.shape + (3,))
-    for plane, (low, high), color in zip(planes, ranges, colors):
+    for plane, (low, high), color in zip(planes, ranges, colors, strict=True):
         value = np.clip((plane - low) / (high - low), 0, 1)
         expected += value[..., None] * np.array([int(color[i:i + 2], 16) for i in (0, 2, 4)]) / 255
     expected = np.clip(expected, 0, 1) * 255

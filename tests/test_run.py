@@ -34,7 +34,8 @@ def check_results(out: Path, slide_dir: Path) -> dict:
     assert manifest["slide_id"] == slide_id and manifest["run_id"].startswith(slide_id + "-")
     assert {"python", "ashlar", "tifffile", "zarr"} <= set(manifest["software"])
     assert manifest["params"]["stitch"]["align_channel"] == 0
-    assert [s["stage"] for s in manifest["stages"] if s["item"] is None][:4] == ["stitch", "segment", "quantify", "render"]
+    stages = [s["stage"] for s in manifest["stages"] if s["item"] is None]
+    assert stages[:4] == ["stitch", "segment", "quantify", "render"]
     files = {f["path"]: f for f in manifest["files"]}
     for path, entry in files.items():
         assert (out / path).stat().st_size == entry["size"], path
@@ -88,7 +89,7 @@ def match_labels(pred: np.ndarray, true: np.ndarray) -> dict[int, tuple[int, flo
     true_area = np.bincount(true.ravel())
     pred_area = np.bincount(pred.ravel())
     best: dict[int, tuple[int, float]] = {}
-    for (t, p), n in zip(pairs.T, counts):
+    for (t, p), n in zip(pairs.T, counts, strict=True):
         iou = n / (true_area[t] + pred_area[p] - n)
         if iou > best.get(t, (0, 0.0))[1]:
             best[int(t)] = (int(p), float(iou))

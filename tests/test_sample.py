@@ -164,7 +164,7 @@ def test_truth_labels_look_like_tissue(truth):
     touching = set()
     for a, b in ((nuclei[:, :-1], nuclei[:, 1:]), (nuclei[:-1], nuclei[1:])):
         pairs = (a != b) & (a > 0) & (b > 0)
-        touching |= set(zip(a[pairs].tolist(), b[pairs].tolist()))
+        touching |= set(zip(a[pairs].tolist(), b[pairs].tolist(), strict=True))
     assert 0.01 * n < len(touching) < 0.5 * n
     assert 0.15 < (nuclei > 0).mean() < 0.5, "tissue with nuclei, stroma and empty lumen"
 

@@ -69,7 +69,8 @@ def make_slide(root: Path, cycles: list[tuple[np.ndarray, np.ndarray]], pixel_si
     (slide / "raw").mkdir(parents=True)
     rows = ["channel_number,cycle_number,marker_name"]
     for k, (tiles, positions) in enumerate(cycles, start=1):
-        names = channel_names[k - 1] if channel_names else [f"DNA_{k}"] + [f"M{k}_{c}" for c in range(1, tiles.shape[1])]
+        names = (channel_names[k - 1] if channel_names
+                 else [f"DNA_{k}"] + [f"M{k}_{c}" for c in range(1, tiles.shape[1])])
         write_cycle(slide / "raw" / f"cycle{k}.ome.tif", tiles, positions, pixel_size_um, names)
         rows += [f"{len(rows) + i},{k},{n}" for i, n in enumerate(names)]
     (slide / "markers.csv").write_text("\n".join(rows) + "\n")
@@ -115,7 +116,7 @@ def test_ashlar_bioformats_reader_sees_our_positions(brain, brain_run):
     nominal = np.array([brain.nominal_px[i] for i in brain.ids])
     np.testing.assert_allclose(reader.metadata.positions, nominal, atol=1e-6)
     # Fiji row 1 (tile 0010) lies below row 0 (tile 0009), and on the same column.
-    p = dict(zip(brain.ids, reader.metadata.positions))
+    p = dict(zip(brain.ids, reader.metadata.positions, strict=True))
     assert p["0010"][0] - p["0009"][0] == pytest.approx(460) and p["0010"][1] == p["0009"][1]
 
 
@@ -129,7 +130,7 @@ def test_positions_agree_with_fiji_reference(brain, brain_run):
     ours = np.array([[float(r["y_px"]), float(r["x_px"])] for r in rows])
     fiji = np.array([brain.fiji_px[i] for i in brain.ids])
     compare = np.array([t and i not in FIJI_OUTLIERS | FIJI_WRONG_LEFT_COLUMN
-                        for i, t in zip(brain.ids, brain.tissue)])
+                        for i, t in zip(brain.ids, brain.tissue, strict=True)])
     assert compare.sum() >= 35
     diff = ours[compare] - fiji[compare]
     dist = np.linalg.norm(diff - np.median(diff, axis=0), axis=1)
@@ -192,7 +193,7 @@ def test_qc_reports_tiles_edges_failures_and_picture(brain, brain_run):
     assert summary["status"] == "ok" and cycle["tiles"] == 54
     # Blank tiles cannot be aligned by anyone: they must be reported, and most tissue tiles aligned.
     failed = {brain.ids[t] for t in cycle["failed_tiles"]}
-    assert {i for i, t in zip(brain.ids, brain.tissue) if not t} <= failed
+    assert {i for i, t in zip(brain.ids, brain.tissue, strict=True) if not t} <= failed
     assert cycle["aligned_tiles"] == 54 - len(failed) >= 35
     rows = read_tiles_csv(out)
     assert [r["aligned"] == "true" for r in rows] == [brain.ids[i] not in failed for i in range(54)]
@@ -284,7 +285,7 @@ def test_tiles_without_stage_positions_are_named(subgrid, tmp_path):
     slide = make_slide(tmp_path, [(tiles, positions)], px)
     path = slide / "raw" / "cycle1.ome.tif"
     with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tif:    # tiles 2 and 5 lack Plane positions
-        for i, (tile, (y, x)) in enumerate(zip(tiles, positions)):
+        for i, (tile, (y, x)) in enumerate(zip(tiles, positions, strict=True)):
             meta = {"axes": "CYX", "PhysicalSizeX": px, "PhysicalSizeY": px, "Channel": {"Name": ["DNA_1"]}}
             if i not in (2, 5):
                 meta["Plane"] = {"PositionX": [x], "PositionXUnit": ["µm"], "PositionY": [-y], "PositionYUnit": ["µm"]}

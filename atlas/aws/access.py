@@ -19,13 +19,12 @@ and :func:`open_zarr` (the Level 2 OME-Zarr as a lazy ``zarr.Array``; one GET pe
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 import os
 import re
 import threading
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -34,12 +33,22 @@ from pathlib import Path, PurePosixPath
 from botocore.exceptions import ClientError, NoCredentialsError
 
 from atlas import layout
-from atlas.aws.release import LATEST, RESULTS_BUCKET_ENV, RESULTS_REGION, parallel_map
-from atlas.aws.s3uri import S3Uri
+from atlas.aws.release import LATEST, RESULTS_BUCKET_ENV, RESULTS_REGION
+from atlas.aws.s3 import (
+    PRECONDITION_CODES,
+    S3Uri,
+    error_code,
+    get_bytes,
+    is_missing,
+    list_prefixes,
+    parallel_map,
+    requester_pays,
+    s3_client,
+    s3_store,
+)
 from atlas.errors import InvalidInput, Problem
 from atlas.slide.convention import sha256_file
 
-REQUEST_PAYER_HEADER = "x-amz-request-payer"
 PART_SIZE = 8 * 2**20                   # bytes per ranged GET of a download
 DOWNLOAD_THREADS = 8
 GIB = 2**30                             # AWS bills transfer per "GB" of 2**30 bytes
@@ -111,7 +120,6 @@ class NotPublished(InvalidInput):
     """The slide, run or file asked for has no complete release in the bucket."""
 
 
-_MISSING = ("NoSuchKey", "404", "NotFound")
 _WRONG_REGION = ("PermanentRedirect", "AuthorizationHeaderMalformed", "IllegalLocationConstraintException", "301",
                  "AuthorizationQueryParametersError")
 _CREDENTIALS = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken", "TokenRefreshRequired")
@@ -121,11 +129,6 @@ HOW_TO_GET_ACCESS = ("access is granted per AWS account: send your 12-digit AWS 
                      "on the bucket, and every request must carry `x-amz-request-payer: requester` (atlas always "
                      "sends it; AWS CLI: --request-payer requester; boto3: RequestPayer='requester'; "
                      "s3fs: requester_pays=True)")
-
-
-def is_missing(exc: ClientError) -> bool:
-    """True for "no such key" answers (GET: NoSuchKey, HEAD: 404)."""
-    return exc.response.get("Error", {}).get("Code") in _MISSING
 
 
 def access_error(exc: Exception, uri: S3Uri | str) -> AccessError:
@@ -173,19 +176,6 @@ def _region_in(message: str) -> str | None:
 
 
 # --- the client -----------------------------------------------------------------------------------
-def _add_request_payer(request, **_) -> None:
-    request.headers[REQUEST_PAYER_HEADER] = "requester"
-
-
-def requester_pays(client):
-    """Make ``client`` send ``x-amz-request-payer: requester`` on every request (idempotent); returns it.
-
-    The header is added before signing, so it is part of the SigV4 signature as S3 requires.
-    """
-    client.meta.events.register("before-sign.s3", _add_request_payer, unique_id="atlas-request-payer")
-    return client
-
-
 def results_client(session=None):
     """S3 client for the results bucket: us-east-1, requester pays, standard retries, a connection pool.
 
@@ -195,12 +185,7 @@ def results_client(session=None):
         Default boto3's default session (your AWS profile / environment). ``AWS_ENDPOINT_URL``
         points it elsewhere (tests and the local demo use an emulator).
     """
-    import boto3
-    from botocore.config import Config
-
-    config = Config(retries={"max_attempts": 10, "mode": "standard"}, max_pool_connections=4 * DOWNLOAD_THREADS)
-    factory = session.client if session is not None else boto3.client
-    return requester_pays(factory("s3", region_name=RESULTS_REGION, config=config))
+    return requester_pays(s3_client(region=RESULTS_REGION, pool=4 * DOWNLOAD_THREADS, session=session))
 
 
 def results_bucket(bucket: str | None = None) -> str:
@@ -216,12 +201,8 @@ def results_bucket(bucket: str | None = None) -> str:
 def _get_bytes(client, uri: S3Uri, **kwargs) -> bytes | None:
     """Object bytes, or None when the key does not exist; other failures as AccessError."""
     try:
-        return client.get_object(Bucket=uri.bucket, Key=uri.key, **kwargs)["Body"].read()
-    except ClientError as exc:
-        if is_missing(exc):
-            return None
-        raise access_error(exc, uri) from exc
-    except NoCredentialsError as exc:
+        return get_bytes(client, uri, **kwargs)
+    except (ClientError, NoCredentialsError) as exc:
         raise access_error(exc, uri) from exc
 
 
@@ -293,13 +274,10 @@ class SlideSummary:
 
 
 def _common_prefixes(client, bucket: str, prefix: str) -> list[str]:
-    names = []
     try:
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
-            names += [p["Prefix"][len(prefix):].rstrip("/") for p in page.get("CommonPrefixes", [])]
+        return list_prefixes(client, S3Uri(bucket, prefix))
     except (ClientError, NoCredentialsError) as exc:
         raise access_error(exc, S3Uri(bucket, prefix)) from exc
-    return names
 
 
 def list_slides(*, bucket: str | None = None, client=None) -> list[SlideSummary]:
@@ -351,7 +329,8 @@ def list_releases(slide_id: str, *, bucket: str | None = None, client=None) -> l
                                                                  f"{bucket!r}",
                                    "check the slide id: `atlas data ls` lists the published slides"))
     current = latest_run(slide_id, bucket=bucket, client=client)
-    found = [Release(bucket, slide_id, run, when, run == current) for run, when in zip(runs, times) if when]
+    found = [Release(bucket, slide_id, run, when, run == current)
+             for run, when in zip(runs, times, strict=True) if when]
     return sorted(found, key=lambda r: r.released)
 
 
@@ -774,7 +753,7 @@ def download_release(release: Release, out_dir: Path | str, *, levels: frozenset
         try:
             response = client.get_object(Bucket=uri.bucket, Key=uri.key, Range=f"bytes={start}-{end}", **condition)
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("PreconditionFailed", "412"):
+            if error_code(exc) in PRECONDITION_CODES:
                 raise _Changed(partial.entry.path) from exc
             if is_missing(exc):
                 raise NotPublished(Problem(str(uri), "listed in the release manifest but missing from the bucket",
@@ -855,110 +834,6 @@ def download_release(release: Release, out_dir: Path | str, *, levels: frozenset
 
 
 # --- lazy OME-Zarr ---------------------------------------------------------------------------------
-def _zarr_store_class():
-    """The read-only zarr v3 store over S3 (defined lazily: zarr is imported only when needed)."""
-    from zarr.abc.store import OffsetByteRequest, RangeByteRequest, Store, SuffixByteRequest
-
-    class ReleaseStore(Store):
-        """Read-only zarr store over one S3 prefix, every request through a requester-pays client.
-
-        ``sizes`` (relative key -> size, from the release manifest) answers listing and existence
-        without requests, and absent keys (zarr probes several metadata names) without a GET.
-        ``requests`` and ``bytes_fetched`` count what was read.
-        """
-
-        supports_writes = False
-        supports_deletes = False
-        supports_listing = True
-
-        def __init__(self, client, prefix: S3Uri, sizes: Mapping[str, int]):
-            super().__init__(read_only=True)
-            self.client, self.prefix, self.sizes = requester_pays(client), prefix.prefix(), dict(sizes)
-            self.requests = 0
-            self.bytes_fetched = 0
-            self._lock = threading.Lock()
-
-        def __eq__(self, other: object) -> bool:
-            return isinstance(other, ReleaseStore) and other.prefix == self.prefix
-
-        def __repr__(self) -> str:
-            return f"ReleaseStore({self.prefix})"
-
-        def _fetch(self, key: str, byte_range: str | None) -> bytes | None:
-            uri = self.prefix.join(key)
-            try:
-                body = self.client.get_object(Bucket=uri.bucket, Key=uri.key,
-                                              **({"Range": byte_range} if byte_range else {}))["Body"].read()
-            except ClientError as exc:
-                if is_missing(exc):
-                    return None
-                if exc.response.get("Error", {}).get("Code") == "InvalidRange":
-                    return b""
-                raise access_error(exc, uri) from exc
-            except NoCredentialsError as exc:
-                raise access_error(exc, uri) from exc
-            with self._lock:
-                self.requests += 1
-                self.bytes_fetched += len(body)
-            return body
-
-        async def get(self, key, prototype, byte_range=None):
-            if key not in self.sizes:
-                return None
-            size = self.sizes[key]
-            if byte_range is None:
-                header = None
-            elif isinstance(byte_range, RangeByteRequest):
-                if byte_range.end <= byte_range.start:
-                    return prototype.buffer.from_bytes(b"")
-                header = f"bytes={byte_range.start}-{byte_range.end - 1}"
-            elif isinstance(byte_range, OffsetByteRequest):
-                if byte_range.offset >= size:
-                    return prototype.buffer.from_bytes(b"")
-                header = f"bytes={byte_range.offset}-"
-            elif isinstance(byte_range, SuffixByteRequest):
-                header = f"bytes=-{byte_range.suffix}"
-            else:
-                raise ValueError(f"unexpected byte range {byte_range!r}")
-            if size == 0:
-                return prototype.buffer.from_bytes(b"")
-            data = await asyncio.to_thread(self._fetch, key, header)
-            return None if data is None else prototype.buffer.from_bytes(data)
-
-        async def get_partial_values(self, prototype, key_ranges):
-            return list(await asyncio.gather(*(self.get(k, prototype, r) for k, r in key_ranges)))
-
-        async def exists(self, key: str) -> bool:
-            return key in self.sizes
-
-        async def getsize(self, key: str) -> int:
-            if key not in self.sizes:
-                raise FileNotFoundError(key)
-            return self.sizes[key]
-
-        async def set(self, key, value) -> None:
-            self._check_writable()
-
-        async def delete(self, key) -> None:
-            self._check_writable()
-
-        async def list(self) -> AsyncIterator[str]:
-            for key in sorted(self.sizes):
-                yield key
-
-        async def list_prefix(self, prefix: str) -> AsyncIterator[str]:
-            for key in sorted(self.sizes):
-                if key.startswith(prefix):
-                    yield key
-
-        async def list_dir(self, prefix: str) -> AsyncIterator[str]:
-            prefix = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
-            for name in sorted({k[len(prefix):].split("/", 1)[0] for k in self.sizes if k.startswith(prefix)}):
-                yield name
-
-    return ReleaseStore
-
-
 def release_store(release: Release, path: str, *, client=None):
     """A read-only zarr store over ``path`` (a ``*.zarr`` folder) of a release, keys from its manifest.
 
@@ -972,7 +847,8 @@ def release_store(release: Release, path: str, *, client=None):
     if not sizes:
         raise NotPublished(Problem(str(release.prefix.join(path)), f"release {release.run_id} has no {path}",
                                    f"`atlas data ls {release.slide_id}` lists what it has"))
-    return _zarr_store_class()(client or results_client(), release.prefix.join(top), sizes)
+    client = requester_pays(client) if client is not None else results_client()
+    return s3_store(client, release.prefix.join(top), sizes=sizes, read_only=True, explain=access_error)
 
 
 def open_zarr_group(slide_id: str, *, run_id: str | None = None, bucket: str | None = None, client=None,

@@ -6,7 +6,7 @@ Three Lambda handlers (``functions/{catalog,trigger,status}``) are thin shells a
     One S3 ``Object Created`` event -> one catalog item per object (size, ETag, version id,
     sequencer, the uploader's sha256), written only if it is newer than what the table holds
     (S3 events arrive at least once and out of order; the sequencer orders events of one key).
-    Cycle files get their OME metadata, read with S3 ranged GETs (:class:`atlas.aws.s3range.S3RangeFile`).
+    Cycle files get their OME metadata, read with S3 ranged GETs (:class:`atlas.aws.s3.S3RangeFile`).
     Then it emits ``Slide Object Cataloged`` so that the trigger looks at the slide *after* the write.
 ``check_slide``
     Reads every item of a slide (consistent read). Until ``manifest.json`` is there and every file
@@ -37,7 +37,7 @@ import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from enum import StrEnum
 from functools import cached_property
@@ -50,6 +50,7 @@ from botocore.exceptions import ClientError
 from pydantic import BaseModel, Field
 
 from atlas import layout
+from atlas.aws.s3 import PRECONDITION_CODES, S3RangeFile, error_code, is_missing, s3_client
 from atlas.errors import InvalidInput, Problem
 from atlas.slide.convention import MANIFEST, MARKERS, PARAMS, parse_manifest, raw_files, run_id_for
 
@@ -208,7 +209,7 @@ class Aws:
 
     @cached_property
     def s3(self):
-        return boto3.client("s3")
+        return s3_client()
 
     @cached_property
     def table(self):
@@ -260,7 +261,7 @@ def run_key(slide_id: str, run_id: str) -> dict[str, str]:
 
 def timestamp() -> str:
     """Now, UTC, ISO 8601 with milliseconds: the time format of every catalog item."""
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 def normalize_sequencer(sequencer: str | None) -> str:
@@ -322,7 +323,6 @@ def read_remote_cycle_metadata(s3, bucket: str, key: str, *, size: int, version_
         Why the file is not a readable OME-TIFF (then ``meta`` is None).
     bytes_fetched : int
     """
-    from atlas.aws.s3range import S3RangeFile
     from atlas.slide.ome import read_cycle_metadata
 
     fh = S3RangeFile(s3, bucket, key, version_id=version_id, etag=etag, size=size)
@@ -366,7 +366,7 @@ def record_object(aws: Aws, *, bucket: str, key: str, size: int, etag: str, vers
     try:
         head = aws.s3.head_object(Bucket=bucket, Key=key, **read_version)
     except ClientError as exc:
-        if exc.response["Error"]["Code"] in ("412", "PreconditionFailed", "404", "NoSuchKey", "NoSuchVersion"):
+        if is_missing(exc) or error_code(exc) in PRECONDITION_CODES:
             return {"slide_id": slide_id, "key": key, "outcome": "superseded"}
         raise
     if sha := head.get("Metadata", {}).get(SHA256_METADATA):

@@ -32,8 +32,7 @@ from botocore.exceptions import ClientError
 
 from atlas.aws import catalog
 from atlas.aws.catalog import Status
-from atlas.aws.release import parallel_map
-from atlas.aws.s3uri import S3Uri
+from atlas.aws.s3 import S3Uri, get_bytes, list_sizes, parallel_map, s3_client
 from atlas.errors import InvalidInput, Problem
 from atlas.params import parse_params
 from atlas.pipeline.local import PROVENANCE, completion_path
@@ -221,12 +220,11 @@ def current_job(sfn, execution_arn: str) -> str | None:
 
 def completion_records(s3, work: S3Uri, run_id: str) -> dict[str, dict]:
     """This run's completion records in its work prefix: record path (``qc/provenance/...``) -> record."""
-    prefix = work.prefix().join(PROVENANCE).prefix()
-    keys = []
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=prefix.bucket, Prefix=prefix.key):
-        keys += [o["Key"] for o in page.get("Contents", []) if o["Key"].endswith(".json")]
-    docs = parallel_map(lambda key: json.loads(s3.get_object(Bucket=prefix.bucket, Key=key)["Body"].read()), keys)
-    return {key[len(work.prefix().key):]: doc for key, doc in zip(keys, docs) if doc.get("run_id") == run_id}
+    records = work.prefix().join(PROVENANCE).prefix()
+    rels = [f"{PROVENANCE}/{name}" for name in list_sizes(s3, records) if name.endswith(".json")]
+    raws = parallel_map(lambda rel: get_bytes(s3, work.join(rel)), rels)
+    docs = {rel: json.loads(raw) for rel, raw in zip(rels, raws, strict=True) if raw is not None}
+    return {rel: doc for rel, doc in docs.items() if doc.get("run_id") == run_id}
 
 
 def _record_rel(stage: Stage, item: int | None = None) -> str:
@@ -296,7 +294,7 @@ def slide_status(slide_id: str, *, table, sfn=None, s3=None) -> SlideStatus:
         The catalog table (:func:`catalog_table`).
     sfn, s3 : boto3 clients, optional
     """
-    s3 = s3 or boto3.client("s3")
+    s3 = s3 or s3_client()
     item = catalog.from_dynamo(_slide_item(table, slide_id))
     runs = sorted((catalog.from_dynamo(r) for r in _run_items(table, slide_id)), key=lambda r: r.get("started_at", ""))
     run_id = item.get("run_id")
@@ -348,22 +346,6 @@ class Rerun:
     params_override: bool
 
 
-def _get(s3, uri: S3Uri) -> bytes | None:
-    try:
-        return s3.get_object(Bucket=uri.bucket, Key=uri.key)["Body"].read()
-    except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-            return None
-        raise
-
-
-def _list_sizes(s3, prefix: S3Uri) -> dict[str, int]:
-    sizes = {}
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=prefix.bucket, Prefix=prefix.key):
-        sizes.update({o["Key"][len(prefix.key):]: o["Size"] for o in page.get("Contents", [])})
-    return sizes
-
-
 def _check_rerunnable(slide_id: str, item: Mapping, sfn) -> None:
     status, run_id, arn = item.get("status"), item.get("run_id"), item.get("execution_arn")
     if status in RERUNNABLE:
@@ -399,13 +381,13 @@ def plan_reuse(s3, previous: S3Uri, *, previous_run: str, run_id: str, stages: l
 
     Raises InvalidInput naming the first job whose record or outputs are incomplete.
     """
-    sizes = _list_sizes(s3, previous)
+    sizes = list_sizes(s3, previous)
     outputs: set[str] = set()
     records: dict[str, dict] = {}
     for stage in stages:
         for item in [*range(stage.array_size), None]:
             rel = _record_rel(stage, item)
-            raw = _get(s3, previous.join(rel))
+            raw = get_bytes(s3, previous.join(rel))
             record = json.loads(raw) if raw is not None else None
             intact = record is not None and record.get("run_id") == previous_run and all(
                 sizes.get(o["path"]) == o["size"] for o in record["outputs"])
@@ -470,7 +452,7 @@ def rerun(slide_id: str, *, table, from_stage: str | None = None, params_text: s
         params are invalid or change a reused stage, or a reused stage is incomplete. Nothing is
         started then.
     """
-    s3 = s3 or boto3.client("s3")
+    s3 = s3 or s3_client()
     slide = _slide_item(table, slide_id)
     previous_run = slide.get("run_id")
     runs = {r["run_id"]: r for r in _run_items(table, slide_id)}
@@ -487,22 +469,23 @@ def rerun(slide_id: str, *, table, from_stage: str | None = None, params_text: s
         raise InvalidInput(Problem("--from", str(exc), "name one of the stages")) from exc
     reused = list(STAGES[:stage_index])
 
-    manifest_bytes = _get(s3, slide_uri.join(MANIFEST))
+    manifest_bytes = get_bytes(s3, slide_uri.join(MANIFEST))
     if manifest_bytes is None:
         expired = slide_uri.key.startswith(RERUN_PREFIX + "/")
         raise InvalidInput(Problem(str(slide_uri.join(MANIFEST)), "the slide this run read is gone"
                                    + (" (a params copy, expired with the work bucket's retention)" if expired else ""),
-                                   "rerun with --params again" if expired else "upload the slide again (`atlas upload`)"))
+                                   "rerun with --params again" if expired
+                                   else "upload the slide again (`atlas upload`)"))
     manifest = json.loads(manifest_bytes)
     override = False
     if params_text is not None:
         new = parse_params(params_text, file=params_file).to_dict()
         listed = any(e.path == PARAMS for e in parse_manifest(manifest_bytes.decode()))
-        old = parse_params((_get(s3, slide_uri.join(PARAMS)) or b"").decode() if listed else None).to_dict()
+        old = parse_params((get_bytes(s3, slide_uri.join(PARAMS)) or b"").decode() if listed else None).to_dict()
         changed = _changed_sections(old, new, reused)
         if changed:
             raise InvalidInput(Problem(params_file, f"changes the {', '.join(changed)} parameters, but --from "
-                                                    f"{from_stage} reuses the {changed[0]} outputs of run {previous_run}",
+                                       f"{from_stage} reuses the {changed[0]} outputs of run {previous_run}",
                                        f"rerun --from {changed[0]} (or an earlier stage)"))
         override = old != new
 

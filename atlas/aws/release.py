@@ -25,14 +25,11 @@ from __future__ import annotations
 import json
 import mimetypes
 import time
-from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import TypeVar
 
 from atlas import layout
-from atlas.aws.s3uri import S3Uri
+from atlas.aws.s3 import S3Uri, list_sizes, parallel_map
 
 LATEST = "latest.json"
 # The results bucket is published for external analysts, who are told to read it from us-east-1
@@ -41,27 +38,13 @@ RESULTS_REGION = "us-east-1"
 # The publish job's environment: where it releases to (the CDK app sets these on the job definitions).
 RESULTS_BUCKET_ENV = "ATLAS_RESULTS_BUCKET"
 OVERVIEW_BUCKET_ENV = "ATLAS_OVERVIEW_BUCKET"
-TRANSFER_THREADS = 16
 CONTENT_TYPES = {".json": "application/json", ".csv": "text/csv", ".html": "text/html", ".js": "text/javascript",
                  ".css": "text/css", ".tif": "image/tiff", ".png": "image/png", ".jpg": "image/jpeg",
                  ".svg": "image/svg+xml"}
 
 
-T = TypeVar("T")
-R = TypeVar("R")
-
-
 class ReleaseError(RuntimeError):
     """The run cannot be released as its manifest says; nothing was made visible."""
-
-
-def parallel_map(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
-    """``[fn(x) for x in items]`` on a thread pool (S3 requests are latency-bound)."""
-    items = list(items)
-    if len(items) <= 1:
-        return [fn(x) for x in items]
-    with ThreadPoolExecutor(max_workers=TRANSFER_THREADS) as pool:
-        return list(pool.map(fn, items))
 
 
 @dataclass(frozen=True)
@@ -124,21 +107,23 @@ def release_run(s3, out_dir: Path, *, work: S3Uri, slide_id: str, run_id: str, r
     ReleaseError
         A listed file is missing from ``work`` or has another size; nothing becomes visible.
     """
-    manifest = json.loads((Path(out_dir) / layout.MANIFEST).read_text())
+    manifest_path = Path(out_dir) / layout.MANIFEST
+    manifest = json.loads(manifest_path.read_text())
     if (manifest.get("slide_id"), manifest.get("run_id")) != (slide_id, run_id):
-        raise ReleaseError(f"manifest.json is for slide {manifest.get('slide_id')!r} run {manifest.get('run_id')!r}, "
-                          f"not slide {slide_id!r} run {run_id!r}")
+        raise ReleaseError(f"{manifest_path} is for slide {manifest.get('slide_id')!r} run "
+                           f"{manifest.get('run_id')!r}, not slide {slide_id!r} run {run_id!r}; nothing was released. "
+                           f"Redo the publish stage of this run: atlas rerun {slide_id} --from publish")
     files = manifest["files"]
     work = work.prefix()
-    sizes = {}
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=work.bucket, Prefix=work.key):
-        sizes.update({obj["Key"][len(work.key):]: obj["Size"] for obj in page.get("Contents", [])})
+    sizes = list_sizes(s3, work)
     bad = [f["path"] for f in files if sizes.get(f["path"]) != f["size"]]
     if layout.MANIFEST not in sizes:
         bad.append(layout.MANIFEST)
     if bad:
-        raise ReleaseError(f"cannot release run {run_id}: {len(bad)} file(s) listed in manifest.json are missing "
-                          f"from {work} or differ in size, e.g. {', '.join(bad[:5])}")
+        raise ReleaseError(f"cannot release run {run_id}: {len(bad)} file(s) listed in {manifest_path.name} are "
+                           f"missing from {work} or differ in size, e.g. {', '.join(bad[:5])}; nothing was released. "
+                           f"Redo the stage that wrote them (its completion record under {work.join('qc')} lists "
+                           f"its outputs): atlas rerun {slide_id} --from STAGE")
 
     prefix = S3Uri(results_bucket, f"{slide_id}/{run_id}/")
     parallel_map(lambda f: _copy(s3, work.join(f["path"]), prefix.join(f["path"]),
@@ -148,11 +133,13 @@ def release_run(s3, out_dir: Path, *, work: S3Uri, slide_id: str, run_id: str, r
     if overview_bucket:
         site = S3Uri(overview_bucket, f"{slide_id}/{run_id}/")
         top = layout.OVERVIEW + "/"
-        parallel_map(lambda f: _copy(s3, work.join(f["path"]), site.join(f["path"][len(top):]), {"sha256": f["sha256"]}),
+        parallel_map(lambda f: _copy(s3, work.join(f["path"]), site.join(f["path"][len(top):]),
+                                     {"sha256": f["sha256"]}),
                      [f for f in files if f["path"].startswith(top)])
     # the manifest is the release: only now does it become visible
     _copy(s3, work.join(layout.MANIFEST), prefix.join(layout.MANIFEST), {"htan-level": "none"})
-    latest = {"slide_id": slide_id, "run_id": run_id, "prefix": str(prefix), "manifest": str(prefix.join(layout.MANIFEST)),
+    latest = {"slide_id": slide_id, "run_id": run_id, "prefix": str(prefix),
+              "manifest": str(prefix.join(layout.MANIFEST)),
               "files": len(files), "bytes": sum(f["size"] for f in files),
               "overview": str(site.join(layout.OVERVIEW_PAGE)) if site else None,
               "released": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

@@ -8,6 +8,7 @@ that are already there (an interrupted upload resumes where it stopped).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -21,7 +22,7 @@ from typing import TypeVar
 from botocore.exceptions import BotoCoreError, ClientError
 
 from atlas.aws.catalog import SHA256_METADATA
-from atlas.aws.s3uri import S3Uri
+from atlas.aws.s3 import S3Uri, is_missing, s3_client
 from atlas.errors import InvalidInput, Problem
 from atlas.slide.convention import MANIFEST, build_manifest, check_slide_id, run_id_for
 from atlas.slide.validate import validate_slide
@@ -59,14 +60,6 @@ class UploadResult:
     bytes_sent: int = 0
 
 
-def s3_client():
-    """S3 client with botocore's standard retries (throttling, 5xx, dropped connections)."""
-    import boto3
-    from botocore.config import Config
-
-    return boto3.client("s3", config=Config(retries={"max_attempts": 10, "mode": "standard"}))
-
-
 def destination(slide_dir: Path, uri: str) -> tuple[S3Uri, str]:
     """(bucket root, slide id) for ``s3://bucket`` (slide id = folder name) or ``s3://bucket/SLIDE_ID``.
 
@@ -79,7 +72,8 @@ def destination(slide_dir: Path, uri: str) -> tuple[S3Uri, str]:
     try:
         target = S3Uri.parse(uri)
     except ValueError as exc:
-        raise InvalidInput(Problem(uri, str(exc), "give the ingest bucket as s3://BUCKET or s3://BUCKET/SLIDE_ID")) from exc
+        raise InvalidInput(Problem(uri, str(exc),
+                                   "give the ingest bucket as s3://BUCKET or s3://BUCKET/SLIDE_ID")) from exc
     slide_id = target.key.strip("/") or Path(slide_dir).resolve().name
     if "/" in slide_id:
         raise InvalidInput(Problem(uri, f"prefix {target.key!r} has more than one level; slides live at "
@@ -116,7 +110,7 @@ def _remote_sha256(s3, bucket: str, key: str) -> str | None:
     try:
         return s3.head_object(Bucket=bucket, Key=key).get("Metadata", {}).get(SHA256_METADATA)
     except ClientError as exc:
-        if exc.response["Error"]["Code"] in ("404", "NoSuchKey", "NotFound"):
+        if is_missing(exc):
             return None
         raise
 
@@ -136,7 +130,8 @@ def _with_retries(action: Callable[[], T], what: str, attempts: int, backoff_s: 
 
 
 def upload_slide(slide_dir: Path, uri: str, *, s3=None, progress=None, attempts: int = 3, backoff_s: float = 2.0,
-                 multipart_threshold: int = MULTIPART_THRESHOLD, multipart_chunk: int = MULTIPART_CHUNK) -> UploadResult:
+                 multipart_threshold: int = MULTIPART_THRESHOLD,
+                 multipart_chunk: int = MULTIPART_CHUNK) -> UploadResult:
     """Validate a slide folder and upload it to ``s3://bucket/<slide_id>/``, manifest.json last.
 
     Parameters
@@ -146,7 +141,7 @@ def upload_slide(slide_dir: Path, uri: str, *, s3=None, progress=None, attempts:
     uri : str
         ``s3://bucket`` or ``s3://bucket/SLIDE_ID`` (default slide id: the folder name).
     s3 : botocore S3 client, optional
-        Default :func:`s3_client` (honours ``AWS_ENDPOINT_URL`` and the usual AWS settings).
+        Default :func:`atlas.aws.s3.s3_client` (honours ``AWS_ENDPOINT_URL`` and the usual AWS settings).
     progress : rich.progress.Progress, optional
         Gets one task counting bytes sent.
     attempts : int
@@ -183,25 +178,28 @@ def upload_slide(slide_dir: Path, uri: str, *, s3=None, progress=None, attempts:
         if progress is not None:
             progress.advance(task, n)
 
-    for entry in doc["files"]:
+    def send(entry: dict) -> bool:
+        """One try at one file; a failed try takes back the bytes it counted."""
         key = prefix.join(entry["path"]).key
-        sent = [0]
+        sent = 0
 
         def count(n: int) -> None:
-            sent[0] += n
+            nonlocal sent
+            sent += n
             advance(n)
 
-        def send() -> bool:
-            if sent[0]:  # a failed attempt already counted some bytes: take them back
-                advance(-sent[0])
-                sent[0] = 0
-            if _remote_sha256(s3, root.bucket, key) == entry["sha256"]:
-                return False
+        if _remote_sha256(s3, root.bucket, key) == entry["sha256"]:
+            return False
+        try:
             s3.upload_file(str(slide_dir / entry["path"]), root.bucket, key, Config=config, Callback=count,
                            ExtraArgs={"Metadata": {SHA256_METADATA: entry["sha256"]}})
-            return True
+        except BaseException:
+            advance(-sent)
+            raise
+        return True
 
-        if _with_retries(send, entry["path"], attempts, backoff_s):
+    for entry in doc["files"]:
+        if _with_retries(functools.partial(send, entry), entry["path"], attempts, backoff_s):
             result.uploaded.append(entry["path"])
             result.bytes_sent += entry["size"]
         else:

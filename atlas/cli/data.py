@@ -74,7 +74,10 @@ def ls(slide: str = typer.Argument(None, help="slide id (default: list the slide
 def cost(slide: str = typer.Argument(..., help="slide id"), levels: str = LEVELS,
          from_region: str = typer.Option(None, "--from-region", help="AWS region you would read from, e.g. eu-west-1"),
          run: str = RUN, bucket: str = BUCKET) -> None:
-    """Estimate what downloading levels of a release costs your account: inside us-east-1, from another region, to the internet."""
+    """Estimate what downloading levels of a release costs your account.
+
+    Inside us-east-1, from another region, and to the internet.
+    """
     console = Console()
     wanted = access.parse_levels(levels)
     release = access.get_release(slide, run, bucket=bucket, client=access.results_client())

@@ -9,12 +9,13 @@ from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
 from atlas.aws import catalog
-from localcloud.demo import run_demo
 
 
 def demo(out: Path = typer.Option(Path("out/demo"), "-o", "--out",
                                   help="folder for the sample slide and the downloaded results")) -> None:
     """Make the sample slide, upload it, and let the real Lambda handlers and the stage jobs process it."""
+    from localcloud.demo import run_demo  # the harness runs from a checkout only: not needed by other verbs
+
     console = Console()
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                   console=console, transient=True) as progress:
@@ -27,7 +28,8 @@ def demo(out: Path = typer.Option(Path("out/demo"), "-o", "--out",
         console.print(f"[dim]notification: {escape(note.get('Subject', ''))}[/]\n{escape(note.get('Message', ''))}")
     if result.overview is None:
         for problem in record.get("problems", []):
-            console.print(f"[red]{escape(problem['file'])}[/]: {escape(problem['message'])} -- fix: {escape(problem['fix'])}")
+            console.print(f"[red]{escape(problem['file'])}[/]: {escape(problem['message'])} "
+                          f"-- fix: {escape(problem['fix'])}")
         if record.get("cause"):
             console.print(f"[red]cause:[/] {escape(record['cause'])}")
         raise typer.Exit(1)

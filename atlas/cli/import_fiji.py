@@ -17,7 +17,8 @@ def fiji(config: Path = typer.Argument(..., help="Fiji Grid/Collection TileConfi
          out: Path = typer.Option(..., "-o", "--out", help="slide folder to create; its name is the slide id"),
          marker: list[str] = typer.Option(None, "--marker", help="marker name of each tile channel, in order "
                                           "(repeat per channel; default DNA_1 for one-channel tiles)"),
-         pixel_size: float = typer.Option(None, "--pixel-size", help="pixel size in µm (default: the tiles' calibration)")) -> None:
+         pixel_size: float = typer.Option(None, "--pixel-size",
+                                          help="pixel size in µm (default: the tiles' calibration)")) -> None:
     """Import the tiles listed in a Fiji tile configuration as a one-cycle slide (positions = the listed (x, y))."""
     console = Console()
     with Progress(console=console, transient=True) as progress:

@@ -73,7 +73,8 @@ def quantify(image: Path = typer.Option(..., "--image", exists=True, dir_okay=Fa
     from atlas.stages.quantify import quantify_files, table_summary, write_table
 
     if engine is not None and ("-" in engine or not engine):
-        raise typer.BadParameter("engine names contain no '-' (MCMICRO splits folder names on it)", param_hint="--engine")
+        raise typer.BadParameter("engine names contain no '-' (MCMICRO splits folder names on it)",
+                                 param_hint="--engine")
     names, remove = read_marker_names(markers)
     slide = slide_id or image_stem(image)
     mask_paths = {p.name.split(".")[0]: p for p in masks}
@@ -91,7 +92,8 @@ def quantify(image: Path = typer.Option(..., "--image", exists=True, dir_okay=Fa
         write_table(table, out / name, {"slide_id": slide, "engine": engine or "", "mask": mask, "image": image.name})
         figures = table_summary(table, shape)
         console.print(f"[green]✓[/] {out / name} (+ .parquet, .h5ad): {figures['cells']} cells, "
-                      f"{table.shape[1] - 1 - len(MORPHOLOGY_COLUMNS)} markers, {figures['coverage']:.1%} of the image in cells")
+                      f"{table.shape[1] - 1 - len(MORPHOLOGY_COLUMNS)} markers, "
+                      f"{figures['coverage']:.1%} of the image in cells")
 
 
 def register(app: typer.Typer) -> None:

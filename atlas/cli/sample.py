@@ -13,7 +13,8 @@ def sample(out_dir: Path = typer.Argument(..., help="folder that receives <slide
            rows: int = typer.Option(3, help="tile rows"),
            cols: int = typer.Option(3, help="tile columns"),
            tile_size: int = typer.Option(512, help="tile side (px, 0.65 µm each)"),
-           overlap: float = typer.Option(0.1, help="nominal overlap of neighbouring tiles (fraction of a tile)")) -> None:
+           overlap: float = typer.Option(0.1,
+                                         help="nominal overlap of neighbouring tiles (fraction of a tile)")) -> None:
     """Make a synthetic multiplexed tissue slide (2 cycles x DNA + 2 markers) with its truth beside it.
 
     The truth folder (true tile positions, nuclei/cell labels, per-cell means) is not part of the slide:

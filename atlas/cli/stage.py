@@ -21,7 +21,9 @@ def stage(name: str = typer.Argument(..., help=f"stage: {', '.join(s.name for s 
           merge: bool = typer.Option(False, "--merge", help="the merge step of an array stage")) -> None:
     """Run one stage of a run as a Batch job: stage inputs (sha256-checked), run, upload, record.
 
-    Skips itself when this run's completion record for the stage is already complete. Exit codes: 0 ok, 1 invalid input, 2 usage, 3 upstream incomplete, 4 corrupt work, 5 stage failed, 6 storage error (worth a retry), 7 misconfigured (docs/containers.md).
+    Skips itself when this run's completion record for the stage is already complete. Exit codes: 0 ok,
+    1 invalid input, 2 usage, 3 upstream incomplete, 4 corrupt work, 5 stage failed, 6 storage error
+    (worth a retry), 7 misconfigured (docs/containers.md).
     """
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("atlas").setLevel(logging.INFO)

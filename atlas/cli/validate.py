@@ -8,7 +8,8 @@ import typer
 from atlas.slide.validate import validate_slide
 
 
-def validate(slide: Path = typer.Argument(..., help="slide folder <slide_id>/ (markers.csv, raw/, manifest.json)")) -> None:
+def validate(slide: Path = typer.Argument(...,
+                                          help="slide folder <slide_id>/ (markers.csv, raw/, manifest.json)")) -> None:
     """Report every problem of a slide at once (file + fix); exit 1 if any. Never modifies the slide."""
     problems = validate_slide(slide)
     for problem in problems:

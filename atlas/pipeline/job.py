@@ -40,15 +40,8 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from atlas.aws.release import (
-    OVERVIEW_BUCKET_ENV,
-    RESULTS_BUCKET_ENV,
-    TRANSFER_THREADS,
-    ReleaseError,
-    parallel_map,
-    release_run,
-)
-from atlas.aws.s3uri import S3Uri
+from atlas.aws.release import OVERVIEW_BUCKET_ENV, RESULTS_BUCKET_ENV, ReleaseError, release_run
+from atlas.aws.s3 import S3Uri, get_bytes, is_missing, list_sizes, parallel_map, s3_client
 from atlas.errors import InvalidInput, Problem
 from atlas.params import parse_params
 from atlas.pipeline.local import PROVENANCE, completion_path, write_completion
@@ -140,38 +133,14 @@ class JobResult:
     record: dict
 
 
-def s3_client():
-    """S3 client for the jobs: standard retries (throttling, 5xx) and a pool for parallel transfers."""
-    import boto3
-    from botocore.config import Config
-
-    return boto3.client("s3", config=Config(retries={"max_attempts": 10, "mode": "standard"},
-                                            max_pool_connections=2 * TRANSFER_THREADS))
-
-
 def _matches(rel: str, pattern: str) -> bool:
     """Glob match as :meth:`pathlib.Path.glob` + "a matching folder counts file by file" does."""
     parts, pats = PurePosixPath(rel).parts, PurePosixPath(pattern).parts
-    return len(parts) >= len(pats) and all(fnmatchcase(p, q) for p, q in zip(parts, pats))
+    return len(parts) >= len(pats) and all(fnmatchcase(p, q) for p, q in zip(parts, pats, strict=False))
 
 
 def _record_rel(stage: Stage, item: int | None) -> str:
     return completion_path(Path("."), stage, item).as_posix()
-
-
-def _is_missing(exc: Exception) -> bool:
-    code = getattr(exc, "response", {}).get("Error", {}).get("Code")
-    return code in ("404", "NoSuchKey", "NotFound")
-
-
-def _get_bytes(s3, uri: S3Uri) -> bytes | None:
-    """An object's bytes, or None when the key does not exist."""
-    try:
-        return s3.get_object(Bucket=uri.bucket, Key=uri.key)["Body"].read()
-    except ClientError as exc:
-        if _is_missing(exc):
-            return None
-        raise
 
 
 @dataclass(frozen=True)
@@ -182,15 +151,6 @@ class UpstreamRecord:
     item: int | None
     doc: dict
     raw: bytes
-
-
-def _list_sizes(s3, prefix: S3Uri) -> dict[str, int]:
-    """Relative key -> size of every object below ``prefix``."""
-    sizes: dict[str, int] = {}
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=prefix.bucket, Prefix=prefix.key):
-        for obj in page.get("Contents", []):
-            sizes[obj["Key"][len(prefix.key):]] = obj["Size"]
-    return sizes
 
 
 def _record_intact(record: dict | None, run_id: str, sizes: Mapping[str, int]) -> bool:
@@ -221,13 +181,10 @@ def stage_slide(s3, slide: S3Uri, slide_dir: Path, stage: Stage) -> list[str]:
         Naming every file that is missing or whose size or sha256 differs from manifest.json.
     """
     manifest_uri = slide.join(MANIFEST)
-    try:
-        manifest_bytes = s3.get_object(Bucket=manifest_uri.bucket, Key=manifest_uri.key)["Body"].read()
-    except ClientError as exc:
-        if _is_missing(exc):
-            raise InvalidInput(Problem(MANIFEST, f"missing at {manifest_uri}",
-                                       "upload the slide with `atlas upload`, which writes manifest.json last")) from exc
-        raise
+    manifest_bytes = get_bytes(s3, manifest_uri)
+    if manifest_bytes is None:
+        raise InvalidInput(Problem(MANIFEST, f"missing at {manifest_uri}",
+                                   "upload the slide with `atlas upload`, which writes manifest.json last"))
     entries = parse_manifest(manifest_bytes.decode("utf-8"))
     raw_patterns = [p[len(RAW_PREFIX):] for p in stage.inputs if p.startswith(RAW_PREFIX)]
     wanted = [e for e in entries
@@ -240,7 +197,7 @@ def stage_slide(s3, slide: S3Uri, slide_dir: Path, stage: Stage) -> list[str]:
         try:
             _download(s3, source, target)
         except ClientError as exc:
-            if _is_missing(exc):
+            if is_missing(exc):
                 return Problem(entry.path, f"listed in manifest.json but missing at {source}", REUPLOAD)
             raise
         size, digest = target.stat().st_size, sha256_file(target)
@@ -269,14 +226,14 @@ def upstream_records(s3, work: S3Uri, stage: Stage, run_id: str, merge: bool) ->
         wanted.extend((earlier, i) for i in range(earlier.array_size))
     if merge:
         wanted.extend((stage, i) for i in range(stage.array_size))
-    raws = parallel_map(lambda si: _get_bytes(s3, work.join(_record_rel(*si))), wanted)
+    raws = parallel_map(lambda si: get_bytes(s3, work.join(_record_rel(*si))), wanted)
     records = [json.loads(raw) if raw is not None else None for raw in raws]
     missing = [f"{s.name}" + ("" if i is None else f" item {i}")
-               for (s, i), r in zip(wanted, records) if r is None or r.get("run_id") != run_id]
+               for (s, i), r in zip(wanted, records, strict=True) if r is None or r.get("run_id") != run_id]
     if missing:
         raise UpstreamIncomplete(f"stage {stage.name} of run {run_id} needs {', '.join(missing)} to be complete "
                                  f"first: no completion record for this run under {work}")
-    return [UpstreamRecord(s, i, r, raw) for (s, i), r, raw in zip(wanted, records, raws)]
+    return [UpstreamRecord(s, i, r, raw) for (s, i), r, raw in zip(wanted, records, raws, strict=True)]
 
 
 def stage_work(s3, work: S3Uri, out_dir: Path, stage: Stage, records: list[UpstreamRecord]) -> dict[str, str]:
@@ -316,7 +273,7 @@ def stage_work(s3, work: S3Uri, out_dir: Path, stage: Stage, records: list[Upstr
         try:
             _download(s3, source, target)
         except ClientError as exc:
-            if _is_missing(exc):
+            if is_missing(exc):
                 raise CorruptWork(f"{out['path']}: output of stage {out['stage']} is listed in its completion "
                                   f"record but missing at {source}; delete "
                                   f"{work.join(_record_rel(get_stage(out['stage']), None))} and rerun the run "
@@ -430,7 +387,7 @@ def run_stage_job(stage_name: str, *, slide_uri: str, work_uri: str, run_id: str
     merge : bool
         Run the merge step of an array stage.
     s3 : botocore S3 client, optional
-        Default :func:`s3_client` (honours ``AWS_ENDPOINT_URL``).
+        Default :func:`atlas.aws.s3.s3_client` (honours ``AWS_ENDPOINT_URL``).
     scratch : path, optional
         Local folder for the staged copies (default env ``ATLAS_SCRATCH``, else the system temp dir);
         the job's own subfolder is removed at the end.
@@ -453,9 +410,9 @@ def run_stage_job(stage_name: str, *, slide_uri: str, work_uri: str, run_id: str
     what = stage.name + ("" if item is None else f"[{item}]") + (" merge" if merge else "")
 
     record_uri = work.join(_record_rel(stage, item))
-    raw = _get_bytes(s3, record_uri)
+    raw = get_bytes(s3, record_uri)
     existing = json.loads(raw) if raw is not None else None
-    if existing is not None and _record_intact(existing, run_id, _list_sizes(s3, work)):
+    if existing is not None and _record_intact(existing, run_id, list_sizes(s3, work)):
         log.info("%s: already complete for run %s (%s), skipped", what, run_id, record_uri)
         return JobResult(stage.name, item, True, existing)
     results_bucket = os.environ.get(RESULTS_BUCKET_ENV)

@@ -1,1 +1,4 @@
-"""The science: pure functions over arrays (stitching, illumination, segmentation, quantification, overview, pyramids)."""
+"""The science: pure functions over arrays.
+
+Stitching, illumination, segmentation, quantification, the overview and pyramids.
+"""

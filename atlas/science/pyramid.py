@@ -332,7 +332,7 @@ def write_ome_zarr(path: str | os.PathLike, image: ArrayLike, *, channel_names: 
                  "inverted": False,
                  "window": {"min": float(info.min) if info else start, "max": float(info.max) if info else end,
                             "start": start, "end": end}}
-                for name, color, (start, end) in zip(channel_names, colors, contrast_windows(levels[-1]))]
+                for name, color, (start, end) in zip(channel_names, colors, contrast_windows(levels[-1]), strict=True)]
     name = image_name(path)
     group.attrs.update({"multiscales": _multiscales(name, len(levels), pixel_size_um, labels=False),
                         "omero": {"name": name, "version": NGFF_VERSION,

@@ -205,7 +205,7 @@ def _convex_areas(grp: np.ndarray, y: np.ndarray, x0: np.ndarray, x1: np.ndarray
         t = np.stack([2 * r - 1, 2 * r, 2 * r + 1], axis=1)[keep]
         v = np.stack([2 * np.where(prev, np.minimum(e, e_prev), e), 2 * e - 1, 2 * e], axis=1)[keep]
         chains.append((t, v, np.bincount(g, weights=keep.sum(axis=1), minlength=k).astype(np.int64)))
-    t, v, length = (np.concatenate(c) for c in zip(*chains))
+    t, v, length = (np.concatenate(c) for c in zip(*chains, strict=True))
     seq, t0, v0, t1, v1 = _lower_hull_edges(t, v, length)
     # Each edge [t0, t1) covers the pixel rows t = 2 * row in it; per row ceil(v / 2) of the hull.
     e0 = t0 + (t0 & 1)
@@ -459,7 +459,7 @@ def measure(image, masks: Mapping[str, object], channels: Sequence[int], *, rows
             progress(r1 - r0)
     result = {}
     for name in masks:
-        shape = morphology_from_runs(*(np.concatenate(part) for part in zip(*runs[name])))
+        shape = morphology_from_runs(*(np.concatenate(part) for part in zip(*runs[name], strict=True)))
         runs[name] = None
         if not np.array_equal(shape.labels, sums[name].labels):
             raise AssertionError(f"mask {name!r}: labels of the shape and mean passes differ")
@@ -479,7 +479,8 @@ def feature_table(morphology: Morphology, means: np.ndarray, marker_names: Seque
         N names (repeats get MCQuant's suffixes).
     """
     data = {ID_COLUMN: morphology.labels.astype(np.int64)}
-    data.update(zip(marker_columns(marker_names), np.asarray(means, np.float64).reshape(-1, len(marker_names)).T))
+    columns = np.asarray(means, np.float64).reshape(-1, len(marker_names)).T
+    data.update(zip(marker_columns(marker_names), columns, strict=True))
     data.update(morphology.columns)
     return pd.DataFrame(data, columns=table_columns(marker_names))
 

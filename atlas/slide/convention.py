@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from atlas.errors import InvalidInput, Problem
+from atlas.params import PARAMS as PARAMS  # part of the convention; parsed by atlas.params
 
 MARKERS = "markers.csv"
-PARAMS = "params.yml"
 MANIFEST = "manifest.json"
 RAW = "raw"
 RAW_SUFFIXES = (".ome.tif", ".ome.tiff")
@@ -59,7 +59,8 @@ def check_slide_id(slide_id: str) -> list[Problem]:
         return []
     return [Problem(slide_id or "<empty>", f"slide id {slide_id!r} has characters other than letters, "
                     "digits, '-' and '_', or is longer than 63 characters",
-                    "rename the slide folder, e.g. to " + repr(re.sub(r"[^A-Za-z0-9_-]", "_", slide_id)[:63] or "slide1"))]
+                    "rename the slide folder, e.g. to "
+                    + repr(re.sub(r"[^A-Za-z0-9_-]", "_", slide_id)[:63] or "slide1"))]
 
 
 def parse_markers(text: str, file: str = MARKERS) -> list[Marker]:
@@ -100,7 +101,8 @@ def parse_markers(text: str, file: str = MARKERS) -> list[Marker]:
         try:
             exposure = float(exposure) if exposure is not None else None
         except ValueError:
-            problems.append(Problem(file, f"line {line}: exposure {exposure!r} is not a number", "leave it empty or give a number"))
+            problems.append(Problem(file, f"line {line}: exposure {exposure!r} is not a number",
+                                    "leave it empty or give a number"))
             continue
         markers.append(Marker(channel, cycle, name, exposure, row.get("background") or None,
                               row.get("remove", "").upper() in ("TRUE", "1", "YES")))

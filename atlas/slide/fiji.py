@@ -190,7 +190,7 @@ def _pixel_size_um(tif: tifffile.TiffFile, series: int) -> float | None:
 
 def _planes_layout(series: tifffile.TiffPageSeries) -> tuple[tuple[int, int, int], str | None]:
     """(C, Y, X) of a tile series, or a reason why it is not a 2-D (multi-channel) image."""
-    sizes = dict(zip(series.axes, series.shape))
+    sizes = dict(zip(series.axes, series.shape, strict=True))
     extra = {a: n for a, n in sizes.items() if a not in "YXCS" and n > 1}
     if extra or (sizes.get("C", 1) > 1 and sizes.get("S", 1) > 1) or "Y" not in sizes or "X" not in sizes:
         return (0, 0, 0), f"has axes {series.axes} of shape {series.shape}"
@@ -252,7 +252,8 @@ def inspect_tiles(config: Path, entries: list[TileEntry], *, pixel_size_um: floa
                                     f"unlike the other tiles, (C, Y, X) {shape} {dtype}",
                                     "all tiles must have the same size, channels and pixel type"))
     if dtype not in SUPPORTED_DTYPES:
-        problems.append(Problem(config.name, f"tiles are {dtype}; the stitcher reads {' or '.join(SUPPORTED_DTYPES)} only",
+        problems.append(Problem(config.name,
+                                f"tiles are {dtype}; the stitcher reads {' or '.join(SUPPORTED_DTYPES)} only",
                                 "export the tiles as 16-bit unsigned TIFF"))
     size = next(iter(sizes))
     if len(sizes) > 1:

@@ -75,7 +75,7 @@ def write_cycle(path: Path, tiles: np.ndarray, positions_um: np.ndarray, pixel_s
     n_channels = tiles.shape[1]
     dated = {"AcquisitionDate": acquired.isoformat(timespec="seconds")} if acquired else {}
     with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tif:
-        for i, (tile, (y, x)) in enumerate(zip(tiles, positions_um)):
+        for i, (tile, (y, x)) in enumerate(zip(tiles, positions_um, strict=True)):
             tif.write(tile, compression=compression, datetime=acquired or False, metadata={
                 "axes": "CYX", "Name": f"tile-{i}", **({"UUID": uuid} if uuid and i == 0 else {}), **dated,
                 "PhysicalSizeX": pixel_size_um, "PhysicalSizeXUnit": "µm",

@@ -286,7 +286,8 @@ def _render_signal(rng: np.random.Generator, shape: tuple[int, int], nuclei: np.
     spots = ndimage.gaussian_filter(((rng.random(shape) < 0.006) & (nuclei > 0)).astype(np.float32), 0.8)
     spots /= max(float(spots.max()), 1e-6)
     nucleus_pattern = np.clip(1 + 0.3 * chromatin + 0.3 * rho ** 4 + 1.2 * spots, 0.2, None) * (nuclei > 0)
-    fibers = np.where(fields["orientation"].grid(shape) > 0, _texture(rng, shape, (4, 0.7)), _texture(rng, shape, (0.7, 4)))
+    fibers = np.where(fields["orientation"].grid(shape) > 0,
+                      _texture(rng, shape, (4, 0.7)), _texture(rng, shape, (0.7, 4)))
     membrane = find_boundaries(bodies, mode="inner") & (bodies > 0)
     cytoplasm = (bodies > 0) & (nuclei == 0)
     nucleus = nuclei > 0
@@ -366,7 +367,8 @@ def _size_problems(grid: tuple[int, int], tile_size: int, overlap: float) -> lis
     return problems
 
 
-def simulate(*, seed: int = 0, grid: tuple[int, int] = (3, 3), tile_size: int = 512, overlap: float = 0.1) -> SampleSlide:
+def simulate(*, seed: int = 0, grid: tuple[int, int] = (3, 3), tile_size: int = 512,
+             overlap: float = 0.1) -> SampleSlide:
     """Make the sample slide's pixels and truth in memory, deterministically from ``seed``.
 
     Parameters
@@ -463,7 +465,7 @@ def mean_table(labels: np.ndarray, signal: np.ndarray, names: list[str]) -> pd.D
     ids = np.flatnonzero(area[1:]) + 1
     rows, columns = np.indices(labels.shape)
     table = {"CellID": ids}
-    for name, channel in zip(names, signal):
+    for name, channel in zip(names, signal, strict=True):
         table[name] = np.bincount(flat_labels, weights=channel.ravel().astype(np.float64), minlength=n)[ids] / area[ids]
     table["X_centroid"] = np.bincount(flat_labels, weights=columns.ravel(), minlength=n)[ids] / area[ids]
     table["Y_centroid"] = np.bincount(flat_labels, weights=rows.ravel(), minlength=n)[ids] / area[ids]
@@ -477,7 +479,7 @@ def _write_truth(truth_dir: Path, sample: SampleSlide, *, slide_id: str, seed: i
     names = markers()
     rows = []
     for k, positions in enumerate(sample.true_positions_um):
-        for t, (stage, true) in enumerate(zip(sample.stage_positions_um, positions)):
+        for t, (stage, true) in enumerate(zip(sample.stage_positions_um, positions, strict=True)):
             frame = (true - sample.frame_origin_um) / PIXEL_SIZE_UM
             rows.append({"cycle": k + 1, "tile": t, "row": t // grid[1], "col": t % grid[1],
                          "stage_y_um": stage[0], "stage_x_um": stage[1], "true_y_um": true[0], "true_x_um": true[1],
@@ -494,7 +496,8 @@ def _write_truth(truth_dir: Path, sample: SampleSlide, *, slide_id: str, seed: i
         "generator": GENERATOR, "generator_version": GENERATOR_VERSION, "seed": seed, "slide_id": slide_id,
         "pixel_size_um": PIXEL_SIZE_UM, "grid_rows_cols": list(grid), "tile_size_px": tile_size,
         "nominal_overlap": overlap, "step_px": round(tile_size * (1 - overlap)),
-        "cycles": [{"cycle": k + 1, "file": f, "channels": list(ch)} for k, (f, ch) in enumerate(zip(cycle_files, CYCLE_CHANNELS))],
+        "cycles": [{"cycle": k + 1, "file": f, "channels": list(ch)}
+                   for k, (f, ch) in enumerate(zip(cycle_files, CYCLE_CHANNELS, strict=True))],
         "cycle2_shift_um": [round(float(v), 6) for v in sample.cycle_shift_um],
         "cycle2_shift_px": [round(float(v) / PIXEL_SIZE_UM, 6) for v in sample.cycle_shift_um],
         "jitter_sd_um": JITTER_SD_UM, "jitter_max_um": JITTER_MAX_UM,
@@ -503,7 +506,7 @@ def _write_truth(truth_dir: Path, sample: SampleSlide, *, slide_id: str, seed: i
         "camera": {"offset_adu": CAMERA_OFFSET, "read_noise_adu": READ_NOISE, "gain_e_per_adu": 1.0,
                    "psf_sigma_px": PSF_SIGMA_PX, "flat_corner": FLAT_CORNER},
         "n_cells": int(len(sample.cell_types)),
-        "cell_type_counts": {str(t): int(c) for t, c in zip(types, counts)},
+        "cell_type_counts": {str(t): int(c) for t, c in zip(types, counts, strict=True)},
         "files": {"tile_positions": "tile_positions.csv", "nuclei": "nuclei.tif", "cell": "cell.tif",
                   "nuclei_means": "nuclei.csv", "cell_means": "cell.csv", "cell_types": "cell_types.csv",
                   "flatfield": "flatfield.tif"},
@@ -555,7 +558,7 @@ def make_sample(out_dir: Path, *, slide_id: str = "sample", seed: int = 0, grid:
         (new_slide / MARKERS).write_text("channel_number,cycle_number,marker_name\n" + "".join(
             f"{i},{1 + (i - 1) // 3},{name}\n" for i, name in enumerate(markers(), start=1)))
         cycle_files = [f"{RAW}/cycle-{k + 1:02d}.ome.tif" for k in range(len(CYCLE_CHANNELS))]
-        for k, (rel, tiles, channels) in enumerate(zip(cycle_files, sample.tiles, CYCLE_CHANNELS)):
+        for k, (rel, tiles, channels) in enumerate(zip(cycle_files, sample.tiles, CYCLE_CHANNELS, strict=True)):
             file_uuid = uuid.uuid5(uuid.NAMESPACE_URL, f"{GENERATOR}/{GENERATOR_VERSION}/{slide_id}/{seed}/"
                                    f"{grid}/{tile_size}/{overlap}/{k}")
             write_cycle(new_slide / rel, tiles, sample.stage_positions_um, PIXEL_SIZE_UM, list(channels),

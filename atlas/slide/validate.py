@@ -65,11 +65,12 @@ def check_cycles(markers_text: str | None, cycles: dict[str, CycleMetadata | Exc
         problems.append(Problem(MARKERS, f"lists {len(per_cycle)} cycle(s) but {RAW}/ holds {len(names)} cycle file(s) "
                                 f"({', '.join(names)})", "give one cycle_number per cycle file, in file-name order"))
         return problems
-    for (cycle, expected), name in zip(sorted(per_cycle.items()), names):
+    for (cycle, expected), name in zip(sorted(per_cycle.items()), names, strict=True):
         meta = cycles[name]
         if isinstance(meta, CycleMetadata) and meta.n_channels != expected:
             problems.append(Problem(name, f"has {meta.n_channels} channel(s) but markers.csv lists {expected} "
-                                    f"for cycle {cycle}", "make markers.csv list exactly one row per channel of each cycle"))
+                                    f"for cycle {cycle}",
+                                    "make markers.csv list exactly one row per channel of each cycle"))
     return problems
 
 
@@ -122,7 +123,7 @@ def _truncation(path: Path) -> str | None:
     size = path.stat().st_size
     with tifffile.TiffFile(path) as tif:
         for page in tif.pages:
-            ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts)]
+            ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts, strict=True)]
             if ends and max(ends) > size:
                 return f"pixel data end at byte {max(ends)} but the file has {size} bytes"
     return None

@@ -11,9 +11,9 @@ from importlib import metadata
 from pathlib import Path
 
 from atlas import layout
-from atlas.htan import metadata_tables
 from atlas.pipeline.local import PROVENANCE, file_record
 from atlas.slide.convention import MANIFEST, MARKERS, RAW, parse_manifest, read_markers
+from atlas.slide.htan import metadata_tables
 from atlas.stages import STAGES, StageContext
 
 SOFTWARE = ("tissue-atlas", "ashlar", "numpy", "scipy", "scikit-image", "tifffile", "zarr", "onnxruntime",
@@ -45,7 +45,8 @@ def build_manifest(ctx: StageContext) -> dict:
     for record_path in sorted(provenance.glob("*.json")):
         record = json.loads(record_path.read_text())
         if record.get("run_id") == ctx.run_id:
-            stages.append({k: record[k] for k in ("stage", "item", "seconds", "vcpus", "vcpu_seconds", "instance_type")})
+            stages.append({k: record[k]
+                           for k in ("stage", "item", "seconds", "vcpus", "vcpu_seconds", "instance_type")})
     order = [s.name for s in STAGES]
     stages.sort(key=lambda r: (order.index(r["stage"]), -1 if r["item"] is None else r["item"]))
     files = []
@@ -57,7 +58,7 @@ def build_manifest(ctx: StageContext) -> dict:
 
 
 def write_htan_tables(ctx: StageContext) -> None:
-    """``metadata/htan-<Component>.csv`` of the release (:mod:`atlas.htan`)."""
+    """``metadata/htan-<Component>.csv`` of the release (:mod:`atlas.slide.htan`)."""
     slide_dir = Path(ctx.slide_dir)
     raw = [f"{ctx.slide_id}/{e.path}" for e in parse_manifest((slide_dir / MANIFEST).read_text())
            if e.path.startswith(f"{RAW}/")]

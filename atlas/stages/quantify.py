@@ -52,7 +52,7 @@ def open_level0(path: Path, role: str) -> Iterator:
            else "give an integer label image (Y, X) of the same size as the image, 0 = background")
     with open_tiff(path, fix) as tif:
         series = tif.series[0]
-        squeezed = [n for n, a in zip(series.shape, series.axes) if not (n == 1 and a not in "YX")]
+        squeezed = [n for n, a in zip(series.shape, series.axes, strict=True) if not (n == 1 and a not in "YX")]
         if not series.axes.endswith("YX") or "S" in series.axes or len(squeezed) > (3 if role == "image" else 2):
             raise InvalidInput(Problem(str(path), f"has axes {series.axes} of shape {series.shape}; "
                                        f"expected {'(C, Y, X)' if role == 'image' else '(Y, X)'}", fix))

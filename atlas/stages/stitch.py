@@ -3,7 +3,9 @@
 Reads ``raw/*.ome.tif`` (one per cycle, see :mod:`atlas.slide.ome`) and ``markers.csv`` of the
 slide; writes ``registration/<slide>.ome.tif``, ``registration/<slide>.ome.zarr``, with
 ``stitch.illumination`` the per-cycle flat/dark fields ``illumination/<slide>-cycle-NN-{ffp,dfp}.tif``
-(applied to every tile before alignment and stitching), and ``qc/stitch/`` (``tiles.csv``, ``edges.csv``, ``mosaic.png``, ``summary.json``). The science lives in :mod:`atlas.science.stitch`; this module is the file I/O.
+(applied to every tile before alignment and stitching), and ``qc/stitch/`` (``tiles.csv``,
+``edges.csv``, ``mosaic.png``, ``summary.json``). The science lives in :mod:`atlas.science.stitch`;
+this module is the file I/O.
 """
 from __future__ import annotations
 
@@ -85,7 +87,7 @@ def check_cycles(files: list[Path], markers: list[Marker], align_channel: int, r
     counts: dict[int, int] = {}
     for m in markers:
         counts[m.cycle_number] = counts.get(m.cycle_number, 0) + 1
-    for number, (path, meta) in enumerate(zip(files, metas), start=1):
+    for number, (path, meta) in enumerate(zip(files, metas, strict=True), start=1):
         name = rel(path)
         if meta.positions_um is None:
             tiles = _tiles_without_position(path)
@@ -115,7 +117,7 @@ def check_cycles(files: list[Path], markers: list[Marker], align_channel: int, r
         problems.append(Problem(MARKERS, f"lists cycle_number(s) {extra} but raw/ has {len(files)} cycle file(s)",
                                 "upload the missing cycle files or remove their rows from markers.csv"))
     first = metas[0]
-    for path, meta in zip(files[1:], metas[1:]):
+    for path, meta in zip(files[1:], metas[1:], strict=True):
         if (meta.tile_shape, meta.dtype) != (first.tile_shape, first.dtype):
             problems.append(Problem(rel(path), f"tiles are {meta.tile_shape} {meta.dtype}, but the first cycle's "
                                     f"are {first.tile_shape} {first.dtype}",
@@ -152,8 +154,8 @@ def _open_cycle(stack: contextlib.ExitStack, path: Path, meta: CycleMetadata, pa
         read_tile = raw_tile
     else:
         fields = [estimate_flatfield(raw_tile(t, c) for t in range(meta.n_tiles)) for c in range(meta.n_channels)]
-        flat, dark = (np.stack(f) for f in zip(*fields))
-        for out, image in zip(profiles, (flat, dark)):
+        flat, dark = (np.stack(f) for f in zip(*fields, strict=True))
+        for out, image in zip(profiles, (flat, dark), strict=True):
             out.parent.mkdir(parents=True, exist_ok=True)
             tifffile.imwrite(out, image, photometric="minisblack")
 
@@ -185,8 +187,9 @@ def run(ctx: StageContext) -> None:
     qc_dir.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         cycles = [_open_cycle(stack, path, meta, params, rel(path),
-                              [out_dir / p for p in illumination_paths(ctx.slide_id, k)] if params.illumination else None)
-                  for k, (path, meta) in enumerate(zip(files, metas), start=1)]
+                              [out_dir / p for p in illumination_paths(ctx.slide_id, k)]
+                              if params.illumination else None)
+                  for k, (path, meta) in enumerate(zip(files, metas, strict=True), start=1)]
         alignments = align_cycles(cycles, channel=params.align_channel, max_shift_um=params.maximum_shift_um,
                                   filter_sigma=params.filter_sigma)
         failed = [k for k, a in enumerate(alignments) if not a.registered]
@@ -208,7 +211,8 @@ def run(ctx: StageContext) -> None:
         mosaic = MosaicImage([cycles[k] for k in keep], [alignments[k] for k in keep], shape)
         channel_names = [name for k in keep for name in names_by_cycle[k]]
         pixel_size = metas[0].pixel_size_um
-        tiff_path, zarr_path = out_dir / layout.registration_tiff(ctx.slide_id), out_dir / layout.registration_zarr(ctx.slide_id)
+        tiff_path = out_dir / layout.registration_tiff(ctx.slide_id)
+        zarr_path = out_dir / layout.registration_zarr(ctx.slide_id)
         tiff_path.parent.mkdir(parents=True, exist_ok=True)
         levels = write_ome_zarr(zarr_path, mosaic, channel_names=channel_names, pixel_size_um=pixel_size,
                                 tile_size=params.tile_size)
@@ -233,7 +237,7 @@ def write_tile_qc(qc_dir: Path, files: list[Path], alignments: list[CycleAlignme
         writer = csv.writer(fh)
         writer.writerow(["cycle", "file", "tile", "nominal_y_px", "nominal_x_px", "y_px", "x_px",
                          "placed_y_px", "placed_x_px", "shift_y_px", "shift_x_px", "error", "aligned"])
-        for k, (path, a) in enumerate(zip(files, alignments), start=1):
+        for k, (path, a) in enumerate(zip(files, alignments, strict=True), start=1):
             for t in range(len(a.positions)):
                 writer.writerow([k, rel(path), t, *(f"{v:.3f}" for v in (*a.nominal[t], *a.positions[t])),
                                  *a.placement[t], *(f"{v:.3f}" for v in a.shifts[t]),
@@ -252,7 +256,7 @@ def qc_summary(slide_id: str, files: list[Path], metas: list[CycleMetadata], ali
     """The JSON summary of the stage: per cycle tile counts, failures, errors and offsets."""
     from ashlar import __version__ as ashlar_version
     cycles = []
-    for k, (path, meta, a) in enumerate(zip(files, metas, alignments)):
+    for k, (path, meta, a) in enumerate(zip(files, metas, alignments, strict=True)):
         finite = a.errors[np.isfinite(a.errors)]
         cycles.append({
             "cycle": k + 1, "file": rel(path), "tiles": meta.n_tiles, "channels": names_by_cycle[k],
@@ -277,7 +281,7 @@ def write_mosaic_png(path: Path, levels, alignment: CycleAlignment, tile_shape: 
     scale = 2 ** level
     rgb = Image.fromarray(thumbnail_uint8(np.asarray(levels[level][0]))).convert("RGB")
     draw = ImageDraw.Draw(rgb)
-    for (y, x), ok in zip(alignment.placement, alignment.aligned):
+    for (y, x), ok in zip(alignment.placement, alignment.aligned, strict=True):
         box = [x / scale, y / scale, (x + tile_shape[1]) / scale - 1, (y + tile_shape[0]) / scale - 1]
         draw.rectangle(box, outline=(0, 160, 0) if ok else (220, 0, 0))
     rgb.save(path, optimize=False)

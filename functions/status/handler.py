@@ -1,4 +1,7 @@
-"""Status Lambda: Step Functions execution status changes -> run and slide status, and a notification when a run ends."""
+"""Status Lambda: Step Functions execution status changes -> run and slide status.
+
+Sends a notification when a run ends.
+"""
 from aws_lambda_powertools import Logger, Metrics, Tracer
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.idempotency import DynamoDBPersistenceLayer, IdempotencyConfig, idempotent_function

@@ -10,7 +10,8 @@ from atlas.aws import catalog
 settings = catalog.Settings.from_env()
 aws = catalog.Aws(settings)
 logger, tracer, metrics = Logger(), Tracer(), Metrics(namespace=catalog.METRICS_NAMESPACE)
-idempotency = IdempotencyConfig(event_key_jmespath="detail.[slide_id, key, sequencer]", raise_on_no_idempotency_key=True)
+idempotency = IdempotencyConfig(event_key_jmespath="detail.[slide_id, key, sequencer]",
+                                raise_on_no_idempotency_key=True)
 persistence = DynamoDBPersistenceLayer(table_name=settings.idempotency_table, boto3_client=aws.dynamodb)
 OUTCOME_METRICS = {"started": "RunsStarted", "invalid": "SlidesInvalid"}
 

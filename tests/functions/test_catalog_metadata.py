@@ -12,7 +12,7 @@ from botocore.exceptions import ClientError
 from moto import mock_aws
 
 from atlas.aws.catalog import cycle_metadata_from_item
-from atlas.aws.s3range import S3RangeFile
+from atlas.aws.s3 import S3RangeFile
 from atlas.slide.ome import read_cycle_metadata
 
 CYCLE = "raw/cycle-01.ome.tif"

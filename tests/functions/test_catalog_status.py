@@ -49,7 +49,8 @@ def test_failed_run_records_cause_and_tells_the_lab_once(cloud, started, lambda_
         assert "Essential container in task exited" in record["cause"]
     notes = cloud.notifications()
     assert [n["Subject"] for n in notes] == ["[atlas] sample: FAILED"]
-    assert "Essential container in task exited" in notes[0]["Message"] and started["executionArn"] in notes[0]["Message"]
+    assert "Essential container in task exited" in notes[0]["Message"]
+    assert started["executionArn"] in notes[0]["Message"]
 
 
 def test_succeeded_run_records_where_the_results_are(cloud, started, lambda_context, status_event):

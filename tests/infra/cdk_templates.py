@@ -5,8 +5,8 @@ The fixtures in conftest.py synthesize each configuration once per session.
 Two configurations cover both shapes of the deployment:
 
 ``full``  processing in eu-west-1 (results stack in us-east-1), Spot on, GPU queue on, two grantee
-          accounts, e-mail subscriptions, segmentation weights, a fixed account.
-``lean``  everything in us-east-1, on-demand only, no GPU queue, no grantees, no account.
+          accounts, e-mail subscriptions, segmentation weights, a monthly budget, a fixed account.
+``lean``  everything in us-east-1, on-demand only, no GPU queue, no grantees, no budget, no account.
 
 Synth runs offline: cdk.json's context is applied as the CLI would, Lambda bundling is skipped
 (``aws:cdk:bundling-stacks=[]``) and the container images are only recorded. cdk-nag and CDK's
@@ -40,7 +40,7 @@ FULL = {
     "cpu_instance_types": ["c6i", "m6i.4xlarge"], "cpu_max_vcpus": 128, "spot": True,
     "gpu": True, "gpu_instance_types": ["g5", "g6"], "gpu_max_vcpus": 32,
     "notification_emails": ["lab@example.org", "ops@example.org"], "log_retention_days": 30,
-    "work_retention_days": 10, "noncurrent_version_days": 60, "scratch_volume_gib": 300,
+    "work_retention_days": 10, "noncurrent_version_days": 60, "scratch_volume_gib": 300, "monthly_budget_usd": 500,
     "segment_weights_url": "https://models.example.org/unet.onnx", "segment_weights_sha256": "ab" * 32,
     "tags": {"project": "tissue-atlas", "cost-center": "lab-42"},
 }

@@ -3,9 +3,27 @@ from __future__ import annotations
 
 import json
 
-from cdk_templates import logical_id, one, resources
+from cdk_templates import LEAN, logical_id, one, resources, synthesize
 
+from infra.access import GRANT_SID, MAX_GRANTEES
 from infra.nag import render_intrinsics
+from infra.storage import results_bucket_name as bucket_name
+
+S3_BUCKET_POLICY_LIMIT = 20 * 1024
+
+
+def resolve(value, names: dict[str, str]):
+    """A policy document with bucket ARNs (``Fn::GetAtt [id, Arn]``) and joins resolved to strings."""
+    if isinstance(value, list):
+        return [resolve(v, names) for v in value]
+    if isinstance(value, dict):
+        if "Fn::GetAtt" in value:
+            return f"arn:aws:s3:::{names[value['Fn::GetAtt'][0]]}"
+        if "Fn::Join" in value:
+            separator, parts = value["Fn::Join"]
+            return separator.join(resolve(p, names) for p in parts)
+        return {k: resolve(v, names) for k, v in value.items()}
+    return value
 
 
 def sdk_call(resource: dict, phase: str) -> dict:
@@ -44,18 +62,31 @@ def grants(synth) -> list[dict]:
     return [s for s in policy["Properties"]["PolicyDocument"]["Statement"] if s["Effect"] == "Allow"]
 
 
-def test_each_grantee_account_may_list_and_get_and_nothing_more(full):
+def test_grantee_accounts_may_list_and_get_and_nothing_more(full):
     bucket_arn = {"Fn::GetAtt": [logical_id(full.results_stack.storage.bucket), "Arn"]}
-    expected = []
-    for account in ("111122223333", "044455556666"):
-        principal = {"AWS": f"arn:aws:iam::{account}:root"}
-        expected += [
-            {"Sid": f"GranteeList{account}", "Effect": "Allow", "Principal": principal, "Action": "s3:ListBucket",
-             "Resource": bucket_arn},
-            {"Sid": f"GranteeRead{account}", "Effect": "Allow", "Principal": principal, "Action": "s3:GetObject",
-             "Resource": {"Fn::Join": ["", [bucket_arn, "/*"]]}},
-        ]
-    assert grants(full) == expected
+    (grant,) = grants(full)
+    assert (grant["Sid"], grant["Effect"]) == (GRANT_SID, "Allow")
+    assert sorted(grant["Principal"]["AWS"]) == ["arn:aws:iam::044455556666:root", "arn:aws:iam::111122223333:root"]
+    assert sorted(grant["Action"]) == ["s3:GetObject", "s3:ListBucket"]
+    assert grant["Resource"] == [bucket_arn, {"Fn::Join": ["", [bucket_arn, "/*"]]}]
+    assert "Condition" not in grant
+
+
+def test_bucket_policy_for_the_most_grantees_fits_s3s_20_kb(tmp_path):
+    """The policy as S3 receives it (intrinsics resolved to the real bucket name), for 500 accounts
+    and for MAX_GRANTEES, stays under S3's 20 KB bucket policy limit."""
+    for count in (500, MAX_GRANTEES):
+        settings = {**LEAN, "account": "123456789012", "grantee_account_ids": [f"{i:012d}" for i in range(count)]}
+        synth = synthesize(settings, tmp_path / str(count))
+        assert synth.error is None, synth.error
+        _, policy = one(synth.results, "AWS::S3::BucketPolicy", "StorageResultsPolicy")
+        bucket = synth.results_stack.storage.bucket
+        document = resolve(policy["Properties"]["PolicyDocument"], {logical_id(bucket): bucket_name(synth.config)})
+        size = len(json.dumps(document, separators=(",", ":")))
+        assert size < S3_BUCKET_POLICY_LIMIT, (count, size)
+        (grant,) = [s for s in document["Statement"] if s.get("Sid") == GRANT_SID]
+        assert len(grant["Principal"]["AWS"]) == count
+    assert MAX_GRANTEES >= 500
 
 
 def test_no_grantees_no_grants(lean):

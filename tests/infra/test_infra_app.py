@@ -43,4 +43,4 @@ def test_bad_config_stops_synth_with_every_problem_and_no_traceback(tmp_path):
 
 def test_unknown_environment_is_named(tmp_path):
     done = run_app(tmp_path, {ENVIRONMENT_KEY: "prod"})
-    assert done.returncode == 1 and "environment 'prod' is not defined; choose one of 'dev'" in done.stderr
+    assert done.returncode == 1 and "environment 'prod' is not defined -- fix: choose one of 'dev'" in done.stderr

@@ -15,7 +15,8 @@ HANDLERS = ("catalog", "trigger", "status")
 def test_catalog_table_on_demand_with_point_in_time_recovery_retained(synth):
     _, table = one(synth.pipeline, "AWS::DynamoDB::Table", "CatalogTable")
     props = table["Properties"]
-    assert props["KeySchema"] == [{"AttributeName": "pk", "KeyType": "HASH"}, {"AttributeName": "sk", "KeyType": "RANGE"}]
+    assert props["KeySchema"] == [{"AttributeName": "pk", "KeyType": "HASH"},
+                                  {"AttributeName": "sk", "KeyType": "RANGE"}]
     assert props["AttributeDefinitions"] == [{"AttributeName": "pk", "AttributeType": "S"},
                                              {"AttributeName": "sk", "AttributeType": "S"}]
     assert props["BillingMode"] == "PAY_PER_REQUEST"
@@ -115,3 +116,9 @@ def test_functions_log_as_json_with_the_configured_retention(full):
         assert fn["Properties"]["LoggingConfig"]["LogFormat"] == "JSON"
         _, group = one(full.pipeline, "AWS::Logs::LogGroup", f"Catalog{name.capitalize()}Logs")
         assert group["Properties"]["RetentionInDays"] == 30
+
+
+def test_each_function_has_reserved_concurrency(synth):
+    reserved = {name: function(synth, name)[1]["Properties"]["ReservedConcurrentExecutions"] for name in HANDLERS}
+    assert all(isinstance(n, int) and n > 0 for n in reserved.values()), reserved
+    assert reserved["catalog"] >= reserved["trigger"] >= reserved["status"]  # one event per object, per slide, per run

@@ -7,7 +7,7 @@ import pytest
 from cdk_templates import actions_of, logical_id, one, policy_statements, resources
 
 from atlas.stages import STAGES
-from infra.compute import QUEUE_TIME_LIMITS, job_name
+from infra.compute import PUBLISH_STAGE, QUEUE_TIME_LIMITS, job_name
 
 JOBS = [(stage, merge) for stage in STAGES for merge in ((False, True) if stage.array_size else (False,))]
 
@@ -44,6 +44,25 @@ def test_spot_off_and_gpu_off(lean):
     assert on_demand["Type"] == "EC2"
     assert not resources(lean.pipeline, "AWS::Batch::JobQueue", "BatchGpu")
     assert len(resources(lean.pipeline, "AWS::Batch::ComputeEnvironment")) == 1
+    assert not resources(lean.pipeline, "AWS::Batch::JobQueue", "BatchCpuOnDemandQueue")  # nothing to fall back to
+
+
+def test_each_spot_queue_has_an_on_demand_only_queue_over_the_same_environment(full):
+    for kind in ("Cpu", "Gpu"):
+        (on_demand_only,) = environments(full, f"{kind}OnDemand")
+        assert on_demand_only == environments(full, kind)[1] and on_demand_only["Type"] == "EC2"
+        _, queue = one(full.pipeline, "AWS::Batch::JobQueue", f"Batch{kind}OnDemandQueue")
+        assert queue["Properties"]["JobQueueName"] == full.config.name(f"{kind.lower()}-ondemand")
+
+
+def test_compute_environments_follow_the_launch_template_latest_version(synth):
+    """Batch freezes the template version at creation: naming the latest version makes a template
+    change a change of every environment, which CloudFormation applies as an update."""
+    template_id, _ = one(synth.pipeline, "AWS::EC2::LaunchTemplate", "BatchInstanceTemplate")
+    for ce in resources(synth.pipeline, "AWS::Batch::ComputeEnvironment").values():
+        assert ce["Properties"]["ComputeResources"]["LaunchTemplate"] == {
+            "LaunchTemplateId": {"Ref": template_id}, "Version": {"Fn::GetAtt": [template_id, "LatestVersionNumber"]}}
+        assert ce["Properties"]["ReplaceComputeEnvironment"] is False  # updated in place, jobs keep running
 
 
 def test_queues_cancel_jobs_stuck_runnable(synth):
@@ -56,7 +75,8 @@ def test_queues_cancel_jobs_stuck_runnable(synth):
 
 
 def definition(synth, stage, merge=False) -> dict:
-    _, job = one(synth.pipeline, "AWS::Batch::JobDefinition", f"Batch{job_name(stage, merge=merge).replace('-', '')}Job")
+    _, job = one(synth.pipeline, "AWS::Batch::JobDefinition",
+                 f"Batch{job_name(stage, merge=merge).replace('-', '')}Job")
     return job["Properties"]
 
 
@@ -71,7 +91,9 @@ def test_job_definition_follows_the_registry(synth, stage, merge):
     assert container["Command"] == ["stage", stage.name, "--slide-uri", "Ref::slide_uri", "--work-uri",
                                     "Ref::work_uri", "--run-id", "Ref::run_id", *(["--merge"] if merge else [])]
     assert props["PropagateTags"] is True
-    assert container["JobRoleArn"] == {"Fn::GetAtt": [logical_id(synth.pipeline_stack.compute.job_role), "Arn"]}
+    compute = synth.pipeline_stack.compute
+    role = compute.publish_role if stage.name == PUBLISH_STAGE else compute.job_role
+    assert container["JobRoleArn"] == {"Fn::GetAtt": [logical_id(role), "Arn"]}
 
 
 @pytest.mark.parametrize("stage, merge", JOBS, ids=[job_name(s, merge=m) for s, m in JOBS])
@@ -140,24 +162,33 @@ def test_jobs_run_in_private_subnets_with_an_s3_gateway_endpoint_and_flow_logs(f
     assert flow_log["Properties"]["LogDestinationType"] == "s3" and flow_log["Properties"]["TrafficType"] == "ALL"
 
 
-def job_role_grants(synth) -> dict[str, set[str]]:
-    """Resource (as JSON text) -> actions the stage jobs' role has on it."""
+def role_grants(synth, role) -> dict[str, set[str]]:
+    """Resource (as JSON text) -> actions ``role`` has on it."""
     grants: dict[str, set[str]] = {}
-    for statement in policy_statements(synth.pipeline, "BatchJobRoleDefaultPolicy"):
+    for statement in policy_statements(synth.pipeline, f"{logical_id(role)[:-8]}DefaultPolicy"):
         for resource in statement["Resource"] if isinstance(statement["Resource"], list) else [statement["Resource"]]:
             grants.setdefault(json.dumps(resource), set()).update(actions_of(statement))
     return grants
 
 
-def test_jobs_read_raw_data_and_only_add_results(full):
-    stack = full.pipeline_stack
-    grants = job_role_grants(full)
+def bucket_objects(synth) -> dict[str, str]:
+    stack = synth.pipeline_stack
     objects = {name: json.dumps({"Fn::Join": ["", [{"Fn::GetAtt": [logical_id(bucket), "Arn"]}, "/*"]]})
                for name, bucket in (("ingest", stack.storage.ingest), ("work", stack.storage.work),
                                     ("overview", stack.site.bucket))}
     objects["results"] = json.dumps("arn:aws:s3:::atlas-test-results-123456789012/*")
-    assert not any(a.startswith(("s3:Put", "s3:Delete")) for a in grants[objects["ingest"]])
-    assert "s3:PutObject" in grants[objects["work"]] and "s3:DeleteObject*" in grants[objects["work"]]
+    return objects
+
+
+def test_jobs_read_raw_data_and_only_publish_adds_results(full):
+    objects = bucket_objects(full)
+    compute = full.pipeline_stack.compute
+    for role in (compute.job_role, compute.publish_role):
+        grants = role_grants(full, role)
+        assert not any(a.startswith(("s3:Put", "s3:Delete")) for a in grants[objects["ingest"]])
+        assert "s3:PutObject" in grants[objects["work"]] and "s3:DeleteObject*" in grants[objects["work"]]
+    stages, publish = role_grants(full, compute.job_role), role_grants(full, compute.publish_role)
     for name in ("results", "overview"):
-        assert "s3:PutObject" in grants[objects[name]], name
-        assert not any(a.startswith("s3:Delete") for a in grants[objects[name]]), name
+        assert name not in {k for k, v in objects.items() if v in stages}, f"stage jobs may write {name}"
+        assert "s3:PutObject" in publish[objects[name]], name
+        assert not any(a.startswith("s3:Delete") for a in publish[objects[name]]), name

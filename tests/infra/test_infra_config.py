@@ -6,13 +6,16 @@ import re
 import pytest
 from cdk_templates import CDK_CONTEXT, FULL
 
+from atlas.errors import Problem
+from infra.access import MAX_GRANTEES
 from infra.config import ENVIRONMENT_KEY, ENVIRONMENTS_KEY, AtlasConfig, ConfigError, load_config
 
 
 def problems_of(**settings) -> list[str]:
     with pytest.raises(ConfigError) as caught:
         AtlasConfig.from_dict({**FULL, **settings}, where="of environment 'test'")
-    return caught.value.problems
+    assert all(isinstance(p, Problem) and p.file.startswith("cdk.json") and p.fix for p in caught.value.problems)
+    return [str(p) for p in caught.value.problems]
 
 
 def test_cdk_json_environments_are_valid():
@@ -30,7 +33,8 @@ def test_full_settings_are_read_typed():
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({"grantee_account_ids": ["11112222333"]}, r"grantee_account_ids\[0\] '11112222333' is not a 12-digit AWS account ID"),
+    ({"grantee_account_ids": ["11112222333"]},
+     r"grantee_account_ids\[0\] '11112222333' is not a 12-digit AWS account ID"),
     ({"grantee_account_ids": ["1111-2222-3333"]}, r"12-digit AWS account ID"),
     ({"grantee_account_ids": [111122223333]}, r"quoted strings \(a JSON number loses leading zeros\)"),
     ({"grantee_account_ids": ["111122223333", "111122223333"]}, r"lists 111122223333 more than once"),
@@ -56,7 +60,11 @@ def test_full_settings_are_read_typed():
     ({"segment_weights_url": None, "segment_weights_sha256": None},
      r"gpu is true but segment_weights_url is not set.*or set gpu to false"),
     ({"segment_weights_url": "s3://bucket/unet.onnx"}, r"must be an https:// URL"),
-    ({"grante_account_ids": []}, r"unknown key 'grante_account_ids': did you mean 'grantee_account_ids'\?"),
+    ({"grante_account_ids": []}, r"unknown key 'grante_account_ids' -- fix: did you mean 'grantee_account_ids'\?"),
+    ({"grantee_account_ids": [f"{i:012d}" for i in range(MAX_GRANTEES + 1)]},
+     rf"lists {MAX_GRANTEES + 1} accounts; the results bucket policy holds at most {MAX_GRANTEES}.*access points"),
+    ({"monthly_budget_usd": 0}, r"monthly_budget_usd is 0; it must be at least 1"),
+    ({"monthly_budget_usd": 99.5}, r"monthly_budget_usd must be a whole number"),
 ])
 def test_bad_setting_is_named_with_its_fix(settings, message):
     problems = problems_of(**settings)
@@ -73,12 +81,12 @@ def test_every_problem_is_reported_at_once():
 
 def test_unknown_environment_lists_the_defined_ones():
     context = {ENVIRONMENT_KEY: "prod", ENVIRONMENTS_KEY: {"dev": {}, "staging": {}}}
-    with pytest.raises(ConfigError, match=r"environment 'prod' is not defined; choose one of 'dev', 'staging'"):
+    with pytest.raises(ConfigError, match=r"environment 'prod' is not defined -- fix: choose one of 'dev', 'staging'"):
         load_config(context.get)
 
 
 def test_missing_environments_say_where_to_add_them():
-    with pytest.raises(ConfigError, match=r"no environments defined: add an object 'atlas:environments'"):
+    with pytest.raises(ConfigError, match=r"no environments defined -- fix: add an object 'atlas:environments'"):
         load_config({ENVIRONMENT_KEY: "dev"}.get)
 
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from cdk_templates import logical_id, one, resources
 
+from infra.nag import render_intrinsics
+
 
 def alarms_by_metric(synth) -> dict[tuple[str, str], dict]:
     return {(a["Properties"]["Namespace"], a["Properties"]["MetricName"],
@@ -36,11 +38,50 @@ def test_alarms_watch_executions_functions_and_dead_letter_queues(synth):
 def test_topic_is_encrypted_with_a_key_cloudwatch_may_use_and_mails_each_address(full, lean):
     key_id, key = one(full.pipeline, "AWS::KMS::Key", "NotificationsKey")
     assert key["Properties"]["EnableKeyRotation"] is True
-    services = [s["Principal"].get("Service") for s in key["Properties"]["KeyPolicy"]["Statement"]]
-    assert "cloudwatch.amazonaws.com" in services
+    services = set()
+    for statement in key["Properties"]["KeyPolicy"]["Statement"]:
+        service = statement["Principal"].get("Service", [])
+        services.update([service] if isinstance(service, str) else service)
+    assert {"cloudwatch.amazonaws.com", "budgets.amazonaws.com"} <= services
     _, topic = one(full.pipeline, "AWS::SNS::Topic", "NotificationsTopic")
     assert topic["Properties"]["KmsMasterKeyId"] == {"Fn::GetAtt": [key_id, "Arn"]}
     mails = sorted(s["Properties"]["Endpoint"] for s in resources(full.pipeline, "AWS::SNS::Subscription").values()
                    if s["Properties"]["Protocol"] == "email")
     assert mails == ["lab@example.org", "ops@example.org"]
     assert not resources(lean.pipeline, "AWS::SNS::Subscription")
+
+
+def topic_policy_statements(synth) -> list[dict]:
+    _, policy = one(synth.pipeline, "AWS::SNS::TopicPolicy", "NotificationsTopicPolicy")
+    return policy["Properties"]["PolicyDocument"]["Statement"]
+
+
+def test_cloudwatch_and_budgets_may_publish_to_the_topic_for_this_account_only(synth):
+    """enforce_ssl replaced SNS's default topic policy: each publishing service needs its own Allow."""
+    topic = {"Ref": logical_id(synth.pipeline_stack.notifications.topic)}
+    account = synth.config.account or "<AWS::AccountId>"
+    allows = {s["Principal"]["Service"]: s for s in topic_policy_statements(synth) if s["Effect"] == "Allow"}
+    assert set(allows) == {"cloudwatch.amazonaws.com", "budgets.amazonaws.com"}
+    for statement in allows.values():
+        assert statement["Action"] == "sns:Publish" and statement["Resource"] == topic
+        assert render_intrinsics(statement["Condition"]["StringEquals"]["aws:SourceAccount"]) == account
+    arns = {service: render_intrinsics(statement["Condition"]["ArnLike"]["aws:SourceArn"])
+            for service, statement in allows.items()}
+    assert arns == {"cloudwatch.amazonaws.com": f"arn:aws:cloudwatch:{synth.pipeline_stack.region}:{account}:alarm:*",
+                    "budgets.amazonaws.com": f"arn:aws:budgets::{account}:*"}
+    # plain HTTP is still refused to everyone
+    (deny,) = [s for s in topic_policy_statements(synth) if s["Effect"] == "Deny"]
+    assert deny["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
+
+
+def test_monthly_budget_notifies_the_topic(full, lean):
+    _, budget = one(full.pipeline, "AWS::Budgets::Budget", "NotificationsMonthlyBudget")
+    props = budget["Properties"]
+    assert props["Budget"]["BudgetLimit"] == {"Amount": 500, "Unit": "USD"}
+    assert (props["Budget"]["BudgetType"], props["Budget"]["TimeUnit"]) == ("COST", "MONTHLY")
+    topic = {"Ref": logical_id(full.pipeline_stack.notifications.topic)}
+    notices = {(n["Notification"]["NotificationType"], n["Notification"]["Threshold"]): n["Subscribers"]
+               for n in props["NotificationsWithSubscribers"]}
+    assert notices == {("ACTUAL", 80): [{"SubscriptionType": "SNS", "Address": topic}],
+                       ("FORECASTED", 100): [{"SubscriptionType": "SNS", "Address": topic}]}
+    assert not resources(lean.pipeline, "AWS::Budgets::Budget")  # no amount configured, no budget

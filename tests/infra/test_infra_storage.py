@@ -7,7 +7,8 @@ from cdk_templates import logical_id, one, resources
 
 from infra.nag import render_intrinsics
 
-BLOCK_ALL = {"BlockPublicAcls": True, "BlockPublicPolicy": True, "IgnorePublicAcls": True, "RestrictPublicBuckets": True}
+BLOCK_ALL = {"BlockPublicAcls": True, "BlockPublicPolicy": True, "IgnorePublicAcls": True,
+             "RestrictPublicBuckets": True}
 
 
 def bucket_policy_statements(template, bucket_id: str) -> list[dict]:
@@ -72,7 +73,8 @@ def test_results_bucket_versioned_intelligent_tiering_old_versions_expire(full):
     props = bucket["Properties"]
     assert props["VersioningConfiguration"] == {"Status": "Enabled"}
     rules = {r["Id"]: r for r in props["LifecycleConfiguration"]["Rules"]}
-    assert rules["IntelligentTiering"]["Transitions"] == [{"StorageClass": "INTELLIGENT_TIERING", "TransitionInDays": 0}]
+    assert rules["IntelligentTiering"]["Transitions"] == [{"StorageClass": "INTELLIGENT_TIERING",
+                                                           "TransitionInDays": 0}]
     assert rules["ExpireOldVersions"]["NoncurrentVersionExpiration"] == {"NoncurrentDays": 60}
     assert rules["ExpireOldVersions"]["AbortIncompleteMultipartUpload"] == {"DaysAfterInitiation": 7}
     # no archive tiers: every result stays instantly readable
@@ -119,3 +121,18 @@ def test_overview_site_is_served_by_cloudfront_through_origin_access_control(ful
     reads = [s for s in bucket_policy_statements(full.pipeline, bucket_id) if s["Effect"] == "Allow"]
     assert [s["Principal"] for s in reads] == [{"Service": "cloudfront.amazonaws.com"}]
     assert reads[0]["Action"] == "s3:GetObject"
+
+
+def test_overview_site_sends_a_content_security_policy(full):
+    from infra.site import CONTENT_SECURITY_POLICY
+
+    (distribution,) = resources(full.pipeline, "AWS::CloudFront::Distribution").values()
+    policy_ref = distribution["Properties"]["DistributionConfig"]["DefaultCacheBehavior"]["ResponseHeadersPolicyId"]
+    (policy,) = [r for k, r in resources(full.pipeline, "AWS::CloudFront::ResponseHeadersPolicy").items()
+                 if policy_ref == {"Ref": k}]
+    headers = policy["Properties"]["ResponseHeadersPolicyConfig"]["SecurityHeadersConfig"]
+    assert headers["ContentSecurityPolicy"] == {"ContentSecurityPolicy": CONTENT_SECURITY_POLICY, "Override": True}
+    directives = dict(d.strip().split(" ", 1) for d in CONTENT_SECURITY_POLICY.split(";"))
+    assert directives["script-src"] == "'self'" and directives["object-src"] == "'none'"
+    assert directives["frame-ancestors"] == "'none'" and headers["FrameOptions"]["FrameOption"] == "DENY"
+    assert headers["StrictTransportSecurity"]["AccessControlMaxAgeSec"] >= 31536000

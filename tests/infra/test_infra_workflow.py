@@ -1,24 +1,36 @@
 """The state machine is the stage registry: one Batch .sync job state per registry job, in order."""
 from __future__ import annotations
 
-from cdk_templates import logical_id, one, state_machine_definition
+import json
+
+from cdk_templates import logical_id, one, policy_statements, resources, state_machine_definition
 
 from atlas.aws.catalog import Settings, execution_input
 from atlas.stages import STAGES
 from infra.compute import job_name
+from infra.nag import render_intrinsics
 from infra.workflow import run_timeout
 
 EXPECTED_JOBS = [job_name(s, merge=m) for s in STAGES for m in ((False, True) if s.array_size else (False,))]
 
 
 def job_states(definition: dict) -> list[tuple[str, dict]]:
-    """Task states from StartAt along Next, in execution order."""
+    """Task states from StartAt along Next, in execution order (the on-demand resubmissions not included)."""
     states, name, ordered = definition["States"], definition["StartAt"], []
     while states[name]["Type"] == "Task":
         ordered.append((name, states[name]))
         name = states[name]["Next"]
     assert states[name]["Type"] == "Succeed"
     return ordered
+
+
+def failure_state(definition: dict, state: dict) -> tuple[str, dict]:
+    """Where a job state's catch goes when the failure is not a capacity cancellation: its Fail state."""
+    (catch,) = state["Catch"]
+    name = catch["Next"]
+    if definition["States"][name]["Type"] == "Choice":
+        name = definition["States"][name]["Default"]
+    return name, definition["States"][name]
 
 
 def test_one_job_state_per_registry_job_in_registry_order(synth):
@@ -71,7 +83,7 @@ def test_any_failure_is_caught_into_a_fail_state_carrying_the_jobs_error(synth):
     for name, state in job_states(definition):
         (catch,) = state["Catch"]
         assert catch["ErrorEquals"] == ["States.ALL"] and catch["ResultPath"] == "$.failure"
-        failed = definition["States"][catch["Next"]]
+        _, failed = failure_state(definition, state)
         assert failed == {"Type": "Fail", "ErrorPath": f"States.Format('{name} failed: {{}}', $.failure.Error)",
                           "CausePath": "$.failure.Cause"}
         # only a Batch API hiccup is retried by Step Functions; a failed job is not rerun
@@ -87,3 +99,75 @@ def test_state_machine_is_named_logged_traced_and_bounded(synth):
     timeout = state_machine_definition(synth.pipeline)["TimeoutSeconds"]
     jobs = list(synth.pipeline_stack.compute.jobs.values())
     assert timeout == run_timeout(jobs).to_seconds() > sum(job.stage.timeout_s for job in jobs)
+
+
+def test_a_capacity_cancelled_job_is_resubmitted_to_the_on_demand_queue(full):
+    """Spot first, never stuck: the queue cancels a job that found no Spot capacity, the state machine
+    sends it once more to the on-demand-only queue; any other failure ends the run."""
+    definition = state_machine_definition(full.pipeline)
+    states = definition["States"]
+    jobs = full.pipeline_stack.compute.jobs
+    for name, state in job_states(definition):
+        (catch,) = state["Catch"]
+        choice = states[catch["Next"]]
+        assert choice["Type"] == "Choice"
+        (rule,) = choice["Choices"]
+        assert rule == {"Variable": "$.failure.Cause", "StringMatches": "*CAPACITY:INSUFFICIENT_INSTANCE_CAPACITY*",
+                        "Next": f"{name} on-demand"}
+        retry = states[rule["Next"]]
+        assert retry["Parameters"]["JobQueue"] == f"<{logical_id(jobs[name].on_demand_queue)}.JobQueueArn>"
+        same = ("JobDefinition", "JobName.$", "Parameters", "Tags")
+        assert {k: retry["Parameters"][k] for k in same} == {k: state["Parameters"][k] for k in same}
+        assert retry.get("Parameters", {}).get("ArrayProperties") == state["Parameters"].get("ArrayProperties")
+        assert retry["Next"] == state["Next"]  # the run goes on from the resubmitted job
+        assert failure_state(definition, retry)[0] == failure_state(definition, state)[0]  # a second failure ends it
+
+
+def test_without_spot_there_is_no_resubmission(lean):
+    definition = state_machine_definition(lean.pipeline)
+    assert not [n for n, s in definition["States"].items() if s["Type"] == "Choice" or n.endswith("on-demand")]
+
+
+def statements_by_sid(synth) -> dict[str, dict]:
+    return {s["Sid"]: s for s in policy_statements(synth.pipeline, "PipelinePolicy")}
+
+
+def test_state_machine_role_holds_what_aws_documents_for_batch_sync_with_tags(synth):
+    """SubmitJob with Tags is also authorized as batch:TagResource; .sync watches with DescribeJobs and
+    stopping an execution calls TerminateJob (AWS: Step Functions "IAM policies for AWS Batch")."""
+    stack = synth.pipeline_stack
+    region, account = stack.region, synth.config.account or "<AWS::AccountId>"
+    batch_jobs = f"arn:aws:batch:{region}:{account}:job/*"
+    statements = {sid: {k: render_intrinsics(v) if k == "Resource" and not isinstance(v, list) else v
+                        for k, v in s.items()} for sid, s in statements_by_sid(synth).items()}
+    assert statements["TagStageJobsOnSubmit"]["Action"] == "batch:TagResource"
+    assert statements["TagStageJobsOnSubmit"]["Resource"] == batch_jobs
+    assert statements["EndStageJobs"]["Action"] == "batch:TerminateJob"
+    assert statements["EndStageJobs"]["Resource"] == batch_jobs
+    assert statements["WatchStageJobs"]["Action"] == "batch:DescribeJobs"
+    assert sorted(statements["BatchJobEventsRule"]["Action"]) == ["events:DescribeRule", "events:PutRule",
+                                                                  "events:PutTargets"]
+    assert statements["BatchJobEventsRule"]["Resource"] == (
+        f"arn:aws:events:{region}:{account}:rule/StepFunctionsGetEventsForBatchJobsRule")
+    # SubmitJob: this app's queues and job definitions only (not every job definition of the account)
+    submit = statements["SubmitStageJobs"]["Resource"]
+    compute = stack.compute
+    queues = {q for q in (compute.cpu_queue, compute.gpu_queue, *compute.on_demand_queues.values()) if q}
+    assert {json.dumps(r) for r in submit if "JobQueueArn" in json.dumps(r)} == {
+        json.dumps({"Fn::GetAtt": [logical_id(q), "JobQueueArn"]}) for q in queues}
+    definitions = sorted(render_intrinsics(r) for r in submit if ":job-definition/" in json.dumps(r))
+    assert definitions == sorted(f"arn:aws:batch:{region}:{account}:job-definition/{synth.config.name(n)}:*"
+                                 for n in EXPECTED_JOBS)
+    # CDK's generated statements are not used: the role has this one policy
+    assert [p for p in resources(synth.pipeline, "AWS::IAM::Policy") if p.startswith("PipelineStateMachine")] == []
+    _, machine = one(synth.pipeline, "AWS::StepFunctions::StateMachine", "Pipeline")
+    assert machine["Properties"]["RoleArn"] == {"Fn::GetAtt": [logical_id(stack.pipeline.role), "Arn"]}
+    assert logical_id(stack.pipeline.policy) in machine["DependsOn"]  # the role may log before the machine exists
+
+
+def test_execution_logs_go_to_a_vendedlogs_group(synth):
+    _, machine = one(synth.pipeline, "AWS::StepFunctions::StateMachine", "Pipeline")
+    (destination,) = machine["Properties"]["LoggingConfiguration"]["Destinations"]
+    group_id = destination["CloudWatchLogsLogGroup"]["LogGroupArn"]["Fn::GetAtt"][0]
+    group = resources(synth.pipeline, "AWS::Logs::LogGroup")[group_id]
+    assert group["Properties"]["LogGroupName"] == f"/aws/vendedlogs/states/{synth.config.name('pipeline')}"

@@ -140,7 +140,7 @@ def make_story(*, slide_id: str, groups: Sequence[Group], dtype_max: float, pixe
         "groups": [{"label": g.name, "channels": [
             {"color": color, "id": c, "label": label,
              "min": round(low / dtype_max, 6), "max": round(high / dtype_max, 6)}
-            for c, label, color, (low, high) in zip(g.channels, g.labels, g.colors, g.ranges)]}
+            for c, label, color, (low, high) in zip(g.channels, g.labels, g.colors, g.ranges, strict=True)]}
             for g in groups],
         "waypoints": [],
     }

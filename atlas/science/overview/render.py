@@ -191,7 +191,7 @@ def _render(image_path: str | os.PathLike, work: Path, *, slide_id: str, markers
             "markers": [{"channel": c + 1, "name": name, "group": group_of[c]} for c, name in enumerate(markers)],
             "groups": [{"name": g.name, "channels": [
                 {"index": c, "name": label, "color": color, "low": round(low, 4), "high": round(high, 4)}
-                for c, label, color, (low, high) in zip(g.channels, g.labels, g.colors, g.ranges)]}
+                for c, label, color, (low, high) in zip(g.channels, g.labels, g.colors, g.ranges, strict=True)]}
                 for g in groups],
         },
     }

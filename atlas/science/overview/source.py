@@ -72,7 +72,7 @@ class TiffPyramid:
         for level in series.levels:
             expected = self.level_shapes[len(self._stored)] if len(self._stored) < len(self.level_shapes) else None
             # Accept sizes rounded down as well as up; anything else is not our factor-2 pyramid.
-            if expected is None or any(abs(g - e) > 1 for g, e in zip(level.shape[-2:], expected)):
+            if expected is None or any(abs(g - e) > 1 for g, e in zip(level.shape[-2:], expected, strict=True)):
                 break
             pages = list(level.pages)
             if len(pages) == self.shape[0]:

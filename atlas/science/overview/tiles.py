@@ -64,7 +64,7 @@ def composite(planes: np.ndarray, ranges: Sequence[tuple[float, float]], colors:
     (Y, X, 3) uint8 ndarray: sum over channels of scaled intensity x colour, clipped to 255.
     """
     acc = np.zeros((3, *planes.shape[1:]), dtype=np.uint16)
-    for plane, (low, high), color in zip(planes, ranges, colors):
+    for plane, (low, high), color in zip(planes, ranges, colors, strict=True):
         value = scale_to_display(plane, low, high).astype(np.uint16)
         for component, weight in enumerate(hex_to_rgb(color)):
             if weight == 255:

@@ -1,0 +1,504 @@
+"""S3, once: URIs, the client, small-object and listing helpers, ranged file reads and a zarr 3 store.
+
+Every S3 request of the package goes through a client made by :func:`s3_client` (standard retries,
+a connection pool sized for parallel transfers) or one given by the caller. What crosses modules:
+
+- :class:`S3Uri` -- ``s3://bucket/prefix/`` locations;
+- :func:`get_bytes`, :func:`list_sizes`, :func:`list_prefixes` -- small objects and listings, with
+  "no such key" (:func:`is_missing`, one set of error codes) as ``None`` rather than an exception;
+- :class:`S3RangeFile` -- a seekable file object over ranged GETs (tifffile parses headers in place);
+- :func:`s3_store` -- a zarr 3 store over a prefix (reads and writes, every request through the one
+  client given, optionally answering listings from known sizes);
+- :func:`requester_pays` -- the ``x-amz-request-payer`` header on every request of a client;
+- :func:`count_transfers` -- a botocore event hook counting requests and bytes of a client.
+"""
+from __future__ import annotations
+
+import asyncio
+import io
+import threading
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+# Error codes meaning "this key (or version) is not there": GET says NoSuchKey, HEAD only its status.
+MISSING_CODES = frozenset({"NoSuchKey", "NoSuchVersion", "NotFound", "404"})
+# A conditional request (If-Match / If-None-Match) whose condition did not hold.
+PRECONDITION_CODES = frozenset({"PreconditionFailed", "412"})
+REQUEST_PAYER_HEADER = "x-amz-request-payer"
+TRANSFER_THREADS = 16                   # parallel requests of parallel_map (S3 requests are latency-bound)
+RETRIES = {"max_attempts": 10, "mode": "standard"}  # throttling, 5xx and dropped connections
+
+
+@dataclass(frozen=True)
+class S3Uri:
+    """A bucket and a key prefix (``""`` or ending in ``/``) or a key.
+
+    Attributes
+    ----------
+    bucket : str
+    key : str
+        Without a leading ``/``; a prefix ends in ``/``.
+    """
+
+    bucket: str
+    key: str = ""
+
+    @classmethod
+    def parse(cls, uri: str) -> S3Uri:
+        """Parse ``s3://bucket/key``; ValueError names the bad URI."""
+        parts = urlsplit(uri)
+        if parts.scheme != "s3" or not parts.netloc or parts.query or parts.fragment:
+            raise ValueError(f"{uri!r} is not an S3 URI like s3://bucket/prefix/")
+        return cls(parts.netloc, parts.path.lstrip("/"))
+
+    def prefix(self) -> S3Uri:
+        """The same location as a prefix (trailing ``/``; the bucket root stays ``""``)."""
+        return self if not self.key or self.key.endswith("/") else S3Uri(self.bucket, self.key + "/")
+
+    def join(self, *parts: str) -> S3Uri:
+        """The key ``parts`` below this prefix, e.g. ``work.join("qc", "provenance", "stitch.json")``."""
+        rel = "/".join(p.strip("/") for p in parts if p.strip("/"))
+        return S3Uri(self.bucket, self.prefix().key + rel)
+
+    @property
+    def name(self) -> str:
+        """Last path component, e.g. the slide id of ``s3://ingest/S1/``."""
+        return self.key.rstrip("/").rsplit("/", 1)[-1]
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+
+# --- the client -----------------------------------------------------------------------------------
+def s3_client(*, region: str | None = None, pool: int = 2 * TRANSFER_THREADS, session=None):
+    """An S3 client with botocore's standard retries and a connection pool of ``pool``.
+
+    Parameters
+    ----------
+    region : str, optional
+        Default: the session's region (``AWS_REGION`` / the profile).
+    pool : int
+        Connections kept open; at least the number of threads sharing the client.
+    session : boto3.session.Session, optional
+        Default boto3's default session. ``AWS_ENDPOINT_URL`` points it elsewhere (the emulator).
+    """
+    import boto3
+    from botocore.config import Config
+
+    factory = session.client if session is not None else boto3.client
+    return factory("s3", region_name=region, config=Config(retries=RETRIES, max_pool_connections=pool))
+
+
+def _add_request_payer(request, **_) -> None:
+    request.headers[REQUEST_PAYER_HEADER] = "requester"
+
+
+def requester_pays(client):
+    """Make ``client`` send ``x-amz-request-payer: requester`` on every request (idempotent); returns it.
+
+    The header is added before signing, so it is part of the SigV4 signature as S3 requires.
+    """
+    client.meta.events.register("before-sign.s3", _add_request_payer, unique_id="atlas-request-payer")
+    return client
+
+
+@dataclass
+class Transfers:
+    """Requests and payload bytes of one client since :func:`count_transfers` (thread-safe totals)."""
+
+    requests: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def _add(self, read: int = 0, written: int = 0, requests: int = 0) -> None:
+        with self._lock:
+            self.requests += requests
+            self.bytes_read += read
+            self.bytes_written += written
+
+
+def count_transfers(client) -> Transfers:
+    """Count every request ``client`` makes and the payload bytes it receives and sends.
+
+    Read: each response body (a GetObject's ``Content-Length``; the XML of listings); HEAD counts
+    none. Written: each request body (PutObject, UploadPart, ...). Once per call: bytes of retried
+    attempts are not counted again. Registering twice on one client replaces the first counter.
+    """
+    from botocore.utils import determine_content_length
+
+    counted = Transfers()
+
+    def after_call(http_response, parsed, model, **_) -> None:
+        if model.has_streaming_output:
+            read = int(parsed.get("ContentLength") or 0)
+        elif model.http.get("method") == "HEAD":
+            read = 0
+        else:
+            read = len(http_response.content or b"")
+        counted._add(read=read, requests=1)
+
+    def before_call(params, **_) -> None:
+        body = params.get("body")
+        if body:
+            counted._add(written=determine_content_length(body) or 0)
+
+    client.meta.events.register("after-call.s3", after_call, unique_id="atlas-count-read")
+    client.meta.events.register("before-call.s3", before_call, unique_id="atlas-count-written")
+    return counted
+
+
+# --- small objects and listings -------------------------------------------------------------------
+def error_code(exc: BaseException) -> str | None:
+    """S3's error code of a botocore ``ClientError`` (``NoSuchKey``, ``404``, ...), else None."""
+    return exc.response.get("Error", {}).get("Code") if isinstance(exc, ClientError) else None
+
+
+def is_missing(exc: BaseException) -> bool:
+    """True for "no such key / version" answers (GET: NoSuchKey, NoSuchVersion; HEAD: 404)."""
+    return error_code(exc) in MISSING_CODES
+
+
+def get_bytes(client, uri: S3Uri, **kwargs) -> bytes | None:
+    """The object's bytes, or None when the key does not exist; other failures raise ``ClientError``.
+
+    ``kwargs`` go to GetObject (``VersionId``, ``Range``, ``IfMatch``, ...).
+    """
+    try:
+        return client.get_object(Bucket=uri.bucket, Key=uri.key, **kwargs)["Body"].read()
+    except ClientError as exc:
+        if is_missing(exc):
+            return None
+        raise
+
+
+def list_sizes(client, prefix: S3Uri) -> dict[str, int]:
+    """Key relative to ``prefix`` -> size in bytes, of every object below ``prefix``."""
+    prefix = prefix.prefix()
+    sizes: dict[str, int] = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=prefix.bucket, Prefix=prefix.key):
+        sizes.update({obj["Key"][len(prefix.key):]: obj["Size"] for obj in page.get("Contents", [])})
+    return sizes
+
+
+def list_prefixes(client, prefix: S3Uri) -> list[str]:
+    """Names of the "folders" directly below ``prefix`` (its common prefixes, without the ``/``)."""
+    prefix = prefix.prefix()
+    names: list[str] = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=prefix.bucket, Prefix=prefix.key,
+                                                                 Delimiter="/"):
+        names += [p["Prefix"][len(prefix.key):].rstrip("/") for p in page.get("CommonPrefixes", [])]
+    return names
+
+
+def parallel_map(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
+    """``[fn(x) for x in items]`` on a thread pool (S3 requests are latency-bound)."""
+    items = list(items)
+    if len(items) <= 1:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(max_workers=TRANSFER_THREADS) as pool:
+        return list(pool.map(fn, items))
+
+
+# --- ranged reads ---------------------------------------------------------------------------------
+class S3RangeFile(io.RawIOBase):
+    """Read-only, seekable view of one S3 object version, fetched by ranges on demand.
+
+    Lets tifffile (and :func:`atlas.slide.ome.read_cycle_metadata`) parse a TIFF header in place on
+    S3 without downloading the file: every read becomes a ``Range: bytes=a-b`` GET of just the
+    bytes asked for (plus a small read-ahead for the many tiny header reads), served from a small
+    cache of the extents already fetched.
+
+    Parameters
+    ----------
+    client : botocore S3 client
+    bucket, key : str
+        The object.
+    version_id : str, optional
+        Read exactly this version (recommended: the version id of the event being processed).
+    etag : str, optional
+        Without a version id: fail with ``PreconditionFailed`` (HTTP 412) if the object was
+        replaced by another upload while it is being read.
+    size : int, optional
+        Object size in bytes; looked up with one HEAD request when not given.
+    readahead : int
+        Minimum bytes per GET (bytes). TIFF parsers read headers a few bytes at a time; one small
+        read-ahead turns those into a single request while a large read (the OME-XML) is fetched
+        exactly.
+    cache_extents : int
+        How many fetched extents to keep (least recently used are dropped).
+
+    Attributes
+    ----------
+    bytes_fetched : int
+        Total bytes received from S3.
+    requests : int
+        Number of ranged GETs issued.
+    """
+
+    def __init__(self, client, bucket: str, key: str, *, version_id: str | None = None, etag: str | None = None,
+                 size: int | None = None, readahead: int = 4096, cache_extents: int = 16):
+        super().__init__()
+        self._client, self.bucket, self.key = client, bucket, key
+        self._conditions = {"VersionId": version_id} if version_id else {}
+        if etag and not version_id:
+            self._conditions["IfMatch"] = etag if etag.startswith('"') else f'"{etag}"'
+        if size is None:
+            size = int(client.head_object(Bucket=bucket, Key=key, **self._conditions)["ContentLength"])
+        self.size = size
+        self.name = f"s3://{bucket}/{key}"
+        self._readahead, self._max_extents = readahead, cache_extents
+        self._extents: OrderedDict[int, bytes] = OrderedDict()  # start offset -> bytes, LRU order
+        self._pos = 0
+        self.bytes_fetched = 0
+        self.requests = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
+        if base + offset < 0:
+            raise ValueError(f"negative seek position {base + offset}")
+        self._pos = base + offset
+        return self._pos
+
+    def readinto(self, buffer) -> int:
+        view = memoryview(buffer).cast("B")
+        n = min(len(view), max(0, self.size - self._pos))
+        if n == 0:
+            return 0
+        data = self._cached(self._pos, n)
+        if data is None:
+            data = self._fetch(self._pos, n)
+        view[:n] = data
+        self._pos += n
+        return n
+
+    def _cached(self, start: int, n: int) -> bytes | None:
+        for first, data in self._extents.items():
+            if first <= start and start + n <= first + len(data):
+                self._extents.move_to_end(first)
+                return data[start - first:start - first + n]
+        return None
+
+    def _fetch(self, start: int, n: int) -> bytes:
+        end = min(self.size, start + max(n, self._readahead))  # exclusive
+        response = self._client.get_object(Bucket=self.bucket, Key=self.key, Range=f"bytes={start}-{end - 1}",
+                                           **self._conditions)
+        data = response["Body"].read()
+        self.requests += 1
+        self.bytes_fetched += len(data)
+        if len(data) < min(n, end - start):
+            raise OSError(f"{self.name}: asked for bytes {start}-{end - 1}, got {len(data)}: the object is shorter "
+                          f"than the {self.size} bytes it was opened with (replaced or truncated meanwhile?); open "
+                          "it again without size= (one HEAD) or with the version id of the upload to read")
+        self._extents[start] = data
+        while len(self._extents) > self._max_extents:
+            self._extents.popitem(last=False)
+        return data[:n]
+
+
+# --- zarr 3 store ---------------------------------------------------------------------------------
+def _reraise(exc: Exception, uri: S3Uri) -> Exception:
+    return exc
+
+
+def _range_header(byte_range, size: int | None) -> str | None:
+    """The ``Range`` header of a zarr byte request: None for the whole object, ``""`` when the answer is
+    known to be empty without asking."""
+    from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
+
+    if byte_range is None:
+        return None
+    if isinstance(byte_range, RangeByteRequest):
+        return "" if byte_range.end <= byte_range.start else f"bytes={byte_range.start}-{byte_range.end - 1}"
+    if isinstance(byte_range, OffsetByteRequest):
+        return "" if size is not None and byte_range.offset >= size else f"bytes={byte_range.offset}-"
+    if isinstance(byte_range, SuffixByteRequest):
+        return f"bytes=-{byte_range.suffix}"
+    raise ValueError(f"unexpected byte range {byte_range!r}")
+
+
+def _store_class():
+    """The zarr 3 store class (defined on first use: zarr is imported only by who needs it)."""
+    from zarr.abc.store import Store
+
+    class S3Store(Store):
+        """zarr 3 store over one S3 prefix; every request goes through the one client it was given.
+
+        See :func:`s3_store`. ``requests`` and ``bytes_fetched`` count the GETs this store made.
+        """
+
+        supports_writes = True
+        supports_deletes = True
+        supports_listing = True
+
+        def __init__(self, client, prefix: S3Uri, *, sizes: Mapping[str, int] | None = None,
+                     read_only: bool = False, explain: Callable[[Exception, S3Uri], Exception] = _reraise):
+            super().__init__(read_only=read_only)
+            self.client, self.prefix, self.explain = client, prefix.prefix(), explain
+            self.sizes = None if sizes is None else dict(sizes)
+            self.requests = 0
+            self.bytes_fetched = 0
+            self._lock = threading.Lock()
+
+        def __eq__(self, other: object) -> bool:
+            return isinstance(other, S3Store) and (other.prefix, other.read_only) == (self.prefix, self.read_only)
+
+        def __repr__(self) -> str:
+            return f"S3Store({self.prefix})"
+
+        def with_read_only(self, read_only: bool = False) -> S3Store:
+            return S3Store(self.client, self.prefix, sizes=self.sizes, read_only=read_only, explain=self.explain)
+
+        def _call(self, uri: S3Uri, action: Callable[[], T]) -> T:
+            """``action()``, S3 failures as ``explain`` makes them."""
+            try:
+                return action()
+            except (ClientError, BotoCoreError) as exc:  # BotoCoreError: no credentials, no connection, ...
+                explained = self.explain(exc, uri)
+                if explained is exc:
+                    raise
+                raise explained from exc
+
+        def _fetch(self, key: str, header: str | None) -> bytes | None:
+            uri = self.prefix.join(key)
+
+            def get() -> bytes | None:
+                try:
+                    return get_bytes(self.client, uri, **({"Range": header} if header else {}))
+                except ClientError as exc:
+                    if error_code(exc) == "InvalidRange":  # a range past the end: nothing there
+                        return b""
+                    raise
+
+            body = self._call(uri, get)
+            with self._lock:
+                self.requests += 1
+                self.bytes_fetched += len(body or b"")
+            return body
+
+        async def get(self, key, prototype, byte_range=None):
+            size = None
+            if self.sizes is not None:
+                if key not in self.sizes:
+                    return None
+                size = self.sizes[key]
+                if size == 0:
+                    return prototype.buffer.from_bytes(b"")
+            header = _range_header(byte_range, size)
+            if header == "":
+                return prototype.buffer.from_bytes(b"")
+            data = await asyncio.to_thread(self._fetch, key, header)
+            return None if data is None else prototype.buffer.from_bytes(data)
+
+        async def get_partial_values(self, prototype, key_ranges):
+            return list(await asyncio.gather(*(self.get(k, prototype, r) for k, r in key_ranges)))
+
+        async def exists(self, key: str) -> bool:
+            if self.sizes is not None:
+                return key in self.sizes
+            return await asyncio.to_thread(self._head, key) is not None
+
+        def _head(self, key: str) -> int | None:
+            uri = self.prefix.join(key)
+
+            def head() -> int | None:
+                try:
+                    return int(self.client.head_object(Bucket=uri.bucket, Key=uri.key)["ContentLength"])
+                except ClientError as exc:
+                    if is_missing(exc):
+                        return None
+                    raise
+
+            return self._call(uri, head)
+
+        async def getsize(self, key: str) -> int:
+            size = self.sizes.get(key) if self.sizes is not None else await asyncio.to_thread(self._head, key)
+            if size is None:
+                raise FileNotFoundError(str(self.prefix.join(key)))
+            return size
+
+        async def set(self, key, value) -> None:
+            self._check_writable()
+            uri, data = self.prefix.join(key), value.to_bytes()
+            await asyncio.to_thread(self._call, uri,
+                                    lambda: self.client.put_object(Bucket=uri.bucket, Key=uri.key, Body=data))
+            if self.sizes is not None:
+                with self._lock:
+                    self.sizes[key] = len(data)
+
+        async def delete(self, key) -> None:
+            self._check_writable()
+            uri = self.prefix.join(key)
+            await asyncio.to_thread(self._call, uri, lambda: self.client.delete_object(Bucket=uri.bucket, Key=uri.key))
+            if self.sizes is not None:
+                with self._lock:
+                    self.sizes.pop(key, None)
+
+        def _listed(self) -> dict[str, int]:
+            if self.sizes is not None:
+                return self.sizes
+            return self._call(self.prefix, lambda: list_sizes(self.client, self.prefix))
+
+        async def list(self) -> AsyncIterator[str]:
+            for key in sorted(await asyncio.to_thread(self._listed)):
+                yield key
+
+        async def list_prefix(self, prefix: str) -> AsyncIterator[str]:
+            for key in sorted(await asyncio.to_thread(self._listed)):
+                if key.startswith(prefix):
+                    yield key
+
+        async def list_dir(self, prefix: str) -> AsyncIterator[str]:
+            prefix = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
+            keys = await asyncio.to_thread(self._listed)
+            for name in sorted({k[len(prefix):].split("/", 1)[0] for k in keys if k.startswith(prefix)}):
+                yield name
+
+    return S3Store
+
+
+def s3_store(client, prefix: S3Uri, *, sizes: Mapping[str, int] | None = None, read_only: bool = False,
+             explain: Callable[[Exception, S3Uri], Exception] = _reraise) -> Any:
+    """A zarr 3 store over ``prefix`` (a ``*.zarr`` folder), every request through ``client``.
+
+    ``zarr.open_group(store=s3_store(...), mode="r")`` reads only the chunks indexed (one GET each);
+    ``zarr.create_array(store=...)`` writes chunk by chunk (one PUT each).
+
+    Parameters
+    ----------
+    client : botocore S3 client
+        Used for every request, so hooks registered on it (:func:`count_transfers`,
+        :func:`requester_pays`) see them all.
+    prefix : S3Uri
+        The store's root.
+    sizes : mapping of str to int, optional
+        Every key below ``prefix`` (relative) -> its size, when known (e.g. from a release manifest):
+        listing, existence and sizes are then answered without requests, and absent keys (zarr
+        probes several metadata names) without a GET. Writes and deletes keep it up to date.
+        Without it, HEAD and LIST requests answer them.
+    read_only : bool
+    explain : callable, optional
+        ``explain(exc, uri)`` -> the exception to raise for an S3 failure on ``uri`` (e.g. one
+        that says how to get access); default re-raises botocore's.
+    """
+    return _store_class()(client, prefix, sizes=sizes, read_only=read_only, explain=explain)
