@@ -43,7 +43,7 @@ class Interrupted(Exception):
 
 
 def make_release(s3, copies: int):
-    """Upload the files and their manifest; returns the Release as atlas.aws.access reads it."""
+    """Upload the files and their manifest; returns the PublishedRelease as atlas.aws.access reads it."""
     import json
 
     from atlas.aws.access import get_release

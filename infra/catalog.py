@@ -6,9 +6,10 @@
     catalog Lambda -- "Slide Object Cataloged" (atlas.aws.catalog) -> trigger Lambda (starts the run once complete)
     state machine  -- Execution Status Change ---------------> status Lambda  (run status, notification)
 
-Event patterns, environment names and the service name come from :mod:`atlas.aws.catalog`, so the
-handlers and this app cannot drift apart. Each Lambda has a dead-letter queue that receives both
-the events EventBridge could not deliver and the invocations that failed after Lambda's retries.
+Table keys, event patterns, environment names and the service name come from :mod:`atlas.aws.catalog`
+(which the local demo builds from too), so the handlers, the demo and this app cannot drift apart.
+Each Lambda has a dead-letter queue that receives both the events EventBridge could not deliver and
+the invocations that failed after Lambda's retries.
 """
 from __future__ import annotations
 
@@ -31,14 +32,10 @@ from infra.bundling import ARCHITECTURE, RUNTIME, lambda_code
 from infra.config import AtlasConfig
 from infra.nag import S3_READ_ACTIONS, acknowledge, acknowledge_wildcards, managed_policy_finding
 
-# powertools' DynamoDBPersistenceLayer defaults: partition key "id", expiry attribute "expiration".
-IDEMPOTENCY_KEY = "id"
-IDEMPOTENCY_TTL = "expiration"
-
 
 @dataclass(frozen=True)
 class _Handler:
-    """One Lambda of ``functions/``: its memory (MiB), timeout, event pattern and reserved concurrency.
+    """One Lambda of ``functions/``: its memory (MiB), timeout and reserved concurrency.
 
     Reserved concurrency caps each function (DynamoDB, S3 and Step Functions see a bounded load, and
     a burst of uploads cannot take the account's whole Lambda concurrency) and guarantees it that
@@ -47,8 +44,11 @@ class _Handler:
 
     memory_mib: int
     timeout: Duration
-    pattern: dict
     reserved_concurrency: int
+
+
+def _key(name: str | None) -> dynamodb.Attribute | None:
+    return dynamodb.Attribute(name=name, type=dynamodb.AttributeType.STRING) if name else None
 
 
 def _event_pattern(pattern: dict) -> events.EventPattern:
@@ -77,16 +77,16 @@ class Catalog(Construct):
         super().__init__(scope, id)
         self.table = dynamodb.Table(
             self, "Table", table_name=config.name("catalog"),
-            partition_key=dynamodb.Attribute(name="pk", type=dynamodb.AttributeType.STRING),
-            sort_key=dynamodb.Attribute(name="sk", type=dynamodb.AttributeType.STRING),
+            partition_key=_key(catalog.CATALOG_TABLE.partition_key), sort_key=_key(catalog.CATALOG_TABLE.sort_key),
             billing_mode=dynamodb.BillingMode.PAY_PER_REQUEST,
             point_in_time_recovery_specification=dynamodb.PointInTimeRecoverySpecification(
                 point_in_time_recovery_enabled=True),
             deletion_protection=True, removal_policy=RemovalPolicy.RETAIN)
         self.idempotency_table = dynamodb.Table(
             self, "IdempotencyTable",
-            partition_key=dynamodb.Attribute(name=IDEMPOTENCY_KEY, type=dynamodb.AttributeType.STRING),
-            billing_mode=dynamodb.BillingMode.PAY_PER_REQUEST, time_to_live_attribute=IDEMPOTENCY_TTL,
+            partition_key=_key(catalog.IDEMPOTENCY_TABLE.partition_key),
+            billing_mode=dynamodb.BillingMode.PAY_PER_REQUEST,
+            time_to_live_attribute=catalog.IDEMPOTENCY_TABLE.ttl_attribute,
             point_in_time_recovery_specification=dynamodb.PointInTimeRecoverySpecification(
                 point_in_time_recovery_enabled=True),
             removal_policy=RemovalPolicy.DESTROY)  # short-lived dedup records, nothing to keep
@@ -97,12 +97,13 @@ class Catalog(Construct):
             work_bucket=work.bucket_name, results_bucket=results_bucket_name, overview_site_url=overview_site_url)
         handlers = {
             # Reads OME-XML of cycle files by ranged GETs: memory for tifffile's parse, not for pixels.
-            "catalog": _Handler(1024, Duration.minutes(1), catalog.object_created_pattern(ingest.bucket_name), 20),
+            "catalog": _Handler(1024, Duration.minutes(1), 20),
             # Reads every item of the slide and validates it.
-            "trigger": _Handler(1024, Duration.minutes(2), catalog.object_cataloged_pattern(), 10),
-            "status": _Handler(256, Duration.seconds(30),
-                               catalog.execution_status_pattern(state_machine.state_machine_arn), 5),
+            "trigger": _Handler(1024, Duration.minutes(2), 10),
+            "status": _Handler(256, Duration.seconds(30), 5),
         }
+        patterns = catalog.event_patterns(ingest_bucket=ingest.bucket_name,
+                                          state_machine_arn=state_machine.state_machine_arn)
         code = lambda_code()
         self.functions: dict[str, lambda_.Function] = {}
         self.dead_letter_queues: dict[str, sqs.Queue] = {}
@@ -125,7 +126,7 @@ class Catalog(Construct):
             acknowledge(function, "AwsSolutions-L1",
                         f"{RUNTIME.name} is the newest runtime within the Pythons the project supports and "
                         "tests (pyproject requires-python < 3.14).")
-            events.Rule(self, f"{title}Rule", event_pattern=_event_pattern(spec.pattern),
+            events.Rule(self, f"{title}Rule", event_pattern=_event_pattern(patterns[name]),
                         description=f"-> {name} Lambda",
                         targets=[targets.LambdaFunction(function, dead_letter_queue=queue, retry_attempts=8,
                                                         max_event_age=Duration.hours(6))])

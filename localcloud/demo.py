@@ -3,11 +3,12 @@
 ``atlas demo`` starts the AWS APIs emulated by moto on a free localhost port and builds what the
 CDK app deploys, in miniature: the ingest bucket (versioned, EventBridge notifications on), the work
 and results buckets, the catalog and idempotency tables, the notification topic, the state machine
-(only its StartExecution bookkeeping is used) and EventBridge rules with the patterns the CDK app
-uses. Lambdas are replaced by a poller: the rules deliver to one SQS queue, and every message is
-handed to the real handler in ``functions/`` that the rule would invoke. Step Functions + Batch are
-replaced by :func:`localcloud.executor.execute_run` (the registry's stages as ``atlas stage`` processes
-against the emulated S3), framed by real-shaped Step Functions status-change events.
+(only its StartExecution bookkeeping is used) and the EventBridge rules -- tables and rules from the
+definitions the CDK app uses too (:mod:`atlas.aws.catalog`). Lambdas are replaced by a poller: the
+rules deliver to one SQS queue, and every message is handed to the real handler in ``functions/``
+that the rule would invoke. Step Functions + Batch are replaced by
+:func:`localcloud.executor.execute_run` (the registry's stages as ``atlas stage`` processes against
+the emulated S3), framed by real-shaped Step Functions status-change events.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from atlas.aws import catalog
 REGION = "us-east-1"
 ACCOUNT = "123456789012"
 FUNCTIONS_DIR = Path(__file__).resolve().parent.parent / "functions"
-HANDLERS = ("catalog", "trigger", "status")
+HANDLERS = catalog.HANDLERS
 # Environment of the handlers in the demo: no X-Ray daemon, no CloudWatch, quiet logs.
 POWERTOOLS_LOCAL_ENV = {"POWERTOOLS_TRACE_DISABLED": "1", "POWERTOOLS_METRICS_DISABLED": "1",
                         "POWERTOOLS_LOG_LEVEL": "WARNING"}
@@ -134,6 +135,7 @@ class LocalCloud:
     ingest_bucket: str
     events_queue_url: str
     notify_queue_url: str
+    patterns: dict[str, dict]
     handlers: dict[str, ModuleType] = field(default_factory=dict)
     delivered: list[tuple[str, dict, dict]] = field(default_factory=list)  # (handler, event, result)
     _sequence: int = 0
@@ -150,14 +152,9 @@ class LocalCloud:
         s3.put_bucket_versioning(Bucket=ingest, VersioningConfiguration={"Status": "Enabled"})
         s3.put_bucket_notification_configuration(Bucket=ingest,
                                                  NotificationConfiguration={"EventBridgeConfiguration": {}})
-        ddb.create_table(TableName=f"{prefix}-catalog", BillingMode="PAY_PER_REQUEST",
-                         KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"},
-                                    {"AttributeName": "sk", "KeyType": "RANGE"}],
-                         AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"},
-                                               {"AttributeName": "sk", "AttributeType": "S"}])
-        ddb.create_table(TableName=f"{prefix}-idempotency", BillingMode="PAY_PER_REQUEST",
-                         KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
-                         AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}])
+        for name, schema in (("catalog", catalog.CATALOG_TABLE), ("idempotency", catalog.IDEMPOTENCY_TABLE)):
+            ddb.create_table(TableName=f"{prefix}-{name}", BillingMode="PAY_PER_REQUEST",
+                             **schema.create_table_arguments())
         topic = sns.create_topic(Name=f"{prefix}-notify")["TopicArn"]
         notify_queue = sqs.create_queue(QueueName=f"{prefix}-notify-inbox")["QueueUrl"]
         sns.subscribe(TopicArn=topic, Protocol="sqs", Endpoint=_queue_arn(sqs, notify_queue))
@@ -166,8 +163,8 @@ class LocalCloud:
             definition=json.dumps({"StartAt": "Stages", "States": {"Stages": {"Type": "Pass", "End": True}}}),
         )["stateMachineArn"]
         events_queue = sqs.create_queue(QueueName=f"{prefix}-events")["QueueUrl"]
-        for name, pattern in (("object-created", catalog.object_created_pattern(ingest)),
-                              ("object-cataloged", catalog.object_cataloged_pattern())):
+        patterns = catalog.event_patterns(ingest_bucket=ingest, state_machine_arn=machine)
+        for name, pattern in patterns.items():  # the deployed rules, each delivering to the poller's queue
             events.put_rule(Name=f"{prefix}-{name}", EventPattern=json.dumps(pattern), State="ENABLED")
             events.put_targets(Rule=f"{prefix}-{name}",
                                Targets=[{"Id": "poller", "Arn": _queue_arn(sqs, events_queue)}])
@@ -175,7 +172,7 @@ class LocalCloud:
                                     state_machine_arn=machine, notify_topic_arn=topic, work_bucket=work,
                                     results_bucket=results)
         return cls(settings=settings, ingest_bucket=ingest, events_queue_url=events_queue,
-                   notify_queue_url=notify_queue)
+                   notify_queue_url=notify_queue, patterns=patterns)
 
     def load_handlers(self) -> None:
         """Set the Lambdas' environment in this process and import the three handlers."""
@@ -191,18 +188,20 @@ class LocalCloud:
         return result
 
     def route(self, event: dict) -> str:
-        """Which handler the deployed rules send an event to."""
-        kind = (event.get("source"), event.get("detail-type"))
-        routes = {("aws.s3", "Object Created"): "catalog",
-                  (catalog.CATALOG_EVENT_SOURCE, catalog.OBJECT_CATALOGED): "trigger",
-                  ("aws.states", catalog.EXECUTION_STATUS_CHANGE): "status"}
-        if kind not in routes:
-            raise ValueError(f"no handler for events of source {kind[0]!r}, detail-type {kind[1]!r}")
-        return routes[kind]
+        """Which handler the deployed rules send an event to (EventBridge's matching, as moto implements it)."""
+        from moto.events.models import EventPattern
+
+        for name, pattern in self.patterns.items():
+            if EventPattern.load(json.dumps(pattern)).matches_event(event):
+                return name
+        raise ValueError(f"no rule matches the event of source {event.get('source')!r}, detail-type "
+                         f"{event.get('detail-type')!r}: the rules are atlas.aws.catalog.event_patterns()")
 
     def as_delivered(self, event: dict) -> dict:
-        """moto 5.2.5's S3 event as AWS sends it: ``etag`` (moto: ``eTag``), an ISO time (moto: a
-        number) and a sequencer that grows per event (moto sends one constant value for all)."""
+        """An event moto 5.2 delivered, as AWS sends it: with the ``account`` field (moto leaves it
+        out), and for S3 events ``etag`` (moto: ``eTag``), an ISO time (moto: a number) and a
+        sequencer that grows per event (moto sends one constant value for all)."""
+        event = {"account": ACCOUNT} | event
         if event.get("source") != "aws.s3":
             return event
         self._sequence += 1

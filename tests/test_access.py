@@ -40,8 +40,8 @@ from atlas.aws.access import (
     get_release,
     internet_transfer_usd,
     items,
+    list_published_slides,
     list_releases,
-    list_slides,
     open_zarr,
     parse_levels,
     results_client,
@@ -114,13 +114,13 @@ def test_ls_lists_complete_releases_by_level_with_sizes(published):
     half_released = f"{published.slide_id}/{published.slide_id}-000000000000/registration/x.ome.tif"
     s3.put_object(Bucket=RESULTS, Key=half_released, Body=b"no manifest yet")  # a release still being copied
     try:
-        [slide] = list_slides()
+        [slide] = list_published_slides(bucket=RESULTS)
         assert (slide.slide_id, slide.run_id) == (published.slide_id, published.run_id)
         assert slide.files == len(published.manifest["files"])
-        releases = list_releases(published.slide_id)
+        releases = list_releases(published.slide_id, bucket=RESULTS)
         assert [(r.run_id, r.latest) for r in releases] == [(published.run_id, True)]
 
-        release = get_release(published.slide_id)
+        release = get_release(published.slide_id, bucket=RESULTS)
         zarr_path = layout.registration_zarr(published.slide_id) + "/"
         shown = {i.path: i for i in items(release.files)}
         zarr_files = [f for f in published.manifest["files"] if f["path"].startswith(zarr_path)]
@@ -149,9 +149,9 @@ def test_every_request_of_atlas_data_says_the_requester_pays(published, requests
                  ("data", "open", published.slide_id)):
         result = cli(*args)
         assert result.exit_code == 0, (args, result.output)
-    open_zarr(published.slide_id)[:, :300, :300]  # chunk reads
+    open_zarr(published.slide_id, bucket=RESULTS)[:, :300, :300]  # chunk reads
     # a client the user brings gets the header as well
-    open_zarr(published.slide_id, client=boto3.client("s3", region_name="us-east-1"))[0, :10, :10]
+    open_zarr(published.slide_id, bucket=RESULTS, client=boto3.client("s3", region_name="us-east-1"))[0, :10, :10]
     operations = {op for op, _ in requests_seen}
     assert {"ListObjectsV2", "HeadObject", "GetObject"} <= operations
     without = [(op, payer) for op, payer in requests_seen if payer != b"requester"]
@@ -159,7 +159,7 @@ def test_every_request_of_atlas_data_says_the_requester_pays(published, requests
 
 
 def test_cost_is_bytes_times_prices_per_place(published):
-    release = get_release(published.slide_id)
+    release = get_release(published.slide_id, bucket=RESULTS)
     level2 = level_files(published, 2)
     n_bytes = sum(f["size"] for f in level2)
     estimate = estimate_cost(release, parse_levels("2"), from_region="eu-west-1")
@@ -200,7 +200,7 @@ def sha256(path: Path) -> str:
 
 
 def test_get_resumes_an_interrupted_download_and_verifies_checksums(published, tmp_path):
-    release = get_release(published.slide_id)
+    release = get_release(published.slide_id, bucket=RESULTS)
     part = 256 * 1024
     wanted = level_files(published, 2)
     big = max(wanted, key=lambda f: f["size"])
@@ -260,7 +260,7 @@ def test_a_tampered_file_is_reported_and_not_kept(published, tmp_path):
     qc = level_files(published, None)
     victim = next(f for f in qc if f["path"].endswith("summary.json"))
     with tampered(f"{published.slide_id}/{published.run_id}/{victim['path']}"):
-        result = download_release(get_release(published.slide_id), tmp_path, levels=parse_levels("qc"))
+        result = download_release(get_release(published.slide_id, bucket=RESULTS), tmp_path, levels=parse_levels("qc"))
         [bad] = result.corrupt
         assert (bad.path, bad.expected_sha256) == (victim["path"], victim["sha256"])
         assert bad.actual_sha256 != bad.expected_sha256
@@ -274,7 +274,7 @@ def test_a_tampered_file_is_reported_and_not_kept(published, tmp_path):
 
 
 def test_an_object_replaced_between_parts_is_refetched_whole_and_reported(published, tmp_path):
-    release = get_release(published.slide_id)
+    release = get_release(published.slide_id, bucket=RESULTS)
     tiff = layout.registration_tiff(published.slide_id)
     levels, part = parse_levels("2"), 256 * 1024
     client, gets = results_client(), []
@@ -297,7 +297,7 @@ def test_an_object_replaced_between_parts_is_refetched_whole_and_reported(publis
 
 def test_open_reads_a_region_lazily_equal_to_the_local_image(published, requests_seen):
     local = zarr.open_group(str(published.out_dir / layout.registration_zarr(published.slide_id)), mode="r")
-    image = open_zarr(published.slide_id)
+    image = open_zarr(published.slide_id, bucket=RESULTS)
     assert (image.shape, image.dtype) == (local["0"].shape, local["0"].dtype)
     store = image.store
     region = image[:, 200:900, 300:1300]
@@ -305,10 +305,10 @@ def test_open_reads_a_region_lazily_equal_to_the_local_image(published, requests
     zarr_bytes = sum(f["size"] for f in published.manifest["files"]
                      if f["path"].startswith(layout.registration_zarr(published.slide_id) + "/"))
     assert 0 < store.bytes_fetched < zarr_bytes  # a region, not the slide
-    lower = open_zarr(published.slide_id, level=1)
+    lower = open_zarr(published.slide_id, bucket=RESULTS, level=1)
     assert np.array_equal(lower[2, 100:300, 50:400], local["1"][2, 100:300, 50:400])
     with pytest.raises(InvalidInput, match="level 9 does not exist"):
-        open_zarr(published.slide_id, level=9)
+        open_zarr(published.slide_id, bucket=RESULTS, level=9)
 
     shown = cli("data", "open", published.slide_id)
     assert shown.exit_code == 0, shown.output
@@ -339,7 +339,7 @@ def test_s3_refusals_say_what_to_do(published, code, status, message, meta, expe
         stub.add_client_error("get_object", service_error_code=code, service_message=message,
                               http_status_code=status, response_meta=meta)
         with pytest.raises(AccessError) as caught:
-            get_release(published.slide_id, client=client)
+            get_release(published.slide_id, bucket=RESULTS, client=client)
     text = str(caught.value)
     assert expected in text and f"s3://{RESULTS}/{published.slide_id}/latest.json" in text
     if code == "AccessDenied":
@@ -348,9 +348,9 @@ def test_s3_refusals_say_what_to_do(published, code, status, message, meta, expe
 
 def test_missing_things_are_named(published, monkeypatch):
     with pytest.raises(NotPublished, match="atlas data ls"):
-        get_release("no-such-slide")
+        get_release("no-such-slide", bucket=RESULTS)
     with pytest.raises(NotPublished, match="is not released"):
-        get_release(published.slide_id, "sample-000000000000")
+        get_release(published.slide_id, "sample-000000000000", bucket=RESULTS)
     monkeypatch.delenv("ATLAS_RESULTS_BUCKET")
     result = cli("data", "ls")
     assert isinstance(result.exception, InvalidInput) and "--bucket" in str(result.exception)
@@ -360,7 +360,7 @@ def test_missing_things_are_named(published, monkeypatch):
     monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     with pytest.raises(AccessError, match="no AWS credentials"):
-        list_slides(bucket=RESULTS, client=boto3.session.Session().client("s3", region_name="us-east-1"))
+        list_published_slides(bucket=RESULTS, client=boto3.session.Session().client("s3", region_name="us-east-1"))
 
 
 def test_a_manifest_pointing_outside_the_release_is_refused(published, tmp_path):
@@ -370,6 +370,6 @@ def test_a_manifest_pointing_outside_the_release_is_refused(published, tmp_path)
     s3.put_object(Bucket=RESULTS, Key=key, Body=json.dumps(evil).encode())
     try:
         with pytest.raises(AccessError, match="outside the release"):
-            get_release(published.slide_id, f"{published.slide_id}-0123456789ab")
+            get_release(published.slide_id, f"{published.slide_id}-0123456789ab", bucket=RESULTS)
     finally:
         s3.delete_object(Bucket=RESULTS, Key=key)

@@ -36,3 +36,26 @@ def test_demo_runs_the_sample_slide_from_upload_to_overview(tmp_path):
     assert all((results / p).is_file() for p in published)
     # the lab was told
     assert "notification: [atlas] sample: SUCCEEDED" in output
+
+
+def test_the_cli_and_the_handlers_load_without_the_demo_harness():
+    """The images hold atlas/, the Lambda asset atlas/ and functions/: neither has localcloud/ (infra.bundling
+    SOURCES, containers/*/Dockerfile), so nothing they import may need it."""
+    from infra.bundling import SOURCES
+
+    assert "localcloud" not in SOURCES
+    for dockerfile in Path(__file__).resolve().parents[1].glob("containers/*/Dockerfile"):
+        assert "localcloud" not in dockerfile.read_text(), dockerfile
+    code = ("import sys; sys.modules['localcloud'] = None\n"
+            "import json, typer.main; from atlas.cli import app\n"
+            "print(json.dumps(sorted(typer.main.get_command(app).commands)))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert {"demo", "stage", "upload", "status"} <= set(json.loads(proc.stdout))
+    env = {**os.environ, "CATALOG_TABLE": "t", "IDEMPOTENCY_TABLE": "i", "STATE_MACHINE_ARN": "arn",
+           "NOTIFY_TOPIC_ARN": "topic", "WORK_BUCKET": "w", "RESULTS_BUCKET": "r", "AWS_DEFAULT_REGION": "us-east-1"}
+    for name in ("catalog", "trigger", "status"):
+        handler = f"import sys; sys.modules['localcloud'] = None; import functions.{name}.handler as h; h.handler"
+        proc = subprocess.run([sys.executable, "-c", handler], capture_output=True, text=True, timeout=300, env=env,
+                              cwd=Path(__file__).resolve().parents[1])
+        assert proc.returncode == 0, proc.stderr

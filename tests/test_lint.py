@@ -30,16 +30,13 @@ ENV_ENTRY_MODULES = {"atlas/pipeline/job.py"}   # the Batch job: its job definit
 ENV_ENTRY_PACKAGES = ("atlas/cli/",)             # the console command
 # Issue 14: readers still below the entries, each to take its setting as an argument instead.
 ENV_KNOWN_READERS = {
-    "atlas/aws/access.py",                        # default results bucket
-    "atlas/aws/catalog.py",                       # Settings.from_env's default mapping
-    "atlas/aws/ops.py",                           # default catalog table
     "atlas/science/overview/site.py",             # viewer folder
     "atlas/science/segmentation/__init__.py",     # make_engine("auto"), weights and their sha256
     "atlas/science/segmentation/unet.py",         # configured weights, model cache folder
     "atlas/stages/render.py",                     # results bucket name
 }
 # Issue 14: modules being split (atlas/aws is reorganised by its owner).
-OVERSIZED_KNOWN = {"atlas/aws/access.py", "atlas/aws/catalog.py"}
+OVERSIZED_KNOWN: set[str] = set()
 
 
 def _tool(name: str) -> str:

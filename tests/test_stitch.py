@@ -306,7 +306,7 @@ def test_channel_count_must_match_markers(subgrid, tmp_path):
         run_stage(slide, tmp_path / "out")
     (problem,) = exc.value.problems
     assert problem.file == "raw/cycle2.ome.tif"
-    assert "cycle 2 has 2 channels but markers.csv lists 1" in problem.message
+    assert "has 2 channel(s) but markers.csv lists 1 for cycle 2" in problem.message
 
 
 def test_alignment_channel_must_exist(subgrid, tmp_path):

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from atlas.aws.upload import UploadFailed, upload_slide
 from atlas.cli import app
 from atlas.errors import InvalidInput
-from atlas.slide.convention import build_manifest, run_id_for
+from atlas.slide.convention import run_id_for, slide_manifest
 
 BUCKET = "ingest"
 SMALL_PARTS = {"multipart_threshold": 5 << 20, "multipart_chunk": 5 << 20}  # the sample's cycles go multipart
@@ -63,7 +63,7 @@ def test_upload_sends_every_file_then_the_manifest_last(s3, sample_slide):
     result = upload_slide(sample_slide, f"s3://{BUCKET}", s3=s3, **SMALL_PARTS)
     # every file arrived intact, with its sha256 recorded for the catalog
     stored = keys(s3)
-    for entry in build_manifest(sample_slide)["files"]:
+    for entry in slide_manifest(sample_slide)["files"]:
         key = f"sample/{entry['path']}"
         assert hashlib.sha256(stored[key]).hexdigest() == entry["sha256"]
         assert s3.head_object(Bucket=BUCKET, Key=key)["Metadata"]["sha256"] == entry["sha256"]
@@ -71,9 +71,9 @@ def test_upload_sends_every_file_then_the_manifest_last(s3, sample_slide):
     assert ("CompleteMultipartUpload", "sample/raw/cycle-01.ome.tif") in seen
     assert seen[-1] == ("PutObject", "sample/manifest.json")
     manifest = stored["sample/manifest.json"]
-    assert json.loads(manifest) == build_manifest(sample_slide)
+    assert json.loads(manifest) == slide_manifest(sample_slide)
     assert result.run_id == run_id_for("sample", manifest)
-    assert result.uploaded == [f["path"] for f in build_manifest(sample_slide)["files"]] + ["manifest.json"]
+    assert result.uploaded == [f["path"] for f in slide_manifest(sample_slide)["files"]] + ["manifest.json"]
 
 
 def test_second_upload_skips_what_is_there(s3, sample_slide):

@@ -21,13 +21,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import boto3
-from boto3.dynamodb.conditions import Attr, Key
+from boto3.dynamodb.conditions import Attr
 from botocore.exceptions import ClientError
 
 from atlas.aws import catalog
@@ -41,8 +40,7 @@ from atlas.stages import STAGES, Stage, get_stage
 
 RERUN_PREFIX = "reruns"      # work bucket: slide copies carrying an overridden params.yml
 MERGE_SUFFIX = "-merge"      # state name of an array stage's merge job (infra.compute.job_name)
-RERUNNABLE = (Status.SUCCEEDED, Status.FAILED)
-ENDED = ("SUCCEEDED", "FAILED", "TIMED_OUT", "ABORTED")  # Step Functions execution statuses of a finished run
+RERUNNABLE = catalog.ENDED
 
 
 @dataclass(frozen=True)
@@ -78,9 +76,8 @@ COMPUTE_PRICES = ComputePrices(
 
 
 # --- clients and tables -------------------------------------------------------------------------
-def catalog_table(name: str | None = None):
-    """The catalog table (``name`` or env ``CATALOG_TABLE``, as the Lambdas get it)."""
-    name = name or os.environ.get(catalog.ENV_CATALOG_TABLE)
+def catalog_table(name: str | None):
+    """The catalog table named ``name`` (the CLI takes it from --table or env ``CATALOG_TABLE``)."""
     if not name:
         raise InvalidInput(Problem("--table", "no catalog table given",
                                    f"pass --table NAME or set {catalog.ENV_CATALOG_TABLE} (the pipeline stack's "
@@ -97,14 +94,7 @@ def _slide_item(table, slide_id: str) -> dict:
 
 
 def _run_items(table, slide_id: str) -> list[dict]:
-    items, kwargs = [], {"KeyConditionExpression": Key("pk").eq(catalog.slide_pk(slide_id))
-                         & Key("sk").begins_with(catalog.RUN_SK_PREFIX), "ConsistentRead": True}
-    while True:
-        page = table.query(**kwargs)
-        items += page["Items"]
-        if "LastEvaluatedKey" not in page:
-            return items
-        kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+    return catalog.slide_items(table, slide_id, catalog.RUN_SK_PREFIX)
 
 
 def sfn_client(arn: str):
@@ -184,7 +174,7 @@ class SlideStatus:
     runs: list[dict] = field(default_factory=list)
 
 
-def list_slides(table) -> list[dict]:
+def list_catalog_slides(table) -> list[dict]:
     """The slide item of every slide (plain JSON types), by slide id."""
     items, kwargs = [], {"FilterExpression": Attr("sk").eq(catalog.SLIDE_SK)}
     while True:
@@ -257,7 +247,8 @@ def stage_progress(records: Mapping[str, dict], *, execution_status: str | None,
         jobs = [records.get(_record_rel(stage, i)) for i in range(stage.array_size)] + [records.get(_record_rel(stage))]
         finished[stage.name] = [r for r in jobs if r is not None]
     complete = {s.name for s in STAGES if _record_rel(s) in records}
-    if current is None and execution_status in ("RUNNING", "FAILED", "TIMED_OUT", "ABORTED"):
+    if current is None and execution_status and catalog.run_status(execution_status) in (Status.RUNNING,
+                                                                                          Status.FAILED):
         stage = next((s for s in STAGES if s.name not in complete), None)
         if stage is not None:
             items_done = sum(_record_rel(stage, i) in records for i in range(stage.array_size))
@@ -352,7 +343,7 @@ def _check_rerunnable(slide_id: str, item: Mapping, sfn) -> None:
         return
     if status in (Status.READY, Status.RUNNING) and arn:
         described = sfn.describe_execution(executionArn=arn)
-        if described["status"] in ENDED:
+        if catalog.run_status(described["status"]) in catalog.ENDED:
             return  # the execution ended but its status event has not (yet) reached the catalog
         raise InvalidInput(Problem(slide_id, f"run {run_id} is still {described['status']}",
                                    f"wait for it to end (`atlas status {slide_id}`), or stop it: aws stepfunctions "
@@ -362,10 +353,6 @@ def _check_rerunnable(slide_id: str, item: Mapping, sfn) -> None:
              Status.COLLECTING: "wait for the upload to finish: `atlas status` lists the files still missing"}
     raise InvalidInput(Problem(slide_id, f"slide is {status}: there is no run to rerun",
                                fixes.get(status, f"check `atlas status {slide_id}`")))
-
-
-def _changed_sections(old: Mapping, new: Mapping, stages: list[Stage]) -> list[str]:
-    return [s.name for s in stages if old.get(s.name) != new.get(s.name)]
 
 
 @dataclass(frozen=True)
@@ -454,86 +441,104 @@ def rerun(slide_id: str, *, table, from_stage: str | None = None, params_text: s
     """
     s3 = s3 or s3_client()
     slide = _slide_item(table, slide_id)
+    runs = {r["run_id"]: catalog.from_dynamo(r) for r in _run_items(table, slide_id)}
     previous_run = slide.get("run_id")
-    runs = {r["run_id"]: r for r in _run_items(table, slide_id)}
-    previous = catalog.from_dynamo(runs.get(previous_run, {}))
+    previous = runs.get(previous_run, {})
     execution_arn = slide.get("execution_arn") or previous.get("execution_arn")
     sfn = sfn or (sfn_client(execution_arn) if execution_arn else None)
     _check_rerunnable(slide_id, slide, sfn)
     payload = previous.get("input") or json.loads(sfn.describe_execution(executionArn=execution_arn)["input"])
     slide_uri, work_uri = S3Uri.parse(payload["slide_uri"]).prefix(), S3Uri.parse(payload["work_uri"]).prefix()
+    first = _first_stage(from_stage)
+    reused = list(STAGES[:first])
+    manifest = _slide_manifest(s3, slide_uri)
+    params = _params_override(s3, slide_uri, manifest, params_text, params_file, reused, previous_run)
+    # the run id hashes the manifest the run reads: the slide's, or its copy's listing the new params.yml
+    used = with_params(json.loads(manifest), params) if params is not None else manifest
+    run_id = _new_run_id(slide_id, used, runs)
+    plan = plan_reuse(s3, work_uri, previous_run=previous_run, run_id=run_id, stages=reused)  # checks first
+    if params is not None:
+        copy = S3Uri(work_uri.bucket, f"{RERUN_PREFIX}/{run_id}/{slide_id}/")
+        copy_slide(s3, slide_uri, copy, used, params)
+        slide_uri = copy
+    new_payload = catalog.execution_input(slide_id=slide_id, run_id=run_id, slide_uri=str(slide_uri),
+                                          work_bucket=work_uri.bucket)
+    reuse(s3, plan, work_uri, S3Uri.parse(new_payload["work_uri"]))
+    arn = _start(table, sfn, state_machine_of(execution_arn), slide, new_payload,
+                 {"manifest_version": slide.get("manifest_version"), "rerun_of": previous_run,
+                  "from_stage": STAGES[first].name, "params_override": params is not None})
+    return Rerun(slide_id, run_id, previous_run, arn, new_payload["slide_uri"], new_payload["work_uri"],
+                 tuple(s.name for s in reused), params is not None)
 
+
+def _first_stage(from_stage: str | None) -> int:
+    """Index in the registry of the first stage to redo (0: all)."""
     try:
-        stage_index = [s.name for s in STAGES].index(get_stage(from_stage).name) if from_stage else 0
+        return [s.name for s in STAGES].index(get_stage(from_stage).name) if from_stage else 0
     except ValueError as exc:
         raise InvalidInput(Problem("--from", str(exc), "name one of the stages")) from exc
-    reused = list(STAGES[:stage_index])
 
-    manifest_bytes = get_bytes(s3, slide_uri.join(MANIFEST))
-    if manifest_bytes is None:
-        expired = slide_uri.key.startswith(RERUN_PREFIX + "/")
-        raise InvalidInput(Problem(str(slide_uri.join(MANIFEST)), "the slide this run read is gone"
+
+def _new_run_id(slide_id: str, manifest: bytes, taken: Mapping) -> str:
+    """``<slide_id>-<sha256[:12]>-r<N>``, N from the number of runs on, the first not taken."""
+    n = len(taken) + 1
+    while (run_id := run_id_for(slide_id, manifest, suffix=f"r{n}")) in taken:
+        n += 1
+    return run_id
+
+
+def _slide_manifest(s3, slide: S3Uri) -> bytes:
+    """The manifest.json of the slide (or params copy) a run read; InvalidInput when it is gone."""
+    manifest = get_bytes(s3, slide.join(MANIFEST))
+    if manifest is None:
+        expired = slide.key.startswith(RERUN_PREFIX + "/")
+        raise InvalidInput(Problem(str(slide.join(MANIFEST)), "the slide this run read is gone"
                                    + (" (a params copy, expired with the work bucket's retention)" if expired else ""),
                                    "rerun with --params again" if expired
                                    else "upload the slide again (`atlas upload`)"))
-    manifest = json.loads(manifest_bytes)
-    override = False
-    if params_text is not None:
-        new = parse_params(params_text, file=params_file).to_dict()
-        listed = any(e.path == PARAMS for e in parse_manifest(manifest_bytes.decode()))
-        old = parse_params((get_bytes(s3, slide_uri.join(PARAMS)) or b"").decode() if listed else None).to_dict()
-        changed = _changed_sections(old, new, reused)
-        if changed:
-            raise InvalidInput(Problem(params_file, f"changes the {', '.join(changed)} parameters, but --from "
-                                       f"{from_stage} reuses the {changed[0]} outputs of run {previous_run}",
-                                       f"rerun --from {changed[0]} (or an earlier stage)"))
-        override = old != new
+    return manifest
 
-    # the run id hashes the manifest the run reads: the slide's, or its copy's listing the new params.yml
-    used = with_params(manifest, params_text.encode()) if override else manifest_bytes
-    n = len(runs) + 1
-    while (run_id := run_id_for(slide_id, used, suffix=f"r{n}")) in runs:
-        n += 1
-    plan = plan_reuse(s3, work_uri, previous_run=previous_run, run_id=run_id, stages=reused)  # checks first
-    if override:
-        slide_uri = S3Uri(work_uri.bucket, f"{RERUN_PREFIX}/{run_id}/{slide_id}/")
-        copy_slide(s3, S3Uri.parse(payload["slide_uri"]).prefix(), slide_uri, used, params_text.encode())
-    new_work = S3Uri(work_uri.bucket, f"{run_id}/")
-    reuse(s3, plan, work_uri, new_work)
 
-    new_payload = {"slide_id": slide_id, "run_id": run_id, "slide_uri": str(slide_uri), "work_uri": str(new_work)}
-    key = catalog.slide_key(slide_id)
-    now = catalog.timestamp()
-    try:
-        table.update_item(
-            Key=key, ConditionExpression=Attr("run_id").eq(previous_run) & Attr("status").eq(slide["status"]),
-            UpdateExpression="SET #s = :s, #o = :o, #r = :r, #u = :u REMOVE #e, #c, #x, #out, #ov",
-            ExpressionAttributeNames={"#s": "status", "#o": "status_order", "#r": "run_id", "#u": "updated_at",
-                                      "#e": "execution_arn", "#c": "cause", "#x": "error", "#out": "output_uri",
-                                      "#ov": "overview_uri"},
-            ExpressionAttributeValues={":s": Status.READY, ":o": catalog.STATUS_RANK[Status.READY], ":r": run_id,
-                                       ":u": now})
-    except ClientError as exc:
-        if exc.response["Error"]["Code"] != "ConditionalCheckFailedException":
-            raise
+def _params_override(s3, slide: S3Uri, manifest: bytes, params_text: str | None, params_file: str,
+                     reused: list[Stage], previous_run: str) -> bytes | None:
+    """The new params.yml when it differs from the slide's (None: no override); InvalidInput when it is
+    invalid or changes the parameters of a reused stage."""
+    if params_text is None:
+        return None
+    new = parse_params(params_text, file=params_file).to_dict()
+    listed = any(e.path == PARAMS for e in parse_manifest(manifest.decode()))
+    old = parse_params((get_bytes(s3, slide.join(PARAMS)) or b"").decode() if listed else None).to_dict()
+    if changed := [s.name for s in reused if old.get(s.name) != new.get(s.name)]:
+        raise InvalidInput(Problem(params_file, f"changes the {', '.join(changed)} parameters, but --from "
+                                                f"{STAGES[len(reused)].name} reuses the {changed[0]} outputs of run "
+                                                f"{previous_run}",
+                                   f"rerun --from {changed[0]} (or an earlier stage)"))
+    return params_text.encode() if old != new else None
+
+
+def _start(table, sfn, state_machine_arn: str, slide: Mapping, payload: Mapping[str, str],
+           run_fields: Mapping) -> str:
+    """Move the slide to the new run (if it is still on the one the rerun was planned from) and start it."""
+    slide_id, run_id = payload["slide_id"], payload["run_id"]
+    unchanged = Attr("run_id").eq(slide.get("run_id")) & Attr("status").eq(slide["status"])
+    if not catalog.mark_ready(table, slide_id, run_id, unchanged):
         raise InvalidInput(Problem(slide_id, "the slide changed while the rerun was prepared (another rerun or a "
-                                             "new upload)", f"check `atlas status {slide_id}` and try again")) from exc
-    run_item = {**catalog.run_key(slide_id, run_id), "run_id": run_id, "status": Status.READY,
-                "status_order": catalog.STATUS_RANK[Status.READY], "manifest_version": slide.get("manifest_version"),
-                "input": new_payload, "started_at": now, "rerun_of": previous_run,
-                "from_stage": STAGES[stage_index].name, "params_override": override}
-    table.put_item(Item=run_item)
+                                             "new upload)", f"check `atlas status {slide_id}` and try again"))
     try:
-        arn = sfn.start_execution(stateMachineArn=state_machine_of(execution_arn), name=run_id,
-                                  input=json.dumps(new_payload, sort_keys=True))["executionArn"]
+        return catalog.start_run(table, sfn, state_machine_arn, payload=payload, run_fields=run_fields)
     except Exception:
-        # nothing started: back to the run the slide was on
-        table.put_item(Item=slide, ConditionExpression=Attr("run_id").eq(run_id))
-        table.delete_item(Key=catalog.run_key(slide_id, run_id))
+        if not _execution_exists(sfn, state_machine_arn, run_id):  # nothing started: back to the previous run
+            table.put_item(Item=slide, ConditionExpression=Attr("run_id").eq(run_id))
+            table.delete_item(Key=catalog.run_key(slide_id, run_id))
         raise
-    for item_key in (catalog.slide_key(slide_id), catalog.run_key(slide_id, run_id)):
-        table.update_item(Key=item_key, UpdateExpression="SET #e = :e",
-                          ConditionExpression=Attr("run_id").eq(run_id),
-                          ExpressionAttributeNames={"#e": "execution_arn"}, ExpressionAttributeValues={":e": arn})
-    return Rerun(slide_id, run_id, previous_run, arn, str(slide_uri), str(new_work), tuple(s.name for s in reused),
-                 override)
+
+
+def _execution_exists(sfn, state_machine_arn: str, name: str) -> bool:
+    arn = state_machine_arn.replace(":stateMachine:", ":execution:") + f":{name}"
+    try:
+        sfn.describe_execution(executionArn=arn)
+    except ClientError as exc:
+        if exc.response["Error"]["Code"] == "ExecutionDoesNotExist":
+            return False
+        raise
+    return True

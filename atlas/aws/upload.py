@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,8 +21,8 @@ from botocore.exceptions import BotoCoreError, ClientError
 from atlas.aws.catalog import SHA256_METADATA
 from atlas.aws.s3 import S3Uri, is_missing, s3_client
 from atlas.errors import InvalidInput, Problem
-from atlas.slide.convention import MANIFEST, build_manifest, check_slide_id, run_id_for
-from atlas.slide.validate import validate_slide
+from atlas.slide.convention import MANIFEST, check_slide_id, manifest_bytes, run_id_for, slide_manifest
+from atlas.slide.validate import validate_with_manifest
 
 T = TypeVar("T")
 MiB = 1 << 20
@@ -59,6 +56,14 @@ class UploadResult:
     skipped: list[str] = field(default_factory=list)
     bytes_sent: int = 0
 
+    def add(self, path: str, size: int, sent: bool) -> None:
+        """Record one file as sent (``size`` bytes) or skipped (already in S3)."""
+        if sent:
+            self.uploaded.append(path)
+            self.bytes_sent += size
+        else:
+            self.skipped.append(path)
+
 
 def destination(slide_dir: Path, uri: str) -> tuple[S3Uri, str]:
     """(bucket root, slide id) for ``s3://bucket`` (slide id = folder name) or ``s3://bucket/SLIDE_ID``.
@@ -82,28 +87,6 @@ def destination(slide_dir: Path, uri: str) -> tuple[S3Uri, str]:
     if problems := check_slide_id(slide_id):
         raise InvalidInput(problems)
     return S3Uri(target.bucket), slide_id
-
-
-def manifest_bytes(slide_dir: Path, slide_id: str) -> tuple[bytes, dict]:
-    """The manifest of the folder's current files, as uploaded (same layout as ``write_manifest``)."""
-    doc = build_manifest(slide_dir) | {"slide_id": slide_id}
-    return (json.dumps(doc, indent=1) + "\n").encode(), doc
-
-
-def check_before_upload(slide_dir: Path, slide_id: str, data: bytes) -> list[Problem]:
-    """Every problem of the slide as it will be uploaded (its files plus the regenerated manifest).
-
-    Runs :func:`atlas.slide.validate.validate_slide` on a view of the folder named ``slide_id`` whose
-    files are links to the originals, so the folder itself is never modified.
-    """
-    with tempfile.TemporaryDirectory(prefix="atlas-upload-") as tmp:
-        view = Path(tmp) / slide_id
-        view.mkdir()
-        for rel in (e["path"] for e in json.loads(data)["files"]):
-            (view / rel).parent.mkdir(parents=True, exist_ok=True)
-            os.symlink((Path(slide_dir) / rel).resolve(), view / rel)
-        (view / MANIFEST).write_bytes(data)
-        return validate_slide(view)
 
 
 def _remote_sha256(s3, bucket: str, key: str) -> str | None:
@@ -164,62 +147,73 @@ def upload_slide(slide_dir: Path, uri: str, *, s3=None, progress=None, attempts:
     if not slide_dir.is_dir():
         raise InvalidInput(Problem(str(slide_dir), "is not a folder", "give the path of the slide folder"))
     root, slide_id = destination(slide_dir, uri)
-    data, doc = manifest_bytes(slide_dir, slide_id)
-    if problems := check_before_upload(slide_dir, slide_id, data):
+    doc = slide_manifest(slide_dir, slide_id)
+    data = manifest_bytes(doc)
+    if problems := validate_with_manifest(slide_dir, slide_id, data):
         raise InvalidInput(problems)
-    s3 = s3 or s3_client()
     prefix = root.join(slide_id).prefix()
     result = UploadResult(slide_id, str(prefix.join(MANIFEST)), run_id_for(slide_id, data))
     config = TransferConfig(multipart_threshold=multipart_threshold, multipart_chunksize=multipart_chunk)
-    total = sum(f["size"] for f in doc["files"]) + len(data)
-    task = progress.add_task(f"upload {slide_id}", total=total) if progress is not None else None
+    sender = _Sender(s3 or s3_client(), prefix, config, _Progress(progress, f"upload {slide_id}",
+                                                                   sum(f["size"] for f in doc["files"]) + len(data)))
+    for entry in doc["files"]:
+        send = functools.partial(sender.send_file, slide_dir / entry["path"], entry["path"], entry["sha256"])
+        sent = _with_retries(send, entry["path"], attempts, backoff_s)
+        result.add(entry["path"], entry["size"], sent)
+        if not sent:
+            sender.progress.advance(entry["size"])  # already there: counts at once
+    send = functools.partial(sender.send_manifest, data)
+    result.add(MANIFEST, len(data), _with_retries(send, MANIFEST, attempts, backoff_s))
+    sender.progress.advance(len(data))
+    return result
 
-    def advance(n: int) -> None:
-        if progress is not None:
-            progress.advance(task, n)
 
-    def send(entry: dict) -> bool:
-        """One try at one file; a failed try takes back the bytes it counted."""
-        key = prefix.join(entry["path"]).key
+class _Progress:
+    """One task of a rich progress bar counting bytes (nothing without a bar)."""
+
+    def __init__(self, progress, description: str, total: int):
+        self.bar = progress
+        self.task = progress.add_task(description, total=total) if progress is not None else None
+
+    def advance(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.advance(self.task, n)
+
+
+class _Sender:
+    """Puts a slide's files below its prefix, each with its sha256 as metadata, unless already there."""
+
+    def __init__(self, s3, prefix: S3Uri, config, progress: _Progress):
+        self.s3, self.prefix, self.config, self.progress = s3, prefix, config, progress
+
+    def _present(self, key: str, sha256: str) -> bool:
+        return _remote_sha256(self.s3, self.prefix.bucket, key) == sha256
+
+    def send_file(self, path: Path, rel: str, sha256: str) -> bool:
+        """One try at one file; False when it is already there. A failed try takes back the bytes it counted."""
+        key = self.prefix.join(rel).key
+        if self._present(key, sha256):
+            return False
         sent = 0
 
         def count(n: int) -> None:
             nonlocal sent
             sent += n
-            advance(n)
+            self.progress.advance(n)
 
-        if _remote_sha256(s3, root.bucket, key) == entry["sha256"]:
-            return False
         try:
-            s3.upload_file(str(slide_dir / entry["path"]), root.bucket, key, Config=config, Callback=count,
-                           ExtraArgs={"Metadata": {SHA256_METADATA: entry["sha256"]}})
+            self.s3.upload_file(str(path), self.prefix.bucket, key, Config=self.config, Callback=count,
+                                ExtraArgs={"Metadata": {SHA256_METADATA: sha256}})
         except BaseException:
-            advance(-sent)
+            self.progress.advance(-sent)
             raise
         return True
 
-    for entry in doc["files"]:
-        if _with_retries(functools.partial(send, entry), entry["path"], attempts, backoff_s):
-            result.uploaded.append(entry["path"])
-            result.bytes_sent += entry["size"]
-        else:
-            result.skipped.append(entry["path"])
-            advance(entry["size"])
-
-    manifest_sha = hashlib.sha256(data).hexdigest()
-    manifest_key = prefix.join(MANIFEST).key
-
-    def send_manifest() -> bool:
-        if _remote_sha256(s3, root.bucket, manifest_key) == manifest_sha:
-            return False  # the same manifest: the catalog already has (or had) this run
-        s3.put_object(Bucket=root.bucket, Key=manifest_key, Body=data, ContentType="application/json",
-                      Metadata={SHA256_METADATA: manifest_sha})
+    def send_manifest(self, data: bytes) -> bool:
+        """manifest.json (last); False when the same manifest is there: the catalog has (or had) this run."""
+        key, sha256 = self.prefix.join(MANIFEST).key, hashlib.sha256(data).hexdigest()
+        if self._present(key, sha256):
+            return False
+        self.s3.put_object(Bucket=self.prefix.bucket, Key=key, Body=data, ContentType="application/json",
+                           Metadata={SHA256_METADATA: sha256})
         return True
-
-    if _with_retries(send_manifest, MANIFEST, attempts, backoff_s):
-        result.uploaded.append(MANIFEST)
-        result.bytes_sent += len(data)
-    else:
-        result.skipped.append(MANIFEST)
-    advance(len(data))
-    return result

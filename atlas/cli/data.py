@@ -9,11 +9,12 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from rich.table import Table
 
 from atlas.aws import access
+from atlas.aws.release import RESULTS_BUCKET_ENV
 
 data_app = typer.Typer(help="Published results (requester pays, us-east-1): list, price, download, open lazily. "
                             "Your AWS account pays its requests and transfer.", no_args_is_help=True)
 
-BUCKET = typer.Option(None, "--bucket", envvar=access.RESULTS_BUCKET_ENV, show_envvar=True,
+BUCKET = typer.Option(None, "--bucket", envvar=RESULTS_BUCKET_ENV, show_envvar=True,
                       help="results bucket name (from the data team)")
 RUN = typer.Option(None, "--run", help="run id of the release (default: the latest release)")
 LEVELS = typer.Option(None, "--levels", help="data levels, e.g. 2,3,4 (2 image, 3 masks, 4 tables, 5 overview, "
@@ -46,7 +47,7 @@ def ls(slide: str = typer.Argument(None, help="slide id (default: list the slide
     console = Console()
     client = access.results_client()
     if slide is None:
-        slides = access.list_slides(bucket=bucket, client=client)
+        slides = access.list_published_slides(bucket=bucket, client=client)
         table = Table("slide", "latest release", "files", "size", "released", title=f"s3://{access.results_bucket(bucket)}")
         for s in slides:
             table.add_row(s.slide_id, s.run_id, str(s.files), human(s.bytes), s.released)

@@ -31,7 +31,7 @@ def status(slide: str = typer.Argument(None, help="slide id (default: every slid
     console = Console()
     catalog_table = ops.catalog_table(table)
     if slide is None:
-        slides = ops.list_slides(catalog_table)
+        slides = ops.list_catalog_slides(catalog_table)
         overview = Table("slide", "status", "run", "updated", "problem", title=f"catalog {catalog_table.name}")
         for s in slides:
             problem = s.get("error") or (f"{len(s['problems'])} problem(s)" if s.get("problems") else "") or (

@@ -5,8 +5,6 @@ columns and file names, plus each table as Parquet and AnnData ``.h5ad``.
 """
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 
 import typer
@@ -15,37 +13,9 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
 from atlas import layout
 from atlas.errors import InvalidInput, Problem
+from atlas.slide.convention import read_marker_names
 
 TIFF_SUFFIXES = (".tif", ".tiff", ".btf")
-
-
-def read_marker_names(path: Path) -> tuple[list[str], list[bool]]:
-    """Marker names and remove flags of a markers.csv, read as MCQuant reads it.
-
-    Either a CSV with a ``marker_name`` column (other columns optional; ``remove`` = TRUE drops the
-    channel) or one name per line without header. Repeated names are allowed (they get MCQuant's
-    ``_1``, ``_2`` suffixes).
-    """
-    fix = "give a CSV with a marker_name column, one row per image channel in order"
-    try:
-        rows = [r for r in csv.reader(io.StringIO(path.read_text(encoding="utf-8-sig"))) if any(c.strip() for c in r)]
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise InvalidInput(Problem(str(path), f"not readable as UTF-8 CSV ({exc})", fix)) from exc
-    header = [c.strip() for c in rows[0]] if rows else []
-    if "marker_name" in header:
-        col, body = header.index("marker_name"), rows[1:]
-        flag = header.index("remove") if "remove" in header else None
-        names = [r[col].strip() if col < len(r) else "" for r in body]
-        remove = [flag is not None and flag < len(r) and r[flag].strip().upper() in ("TRUE", "1", "YES") for r in body]
-    elif rows and all(len(r) == 1 for r in rows):
-        names, remove = [r[0].strip() for r in rows], [False] * len(rows)
-    else:
-        raise InvalidInput(Problem(str(path), f"has no marker_name column (header {header})", fix))
-    empty = [i + 2 for i, n in enumerate(names) if not n]
-    if not names or empty:
-        raise InvalidInput(Problem(str(path), f"empty marker_name on line(s) {empty}" if empty else "lists no markers",
-                                   fix))
-    return names, remove
 
 
 def image_stem(path: Path) -> str:

@@ -20,7 +20,7 @@ def render(image: Path = typer.Option(..., "--image", exists=True, dir_okay=Fals
            mask: Path | None = typer.Option(None, "--mask", exists=True, dir_okay=False,
                                             help="cell label image of the same size, for the outline layer"),
            slide_id: str | None = typer.Option(None, "--slide-id", help="title; default: the image name"),
-           channels_per_group: int = typer.Option(RenderParams.channels_per_group, "--channels-per-group", min=1,
+           channels_per_group: int = typer.Option(RenderParams().channels_per_group, "--channels-per-group", min=1,
                                                   help="channels composited in each group")) -> None:
     """Render a Minerva-style overview: deep-zoom tiles per channel group, exhibit.json, index.html."""
     from atlas.science.overview import render_overview

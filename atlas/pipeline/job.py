@@ -450,8 +450,10 @@ def run_stage_job(stage_name: str, *, slide_uri: str, work_uri: str, run_id: str
                                   instance_type=instance_type())
         if stage.name == "publish":
             try:
+                # overview.public: false in params.yml keeps the overview off the public site
+                site = (os.environ.get(OVERVIEW_BUCKET_ENV) or None) if params.overview.public else None
                 release_run(s3, out_dir, work=work, slide_id=slide.name, run_id=run_id, results_bucket=results_bucket,
-                            overview_bucket=os.environ.get(OVERVIEW_BUCKET_ENV) or None)
+                            overview_bucket=site)
             except ReleaseError as exc:
                 raise CorruptWork(str(exc)) from exc
         s3.upload_file(str(out_dir / _record_rel(stage, item)), record_uri.bucket, record_uri.key)

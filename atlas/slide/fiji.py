@@ -29,12 +29,11 @@ import numpy as np
 import tifffile
 
 from atlas.errors import InvalidInput, Problem
-from atlas.slide.convention import MARKERS, RAW, check_slide_id, parse_markers, write_manifest
+from atlas.slide.convention import MARKERS, RAW, RAW_DTYPES, check_slide_id, parse_markers, write_manifest
 from atlas.slide.ome import _UM_PER_UNIT as OME_UM_PER_UNIT
 from atlas.slide.ome import write_cycle
 
 CYCLE_FILE = f"{RAW}/cycle-01.ome.tif"
-SUPPORTED_DTYPES = ("uint8", "uint16")       # what ASHLAR's Bio-Formats reader takes
 PIXEL_SIZE_RANGE_UM = (0.01, 50.0)           # outside: a default DPI, not a microscope calibration
 _UM_PER_UNIT = {**OME_UM_PER_UNIT, "microns": 1.0}      # OME units and ImageJ's "micron"/"microns"
 _UM_PER_RESOLUTION_UNIT = {2: 25400.0, 3: 10000.0}   # TIFF ResolutionUnit INCH, CENTIMETER
@@ -251,9 +250,9 @@ def inspect_tiles(config: Path, entries: list[TileEntry], *, pixel_size_um: floa
             problems.append(Problem(config.name, f"{_names(odd)} are (C, Y, X) {other_shape} {other_dtype}, "
                                     f"unlike the other tiles, (C, Y, X) {shape} {dtype}",
                                     "all tiles must have the same size, channels and pixel type"))
-    if dtype not in SUPPORTED_DTYPES:
+    if dtype not in RAW_DTYPES:
         problems.append(Problem(config.name,
-                                f"tiles are {dtype}; the stitcher reads {' or '.join(SUPPORTED_DTYPES)} only",
+                                f"tiles are {dtype}; the stitcher reads {' or '.join(RAW_DTYPES)} only",
                                 "export the tiles as 16-bit unsigned TIFF"))
     size = next(iter(sizes))
     if len(sizes) > 1:

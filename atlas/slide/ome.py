@@ -34,6 +34,8 @@ class CycleMetadata:
         PhysicalSizeX in µm (None when absent).
     positions_um : (n_tiles, 2) float ndarray or None
         Top-left corner (y, x) of each tile in µm, image orientation; None when any tile lacks one.
+    tiles_without_position : tuple of int
+        Indices of the tiles without a stage position (empty when unknown, as in catalog records).
     """
 
     n_tiles: int
@@ -43,6 +45,7 @@ class CycleMetadata:
     channel_names: tuple[str, ...]
     pixel_size_um: float | None
     positions_um: np.ndarray | None
+    tiles_without_position: tuple[int, ...] = ()
 
 
 def write_cycle(path: Path, tiles: np.ndarray, positions_um: np.ndarray, pixel_size_um: float,
@@ -115,7 +118,8 @@ def parse_ome_xml(xml: str) -> CycleMetadata:
     return CycleMetadata(
         n_tiles=len(images), tile_shape=(height, width), n_channels=n_channels, dtype=dtype,
         channel_names=names, pixel_size_um=pixel_size,
-        positions_um=None if any(p is None for p in positions) else np.array(positions, dtype=float))
+        positions_um=None if any(p is None for p in positions) else np.array(positions, dtype=float),
+        tiles_without_position=tuple(i for i, p in enumerate(positions) if p is None))
 
 
 def read_cycle_metadata(source: Path | str | BinaryIO) -> CycleMetadata:

@@ -6,6 +6,9 @@ from a local folder and adds what only a local copy can show (sha256, truncated 
 """
 from __future__ import annotations
 
+import math
+import os
+import tempfile
 from pathlib import Path
 
 import tifffile
@@ -17,61 +20,125 @@ from atlas.slide.convention import (
     MARKERS,
     PARAMS,
     RAW,
+    RAW_DTYPES,
     RAW_SUFFIXES,
+    Marker,
     channels_per_cycle,
     check_slide_id,
+    manifest_bytes,
     parse_manifest,
     parse_markers,
     raw_files,
     sha256_file,
     slide_files,
+    slide_manifest,
 )
 from atlas.slide.ome import CycleMetadata, read_cycle_metadata
 
 REUPLOAD = "upload the file again, then regenerate manifest.json (`atlas upload` does both)"
-ASHLAR_DTYPES = ("uint8", "uint16")
+PIXEL_SIZE_RTOL = 1e-4          # ASHLAR's tolerance for "the same" pixel size
+MAX_TILES_SHOWN = 10
 
 
-def check_cycles(markers_text: str | None, cycles: dict[str, CycleMetadata | Exception]) -> list[Problem]:
-    """Problems with the cycle files given markers.csv: readability, positions, channel counts."""
-    problems: list[Problem] = []
-    markers = None
-    if markers_text is not None:
-        try:
-            markers = parse_markers(markers_text)
-        except InvalidInput as exc:
-            problems.extend(exc.problems)
+def _positions_problem(name: str, meta: CycleMetadata) -> Problem:
+    where = "OME Plane PositionX/PositionY missing"
+    if missing := meta.tiles_without_position:
+        shown = ", ".join(map(str, missing[:MAX_TILES_SHOWN])) + (" ..." if len(missing) > MAX_TILES_SHOWN else "")
+        what = f"{len(missing)} of {meta.n_tiles} tiles have no stage position ({where}; tiles {shown})"
+    else:
+        what = f"tiles have no stage position ({where})"
+    return Problem(name, what, "export the tiles with their stage coordinates (Plane PositionX/PositionY with units) "
+                               "so they can be placed, or pack them with `atlas import fiji`")
+
+
+def _cycle_problems(name: str, meta: CycleMetadata, align_channel: int | None) -> list[Problem]:
+    """What is wrong with one readable cycle file on its own."""
+    problems = [] if meta.positions_um is not None else [_positions_problem(name, meta)]
+    if meta.pixel_size_um is None:
+        problems.append(Problem(name, "has no physical pixel size (Pixels PhysicalSizeX)",
+                                "export with PhysicalSizeX/PhysicalSizeY in µm"))
+    if meta.dtype not in RAW_DTYPES:
+        problems.append(Problem(name, f"pixel type {meta.dtype} is not supported",
+                                f"export tiles as {' or '.join(RAW_DTYPES)}"))
+    if align_channel is not None and align_channel >= meta.n_channels:
+        problems.append(Problem(name, f"alignment channel {align_channel} does not exist "
+                                f"(the cycle has {meta.n_channels} channels)",
+                                "set stitch.align_channel in params.yml to the DNA channel index (0-based)"))
+    return problems
+
+
+def _mismatch_problems(metas: dict[str, CycleMetadata]) -> list[Problem]:
+    """Cycles whose tiles or pixel size differ from the first cycle's."""
+    problems = []
+    (first_name, first), *others = metas.items()
+    for name, meta in others:
+        if (meta.tile_shape, meta.dtype) != (first.tile_shape, first.dtype):
+            problems.append(Problem(name, f"tiles are {meta.tile_shape} {meta.dtype}, but the first cycle's "
+                                    f"({first_name}) are {first.tile_shape} {first.dtype}",
+                                    "acquire every cycle with the same camera settings"))
+        if meta.pixel_size_um and first.pixel_size_um and not math.isclose(
+                meta.pixel_size_um, first.pixel_size_um, rel_tol=PIXEL_SIZE_RTOL):
+            problems.append(Problem(name, f"pixel size {meta.pixel_size_um} µm differs from the first cycle's "
+                                    f"{first.pixel_size_um} µm", "acquire every cycle with the same objective"))
+    return problems
+
+
+def check_cycles(markers: list[Marker] | None, cycles: dict[str, CycleMetadata | Exception],
+                 align_channel: int | None = None) -> list[Problem]:
+    """Every problem of the cycle files, against markers.csv and each other (pure: no I/O).
+
+    Parameters
+    ----------
+    markers : list of Marker or None
+        markers.csv, parsed (None when it is missing or unreadable: channel counts are not checked).
+    cycles : dict of str to CycleMetadata or Exception
+        Slide-relative name of each cycle file -> its OME metadata, or the error reading it. Cycle
+        ``k`` is the ``k``-th name in sorted order, as MCMICRO orders them.
+    align_channel : int, optional
+        ``stitch.align_channel`` of params.yml, checked to exist in every cycle.
+    """
     if not cycles:
-        problems.append(Problem(f"{RAW}/", f"no cycle files (*{RAW_SUFFIXES[0]}) found",
-                                f"put one OME-TIFF per cycle under {RAW}/"))
-        return problems
+        return [Problem(f"{RAW}/", f"no cycle files (*{RAW_SUFFIXES[0]}) found",
+                        f"put one OME-TIFF per cycle under {RAW}/")]
     names = sorted(cycles)
+    problems: list[Problem] = []
+    readable: dict[str, CycleMetadata] = {}
     for name in names:
         meta = cycles[name]
         if isinstance(meta, Exception):
             problems.append(Problem(name, f"not a readable OME-TIFF ({meta})",
-                                    "export the cycle as OME-TIFF (one series per tile) and upload it again"))
+                                    "export the cycle as OME-TIFF (one OME Image per tile) and upload it again"))
             continue
-        if meta.positions_um is None:
-            problems.append(Problem(name, "tiles have no stage positions (OME Plane PositionX/PositionY)",
-                                    "export with stage positions, or pack the tiles with `atlas import fiji`"))
-        if meta.dtype not in ASHLAR_DTYPES:
-            problems.append(Problem(name, f"pixel type {meta.dtype} is not supported",
-                                    "export tiles as uint8 or uint16"))
+        readable[name] = meta
+        problems += _cycle_problems(name, meta, align_channel)
+    if readable:
+        problems += _mismatch_problems(readable)
     if markers is None:
         return problems
-    per_cycle = channels_per_cycle(markers)
+    per_cycle = channels_per_cycle(markers)   # cycle numbers run 1..N (parse_markers checks)
     if len(per_cycle) != len(names):
-        problems.append(Problem(MARKERS, f"lists {len(per_cycle)} cycle(s) but {RAW}/ holds {len(names)} cycle file(s) "
-                                f"({', '.join(names)})", "give one cycle_number per cycle file, in file-name order"))
+        problems.append(Problem(MARKERS, f"lists {len(per_cycle)} cycle(s) but {RAW}/ holds {len(names)} cycle "
+                                f"file(s) ({', '.join(names)})", "give one cycle_number per cycle file, in file-name "
+                                "order, or upload the missing cycle files"))
         return problems
-    for (cycle, expected), name in zip(sorted(per_cycle.items()), names, strict=True):
-        meta = cycles[name]
-        if isinstance(meta, CycleMetadata) and meta.n_channels != expected:
-            problems.append(Problem(name, f"has {meta.n_channels} channel(s) but markers.csv lists {expected} "
-                                    f"for cycle {cycle}",
-                                    "make markers.csv list exactly one row per channel of each cycle"))
+    for cycle, name in enumerate(names, start=1):
+        if name in readable and readable[name].n_channels != per_cycle[cycle]:
+            problems.append(Problem(name, f"has {readable[name].n_channels} channel(s) but {MARKERS} lists "
+                                    f"{per_cycle[cycle]} for cycle {cycle}",
+                                    f"make {MARKERS} list exactly one row per channel of each cycle file, "
+                                    "cycles in file-name order"))
     return problems
+
+
+def read_cycles(slide_dir: Path, names: list[str]) -> dict[str, CycleMetadata | Exception]:
+    """OME metadata of each cycle file (slide-relative names), or the error that reading it raised."""
+    cycles: dict[str, CycleMetadata | Exception] = {}
+    for name in names:
+        try:
+            cycles[name] = read_cycle_metadata(Path(slide_dir) / name)
+        except Exception as exc:  # noqa: BLE001 - any reader failure means the file is unusable
+            cycles[name] = exc
+    return cycles
 
 
 def check_contents(*, slide_id: str, files: dict[str, int], manifest_text: str | None, markers_text: str | None,
@@ -107,14 +174,19 @@ def check_contents(*, slide_id: str, files: dict[str, int], manifest_text: str |
             for path in sorted(set(files) - set(listed)):
                 problems.append(Problem(path, "present but not listed in manifest.json",
                                         "delete the file or regenerate manifest.json to include it"))
+    markers = align_channel = None
     if markers_text is None:
         problems.append(Problem(MARKERS, "missing", "add markers.csv (channel_number,cycle_number,marker_name)"))
-    if params_text is not None:
+    else:
         try:
-            parse_params(params_text)
+            markers = parse_markers(markers_text)
         except InvalidInput as exc:
             problems.extend(exc.problems)
-    problems.extend(check_cycles(markers_text, cycles))
+    try:
+        align_channel = parse_params(params_text).stitch.align_channel
+    except InvalidInput as exc:
+        problems.extend(exc.problems)
+    problems.extend(check_cycles(markers, cycles, align_channel))
     return problems
 
 
@@ -142,17 +214,20 @@ def validate_slide(slide_dir: Path) -> list[Problem]:
         return [Problem(str(slide_dir), "is not a folder", "give the path of the slide folder")]
     names = slide_files(slide_dir)
     files = {n: (slide_dir / n).stat().st_size for n in names}
-    cycles: dict[str, CycleMetadata | Exception] = {}
+    cycles = read_cycles(slide_dir, raw_files(names))
     problems: list[Problem] = []
-    for name in raw_files(names):
+    for name, meta in cycles.items():
+        if isinstance(meta, Exception):
+            continue
         try:
-            cycles[name] = read_cycle_metadata(slide_dir / name)
-            if (why := _truncation(slide_dir / name)) is not None:
-                problems.append(Problem(name, f"truncated: {why}", REUPLOAD))
+            why = _truncation(slide_dir / name)
         except Exception as exc:  # noqa: BLE001 - any reader failure means the file is unusable
             cycles[name] = exc
+            continue
+        if why is not None:
+            problems.append(Problem(name, f"truncated: {why}", REUPLOAD))
     manifest_text = _read_text(slide_dir / MANIFEST)
-    problems = check_contents(slide_id=slide_dir.name, files=files, manifest_text=manifest_text,
+    problems = check_contents(slide_id=slide_dir.resolve().name, files=files, manifest_text=manifest_text,
                               markers_text=_read_text(slide_dir / MARKERS),
                               params_text=_read_text(slide_dir / PARAMS), cycles=cycles) + problems
     if manifest_text is not None:
@@ -165,3 +240,41 @@ def validate_slide(slide_dir: Path) -> list[Problem]:
                 problems.append(Problem(entry.path, "sha256 differs from manifest.json (file changed or corrupted)",
                                         REUPLOAD))
     return problems
+
+
+def validate_with_manifest(slide_dir: Path, slide_id: str, manifest: bytes) -> list[Problem]:
+    """Every problem of the slide as it will be with ``manifest`` as its manifest.json.
+
+    Runs :func:`validate_slide` on a view of the folder named ``slide_id`` whose files are links to
+    the originals, so the folder itself is never modified.
+    """
+    with tempfile.TemporaryDirectory(prefix="atlas-manifest-") as tmp:
+        view = Path(tmp) / slide_id
+        view.mkdir()
+        for entry in parse_manifest(manifest.decode()):
+            (view / entry.path).parent.mkdir(parents=True, exist_ok=True)
+            os.symlink((Path(slide_dir) / entry.path).resolve(), view / entry.path)
+        (view / MANIFEST).write_bytes(manifest)
+        return validate_slide(view)
+
+
+def write_checked_manifest(slide_dir: Path) -> Path:
+    """Write ``manifest.json`` for a slide folder after its last file, as ``atlas upload`` does.
+
+    Raises
+    ------
+    InvalidInput
+        With every problem of the slide (then nothing is written, an earlier manifest.json stays).
+    """
+    slide_dir = Path(slide_dir)
+    if not slide_dir.is_dir():
+        raise InvalidInput(Problem(str(slide_dir), "is not a folder", "give the path of the slide folder"))
+    slide_id = slide_dir.resolve().name   # also for `atlas manifest .`
+    data = manifest_bytes(slide_manifest(slide_dir, slide_id))
+    if problems := validate_with_manifest(slide_dir, slide_id, data):
+        raise InvalidInput(problems)
+    path = slide_dir / MANIFEST
+    partial = path.with_name(f".{MANIFEST}.partial")
+    partial.write_bytes(data)
+    partial.replace(path)   # whole or not at all: the manifest is the slide's completeness signal
+    return path

@@ -12,8 +12,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
-import math
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
@@ -33,13 +31,12 @@ from atlas.science.stitch import (
     mosaic_shape,
     thumbnail_uint8,
 )
-from atlas.slide.convention import MARKERS, RAW, RAW_SUFFIXES, Marker, read_markers
-from atlas.slide.ome import CycleMetadata, read_cycle_metadata
+from atlas.slide.convention import MARKERS, RAW, RAW_SUFFIXES, read_markers
+from atlas.slide.ome import CycleMetadata
+from atlas.slide.validate import check_cycles, read_cycles
 from atlas.stages import StageContext
 
 QC_DIR = f"{layout.QC}/stitch"
-SUPPORTED_DTYPES = ("uint8", "uint16")
-PIXEL_SIZE_RTOL = 1e-4          # ASHLAR's tolerance for "the same" pixel size
 QC_PNG_MAX_SIDE = 1024
 
 
@@ -48,87 +45,6 @@ def cycle_files(slide_dir: Path) -> list[Path]:
     raw = Path(slide_dir) / RAW
     return sorted(p for p in raw.iterdir() if p.is_file() and p.name.lower().endswith(RAW_SUFFIXES)) \
         if raw.is_dir() else []
-
-
-def _tiles_without_position(path: Path) -> list[int]:
-    """Indices of the tiles (OME Images) whose first Plane has no PositionX/PositionY."""
-    with tifffile.TiffFile(path) as tif:
-        root = ET.fromstring(tif.pages[0].description)
-    missing = []
-    for i, image in enumerate(e for e in root if e.tag.endswith("Image")):
-        plane = next((e for e in image.iter() if e.tag.endswith("Plane")), None)
-        if plane is None or plane.get("PositionX") is None or plane.get("PositionY") is None:
-            missing.append(i)
-    return missing
-
-
-def check_cycles(files: list[Path], markers: list[Marker], align_channel: int, rel) -> list[CycleMetadata]:
-    """Read every cycle's OME metadata and check it against markers.csv and each other.
-
-    Raises
-    ------
-    InvalidInput
-        Listing every problem: no cycle files, unreadable files, tiles without stage positions, no
-        pixel size, unsupported pixel type, channel counts that disagree with markers.csv, an
-        alignment channel that does not exist, cycles with different tile size, type or pixel size.
-    """
-    if not files:
-        raise InvalidInput(Problem(RAW, "no cycle files (*.ome.tif) found",
-                                   "upload one OME-TIFF per cycle into raw/"))
-    problems, metas = [], []
-    for path in files:
-        try:
-            metas.append(read_cycle_metadata(path))
-        except (ValueError, OSError, tifffile.TiffFileError) as exc:
-            problems.append(Problem(rel(path), f"cannot read the OME-TIFF metadata ({exc})",
-                                    "export the cycle as OME-TIFF with one OME Image per tile"))
-    if problems:
-        raise InvalidInput(problems)
-    counts: dict[int, int] = {}
-    for m in markers:
-        counts[m.cycle_number] = counts.get(m.cycle_number, 0) + 1
-    for number, (path, meta) in enumerate(zip(files, metas, strict=True), start=1):
-        name = rel(path)
-        if meta.positions_um is None:
-            tiles = _tiles_without_position(path)
-            shown = ", ".join(map(str, tiles[:10])) + (" ..." if len(tiles) > 10 else "")
-            problems.append(Problem(name, f"{len(tiles)} of {meta.n_tiles} tiles have no stage position "
-                                    f"(OME Plane PositionX/PositionY missing; tiles {shown})",
-                                    "export the tiles with their stage coordinates (Plane PositionX/PositionY "
-                                    "with units) so they can be placed"))
-        if meta.pixel_size_um is None:
-            problems.append(Problem(name, "has no physical pixel size (Pixels PhysicalSizeX)",
-                                    "export with PhysicalSizeX/PhysicalSizeY in µm"))
-        if meta.dtype not in SUPPORTED_DTYPES:
-            problems.append(Problem(name, f"pixel type {meta.dtype} is not supported",
-                                    f"export tiles as {' or '.join(SUPPORTED_DTYPES)}"))
-        expected = counts.get(number, 0)
-        if meta.n_channels != expected:
-            problems.append(Problem(name, f"cycle {number} has {meta.n_channels} channels but {MARKERS} lists "
-                                    f"{expected} markers with cycle_number {number}",
-                                    f"make {MARKERS} list exactly one row per channel of each cycle file, "
-                                    "cycles in file-name order"))
-        if align_channel >= meta.n_channels:
-            problems.append(Problem(name, f"alignment channel {align_channel} does not exist "
-                                    f"(the cycle has {meta.n_channels} channels)",
-                                    "set stitch.align_channel in params.yml to the DNA channel index (0-based)"))
-    extra = sorted(set(counts) - set(range(1, len(files) + 1)))
-    if extra:
-        problems.append(Problem(MARKERS, f"lists cycle_number(s) {extra} but raw/ has {len(files)} cycle file(s)",
-                                "upload the missing cycle files or remove their rows from markers.csv"))
-    first = metas[0]
-    for path, meta in zip(files[1:], metas[1:], strict=True):
-        if (meta.tile_shape, meta.dtype) != (first.tile_shape, first.dtype):
-            problems.append(Problem(rel(path), f"tiles are {meta.tile_shape} {meta.dtype}, but the first cycle's "
-                                    f"are {first.tile_shape} {first.dtype}",
-                                    "acquire every cycle with the same camera settings"))
-        if meta.pixel_size_um and first.pixel_size_um and not math.isclose(
-                meta.pixel_size_um, first.pixel_size_um, rel_tol=PIXEL_SIZE_RTOL):
-            problems.append(Problem(rel(path), f"pixel size {meta.pixel_size_um} µm differs from the first "
-                                    f"cycle's {first.pixel_size_um} µm", "acquire every cycle with the same objective"))
-    if problems:
-        raise InvalidInput(problems)
-    return metas
 
 
 def illumination_paths(slide_id: str, cycle: int) -> tuple[str, str]:
@@ -182,7 +98,10 @@ def run(ctx: StageContext) -> None:
                                    "add markers.csv (channel_number,cycle_number,marker_name; one row per channel)"))
     markers = read_markers(slide_dir / MARKERS)
     files = cycle_files(slide_dir)
-    metas = check_cycles(files, markers, params.align_channel, rel)
+    cycles = read_cycles(slide_dir, [rel(path) for path in files])
+    if problems := check_cycles(markers, cycles, params.align_channel):
+        raise InvalidInput(problems)
+    metas = [cycles[rel(path)] for path in files]
     qc_dir = out_dir / QC_DIR
     qc_dir.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:

@@ -1,37 +1,17 @@
-"""Status Lambda: Step Functions execution status changes -> run and slide status.
-
-Sends a notification when a run ends.
-"""
-from aws_lambda_powertools import Logger, Metrics, Tracer
-from aws_lambda_powertools.metrics import MetricUnit
-from aws_lambda_powertools.utilities.idempotency import DynamoDBPersistenceLayer, IdempotencyConfig, idempotent_function
-from aws_lambda_powertools.utilities.parser import event_parser
-from aws_lambda_powertools.utilities.typing import LambdaContext
+"""Status Lambda: Step Functions status changes -> run and slide status; a notification when a run ends."""
+import os
 
 from atlas.aws import catalog
+from atlas.aws.catalog.lambdas import CatalogFunction
 
-settings = catalog.Settings.from_env()
-aws = catalog.Aws(settings)
-logger, tracer, metrics = Logger(), Tracer(), Metrics(namespace=catalog.METRICS_NAMESPACE)
-idempotency = IdempotencyConfig(event_key_jmespath="detail.[execution_arn, status, redrive_count]",
-                                raise_on_no_idempotency_key=True)
-persistence = DynamoDBPersistenceLayer(table_name=settings.idempotency_table, boto3_client=aws.dynamodb)
+function = CatalogFunction(os.environ, idempotency_key="detail.[execution_arn, status, redrive_count]")
 
 
-@idempotent_function(data_keyword_argument="event", config=idempotency, persistence_store=persistence)
 def record_status(event: catalog.ExecutionStatusEvent) -> dict:
-    result = catalog.record_execution_status(aws, settings, event.detail)
-    if result["outcome"] == "recorded" and result["status"] in (catalog.Status.SUCCEEDED, catalog.Status.FAILED):
-        metrics.add_metric(name=f"Runs{result['status'].title()}", unit=MetricUnit.Count, value=1)
+    result = catalog.record_execution_status(function.aws, function.settings, event.detail)
+    if result["outcome"] == "recorded" and result["status"] in catalog.ENDED:
+        function.count(f"Runs{result['status'].title()}")
     return result
 
 
-@logger.inject_lambda_context
-@tracer.capture_lambda_handler
-@metrics.log_metrics
-@event_parser(model=catalog.ExecutionStatusEvent)
-def handler(event: catalog.ExecutionStatusEvent, context: LambdaContext) -> dict:
-    idempotency.register_lambda_context(context)
-    result = record_status(event=event)
-    logger.info("execution status recorded", extra=result)
-    return result
+handler = function.handler(catalog.ExecutionStatusEvent, record_status, "execution status recorded")

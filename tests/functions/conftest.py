@@ -20,7 +20,7 @@ import pytest
 from fake_aws import use_fake_aws
 from moto import mock_aws
 
-from atlas.slide.convention import MANIFEST, build_manifest
+from atlas.slide.convention import MANIFEST, manifest_bytes, slide_manifest
 from localcloud.demo import HANDLERS, LambdaContext, LocalCloud, load_handler
 
 EVENTS = Path(__file__).resolve().parents[1] / "events"
@@ -91,11 +91,11 @@ class Ingest:
                    only: tuple[str, ...] | None = None) -> list[dict]:
         """Upload a slide folder file by file (a freshly built manifest.json last); events in upload order."""
         slide_id = slide_id or slide_dir.name
-        doc = build_manifest(slide_dir) | {"slide_id": slide_id}
+        doc = slide_manifest(slide_dir, slide_id)
         events = [self.put(slide_id, f["path"], (slide_dir / f["path"]).read_bytes()) for f in doc["files"]
                   if only is None or f["path"] in only]
         if manifest:
-            events.append(self.put(slide_id, MANIFEST, (json.dumps(doc, indent=1) + "\n").encode()))
+            events.append(self.put(slide_id, MANIFEST, manifest_bytes(doc)))
         return events
 
     def deliver(self, event: dict) -> dict:

@@ -17,7 +17,7 @@ from atlas.slide.convention import MANIFEST
 def start_execution_calls(cloud) -> list[dict]:
     """Record every StartExecution the trigger handler sends."""
     calls = []
-    client = cloud.handlers["trigger"].aws.sfn
+    client = cloud.handlers["trigger"].function.aws.sfn
     client.meta.events.register("provide-client-params.sfn.StartExecution", lambda params, **_: calls.append(params))
     return calls
 

@@ -5,7 +5,7 @@ import json
 
 from cdk_templates import logical_id, one, policy_statements, resources, state_machine_definition
 
-from atlas.aws.catalog import Settings, execution_input
+from atlas.aws.catalog import execution_input
 from atlas.stages import STAGES
 from infra.compute import job_name
 from infra.nag import render_intrinsics
@@ -66,8 +66,7 @@ def test_gpu_stage_goes_to_the_gpu_queue_only_when_gpu_is_on(full, lean):
 
 
 def test_jobs_get_the_execution_input_as_parameters_and_tags(synth):
-    sample = execution_input(Settings("t", "i", "arn", "topic", "work", "results"), slide_id="S1", run_id="S1-abc",
-                             ingest_bucket="ingest")
+    sample = execution_input(slide_id="S1", run_id="S1-abc", slide_uri="s3://ingest/S1/", work_bucket="work")
     for name, state in job_states(state_machine_definition(synth.pipeline)):
         params = state["Parameters"]
         assert params["Parameters"] == {"slide_uri.$": "$.slide_uri", "work_uri.$": "$.work_uri",

@@ -80,11 +80,6 @@ class UNetSettings:
     noise_floor: float = 4.0
 
 
-def configured_weights() -> str | None:
-    """The weights URI configured in the environment, if any."""
-    return os.environ.get(WEIGHTS_ENV) or None
-
-
 def resolve_weights(uri: str, sha256: str | None = None) -> Path:
     """Local path of the weights at ``uri`` (a path or ``s3://bucket/key``), sha256-checked.
 
