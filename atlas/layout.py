@@ -17,6 +17,8 @@ ILLUMINATION = "illumination"
 METADATA = "metadata"           # the release's HTAN metadata tables (atlas.slide.htan)
 OVERVIEW_PAGE = "index.html"    # the overview's entry page, in overview/ (and at the top of its site copy)
 QC_SUMMARY = "summary.json"     # each stage's qc/<stage>/summary.json, shown in the overview's QC panel
+PROVENANCE = f"{QC}/provenance"  # one completion record per job of the run (released with the results)
+WORK = "tmp"                    # array items' parts, read by their merge; in the work prefix, never released
 
 # HTAN / MITI data levels of the folders above (qc, illumination and metadata are auxiliary: level None).
 LEVELS = {REGISTRATION: 2, SEGMENTATION: 3, QUANTIFICATION: 4, OVERVIEW: 5, QC: None, ILLUMINATION: None,
@@ -53,6 +55,11 @@ def mask_path(slide_id: str, engine: str, mask: str) -> str:
 def table_path(slide_id: str, engine: str, mask: str, suffix: str = ".csv") -> str:
     """MCQuant's ``quantification/<imageID>--<method>_<mask>.csv`` (also .parquet, .h5ad)."""
     return f"{QUANTIFICATION}/{slide_id}--{engine}_{mask}{suffix}"
+
+
+def completion_record(stage: str, item: int | None = None) -> str:
+    """Completion record of a stage's job (or of one of its array items), e.g. ``qc/provenance/segment.2.json``."""
+    return f"{PROVENANCE}/{stage}{'' if item is None else f'.{item}'}.json"
 
 
 def htan_table(component: str) -> str:

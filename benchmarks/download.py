@@ -24,16 +24,21 @@ counted from the requests' ``Range`` headers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TILES = ROOT.parent / "shared" / "data" / "stitching" / "basicpy_wsi_brain"
+sys.path.insert(0, str(ROOT))
+from tests.realdata import data_root  # noqa: E402  (../shared/data, or fetched)
+
+TILES = data_root() / "stitching" / "basicpy_wsi_brain"
 BUCKET, SLIDE, RUN = "bench-results", "brain", "brain-000000000000"
 PART, THREADS = 8 * 2**20, 8
 
@@ -62,17 +67,11 @@ def make_release(s3, copies: int):
     return get_release(SLIDE, bucket=BUCKET)
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def reference(client, release, target: Path) -> None:
     """boto3's TransferManager, same part size and concurrency, then the same sha256 checks."""
     from boto3.s3.transfer import TransferConfig, TransferManager
+
+    from atlas.slide.convention import sha256_file
 
     config = TransferConfig(multipart_threshold=PART, multipart_chunksize=PART, max_concurrency=THREADS)
     with TransferManager(client, config) as manager:
@@ -84,7 +83,7 @@ def reference(client, release, target: Path) -> None:
                                             extra_args={"RequestPayer": "requester"}))
         for future in futures:
             future.result()
-    bad = [f.path for f in release.files if sha256(target / f.path) != f.sha256]
+    bad = [f.path for f in release.files if sha256_file(target / f.path) != f.sha256]
     assert not bad, bad
 
 
@@ -153,10 +152,8 @@ def main() -> None:
             target = work / f"{name}-resume"
             shutil.rmtree(target, ignore_errors=True)
             client, first = counting_client(limit=big // 2)
-            try:
+            with contextlib.suppress(Interrupted):
                 fn(client, release, target)
-            except Interrupted:
-                pass
             if name == "s3transfer":  # it leaves temp files that the next run does not use: start again
                 shutil.rmtree(target, ignore_errors=True)
             client, second = counting_client()

@@ -37,7 +37,10 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "quantification" / "steinbock_imc"
+sys.path.insert(0, str(ROOT))
+from tests.realdata import data_root  # noqa: E402  (../shared/data, or fetched)
+
+DATA = data_root() / "quantification" / "steinbock_imc"
 ROI = "20210305_NE_mockData2_001"
 MARKERS = ["Ag107", "Cytokeratin 5", "Laminin", "YBX1", "H3K27Ac"]
 # MCQuant's MaskIDs properties, renamed as it renames them.

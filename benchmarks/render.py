@@ -39,9 +39,10 @@ from atlas.science.overview.exhibit import make_groups  # noqa: E402
 from atlas.science.overview.source import TiffPyramid  # noqa: E402
 from atlas.science.overview.tiles import hex_to_rgb  # noqa: E402
 from atlas.science.pyramid import write_ome_tiff_pyramid  # noqa: E402
+from tests.realdata import data_root  # noqa: E402  (../shared/data, or fetched)
 from tests.test_overview_browser import brain_mosaic, tiled  # noqa: E402  (the test's real mosaic)
 
-DATA = ROOT.parent / "shared" / "data"
+DATA = data_root()
 TILE = 1024
 MARKERS = ["DNA_1", "Nuclei", "Mix_a", "Mix_b", "DNA_2", "Nuclei_2", "Mix_c", "Mix_d"]
 

@@ -28,6 +28,7 @@ nucleus image in shared/data), so the F1 values are training-set figures.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 import tracemalloc
 from pathlib import Path
@@ -46,7 +47,10 @@ from atlas.science.segmentation.tiling import ScaledImage, calibration_sample, s
 from atlas.science.segmentation.unet import UNetEngine, UNetSettings
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
+sys.path.insert(0, str(ROOT))
+from tests.realdata import data_root  # noqa: E402  (../shared/data, or fetched)
+
+DATA = data_root()
 IMAGE = DATA / "segmentation" / "stardist_dsb2018" / "img2d.tif"
 TRUTH = DATA / "segmentation" / "stardist_dsb2018" / "mask2d.tif"
 WEIGHTS = DATA / "models" / "unet2d_nuclei_broad" / "weights.onnx"

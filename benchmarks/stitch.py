@@ -34,7 +34,10 @@ import numpy as np
 import tifffile
 
 ROOT = Path(__file__).resolve().parents[1]
-BRAIN = ROOT / ".." / "shared" / "data" / "stitching" / "basicpy_wsi_brain"
+sys.path.insert(0, str(ROOT))
+from tests.realdata import data_root  # noqa: E402  (../shared/data, or fetched)
+
+BRAIN = data_root() / "stitching" / "basicpy_wsi_brain"
 VENV_BIN = Path(sys.executable).parent
 
 OUR_STAGE = """

@@ -27,7 +27,7 @@ from aws_cdk import aws_logs as logs
 from aws_cdk import aws_s3 as s3
 from constructs import Construct
 
-from atlas.stages import STAGES, Stage
+from atlas.stages import Job, Stage, batch_jobs
 from infra.config import AtlasConfig
 from infra.nag import S3_READ_ACTIONS, acknowledge, acknowledge_wildcards, managed_policy_finding
 
@@ -54,42 +54,45 @@ QUEUE_TIME_LIMITS = {
 # What Batch writes into a job's statusReason when the time limit above cancels it for capacity
 # (docs: AWS Batch user guide, "Jobs stuck in RUNNABLE due to capacity").
 CAPACITY_CANCELLED = "CAPACITY:INSUFFICIENT_INSTANCE_CAPACITY"
-# The stage that releases a run (atlas.pipeline.job): the only one whose role writes results and the site.
-PUBLISH_STAGE = "publish"
 
 
-def stage_command(stage: Stage, *, merge: bool = False) -> list[str]:
-    """The container command of a stage job, ``stage NAME --slide-uri ... [--merge]``.
+def stage_command(job: Job) -> list[str]:
+    """The container command of a stage job, ``stage NAME --slide-uri Ref::slide_uri ... [--merge]``.
 
     The images' entrypoint is ``atlas``, so the job runs ``atlas stage NAME ...``. Values come
     from Batch parameters (``Ref::name``) that Step Functions passes per run; array children
     find their index in ``AWS_BATCH_JOB_ARRAY_INDEX``.
     """
-    command = ["stage", stage.name]
-    for name in JOB_PARAMETERS:
-        command += [f"--{name.replace('_', '-')}", f"Ref::{name}"]
-    return command + (["--merge"] if merge else [])
-
-
-def job_name(stage: Stage, *, merge: bool = False) -> str:
-    """Name of a stage's job (definition, Batch job and Step Functions state): ``segment``, ``segment-merge``."""
-    return f"{stage.name}-merge" if merge else stage.name
+    return job.argv(**{name: f"Ref::{name}" for name in JOB_PARAMETERS})
 
 
 @dataclass(frozen=True)
 class StageJob:
-    """A job definition and the queue it is submitted to."""
+    """A job definition and the queue it is submitted to.
 
-    stage: Stage
-    merge: bool
+    Attributes
+    ----------
+    job : Job
+        The registry job it runs; for an array stage, its first item stands for the array job.
+    array_size : int
+        Batch array size (0: a single job).
+    on_demand_queue : JobQueue or None
+        Where a capacity-cancelled job is resubmitted.
+    """
+
+    job: Job
     definition: batch.EcsJobDefinition
     queue: batch.JobQueue
     array_size: int
-    on_demand_queue: batch.JobQueue | None = None  # where a capacity-cancelled job is resubmitted
+    on_demand_queue: batch.JobQueue | None = None
 
     @property
     def name(self) -> str:
-        return job_name(self.stage, merge=self.merge)
+        return self.job.name
+
+    @property
+    def stage(self) -> Stage:
+        return self.job.stage
 
 
 def stage_images(scope: Construct, config: AtlasConfig) -> dict[str, ecs.ContainerImage]:
@@ -174,16 +177,15 @@ class BatchCompute(Construct):
                               "image pulls themselves are limited to the stage images' repository.", resources=["*"])
         self.log_group = logs.LogGroup(self, "JobLogs", retention=config.log_retention)
         self.jobs: dict[str, StageJob] = {}
-        for stage in STAGES:
-            for merge in (False, True) if stage.array_size else (False,):
-                on_gpu = stage.image == "gpu" and config.gpu and not merge
-                job = StageJob(stage=stage, merge=merge, queue=self.gpu_queue if on_gpu else self.cpu_queue,
-                               on_demand_queue=self.on_demand_queues.get("gpu" if on_gpu else "cpu"),
-                               array_size=0 if merge else stage.array_size,
-                               definition=self._job_definition(stage, merge=merge, gpu=on_gpu,
-                                                               image=images["gpu" if on_gpu else "cpu"],
-                                                               environment=environment, config=config))
-                self.jobs[job.name] = job
+        for job in batch_jobs():
+            on_gpu = job.stage.image == "gpu" and config.gpu and not job.merge
+            image = images["gpu" if on_gpu else "cpu"]
+            stage_job = StageJob(job=job, queue=self.gpu_queue if on_gpu else self.cpu_queue,
+                                 on_demand_queue=self.on_demand_queues.get("gpu" if on_gpu else "cpu"),
+                                 array_size=0 if job.item is None else job.count,
+                                 definition=self._job_definition(job, gpu=on_gpu, image=image,
+                                                                 environment=environment, config=config))
+            self.jobs[stage_job.name] = stage_job
 
     def _queue(self, kind: str, config: AtlasConfig, instance_types: tuple[str, ...], max_vcpus: int,
                image_type: batch.EcsMachineImageType) -> batch.JobQueue:
@@ -232,13 +234,13 @@ class BatchCompute(Construct):
             "ComputeResources.LaunchTemplate.Version", self.launch_template.latest_version_number)
         return environment
 
-    def _job_definition(self, stage: Stage, *, merge: bool, gpu: bool, image: ecs.ContainerImage,
+    def _job_definition(self, job: Job, *, gpu: bool, image: ecs.ContainerImage,
                         environment: dict[str, str], config: AtlasConfig) -> batch.EcsJobDefinition:
-        name = job_name(stage, merge=merge)
+        name, stage = job.name, job.stage
         container = batch.EcsEc2ContainerDefinition(
             self, f"{name}Container", image=image, cpu=stage.vcpus, memory=Size.mebibytes(stage.memory_mib),
-            gpu=1 if gpu else None, command=stage_command(stage, merge=merge), environment=environment,
-            job_role=self.publish_role if stage.name == PUBLISH_STAGE else self.job_role,
+            gpu=1 if gpu else None, command=stage_command(job), environment=environment,
+            job_role=self.publish_role if stage.publishes else self.job_role,
             execution_role=self.execution_role,
             logging=ecs.LogDriver.aws_logs(stream_prefix=name, log_group=self.log_group))
         return batch.EcsJobDefinition(

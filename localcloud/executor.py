@@ -13,8 +13,9 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from atlas.pipeline.job import ARRAY_INDEX_ENV, ExitCode
-from atlas.stages import STAGES, Stage
+from atlas.pipeline.contract import ExitCode
+from atlas.pipeline.job import ARRAY_INDEX_ENV
+from atlas.stages import Job, run_jobs
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +45,10 @@ class StageJobFailed(RuntimeError):
         super().__init__(f"stage job {step} failed ({kind}):\n{tail}")
 
 
-def stage_command(stage: str, *, slide_uri: str, work_uri: str, run_id: str, merge: bool = False) -> list[str]:
-    """The ``atlas stage`` command line of one job (array index from env, as in Batch)."""
-    cmd = [sys.executable, "-m", "atlas", "stage", stage, "--slide-uri", slide_uri, "--work-uri", work_uri,
-           "--run-id", run_id]
-    return cmd + (["--merge"] if merge else [])
+def stage_command(job: Job, *, slide_uri: str, work_uri: str, run_id: str) -> list[str]:
+    """The command line of one job: the image's ``atlas`` entrypoint with the job's arguments (array
+    index from env, as in Batch)."""
+    return [sys.executable, "-m", "atlas", *job.argv(slide_uri=slide_uri, work_uri=work_uri, run_id=run_id)]
 
 
 def execute_run(slide_uri: str, work_uri: str, run_id: str, *, env: Mapping[str, str]) -> list[StepResult]:
@@ -78,23 +78,13 @@ def execute_run(slide_uri: str, work_uri: str, run_id: str, *, env: Mapping[str,
     base = {k: v for k, v in {**os.environ, **env}.items() if k != ARRAY_INDEX_ENV}
     steps: list[StepResult] = []
 
-    def run(stage: Stage, item: int | None = None, merge: bool = False) -> None:
-        name = stage.name + ("" if item is None else f"[{item}]") + (" merge" if merge else "")
-        job_env = base if item is None else {**base, ARRAY_INDEX_ENV: str(item)}
+    for job in run_jobs():
+        job_env = base if job.item is None else {**base, ARRAY_INDEX_ENV: str(job.item)}
         t0 = time.perf_counter()
-        proc = subprocess.run(stage_command(stage.name, slide_uri=slide_uri, work_uri=work_uri, run_id=run_id,
-                                            merge=merge),
+        proc = subprocess.run(stage_command(job, slide_uri=slide_uri, work_uri=work_uri, run_id=run_id),
                               env=job_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False)
         if proc.returncode != 0:
-            raise StageJobFailed(name, proc.returncode, proc.stdout)
-        steps.append(StepResult(stage.name, item, merge, time.perf_counter() - t0, proc.stdout))
-        log.info("%s done in %.1f s", name, steps[-1].seconds)
-
-    for stage in STAGES:
-        if stage.array_size:
-            for i in range(stage.array_size):
-                run(stage, item=i)
-            run(stage, merge=True)
-        else:
-            run(stage)
+            raise StageJobFailed(job.label, proc.returncode, proc.stdout)
+        steps.append(StepResult(job.stage.name, job.item, job.merge, time.perf_counter() - t0, proc.stdout))
+        log.info("%s done in %.1f s", job.label, steps[-1].seconds)
     return steps

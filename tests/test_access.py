@@ -51,8 +51,7 @@ from atlas.aws.s3 import REQUEST_PAYER_HEADER, S3Uri
 from atlas.cli import app
 from atlas.cli.data import human
 from atlas.errors import InvalidInput
-from atlas.pipeline.local import make_context, run_stage
-from atlas.stages import get_stage
+from atlas.pipeline.local import make_context
 
 RESULTS, WORK = "atlas-test-results", "atlas-test-work"
 
@@ -66,12 +65,10 @@ class Published:
 
 
 @pytest.fixture(scope="module")
-def published(sample_slide, tmp_path_factory):
-    """The sample slide stitched and released to an emulated requester-pays results bucket."""
-    out = tmp_path_factory.mktemp("released")
+def published(sample_slide, sample_run):
+    """The sample slide's run released to an emulated requester-pays results bucket."""
+    out = sample_run
     ctx = make_context(sample_slide, out)
-    for name in ("stitch", "publish"):
-        run_stage(ctx, get_stage(name))
     with pytest.MonkeyPatch.context() as mp:
         use_fake_aws(mp, region="eu-west-1", ATLAS_RESULTS_BUCKET=RESULTS)  # a reader not in us-east-1
         with mock_aws():

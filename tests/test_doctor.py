@@ -52,8 +52,9 @@ def deployed(monkeypatch, payer):
         bucket = DEPLOYMENT.results_bucket
         s3.create_bucket(Bucket=bucket)
         s3.put_bucket_request_payment(Bucket=bucket, RequestPaymentConfiguration={"Payer": "Requester"})
-        s3.put_public_access_block(Bucket=bucket, PublicAccessBlockConfiguration={
-            k: True for k in ("BlockPublicAcls", "IgnorePublicAcls", "BlockPublicPolicy", "RestrictPublicBuckets")})
+        block_all = dict.fromkeys(("BlockPublicAcls", "IgnorePublicAcls", "BlockPublicPolicy", "RestrictPublicBuckets"),
+                                  True)
+        s3.put_public_access_block(Bucket=bucket, PublicAccessBlockConfiguration=block_all)
         s3.put_bucket_policy(Bucket=bucket, Policy=grant_policy(bucket, DEPLOYMENT.grantee_account_ids))
 
         ec2, iam = boto3.client("ec2", region_name=REGION), boto3.client("iam", region_name=REGION)

@@ -30,10 +30,10 @@ from atlas import layout
 from atlas.aws.release import LATEST
 from atlas.cli import app
 from atlas.errors import InvalidInput
-from atlas.pipeline.job import ExitCode, JobError, Misconfigured, UpstreamIncomplete, instance_type, run_stage_job
-from atlas.pipeline.local import PROVENANCE
+from atlas.pipeline.contract import ExitCode, JobError, Misconfigured, UpstreamIncomplete
+from atlas.pipeline.job import instance_type, run_stage_job
 from atlas.slide.convention import MANIFEST, run_id_for
-from atlas.stages import STAGES
+from atlas.stages import STAGES, get_stage, run_jobs
 from localcloud.demo import local_aws_env
 from localcloud.executor import StageJobFailed, execute_run, stage_command
 
@@ -61,13 +61,7 @@ def aws():
 
 def expected_steps(stages=STAGES) -> list[tuple[str, int | None, bool]]:
     """(stage, array item, merge) of every job of a run, in order."""
-    steps = []
-    for stage in stages:
-        if stage.array_size:
-            steps += [(stage.name, i, False) for i in range(stage.array_size)] + [(stage.name, None, True)]
-        else:
-            steps.append((stage.name, None, False))
-    return steps
+    return [(job.stage.name, job.item, job.merge) for job in run_jobs(stages)]
 
 
 def new_bucket(s3, name: str) -> str:
@@ -104,7 +98,7 @@ def without_data(page: bytes) -> bytes:
 
 def data_files(release: dict[str, bytes]) -> dict[str, bytes]:
     """A release without what records when it ran (completion records, the manifest's provenance)."""
-    return {k: v for k, v in release.items() if not k.startswith(PROVENANCE + "/") and k != layout.MANIFEST}
+    return {k: v for k, v in release.items() if not k.startswith(layout.PROVENANCE + "/") and k != layout.MANIFEST}
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +132,7 @@ def test_every_stage_runs_as_a_job_and_the_run_is_released(aws, run, sample_run)
     assert latest["run_id"] == run["run_id"] and latest["manifest"] == f"s3://{run['results']}/{prefix}{MANIFEST}"
 
     # cost: every stage (and array item) recorded vCPU-seconds and where it ran
-    records = {k: json.loads(v) for k, v in objects(s3, run["work"], f"{run['run_id']}/{PROVENANCE}/").items()}
+    records = {k: json.loads(v) for k, v in objects(s3, run["work"], f"{run['run_id']}/{layout.PROVENANCE}/").items()}
     assert sorted(records) == sorted(f"{name}.json" if item is None else f"{name}.{item}.json"
                                      for name, item, _ in expected_steps())
     for name, record in records.items():
@@ -216,7 +210,7 @@ def test_a_job_killed_mid_upload_resumes_to_a_byte_identical_release(aws, run, s
     names = [s.name for s in STAGES]
     # the run got as far as KILLED_STAGE: the earlier jobs' outputs and records, as the first run left them
     source = f"{run_id}/"
-    done = [f"{PROVENANCE}/{name}.json" if item is None else f"{PROVENANCE}/{name}.{item}.json"
+    done = [f"{layout.PROVENANCE}/{name}.json" if item is None else f"{layout.PROVENANCE}/{name}.{item}.json"
             for name, item, _ in expected_steps(STAGES[:names.index(KILLED_STAGE)])]
     records = [json.loads(s3.get_object(Bucket=run["work"], Key=source + rel)["Body"].read()) for rel in done]
     for rel in done + [out["path"] for record in records for out in record["outputs"]]:
@@ -224,7 +218,8 @@ def test_a_job_killed_mid_upload_resumes_to_a_byte_identical_release(aws, run, s
 
     # ... then the instance running KILLED_STAGE vanished after the first of its outputs reached S3
     with hold_uploads_after_first(work, f"{run_id}/") as (state, blocked):
-        proc = subprocess.Popen(stage_command(KILLED_STAGE, slide_uri=slide_uri, work_uri=work_uri, run_id=run_id),
+        proc = subprocess.Popen(stage_command(get_stage(KILLED_STAGE).jobs()[0], slide_uri=slide_uri, work_uri=work_uri,
+                                              run_id=run_id),
                                 env=job_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             assert blocked.wait(300), f"{KILLED_STAGE} never uploaded a second output"
@@ -234,8 +229,8 @@ def test_a_job_killed_mid_upload_resumes_to_a_byte_identical_release(aws, run, s
             proc.wait()
     assert proc.returncode == -signal.SIGKILL
     partial = objects(s3, work, f"{run_id}/")
-    assert state["stored"] and all(not k.startswith(f"{run_id}/{PROVENANCE}/") for k in state["stored"])
-    assert f"{PROVENANCE}/{KILLED_STAGE}.json" not in partial  # no completion record: the stage is not done
+    assert state["stored"] and all(not k.startswith(f"{run_id}/{layout.PROVENANCE}/") for k in state["stored"])
+    assert f"{layout.PROVENANCE}/{KILLED_STAGE}.json" not in partial  # no completion record: the stage is not done
 
     # Batch retries: completed jobs skip themselves, the killed one redoes its work, the run completes
     steps = execute_run(slide_uri, work_uri, run_id, env={**env, "ATLAS_RESULTS_BUCKET": results})
@@ -245,7 +240,7 @@ def test_a_job_killed_mid_upload_resumes_to_a_byte_identical_release(aws, run, s
     resumed = objects(s3, results, prefix)
     assert sorted(resumed) == sorted(uninterrupted)
     assert data_files(resumed) == data_files(uninterrupted)
-    listed = [[f for f in json.loads(release[MANIFEST])["files"] if not f["path"].startswith(PROVENANCE + "/")]
+    listed = [[f for f in json.loads(release[MANIFEST])["files"] if not f["path"].startswith(layout.PROVENANCE + "/")]
               for release in (resumed, uninterrupted)]
     assert listed[0] == listed[1]
 
@@ -272,7 +267,8 @@ def test_a_corrupted_input_fails_naming_the_file_and_publishes_nothing(aws, slid
 def test_a_stage_needs_its_upstream_records(aws):
     _, s3 = aws
     work = new_bucket(s3, "work")
-    with pytest.raises(UpstreamIncomplete, match="needs stitch, segment, segment item 0"):
+    with pytest.raises(UpstreamIncomplete, match=re.escape("needs stitch, segment[0], segment[1], segment[2], "
+                                                           "segment[3], segment merge to be complete first")):
         run_stage_job("quantify", slide_uri="s3://ingest/S1/", work_uri=f"s3://{work}/S1-r/", run_id="S1-r", s3=s3)
     assert objects(s3, work) == {}
 
@@ -282,7 +278,7 @@ def test_a_changed_upstream_output_is_caught(aws, run):
     work = new_bucket(s3, "work")
     source = f"{run['run_id']}/"
     for key, body in objects(s3, run["work"], source).items():
-        if not key.startswith(("quantification/", f"{PROVENANCE}/quantify", "overview/")):
+        if not key.startswith(("quantification/", f"{layout.PROVENANCE}/quantify", "overview/")):
             s3.put_object(Bucket=work, Key=source + key, Body=body)
     tampered = layout.registration_tiff(run["slide_id"])
     s3.put_object(Bucket=work, Key=source + tampered, Body=b"II*\x00 not the registered image")

@@ -4,7 +4,7 @@ The slide gets to the catalog the real way: the sample slide is uploaded with ``
 code to the emulated ingest bucket, whose S3 events go through EventBridge to the real catalog and
 trigger handlers (:class:`localcloud.demo.LocalCloud`), which start the execution. Step Functions' status
 changes are the events AWS sends, handed to the real status handler. Stage progress is what the
-stage jobs leave in the work bucket: completion records written by :func:`atlas.pipeline.local.write_completion`
+stage jobs leave in the work bucket: completion records made by :func:`atlas.pipeline.records.new_record`
 with a small output file each, standing for the jobs' real outputs (their content does not matter
 to status, cost or reuse; the job wrapper's own skip check is run on the reused ones).
 """
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import boto3
 import pytest
+from botocore.exceptions import ClientError
 from botocore.stub import Stubber
 from fake_aws import use_fake_aws
 from moto import mock_aws
@@ -27,11 +28,11 @@ from atlas.aws.upload import upload_slide
 from atlas.cli import app
 from atlas.cli.data import usd
 from atlas.errors import InvalidInput
-from atlas.params import Params, parse_params
+from atlas.params import parse_params
+from atlas.pipeline import records
 from atlas.pipeline.job import run_stage_job, stage_slide
-from atlas.pipeline.local import completion_path, write_completion
 from atlas.slide.convention import MANIFEST, PARAMS, parse_manifest
-from atlas.stages import StageContext, get_stage
+from atlas.stages import get_stage
 from localcloud.demo import HANDLERS, POWERTOOLS_LOCAL_ENV, LocalCloud, execution_status_event, load_handler
 
 
@@ -71,17 +72,16 @@ def finish_job(cloud: LocalCloud, tmp: Path, slide_id: str, run_id: str, stage_n
                seconds: float = 600, instance: str = "c6i.2xlarge") -> dict:
     """What a finished stage job leaves in the run's work prefix: an output, then its completion record."""
     stage = get_stage(stage_name)
+    job = stage.jobs()[-1] if item is None else stage.jobs()[item]
     out = tmp / run_id
     rel = f"qc/{stage_name}/job{'' if item is None else item}.txt"
     (out / rel).parent.mkdir(parents=True, exist_ok=True)
     (out / rel).write_text(f"{stage_name} {item} of {run_id}\n")
-    ctx = StageContext(slide_id=slide_id, run_id=run_id, slide_dir=tmp, out_dir=out, params=Params())
-    record = write_completion(ctx, stage, started=0.0, finished=seconds, item=item, outputs=[rel],
-                              instance_type=instance)
+    record = records.new_record(job, run_id=run_id, started=0.0, finished=seconds,
+                                outputs=[records.file_entry(out, rel)], instance_type=instance)
     s3, work = boto3.client("s3"), cloud.settings.work_bucket
-    record_rel = completion_path(Path("."), stage, item).as_posix()
     s3.upload_file(str(out / rel), work, f"{run_id}/{rel}")
-    s3.upload_file(str(out / record_rel), work, f"{run_id}/{record_rel}")
+    s3.put_object(Bucket=work, Key=f"{run_id}/{job.record}", Body=records.dumps(record))
     return record
 
 
@@ -243,7 +243,7 @@ def test_rerun_refuses_what_cannot_work(cloud, sample_slide, tmp_path):
     cases = [
         (["--from", "segment", "--params", str(stitch_change)], "--from segment reuses the stitch outputs",
          "rerun --from stitch"),
-        (["--from", "quantify"], "segment item 1 of run", "rerun --from segment"),
+        (["--from", "quantify"], "segment[1] of run", "rerun --from segment"),
         (["--from", "stiching"], "unknown stage 'stiching'", "stitch, segment, quantify"),
     ]
     bad_params = tmp_path / "bad.yml"
@@ -257,6 +257,36 @@ def test_rerun_refuses_what_cannot_work(cloud, sample_slide, tmp_path):
     assert ops.slide_status(slide_id, table=table(cloud)).status == "FAILED"  # nothing was started
     assert len(boto3.client("stepfunctions").list_executions(
         stateMachineArn=cloud.settings.state_machine_arn)["executions"]) == 1
+
+
+def test_a_rerun_whose_execution_cannot_start_leaves_the_slide_on_its_run(cloud, sample_slide, tmp_path):
+    """StartExecution refused (throttled, no permission): the slide item goes back to the failed run and the
+    new run's item is removed, so `atlas rerun` can simply be run again."""
+    slide_id = sample_slide.name
+    old = fail_at_segment(cloud, slide_id, tmp_path)
+    before = catalog.from_dynamo(table(cloud).get_item(Key=catalog.slide_key(slide_id))["Item"])
+
+    class Refusing:
+        """Step Functions as the emulator has it, but StartExecution is refused."""
+
+        def __init__(self):
+            self.real = boto3.client("stepfunctions")
+
+        def start_execution(self, **_):
+            raise ClientError({"Error": {"Code": "ThrottlingException", "Message": "Rate exceeded"}}, "StartExecution")
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+    with pytest.raises(ClientError, match="Rate exceeded"):
+        ops.rerun(slide_id, table=table(cloud), from_stage="segment", sfn=Refusing())
+    after = catalog.from_dynamo(table(cloud).get_item(Key=catalog.slide_key(slide_id))["Item"])
+    assert after == before and after["run_id"] == old and after["status"] == "FAILED"
+    runs = [r["run_id"] for r in catalog.slide_items(table(cloud), slide_id, catalog.RUN_SK_PREFIX)]
+    assert runs == [old]
+    started = cli("rerun", slide_id, "--from", "segment")  # and it works once StartExecution does
+    assert started.exit_code == 0, started.output
+    assert ops.slide_status(slide_id, table=table(cloud)).run_id == f"{old}-r2"
 
 
 def test_a_slide_still_collecting_has_nothing_to_rerun(cloud):

@@ -10,16 +10,14 @@ import hashlib
 import json
 from pathlib import Path
 
-import boto3
 import pytest
-from fake_aws import use_fake_aws
-from moto import mock_aws
 
 from atlas import layout
 from atlas.aws.release import LATEST, ReleaseError, content_type, release_run
 from atlas.aws.s3 import S3Uri
 
 SLIDE = "S1"
+BUCKETS = ("work", "results", "site")   # created by the s3 fixture (conftest)
 FILES = {  # relative path -> bytes
     "registration/S1.ome.tif": b"II*\x00" + bytes(range(256)) * 40,
     "registration/S1.ome.zarr/zarr.json": b'{"zarr_format": 3}',
@@ -49,16 +47,6 @@ def stage_to_work(s3, out_dir: Path, work: S3Uri) -> None:
     for path in sorted(out_dir.rglob("*")):
         if path.is_file():
             s3.upload_file(str(path), work.bucket, work.join(path.relative_to(out_dir).as_posix()).key)
-
-
-@pytest.fixture
-def s3(monkeypatch):
-    use_fake_aws(monkeypatch)
-    with mock_aws():
-        client = boto3.client("s3")
-        for bucket in ("work", "results", "site"):
-            client.create_bucket(Bucket=bucket)
-        yield client
 
 
 def record_writes(s3) -> list[str]:

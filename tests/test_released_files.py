@@ -17,7 +17,6 @@ from atlas import layout
 from atlas.slide.convention import read_markers
 from atlas.slide.palette import channel_colors
 from atlas.slide.sample import ACQUIRED
-from atlas.stages.publish import result_files
 from tests.ome_checks import DATETIME_TAG, validate_ome_tiff, validate_ome_zarr
 
 # Attribute names of the HTAN data model (ncihtan/data-models @ f77ac86, HTAN.dependencies.csv) of
@@ -57,7 +56,9 @@ HTAN_OBJECT_CLASSES = {"nucleus", "cytoplasm", "plasma membrane", "whole cell", 
 
 @pytest.fixture(scope="module")
 def released(sample_run) -> list[str]:
-    return result_files(sample_run) + [layout.MANIFEST]
+    """Every file of the run's results layout (what publishing copies), the manifest included."""
+    return sorted(p.relative_to(sample_run).as_posix() for top in layout.LEVELS if (sample_run / top).is_dir()
+                  for p in (sample_run / top).rglob("*") if p.is_file()) + [layout.MANIFEST]
 
 
 def test_no_released_file_carries_the_raw_files_dates(sample_run, sample_slide, released):

@@ -6,6 +6,7 @@ quantification against the sample's ground truth.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -19,8 +20,11 @@ from typer.testing import CliRunner
 
 from atlas import layout
 from atlas.cli import app
-from atlas.pipeline.local import run_pipeline
+from atlas.params import Params
+from atlas.pipeline.contract import UndeclaredOutput, UpstreamIncomplete
+from atlas.pipeline.local import execute, make_context, run_job, run_pipeline
 from atlas.slide.convention import read_markers, sha256_file
+from atlas.stages import StageContext, get_stage
 
 MCQUANT_MORPHOLOGY = ["X_centroid", "Y_centroid", "Area", "MajorAxisLength", "MinorAxisLength",
                       "Eccentricity", "Solidity", "Extent", "Orientation"]
@@ -165,3 +169,37 @@ def test_run_on_imported_real_brain_tiles(shared_data, tmp_path):
     # the 54 tiles of about 460 px pitch on a 9 x 6 grid give a mosaic of about 4200 x 2900 px
     assert 2800 < got["image"].shape[1] < 3000 and 4100 < got["image"].shape[2] < 4300
     assert len(got["table"]) > 100
+
+
+def test_a_job_writing_outside_its_declared_outputs_fails(tmp_path, monkeypatch):
+    """The registry is enforced where jobs run: a stray output fails the job, naming it and the fix."""
+    quantify = get_stage("quantify").jobs()[0]
+    segment_item = get_stage("segment").jobs()[1]
+
+    def writes(*rels):
+        def run(ctx, *args):
+            for rel in rels:
+                (ctx.out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+                (ctx.out_dir / rel).write_text(rel)
+        return run
+
+    ctx = StageContext("S1", "S1-run", tmp_path, tmp_path / "out", Params())
+    monkeypatch.setattr(quantify.stage.module, "run", writes("quantification/S1--x_cell.csv", "registration/S1.txt"))
+    with pytest.raises(UndeclaredOutput, match="quantify wrote registration/S1.txt, outside its declared outputs"):
+        execute(ctx.for_job(quantify, scratch=tmp_path), quantify)
+    # an array item may write only below its stage's item folder, not the stage's final outputs
+    monkeypatch.setattr(segment_item.stage.module, "run_item", writes(f"{segment_item.stage.item_dir}/t.tif",
+                                                                      "segmentation/x-S1/cell.ome.tif"))
+    with pytest.raises(UndeclaredOutput, match=r"segment\[1\] wrote segmentation/x-S1/cell.ome.tif"):
+        execute(ctx.for_job(segment_item, scratch=tmp_path), segment_item)
+    # declared outputs are recorded with the size and sha256 the writer left
+    monkeypatch.setattr(quantify.stage.module, "run", writes("quantification/S1--x_cell.csv"))
+    (entry,) = execute(ctx.for_job(quantify, scratch=tmp_path), quantify)
+    assert entry == {"path": "quantification/S1--x_cell.csv", "size": len("quantification/S1--x_cell.csv"),
+                     "sha256": hashlib.sha256(b"quantification/S1--x_cell.csv").hexdigest()}
+
+
+def test_a_job_needs_the_records_of_the_jobs_before_it(sample_slide, tmp_path):
+    ctx = make_context(sample_slide, tmp_path)
+    with pytest.raises(UpstreamIncomplete, match=r"render of run .* needs stitch, segment\[0\]"):
+        run_job(ctx, get_stage("render").jobs()[0])

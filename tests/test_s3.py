@@ -6,6 +6,9 @@ values show; the science tests use the real data.
 """
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from botocore.exceptions import ClientError
@@ -137,3 +140,13 @@ def test_range_file_on_a_shrunken_object_says_how_to_reopen(client):
     fh.seek(0)
     with pytest.raises(OSError, match="shorter than the 100 bytes.*open it again"):
         fh.read(50)
+
+
+def test_the_lambdas_load_the_s3_helpers_without_zarr():
+    """The Lambda asset has no zarr (infra.bundling.LAMBDA_PACKAGES): only making a store may import it."""
+    from infra.bundling import LAMBDA_PACKAGES
+
+    assert "zarr" not in LAMBDA_PACKAGES
+    code = "import sys; sys.modules['zarr'] = None; import atlas.aws.s3, atlas.aws.catalog"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr

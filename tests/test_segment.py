@@ -9,12 +9,11 @@ import hashlib
 
 import numpy as np
 import pytest
-import tifffile
 from scipy import ndimage as ndi
 from skimage.segmentation import expand_labels
 
 from atlas.errors import InvalidInput
-from atlas.science.segmentation import make_engine, resolve_engine_name
+from atlas.science.segmentation import EngineSettings, make_engine, resolve_engine_name
 from atlas.science.segmentation.metrics import match_instances
 from atlas.science.segmentation.tiling import (
     ScaledImage,
@@ -29,12 +28,6 @@ from atlas.science.segmentation.unet import SHA256_ENV, WEIGHTS_ENV, resolve_wei
 
 F1_FLOOR = {"classical": 0.84, "unet": 0.86}     # measured: classical 0.848, unet 0.868
 COARSE_F1_FLOOR = 0.79      # classical at 1.3 µm/px, measured 0.808
-
-
-@pytest.fixture(scope="module")
-def dsb(shared_data):
-    folder = shared_data / "segmentation" / "stardist_dsb2018"
-    return tifffile.imread(folder / "img2d.tif"), tifffile.imread(folder / "mask2d.tif")
 
 
 @pytest.fixture(scope="module")
@@ -152,17 +145,15 @@ def test_weights_are_sha256_checked(weights, tmp_path):
         make_engine("unet", weights=str(tmp_path / "junk.onnx"))
 
 
-def test_default_engine_is_unet_only_when_weights_are_configured(monkeypatch, weights):
-    monkeypatch.delenv(WEIGHTS_ENV, raising=False)
-    assert resolve_engine_name("auto") == "classical"
+def test_default_engine_is_unet_only_when_weights_are_configured(weights):
+    # the entry points (CLI, stage job) pass their environment; the engine code reads none itself
+    assert EngineSettings.resolve("auto", {}).name == resolve_engine_name("auto") == "classical"
     with pytest.raises(InvalidInput, match=WEIGHTS_ENV):
-        make_engine("unet")
-    monkeypatch.setenv(WEIGHTS_ENV, str(weights))
-    monkeypatch.setenv(SHA256_ENV, hashlib.sha256(weights.read_bytes()).hexdigest())
-    assert make_engine("auto").name == "unet"
-    monkeypatch.setenv(SHA256_ENV, "f" * 64)
+        EngineSettings.resolve("unet", {}).make()
+    environ = {WEIGHTS_ENV: str(weights), SHA256_ENV: hashlib.sha256(weights.read_bytes()).hexdigest()}
+    assert EngineSettings.resolve("auto", environ).make().name == "unet"
     with pytest.raises(InvalidInput, match="expected f{64}"):
-        make_engine("auto")
+        EngineSettings.resolve("auto", {**environ, SHA256_ENV: "f" * 64}).make()
     with pytest.raises(InvalidInput, match="unknown engine 'cellpose'"):
         resolve_engine_name("cellpose")
 

@@ -24,18 +24,12 @@ from atlas.science.pyramid import write_ome_tiff_pyramid, write_ome_zarr
 from atlas.science.segmentation import make_engine
 from atlas.science.segmentation.metrics import match_instances
 from atlas.science.segmentation.tiling import segment_image
-from atlas.stages import StageContext, get_stage
+from atlas.stages import Job, StageContext, get_stage
 from atlas.stages import segment as stage
 
 SLIDE = "S1"
 PIXEL_SIZE_UM = 0.65
 CHANNELS = ["DNA_1", "CD3"]
-
-
-@pytest.fixture(scope="module")
-def dsb(shared_data):
-    folder = shared_data / "segmentation" / "stardist_dsb2018"
-    return tifffile.imread(folder / "img2d.tif"), tifffile.imread(folder / "mask2d.tif")
 
 
 @pytest.fixture(scope="module")
@@ -50,21 +44,25 @@ def registered(dsb, tmp_path_factory) -> Path:
     return out
 
 
-def _context(out: Path, **segment) -> StageContext:
-    return StageContext(SLIDE, "run1", out, out, Params(segment=SegmentParams(**segment)))
+SEGMENT = get_stage("segment")
 
 
-def test_stage_items_and_merge_write_level3_masks(registered, dsb, monkeypatch):
-    monkeypatch.delenv("ATLAS_UNET_WEIGHTS", raising=False)
-    ctx = _context(registered, channel="DNA_1", tile_size=128, overlap=48, expand_um=2.0)
-    count = get_stage("segment").array_size
+def run_job(out: Path, job: Job, scratch: Path, **segment) -> None:
+    """Run one job of the segment stage on the results folder ``out`` (the classical engine)."""
+    ctx = StageContext(SLIDE, "run1", out, out, Params(segment=SegmentParams(**segment)))
+    ctx.for_job(job, scratch=scratch).run(job)
+
+
+def test_stage_items_and_merge_write_level3_masks(registered, dsb, tmp_path):
+    params = {"channel": "DNA_1", "tile_size": 128, "overlap": 48, "expand_um": 2.0}
+    *items, merge = SEGMENT.jobs()
     written = []
-    for index in range(count):
-        before = set((registered / stage.TMP_DIR).glob("tile-*.tif"))
-        stage.run_item(ctx, index, count)
-        written.append(len(set((registered / stage.TMP_DIR).glob("tile-*.tif")) - before))
+    for job in items:
+        before = set((registered / SEGMENT.item_dir).glob("tile-*.tif"))
+        run_job(registered, job, tmp_path, **params)
+        written.append(len(set((registered / SEGMENT.item_dir).glob("tile-*.tif")) - before))
     assert written == [4, 4, 4, 4]        # 16 tiles, shared evenly
-    stage.merge(ctx)
+    run_job(registered, merge, tmp_path, **params)
 
     nuclei = tifffile.imread(registered / layout.mask_path(SLIDE, "classical", "nuclei"))
     cells = tifffile.imread(registered / layout.mask_path(SLIDE, "classical", "cell"))
@@ -89,16 +87,18 @@ def test_stage_items_and_merge_write_level3_masks(registered, dsb, monkeypatch):
 
 
 def test_merge_refuses_missing_tiles(registered, tmp_path):
-    ctx = _context(tmp_path, channel="DNA_1", tile_size=200)
-    (tmp_path / "registration").symlink_to(registered / "registration")
-    stage.run_item(ctx, 0, 4)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "registration").symlink_to(registered / "registration")
+    *items, merge = SEGMENT.jobs()
+    run_job(out, items[0], tmp_path, channel="DNA_1", tile_size=200)
     with pytest.raises(InvalidInput, match="7 of 9 tiles are missing \\(e.g. tile 0\\)"):
-        stage.merge(ctx)
+        run_job(out, merge, tmp_path, channel="DNA_1", tile_size=200)
 
 
-def test_stage_names_the_channels_when_the_marker_is_unknown(registered):
+def test_stage_names_the_channels_when_the_marker_is_unknown(registered, tmp_path):
     with pytest.raises(InvalidInput, match="no channel named 'DAPI'; channels are 0=DNA_1, 1=CD3"):
-        stage.run_item(_context(registered, channel="DAPI"), 0, 4)
+        run_job(registered, SEGMENT.jobs()[0], tmp_path, channel="DAPI")
 
 
 def test_cli_segments_a_plain_tiff_and_writes_cells(shared_data, dsb, tmp_path):

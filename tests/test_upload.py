@@ -4,12 +4,8 @@ from __future__ import annotations
 import hashlib
 import json
 
-import boto3
 import pytest
 from botocore.awsrequest import AWSResponse
-from botocore.config import Config
-from fake_aws import use_fake_aws
-from moto import mock_aws
 from typer.testing import CliRunner
 
 from atlas.aws.upload import UploadFailed, upload_slide
@@ -18,16 +14,8 @@ from atlas.errors import InvalidInput
 from atlas.slide.convention import run_id_for, slide_manifest
 
 BUCKET = "ingest"
+BUCKETS = (BUCKET,)   # created by the s3 fixture (conftest)
 SMALL_PARTS = {"multipart_threshold": 5 << 20, "multipart_chunk": 5 << 20}  # the sample's cycles go multipart
-
-
-@pytest.fixture
-def s3(monkeypatch):
-    use_fake_aws(monkeypatch)
-    with mock_aws():
-        client = boto3.client("s3", config=Config(retries={"max_attempts": 1}))
-        client.create_bucket(Bucket=BUCKET)
-        yield client
 
 
 def calls(client, *operations: str) -> list[tuple[str, str]]:

@@ -23,23 +23,22 @@ import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import boto3
 from boto3.dynamodb.conditions import Attr
 from botocore.exceptions import ClientError
 
+from atlas import layout
 from atlas.aws import catalog
 from atlas.aws.catalog import Status
 from atlas.aws.s3 import S3Uri, get_bytes, list_sizes, parallel_map, s3_client
 from atlas.errors import InvalidInput, Problem
 from atlas.params import parse_params
-from atlas.pipeline.local import PROVENANCE, completion_path
+from atlas.pipeline import records as completion
 from atlas.slide.convention import MANIFEST, PARAMS, parse_manifest, run_id_for
-from atlas.stages import STAGES, Stage, get_stage
+from atlas.stages import STAGES, Stage, batch_jobs, get_stage, run_jobs
 
 RERUN_PREFIX = "reruns"      # work bucket: slide copies carrying an overridden params.yml
-MERGE_SUFFIX = "-merge"      # state name of an array stage's merge job (infra.compute.job_name)
 RERUNNABLE = catalog.ENDED
 
 
@@ -188,10 +187,7 @@ def list_catalog_slides(table) -> list[dict]:
 
 def job_stage(state_name: str) -> Stage | None:
     """The registry stage a state machine state runs (``segment``, ``segment-merge``), else None."""
-    try:
-        return get_stage(state_name.removesuffix(MERGE_SUFFIX))
-    except ValueError:
-        return None
+    return next((job.stage for job in batch_jobs() if job.name == state_name), None)
 
 
 def current_job(sfn, execution_arn: str) -> str | None:
@@ -210,15 +206,11 @@ def current_job(sfn, execution_arn: str) -> str | None:
 
 def completion_records(s3, work: S3Uri, run_id: str) -> dict[str, dict]:
     """This run's completion records in its work prefix: record path (``qc/provenance/...``) -> record."""
-    records = work.prefix().join(PROVENANCE).prefix()
-    rels = [f"{PROVENANCE}/{name}" for name in list_sizes(s3, records) if name.endswith(".json")]
+    records = work.prefix().join(layout.PROVENANCE).prefix()
+    rels = [f"{layout.PROVENANCE}/{name}" for name in list_sizes(s3, records) if name.endswith(".json")]
     raws = parallel_map(lambda rel: get_bytes(s3, work.join(rel)), rels)
     docs = {rel: json.loads(raw) for rel, raw in zip(rels, raws, strict=True) if raw is not None}
     return {rel: doc for rel, doc in docs.items() if doc.get("run_id") == run_id}
-
-
-def _record_rel(stage: Stage, item: int | None = None) -> str:
-    return completion_path(Path("."), stage, item).as_posix()
 
 
 def job_cost(record: Mapping, prices: ComputePrices = COMPUTE_PRICES) -> float | None:
@@ -242,31 +234,33 @@ def stage_progress(records: Mapping[str, dict], *, execution_status: str | None,
     current : str or None
         The job running or failed (None when the run has not started or has succeeded).
     """
-    finished = {}
+    finished, complete, items_done = {}, set(), {}
     for stage in STAGES:
-        jobs = [records.get(_record_rel(stage, i)) for i in range(stage.array_size)] + [records.get(_record_rel(stage))]
+        *items, last = stage.jobs()
+        jobs = [records.get(job.record) for job in (*items, last)]
         finished[stage.name] = [r for r in jobs if r is not None]
-    complete = {s.name for s in STAGES if _record_rel(s) in records}
+        items_done[stage.name] = sum(records.get(job.record) is not None for job in items)
+        if last.record in records:
+            complete.add(stage.name)
     if current is None and execution_status and catalog.run_status(execution_status) in (Status.RUNNING,
                                                                                           Status.FAILED):
         stage = next((s for s in STAGES if s.name not in complete), None)
         if stage is not None:
-            items_done = sum(_record_rel(stage, i) in records for i in range(stage.array_size))
-            current = stage.name + (MERGE_SUFFIX if stage.array_size and items_done == stage.array_size else "")
+            current = stage.jobs()[-1].name if stage.array_size and items_done[stage.name] == stage.array_size \
+                else stage.name
     running = job_stage(current).name if current else None
     stages = []
     for stage in STAGES:
         jobs = finished[stage.name]
         costs = [job_cost(r) for r in jobs]
         if stage.name in complete:
-            state = "reused" if records[_record_rel(stage)].get("reused_from") else "done"
+            state = "reused" if records[stage.jobs()[-1].record].get("reused_from") else "done"
         elif stage.name == running:
             state = "running" if execution_status == "RUNNING" else "failed"
         else:
             state = "pending"
         stages.append(StageProgress(
-            stage.name, state, sum(_record_rel(stage, i) in records for i in range(stage.array_size)),
-            stage.array_size, sum(float(r.get("seconds", 0)) for r in jobs),
+            stage.name, state, items_done[stage.name], stage.array_size, sum(float(r.get("seconds", 0)) for r in jobs),
             sum(float(r.get("vcpu_seconds", 0)) for r in jobs),
             tuple(sorted({str(r.get("instance_type")) for r in jobs})),
             None if None in costs else sum(costs)))
@@ -371,20 +365,14 @@ def plan_reuse(s3, previous: S3Uri, *, previous_run: str, run_id: str, stages: l
     sizes = list_sizes(s3, previous)
     outputs: set[str] = set()
     records: dict[str, dict] = {}
-    for stage in stages:
-        for item in [*range(stage.array_size), None]:
-            rel = _record_rel(stage, item)
-            raw = get_bytes(s3, previous.join(rel))
-            record = json.loads(raw) if raw is not None else None
-            intact = record is not None and record.get("run_id") == previous_run and all(
-                sizes.get(o["path"]) == o["size"] for o in record["outputs"])
-            if not intact:
-                job = stage.name + ("" if item is None else f" item {item}")
-                raise InvalidInput(Problem(str(previous.join(rel)), f"{job} of run {previous_run} is not complete "
-                                           "(no completion record for it, or its outputs are missing)",
-                                           f"rerun --from {stage.name} or an earlier stage"))
-            outputs.update(o["path"] for o in record["outputs"])
-            records[rel] = {**record, "run_id": run_id, "reused_from": previous_run}
+    for job in run_jobs(stages):
+        record = completion.loads(get_bytes(s3, previous.join(job.record)))
+        if not completion.is_intact(record, previous_run, sizes):
+            raise InvalidInput(Problem(str(previous.join(job.record)), f"{job.label} of run {previous_run} is not "
+                                       "complete (no completion record for it, or its outputs are missing)",
+                                       f"rerun --from {job.stage.name} or an earlier stage"))
+        outputs.update(o["path"] for o in record["outputs"])
+        records[job.record] = {**record, "run_id": run_id, "reused_from": previous_run}
     return _Reuse(tuple(sorted(outputs)), records)
 
 
@@ -393,8 +381,8 @@ def reuse(s3, plan: _Reuse, previous: S3Uri, target: S3Uri) -> None:
     parallel_map(lambda rel: s3.copy({"Bucket": previous.bucket, "Key": previous.join(rel).key},
                                      target.bucket, target.join(rel).key), plan.outputs)
     parallel_map(lambda kv: s3.put_object(Bucket=target.bucket, Key=target.join(kv[0]).key,
-                                          Body=json.dumps(kv[1], indent=1).encode() + b"\n",
-                                          ContentType="application/json"), plan.records.items())
+                                          Body=completion.dumps(kv[1]), ContentType="application/json"),
+                 plan.records.items())
 
 
 def with_params(manifest: Mapping, params: bytes) -> bytes:

@@ -72,6 +72,11 @@ class Release:
     overview: S3Uri | None
 
 
+def release_prefix(results_bucket: str, slide_id: str, run_id: str) -> S3Uri:
+    """Where a run is released: ``s3://<results>/<slide_id>/<run_id>/``."""
+    return S3Uri(results_bucket, f"{slide_id}/{run_id}/")
+
+
 def content_type(key: str) -> str:
     """MIME type of a key (browsers and S3 consoles need it for html/js; binary otherwise)."""
     suffix = PurePosixPath(key).suffix.lower()
@@ -125,7 +130,7 @@ def release_run(s3, out_dir: Path, *, work: S3Uri, slide_id: str, run_id: str, r
                            f"Redo the stage that wrote them (its completion record under {work.join('qc')} lists "
                            f"its outputs): atlas rerun {slide_id} --from STAGE")
 
-    prefix = S3Uri(results_bucket, f"{slide_id}/{run_id}/")
+    prefix = release_prefix(results_bucket, slide_id, run_id)
     parallel_map(lambda f: _copy(s3, work.join(f["path"]), prefix.join(f["path"]),
                                  {"htan-level": str(f["level"]) if f["level"] is not None else "none",
                                   "sha256": f["sha256"]}), files)

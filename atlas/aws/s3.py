@@ -8,23 +8,26 @@ a connection pool sized for parallel transfers) or one given by the caller. What
   "no such key" (:func:`is_missing`, one set of error codes) as ``None`` rather than an exception;
 - :class:`S3RangeFile` -- a seekable file object over ranged GETs (tifffile parses headers in place);
 - :func:`s3_store` -- a zarr 3 store over a prefix (reads and writes, every request through the one
-  client given, optionally answering listings from known sizes);
+  client given, optionally answering listings from known sizes; the class lives in
+  :mod:`atlas.aws.s3zarr`, loaded on first use: the Lambdas import this module and have no zarr);
 - :func:`requester_pays` -- the ``x-amz-request-payer`` header on every request of a client;
 - :func:`count_transfers` -- a botocore event hook counting requests and bytes of a client.
 """
 from __future__ import annotations
 
-import asyncio
 import io
 import threading
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urlsplit
 
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import ClientError
+
+if TYPE_CHECKING:
+    from atlas.aws.s3zarr import S3Store
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -317,168 +320,8 @@ class S3RangeFile(io.RawIOBase):
 
 
 # --- zarr 3 store ---------------------------------------------------------------------------------
-def _reraise(exc: Exception, uri: S3Uri) -> Exception:
-    return exc
-
-
-def _range_header(byte_range, size: int | None) -> str | None:
-    """The ``Range`` header of a zarr byte request: None for the whole object, ``""`` when the answer is
-    known to be empty without asking."""
-    from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
-
-    if byte_range is None:
-        return None
-    if isinstance(byte_range, RangeByteRequest):
-        return "" if byte_range.end <= byte_range.start else f"bytes={byte_range.start}-{byte_range.end - 1}"
-    if isinstance(byte_range, OffsetByteRequest):
-        return "" if size is not None and byte_range.offset >= size else f"bytes={byte_range.offset}-"
-    if isinstance(byte_range, SuffixByteRequest):
-        return f"bytes=-{byte_range.suffix}"
-    raise ValueError(f"unexpected byte range {byte_range!r}")
-
-
-def _store_class():
-    """The zarr 3 store class (defined on first use: zarr is imported only by who needs it)."""
-    from zarr.abc.store import Store
-
-    class S3Store(Store):
-        """zarr 3 store over one S3 prefix; every request goes through the one client it was given.
-
-        See :func:`s3_store`. ``requests`` and ``bytes_fetched`` count the GETs this store made.
-        """
-
-        supports_writes = True
-        supports_deletes = True
-        supports_listing = True
-
-        def __init__(self, client, prefix: S3Uri, *, sizes: Mapping[str, int] | None = None,
-                     read_only: bool = False, explain: Callable[[Exception, S3Uri], Exception] = _reraise):
-            super().__init__(read_only=read_only)
-            self.client, self.prefix, self.explain = client, prefix.prefix(), explain
-            self.sizes = None if sizes is None else dict(sizes)
-            self.requests = 0
-            self.bytes_fetched = 0
-            self._lock = threading.Lock()
-
-        def __eq__(self, other: object) -> bool:
-            return isinstance(other, S3Store) and (other.prefix, other.read_only) == (self.prefix, self.read_only)
-
-        def __repr__(self) -> str:
-            return f"S3Store({self.prefix})"
-
-        def with_read_only(self, read_only: bool = False) -> S3Store:
-            return S3Store(self.client, self.prefix, sizes=self.sizes, read_only=read_only, explain=self.explain)
-
-        def _call(self, uri: S3Uri, action: Callable[[], T]) -> T:
-            """``action()``, S3 failures as ``explain`` makes them."""
-            try:
-                return action()
-            except (ClientError, BotoCoreError) as exc:  # BotoCoreError: no credentials, no connection, ...
-                explained = self.explain(exc, uri)
-                if explained is exc:
-                    raise
-                raise explained from exc
-
-        def _fetch(self, key: str, header: str | None) -> bytes | None:
-            uri = self.prefix.join(key)
-
-            def get() -> bytes | None:
-                try:
-                    return get_bytes(self.client, uri, **({"Range": header} if header else {}))
-                except ClientError as exc:
-                    if error_code(exc) == "InvalidRange":  # a range past the end: nothing there
-                        return b""
-                    raise
-
-            body = self._call(uri, get)
-            with self._lock:
-                self.requests += 1
-                self.bytes_fetched += len(body or b"")
-            return body
-
-        async def get(self, key, prototype, byte_range=None):
-            size = None
-            if self.sizes is not None:
-                if key not in self.sizes:
-                    return None
-                size = self.sizes[key]
-                if size == 0:
-                    return prototype.buffer.from_bytes(b"")
-            header = _range_header(byte_range, size)
-            if header == "":
-                return prototype.buffer.from_bytes(b"")
-            data = await asyncio.to_thread(self._fetch, key, header)
-            return None if data is None else prototype.buffer.from_bytes(data)
-
-        async def get_partial_values(self, prototype, key_ranges):
-            return list(await asyncio.gather(*(self.get(k, prototype, r) for k, r in key_ranges)))
-
-        async def exists(self, key: str) -> bool:
-            if self.sizes is not None:
-                return key in self.sizes
-            return await asyncio.to_thread(self._head, key) is not None
-
-        def _head(self, key: str) -> int | None:
-            uri = self.prefix.join(key)
-
-            def head() -> int | None:
-                try:
-                    return int(self.client.head_object(Bucket=uri.bucket, Key=uri.key)["ContentLength"])
-                except ClientError as exc:
-                    if is_missing(exc):
-                        return None
-                    raise
-
-            return self._call(uri, head)
-
-        async def getsize(self, key: str) -> int:
-            size = self.sizes.get(key) if self.sizes is not None else await asyncio.to_thread(self._head, key)
-            if size is None:
-                raise FileNotFoundError(str(self.prefix.join(key)))
-            return size
-
-        async def set(self, key, value) -> None:
-            self._check_writable()
-            uri, data = self.prefix.join(key), value.to_bytes()
-            await asyncio.to_thread(self._call, uri,
-                                    lambda: self.client.put_object(Bucket=uri.bucket, Key=uri.key, Body=data))
-            if self.sizes is not None:
-                with self._lock:
-                    self.sizes[key] = len(data)
-
-        async def delete(self, key) -> None:
-            self._check_writable()
-            uri = self.prefix.join(key)
-            await asyncio.to_thread(self._call, uri, lambda: self.client.delete_object(Bucket=uri.bucket, Key=uri.key))
-            if self.sizes is not None:
-                with self._lock:
-                    self.sizes.pop(key, None)
-
-        def _listed(self) -> dict[str, int]:
-            if self.sizes is not None:
-                return self.sizes
-            return self._call(self.prefix, lambda: list_sizes(self.client, self.prefix))
-
-        async def list(self) -> AsyncIterator[str]:
-            for key in sorted(await asyncio.to_thread(self._listed)):
-                yield key
-
-        async def list_prefix(self, prefix: str) -> AsyncIterator[str]:
-            for key in sorted(await asyncio.to_thread(self._listed)):
-                if key.startswith(prefix):
-                    yield key
-
-        async def list_dir(self, prefix: str) -> AsyncIterator[str]:
-            prefix = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
-            keys = await asyncio.to_thread(self._listed)
-            for name in sorted({k[len(prefix):].split("/", 1)[0] for k in keys if k.startswith(prefix)}):
-                yield name
-
-    return S3Store
-
-
 def s3_store(client, prefix: S3Uri, *, sizes: Mapping[str, int] | None = None, read_only: bool = False,
-             explain: Callable[[Exception, S3Uri], Exception] = _reraise) -> Any:
+             explain: Callable[[Exception, S3Uri], Exception] | None = None) -> S3Store:
     """A zarr 3 store over ``prefix`` (a ``*.zarr`` folder), every request through ``client``.
 
     ``zarr.open_group(store=s3_store(...), mode="r")`` reads only the chunks indexed (one GET each);
@@ -501,4 +344,6 @@ def s3_store(client, prefix: S3Uri, *, sizes: Mapping[str, int] | None = None, r
         ``explain(exc, uri)`` -> the exception to raise for an S3 failure on ``uri`` (e.g. one
         that says how to get access); default re-raises botocore's.
     """
-    return _store_class()(client, prefix, sizes=sizes, read_only=read_only, explain=explain)
+    from atlas.aws.s3zarr import S3Store  # zarr only where a store is made (the Lambdas have no zarr)
+
+    return S3Store(client, prefix, sizes=sizes, read_only=read_only, explain=explain)

@@ -65,8 +65,9 @@ def status(slide: str = typer.Argument(None, help="slide id (default: every slid
         console.print(f"[yellow]missing:[/] {missing['path']}: {missing.get('why', '')}", highlight=False)
     if st.error or st.cause:
         console.print(f"[red]error:[/] {st.error}\n[red]cause:[/] {st.cause}", highlight=False)
+        stage = ops.job_stage(st.current_stage) if st.current_stage else None
         console.print(f"raw data is kept; after fixing the cause: atlas rerun {slide}"
-                      + (f" --from {st.current_stage.removesuffix(ops.MERGE_SUFFIX)}" if st.current_stage else ""))
+                      + (f" --from {stage.name}" if stage else ""))
     if st.results_uri:
         console.print(f"results: {st.results_uri}\noverview: {st.overview_uri}", highlight=False)
     if st.work_uri:

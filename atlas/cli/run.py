@@ -1,6 +1,7 @@
 """``atlas run SLIDE -o OUT``: the whole pipeline locally."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -25,7 +26,7 @@ def run(slide: Path = typer.Argument(..., help="slide folder <slide_id>/"),
             console.print(f"[green]✓[/] {stage.name}" + (" (already complete)" if event == "skip" else ""))
 
     with status:
-        manifest = run_pipeline(slide, out, run_id=run_id, on_stage=on_stage)
+        manifest = run_pipeline(slide, out, run_id=run_id, on_stage=on_stage, settings=os.environ)
     console.print(f"results:  {out.resolve()}\nmanifest: {manifest.resolve()}\n"
                   f"overview: {(out / layout.OVERVIEW / layout.OVERVIEW_PAGE).resolve()}")
 

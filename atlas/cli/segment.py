@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from rich.progress import Progress
 
 from atlas.errors import InvalidInput, Problem
 from atlas.params import SegmentParams
-from atlas.science.segmentation import AUTO, ENGINES, make_engine
+from atlas.science.segmentation import AUTO, ENGINES, EngineSettings
 from atlas.science.segmentation.tiling import expand_to_cells, segment_image
 from atlas.science.segmentation.unet import SHA256_ENV, WEIGHTS_ENV
 
@@ -39,7 +40,7 @@ def segment(image: Path = typer.Argument(..., help="2-D TIFF, or multi-channel (
 
     if pixel_size is not None and not pixel_size > 0:
         raise InvalidInput(Problem("--pixel-size", f"must be positive, got {pixel_size}", "give the pixel size in µm"))
-    engine_ = make_engine(engine, weights=weights, weights_sha256=weights_sha256)
+    engine_ = EngineSettings.resolve(engine, os.environ, weights=weights, weights_sha256=weights_sha256).make()
     console = Console(stderr=True)
     with open_channel(image, channel) as source, tempfile.TemporaryDirectory(dir=out.parent.resolve()) as scratch:
         size = pixel_size or source.pixel_size_um

@@ -9,7 +9,8 @@ import typer
 from botocore.exceptions import BotoCoreError, ClientError
 
 from atlas.errors import InvalidInput
-from atlas.pipeline.job import ARRAY_INDEX_ENV, ExitCode, JobError, StageFailed, run_stage_job
+from atlas.pipeline.contract import ExitCode, JobError, StageFailed
+from atlas.pipeline.job import ARRAY_INDEX_ENV, run_stage_job
 from atlas.stages import STAGES, get_stage
 
 

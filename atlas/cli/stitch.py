@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import typer
@@ -9,9 +11,9 @@ from rich.console import Console
 
 from atlas import layout
 from atlas.errors import InvalidInput
-from atlas.params import parse_params
-from atlas.slide.convention import PARAMS, check_slide_id
-from atlas.stages import StageContext
+from atlas.pipeline.local import stage_context
+from atlas.slide.convention import check_slide_id
+from atlas.stages import get_stage
 
 
 def stitch(slide: Path = typer.Argument(..., help="slide folder <slide_id>/ (markers.csv, raw/*.ome.tif)"),
@@ -23,13 +25,12 @@ def stitch(slide: Path = typer.Argument(..., help="slide folder <slide_id>/ (mar
     slide = slide.resolve()
     if problems := check_slide_id(slide.name):
         raise InvalidInput(problems)
-    params_file = slide / PARAMS
-    params = parse_params(params_file.read_text() if params_file.is_file() else None, PARAMS)
     out.mkdir(parents=True, exist_ok=True)
-    ctx = StageContext(slide_id=slide.name, run_id="local", slide_dir=slide, out_dir=out, params=params)
+    job = get_stage("stitch").jobs()[0]
     console = Console()
-    with console.status(f"stitching {slide.name} ..."):
-        stage.run(ctx)
+    with console.status(f"stitching {slide.name} ..."), tempfile.TemporaryDirectory() as scratch:
+        ctx = stage_context(slide.name, "local", slide, out, settings=os.environ)
+        ctx.for_job(job, scratch=Path(scratch)).run(job)
     summary = json.loads((out / stage.QC_DIR / "summary.json").read_text())
     for cycle in summary["cycles"]:
         console.print(f"cycle {cycle['cycle']}: {cycle['aligned_tiles']}/{cycle['tiles']} tiles aligned"

@@ -1,25 +1,26 @@
-"""The stage job contract: one stage of one run as a Batch job, S3 in and S3 out, Spot-safe.
+"""The stage job contract: one job of a run (stage, array item or merge) as a Batch job, S3 in and S3 out, Spot-safe.
 
 A job (``atlas stage NAME ...`` in the CPU or GPU image) does, in order:
 
-1. **Skip** when the completion record of this stage (or array item) for this run id is already in the
-   work prefix with every output it lists present at its recorded size: a Spot retry resumes where
-   the interrupted attempt stopped instead of redoing finished work.
-2. **Stage inputs** to local scratch (instance storage, not S3 mounts), once every earlier stage's
-   completion record is there (else fail before downloading anything): the slide's metadata files and
-   the raw files the registry says the stage reads, each checked against the size and sha256 in the
-   slide's ``manifest.json`` (a mismatch is bad input: :class:`~atlas.errors.InvalidInput` naming the
-   file); then earlier stages' outputs, each checked against its completion record.
-3. **Run** the stage function from :mod:`atlas.stages` on the local copies.
-4. **Upload** every file the stage created or changed under ``<work_uri>/<same relative path>``, then
-   write the completion record (size + sha256 of each output, vCPU-seconds, instance type) LAST, so a
-   record's presence means its outputs are complete. The ``publish`` job also releases the run to the
+1. **Skip** when its completion record (:mod:`atlas.pipeline.records`) for this run id is in the
+   work prefix and intact (every output it lists is there at its recorded size): a Spot retry
+   resumes where the interrupted attempt stopped instead of redoing finished work.
+2. **Stage inputs** to local scratch once the records of every job it builds on are there (else
+   fail before downloading anything): the slide's metadata files and the raw files the registry
+   says the stage reads, each checked against the size and sha256 in the slide's ``manifest.json``
+   (a mismatch is bad input: :class:`~atlas.errors.InvalidInput` naming the file); then the earlier
+   outputs its stage's input patterns name, each checked against the sha256 its record holds.
+3. **Run** the stage function from :mod:`atlas.stages` on the local copies, as the local runner does
+   (:func:`atlas.pipeline.local.execute`: writing outside the declared outputs fails the job).
+4. **Upload** every file the stage wrote under ``<work_uri>/<same relative path>``, then write the
+   completion record (size + sha256 of each output, vCPU-seconds, instance type) LAST, so a
+   record's presence means its outputs are complete. The publishing job releases the run to the
    results bucket (:mod:`atlas.aws.release`) before its record.
 
 Outputs are deterministic, so an attempt killed mid-upload leaves objects that the next attempt
 overwrites with identical bytes; nothing downstream trusts an output without a record.
 
-:mod:`localcloud.executor` runs every registry stage this way as ``atlas stage`` processes, in order:
+``localcloud.executor`` runs every registry job this way as ``atlas stage`` processes, in order:
 the local stand-in for Step Functions + Batch.
 """
 from __future__ import annotations
@@ -33,83 +34,32 @@ import time
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
-from enum import IntEnum
-from fnmatch import fnmatchcase
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from botocore.exceptions import ClientError
 
-from atlas.aws.release import OVERVIEW_BUCKET_ENV, RESULTS_BUCKET_ENV, ReleaseError, release_run
+from atlas.aws.release import OVERVIEW_BUCKET_ENV, RESULTS_BUCKET_ENV, ReleaseError, release_prefix, release_run
 from atlas.aws.s3 import S3Uri, get_bytes, is_missing, list_sizes, parallel_map, s3_client
 from atlas.errors import InvalidInput, Problem
-from atlas.params import parse_params
-from atlas.pipeline.local import PROVENANCE, completion_path, write_completion
-from atlas.slide.convention import MANIFEST, PARAMS, RAW, parse_manifest, sha256_file
+from atlas.pipeline import records
+from atlas.pipeline.contract import (
+    BadJobArguments,
+    CorruptWork,
+    Misconfigured,
+    corrupt_output,
+    upstream_incomplete,
+)
+from atlas.pipeline.local import execute, stage_context
+from atlas.slide.convention import MANIFEST, RAW, parse_manifest, sha256_file
 from atlas.slide.validate import REUPLOAD
-from atlas.stages import STAGES, Stage, StageContext, get_stage
+from atlas.stages import CompletionRecord, Job, Stage, StageContext, get_stage, matches, upstream_jobs
 
 log = logging.getLogger(__name__)
 
 SCRATCH_ENV = "ATLAS_SCRATCH"
 ARRAY_INDEX_ENV = "AWS_BATCH_JOB_ARRAY_INDEX"
 IMDS_ENDPOINT_ENV = "AWS_EC2_METADATA_SERVICE_ENDPOINT"  # botocore's name for the IMDS endpoint
-RAW_PREFIX = "raw:"
-
-
-class ExitCode(IntEnum):
-    """Exit status of ``atlas stage``; Batch retry strategies can match on these.
-
-    Only ``STORAGE_ERROR`` is worth an automatic retry (throttling, network); the others need a
-    person: fix the upload (``INVALID_INPUT``), run the missing stage (``UPSTREAM_INCOMPLETE``),
-    redo the stage whose outputs changed (``CORRUPT_WORK``), fix the code or resources
-    (``STAGE_FAILED``) or the job definition (``MISCONFIGURED``).
-    """
-
-    OK = 0
-    INVALID_INPUT = 1
-    USAGE = 2  # click's own code for bad command-line arguments
-    UPSTREAM_INCOMPLETE = 3
-    CORRUPT_WORK = 4
-    STAGE_FAILED = 5
-    STORAGE_ERROR = 6
-    MISCONFIGURED = 7
-
-
-class JobError(Exception):
-    """A stage job that cannot go on; ``exit_code`` says which kind of failure it is."""
-
-    exit_code = ExitCode.STAGE_FAILED
-
-
-class UpstreamIncomplete(JobError):
-    """An earlier stage (or array item) of this run has no complete completion record."""
-
-    exit_code = ExitCode.UPSTREAM_INCOMPLETE
-
-
-class CorruptWork(JobError):
-    """An earlier stage's output in the work prefix does not match its completion record."""
-
-    exit_code = ExitCode.CORRUPT_WORK
-
-
-class StageFailed(JobError):
-    """The stage function itself raised (its traceback is chained)."""
-
-    exit_code = ExitCode.STAGE_FAILED
-
-
-class BadJobArguments(JobError, ValueError):
-    """The stage name, array index / merge or a URI given to the job is not valid."""
-
-    exit_code = ExitCode.USAGE
-
-
-class Misconfigured(JobError):
-    """The job's environment lacks a setting it needs."""
-
-    exit_code = ExitCode.MISCONFIGURED
 
 
 @dataclass(frozen=True)
@@ -131,32 +81,6 @@ class JobResult:
     item: int | None
     skipped: bool
     record: dict
-
-
-def _matches(rel: str, pattern: str) -> bool:
-    """Glob match as :meth:`pathlib.Path.glob` + "a matching folder counts file by file" does."""
-    parts, pats = PurePosixPath(rel).parts, PurePosixPath(pattern).parts
-    return len(parts) >= len(pats) and all(fnmatchcase(p, q) for p, q in zip(parts, pats, strict=False))
-
-
-def _record_rel(stage: Stage, item: int | None) -> str:
-    return completion_path(Path("."), stage, item).as_posix()
-
-
-@dataclass(frozen=True)
-class UpstreamRecord:
-    """A completion record a job builds on, with its bytes as stored (they are released as they are)."""
-
-    stage: Stage
-    item: int | None
-    doc: dict
-    raw: bytes
-
-
-def _record_intact(record: dict | None, run_id: str, sizes: Mapping[str, int]) -> bool:
-    """A completion record of this run whose outputs all exist in the work prefix at their sizes."""
-    return (record is not None and record.get("run_id") == run_id
-            and all(sizes.get(out["path"]) == out["size"] for out in record["outputs"]))
 
 
 def _download(s3, source: S3Uri, target: Path) -> None:
@@ -186,9 +110,8 @@ def stage_slide(s3, slide: S3Uri, slide_dir: Path, stage: Stage) -> list[str]:
         raise InvalidInput(Problem(MANIFEST, f"missing at {manifest_uri}",
                                    "upload the slide with `atlas upload`, which writes manifest.json last"))
     entries = parse_manifest(manifest_bytes.decode("utf-8"))
-    raw_patterns = [p[len(RAW_PREFIX):] for p in stage.inputs if p.startswith(RAW_PREFIX)]
     wanted = [e for e in entries
-              if not e.path.startswith(RAW + "/") or any(_matches(e.path, p) for p in raw_patterns)]
+              if not e.path.startswith(RAW + "/") or any(matches(e.path, p) for p in stage.raw_inputs())]
     slide_dir.mkdir(parents=True, exist_ok=True)
     (slide_dir / MANIFEST).write_bytes(manifest_bytes)
 
@@ -216,32 +139,25 @@ def stage_slide(s3, slide: S3Uri, slide_dir: Path, stage: Stage) -> list[str]:
     return [MANIFEST] + [e.path for e in wanted]
 
 
-def upstream_records(s3, work: S3Uri, stage: Stage, run_id: str, merge: bool) -> list[UpstreamRecord]:
-    """Completion records a job builds on: every earlier stage (and its items), plus, for a merge,
-    the items of this stage. Raises UpstreamIncomplete naming what is missing."""
-    index = [s.name for s in STAGES].index(stage.name)
-    wanted: list[tuple[Stage, int | None]] = []
-    for earlier in STAGES[:index]:
-        wanted.append((earlier, None))
-        wanted.extend((earlier, i) for i in range(earlier.array_size))
-    if merge:
-        wanted.extend((stage, i) for i in range(stage.array_size))
-    raws = parallel_map(lambda si: get_bytes(s3, work.join(_record_rel(*si))), wanted)
-    records = [json.loads(raw) if raw is not None else None for raw in raws]
-    missing = [f"{s.name}" + ("" if i is None else f" item {i}")
-               for (s, i), r in zip(wanted, records, strict=True) if r is None or r.get("run_id") != run_id]
+def upstream_records(s3, work: S3Uri, job: Job, run_id: str) -> dict[str, CompletionRecord]:
+    """The completion records ``job`` builds on (:func:`atlas.stages.upstream_jobs`), by record path.
+
+    Raises UpstreamIncomplete naming the jobs without a record of this run.
+    """
+    wanted = upstream_jobs(job)
+    raws = parallel_map(lambda j: get_bytes(s3, work.join(j.record)), wanted)
+    found = {j.record: records.upstream(j.record, raw) for j, raw in zip(wanted, raws, strict=True) if raw is not None}
+    missing = records.missing_jobs(wanted, {rel: r.doc for rel, r in found.items()}, run_id)
     if missing:
-        raise UpstreamIncomplete(f"stage {stage.name} of run {run_id} needs {', '.join(missing)} to be complete "
-                                 f"first: no completion record for this run under {work}")
-    return [UpstreamRecord(s, i, r, raw) for (s, i), r, raw in zip(wanted, records, raws, strict=True)]
+        raise upstream_incomplete(job, missing, run_id, str(work))
+    return found
 
 
-def stage_work(s3, work: S3Uri, out_dir: Path, stage: Stage, records: list[UpstreamRecord]) -> dict[str, str]:
-    """Download earlier outputs this job needs into ``out_dir``, verified against their records.
+def stage_work(s3, work: S3Uri, out_dir: Path, job: Job, upstream: Mapping[str, CompletionRecord]) -> dict[str, str]:
+    """Download the earlier outputs ``job`` reads into ``out_dir``, each checked against its record.
 
-    ``records`` are the completion records the job builds on (:func:`upstream_records`); all of them
-    are staged (the run's provenance). Outputs staged are those of earlier stages matching this
-    stage's input patterns, and for a merge all of its items' outputs.
+    What a job reads: earlier stages' outputs matching its stage's input patterns, and for a merge
+    every output of its items.
 
     Returns
     -------
@@ -251,70 +167,31 @@ def stage_work(s3, work: S3Uri, out_dir: Path, stage: Stage, records: list[Upstr
     Raises
     ------
     CorruptWork
+        Naming the output that is missing or differs from its record, and the record to delete.
     """
-    patterns = [p for p in stage.inputs if not p.startswith(RAW_PREFIX)]
     wanted: dict[str, dict] = {}
-    staged: dict[str, str] = {}
-    for upstream in records:
-        earlier, item, record = upstream.stage, upstream.item, upstream.doc
-        rel = _record_rel(earlier, item)
-        path = out_dir / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(upstream.raw)
-        staged[rel] = sha256_file(path)
-        own_items = earlier is stage and item is not None
-        if item is None or own_items:
-            for out in record["outputs"]:
-                if own_items or any(_matches(out["path"], p) for p in patterns):
-                    wanted[out["path"]] = {**out, "stage": earlier.name}
+    for rel, record in upstream.items():
+        own_item = record.doc["stage"] == job.stage.name
+        for out in record.doc["outputs"]:
+            if own_item or job.stage.reads(out["path"]):
+                wanted[out["path"]] = {**out, "record": rel, "stage": record.doc["stage"]}
 
     def fetch(out: dict) -> None:
         source, target = work.join(out["path"]), out_dir / out["path"]
+        stage_record = work.join(get_stage(out["stage"]).jobs()[-1].record)
         try:
             _download(s3, source, target)
         except ClientError as exc:
             if is_missing(exc):
-                raise CorruptWork(f"{out['path']}: output of stage {out['stage']} is listed in its completion "
-                                  f"record but missing at {source}; delete "
-                                  f"{work.join(_record_rel(get_stage(out['stage']), None))} and rerun the run "
-                                  "to redo that stage") from exc
+                raise corrupt_output(out["path"], out["stage"], "is listed in its completion record but missing",
+                                     str(source), str(stage_record)) from exc
             raise
-        size, digest = target.stat().st_size, sha256_file(target)
-        if (size, digest) != (out["size"], out["sha256"]):
-            raise CorruptWork(f"{out['path']}: output of stage {out['stage']} at {source} has {size} bytes, sha256 "
-                              f"{digest}, but its completion record says {out['size']} bytes, sha256 {out['sha256']}; "
-                              f"delete {work.join(_record_rel(get_stage(out['stage']), None))} and rerun the run "
-                              "to redo that stage")
+        why = records.check_bytes(target.read_bytes(), out)
+        if why:
+            raise corrupt_output(out["path"], out["stage"], why, str(source), str(stage_record))
 
     parallel_map(fetch, wanted.values())
-    staged.update({rel: out["sha256"] for rel, out in wanted.items()})
-    return staged
-
-
-def _snapshot(root: Path) -> dict[str, tuple[int, int]]:
-    return {p.relative_to(root).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in root.rglob("*") if p.is_file()}
-
-
-def changed_files(root: Path, before: Mapping[str, tuple[int, int]], known: Mapping[str, str]) -> list[str]:
-    """Files below ``root`` that are new or whose content changed since ``before`` was taken.
-
-    Parameters
-    ----------
-    root : Path
-    before : dict of str to (int, int)
-        Relative path -> (size, mtime_ns) before the stage ran.
-    known : dict of str to str
-        Relative path -> sha256 of the files staged before the stage ran (a rewrite with the
-        same bytes is not a change).
-    """
-    changed = []
-    for rel, stat in sorted(_snapshot(root).items()):
-        if rel.startswith(PROVENANCE + "/"):
-            continue
-        if rel not in before or (stat != before[rel] and sha256_file(root / rel) != known.get(rel)):
-            changed.append(rel)
-    return changed
+    return {rel: out["sha256"] for rel, out in wanted.items()}
 
 
 def instance_type(timeout_s: float = 1.0) -> str:
@@ -352,25 +229,87 @@ def instance_type(timeout_s: float = 1.0) -> str:
     return "unknown"
 
 
-def _check_item(stage: Stage, array_index: int | None, merge: bool) -> int | None:
+def job_of(stage_name: str, array_index: int | None, merge: bool) -> Job:
+    """The registry job ``atlas stage`` was asked to run; BadJobArguments says what is wrong."""
+    try:
+        stage = get_stage(stage_name)
+    except ValueError as exc:
+        raise BadJobArguments(str(exc)) from exc
     if not stage.array_size:
         if array_index is not None or merge:
             raise BadJobArguments(f"stage {stage.name!r} is not an array stage: give neither an array index nor merge")
-        return None
+        return stage.jobs()[0]
     if merge:
         if array_index is not None:
             raise BadJobArguments(f"stage {stage.name!r}: give either an array index or merge, not both")
-        return None
+        return stage.jobs()[-1]
     if array_index is None:
         raise BadJobArguments(f"stage {stage.name!r} is an array stage: give an array index "
-                         f"(--array-index or env {ARRAY_INDEX_ENV}) or merge")
-    if not 0 <= array_index < stage.array_size:
-        raise BadJobArguments(f"stage {stage.name!r}: array index {array_index} is outside 0..{stage.array_size - 1}")
-    return array_index
+                              f"(--array-index or env {ARRAY_INDEX_ENV}) or merge")
+    items = stage.jobs()[:-1]
+    if not 0 <= array_index < len(items):
+        raise BadJobArguments(f"stage {stage.name!r}: array index {array_index} is outside 0..{len(items) - 1}")
+    return items[array_index]
+
+
+@dataclass(frozen=True)
+class JobPlace:
+    """Where a job's run lives: the slide as uploaded, the run's work prefix, the run id."""
+
+    slide: S3Uri
+    work: S3Uri
+    run_id: str
+
+    @classmethod
+    def parse(cls, slide_uri: str, work_uri: str, run_id: str) -> JobPlace:
+        try:
+            return cls(S3Uri.parse(slide_uri).prefix(), S3Uri.parse(work_uri).prefix(), run_id)
+        except ValueError as exc:
+            raise BadJobArguments(str(exc)) from exc
+
+
+def finished_record(s3, place: JobPlace, job: Job) -> dict | None:
+    """``job``'s completion record when its work in the work prefix is intact (:func:`records.is_intact`)."""
+    record = records.loads(get_bytes(s3, place.work.join(job.record)))
+    if record is None or not records.is_intact(record, place.run_id, list_sizes(s3, place.work)):
+        return None
+    return record
+
+
+def prepare(s3, place: JobPlace, job: Job, root: Path, settings: Mapping[str, str]) -> StageContext:
+    """Check upstream records, stage inputs below ``root`` and return the context the job runs in."""
+    t0 = time.time()
+    upstream = upstream_records(s3, place.work, job, place.run_id)  # fail fast, before any download
+    slide_dir, out_dir = root / "slide" / place.slide.name, root / "out"
+    out_dir.mkdir(parents=True)
+    staged_slide = stage_slide(s3, place.slide, slide_dir, job.stage)
+    staged = stage_work(s3, place.work, out_dir, job, upstream)
+    log.info("%s: staged %d slide files and %d work files in %.1f s", job.label, len(staged_slide), len(staged),
+             time.time() - t0)
+    results_bucket = settings.get(RESULTS_BUCKET_ENV)
+    results = str(release_prefix(results_bucket, place.slide.name, place.run_id)) if results_bucket else None
+    ctx = stage_context(place.slide.name, place.run_id, slide_dir, out_dir, settings=settings, results_uri=results)
+    scratch = root / "scratch"
+    scratch.mkdir()
+    return ctx.for_job(job, scratch=scratch, records=upstream)
+
+
+def publish(s3, place: JobPlace, ctx: StageContext, settings: Mapping[str, str]) -> None:
+    """Release the run (publishing stage only), before its completion record is written.
+
+    The overview goes to the public site too unless the slide's params.yml says ``overview.public: false``.
+    """
+    site = (settings.get(OVERVIEW_BUCKET_ENV) or None) if ctx.params.overview.public else None
+    try:
+        release_run(s3, ctx.out_dir, work=place.work, slide_id=place.slide.name, run_id=place.run_id,
+                    results_bucket=settings[RESULTS_BUCKET_ENV], overview_bucket=site)
+    except ReleaseError as exc:
+        raise CorruptWork(str(exc)) from exc
 
 
 def run_stage_job(stage_name: str, *, slide_uri: str, work_uri: str, run_id: str, array_index: int | None = None,
-                  merge: bool = False, s3: Any = None, scratch: Path | str | None = None) -> JobResult:
+                  merge: bool = False, s3: Any = None, scratch: Path | str | None = None,
+                  settings: Mapping[str, str] | None = None) -> JobResult:
     """Run one stage (or array item, or merge) of run ``run_id`` from S3 to S3; see the module doc.
 
     Parameters
@@ -387,10 +326,13 @@ def run_stage_job(stage_name: str, *, slide_uri: str, work_uri: str, run_id: str
     merge : bool
         Run the merge step of an array stage.
     s3 : botocore S3 client, optional
-        Default :func:`atlas.aws.s3.s3_client` (honours ``AWS_ENDPOINT_URL``).
+        Default :func:`s3_client` (honours ``AWS_ENDPOINT_URL``).
     scratch : path, optional
         Local folder for the staged copies (default env ``ATLAS_SCRATCH``, else the system temp dir);
         the job's own subfolder is removed at the end.
+    settings : mapping, optional
+        The job's settings (default: this process's environment): ``ATLAS_RESULTS_BUCKET``,
+        ``ATLAS_OVERVIEW_BUCKET``, the segmentation weights, the viewer folder.
 
     Raises
     ------
@@ -398,66 +340,37 @@ def run_stage_job(stage_name: str, *, slide_uri: str, work_uri: str, run_id: str
         A slide file is missing or differs from manifest.json (nothing is run or published).
     JobError
         :class:`BadJobArguments`, :class:`UpstreamIncomplete`, :class:`CorruptWork`, :class:`StageFailed`,
-        :class:`Misconfigured`; ``exit_code`` is the :class:`ExitCode` of ``atlas stage``.
+        :class:`UndeclaredOutput`, :class:`Misconfigured`; ``exit_code`` is the :class:`ExitCode` of
+        ``atlas stage``.
     """
-    try:
-        stage = get_stage(stage_name)
-        slide, work = S3Uri.parse(slide_uri).prefix(), S3Uri.parse(work_uri).prefix()
-    except ValueError as exc:
-        raise BadJobArguments(str(exc)) from exc
-    item = _check_item(stage, array_index, merge)
+    job = job_of(stage_name, array_index, merge)
+    place = JobPlace.parse(slide_uri, work_uri, run_id)
+    settings = os.environ if settings is None else settings
     s3 = s3 or s3_client()
-    what = stage.name + ("" if item is None else f"[{item}]") + (" merge" if merge else "")
-
-    record_uri = work.join(_record_rel(stage, item))
-    raw = get_bytes(s3, record_uri)
-    existing = json.loads(raw) if raw is not None else None
-    if existing is not None and _record_intact(existing, run_id, list_sizes(s3, work)):
-        log.info("%s: already complete for run %s (%s), skipped", what, run_id, record_uri)
-        return JobResult(stage.name, item, True, existing)
-    results_bucket = os.environ.get(RESULTS_BUCKET_ENV)
-    if stage.name == "publish" and not results_bucket:
-        raise Misconfigured(f"the publish job needs env {RESULTS_BUCKET_ENV} (the results bucket's name)")
-
-    root = Path(tempfile.mkdtemp(prefix=f"atlas-{stage.name}-", dir=scratch or os.environ.get(SCRATCH_ENV) or None))
+    existing = finished_record(s3, place, job)
+    if existing is not None:
+        log.info("%s: already complete for run %s, skipped", job.label, run_id)
+        return JobResult(job.stage.name, job.item, True, existing)
+    if job.stage.publishes and not settings.get(RESULTS_BUCKET_ENV):
+        raise Misconfigured(f"the {job.stage.name} job needs env {RESULTS_BUCKET_ENV} (the results bucket's name) "
+                            "-- fix: set it in the job definition (the CDK app does)")
+    root = Path(tempfile.mkdtemp(prefix=f"atlas-{job.stage.name}-", dir=scratch or settings.get(SCRATCH_ENV) or None))
     try:
-        slide_dir, out_dir = root / "slide" / slide.name, root / "out"
-        out_dir.mkdir(parents=True)
-        t0 = time.time()
-        records = upstream_records(s3, work, stage, run_id, merge)  # fail fast, before any download
-        staged_slide = stage_slide(s3, slide, slide_dir, stage)
-        staged = stage_work(s3, work, out_dir, stage, records)
-        log.info("%s: staged %d slide files and %d work files in %.1f s", what, len(staged_slide), len(staged),
-                 time.time() - t0)
-        params_file = slide_dir / PARAMS
-        params = parse_params(params_file.read_text() if params_file.is_file() else None)
-        ctx = StageContext(slide_id=slide.name, run_id=run_id, slide_dir=slide_dir, out_dir=out_dir, params=params)
-
-        before = _snapshot(out_dir)
+        ctx = prepare(s3, place, job, root, settings)
         started = time.time()
-        try:
-            stage.execute(ctx, item=item, merge=merge)
-        except InvalidInput:
-            raise
-        except Exception as exc:
-            raise StageFailed(f"{what} failed: {exc.__class__.__name__}: {exc}") from exc
+        outputs = execute(ctx, job)
         finished = time.time()
-        outputs = changed_files(out_dir, before, staged)
-        log.info("%s: ran in %.1f s, %d output files", what, finished - started, len(outputs))
-
-        parallel_map(lambda rel: s3.upload_file(str(out_dir / rel), work.bucket, work.join(rel).key), outputs)
-        record = write_completion(ctx, stage, started=started, finished=finished, item=item, outputs=outputs,
-                                  instance_type=instance_type())
-        if stage.name == "publish":
-            try:
-                # overview.public: false in params.yml keeps the overview off the public site
-                site = (os.environ.get(OVERVIEW_BUCKET_ENV) or None) if params.overview.public else None
-                release_run(s3, out_dir, work=work, slide_id=slide.name, run_id=run_id, results_bucket=results_bucket,
-                            overview_bucket=site)
-            except ReleaseError as exc:
-                raise CorruptWork(str(exc)) from exc
-        s3.upload_file(str(out_dir / _record_rel(stage, item)), record_uri.bucket, record_uri.key)
-        log.info("%s: completion record written to %s", what, record_uri)
-        return JobResult(stage.name, item, False, record)
+        log.info("%s: ran in %.1f s, %d output files", job.label, finished - started, len(outputs))
+        parallel_map(lambda out: s3.upload_file(str(ctx.out_dir / out["path"]), place.work.bucket,
+                                                place.work.join(out["path"]).key), outputs)
+        record = records.new_record(job, run_id=run_id, started=started, finished=finished, outputs=outputs,
+                                    instance_type=instance_type())
+        if job.stage.publishes:
+            publish(s3, place, ctx, settings)
+        record_uri = place.work.join(job.record)
+        s3.put_object(Bucket=record_uri.bucket, Key=record_uri.key, Body=records.dumps(record),
+                      ContentType="application/json")
+        log.info("%s: completion record written to %s", job.label, record_uri)
+        return JobResult(job.stage.name, job.item, False, record)
     finally:
         shutil.rmtree(root, ignore_errors=True)

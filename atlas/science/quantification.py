@@ -315,6 +315,14 @@ def morphology_from_runs(label: np.ndarray, row: np.ndarray, col: np.ndarray, le
                       {c: np.concatenate([p[2][c] for p in parts]) for c in MORPHOLOGY_COLUMNS})
 
 
+class NegativeLabels(ValueError):
+    """A mask holds labels below 0; ``mask`` is the mask's name as given to :func:`quantify`."""
+
+    def __init__(self, mask: str):
+        self.mask = mask
+        super().__init__(f"mask {mask!r} has negative labels; labels must be >= 0 (0 = background)")
+
+
 def _rows(array, r0: int, r1: int, channel: int = 0) -> np.ndarray:
     """Rows ``r0:r1`` of a (Y, X) array or of one channel of a (C, Y, X) array, as numpy."""
     if array.ndim == 2:
@@ -369,7 +377,7 @@ def _strip_runs(block: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray, n
     starts, values, lengths = _row_runs(block)
     keep = values != 0
     if keep.any() and values[keep].min() < 0:
-        raise ValueError(f"mask {name!r} has negative labels; labels must be >= 0 (0 = background)")
+        raise NegativeLabels(name)
     return starts[keep], values[keep], lengths[keep]
 
 

@@ -81,6 +81,48 @@ class TileLayout:
     pixel_size_um: float
 
 
+def _tile_line(line: str, number: int, multiseries: bool, file: str) -> TileEntry | Problem:
+    """One ``file; series; (x, y)`` line of a tile configuration, or what is wrong with it."""
+    fields = line.split(";")
+    if len(fields) != 3:
+        return Problem(file, f"line {number}: expected 3 ';'-separated fields (file; series; (x, y)), "
+                       f"found {len(fields)}: {line!r}", _FIX_LINE)
+    name, series_text, point = (f.strip() for f in fields)
+    coordinates = point[1:-1].split(",") if point.startswith("(") and point.endswith(")") else []
+    try:
+        x, y = (float(c) for c in coordinates)
+        if not (math.isfinite(x) and math.isfinite(y)):
+            raise ValueError
+    except ValueError:
+        return Problem(file, f"line {number}: position {point!r} is not `(x, y)` with two finite numbers", _FIX_LINE)
+    if not name:
+        return Problem(file, f"line {number}: no file name: {line!r}", _FIX_LINE)
+    if not multiseries:
+        return TileEntry(name, 0, x, y, number)
+    if not series_text.isdigit():
+        return Problem(file, f"line {number}: `multiseries = true` needs a series number, got {series_text!r}",
+                       "give the 0-based series index of the tile in its file")
+    return TileEntry(name, int(series_text), x, y, number)
+
+
+def _header_problem(key: str, value: str, number: int, file: str) -> Problem | None:
+    if key == "dim" and value != "2":
+        return Problem(file, f"line {number}: `dim = {value}`: only 2-D configurations (`dim = 2`) can be imported",
+                       "export a 2-D tile set (one plane per tile, e.g. a max projection)")
+    return None
+
+
+def _duplicates(entries: list[TileEntry], file: str) -> list[Problem]:
+    seen: dict[tuple[str, int], int] = {}
+    problems = []
+    for entry in entries:
+        first = seen.setdefault((entry.name, entry.series), entry.line)
+        if first != entry.line:
+            problems.append(Problem(file, f"line {entry.line}: tile {entry.name!r} is already listed on line {first}",
+                                    "list every tile once"))
+    return problems
+
+
 def parse_tile_configuration(text: str, file: str = "TileConfiguration.txt") -> list[TileEntry]:
     """Parse the text of a 2-D tile configuration.
 
@@ -100,50 +142,18 @@ def parse_tile_configuration(text: str, file: str = "TileConfiguration.txt") -> 
         if key_value := _KEY_VALUE.match(line):
             key, value = key_value.group(1).lower(), key_value.group(2).strip()
             if key == "dim":
-                if value != "2":
-                    problems.append(Problem(file, f"line {number}: `dim = {value}`: only 2-D configurations "
-                                            "(`dim = 2`) can be imported",
-                                            "export a 2-D tile set (one plane per tile, e.g. a max projection)"))
                 dim = value
             else:
                 multiseries = value.lower() == "true"
+            problems += [p for p in [_header_problem(key, value, number, file)] if p]
             continue
         if dim is None:
             problems.append(Problem(file, f"line {number}: tile line before the `dim = 2` header: {line!r}",
                                     "start the file with a `dim = 2` line"))
             dim = "missing"
-        fields = line.split(";")
-        if len(fields) != 3:
-            problems.append(Problem(file, f"line {number}: expected 3 ';'-separated fields "
-                                    f"(file; series; (x, y)), found {len(fields)}: {line!r}", _FIX_LINE))
-            continue
-        name, series_text, point = (f.strip() for f in fields)
-        coordinates = point[1:-1].split(",") if point.startswith("(") and point.endswith(")") else []
-        try:
-            x, y = (float(c) for c in coordinates)
-            if not (math.isfinite(x) and math.isfinite(y)):
-                raise ValueError
-        except ValueError:
-            problems.append(Problem(file, f"line {number}: position {point!r} is not `(x, y)` with two finite numbers",
-                                    _FIX_LINE))
-            continue
-        if not name:
-            problems.append(Problem(file, f"line {number}: no file name: {line!r}", _FIX_LINE))
-            continue
-        series = 0
-        if multiseries:
-            if not series_text.isdigit():
-                problems.append(Problem(file, f"line {number}: `multiseries = true` needs a series number, got "
-                                        f"{series_text!r}", "give the 0-based series index of the tile in its file"))
-                continue
-            series = int(series_text)
-        entries.append(TileEntry(name, series, x, y, number))
-    seen: dict[tuple[str, int], int] = {}
-    for entry in entries:
-        first = seen.setdefault((entry.name, entry.series), entry.line)
-        if first != entry.line:
-            problems.append(Problem(file, f"line {entry.line}: tile {entry.name!r} is already listed on line {first}",
-                                    "list every tile once"))
+        parsed = _tile_line(line, number, multiseries, file)
+        (problems if isinstance(parsed, Problem) else entries).append(parsed)
+    problems += _duplicates(entries, file)
     if not entries and not problems:
         problems.append(Problem(file, "lists no tiles", _FIX_LINE))
     if problems:
@@ -205,6 +215,47 @@ def _read_planes(series: tifffile.TiffPageSeries) -> np.ndarray:
     return np.transpose(data, order).reshape(-1, data.shape[y], data.shape[x])
 
 
+def _inspect_tile(config: Path, entry: TileEntry,
+                  pixel_size_um: float | None) -> tuple[tuple[int, int, int], str, float | None] | Problem:
+    """((C, Y, X), dtype, pixel size) of one listed tile from its header, or what is wrong with it."""
+    path = config.parent / entry.name
+    where = f"line {entry.line}: tile {entry.name!r}"
+    if not path.is_file():
+        return Problem(config.name, f"{where} does not exist in {config.parent}",
+                       "put the tile files next to the configuration, or correct the name")
+    try:
+        with tifffile.TiffFile(path) as tif:
+            if entry.series >= len(tif.series):
+                return Problem(config.name, f"{where} has {len(tif.series)} series, not series {entry.series}",
+                               "correct the series number")
+            series = tif.series[entry.series]
+            shape, why_not = _planes_layout(series)
+            size = pixel_size_um if pixel_size_um is not None else _pixel_size_um(tif, entry.series)
+    except (tifffile.TiffFileError, OSError, ValueError, KeyError, ET.ParseError) as exc:
+        return Problem(config.name, f"{where} is not a readable TIFF ({exc})",
+                       "export the tiles as TIFF (Fiji: File > Save As > Tiff)")
+    if why_not:
+        return Problem(config.name, f"{where} {why_not}; only 2-D tiles (with channels) can be imported",
+                       "export one plane per tile, e.g. a maximum projection")
+    return shape, str(series.dtype), size
+
+
+def _pixel_size_problems(file: str, sizes: dict[float | None, list[TileEntry]]) -> list[Problem]:
+    """The tiles must agree on one pixel size within a microscope's range."""
+    size = next(iter(sizes))
+    if len(sizes) > 1:
+        return [Problem(file, "tiles disagree on pixel size: " + "; ".join(
+            f"{_names(e)}: {'none' if s is None else f'{s:.6g} µm'}" for s, e in sizes.items()),
+            "recalibrate the tiles, or pass --pixel-size")]
+    if size is None:
+        return [Problem(file, "the tiles carry no pixel size (no OME PhysicalSizeX, no TIFF resolution in a "
+                        "length unit)", "pass --pixel-size in µm")]
+    if not PIXEL_SIZE_RANGE_UM[0] <= size <= PIXEL_SIZE_RANGE_UM[1]:
+        return [Problem(file, f"the tiles' calibration gives {size:.6g} µm per pixel, not a microscope "
+                        "calibration (a default DPI?)", "pass --pixel-size in µm")]
+    return []
+
+
 def inspect_tiles(config: Path, entries: list[TileEntry], *, pixel_size_um: float | None = None) -> TileLayout:
     """Check that every listed tile exists, that all are 2-D images of one shape and dtype, and find the pixel size.
 
@@ -212,35 +263,16 @@ def inspect_tiles(config: Path, entries: list[TileEntry], *, pixel_size_um: floa
     Raises InvalidInput with every problem found.
     """
     config = Path(config)
-    folder = config.parent
     problems: list[Problem] = []
     layouts: dict[tuple, list[TileEntry]] = {}
     sizes: dict[float | None, list[TileEntry]] = {}
     for entry in entries:
-        path = folder / entry.name
-        where = f"line {entry.line}: tile {entry.name!r}"
-        if not path.is_file():
-            problems.append(Problem(config.name, f"{where} does not exist in {folder}",
-                                    "put the tile files next to the configuration, or correct the name"))
+        found = _inspect_tile(config, entry, pixel_size_um)
+        if isinstance(found, Problem):
+            problems.append(found)
             continue
-        try:
-            with tifffile.TiffFile(path) as tif:
-                if entry.series >= len(tif.series):
-                    problems.append(Problem(config.name, f"{where} has {len(tif.series)} series, not "
-                                            f"series {entry.series}", "correct the series number"))
-                    continue
-                series = tif.series[entry.series]
-                shape, why_not = _planes_layout(series)
-                size = pixel_size_um if pixel_size_um is not None else _pixel_size_um(tif, entry.series)
-        except (tifffile.TiffFileError, OSError, ValueError, KeyError, ET.ParseError) as exc:
-            problems.append(Problem(config.name, f"{where} is not a readable TIFF ({exc})",
-                                    "export the tiles as TIFF (Fiji: File > Save As > Tiff)"))
-            continue
-        if why_not:
-            problems.append(Problem(config.name, f"{where} {why_not}; only 2-D tiles (with channels) can be imported",
-                                    "export one plane per tile, e.g. a maximum projection"))
-            continue
-        layouts.setdefault((shape, str(series.dtype)), []).append(entry)
+        shape, dtype, size = found
+        layouts.setdefault((shape, dtype), []).append(entry)
         sizes.setdefault(None if size is None else round(size, 9), []).append(entry)
     if not layouts:
         raise InvalidInput(problems)
@@ -251,28 +283,43 @@ def inspect_tiles(config: Path, entries: list[TileEntry], *, pixel_size_um: floa
                                     f"unlike the other tiles, (C, Y, X) {shape} {dtype}",
                                     "all tiles must have the same size, channels and pixel type"))
     if dtype not in RAW_DTYPES:
-        problems.append(Problem(config.name,
-                                f"tiles are {dtype}; the stitcher reads {' or '.join(RAW_DTYPES)} only",
+        problems.append(Problem(config.name, f"tiles are {dtype}; the stitcher reads {' or '.join(RAW_DTYPES)} only",
                                 "export the tiles as 16-bit unsigned TIFF"))
-    size = next(iter(sizes))
-    if len(sizes) > 1:
-        problems.append(Problem(config.name, "tiles disagree on pixel size: " + "; ".join(
-            f"{_names(e)}: {'none' if s is None else f'{s:.6g} µm'}" for s, e in sizes.items()),
-            "recalibrate the tiles, or pass --pixel-size"))
-    elif size is None:
-        problems.append(Problem(config.name, "the tiles carry no pixel size (no OME PhysicalSizeX, no TIFF "
-                                "resolution in a length unit)", "pass --pixel-size in µm"))
-    elif not PIXEL_SIZE_RANGE_UM[0] <= size <= PIXEL_SIZE_RANGE_UM[1]:
-        problems.append(Problem(config.name, f"the tiles' calibration gives {size:.6g} µm per pixel, not a "
-                                "microscope calibration (a default DPI?)", "pass --pixel-size in µm"))
+    problems += _pixel_size_problems(config.name, sizes)
     if problems:
         raise InvalidInput(problems)
-    return TileLayout(shape, dtype, size)
+    return TileLayout(shape, dtype, next(iter(sizes)))
 
 
 def _names(entries: list[TileEntry], limit: int = 4) -> str:
     listed = ", ".join(f"{e.name} (line {e.line})" for e in entries[:limit])
     return f"tiles {listed}" + (f" and {len(entries) - limit} more" if len(entries) > limit else "")
+
+
+def _destination_problems(slide_dir: Path, pixel_size_um: float | None) -> list[Problem]:
+    """What is wrong with the import's target folder and --pixel-size, before any tile is read."""
+    problems = check_slide_id(slide_dir.name)
+    if slide_dir.exists() and (not slide_dir.is_dir() or any(slide_dir.iterdir())):
+        problems.append(Problem(str(slide_dir), "already exists and is not empty",
+                                "choose a new slide folder for -o; an import never overwrites"))
+    if pixel_size_um is not None and not PIXEL_SIZE_RANGE_UM[0] <= pixel_size_um <= PIXEL_SIZE_RANGE_UM[1]:
+        problems.append(Problem("--pixel-size", f"{pixel_size_um} µm is outside {PIXEL_SIZE_RANGE_UM} µm",
+                                "give the size of one camera pixel in the specimen, in µm (e.g. 0.65)"))
+    return problems
+
+
+def _markers_csv(names: list[str], n_channels: int) -> str:
+    """markers.csv of a one-cycle slide with these channel names (checked as a slide's markers.csv)."""
+    if len(names) != n_channels:
+        raise InvalidInput(Problem("--marker", f"the tiles have {n_channels} channel(s) but {len(names)} marker "
+                                   f"name(s) were given", "give --marker once per channel, in channel order"))
+    if unwritable := [n for n in names if set(n) & set(',"\r\n')]:
+        raise InvalidInput(Problem("--marker", f"marker names {unwritable} contain a comma, quote or line break",
+                                   "name markers with letters, digits, '_' and '-', e.g. CD45RO"))
+    text = "channel_number,cycle_number,marker_name\n" + "".join(
+        f"{i},1,{name}\n" for i, name in enumerate(names, start=1))
+    parse_markers(text, "--marker")
+    return text
 
 
 def import_fiji(config: Path, slide_dir: Path, *, markers: list[str] | None = None,
@@ -299,30 +346,13 @@ def import_fiji(config: Path, slide_dir: Path, *, markers: list[str] | None = No
         The slide folder, complete with manifest.json (written last). Nothing is left behind on error.
     """
     config, slide_dir = Path(config), Path(slide_dir)
-    problems = check_slide_id(slide_dir.name)
-    if slide_dir.exists() and (not slide_dir.is_dir() or any(slide_dir.iterdir())):
-        problems.append(Problem(str(slide_dir), "already exists and is not empty",
-                                "choose a new slide folder for -o; an import never overwrites"))
-    if pixel_size_um is not None and not PIXEL_SIZE_RANGE_UM[0] <= pixel_size_um <= PIXEL_SIZE_RANGE_UM[1]:
-        problems.append(Problem("--pixel-size", f"{pixel_size_um} µm is outside {PIXEL_SIZE_RANGE_UM} µm",
-                                "give the size of one camera pixel in the specimen, in µm (e.g. 0.65)"))
-    if problems:
+    if problems := _destination_problems(slide_dir, pixel_size_um):
         raise InvalidInput(problems)
     entries = read_tile_configuration(config)
     layout = inspect_tiles(config, entries, pixel_size_um=pixel_size_um)
     size = layout.pixel_size_um
-    n_channels = layout.shape[0]
-    names = markers or (["DNA_1"] if n_channels == 1 else [])
-    if len(names) != n_channels:
-        raise InvalidInput(Problem("--marker", f"the tiles have {n_channels} channel(s) but {len(names)} marker "
-                                   f"name(s) were given", "give --marker once per channel, in channel order"))
-    if unwritable := [n for n in names if set(n) & set(',"\r\n')]:
-        raise InvalidInput(Problem("--marker", f"marker names {unwritable} contain a comma, quote or line break",
-                                   "name markers with letters, digits, '_' and '-', e.g. CD45RO"))
-    markers_csv = "channel_number,cycle_number,marker_name\n" + "".join(
-        f"{i},1,{name}\n" for i, name in enumerate(names, start=1))
-    parse_markers(markers_csv, "--marker")
-
+    names = markers or (["DNA_1"] if layout.shape[0] == 1 else [])
+    markers_csv = _markers_csv(names, layout.shape[0])
     positions_um = np.array([(e.y, e.x) for e in entries], float) * size
     slide_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=slide_dir.parent, prefix=f".{slide_dir.name}.") as tmp:

@@ -1,5 +1,9 @@
 """HTAN metadata of a release: one table per HTAN imaging component, with the fields we know.
 
+Each table is written by the stage that makes its files, from what that stage knows: ``stitch``
+(ImagingLevel2, ImagingLevel3Channels), ``segment`` (ImagingLevel3Segmentation), ``quantify``
+(ImagingLevel4).
+
 The HTAN data model (ncihtan/data-models, ``HTAN.dependencies.csv`` and ``HTAN.model.csv``, checked
 at commit f77ac86) describes released imaging files with one metadata manifest per component.
 A release carries, in ``metadata/htan-<Component>.csv`` (:func:`atlas.layout.htan_table`):
@@ -27,9 +31,9 @@ parameters and software versions). The Parquet tables and the OME-Zarr have no r
 """
 from __future__ import annotations
 
-import json
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping, Sequence
+from importlib import metadata
 from pathlib import Path
 
 import pandas as pd
@@ -42,35 +46,42 @@ OBJECT_CLASS = {"nuclei": "nucleus", "cell": "whole cell"}   # mask name -> HTAN
 CHANNELS = "ImagingLevel3Channels"
 
 
-def _ome_pixels(path: Path) -> tuple[ET.Element, ET.Element, bool, bool]:
-    """(Image element, Pixels element, big endian, pyramid) of an OME-TIFF, from its header only."""
-    with tifffile.TiffFile(path) as tif:
+def _software(*names: str, note: str = "") -> str:
+    """``"tissue-atlas 0.1.0, ashlar 1.20.0 (note)"``: installed versions of the packages named."""
+    parts = []
+    for name in ("tissue-atlas", *names):
+        try:
+            parts.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            continue
+    return ", ".join(parts) + (f" ({note})" if note else "")
+
+
+def level2_rows(image_path: Path, slide_id: str, raw_files: Sequence[str],
+                markers: Sequence[Marker]) -> dict[str, list[dict]]:
+    """The ImagingLevel2 row of the registered OME-TIFF and the ImagingLevel3Channels rows of its channels.
+
+    Parameters
+    ----------
+    image_path : Path
+        The written ``registration/<slide>.ome.tif``; dimensions, pixel type and size, dimension
+        order, image and channel ids come from its OME-XML (the header only is read).
+    slide_id : str
+    raw_files : sequence of str
+        The uploaded cycle files (paths in the upload): the image's parents.
+    markers : sequence of Marker
+        markers.csv (cycle numbers of the channels).
+    """
+    with tifffile.TiffFile(image_path) as tif:
         root = ET.fromstring(tif.ome_metadata)
         pyramid = len(tif.series[0].levels) > 1
         big_endian = tif.byteorder == ">"
     image = next(e for e in root.iter() if e.tag.endswith("}Image"))
     pixels = next(e for e in image if e.tag.endswith("}Pixels"))
-    return image, pixels, big_endian, pyramid
-
-
-def _software(versions: Mapping[str, str], *names: str, note: str = "") -> str:
-    parts = [f"{name} {versions[name]}" for name in ("tissue-atlas", *names) if name in versions]
-    return ", ".join(parts) + (f" ({note})" if note else "")
-
-
-def level2_rows(out_dir: Path, slide_id: str, raw_files: Sequence[str],
-                versions: Mapping[str, str]) -> tuple[list[dict], list[dict]]:
-    """ImagingLevel2 row of the registered image and ImagingLevel3Channels rows of its channels.
-
-    ``raw_files`` are the uploaded cycle files (paths in the upload), the image's parents.
-    """
-    rel = layout.registration_tiff(slide_id)
-    image, pixels, big_endian, pyramid = _ome_pixels(out_dir / rel)
     level2 = {
-        "Component": "ImagingLevel2", "Filename": rel, "File Format": "OME-TIFF",
+        "Component": "ImagingLevel2", "Filename": layout.registration_tiff(slide_id), "File Format": "OME-TIFF",
         "HTAN Parent Data File ID": ",".join(raw_files), "Image ID": image.get("ID"),
-        "Channel Metadata Filename": layout.htan_table(CHANNELS),
-        "Software and Version": _software(versions, "ashlar"),
+        "Channel Metadata Filename": layout.htan_table(CHANNELS), "Software and Version": _software("ashlar"),
         "Pyramid": "yes" if pyramid else "no", "Zstack": "no", "Tseries": "no",
         "DimensionOrder": pixels.get("DimensionOrder"), "PixelType": pixels.get("Type"),
         "Pixels BigEndian": "true" if big_endian else "false",
@@ -80,9 +91,11 @@ def level2_rows(out_dir: Path, slide_id: str, raw_files: Sequence[str],
         "PhysicalSizeY": float(pixels.get("PhysicalSizeY")), "PhysicalSizeYUnit": pixels.get("PhysicalSizeYUnit", "µm"),
         "Parameter file": layout.MANIFEST,
     }
-    channels = [{"Component": CHANNELS, "Channel ID": c.get("ID"), "Channel Name": c.get("Name")}
-                for c in pixels if c.tag.endswith("}Channel")]
-    return [level2], channels
+    channels = [c for c in pixels if c.tag.endswith("}Channel")]
+    cycles = cycle_numbers([c.get("Name") for c in channels], markers)
+    return {"ImagingLevel2": [level2],
+            CHANNELS: [{"Component": CHANNELS, "Channel ID": c.get("ID"), "Channel Name": c.get("Name"),
+                        "Cycle Number": cycle} for c, cycle in zip(channels, cycles, strict=True)]}
 
 
 def cycle_numbers(channel_names: Sequence[str], markers: Sequence[Marker]) -> list[int | None]:
@@ -96,73 +109,35 @@ def cycle_numbers(channel_names: Sequence[str], markers: Sequence[Marker]) -> li
     return cycles
 
 
-def segmentation_rows(out_dir: Path, slide_id: str, versions: Mapping[str, str]) -> list[dict]:
-    """ImagingLevel3Segmentation rows: every mask of every engine's ``segmentation/<engine>-<slide>/``."""
-    summary_path = out_dir / layout.QC / "segment" / layout.QC_SUMMARY
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    rows = []
-    for folder in sorted((out_dir / layout.SEGMENTATION).glob(f"*-{slide_id}")):
-        engine = folder.name.removesuffix(f"-{slide_id}")
-        for mask, object_class in OBJECT_CLASS.items():
-            rel = layout.mask_path(slide_id, engine, mask)
-            if not (out_dir / rel).is_file():
-                continue
-            # nucleus i and cell i share their id: the segment summary's count holds for both masks
-            objects = summary.get("nuclei") if summary.get("engine") == engine else None
-            rows.append({"Component": "ImagingLevel3Segmentation", "Filename": rel, "File Format": "OME-TIFF",
-                         "HTAN Parent Data File ID": layout.registration_tiff(slide_id),
-                         "Imaging Segmentation Data Type": "Mask", "Imaging Object Class": object_class,
-                         "Number of Objects": objects,
-                         "Software and Version": _software(versions, "scikit-image",
-                                                           *(("onnxruntime",) if engine == "unet" else ()),
-                                                           note=f"segment engine {engine}"),
-                         "Parameter file": layout.MANIFEST})
-    return rows
+def segmentation_rows(slide_id: str, engine: str, objects: int) -> list[dict]:
+    """ImagingLevel3Segmentation rows of an engine's masks; nucleus i and cell i share their id,
+    so both hold ``objects``."""
+    return [{"Component": "ImagingLevel3Segmentation", "Filename": layout.mask_path(slide_id, engine, mask),
+             "File Format": "OME-TIFF", "HTAN Parent Data File ID": layout.registration_tiff(slide_id),
+             "Imaging Segmentation Data Type": "Mask", "Imaging Object Class": object_class,
+             "Number of Objects": objects,
+             "Software and Version": _software("scikit-image", *(("onnxruntime",) if engine == "unet" else ()),
+                                               note=f"segment engine {engine}"),
+             "Parameter file": layout.MANIFEST} for mask, object_class in OBJECT_CLASS.items()]
 
 
-def level4_rows(out_dir: Path, slide_id: str, versions: Mapping[str, str]) -> list[dict]:
-    """ImagingLevel4 rows: each ``quantification/<slide>--<engine>_<mask>`` table as CSV and as .h5ad."""
-    import pyarrow.parquet as pq
+def level4_rows(slide_id: str, engine: str, mask: str, objects: int, features: int) -> list[dict]:
+    """ImagingLevel4 rows of one cell table, as CSV and as .h5ad (``hdf5``).
 
-    rows = []
-    for csv in sorted((out_dir / layout.QUANTIFICATION).glob(f"{slide_id}--*_*.csv")):
-        engine, mask = csv.stem.split("--", 1)[1].rsplit("_", 1)
-        meta = pq.ParquetFile(csv.with_suffix(".parquet")).metadata   # the same table; its footer is cheap
-        for suffix, file_format in ((".csv", "csv"), (".h5ad", "hdf5")):
-            rows.append({"Component": "ImagingLevel4",
-                         "Filename": layout.table_path(slide_id, engine, mask, suffix), "File Format": file_format,
-                         "HTAN Parent Data File ID": f"{layout.registration_tiff(slide_id)},"
-                                                     f"{layout.mask_path(slide_id, engine, mask)}",
-                         "HTAN Parent Channel Metadata ID": layout.htan_table(CHANNELS),
-                         "Number of Objects": meta.num_rows, "Number of Features": meta.num_columns - 1,
-                         "Imaging Object Class": OBJECT_CLASS.get(mask, mask), "Imaging Summary Statistic": "Mean",
-                         "Software and Version": _software(versions, note="MCQuant-compatible quantify"),
-                         "Parameter file": layout.MANIFEST})
-    return rows
-
-
-def metadata_tables(out_dir: Path, slide_id: str, markers: Sequence[Marker], raw_files: Sequence[str],
-                    versions: Mapping[str, str]) -> dict[str, pd.DataFrame]:
-    """The release's HTAN metadata tables by component (components without files are left out).
-
-    Parameters
-    ----------
-    out_dir : Path
-        Root of the results layout.
-    slide_id : str
-    markers : sequence of Marker
-        markers.csv of the slide (cycle numbers).
-    raw_files : sequence of str
-        The uploaded raw files (paths in the upload): the Level 2 image's parents.
-    versions : dict of str to str
-        Package versions (:func:`atlas.stages.publish.software_versions`).
+    ``features`` counts the table's columns but ``CellID`` (markers and shape).
     """
-    tables: dict[str, list[dict]] = {}
-    if (out_dir / layout.registration_tiff(slide_id)).is_file():
-        level2, channels = level2_rows(out_dir, slide_id, raw_files, versions)
-        for row, cycle in zip(channels, cycle_numbers([c["Channel Name"] for c in channels], markers), strict=True):
-            row["Cycle Number"] = cycle
-        tables.update({"ImagingLevel2": level2, CHANNELS: channels})
-    tables["ImagingLevel3Segmentation"] = segmentation_rows(out_dir, slide_id, versions)
-    tables["ImagingLevel4"] = level4_rows(out_dir, slide_id, versions)
-    return {component: pd.DataFrame(rows) for component, rows in tables.items() if rows}
+    parents = f"{layout.registration_tiff(slide_id)},{layout.mask_path(slide_id, engine, mask)}"
+    return [{"Component": "ImagingLevel4", "Filename": layout.table_path(slide_id, engine, mask, suffix),
+             "File Format": file_format, "HTAN Parent Data File ID": parents,
+             "HTAN Parent Channel Metadata ID": layout.htan_table(CHANNELS),
+             "Number of Objects": objects, "Number of Features": features,
+             "Imaging Object Class": OBJECT_CLASS.get(mask, mask), "Imaging Summary Statistic": "Mean",
+             "Software and Version": _software(note="MCQuant-compatible quantify"), "Parameter file": layout.MANIFEST}
+            for suffix, file_format in ((".csv", "csv"), (".h5ad", "hdf5"))]
+
+
+def write_table(out_dir: Path, component: str, rows: Sequence[Mapping]) -> None:
+    """Write ``metadata/htan-<component>.csv`` below ``out_dir`` (one row per file or channel)."""
+    path = Path(out_dir) / layout.htan_table(component)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(list(rows)).to_csv(path, index=False)

@@ -413,34 +413,54 @@ def simulate(*, seed: int = 0, grid: tuple[int, int] = (3, 3), tile_size: int = 
     signal = _render_signal(rng, canvas_shape, nuclei, bodies, rho, cells["kind"], fields)
 
     flat = flatfield(tile_size)
-    tiles = []
-    for k in range(len(CYCLE_CHANNELS)):
-        channels = slice(3 * k, 3 * k + 3)
-        cycle = np.empty((len(stage), 3, tile_size, tile_size), np.uint16)
-        for t in range(len(stage)):
-            expected = flat * _sample_tile(signal[channels], frame_px[k, t] - low, tile_size)
-            counts = CAMERA_OFFSET + rng.poisson(np.clip(expected, 0, None)) + rng.normal(0, READ_NOISE, expected.shape)
-            cycle[t] = np.clip(np.rint(counts), 0, 65535).astype(np.uint16)
-        tiles.append(cycle)
-
-    # the truth lives in the mosaic frame and only where a cycle-1 tile looked
+    tiles = _acquire(rng, signal, flat, frame_px - low, tile_size)
+    nuclei_f, bodies_f, present = _truth_in_frame(nuclei, bodies, frame_px[0], low, frame_shape, tile_size)
     crop = (slice(-low[0], -low[0] + frame_shape[0]), slice(-low[1], -low[1] + frame_shape[1]))
-    seen = np.zeros(frame_shape, bool)
-    for y, x in frame_px[0]:
-        seen[int(math.ceil(y)):int(math.floor(y)) + tile_size, int(math.ceil(x)):int(math.floor(x)) + tile_size] = True
-    nuclei_f = np.where(seen, nuclei[crop], 0)
-    bodies_f = np.where(seen, bodies[crop], 0)
-    nuclei_f = _largest_pieces(nuclei_f)
-    ids, first_pixel = np.unique(nuclei_f, return_index=True)
-    present = ids[1:][np.argsort(first_pixel[1:])] if ids[0] == 0 else ids[np.argsort(first_pixel)]
-    relabel = np.zeros(int(max(nuclei.max(), bodies.max())) + 1, np.uint32)   # IDs in raster order, like skimage
-    relabel[present] = np.arange(1, len(present) + 1, dtype=np.uint32)
     return SampleSlide(
         tiles=tiles, stage_positions_um=stage, true_positions_um=true, frame_origin_um=origin,
-        nuclei=relabel[nuclei_f], cells=relabel[bodies_f],
+        nuclei=nuclei_f, cells=bodies_f,
         cell_types=np.array(CELL_TYPES)[cells["kind"][present - 1]],
         signal=signal[(slice(None),) + crop] + np.float32(CAMERA_OFFSET),
         flatfield=flat, cycle_shift_um=shift)
+
+
+def _acquire(rng: np.random.Generator, signal: np.ndarray, flat: np.ndarray, corners_px: np.ndarray,
+             tile_size: int) -> list[np.ndarray]:
+    """Camera images of every tile of every cycle: shading, shot noise, offset and read noise.
+
+    ``corners_px`` is (cycle, tile, yx), each tile's top-left corner on the canvas of ``signal``.
+    Returns one (tiles, 3, tile_size, tile_size) uint16 array per cycle.
+    """
+    tiles = []
+    for k in range(len(CYCLE_CHANNELS)):
+        channels = slice(3 * k, 3 * k + 3)
+        cycle = np.empty((corners_px.shape[1], 3, tile_size, tile_size), np.uint16)
+        for t, corner in enumerate(corners_px[k]):
+            expected = flat * _sample_tile(signal[channels], corner, tile_size)
+            counts = CAMERA_OFFSET + rng.poisson(np.clip(expected, 0, None)) + rng.normal(0, READ_NOISE, expected.shape)
+            cycle[t] = np.clip(np.rint(counts), 0, 65535).astype(np.uint16)
+        tiles.append(cycle)
+    return tiles
+
+
+def _truth_in_frame(nuclei: np.ndarray, bodies: np.ndarray, corners_px: np.ndarray, low: np.ndarray,
+                    frame_shape: tuple[int, int], tile_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The label truth in the mosaic frame, only where a cycle-1 tile (top-left ``corners_px``) looked.
+
+    Returns (nuclei, cells) relabelled 1..N in raster order of first pixel, as skimage numbers
+    labels, and the canvas ids they came from (``present[i - 1]`` is label ``i``'s).
+    """
+    crop = (slice(-low[0], -low[0] + frame_shape[0]), slice(-low[1], -low[1] + frame_shape[1]))
+    seen = np.zeros(frame_shape, bool)
+    for y, x in corners_px:
+        seen[int(math.ceil(y)):int(math.floor(y)) + tile_size, int(math.ceil(x)):int(math.floor(x)) + tile_size] = True
+    nuclei_f = _largest_pieces(np.where(seen, nuclei[crop], 0))
+    bodies_f = np.where(seen, bodies[crop], 0)
+    ids, first_pixel = np.unique(nuclei_f, return_index=True)
+    present = ids[1:][np.argsort(first_pixel[1:])] if ids[0] == 0 else ids[np.argsort(first_pixel)]
+    relabel = np.zeros(int(max(nuclei.max(), bodies.max())) + 1, np.uint32)
+    relabel[present] = np.arange(1, len(present) + 1, dtype=np.uint32)
+    return relabel[nuclei_f], relabel[bodies_f], present
 
 
 def mean_table(labels: np.ndarray, signal: np.ndarray, names: list[str]) -> pd.DataFrame:

@@ -141,6 +141,26 @@ def read_cycles(slide_dir: Path, names: list[str]) -> dict[str, CycleMetadata | 
     return cycles
 
 
+def _manifest_problems(manifest_text: str | None, files: dict[str, int]) -> list[Problem]:
+    """manifest.json against the files present: missing, extra, or of another size."""
+    if manifest_text is None:
+        return [Problem(MANIFEST, "missing", "write manifest.json last (`atlas upload` does it)")]
+    try:
+        listed = {e.path: e for e in parse_manifest(manifest_text)}
+    except InvalidInput as exc:
+        return exc.problems
+    problems = []
+    for path, entry in sorted(listed.items()):
+        if path not in files:
+            problems.append(Problem(path, "listed in manifest.json but missing", REUPLOAD))
+        elif files[path] != entry.size:
+            problems.append(Problem(path, f"size {files[path]} bytes, manifest.json says {entry.size}", REUPLOAD))
+    problems += [Problem(path, "present but not listed in manifest.json",
+                         "delete the file or regenerate manifest.json to include it")
+                 for path in sorted(set(files) - set(listed))]
+    return problems
+
+
 def check_contents(*, slide_id: str, files: dict[str, int], manifest_text: str | None, markers_text: str | None,
                    params_text: str | None, cycles: dict[str, CycleMetadata | Exception]) -> list[Problem]:
     """Every problem of a slide from facts already gathered (pure; used locally and by the catalog).
@@ -155,25 +175,7 @@ def check_contents(*, slide_id: str, files: dict[str, int], manifest_text: str |
     cycles : dict of str to CycleMetadata or Exception
         OME metadata of each raw cycle file, or the error raised reading it.
     """
-    problems = check_slide_id(slide_id)
-    if manifest_text is None:
-        problems.append(Problem(MANIFEST, "missing", "write manifest.json last (`atlas upload` does it)"))
-    else:
-        try:
-            entries = parse_manifest(manifest_text)
-        except InvalidInput as exc:
-            problems.extend(exc.problems)
-        else:
-            listed = {e.path: e for e in entries}
-            for path, entry in sorted(listed.items()):
-                if path not in files:
-                    problems.append(Problem(path, "listed in manifest.json but missing", REUPLOAD))
-                elif files[path] != entry.size:
-                    problems.append(Problem(path, f"size {files[path]} bytes, manifest.json says {entry.size}",
-                                            REUPLOAD))
-            for path in sorted(set(files) - set(listed)):
-                problems.append(Problem(path, "present but not listed in manifest.json",
-                                        "delete the file or regenerate manifest.json to include it"))
+    problems = check_slide_id(slide_id) + _manifest_problems(manifest_text, files)
     markers = align_channel = None
     if markers_text is None:
         problems.append(Problem(MARKERS, "missing", "add markers.csv (channel_number,cycle_number,marker_name)"))

@@ -1,7 +1,8 @@
-"""The stage registry: the one ordered list of pipeline stages.
+"""The stage registry: the one ordered list of pipeline stages, and the jobs each one runs as.
 
-It drives the local runner (:mod:`atlas.pipeline.local`), the Batch entrypoint (``atlas stage``), the
-Batch job definitions and the Step Functions state machine (``infra/``).
+It drives the local runner (:mod:`atlas.pipeline.local`), the Batch entrypoint (``atlas stage``,
+:mod:`atlas.pipeline.job`), the local Step Functions + Batch stand-in (``localcloud.executor``), the
+Batch job definitions and the Step Functions state machine (``infra/``), and ops' status.
 
 The stage contract
 ------------------
@@ -9,17 +10,41 @@ Each stage is a module ``atlas.stages.<name>``. A plain stage exposes ``run(ctx)
 array stage (``array_size > 0``) exposes ``run_item(ctx, index, count) -> None`` (item ``index``
 of ``count`` does its share of the work, e.g. tiles ``index, index + count, ...``) and
 ``merge(ctx) -> None``. A stage reads the raw slide from ``ctx.slide_dir`` and earlier stages'
-outputs from ``ctx.out_dir``, and writes only below ``ctx.out_dir`` in the results layout
-(:mod:`atlas.layout`). It must be deterministic: the same inputs give byte-identical outputs.
+outputs from ``ctx.out_dir``, and writes only what the registry declares below ``ctx.out_dir``:
+its ``outputs`` (plain job, merge) or, for an array item, files below its ``item_dir``. Scratch
+space it needs besides (memory maps, temporary stores) lives in ``ctx.scratch``. It must be
+deterministic: the same inputs give byte-identical outputs. It reads nothing from the
+environment: what the entry point knows (engine weights, where the run is published, the job's
+vCPUs, the completion records it builds on) is in the context.
 """
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from fnmatch import fnmatchcase
+from pathlib import Path, PurePosixPath
 from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
+from atlas import layout
 from atlas.params import Params
+
+if TYPE_CHECKING:  # the registry stays light to import (CDK app, ops); the engines pull in scipy
+    from atlas.science.segmentation import EngineSettings
+
+RAW_PREFIX = "raw:"          # an input pattern relative to the slide, not to the results layout
+
+
+def matches(rel: str, pattern: str) -> bool:
+    """Does ``rel`` (a posix path) fall under the glob ``pattern``?
+
+    Path components are matched one by one (``*`` never crosses a ``/``), and a path below a
+    matching folder matches too: ``registration/*.ome.zarr/labels`` covers every file of the
+    labels group, as :meth:`pathlib.Path.glob` plus "a folder counts file by file" would.
+    """
+    parts, pats = PurePosixPath(rel).parts, PurePosixPath(pattern).parts
+    return len(parts) >= len(pats) and all(fnmatchcase(p, q) for p, q in zip(parts, pats, strict=False))
 
 
 @dataclass(frozen=True)
@@ -33,15 +58,24 @@ class Stage:
     image : {"cpu", "gpu"}
         Container image that runs it.
     vcpus : int
-        vCPUs of its Batch job.
+        vCPUs of its Batch job; its thread pools are sized from this (``ctx.vcpus``).
     memory_mib : int
         Memory of its Batch job (MiB).
     timeout_s : int
         Batch attempt timeout (s).
-    inputs, outputs : tuple of str
-        Glob patterns relative to the results layout (``raw:`` prefix: relative to the slide).
+    inputs : tuple of str
+        Glob patterns of what it reads, relative to the results layout (``raw:`` prefix: relative
+        to the slide). Earlier stages' outputs it reads must match one.
+    outputs : tuple of str
+        Glob patterns of everything the stage (plain job, or the merge of an array stage) writes
+        in the results layout; writing anything else fails the job.
     array_size : int
-        0 for a single job; otherwise the number of Batch array children.
+        0 for a single job; otherwise the number of Batch array items (then a merge job).
+    item_dir : str or None
+        Array stages: the work folder the items write their parts to (and the merge reads); an
+        item may write nothing else. It is part of the run's work, never of a release.
+    publishes : bool
+        The job releases the run to the results bucket after the stage (the last stage).
     """
 
     name: str
@@ -52,38 +86,108 @@ class Stage:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     array_size: int = 0
+    item_dir: str | None = None
+    publishes: bool = False
+
+    def __post_init__(self) -> None:
+        if bool(self.array_size) != bool(self.item_dir):
+            raise ValueError(f"stage {self.name!r}: an array stage needs an item_dir, a plain stage has none")
 
     @property
     def module(self) -> ModuleType:
         return importlib.import_module(f"atlas.stages.{self.name}")
 
-    def execute(self, ctx: StageContext, *, item: int | None = None, merge: bool = False) -> None:
-        """Run the stage's work per the contract: ``run``, one array item, or the array merge."""
-        if self.array_size and not merge and item is None:
-            raise ValueError(f"stage {self.name!r} is an array stage: give an item index or merge=True")
+    def jobs(self, items: int | None = None) -> tuple[Job, ...]:
+        """The stage's jobs in the order they run: the items (``items``, default ``array_size``)
+        then the merge for an array stage; the one job of a plain stage."""
         if not self.array_size:
-            self.module.run(ctx)
-        elif merge:
-            self.module.merge(ctx)
-        else:
-            self.module.run_item(ctx, item, self.array_size)
+            return (Job(self),)
+        count = self.array_size if items is None else items
+        return (*(Job(self, item=i, count=count) for i in range(count)), Job(self, merge=True, count=count))
+
+    def declared(self, job: Job, rel: str) -> bool:
+        """May ``job`` of this stage write the results-layout path ``rel``?"""
+        if job.item is not None:
+            return matches(rel, self.item_dir)
+        return any(matches(rel, pattern) for pattern in self.outputs)
+
+    def reads(self, rel: str) -> bool:
+        """Is the results-layout path ``rel`` one of this stage's declared (non-raw) inputs?"""
+        return any(matches(rel, p) for p in self.inputs if not p.startswith(RAW_PREFIX))
+
+    def raw_inputs(self) -> tuple[str, ...]:
+        """Input patterns relative to the slide (the ``raw:`` ones, prefix removed)."""
+        return tuple(p[len(RAW_PREFIX):] for p in self.inputs if p.startswith(RAW_PREFIX))
+
+
+@dataclass(frozen=True)
+class Job:
+    """One unit of work of a stage: the plain job, one array item, or the merge of an array stage.
+
+    Attributes
+    ----------
+    stage : Stage
+    item : int or None
+        Array item index (None for a plain job or a merge).
+    merge : bool
+    count : int
+        Items of the array (0 for a plain stage).
+    """
+
+    stage: Stage
+    item: int | None = None
+    merge: bool = False
+    count: int = 0
+
+    @property
+    def label(self) -> str:
+        """For people and logs: ``stitch``, ``segment[2]``, ``segment merge``."""
+        return self.stage.name + ("" if self.item is None else f"[{self.item}]") + (" merge" if self.merge else "")
+
+    @property
+    def name(self) -> str:
+        """Batch job definition and Step Functions state: ``segment`` (the array), ``segment-merge``."""
+        return f"{self.stage.name}-merge" if self.merge else self.stage.name
+
+    @property
+    def record(self) -> str:
+        """Results-layout path of its completion record, ``qc/provenance/<stage>[.<item>].json``."""
+        return layout.completion_record(self.stage.name, self.item)
+
+    def argv(self, *, slide_uri: str, work_uri: str, run_id: str) -> list[str]:
+        """Arguments of ``atlas`` that run this job: ``stage NAME --slide-uri ... [--merge]``.
+
+        Array items get no index here: Batch sets ``AWS_BATCH_JOB_ARRAY_INDEX`` in each child (the
+        local executor does the same). Values may be Batch parameter references (``Ref::run_id``).
+        """
+        argv = ["stage", self.stage.name, "--slide-uri", slide_uri, "--work-uri", work_uri, "--run-id", run_id]
+        return argv + (["--merge"] if self.merge else [])
+
+    def declared(self, rel: str) -> bool:
+        """May this job write ``rel``? (:meth:`Stage.declared`)"""
+        return self.stage.declared(self, rel)
 
 
 STAGES: tuple[Stage, ...] = (
     Stage("stitch", "cpu", vcpus=4, memory_mib=16384, timeout_s=6 * 3600,
           inputs=("raw:markers.csv", "raw:raw/*", "raw:params.yml"),
-          outputs=("registration/*", "illumination/*", "qc/stitch/*")),
+          outputs=(f"{layout.REGISTRATION}/*", f"{layout.ILLUMINATION}/*", f"{layout.QC}/stitch/*",
+                   layout.htan_table("ImagingLevel2"), layout.htan_table("ImagingLevel3Channels"))),
     Stage("segment", "gpu", vcpus=4, memory_mib=16384, timeout_s=6 * 3600, array_size=4,
-          inputs=("registration/*.ome.tif", "registration/*.ome.zarr/.z*", "registration/*.ome.zarr/0/.zarray"),
-          outputs=("segmentation/*/*", "qc/segment/*", "registration/*.ome.zarr/labels")),
+          item_dir=f"{layout.WORK}/segment",
+          inputs=(f"{layout.REGISTRATION}/*.ome.tif", f"{layout.REGISTRATION}/*.ome.zarr/.z*",
+                  f"{layout.REGISTRATION}/*.ome.zarr/0/.zarray"),
+          outputs=(f"{layout.SEGMENTATION}/*/*", f"{layout.QC}/segment/*", f"{layout.REGISTRATION}/*.ome.zarr/labels",
+                   layout.htan_table("ImagingLevel3Segmentation"))),
     Stage("quantify", "cpu", vcpus=2, memory_mib=8192, timeout_s=3 * 3600,
-          inputs=("registration/*.ome.tif", "segmentation/*/*"),
-          outputs=("quantification/*", "qc/quantify/*")),
+          inputs=(f"{layout.REGISTRATION}/*.ome.tif", f"{layout.SEGMENTATION}/*/*"),
+          outputs=(f"{layout.QUANTIFICATION}/*", f"{layout.QC}/quantify/*", layout.htan_table("ImagingLevel4"))),
     Stage("render", "cpu", vcpus=2, memory_mib=8192, timeout_s=3 * 3600,
-          inputs=("registration/*.ome.tif", "segmentation/*/*", "quantification/*", "qc/*/*"),
-          outputs=("overview/*",)),
-    Stage("publish", "cpu", vcpus=1, memory_mib=2048, timeout_s=3600,
-          inputs=("*", "raw:markers.csv"), outputs=("metadata/*", "manifest.json")),
+          inputs=(f"{layout.REGISTRATION}/*.ome.tif", f"{layout.SEGMENTATION}/*/*", f"{layout.QUANTIFICATION}/*",
+                  f"{layout.QC}/*/*"),
+          outputs=(f"{layout.OVERVIEW}/*",)),
+    Stage("publish", "cpu", vcpus=1, memory_mib=2048, timeout_s=3600, publishes=True,
+          inputs=(), outputs=(layout.MANIFEST,)),
 )
 
 
@@ -95,9 +199,48 @@ def get_stage(name: str) -> Stage:
     raise ValueError(f"unknown stage {name!r}; stages are {', '.join(s.name for s in STAGES)}")
 
 
+def run_jobs(stages: tuple[Stage, ...] | list[Stage] = STAGES) -> Iterator[Job]:
+    """Every job of a run (of ``stages``), in the order they run."""
+    for stage in stages:
+        yield from stage.jobs()
+
+
+def batch_jobs(stages: tuple[Stage, ...] | list[Stage] = STAGES) -> list[Job]:
+    """One job per Batch job definition and state machine state, in run order: each plain job, each
+    array stage's item 0 standing for its whole array (Batch runs the items as one array job of
+    ``count`` children), and each merge."""
+    return [job for job in run_jobs(stages) if job.item in (None, 0)]
+
+
+def upstream_jobs(job: Job) -> list[Job]:
+    """The jobs whose completion records ``job`` builds on: every job of every earlier stage, and
+    for a merge the items of its own stage. (The runs' provenance: publish lists them all.)"""
+    index = STAGES.index(job.stage)
+    wanted = [j for earlier in STAGES[:index] for j in earlier.jobs()]
+    if job.merge:
+        wanted += [j for j in job.stage.jobs(job.count) if j.item is not None]
+    return wanted
+
+
+@dataclass(frozen=True)
+class CompletionRecord:
+    """A completion record a job builds on, as the runner found it.
+
+    Attributes
+    ----------
+    doc : dict
+        Its content (:mod:`atlas.pipeline.records`): stage, item, run id, cost, ``outputs``.
+    entry : dict
+        The record file itself as an output of the run: ``{"path", "size", "sha256"}``.
+    """
+
+    doc: Mapping[str, Any]
+    entry: Mapping[str, Any]
+
+
 @dataclass(frozen=True)
 class StageContext:
-    """What a stage gets: where the slide and the run's results live, and the slide's settings.
+    """What a stage gets: where the slide and the run's results live, and what the entry point knows.
 
     Attributes
     ----------
@@ -109,6 +252,23 @@ class StageContext:
         Root of this run's results layout; earlier stages' outputs are already there.
     params : Params
         Parsed params.yml (defaults where absent).
+    scratch : Path or None
+        A private folder for temporary files (memory maps, intermediate stores), removed after
+        the job; None: the stage uses the system's temporary folder.
+    vcpus : int
+        vCPUs of the job (thread pools are sized from it, never from the host's CPU count).
+    records : mapping of str to CompletionRecord
+        The completion records the job builds on (:func:`upstream_jobs`), by results-layout path.
+    engine : EngineSettings or None
+        The segmentation engine as the entry point resolved it (weights from its environment);
+        None: the classical engine.
+    results_uri : str or None
+        Where the run will be published (``s3://<results>/<slide_id>/<run_id>/``); None when it is
+        not (a local run).
+    viewer_dir : Path or None
+        OpenSeadragon's build folder for the overview; None: the repository's npm install.
+    job : Job or None
+        The job being run (its stage, array item and item count); set by the runner.
     """
 
     slide_id: str
@@ -116,3 +276,25 @@ class StageContext:
     slide_dir: Path
     out_dir: Path
     params: Params
+    scratch: Path | None = None
+    vcpus: int = 1
+    records: Mapping[str, CompletionRecord] = field(default_factory=dict)
+    engine: EngineSettings | None = None
+    results_uri: str | None = None
+    viewer_dir: Path | None = None
+    job: Job | None = None
+
+    def for_job(self, job: Job, *, scratch: Path, records: Mapping[str, CompletionRecord] | None = None
+                ) -> StageContext:
+        """This context as ``job`` gets it: the job, its vCPUs, its scratch folder, the records it builds on."""
+        return replace(self, job=job, vcpus=job.stage.vcpus, scratch=Path(scratch), records=dict(records or {}))
+
+    def run(self, job: Job) -> None:
+        """Run ``job``'s stage function per the contract: ``run``, one array item, or the merge."""
+        module = job.stage.module
+        if not job.stage.array_size:
+            module.run(self)
+        elif job.merge:
+            module.merge(self)
+        else:
+            module.run_item(self, job.item, job.count)

@@ -1,20 +1,19 @@
-"""Stage ``publish``: the HTAN metadata tables, then the results manifest, written last.
+"""Stage ``publish``: the results manifest, written last.
 
 Locally this is the end of the run. In the cloud the job wrapper then copies the run's outputs
-to the requester-pays results bucket with this manifest last (:mod:`atlas.aws.release`).
+to the requester-pays results bucket with this manifest last (:mod:`atlas.aws.release`). The
+manifest comes from the completion records the job is given (``ctx.records``): each file's size
+and sha256 as its writer recorded them, so publishing reads no output back.
 """
 from __future__ import annotations
 
 import json
 import platform
 from importlib import metadata
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from atlas import layout
-from atlas.pipeline.local import PROVENANCE, file_record
-from atlas.slide.convention import MANIFEST, MARKERS, RAW, parse_manifest, read_markers
-from atlas.slide.htan import metadata_tables
-from atlas.stages import STAGES, StageContext
+from atlas.stages import STAGES, CompletionRecord, StageContext
 
 SOFTWARE = ("tissue-atlas", "ashlar", "numpy", "scipy", "scikit-image", "tifffile", "zarr", "onnxruntime",
             "pandas", "anndata")
@@ -31,48 +30,40 @@ def software_versions() -> dict[str, str]:
     return versions
 
 
-def result_files(out_dir: Path) -> list[str]:
-    """Every file of the results layout below ``out_dir`` (scratch and the manifest itself excluded)."""
-    out_dir = Path(out_dir)
-    return sorted(p.relative_to(out_dir).as_posix() for top in layout.LEVELS if (out_dir / top).is_dir()
-                  for p in (out_dir / top).rglob("*") if p.is_file() and not p.name.endswith(".tmp"))
+def _run_records(ctx: StageContext) -> list[CompletionRecord]:
+    """The completion records of this run the job was given, in the order their jobs ran."""
+    order = {stage.name: k for k, stage in enumerate(STAGES)}
+    return sorted((r for r in ctx.records.values() if r.doc.get("run_id") == ctx.run_id),
+                  key=lambda r: (order[r.doc["stage"]], -1 if r.doc["item"] is None else r.doc["item"]))
+
+
+def run_outputs(ctx: StageContext) -> list[dict]:
+    """Every file of the run's results layout as its writer recorded it (``{"path", "size", "sha256"}``):
+    the outputs listed by the completion records of this run (a later writer of a path wins) and
+    the records themselves; the array items' work files are not results."""
+    records = _run_records(ctx)
+    files = {out["path"]: out for record in records for out in record.doc["outputs"]}
+    files.update({record.entry["path"]: record.entry for record in records})
+    return [{k: f[k] for k in ("path", "size", "sha256")} for rel, f in sorted(files.items())
+            if PurePosixPath(rel).parts[0] in layout.LEVELS]
 
 
 def build_manifest(ctx: StageContext) -> dict:
-    """The results manifest: run id, software, parameters, per-stage cost, each file's level/size/sha256."""
-    stages = []
-    provenance = Path(ctx.out_dir) / PROVENANCE
-    for record_path in sorted(provenance.glob("*.json")):
-        record = json.loads(record_path.read_text())
-        if record.get("run_id") == ctx.run_id:
-            stages.append({k: record[k]
-                           for k in ("stage", "item", "seconds", "vcpus", "vcpu_seconds", "instance_type")})
-    order = [s.name for s in STAGES]
-    stages.sort(key=lambda r: (order.index(r["stage"]), -1 if r["item"] is None else r["item"]))
-    files = []
-    for rel in result_files(ctx.out_dir):
-        files.append({**file_record(ctx.out_dir, rel), "level": layout.level_of(rel),
-                      "component": layout.component_of(rel)})
+    """The results manifest: run id, software, parameters, per-stage cost, each file's size/sha256, MITI
+    level and HTAN component.
+
+    Built from the completion records alone: no output is read back to hash it.
+    """
+    stages = [{k: r.doc[k] for k in ("stage", "item", "seconds", "vcpus", "vcpu_seconds", "instance_type")}
+              for r in _run_records(ctx)]
+    files = [{**entry, "level": layout.level_of(entry["path"]), "component": layout.component_of(entry["path"])}
+             for entry in run_outputs(ctx)]
     return {"slide_id": ctx.slide_id, "run_id": ctx.run_id, "software": software_versions(),
             "params": ctx.params.to_dict(), "stages": stages, "files": files}
 
 
-def write_htan_tables(ctx: StageContext) -> None:
-    """``metadata/htan-<Component>.csv`` of the release (:mod:`atlas.slide.htan`)."""
-    slide_dir = Path(ctx.slide_dir)
-    raw = [f"{ctx.slide_id}/{e.path}" for e in parse_manifest((slide_dir / MANIFEST).read_text())
-           if e.path.startswith(f"{RAW}/")]
-    tables = metadata_tables(Path(ctx.out_dir), ctx.slide_id, read_markers(slide_dir / MARKERS), raw,
-                             software_versions())
-    for component, table in tables.items():
-        target = Path(ctx.out_dir) / layout.htan_table(component)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        table.to_csv(target, index=False)
-
-
 def run(ctx: StageContext) -> None:
-    """Write the HTAN metadata tables, then ``manifest.json`` at the root of the results layout (atomically)."""
-    write_htan_tables(ctx)
+    """Write ``manifest.json`` at the root of the results layout (atomically)."""
     path = Path(ctx.out_dir) / layout.MANIFEST
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(build_manifest(ctx), indent=1) + "\n")

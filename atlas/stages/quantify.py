@@ -23,7 +23,8 @@ import pandas as pd
 from atlas import layout
 from atlas.errors import InvalidInput, Problem
 from atlas.science.imageio import open_tiff
-from atlas.science.quantification import ID_COLUMN, MORPHOLOGY_COLUMNS, marker_columns, quantify
+from atlas.science.quantification import ID_COLUMN, MORPHOLOGY_COLUMNS, NegativeLabels, marker_columns, quantify
+from atlas.slide import htan
 from atlas.slide.convention import MARKERS, read_markers
 from atlas.stages import StageContext
 
@@ -128,10 +129,9 @@ def quantify_files(image_path: Path, mask_paths: Mapping[str, Path], marker_name
 
         try:
             tables = quantify(image, masks, [marker_names[i] for i in kept], channels=kept, progress=step)
-        except ValueError as exc:  # the one thing only reading the masks shows: negative labels
-            bad = next((path for name, path in mask_paths.items() if repr(name) in str(exc)), image_path)
-            raise InvalidInput(Problem(str(bad), str(exc), "write the mask as non-negative integer labels, "
-                                       "0 = background")) from exc
+        except NegativeLabels as exc:  # the one thing only reading the masks shows
+            raise InvalidInput(Problem(str(mask_paths[exc.mask]), str(exc), "write the mask as non-negative integer "
+                                       "labels, 0 = background")) from exc
         return tables, tuple(image.shape)
 
 
@@ -259,6 +259,7 @@ def run(ctx: StageContext) -> None:
                                    "run the segment stage first"))
     summary: dict = {"status": "ok", "markers": marker_columns([m.marker_name for m in markers if not m.remove]),
                      "tables": {}}
+    htan_rows = []
     for engine in engines:
         rel = {mask: layout.mask_path(ctx.slide_id, engine, mask) for mask in ctx.params.quantify.masks}
         missing = [r for r in rel.values() if not (ctx.out_dir / r).is_file()]
@@ -272,6 +273,8 @@ def run(ctx: StageContext) -> None:
             write_table(table, ctx.out_dir / name,
                         {"slide_id": ctx.slide_id, "engine": engine, "mask": mask, "image": image_path.name})
             summary["tables"][Path(name).name] = table_summary(table, shape)
+            htan_rows += htan.level4_rows(ctx.slide_id, engine, mask, len(table), table.shape[1] - 1)
+    htan.write_table(ctx.out_dir, "ImagingLevel4", htan_rows)
     qc = ctx.out_dir / QC_DIR
     qc.mkdir(parents=True, exist_ok=True)
     (qc / layout.QC_SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")

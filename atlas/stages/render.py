@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 from atlas import layout
-from atlas.aws.release import RESULTS_BUCKET_ENV
 from atlas.errors import InvalidInput, Problem
-from atlas.pipeline.local import PROVENANCE
 from atlas.science.overview import PanelInfo, render_overview
 from atlas.science.overview.source import TiffPyramid
 from atlas.slide.convention import MARKERS, read_markers
-from atlas.stages import StageContext
+from atlas.stages import CompletionRecord, StageContext
 
 # The folders whose files the panel links to (by data level), and how deep to list them.
 DATA_FOLDERS = (layout.REGISTRATION, layout.SEGMENTATION, layout.QUANTIFICATION)
@@ -84,17 +83,14 @@ def qc_panel(out_dir: Path) -> dict:
     return panel
 
 
-def data_files(out_dir: Path, slide_id: str, run_id: str) -> list[dict]:
+def data_files(out_dir: Path, records: Mapping[str, CompletionRecord], results_uri: str | None) -> list[dict]:
     """Result files by data level for the panel; an ``.ome.zarr`` folder counts as one entry.
 
-    ``uri`` is the published S3 location when the results bucket is configured (env
-    ATLAS_RESULTS_BUCKET), else None.
+    Sizes come from the run's completion records ``records`` (they list every output; a job need
+    not hold the files it does not read), else, for a results folder made otherwise, from the files
+    on disk. ``uri`` is the file's published location below ``results_uri``, or None (not published).
     """
-    bucket = os.environ.get(RESULTS_BUCKET_ENV)
-    # The run's completion records list every output (a Batch job stages only the files it reads);
-    # without records (a results folder made otherwise), the files on disk.
-    sizes = {out["path"]: out["size"] for record in sorted((out_dir / PROVENANCE).glob("*.json"))
-             for out in json.loads(record.read_text())["outputs"]}
+    sizes = {out["path"]: out["size"] for _, record in sorted(records.items()) for out in record.doc["outputs"]}
     sizes = sizes or {p.relative_to(out_dir).as_posix(): p.stat().st_size
                       for folder in DATA_FOLDERS for p in (out_dir / folder).rglob("*") if p.is_file()}
     entries: dict[str, int] = {}
@@ -105,7 +101,7 @@ def data_files(out_dir: Path, slide_id: str, run_id: str) -> list[dict]:
             top = "/".join(parts[:zarr + 1])
             entries[top] = entries.get(top, 0) + size
     return [{"level": layout.level_of(rel), "path": rel, "size": size,
-             "uri": f"s3://{bucket}/{slide_id}/{run_id}/{rel}" if bucket else None}
+             "uri": f"{results_uri.rstrip('/')}/{rel}" if results_uri else None}
             for rel, size in sorted(entries.items(), key=lambda e: (DATA_FOLDERS.index(e[0].split("/")[0]), e[0]))]
 
 
@@ -124,6 +120,7 @@ def run(ctx: StageContext) -> None:
             names = pyramid.channel_names
     mask = find_cell_mask(out_dir, ctx.slide_id)
     panel = PanelInfo(run_id=ctx.run_id, cell_count=count_cells(out_dir, ctx.slide_id, mask),
-                      qc=qc_panel(out_dir), data=data_files(out_dir, ctx.slide_id, ctx.run_id))
+                      qc=qc_panel(out_dir), data=data_files(out_dir, ctx.records, ctx.results_uri))
     render_overview(image, out_dir / layout.OVERVIEW, slide_id=ctx.slide_id, markers=names, mask_path=mask,
-                    panel=panel, channels_per_group=params.channels_per_group, tile_size=params.tile_size)
+                    panel=panel, channels_per_group=params.channels_per_group, tile_size=params.tile_size,
+                    viewer_dir=ctx.viewer_dir)

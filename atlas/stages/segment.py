@@ -3,8 +3,9 @@
 Item ``index`` of ``count`` segments its share of the tiles of the nucleus channel
 (``segment.channel``) of ``registration/<slide>.ome.tif`` (:func:`job_tiles`: a grid whose tiles
 split evenly by pixels read over the items) and writes each tile's kept instances to
-``tmp/segment/tile-<n>.tif``. ``merge`` paints them into one whole-slide label image (memory-mapped
-scratch, so any slide size fits), grows nuclei into cells by ``segment.expand_um`` and writes
+``tile-<n>.tif`` in the stage's item folder (the registry's ``item_dir``). ``merge`` paints them into
+one whole-slide label image (memory-mapped in the job's scratch, so any slide size fits), grows
+nuclei into cells by ``segment.expand_um`` and writes
 
 - ``segmentation/<engine>-<slide>/nuclei.ome.tif`` and ``cell.ome.tif``: pyramidal uint32 label
   OME-TIFFs, cell ``i`` contains nucleus ``i`` (MCMICRO's names);
@@ -19,8 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from atlas import layout
 from atlas.errors import InvalidInput, Problem
 from atlas.science.imageio import open_tiff
 from atlas.science.pyramid import write_ome_tiff_pyramid, write_zarr_labels
-from atlas.science.segmentation import make_engine
+from atlas.science.segmentation import Engine, EngineSettings
 from atlas.science.segmentation.tiling import (
     TileResult,
     calibration_sample,
@@ -48,12 +47,12 @@ from atlas.science.segmentation.tiling import (
     tile_grid,
     working_view,
 )
+from atlas.slide import htan
 from atlas.slide.ome import parse_ome_xml
-from atlas.stages import StageContext, get_stage
+from atlas.stages import StageContext
 
 log = logging.getLogger(__name__)
 
-TMP_DIR = "tmp/segment"
 QC_DIR = f"{layout.QC}/segment"
 MASKS = ("nuclei", "cell")
 OVERVIEW_MAX_SIDE = 1024
@@ -147,22 +146,27 @@ def _image_path(ctx: StageContext) -> Path:
     return path
 
 
-def _tile_path(ctx: StageContext, n: int) -> Path:
-    return ctx.out_dir / TMP_DIR / f"tile-{n:05d}.tif"
+def _tile_rel(ctx: StageContext, n: int) -> str:
+    """Where the items put tile ``n``'s instances (the registry's item folder of the stage)."""
+    return f"{ctx.job.stage.item_dir}/tile-{n:05d}.tif"
+
+
+def _engine(ctx: StageContext) -> Engine:
+    return (ctx.engine or EngineSettings("classical")).make()
 
 
 def run_item(ctx: StageContext, index: int, count: int) -> None:
     """Segment item ``index``'s share of the tiles (of ``count`` items) and write each one's kept instances."""
     p = ctx.params.segment
     with open_channel(_image_path(ctx), p.channel) as source:
-        engine, view = working_view(source.plane, make_engine(p.engine), source.pixel_size_um)
+        engine, view = working_view(source.plane, _engine(ctx), source.pixel_size_um)
         calibration = engine.calibrate(calibration_sample(view))
         tiles, shares = job_tiles(view.native_shape, p.tile_size, p.overlap, count)
-        (ctx.out_dir / TMP_DIR).mkdir(parents=True, exist_ok=True)
+        (ctx.out_dir / ctx.job.stage.item_dir).mkdir(parents=True, exist_ok=True)
         for n in shares[index]:
             result = segment_tile(view, tiles[n], engine, calibration, p.overlap)
             description = {"box": result.box, "core": tiles[n], "engine": engine.name, "calibration": calibration}
-            tifffile.imwrite(_tile_path(ctx, n), result.labels, compression="zlib",
+            tifffile.imwrite(ctx.out_dir / _tile_rel(ctx, n), result.labels, compression="zlib",
                              description=json.dumps(description), metadata=None)
             log.info("segment tile %d/%d: %d nuclei", n + 1, len(tiles), result.count)
 
@@ -177,12 +181,12 @@ def _tile_results(paths: list[Path], tiles: list, engine_name: str, counts: list
     """The items' tile results in tile order, checked against the current tiling; counts appended to ``counts``."""
     missing = [n for n, path in enumerate(paths) if not path.is_file()]
     if missing:
-        raise InvalidInput(Problem(TMP_DIR, f"{len(missing)} of {len(tiles)} tiles are missing "
+        raise InvalidInput(Problem(str(paths[missing[0]].parent), f"{len(missing)} of {len(tiles)} tiles are missing "
                                    f"(e.g. tile {missing[0]})", "rerun the segment items before the merge"))
     for path, core in zip(paths, tiles, strict=True):
         result, description = _read_tile(path)
         if (description["engine"], tuple(description["core"])) != (engine_name, core):
-            raise InvalidInput(Problem(f"{TMP_DIR}/{path.name}", f"was made by engine {description['engine']} for "
+            raise InvalidInput(Problem(path.name, f"was made by engine {description['engine']} for "
                                        f"tile {description['core']}, not {engine_name} for {core}",
                                        "rerun the segment items with the current parameters"))
         counts.append(result.count)
@@ -202,13 +206,13 @@ def _median_area_um2(labels, n_ids: int, pixel_size_um: float, block: int) -> fl
 def merge(ctx: StageContext) -> None:
     """Join the items' tiles into whole-slide nucleus and cell masks and write every output."""
     p = ctx.params.segment
-    engine = make_engine(p.engine)
+    engine = _engine(ctx)
     with open_channel(_image_path(ctx), p.channel) as source:
         shape = source.plane.shape
-        tiles, _ = job_tiles(shape, p.tile_size, p.overlap, get_stage("segment").array_size)
-        paths = [_tile_path(ctx, n) for n in range(len(tiles))]
+        tiles, _ = job_tiles(shape, p.tile_size, p.overlap, ctx.job.count)
+        paths = [ctx.out_dir / _tile_rel(ctx, n) for n in range(len(tiles))]
         pixel_size = source.pixel_size_um or engine.pixel_size_um
-        scratch = Path(tempfile.mkdtemp(prefix="merge-", dir=ctx.out_dir / "tmp"))
+        scratch = Path(ctx.scratch)
         try:
             masks = {name: np.lib.format.open_memmap(scratch / f"{name}.npy", mode="w+", dtype=np.uint32, shape=shape)
                      for name in MASKS}
@@ -226,9 +230,12 @@ def merge(ctx: StageContext) -> None:
                        "median_nucleus_area_um2": _median_area_um2(masks["nuclei"], n_nuclei, pixel_size, p.tile_size),
                        "masks": {m: layout.mask_path(ctx.slide_id, engine.name, m) for m in MASKS}}
             (ctx.out_dir / QC_DIR / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+            htan.write_table(ctx.out_dir, "ImagingLevel3Segmentation",
+                             htan.segmentation_rows(ctx.slide_id, engine.name, n_nuclei))
             del masks
         finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+            for name in MASKS:
+                (scratch / f"{name}.npy").unlink(missing_ok=True)
 
 
 def write_masks(out_dir: Path, slide_id: str, engine: str, masks: dict, pixel_size_um: float,

@@ -31,6 +31,7 @@ from atlas.science.stitch import (
     mosaic_shape,
     thumbnail_uint8,
 )
+from atlas.slide import htan
 from atlas.slide.convention import MARKERS, RAW, RAW_SUFFIXES, read_markers
 from atlas.slide.ome import CycleMetadata
 from atlas.slide.validate import check_cycles, read_cycles
@@ -138,6 +139,9 @@ def run(ctx: StageContext) -> None:
     write_ome_tiff_pyramid(tiff_path, levels[0], subresolutions=levels[1:], channel_names=channel_names,
                            pixel_size_um=pixel_size, tile_size=params.tile_size)
     write_mosaic_png(qc_dir / "mosaic.png", levels, alignments[0], metas[0].tile_shape)
+    for component, rows in htan.level2_rows(tiff_path, ctx.slide_id, [f"{ctx.slide_id}/{rel(path)}" for path in files],
+                                            markers).items():
+        htan.write_table(out_dir, component, rows)
     summary["status"] = "ok"
     _write_json(qc_dir / "summary.json", summary)
 

@@ -24,12 +24,12 @@ from typing import Any
 # jsii warns on stderr that this machine's Node 20 is end-of-life; synth works the same.
 os.environ.setdefault("JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION", "20")
 
-from aws_cdk import App, Stack  # noqa: E402
-from aws_cdk.assertions import Template  # noqa: E402
+from aws_cdk import App, Stack
+from aws_cdk.assertions import Template
 
-from infra.config import ENVIRONMENT_KEY, ENVIRONMENTS_KEY, AtlasConfig, load_config  # noqa: E402
-from infra.nag import render_intrinsics  # noqa: E402
-from infra.stacks import PipelineStack, ResultsStack, build_app  # noqa: E402
+from infra.config import ENVIRONMENT_KEY, ENVIRONMENTS_KEY, AtlasConfig, load_config
+from infra.nag import render_intrinsics
+from infra.stacks import PipelineStack, ResultsStack, build_app
 
 ROOT = Path(__file__).resolve().parents[2]
 CDK_CONTEXT = json.loads((ROOT / "cdk.json").read_text())["context"]

@@ -32,7 +32,7 @@ JOB_ID = "3f1c0d6e-1b2a-4c5d-9e8f-0a1b2c3d4e5f"
 # (who, action, resource, context, AWS documentation) for integrations no code of ours calls.
 # who: "state-machine", "execution-role", "lambda:<name>" (a role), or a service principal.
 DOCUMENTED = [
-    ("state-machine", "batch:SubmitJob", "{queue}", (), "https://docs.aws.amazon.com/step-functions/latest/dg/batch-iam.html"),  # noqa: E501
+    ("state-machine", "batch:SubmitJob", "{queue}", (), "https://docs.aws.amazon.com/step-functions/latest/dg/batch-iam.html"),
     ("state-machine", "batch:SubmitJob", "{job_definition}", (), "same; SubmitJob is authorized on queue and definition"),  # noqa: E501
     ("state-machine", "batch:SubmitJob", "{job}", (), "https://docs.aws.amazon.com/service-authorization/latest/reference/list_awsbatch.html (SubmitJob: job, job-queue required)"),  # noqa: E501
     ("state-machine", "batch:TagResource", "{job}", (), "https://docs.aws.amazon.com/batch/latest/userguide/tag-resources.html (tags on SubmitJob: tag on create)"),  # noqa: E501
@@ -41,10 +41,10 @@ DOCUMENTED = [
     ("state-machine", "events:PutTargets", "{batch_rule}", (), "same"),
     ("state-machine", "events:PutRule", "{batch_rule}", (), "same"),
     ("state-machine", "events:DescribeRule", "{batch_rule}", (), "same"),
-    ("state-machine", "logs:CreateLogDelivery", "*", (), "https://docs.aws.amazon.com/step-functions/latest/dg/cw-logs.html"),  # noqa: E501
+    ("state-machine", "logs:CreateLogDelivery", "*", (), "https://docs.aws.amazon.com/step-functions/latest/dg/cw-logs.html"),
     ("state-machine", "logs:PutResourcePolicy", "*", (), "same"),
-    ("state-machine", "xray:PutTraceSegments", "*", (), "https://docs.aws.amazon.com/step-functions/latest/dg/concepts-xray-tracing.html"),  # noqa: E501
-    ("execution-role", "ecr:GetAuthorizationToken", "*", (), "https://docs.aws.amazon.com/AmazonECS/latest/developerguide/task_execution_IAM_role.html"),  # noqa: E501
+    ("state-machine", "xray:PutTraceSegments", "*", (), "https://docs.aws.amazon.com/step-functions/latest/dg/concepts-xray-tracing.html"),
+    ("execution-role", "ecr:GetAuthorizationToken", "*", (), "https://docs.aws.amazon.com/AmazonECS/latest/developerguide/task_execution_IAM_role.html"),
     ("execution-role", "ecr:BatchGetImage", "{repository}", (), "same"),
     ("execution-role", "ecr:GetDownloadUrlForLayer", "{repository}", (), "same"),
     ("execution-role", "logs:CreateLogStream", "{job_log_stream}", (), "same (awslogs driver)"),
@@ -53,8 +53,8 @@ DOCUMENTED = [
      "https://docs.aws.amazon.com/eventbridge/latest/userguide/eb-use-resource-based.html"),
     ("events.amazonaws.com", "sqs:SendMessage", "{dead_letters}", (("aws:SourceArn", "{rule}"),),
      "https://docs.aws.amazon.com/eventbridge/latest/userguide/eb-rule-dlq.html"),
-    ("lambda", "sqs:SendMessage", "{dead_letters}", (), "https://docs.aws.amazon.com/lambda/latest/dg/invocation-async-retain-records.html"),  # noqa: E501
-    ("lambda", "logs:PutLogEvents", "{function_log_stream}", (), "https://docs.aws.amazon.com/lambda/latest/dg/monitoring-cloudwatchlogs.html"),  # noqa: E501
+    ("lambda", "sqs:SendMessage", "{dead_letters}", (), "https://docs.aws.amazon.com/lambda/latest/dg/invocation-async-retain-records.html"),
+    ("lambda", "logs:PutLogEvents", "{function_log_stream}", (), "https://docs.aws.amazon.com/lambda/latest/dg/monitoring-cloudwatchlogs.html"),
     ("lambda", "xray:PutTraceSegments", "*", (), "https://docs.aws.amazon.com/lambda/latest/dg/services-xray.html"),
     ("cloudwatch.amazonaws.com", "sns:Publish", "{topic}", (("aws:SourceAccount", ACCOUNT), ("aws:SourceArn", "{alarm}")),  # noqa: E501
      "https://docs.aws.amazon.com/AmazonCloudWatch/latest/monitoring/Notify_Users_Alarm_Changes.html"),
@@ -66,7 +66,7 @@ DOCUMENTED = [
     ("budgets.amazonaws.com", "kms:GenerateDataKey", "{topic_key}", (), "same (encrypted topics)"),
     ("budgets.amazonaws.com", "kms:Decrypt", "{topic_key}", (), "same"),
     ("cloudfront.amazonaws.com", "s3:GetObject", "{site_object}", (("aws:SourceArn", "{distribution}"),),
-     "https://docs.aws.amazon.com/AmazonCloudFront/latest/DeveloperGuide/private-content-restricting-access-to-s3.html"),  # noqa: E501
+     "https://docs.aws.amazon.com/AmazonCloudFront/latest/DeveloperGuide/private-content-restricting-access-to-s3.html"),
 ]
 
 

@@ -6,10 +6,11 @@ import json
 import pytest
 from cdk_templates import actions_of, logical_id, one, policy_statements, resources
 
-from atlas.stages import STAGES
-from infra.compute import PUBLISH_STAGE, QUEUE_TIME_LIMITS, job_name
+from atlas.stages import batch_jobs
+from infra.compute import QUEUE_TIME_LIMITS
 
-JOBS = [(stage, merge) for stage in STAGES for merge in ((False, True) if stage.array_size else (False,))]
+JOBS = [(job.stage, job.merge) for job in batch_jobs()]
+IDS = [job.name for job in batch_jobs()]
 
 
 def environments(synth, queue: str) -> list[dict]:
@@ -75,28 +76,28 @@ def test_queues_cancel_jobs_stuck_runnable(synth):
 
 
 def definition(synth, stage, merge=False) -> dict:
-    _, job = one(synth.pipeline, "AWS::Batch::JobDefinition",
-                 f"Batch{job_name(stage, merge=merge).replace('-', '')}Job")
+    name = f"{stage.name}-merge" if merge else stage.name
+    _, job = one(synth.pipeline, "AWS::Batch::JobDefinition", f"Batch{name.replace('-', '')}Job")
     return job["Properties"]
 
 
-@pytest.mark.parametrize("stage, merge", JOBS, ids=[job_name(s, merge=m) for s, m in JOBS])
+@pytest.mark.parametrize("stage, merge", JOBS, ids=IDS)
 def test_job_definition_follows_the_registry(synth, stage, merge):
     props = definition(synth, stage, merge)
     container = props["ContainerProperties"]
     requirements = {r["Type"]: r["Value"] for r in container["ResourceRequirements"]}
     assert requirements["VCPU"] == str(stage.vcpus) and requirements["MEMORY"] == str(stage.memory_mib)
     assert props["Timeout"] == {"AttemptDurationSeconds": stage.timeout_s}
-    assert props["JobDefinitionName"] == synth.config.name(job_name(stage, merge=merge))
+    assert props["JobDefinitionName"] == synth.config.name(f"{stage.name}-merge" if merge else stage.name)
     assert container["Command"] == ["stage", stage.name, "--slide-uri", "Ref::slide_uri", "--work-uri",
                                     "Ref::work_uri", "--run-id", "Ref::run_id", *(["--merge"] if merge else [])]
     assert props["PropagateTags"] is True
     compute = synth.pipeline_stack.compute
-    role = compute.publish_role if stage.name == PUBLISH_STAGE else compute.job_role
+    role = compute.publish_role if stage.publishes else compute.job_role
     assert container["JobRoleArn"] == {"Fn::GetAtt": [logical_id(role), "Arn"]}
 
 
-@pytest.mark.parametrize("stage, merge", JOBS, ids=[job_name(s, merge=m) for s, m in JOBS])
+@pytest.mark.parametrize("stage, merge", JOBS, ids=IDS)
 def test_jobs_retry_only_when_spot_reclaims_the_instance(synth, stage, merge):
     strategy = definition(synth, stage, merge)["RetryStrategy"]
     assert strategy["Attempts"] == 3

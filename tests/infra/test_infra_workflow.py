@@ -6,12 +6,11 @@ import json
 from cdk_templates import logical_id, one, policy_statements, resources, state_machine_definition
 
 from atlas.aws.catalog import execution_input
-from atlas.stages import STAGES
-from infra.compute import job_name
+from atlas.stages import STAGES, batch_jobs
 from infra.nag import render_intrinsics
 from infra.workflow import run_timeout
 
-EXPECTED_JOBS = [job_name(s, merge=m) for s in STAGES for m in ((False, True) if s.array_size else (False,))]
+EXPECTED_JOBS = [job.name for job in batch_jobs()]
 
 
 def job_states(definition: dict) -> list[tuple[str, dict]]:

@@ -24,7 +24,8 @@ configured path or ``s3://`` URI). Another engine (Cellpose- or Mesmer-class) is
 """
 from __future__ import annotations
 
-import os
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -49,10 +50,39 @@ class Engine(Protocol):
     def segment(self, view: ScaledImage, box: Box, calibration: dict) -> np.ndarray: ...
 
 
+@dataclass(frozen=True)
+class EngineSettings:
+    """Which engine to make, as the entry point (CLI, job) resolved it; :meth:`make` builds it.
+
+    Attributes
+    ----------
+    name : {"classical", "unet"}
+    weights : str or None
+        U-Net weights path or ``s3://`` URI.
+    weights_sha256 : str or None
+    """
+
+    name: str
+    weights: str | None = None
+    weights_sha256: str | None = None
+
+    @classmethod
+    def resolve(cls, name: str, settings: Mapping[str, str], *, weights: str | None = None,
+                weights_sha256: str | None = None) -> EngineSettings:
+        """Settings for engine ``name`` (``auto`` included): weights given here, else from ``settings``
+        (``$ATLAS_UNET_WEIGHTS``, ``$ATLAS_UNET_SHA256``; the entry point passes its environment)."""
+        weights = weights or settings.get(WEIGHTS_ENV) or None
+        weights_sha256 = weights_sha256 or settings.get(SHA256_ENV) or None
+        return cls(resolve_engine_name(name, weights), weights, weights_sha256)
+
+    def make(self) -> Engine:
+        return make_engine(self.name, weights=self.weights, weights_sha256=self.weights_sha256)
+
+
 def resolve_engine_name(name: str, weights: str | None = None) -> str:
-    """``auto`` -> ``unet`` when weights are configured (argument or env), else ``classical``."""
+    """``auto`` -> ``unet`` when weights are given, else ``classical``."""
     if name == AUTO:
-        return "unet" if weights or os.environ.get(WEIGHTS_ENV) else "classical"
+        return "unet" if weights else "classical"
     if name not in ENGINES:
         raise InvalidInput(Problem("segment.engine", f"unknown engine {name!r}",
                                    f"use one of {', '.join((AUTO,) + ENGINES)}"))
@@ -66,16 +96,16 @@ def make_engine(name: str = AUTO, *, weights: str | None = None, weights_sha256:
     ----------
     name : {"auto", "classical", "unet"}
     weights : str, optional
-        U-Net weights path or ``s3://`` URI; default ``$ATLAS_UNET_WEIGHTS``.
+        U-Net weights path or ``s3://`` URI (entry points default it to ``$ATLAS_UNET_WEIGHTS``:
+        :meth:`EngineSettings.resolve`).
     weights_sha256 : str, optional
-        Expected sha256 of the weights; default ``$ATLAS_UNET_SHA256``.
+        Expected sha256 of the weights.
     """
     name = resolve_engine_name(name, weights)
     if name == "classical":
         return ClassicalEngine()
-    weights = weights or os.environ.get(WEIGHTS_ENV)
     if not weights:
         raise InvalidInput(Problem(WEIGHTS_ENV, "the unet engine needs weights and none are configured",
                                    f"set {WEIGHTS_ENV} (path or s3:// URI) and {SHA256_ENV}, pass --weights, "
                                    "or use --engine classical"))
-    return UNetEngine(weights, weights_sha256 or os.environ.get(SHA256_ENV))
+    return UNetEngine(weights, weights_sha256)
