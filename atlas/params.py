@@ -70,6 +70,7 @@ class QuantifyParams(_Section):
 class RenderParams(_Section):
     channels_per_group: Int = Field(4, ge=1)     # auto-minerva groups 4 channels per group
     tile_size: Int = Field(1024, gt=0)           # Minerva's deep-zoom tile size
+    channel_layers: bool = False                 # also one grey tile layer per channel (Minerva composites them)
 
 
 class OverviewParams(_Section):

@@ -9,7 +9,8 @@ Spot instance was reclaimed: any other failure is real and is reported, not sile
 propagate their tags (slide_id, run_id) to the ECS tasks for cost per slide.
 
 Two job roles: every stage reads the ingest bucket and reads/writes the work bucket; only the
-publish job's role may add objects to the results bucket and the overview site.
+publish job's role may add objects to the results bucket and the overview site (and read them, for the
+portal).
 """
 from __future__ import annotations
 
@@ -253,12 +254,14 @@ class BatchCompute(Construct):
 
     def grant_buckets(self, *, ingest: s3.IBucket, work: s3.IBucket, publish: Sequence[s3.IBucket]) -> None:
         """Stage jobs read ``ingest`` and read/write ``work``; the publish job reads both and may only add
-        objects (never delete) to the ``publish`` buckets (results, overview site)."""
+        objects (never delete) to the ``publish`` buckets (results, overview site), which it also reads
+        (the portal at the site's root is rebuilt from the releases, atlas.aws.portal)."""
         for role in (self.job_role, self.publish_role):
             ingest.grant_read(role)
             work.grant_read_write(role)
         for bucket in publish:
             bucket.grant_put(self.publish_role)
+            bucket.grant_read(self.publish_role)
         reason = ("Stage jobs work on any slide's and run's objects, so object ARNs end in /*; the actions are "
                   "CDK's grant_read / grant_read_write / grant_put sets, each on the named buckets only.")
         acknowledge_wildcards(self.job_role, reason, actions=(*S3_READ_ACTIONS, "s3:DeleteObject*", "s3:Abort*"),

@@ -136,6 +136,7 @@ class LocalCloud:
     events_queue_url: str
     notify_queue_url: str
     patterns: dict[str, dict]
+    site_bucket: str = ""  # the overview site (CloudFront's origin when deployed): overviews + the portal
     handlers: dict[str, ModuleType] = field(default_factory=dict)
     delivered: list[tuple[str, dict, dict]] = field(default_factory=list)  # (handler, event, result)
     _sequence: int = 0
@@ -146,8 +147,8 @@ class LocalCloud:
         """Create every resource (boto3 defaults: the environment says where the APIs are)."""
         s3, ddb, sqs, sns = (boto3.client(n, region_name=REGION) for n in ("s3", "dynamodb", "sqs", "sns"))
         events, sfn = boto3.client("events", region_name=REGION), boto3.client("stepfunctions", region_name=REGION)
-        ingest, work, results = f"{prefix}-ingest", f"{prefix}-work", f"{prefix}-results"
-        for bucket in (ingest, work, results):
+        ingest, work, results, site = f"{prefix}-ingest", f"{prefix}-work", f"{prefix}-results", f"{prefix}-site"
+        for bucket in (ingest, work, results, site):
             s3.create_bucket(Bucket=bucket)
         s3.put_bucket_versioning(Bucket=ingest, VersioningConfiguration={"Status": "Enabled"})
         s3.put_bucket_notification_configuration(Bucket=ingest,
@@ -172,7 +173,7 @@ class LocalCloud:
                                     state_machine_arn=machine, notify_topic_arn=topic, work_bucket=work,
                                     results_bucket=results)
         return cls(settings=settings, ingest_bucket=ingest, events_queue_url=events_queue,
-                   notify_queue_url=notify_queue, patterns=patterns)
+                   notify_queue_url=notify_queue, patterns=patterns, site_bucket=site)
 
     def load_handlers(self) -> None:
         """Set the Lambdas' environment in this process and import the three handlers."""
@@ -252,7 +253,7 @@ class LocalCloud:
         Returns the status handler's last result and the jobs run (:class:`localcloud.executor.StepResult`,
         empty when a job failed).
         """
-        from atlas.aws.release import RESULTS_BUCKET_ENV
+        from atlas.aws.release import OVERVIEW_BUCKET_ENV, RESULTS_BUCKET_ENV
         from localcloud.executor import StageJobFailed, execute_run
 
         sfn = boto3.client("stepfunctions", region_name=REGION)
@@ -261,7 +262,8 @@ class LocalCloud:
         self.invoke("status", execution_status_event(execution, "RUNNING"))
         try:
             steps = execute_run(payload["slide_uri"], payload["work_uri"], payload["run_id"],
-                                env=env | {RESULTS_BUCKET_ENV: self.settings.results_bucket})
+                                env=env | {RESULTS_BUCKET_ENV: self.settings.results_bucket,
+                                           OVERVIEW_BUCKET_ENV: self.site_bucket})
         except StageJobFailed as exc:
             error = exc.exit_code.name if exc.exit_code is not None else "States.TaskFailed"
             event = execution_status_event(execution, "FAILED", error=error, cause=str(exc))
@@ -319,6 +321,8 @@ class DemoResult:
         ``results_dir/overview/index.html``.
     notifications : list of dict
         What the lab was told (SNS message envelopes).
+    portal : Path or None
+        ``<out>/site/index.html``: the overview site as published (the portal, each overview below it).
     """
 
     slide_dir: Path
@@ -326,6 +330,7 @@ class DemoResult:
     results_dir: Path | None
     overview: Path | None
     notifications: list[dict]
+    portal: Path | None = None
 
 
 def run_demo(out_dir: Path, *, say: Callable[[str], None] = print, progress=None) -> DemoResult:
@@ -334,8 +339,9 @@ def run_demo(out_dir: Path, *, say: Callable[[str], None] = print, progress=None
     Parameters
     ----------
     out_dir : Path
-        Receives ``sample/<slide_id>/`` (what was uploaded) and ``results/<slide_id>/<run_id>/``
-        (a copy of the published results).
+        Receives ``sample/<slide_id>/`` (what was uploaded), ``results/<slide_id>/<run_id>/``
+        (a copy of the published results) and ``site/`` (a copy of the overview site: the portal's
+        ``index.html`` and ``index.json``, each overview at ``<slide_id>/<run_id>/``).
     say : callable
         Gets one line per step.
     progress : rich.progress.Progress, optional
@@ -379,13 +385,15 @@ def run_demo(out_dir: Path, *, say: Callable[[str], None] = print, progress=None
             cloud.pump(on_execution=on_execution, on_event=on_event)
             record = cloud.slide_record(uploaded.slide_id)
             notes = cloud.notifications()
-            results_dir = overview = None
+            results_dir = overview = portal = None
             if record.get("status") == catalog.Status.SUCCEEDED:
                 results_dir = out_dir / "results" / uploaded.slide_id / record["run_id"]
                 download_prefix(cloud.settings.results_bucket, f"{uploaded.slide_id}/{record['run_id']}/",
                                 results_dir)
                 overview = results_dir / layout.OVERVIEW / layout.OVERVIEW_PAGE
-            return DemoResult(slide_dir, record, results_dir, overview, notes)
+                download_prefix(cloud.site_bucket, "", out_dir / "site")
+                portal = out_dir / "site" / layout.OVERVIEW_PAGE
+            return DemoResult(slide_dir, record, results_dir, overview, notes, portal)
         finally:
             os.environ.clear()
             os.environ.update(saved)

@@ -34,6 +34,15 @@ def test_demo_runs_the_sample_slide_from_upload_to_overview(tmp_path):
     assert layout.registration_tiff("sample") in published
     assert any(p.startswith(layout.QUANTIFICATION + "/") for p in published)
     assert all((results / p).is_file() for p in published)
+    # the overview site as published: the portal lists the slide, its overview tells a drafted story
+    portal = Path(re.search(r"^portal: +(\S+)$", output, re.MULTILINE).group(1))
+    assert portal == (tmp_path / "out" / "site" / "index.html").resolve() and portal.is_file()
+    index = json.loads((portal.parent / "index.json").read_text())
+    assert [(s["slide_id"], s["run_id"]) for s in index["slides"]] == [("sample", run_id)]
+    exhibit = json.loads((portal.parent / index["slides"][0]["overview"]).with_name("exhibit.json").read_text())
+    waypoints = exhibit["Stories"][0]["Waypoints"]
+    assert [w["Name"] for w in waypoints][0] == "Overview"
+    assert [w["Group"] for w in waypoints[1:]] == [g["Name"] for g in exhibit["Groups"]]   # one per group
     # the lab was told
     assert "notification: [atlas] sample: SUCCEEDED" in output
 

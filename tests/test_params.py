@@ -30,7 +30,7 @@ def test_defaults_are_the_documented_ones_and_recorded_whole():
                    "flip_y": False, "illumination": False, "skip_failed_cycles": False, "tile_size": 1024},
         "segment": {"engine": "auto", "channel": 0, "expand_um": 2.0, "tile_size": 2048, "overlap": 128},
         "quantify": {"masks": ("cell", "nuclei")},
-        "render": {"channels_per_group": 4, "tile_size": 1024},
+        "render": {"channels_per_group": 4, "tile_size": 1024, "channel_layers": False},
         "overview": {"public": True},
     }
 

@@ -92,15 +92,19 @@ def test_release_copies_every_file_by_level_and_writes_manifest_last(s3, tmp_pat
     # the release becomes visible only with its manifest, after every file and the overview site; latest.json after that
     results_writes = [w for w in writes if w.startswith("results/")]
     assert results_writes[-2:] == [f"results/{prefix}manifest.json", f"results/{SLIDE}/{LATEST}"]
-    last_site_write = max(i for i, w in enumerate(writes) if w.startswith("site/"))
+    last_site_write = max(i for i, w in enumerate(writes) if w.startswith(f"site/{prefix}"))
     assert writes.index(f"results/{prefix}manifest.json") > last_site_write
     latest = json.loads(s3.get_object(Bucket="results", Key=f"{SLIDE}/{LATEST}")["Body"].read())
     assert latest["run_id"] == run_id and latest["manifest"] == f"s3://results/{prefix}manifest.json"
     assert latest["files"] == len(FILES) and latest["bytes"] == sum(f["size"] for f in manifest["files"])
 
-    # the overview site gets the overview folder, served with browser content types
-    assert keys(s3, "site") == sorted(f"{prefix}{rel[len('overview/'):]}"
-                                      for rel in FILES if rel.startswith("overview/"))
+    # the overview site gets the overview folder, served with browser content types, and then the
+    # portal at its root (tests/test_portal.py)
+    assert keys(s3, "site", prefix) == sorted(f"{prefix}{rel[len('overview/'):]}"
+                                              for rel in FILES if rel.startswith("overview/"))
+    assert set(keys(s3, "site")) - set(keys(s3, "site", prefix)) == {"index.html", "index.json", "portal.js",
+                                                                       "portal.css"}
+    assert writes.index("site/index.json") > writes.index(f"results/{SLIDE}/{LATEST}")
     script = s3.head_object(Bucket="site", Key=prefix + "openseadragon/openseadragon.min.js")
     assert script["ContentType"] == "text/javascript"
     assert latest["overview"] == f"s3://site/{prefix}index.html"

@@ -215,7 +215,7 @@ def test_site_layout_follows_minerva(site):
     assert [g["Channels"] for g in exhibit["Groups"]] == [["DNA_1", "Empty"], ["Saturated", "CD45"]]
     waypoint = exhibit["Stories"][0]["Waypoints"][0]
     assert waypoint["Group"] == exhibit["Groups"][0]["Name"] and waypoint["Masks"] == ["Cell outlines"]
-    assert result == {"tiles": 3 * 21, "groups": 2, "levels": 3, "mask": True}
+    assert result == {"tiles": 3 * 21, "groups": 2, "levels": 3, "mask": True, "waypoints": 3, "drafted": True}
     for layer, ext in [(g["Path"], "jpg") for g in exhibit["Groups"]] + [(exhibit["Masks"][0]["Path"], "png")]:
         folder = out / image["Path"] / layer
         names = sorted(p.name for p in folder.iterdir())
@@ -293,7 +293,7 @@ def test_render_float_image_with_its_real_mask(shared_data, tmp_path):
     out = tmp_path / "overview"
     result = render_overview(folder / "img" / name, out, slide_id="IMC", markers=panel,
                              mask_path=folder / "masks_deepcell" / name)
-    assert result == {"tiles": 3, "groups": 2, "levels": 1, "mask": True}
+    assert result == {"tiles": 3, "groups": 2, "levels": 1, "mask": True, "waypoints": 3, "drafted": True}
     text = (out / "exhibit.json").read_text()
     assert "NaN" not in text and "Infinity" not in text
     assert decode(out / "images" / "cell-outlines" / "0_0_0.png").shape == (87, 103, 4)
@@ -378,5 +378,152 @@ def test_cli_render(images, tmp_path):
     result = CliRunner().invoke(app, ["render", "--image", str(image), "--mask", str(mask), "--markers", str(markers),
                                       "-o", str(out)])
     assert result.exit_code == 0, result.output
-    assert "1 group(s)" in result.output and (out / "index.html").is_file()
+    assert "1 group(s)" in result.output and "2 waypoints (drafted)" in result.output and (out / "index.html").is_file()
     assert inlined_data(out)["panel"]["slideId"] == "image"
+    story = tmp_path / "story.yml"
+    story.write_text(STORY_YML)
+    authored = CliRunner().invoke(app, ["render", "--image", str(image), "--markers", str(markers),
+                                        "--story", str(story), "-o", str(out)])
+    assert authored.exit_code == 0, authored.output
+    assert "2 group(s)" in authored.output and "2 waypoints (authored)" in authored.output
+
+
+# ---- stories, Minerva compatibility ---------------------------------------------------------
+
+# Keys Minerva's readers use, checked against their sources (docs/overview.md cites them):
+# minerva-story json-schema/exhibit/waypoints.md (required waypoint keys), minerva-author
+# src/app.py format_arrow / format_overlay (arrow and overlay keys), make_channels (Channels).
+WAYPOINT_KEYS = {"Name", "Description", "Arrows", "Overlays", "Group", "Masks", "ActiveMasks", "Zoom", "Pan"}
+ARROW_KEYS = {"Text", "HideArrow", "Point", "Angle"}
+OVERLAY_KEYS = {"x", "y", "width", "height"}
+CHANNEL_KEYS = {"Rendered", "Name", "Path"}
+# minerva-author src/app.py: api_import reads in_file and csv_file unconditionally, then
+# sample_info, groups, waypoints, masks; make_waypoints reads these keys of a saved waypoint.
+AUTHOR_KEYS = {"in_file", "csv_file", "sample_info", "groups", "waypoints", "masks"}
+AUTHOR_WAYPOINT_KEYS = {"name", "text", "group", "zoom", "pan", "arrows", "overlays", "masks"}
+AUTHOR_ARROW_KEYS = {"text", "hide", "position", "angle"}
+
+STORY_YML = """
+groups:
+  - {name: Nuclei, channels: [DNA_1, CD45], colors: [0000ff, "#FF8000"]}
+  - {name: Bright, channels: [Saturated]}
+waypoints:
+  - name: Start
+    description: "Two groups <b>authored</b>"
+  - name: Corner
+    description: "**CD45** in the corner"
+    group: Bright
+    center_um: [64, 192]
+    zoom: 4
+    arrows: [{at_um: [80, 200], text: nuclei}]
+    overlays: [{box_um: [32, 160, 64, 48]}]
+    masks: [Cell outlines]
+"""
+
+
+@pytest.fixture(scope="module")
+def story_site(images, tmp_path_factory):
+    from atlas.slide.story import parse_story
+
+    image, mask = images
+    out = tmp_path_factory.mktemp("story-site") / "overview"
+    result = render_overview(image, out, slide_id="DSB", markers=NAMES, mask_path=mask, tile_size=TILE,
+                             story=parse_story(STORY_YML), channel_layers=True)
+    return out, result
+
+
+def test_exhibit_carries_the_authored_story_in_minervas_keys(story_site):
+    out, result = story_site
+    assert result["waypoints"] == 2 and result["drafted"] is False
+    exhibit = json.loads((out / "exhibit.json").read_text())
+    image = exhibit["Images"][0]
+    assert image["TileSize"] == [TILE, TILE]       # Minerva assumes 1024 without it
+    assert [g["Name"] for g in exhibit["Groups"]] == ["Nuclei", "Bright"]
+    assert exhibit["Groups"][0]["Colors"] == ["0000ff", "ff8000"]   # authored colours win
+    assert exhibit["Groups"][1]["Colors"] == ["ffffff"]             # the palette otherwise
+    start, corner = exhibit["Stories"][0]["Waypoints"]
+    assert start.keys() >= WAYPOINT_KEYS and corner.keys() >= WAYPOINT_KEYS
+    # Minerva's viewport: the image is 1 high; µm -> px at 0.5 µm/px, then / 512 px
+    assert start["Pan"] == [0.5, 0.5] and corner["Pan"] == [0.25, 0.75]
+    assert corner["Group"] == "Bright" and corner["ActiveMasks"] == ["Cell outlines"] and start["ActiveMasks"] == []
+    assert corner["Zoom"] == pytest.approx(4 * start["Zoom"])
+    [arrow] = corner["Arrows"]
+    assert arrow.keys() == ARROW_KEYS and arrow["Point"] == [0.3125, 0.78125] and arrow["Text"] == "nuclei"
+    [box] = corner["Overlays"]
+    assert box == {"x": 0.125, "y": 0.625, "width": 0.25, "height": 0.1875} and box.keys() == OVERLAY_KEYS
+    # raw HTML in a description reaches Minerva Story (showdown, unsanitized) only as text
+    assert start["Description"] == "Two groups &lt;b&gt;authored&lt;/b&gt;"
+
+
+def test_channel_layers_are_grey_tiles_minerva_composites(story_site):
+    out, result = story_site
+    exhibit = json.loads((out / "exhibit.json").read_text())
+    layers = exhibit["Channels"]
+    assert [c["Name"] for c in layers] == NAMES and all(c.keys() == CHANNEL_KEYS for c in layers)
+    assert all(c["Rendered"] is False for c in layers)
+    assert layers[0]["Path"] == "DNA-1_0__DNA-1"     # Minerva Author's single-channel path
+    assert result["tiles"] == 21 * (2 + 4 + 1)     # two groups, four channels, the outlines
+    for layer in layers:
+        tile = decode(out / "images" / layer["Path"] / "0_1_1.jpg").astype(int)
+        assert tile.ndim == 3 and np.abs(tile[..., 0] - tile[..., 2]).max() <= 2  # grey: Minerva colours it
+    assert decode(out / "images" / layers[1]["Path"] / "2_0_0.jpg").max() < 5       # the empty channel is black
+    page = inlined_data(out)
+    assert [c["name"] for c in page["channelLayers"]] == NAMES
+
+
+def test_story_json_is_a_minerva_author_save_file(story_site):
+    out, _ = story_site
+    story = json.loads((out / "story.json").read_text())
+    assert story.keys() >= AUTHOR_KEYS
+    # Author opens in_file relative to where it runs and asks for it when missing; the image and
+    # the mask it names are those this overview was rendered from
+    assert (out / story["in_file"]).resolve().name == "image.ome.tif"
+    assert (out / story["masks"][0]["path"]).resolve().name == "cell.ome.tif"
+    start, corner = story["waypoints"]
+    assert AUTHOR_WAYPOINT_KEYS == start.keys() == corner.keys()
+    assert corner["group"] == "Bright" and corner["pan"] == [0.25, 0.75] and corner["masks"] == [0]
+    assert corner["arrows"][0].keys() == AUTHOR_ARROW_KEYS and corner["arrows"][0]["position"] == [0.3125, 0.78125]
+    assert corner["overlays"] == [[0.125, 0.625, 0.25, 0.1875]]
+    assert [g["label"] for g in story["groups"]] == ["Nuclei", "Bright"]
+    assert story["groups"][0]["channels"][1] == {**story["groups"][0]["channels"][1], "id": 3, "label": "CD45",
+                                                  "color": "ff8000"}
+
+
+def test_page_data_has_the_waypoints_in_pixels(story_site):
+    out, _ = story_site
+    waypoints = inlined_data(out)["story"]["waypoints"]
+    assert [w["name"] for w in waypoints] == ["Start", "Corner"]
+    corner = waypoints[1]
+    assert corner["center"] == [128, 384] and corner["zoom"] == 4 and corner["group"] == 1 and corner["outlines"]
+    assert corner["arrows"] == [{"at": [160, 400], "text": "nuclei"}] and corner["overlays"] == [[64, 320, 128, 96]]
+    assert waypoints[0]["center"] == [256, 256] and waypoints[0]["outlines"] is False
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["markers"] == NAMES and summary["waypoints"] == 2 and summary["drafted"] is False
+    assert (out / summary["thumbnail"]).is_file()
+
+
+def test_a_story_that_does_not_fit_the_image_is_refused_before_rendering(images, tmp_path):
+    from atlas.slide.story import parse_story
+
+    image, mask = images
+    story = parse_story(STORY_YML.replace("[64, 192]", "[64, 900]").replace("[Saturated]", "[Saturated, CD8]"))
+    out = tmp_path / "overview"
+    with pytest.raises(InvalidInput) as info:
+        render_overview(image, out, slide_id="DSB", markers=NAMES, mask_path=mask, tile_size=TILE, story=story)
+    messages = [str(p) for p in info.value.problems]
+    assert any(m.startswith("story.yml: group 2 'Bright': channel(s) 'CD8' are not markers") for m in messages)
+    assert any(m.startswith("story.yml: waypoint 2 'Corner': center_um [64, 900] is outside the image")
+               and "x 0 to 256 µm, y 0 to 256 µm" in m for m in messages)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_drafted_story_without_a_cell_table_goes_where_the_group_is_bright(site):
+    out, _ = site
+    exhibit = json.loads((out / "exhibit.json").read_text())
+    overview, *groups = exhibit["Stories"][0]["Waypoints"]
+    assert overview["Name"] == "Overview" and overview["Pan"] == [0.5, 0.5]
+    assert [w["Group"] for w in groups] == [g["Name"] for g in exhibit["Groups"]]
+    # group 1 is DNA_1 + an all-zero channel: no signal to go to, the whole image; group 2
+    # (Saturated, CD45 = the nuclei flipped left-right) goes where its nuclei are brightest
+    assert groups[0]["Pan"] == [0.5, 0.5] and "no signal" in groups[0]["Description"]
+    assert groups[1]["Zoom"] > overview["Zoom"] and "brightest" in groups[1]["Description"]

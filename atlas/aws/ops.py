@@ -13,9 +13,10 @@ A rerun starts a new execution of the same slide under a new run id (``<slide_id
 sha256[:12]>-r<N>``, :func:`atlas.slide.convention.run_id_for`), so the earlier run's work and its release
 stay as they are. ``from_stage`` reuses the earlier stages' outputs: they are copied server-side
 into the new run's work prefix with their completion records re-issued for the new run id (marked
-``reused_from``), so those stage jobs find themselves complete and skip. A params override is
-applied to a copy of the slide (``s3://<work>/reruns/<run_id>/<slide_id>/``, raw files copied
-server-side; the lab's upload is never changed) whose manifest lists the new ``params.yml``.
+``reused_from``), so those stage jobs find themselves complete and skip. A params or story override
+is applied to a copy of the slide (``s3://<work>/reruns/<run_id>/<slide_id>/``, raw files copied
+server-side; the lab's upload is never changed) whose manifest lists the new ``params.yml`` or
+``story.yml``.
 """
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ from atlas.aws.s3 import S3Uri, get_bytes, list_sizes, parallel_map, s3_client
 from atlas.errors import InvalidInput, Problem
 from atlas.params import parse_params
 from atlas.pipeline import records as completion
-from atlas.slide.convention import MANIFEST, PARAMS, parse_manifest, run_id_for
+from atlas.slide.convention import MANIFEST, MARKERS, PARAMS, parse_manifest, parse_markers, run_id_for
+from atlas.slide.story import STORY, check_story, parse_story
 from atlas.stages import STAGES, Stage, batch_jobs, get_stage, run_jobs
 
 RERUN_PREFIX = "reruns"      # work bucket: slide copies carrying an overridden params.yml
@@ -315,10 +317,11 @@ class Rerun:
     run_id, previous_run_id : str
     execution_arn : str
     slide_uri, work_uri : str
-        The new execution's input (``slide_uri`` is a copy of the slide when params were overridden).
+        The new execution's input (``slide_uri`` is a copy of the slide when params or the story
+        were overridden).
     reused : tuple of str
         Stages whose outputs were taken over from the previous run.
-    params_override : bool
+    params_override, story_override : bool
     """
 
     slide_id: str
@@ -329,6 +332,7 @@ class Rerun:
     work_uri: str
     reused: tuple[str, ...]
     params_override: bool
+    story_override: bool = False
 
 
 def _check_rerunnable(slide_id: str, item: Mapping, sfn) -> None:
@@ -385,24 +389,28 @@ def reuse(s3, plan: _Reuse, previous: S3Uri, target: S3Uri) -> None:
                  plan.records.items())
 
 
-def with_params(manifest: Mapping, params: bytes) -> bytes:
-    """A slide manifest (as ``atlas upload`` writes it) listing ``params`` as its params.yml."""
-    entry = {"path": PARAMS, "size": len(params), "sha256": hashlib.sha256(params).hexdigest()}
-    files = sorted([f for f in manifest["files"] if f["path"] != PARAMS] + [entry], key=lambda f: f["path"])
-    return json.dumps({**manifest, "files": files}, indent=1).encode() + b"\n"
+def with_files(manifest: Mapping, files: Mapping[str, bytes]) -> bytes:
+    """A slide manifest (as ``atlas upload`` writes it) listing ``files`` (params.yml, story.yml) instead
+    of the slide's own."""
+    entries = [{"path": name, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+               for name, data in files.items()]
+    kept = [f for f in manifest["files"] if f["path"] not in files]
+    return json.dumps({**manifest, "files": sorted(kept + entries, key=lambda f: f["path"])}, indent=1).encode() + b"\n"
 
 
-def copy_slide(s3, slide: S3Uri, target: S3Uri, manifest: bytes, params: bytes) -> None:
-    """Copy a slide server-side to ``target`` with ``params`` as params.yml and ``manifest`` written last."""
-    files = [f["path"] for f in json.loads(manifest)["files"] if f["path"] != PARAMS]
+def copy_slide(s3, slide: S3Uri, target: S3Uri, manifest: bytes, files: Mapping[str, bytes]) -> None:
+    """Copy a slide server-side to ``target`` with ``files`` in place of its own and ``manifest`` written last."""
+    copied = [f["path"] for f in json.loads(manifest)["files"] if f["path"] not in files]
     parallel_map(lambda rel: s3.copy({"Bucket": slide.bucket, "Key": slide.join(rel).key}, target.bucket,
-                                     target.join(rel).key), files)
-    s3.put_object(Bucket=target.bucket, Key=target.join(PARAMS).key, Body=params)
+                                     target.join(rel).key), copied)
+    for name, data in files.items():
+        s3.put_object(Bucket=target.bucket, Key=target.join(name).key, Body=data)
     s3.put_object(Bucket=target.bucket, Key=target.join(MANIFEST).key, Body=manifest)
 
 
 def rerun(slide_id: str, *, table, from_stage: str | None = None, params_text: str | None = None,
-          params_file: str = PARAMS, s3=None, sfn=None) -> Rerun:
+          params_file: str = PARAMS, story_text: str | None = None, story_file: str = STORY, s3=None,
+          sfn=None) -> Rerun:
     """Start a new run of a slide's current run, under a new run id; the earlier run stays as it is.
 
     Parameters
@@ -417,6 +425,11 @@ def rerun(slide_id: str, *, table, from_stage: str | None = None, params_text: s
         params.yml to use instead of the slide's (validated first). It may not change the
         parameters of a reused stage.
     params_file : str
+        Name of that file in error messages.
+    story_text : str, optional
+        story.yml to use instead of the slide's (checked against its markers first); it changes
+        the overview only, so it needs ``from_stage`` at render or earlier.
+    story_file : str
         Name of that file in error messages.
     s3, sfn : boto3 clients, optional
 
@@ -441,22 +454,26 @@ def rerun(slide_id: str, *, table, from_stage: str | None = None, params_text: s
     reused = list(STAGES[:first])
     manifest = _slide_manifest(s3, slide_uri)
     params = _params_override(s3, slide_uri, manifest, params_text, params_file, reused, previous_run)
-    # the run id hashes the manifest the run reads: the slide's, or its copy's listing the new params.yml
-    used = with_params(json.loads(manifest), params) if params is not None else manifest
+    story = _story_override(s3, slide_uri, manifest, story_text, story_file,
+                            params_text if params is not None else None, reused)
+    overrides = {name: data for name, data in ((PARAMS, params), (STORY, story)) if data is not None}
+    # the run id hashes the manifest the run reads: the slide's, or its copy's listing the new files
+    used = with_files(json.loads(manifest), overrides) if overrides else manifest
     run_id = _new_run_id(slide_id, used, runs)
     plan = plan_reuse(s3, work_uri, previous_run=previous_run, run_id=run_id, stages=reused)  # checks first
-    if params is not None:
+    if overrides:
         copy = S3Uri(work_uri.bucket, f"{RERUN_PREFIX}/{run_id}/{slide_id}/")
-        copy_slide(s3, slide_uri, copy, used, params)
+        copy_slide(s3, slide_uri, copy, used, overrides)
         slide_uri = copy
     new_payload = catalog.execution_input(slide_id=slide_id, run_id=run_id, slide_uri=str(slide_uri),
                                           work_bucket=work_uri.bucket)
     reuse(s3, plan, work_uri, S3Uri.parse(new_payload["work_uri"]))
     arn = _start(table, sfn, state_machine_of(execution_arn), slide, new_payload,
                  {"manifest_version": slide.get("manifest_version"), "rerun_of": previous_run,
-                  "from_stage": STAGES[first].name, "params_override": params is not None})
+                  "from_stage": STAGES[first].name, "params_override": params is not None,
+                  "story_override": story is not None})
     return Rerun(slide_id, run_id, previous_run, arn, new_payload["slide_uri"], new_payload["work_uri"],
-                 tuple(s.name for s in reused), params is not None)
+                 tuple(s.name for s in reused), params is not None, story is not None)
 
 
 def _first_stage(from_stage: str | None) -> int:
@@ -502,6 +519,33 @@ def _params_override(s3, slide: S3Uri, manifest: bytes, params_text: str | None,
                                                 f"{previous_run}",
                                    f"rerun --from {changed[0]} (or an earlier stage)"))
     return params_text.encode() if old != new else None
+
+
+def _story_override(s3, slide: S3Uri, manifest: bytes, story_text: str | None, story_file: str,
+                    params_text: str | None, reused: list[Stage]) -> bytes | None:
+    """The new story.yml when it differs from the slide's (None: no override); InvalidInput when it does
+    not fit the slide's markers (the image's extent is checked when rendering) or the rerun reuses
+    the render outputs, so the story would not be rendered."""
+    if story_text is None:
+        return None
+    listed = {e.path for e in parse_manifest(manifest.decode())}
+    if STORY in listed and get_bytes(s3, slide.join(STORY)) == story_text.encode():
+        return None
+    story = parse_story(story_text, story_file)
+    if params_text is None and PARAMS in listed:
+        params_text = (get_bytes(s3, slide.join(PARAMS)) or b"").decode()
+    markers_text = (get_bytes(s3, slide.join(MARKERS)) or b"").decode() if MARKERS in listed else ""
+    if markers_text:
+        markers = [m.marker_name for m in parse_markers(markers_text)]
+        problems = check_story(story, markers=markers, per_group=parse_params(params_text).render.channels_per_group,
+                               extent_um=None, file=story_file)
+        if problems:
+            raise InvalidInput(problems)
+    if "render" in [s.name for s in reused]:
+        raise InvalidInput(Problem(story_file, "changes the overview's story, but the rerun reuses the render "
+                                               "outputs of the current run",
+                                   "rerun --from render (or an earlier stage)"))
+    return story_text.encode()
 
 
 def _start(table, sfn, state_machine_arn: str, slide: Mapping, payload: Mapping[str, str],

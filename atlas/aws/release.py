@@ -19,6 +19,8 @@ Results bucket::
 Overview site bucket (optional, served by CloudFront; browsers cannot read a requester-pays bucket)::
 
     <slide_id>/<run_id>/index.html ...        the contents of overview/
+    index.html, index.json                    the portal: every released slide (atlas.aws.portal), rewritten
+                                              after each release
 """
 from __future__ import annotations
 
@@ -90,7 +92,7 @@ def _copy(s3, source: S3Uri, target: S3Uri, metadata: dict[str, str]) -> None:
 
 
 def release_run(s3, out_dir: Path, *, work: S3Uri, slide_id: str, run_id: str, results_bucket: str,
-                overview_bucket: str | None = None) -> Release:
+                overview_bucket: str | None = None, public: bool = True) -> Release:
     """Copy the run's results from ``work`` to ``s3://<results_bucket>/<slide_id>/<run_id>/``, manifest last.
 
     Parameters
@@ -105,7 +107,11 @@ def release_run(s3, out_dir: Path, *, work: S3Uri, slide_id: str, run_id: str, r
     results_bucket : str
         The requester-pays results bucket (the owner's writes need no request-payer header).
     overview_bucket : str, optional
-        Overview site bucket; ``overview/`` is copied to ``<slide_id>/<run_id>/`` there.
+        Overview site bucket; ``overview/`` is copied to ``<slide_id>/<run_id>/`` there (when
+        ``public``), then the portal at its root is rewritten (:mod:`atlas.aws.portal`).
+    public : bool
+        ``overview.public`` of the slide's params.yml: False keeps the overview off the site (and
+        the portal, rewritten all the same, then no longer lists the slide).
 
     Raises
     ------
@@ -135,7 +141,7 @@ def release_run(s3, out_dir: Path, *, work: S3Uri, slide_id: str, run_id: str, r
                                  {"htan-level": str(f["level"]) if f["level"] is not None else "none",
                                   "sha256": f["sha256"]}), files)
     site = None
-    if overview_bucket:
+    if overview_bucket and public:
         site = S3Uri(overview_bucket, f"{slide_id}/{run_id}/")
         top = layout.OVERVIEW + "/"
         parallel_map(lambda f: _copy(s3, work.join(f["path"]), site.join(f["path"][len(top):]),
@@ -150,4 +156,8 @@ def release_run(s3, out_dir: Path, *, work: S3Uri, slide_id: str, run_id: str, r
               "released": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     s3.put_object(Bucket=results_bucket, Key=f"{slide_id}/{LATEST}", Body=json.dumps(latest, indent=1).encode() + b"\n",
                   ContentType="application/json")
+    if overview_bucket:  # the release is complete: the portal at the site's root now lists it
+        from atlas.aws.portal import publish_portal
+
+        publish_portal(s3, results_bucket=results_bucket, overview_bucket=overview_bucket)
     return Release(prefix, prefix.join(layout.MANIFEST), latest["files"], latest["bytes"], site)

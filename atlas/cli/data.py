@@ -42,9 +42,15 @@ def level_token(level: int | None) -> str:
 
 @data_app.command("ls")
 def ls(slide: str = typer.Argument(None, help="slide id (default: list the slides)"), run: str = RUN,
-       bucket: str = BUCKET) -> None:
+       bucket: str = BUCKET,
+       index: str = typer.Option(None, "--index", help="list the slides of a portal instead (its address, "
+                                                       "https://.../index.json, or a local index.json); no AWS "
+                                                       "account needed")) -> None:
     """List the published slides, or one slide's releases and its files by data level with sizes."""
     console = Console()
+    if index is not None:
+        ls_index(console, index, slide)
+        return
     client = access.results_client()
     if slide is None:
         slides = access.list_published_slides(bucket=bucket, client=client)
@@ -69,6 +75,25 @@ def ls(slide: str = typer.Argument(None, help="slide id (default: list the slide
     console.print("levels: " + "; ".join(f"{level_token(k)} {v}" for k, v in access.LEVEL_NAMES.items()),
                   highlight=False)
     console.print(f"price a download: atlas data cost {slide} --levels 2,3,4")
+
+
+def ls_index(console: Console, location: str, slide: str | None) -> None:
+    """The slides a portal's index.json lists (or one of them, by level)."""
+    from atlas.aws.portal import read_index
+
+    doc = read_index(location)
+    slides = [s for s in doc["slides"] if slide is None or s["slide_id"] == slide]
+    table = Table("slide", "latest release", "released", "cells", "markers", "size", "download", "overview",
+                  title=f"{location} (s3://{doc.get('results_bucket', '?')})")
+    for s in slides:
+        table.add_row(s["slide_id"], s["run_id"], s.get("released", ""),
+                      "" if s.get("cells") is None else f"{s['cells']:,}", ", ".join(s.get("markers", [])),
+                      human(s.get("bytes", 0)), usd(s.get("download_cost_usd", 0)), s.get("overview", ""))
+    console.print(table if slides else "no such slide in the portal" if slide else "no released slides yet")
+    for s in slides if slide else []:
+        for level in s.get("levels", []):
+            console.print(f"{level_token(level['level'])}: {human(level['bytes'])}  {level['command']}",
+                          highlight=False, soft_wrap=True)
 
 
 @data_app.command("cost")

@@ -34,8 +34,8 @@ def demo(out: Path = typer.Option(Path("out/demo"), "-o", "--out",
             console.print(f"[red]cause:[/] {escape(record['cause'])}")
         raise typer.Exit(1)
     # soft_wrap: the paths stay on one line each, whatever the terminal width (copy-paste, scripts)
-    console.print(f"results:  {result.results_dir.resolve()}\noverview: {result.overview.resolve()}",
-                  soft_wrap=True, highlight=False)
+    console.print(f"results:  {result.results_dir.resolve()}\noverview: {result.overview.resolve()}\n"
+                  f"portal:   {result.portal.resolve()}", soft_wrap=True, highlight=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -10,6 +10,7 @@ from rich.table import Table
 from atlas.aws import catalog, ops
 from atlas.cli.data import usd
 from atlas.slide.convention import PARAMS
+from atlas.slide.story import STORY
 
 TABLE = typer.Option(None, "--table", envvar=catalog.ENV_CATALOG_TABLE, show_envvar=True,
                      help="catalog table (the pipeline stack's CatalogTableName output)")
@@ -85,17 +86,23 @@ def rerun(slide: str = typer.Argument(..., help="slide id"),
                                                                "(stitch, segment, quantify, render, publish)"),
           params: Path = typer.Option(None, "--params", exists=True, dir_okay=False,
                                       help="params.yml to use instead of the slide's"),
+          story: Path = typer.Option(None, "--story", exists=True, dir_okay=False,
+                                     help="story.yml to use instead of the slide's (e.g. from `atlas story draft`, "
+                                          "edited); with --from render only the overview is redone"),
           table: str = TABLE) -> None:
     """Run a slide again under a new run id (the earlier run and its results are kept)."""
     console = Console()
     started = ops.rerun(slide, table=ops.catalog_table(table), from_stage=from_stage,
                         params_text=params.read_text() if params else None,
-                        params_file=str(params) if params else PARAMS)
+                        params_file=str(params) if params else PARAMS,
+                        story_text=story.read_text(encoding="utf-8") if story else None,
+                        story_file=str(story) if story else STORY)
     console.print(f"[green]✓[/] started run [bold]{started.run_id}[/] (rerun of {started.previous_run_id})")
     if started.reused:
         console.print(f"reused from {started.previous_run_id}: {', '.join(started.reused)}")
-    if started.params_override:
-        console.print(f"with {params} (slide copy at {started.slide_uri})", highlight=False)
+    if started.params_override or started.story_override:
+        used = [str(f) for f, on in ((params, started.params_override), (story, started.story_override)) if on]
+        console.print(f"with {' and '.join(used)} (slide copy at {started.slide_uri})", highlight=False)
     console.print(f"execution: {started.execution_arn}\nwatch it: atlas status {slide}\n"
                   f"run {started.previous_run_id} and its results are kept", highlight=False)
 

@@ -297,12 +297,13 @@ def prepare(s3, place: JobPlace, job: Job, root: Path, settings: Mapping[str, st
 def publish(s3, place: JobPlace, ctx: StageContext, settings: Mapping[str, str]) -> None:
     """Release the run (publishing stage only), before its completion record is written.
 
-    The overview goes to the public site too unless the slide's params.yml says ``overview.public: false``.
+    The overview goes to the public site too unless the slide's params.yml says ``overview.public: false``;
+    the portal at the site's root is rewritten either way (an earlier public release of the slide leaves it).
     """
-    site = (settings.get(OVERVIEW_BUCKET_ENV) or None) if ctx.params.overview.public else None
     try:
         release_run(s3, ctx.out_dir, work=place.work, slide_id=place.slide.name, run_id=place.run_id,
-                    results_bucket=settings[RESULTS_BUCKET_ENV], overview_bucket=site)
+                    results_bucket=settings[RESULTS_BUCKET_ENV],
+                    overview_bucket=settings.get(OVERVIEW_BUCKET_ENV) or None, public=ctx.params.overview.public)
     except ReleaseError as exc:
         raise CorruptWork(str(exc)) from exc
 

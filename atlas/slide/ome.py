@@ -48,10 +48,76 @@ class CycleMetadata:
     tiles_without_position: tuple[int, ...] = ()
 
 
+class CycleWriter:
+    """Write one cycle as a multi-series OME-TIFF tile by tile (one series per tile), so a cycle of
+    any size passes through memory one tile at a time.
+
+    Parameters
+    ----------
+    path : Path
+        Output ``.ome.tif``.
+    positions_um : (n_tiles, 2) float ndarray
+        Top-left (y, x) of each tile in µm, image orientation; :meth:`write` takes the tiles in this order.
+    pixel_size_um : float
+        Physical pixel size (square pixels).
+    channel_names : list of str
+        One name per channel.
+    compression : str or None
+        TIFF compression of every tile.
+    uuid : str, optional
+        OME UUID of the file; pass one derived from the content for byte-reproducible files
+        (default: a random one, as tifffile does).
+    acquired : datetime, optional
+        Acquisition time, written as microscopes write it: OME ``AcquisitionDate`` of every
+        image and TIFF ``DateTime`` of every IFD (released images never carry it on).
+    """
+
+    def __init__(self, path: Path, positions_um: np.ndarray, pixel_size_um: float, channel_names: list[str], *,
+                 compression: str | None = "zlib", uuid: str | None = None, acquired: datetime | None = None):
+        self.positions_um = np.asarray(positions_um, dtype=float)
+        self.pixel_size_um, self.channel_names = pixel_size_um, list(channel_names)
+        self.compression, self.uuid, self.acquired = compression, uuid, acquired
+        self.written = 0
+        self._tif = tifffile.TiffWriter(path, bigtiff=True, ome=True)
+
+    def write(self, tile: np.ndarray) -> None:
+        """Append the next tile, (C, Y, X) uint8 or uint16."""
+        i, n_channels = self.written, len(self.channel_names)
+        if tile.ndim != 3 or tile.shape[0] != n_channels or i >= len(self.positions_um):
+            raise ValueError(f"tile {i} must be (C, Y, X) with one name per channel and one position per tile; "
+                             f"got shape {tile.shape}, {len(self.positions_um)} positions, {n_channels} names")
+        y, x = self.positions_um[i]
+        dated = {"AcquisitionDate": self.acquired.isoformat(timespec="seconds")} if self.acquired else {}
+        self._tif.write(tile, compression=self.compression, datetime=self.acquired or False, metadata={
+            "axes": "CYX", "Name": f"tile-{i}", **({"UUID": self.uuid} if self.uuid and i == 0 else {}), **dated,
+            "PhysicalSizeX": self.pixel_size_um, "PhysicalSizeXUnit": "µm",
+            "PhysicalSizeY": self.pixel_size_um, "PhysicalSizeYUnit": "µm",
+            "Channel": {"Name": self.channel_names},
+            "Plane": {"PositionX": [float(x)] * n_channels, "PositionXUnit": ["µm"] * n_channels,
+                      "PositionY": [-float(y)] * n_channels, "PositionYUnit": ["µm"] * n_channels},
+        })
+        self.written += 1
+
+    def close(self) -> None:
+        """Finish the file; every position must have had its tile."""
+        self._tif.close()
+        if self.written != len(self.positions_um):
+            raise ValueError(f"{self.written} tiles written for {len(self.positions_um)} positions")
+
+    def __enter__(self) -> CycleWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None:
+            self.close()
+        else:
+            self._tif.close()
+
+
 def write_cycle(path: Path, tiles: np.ndarray, positions_um: np.ndarray, pixel_size_um: float,
                 channel_names: list[str], *, compression: str | None = "zlib", uuid: str | None = None,
                 acquired: datetime | None = None) -> None:
-    """Write one cycle as a multi-series OME-TIFF.
+    """Write one cycle as a multi-series OME-TIFF (see :class:`CycleWriter` to write tile by tile).
 
     Parameters
     ----------
@@ -60,33 +126,17 @@ def write_cycle(path: Path, tiles: np.ndarray, positions_um: np.ndarray, pixel_s
     tiles : (n_tiles, C, Y, X) uint8 or uint16 ndarray
     positions_um : (n_tiles, 2) float ndarray
         Top-left (y, x) of each tile in µm, image orientation.
-    pixel_size_um : float
-        Physical pixel size (square pixels).
-    channel_names : list of str
-        One name per channel.
-    uuid : str, optional
-        OME UUID of the file; pass one derived from the content for byte-reproducible files
-        (default: a random one, as tifffile does).
-    acquired : datetime, optional
-        Acquisition time, written as microscopes write it: OME ``AcquisitionDate`` of every
-        image and TIFF ``DateTime`` of every IFD (released images never carry it on).
+    pixel_size_um, channel_names, compression, uuid, acquired
+        See :class:`CycleWriter`.
     """
     tiles = np.asarray(tiles)
     if tiles.ndim != 4 or len(channel_names) != tiles.shape[1] or len(positions_um) != len(tiles):
         raise ValueError(f"tiles must be (n_tiles, C, Y, X) with one position per tile and one name per channel; "
                          f"got shape {tiles.shape}, {len(positions_um)} positions, {len(channel_names)} names")
-    n_channels = tiles.shape[1]
-    dated = {"AcquisitionDate": acquired.isoformat(timespec="seconds")} if acquired else {}
-    with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tif:
-        for i, (tile, (y, x)) in enumerate(zip(tiles, positions_um, strict=True)):
-            tif.write(tile, compression=compression, datetime=acquired or False, metadata={
-                "axes": "CYX", "Name": f"tile-{i}", **({"UUID": uuid} if uuid and i == 0 else {}), **dated,
-                "PhysicalSizeX": pixel_size_um, "PhysicalSizeXUnit": "µm",
-                "PhysicalSizeY": pixel_size_um, "PhysicalSizeYUnit": "µm",
-                "Channel": {"Name": list(channel_names)},
-                "Plane": {"PositionX": [float(x)] * n_channels, "PositionXUnit": ["µm"] * n_channels,
-                          "PositionY": [-float(y)] * n_channels, "PositionYUnit": ["µm"] * n_channels},
-            })
+    with CycleWriter(path, positions_um, pixel_size_um, channel_names, compression=compression, uuid=uuid,
+                     acquired=acquired) as writer:
+        for tile in tiles:
+            writer.write(tile)
 
 
 def parse_ome_xml(xml: str) -> CycleMetadata:

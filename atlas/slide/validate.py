@@ -34,6 +34,7 @@ from atlas.slide.convention import (
     slide_manifest,
 )
 from atlas.slide.ome import CycleMetadata, read_cycle_metadata
+from atlas.slide.story import STORY, check_story, parse_story
 
 REUPLOAD = "upload the file again, then regenerate manifest.json (`atlas upload` does both)"
 PIXEL_SIZE_RTOL = 1e-4          # ASHLAR's tolerance for "the same" pixel size
@@ -130,6 +131,36 @@ def check_cycles(markers: list[Marker] | None, cycles: dict[str, CycleMetadata |
     return problems
 
 
+def mosaic_extent(cycles: dict[str, CycleMetadata | Exception]
+                  ) -> tuple[tuple[float, float], tuple[int, int]] | None:
+    """((width, height) in µm, (width, height) in px) of the stitched image, from the first cycle's
+    tile positions (ASHLAR's mosaic spans them); None when no cycle tells."""
+    for name in sorted(cycles):
+        meta = cycles[name]
+        if isinstance(meta, CycleMetadata) and meta.positions_um is not None and meta.pixel_size_um:
+            (y0, x0), (y1, x1) = meta.positions_um.min(axis=0), meta.positions_um.max(axis=0)
+            height = float(y1 - y0) + meta.tile_shape[0] * meta.pixel_size_um
+            width = float(x1 - x0) + meta.tile_shape[1] * meta.pixel_size_um
+            return (width, height), (round(width / meta.pixel_size_um), round(height / meta.pixel_size_um))
+    return None
+
+
+def check_story_text(story_text: str, markers: list[Marker] | None, params_text: str | None,
+                     cycles: dict[str, CycleMetadata | Exception]) -> list[Problem]:
+    """Problems of story.yml: its form, then (when markers.csv and params.yml parse) its groups,
+    channels and views against the markers and the stitched image's extent."""
+    try:
+        story = parse_story(story_text, STORY)
+        params = parse_params(params_text)
+    except InvalidInput as exc:
+        return [p for p in exc.problems if p.file == STORY]  # params problems are reported on their own
+    if markers is None:
+        return []
+    extent = mosaic_extent(cycles)
+    return check_story(story, markers=[m.marker_name for m in markers], per_group=params.render.channels_per_group,
+                       extent_um=extent[0] if extent else None, image_px=extent[1] if extent else None)
+
+
 def read_cycles(slide_dir: Path, names: list[str]) -> dict[str, CycleMetadata | Exception]:
     """OME metadata of each cycle file (slide-relative names), or the error that reading it raised."""
     cycles: dict[str, CycleMetadata | Exception] = {}
@@ -162,7 +193,8 @@ def _manifest_problems(manifest_text: str | None, files: dict[str, int]) -> list
 
 
 def check_contents(*, slide_id: str, files: dict[str, int], manifest_text: str | None, markers_text: str | None,
-                   params_text: str | None, cycles: dict[str, CycleMetadata | Exception]) -> list[Problem]:
+                   params_text: str | None, cycles: dict[str, CycleMetadata | Exception],
+                   story_text: str | None = None) -> list[Problem]:
     """Every problem of a slide from facts already gathered (pure; used locally and by the catalog).
 
     Parameters
@@ -170,8 +202,8 @@ def check_contents(*, slide_id: str, files: dict[str, int], manifest_text: str |
     slide_id : str
     files : dict of str to int
         Slide-relative path -> size in bytes of each file actually present (manifest excluded).
-    manifest_text, markers_text, params_text : str or None
-        Contents of manifest.json, markers.csv and params.yml (None when absent).
+    manifest_text, markers_text, params_text, story_text : str or None
+        Contents of manifest.json, markers.csv, params.yml and story.yml (None when absent).
     cycles : dict of str to CycleMetadata or Exception
         OME metadata of each raw cycle file, or the error raised reading it.
     """
@@ -189,6 +221,8 @@ def check_contents(*, slide_id: str, files: dict[str, int], manifest_text: str |
     except InvalidInput as exc:
         problems.extend(exc.problems)
     problems.extend(check_cycles(markers, cycles, align_channel))
+    if story_text is not None:
+        problems.extend(check_story_text(story_text, markers, params_text, cycles))
     return problems
 
 
@@ -231,7 +265,8 @@ def validate_slide(slide_dir: Path) -> list[Problem]:
     manifest_text = _read_text(slide_dir / MANIFEST)
     problems = check_contents(slide_id=slide_dir.resolve().name, files=files, manifest_text=manifest_text,
                               markers_text=_read_text(slide_dir / MARKERS),
-                              params_text=_read_text(slide_dir / PARAMS), cycles=cycles) + problems
+                              params_text=_read_text(slide_dir / PARAMS), cycles=cycles,
+                              story_text=_read_text(slide_dir / STORY)) + problems
     if manifest_text is not None:
         try:
             entries = parse_manifest(manifest_text)

@@ -2,8 +2,9 @@
 
 Reads ``registration/<slide>.ome.tif`` (pyramid levels), the cell mask
 ``segmentation/<engine>-<slide>/cell.ome.tif`` for the outline layer (left out when there is no
-segmentation), the cell table for the cell count, ``qc/<stage>/summary.json`` for the QC panel
-and ``markers.csv``; the rendering itself is :func:`atlas.science.overview.render_overview`.
+segmentation), the cell table for the cell count and the drafted story, ``qc/<stage>/summary.json``
+for the QC panel, ``markers.csv`` and the slide's ``story.yml`` when it has one; the rendering
+itself is :func:`atlas.science.overview.render_overview`.
 """
 from __future__ import annotations
 
@@ -15,8 +16,12 @@ from pathlib import Path
 from atlas import layout
 from atlas.errors import InvalidInput, Problem
 from atlas.science.overview import PanelInfo, render_overview
+from atlas.science.overview.render import draft_for_image, header_text
 from atlas.science.overview.source import TiffPyramid
+from atlas.science.overview.story import CellTable
+from atlas.science.quantification import marker_columns
 from atlas.slide.convention import MARKERS, read_markers
+from atlas.slide.story import STORY, Story, parse_story
 from atlas.stages import CompletionRecord, StageContext
 
 # The folders whose files the panel links to (by data level), and how deep to list them.
@@ -30,14 +35,63 @@ def find_cell_mask(out_dir: Path, slide_id: str) -> Path | None:
     return found[0] if found else None
 
 
-def count_cells(out_dir: Path, slide_id: str, mask: Path | None) -> int | None:
-    """Rows of the cell feature table (MCQuant CSV, one row per cell), or None without one."""
+def cell_table(out_dir: Path, slide_id: str, mask: Path | None) -> Path | None:
+    """The cell feature table (MCQuant CSV) of the mask's engine, else of any engine; None without one."""
     tables = []
     if mask is not None:
         engine = mask.parent.name.removesuffix(f"-{slide_id}")
         tables.append(out_dir / layout.table_path(slide_id, engine, "cell"))
     tables += sorted((out_dir / layout.QUANTIFICATION).glob(f"{slide_id}--*_cell.csv"))
-    table = next((t for t in tables if t.is_file()), None)
+    return next((t for t in tables if t.is_file()), None)
+
+
+def read_cells(table: Path, markers: list[str]) -> CellTable | None:
+    """Centroids and marker means of a cell table (its Parquet twin when present: only the columns
+    needed are read); None when it lacks the columns of these markers."""
+    import pandas as pd
+
+    columns = ["X_centroid", "Y_centroid", *marker_columns(markers)]
+    parquet = table.with_suffix(".parquet")
+    try:
+        if parquet.is_file():
+            frame = pd.read_parquet(parquet, columns=columns)
+        else:
+            frame = pd.read_csv(table, usecols=columns, dtype=dict.fromkeys(columns, "float64"))
+    except (ValueError, KeyError):
+        return None
+    return CellTable(frame["X_centroid"].to_numpy(), frame["Y_centroid"].to_numpy(),
+                     frame[columns[2:]].to_numpy(dtype="float32"))
+
+
+def read_story(slide_dir: Path) -> Story | None:
+    """The slide's story.yml, parsed (checked against the image when rendering); None without one."""
+    path = Path(slide_dir) / STORY
+    return parse_story(path.read_text(encoding="utf-8"), STORY) if path.is_file() else None
+
+
+def image_markers(image: Path, slide_dir: Path, tile_size: int) -> list[str]:
+    """Marker names of the registered image's channels: markers.csv, or the image's own channel
+    names when they differ in number (a cycle left out by stitch.skip_failed_cycles)."""
+    names = [m.marker_name for m in read_markers(Path(slide_dir) / MARKERS)]
+    with TiffPyramid(image, tile_size) as pyramid:
+        if pyramid.channel_names and len(pyramid.channel_names) != len(names):
+            names = pyramid.channel_names
+    return names
+
+
+def draft(out_dir: Path, slide_id: str, markers: list[str], channels_per_group: int, tile_size: int) -> Story:
+    """The story the render stage drafts for a results folder without story.yml (``atlas story draft``)."""
+    image = out_dir / layout.registration_tiff(slide_id)
+    mask = find_cell_mask(out_dir, slide_id)
+    table = cell_table(out_dir, slide_id, mask)
+    with TiffPyramid(image, tile_size) as pyramid:
+        return draft_for_image(pyramid, markers, channels_per_group=channels_per_group,
+                               cells=read_cells(table, markers) if table else None,
+                               header=header_text(slide_id, markers, count_cells(table)))
+
+
+def count_cells(table: Path | None) -> int | None:
+    """Rows of the cell feature table (MCQuant CSV, one row per cell), or None without one."""
     if table is None:
         return None
     with open(table, "rb") as f:
@@ -112,15 +166,14 @@ def run(ctx: StageContext) -> None:
     if not image.is_file():
         raise InvalidInput(Problem(layout.registration_tiff(ctx.slide_id), "not found; the render stage needs "
                                    "the registered image", "run the stitch stage first"))
-    names = [m.marker_name for m in read_markers(Path(ctx.slide_dir) / MARKERS)]
     params = ctx.params.render
-    with TiffPyramid(image, params.tile_size) as pyramid:
-        # A cycle left out by stitch.skip_failed_cycles is missing from the image, which names its channels.
-        if pyramid.channel_names and len(pyramid.channel_names) != len(names):
-            names = pyramid.channel_names
+    story = read_story(ctx.slide_dir)  # before the long part: a malformed story.yml fails at once
+    names = image_markers(image, ctx.slide_dir, params.tile_size)
     mask = find_cell_mask(out_dir, ctx.slide_id)
-    panel = PanelInfo(run_id=ctx.run_id, cell_count=count_cells(out_dir, ctx.slide_id, mask),
+    table = cell_table(out_dir, ctx.slide_id, mask)
+    panel = PanelInfo(run_id=ctx.run_id, cell_count=count_cells(table),
                       qc=qc_panel(out_dir), data=data_files(out_dir, ctx.records, ctx.results_uri))
+    cells = read_cells(table, names) if table is not None and story is None else None
     render_overview(image, out_dir / layout.OVERVIEW, slide_id=ctx.slide_id, markers=names, mask_path=mask,
                     panel=panel, channels_per_group=params.channels_per_group, tile_size=params.tile_size,
-                    viewer_dir=ctx.viewer_dir)
+                    story=story, cells=cells, channel_layers=params.channel_layers, viewer_dir=ctx.viewer_dir)

@@ -119,8 +119,7 @@ def recorded(tmp_path_factory):
     original_create, original_invoke = demo.LocalCloud.create.__func__, demo.LocalCloud.invoke
 
     def create(cls, prefix=PREFIX):
-        cloud = original_create(cls, prefix)
-        demo.boto3.client("s3", region_name=REGION).create_bucket(Bucket=f"{PREFIX}-overview")
+        cloud = original_create(cls, prefix)   # with its overview site bucket, where the publish job copies to
         created["cloud"] = cloud
         return cloud
 
@@ -137,8 +136,7 @@ def recorded(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(demo.LocalCloud, "create", classmethod(create))
         mp.setattr(demo.LocalCloud, "invoke", invoke)
-        os.environ.update({"PYTHONPATH": os.pathsep.join(filter(None, [recording, os.environ.get("PYTHONPATH")])),
-                           "ATLAS_OVERVIEW_BUCKET": f"{PREFIX}-overview"})
+        os.environ.update({"PYTHONPATH": os.pathsep.join(filter(None, [recording, os.environ.get("PYTHONPATH")]))})
         try:
             result = demo.run_demo(out, say=lambda line: None)
         finally:
@@ -152,7 +150,7 @@ def view_of(deployment, cloud) -> TemplateView:
     stack = deployment.pipeline_stack
     settings = cloud.settings
     names = {logical_id(stack.storage.ingest): cloud.ingest_bucket, logical_id(stack.storage.work): settings.work_bucket,  # noqa: E501
-             logical_id(stack.site.bucket): f"{PREFIX}-overview",
+             logical_id(stack.site.bucket): cloud.site_bucket,
              logical_id(stack.catalog.table): settings.catalog_table,
              logical_id(stack.catalog.idempotency_table): settings.idempotency_table,
              logical_id(stack.notifications.topic): settings.notify_topic_arn,
@@ -208,7 +206,7 @@ def documented_requests(view: TemplateView) -> dict[Request, tuple[str, str]]:
         "topic_key": [view.names[f"{k}.Arn"] for k in of_type["AWS::KMS::Key"]],
         "alarm": [view.names[f"{a}.Arn"] for a in of_type["AWS::CloudWatch::Alarm"]],
         "budget": [f"arn:aws:budgets::{ACCOUNT}:budget/{PREFIX}-monthly"] if of_type["AWS::Budgets::Budget"] else [],
-        "site_object": [f"arn:aws:s3:::{PREFIX}-overview/S1/S1-abc/index.html"],
+        "site_object": [f"arn:aws:s3:::{PREFIX}-site/S1/S1-abc/index.html"],
         "distribution": [f"arn:aws:cloudfront::{ACCOUNT}:distribution/{d}" for d in of_type["AWS::CloudFront::Distribution"]],  # noqa: E501
     }
     out = {}

@@ -32,6 +32,7 @@ from atlas.aws.catalog.table import (
 )
 from atlas.errors import InvalidInput, Problem
 from atlas.slide.convention import MANIFEST, MARKERS, PARAMS, parse_manifest, raw_files, run_id_for
+from atlas.slide.story import STORY
 
 # Everything a decision on a manifest version writes: cleared when a newer version is collected.
 _DECISION_FIELDS = (*RUN_OUTCOME_FIELDS, "run_id", "status_order", "ignored")
@@ -177,7 +178,7 @@ def _validate(aws: Aws, slide_id: str, manifest_text: str, listed: set[str],
         cycles[path] = cycle_metadata_from_item(obj["ome"]) if obj.get("ome") else ValueError(obj.get("ome_error"))
     files = {path: int(objects[path]["size"]) for path in sorted(listed)}
     return check_contents(slide_id=slide_id, files=files, manifest_text=manifest_text, markers_text=text(MARKERS),
-                          params_text=text(PARAMS), cycles=cycles)
+                          params_text=text(PARAMS), cycles=cycles, story_text=text(STORY))
 
 
 def _decide_invalid(aws: Aws, settings: Settings, slide_id: str, manifest: _Manifest,

@@ -16,6 +16,7 @@ from atlas.science.overview import exhibit as ex
 from atlas.science.overview.contrast import auto_contrast, sample_pixels
 from atlas.science.overview.site import copy_viewer, find_viewer, viewer_version, write_site
 from atlas.science.overview.source import TiffPyramid
+from atlas.science.overview.story import CellTable, draft_story, resolve_views
 from atlas.science.overview.tiles import (
     composite,
     encode_jpeg,
@@ -26,9 +27,12 @@ from atlas.science.overview.tiles import (
     write_tiles,
 )
 from atlas.slide.convention import MARKERS
+from atlas.slide.palette import channel_colors
+from atlas.slide.story import OUTLINES, STORY, Story, check_story
 
-MASK_NAME = "Cell outlines"
+MASK_NAME = OUTLINES
 MASK_PATH = "cell-outlines"
+SUMMARY = "summary.json"   # the overview's facts for the portal (atlas.aws.portal)
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,7 @@ def _read_with_margin(labels: TiffPyramid, level: int, y0: int, y1: int, x0: int
 def render_overview(image_path: str | os.PathLike, out_dir: str | os.PathLike, *, slide_id: str,
                     markers: Sequence[str], mask_path: str | os.PathLike | None = None,
                     panel: PanelInfo | None = None, channels_per_group: int = 4, tile_size: int = 1024,
+                    story: Story | None = None, cells: CellTable | None = None, channel_layers: bool = False,
                     viewer_dir: str | os.PathLike | None = None,
                     progress: Callable[[int, int], None] | None = None) -> dict:
     """Render the Minerva-style overview site of one registered image.
@@ -87,8 +92,17 @@ def render_overview(image_path: str | os.PathLike, out_dir: str | os.PathLike, *
         Cell label image of the same Y, X for the outline layer; None renders without it.
     panel : PanelInfo, optional
     channels_per_group : int
+        Channels per automatic group (when the story has no groups).
     tile_size : int
         Deep-zoom tile edge in pixels (Minerva uses 1024).
+    story : Story, optional
+        The authored story (story.yml), checked against the image first; None drafts one from
+        ``cells`` (or, without them, from the image; see :mod:`atlas.science.overview.story`).
+    cells : CellTable, optional
+        The cell table the drafted story is made from.
+    channel_layers : bool
+        Also render each channel alone as grey tiles, listed in exhibit.json's ``Channels``, so a
+        viewer can toggle and recolour channels.
     viewer_dir : path, optional
         OpenSeadragon's build folder (default: env ATLAS_VIEWER_DIR, then the repo's npm install).
     progress : callable, optional
@@ -96,13 +110,15 @@ def render_overview(image_path: str | os.PathLike, out_dir: str | os.PathLike, *
 
     Returns
     -------
-    dict : ``{"tiles": int, "groups": int, "levels": int, "mask": bool}``.
+    dict : ``{"tiles": int, "groups": int, "levels": int, "mask": bool, "waypoints": int,
+    "drafted": bool}``.
 
     Raises
     ------
     InvalidInput
-        Marker count differs from the channel count, the mask does not match the image, or the
-        viewer is not installed.
+        Marker count differs from the channel count, the mask does not match the image, the
+        story does not fit the slide (naming story.yml and the waypoint), or the viewer is not
+        installed.
     """
     out_dir = Path(out_dir)
     panel = panel or PanelInfo()
@@ -111,8 +127,8 @@ def render_overview(image_path: str | os.PathLike, out_dir: str | os.PathLike, *
     shutil.rmtree(work, ignore_errors=True)
     try:
         summary = _render(image_path, work, slide_id=slide_id, markers=markers, mask_path=mask_path, panel=panel,
-                          channels_per_group=channels_per_group, tile_size=tile_size, viewer=viewer,
-                          progress=progress)
+                          channels_per_group=channels_per_group, tile_size=tile_size, story=story, cells=cells,
+                          channel_layers=channel_layers, viewer=viewer, progress=progress)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -122,84 +138,199 @@ def render_overview(image_path: str | os.PathLike, out_dir: str | os.PathLike, *
     return summary
 
 
-def _render(image_path: str | os.PathLike, work: Path, *, slide_id: str, markers: Sequence[str],
-            mask_path: str | os.PathLike | None, panel: PanelInfo, channels_per_group: int, tile_size: int,
-            viewer: Path, progress: Callable[[int, int], None] | None) -> dict:
-    with TiffPyramid(image_path, tile_size) as image:
-        if len(markers) != image.shape[0]:
-            raise InvalidInput(Problem(MARKERS, f"lists {len(markers)} markers but {Path(image_path).name} "
-                                       f"has {image.shape[0]} channels",
-                                       "list exactly one marker row per channel of the registered image"))
-        coarsest = image.level(image.n_levels - 1)
-        ranges = [auto_contrast(sample_pixels(plane)) for plane in coarsest]
-        groups = ex.make_groups(list(markers), ranges, channels_per_group)
-        labels = None
-        if mask_path is not None:
-            labels = TiffPyramid(mask_path, tile_size, labels=True)
-            if labels.shape != (1, *image.shape[1:]):
-                labels.close()
-                raise InvalidInput(Problem(str(mask_path), f"mask shape {labels.shape} does not match the image "
-                                           f"(1, {image.shape[1]}, {image.shape[2]})",
-                                           "give the cell mask segmented from this registered image"))
-        per_layer = sum(1 for _ in tile_grid(image.level_shapes, tile_size))
-        total = per_layer * (len(groups) + (labels is not None))
-        done, lock = 0, threading.Lock()
+def prepare_groups(image: TiffPyramid, markers: Sequence[str], channels_per_group: int,
+                   story: Story | None) -> tuple[list[ex.Group], np.ndarray]:
+    """Display ranges from the coarsest level and the overview's groups (the story's, else automatic).
 
-        def tick(n: int) -> None:  # called from the tile threads
-            nonlocal done
-            with lock:
-                done += n
-                if progress is not None:
-                    progress(done, total)
+    Returns the groups and the coarsest level, (C, y, x).
 
-        try:
-            images = work / ex.IMAGES_PATH
-            for group in groups:
-                def render_group(level: int, y0: int, y1: int, x0: int, x1: int, group=group) -> bytes:
-                    return encode_jpeg(composite(image.read(level, group.channels, y0, y1, x0, x1),
-                                                 group.ranges, group.colors))
-                write_tiles(images / group.path, image.level_shapes, tile_size, "jpg", render_group, progress=tick)
-            if labels is not None:
-                def render_outline(level: int, y0: int, y1: int, x0: int, x1: int) -> bytes:
-                    return encode_png(outline_rgba(outlines(_read_with_margin(labels, level, y0, y1, x0, x1)),
-                                                   ex.OUTLINE_COLOR))
-                write_tiles(images / MASK_PATH, image.level_shapes, tile_size, "png", render_outline, progress=tick)
-        finally:
-            if labels is not None:
-                labels.close()
-        height, width = image.shape[1:]
-        pixel_size = image.pixel_size_um
-        mask = {"Name": MASK_NAME, "Path": MASK_PATH} if labels is not None else None
-        header = _header(slide_id, markers, panel)
-        exhibit = ex.make_exhibit(slide_id=slide_id, width=width, height=height, max_level=image.n_levels - 1,
-                                  groups=groups, mask=mask, pixel_size_um=pixel_size, header=header)
-        story = ex.make_story(slide_id=slide_id, groups=groups, dtype_max=_dtype_max(image.dtype),
-                              pixel_size_um=pixel_size)
-        dtype = str(image.dtype)
-        n_levels = image.n_levels
-    (work / "exhibit.json").write_text(json.dumps(exhibit, indent=1) + "\n")
-    (work / "story.json").write_text(json.dumps(story, indent=1) + "\n")
-    copy_viewer(viewer, work)
-    group_of = {c: g.name for g in groups for c in g.channels}
-    data = {
+    Raises
+    ------
+    InvalidInput
+        The marker count differs from the image's channel count.
+    """
+    if len(markers) != image.shape[0]:
+        raise InvalidInput(Problem(MARKERS, f"lists {len(markers)} markers but {image.path.name} "
+                                   f"has {image.shape[0]} channels",
+                                   "list exactly one marker row per channel of the registered image"))
+    coarsest = image.level(image.n_levels - 1)
+    ranges = [auto_contrast(sample_pixels(plane)) for plane in coarsest]
+    return ex.make_groups(list(markers), ranges, channels_per_group, story.groups if story else ()), coarsest
+
+
+def header_text(slide_id: str, markers: Sequence[str], cell_count: int | None) -> str:
+    """Markdown introduction of the story: what the slide is, in one paragraph."""
+    from atlas.science.overview.story import md_escape
+
+    cells = f" {cell_count:,} segmented cells." if cell_count is not None else ""
+    return f"**{md_escape(slide_id)}**: {len(markers)} markers ({', '.join(map(md_escape, markers))}).{cells}"
+
+
+def draft_for_image(image: TiffPyramid, markers: Sequence[str], *, channels_per_group: int,
+                    cells: CellTable | None, header: str) -> Story:
+    """The story render drafts for this image when the slide has no story.yml (``atlas story draft``)."""
+    groups, coarsest = prepare_groups(image, markers, channels_per_group, None)
+    height, width = image.shape[1:]
+    return draft_story(groups=groups, width=width, height=height, pixel_size_um=image.pixel_size_um,
+                       header=header, cells=cells, planes=coarsest)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What the overview will show: groups, the story's views, channel layers and their ranges."""
+
+    groups: list[ex.Group]
+    views: list[ex.View]
+    header: str
+    drafted: bool
+    layers: list[dict]
+    ranges: list[tuple[float, float]]
+
+
+def _plan(image: TiffPyramid, markers: Sequence[str], *, slide_id: str, cell_count: int | None,
+          channels_per_group: int, story: Story | None, cells: CellTable | None, channel_layers: bool) -> _Plan:
+    """Check the authored story against the image (or draft one), make the groups and the views."""
+    height, width = image.shape[1:]
+    pixel_size = image.pixel_size_um
+    if story is not None:
+        problems = check_story(story, markers=markers, per_group=channels_per_group,
+                               extent_um=(width * (pixel_size or 1.0), height * (pixel_size or 1.0)),
+                               image_px=(width, height), file=STORY)
+        if problems:
+            raise InvalidInput(problems)
+    groups, coarsest = prepare_groups(image, markers, channels_per_group, story)
+    header = header_text(slide_id, markers, cell_count)
+    drafted = story is None
+    if drafted:
+        story = draft_story(groups=groups, width=width, height=height, pixel_size_um=pixel_size, header=header,
+                            cells=cells, planes=coarsest)
+    views = resolve_views(story, groups, width=width, height=height, pixel_size_um=pixel_size)
+    layers = [{"Name": name, "Path": ex.channel_layer_path(c, name), "channel": c}
+              for c, name in enumerate(markers)] if channel_layers else []
+    return _Plan(groups, views, header, drafted, layers, _channel_ranges(groups, len(markers), coarsest))
+
+
+def _open_mask(mask_path: str | os.PathLike | None, tile_size: int, image: TiffPyramid) -> TiffPyramid | None:
+    """The cell mask's pyramid, checked to match the image; None without a mask."""
+    if mask_path is None:
+        return None
+    labels = TiffPyramid(mask_path, tile_size, labels=True)
+    if labels.shape != (1, *image.shape[1:]):
+        labels.close()
+        raise InvalidInput(Problem(str(mask_path), f"mask shape {labels.shape} does not match the image "
+                                   f"(1, {image.shape[1]}, {image.shape[2]})",
+                                   "give the cell mask segmented from this registered image"))
+    return labels
+
+
+def _write_layers(image: TiffPyramid, labels: TiffPyramid | None, plan: _Plan, images: Path, tile_size: int,
+                  progress: Callable[[int, int], None] | None) -> int:
+    """Every tile of every layer (groups, channel layers, outlines); returns the number of tiles."""
+    total = sum(1 for _ in tile_grid(image.level_shapes, tile_size)) * (
+        len(plan.groups) + len(plan.layers) + (labels is not None))
+    done, lock = 0, threading.Lock()
+
+    def tick(n: int) -> None:  # called from the tile threads
+        nonlocal done
+        with lock:
+            done += n
+            if progress is not None:
+                progress(done, total)
+
+    for group in plan.groups:
+        def render_group(level: int, y0: int, y1: int, x0: int, x1: int, group=group) -> bytes:
+            return encode_jpeg(composite(image.read(level, group.channels, y0, y1, x0, x1), group.ranges, group.colors))
+        write_tiles(images / group.path, image.level_shapes, tile_size, "jpg", render_group, progress=tick)
+    for layer in plan.layers:
+        def render_channel(level: int, y0: int, y1: int, x0: int, x1: int, c=layer["channel"]) -> bytes:
+            return encode_jpeg(composite(image.read(level, [c], y0, y1, x0, x1), [plan.ranges[c]], ["ffffff"]))
+        write_tiles(images / layer["Path"], image.level_shapes, tile_size, "jpg", render_channel, progress=tick)
+    if labels is not None:
+        def render_outline(level: int, y0: int, y1: int, x0: int, x1: int) -> bytes:
+            return encode_png(outline_rgba(outlines(_read_with_margin(labels, level, y0, y1, x0, x1)),
+                                           ex.OUTLINE_COLOR))
+        write_tiles(images / MASK_PATH, image.level_shapes, tile_size, "png", render_outline, progress=tick)
+    return total
+
+
+def _page_data(plan: _Plan, exhibit: dict, panel: PanelInfo, image: dict, markers: Sequence[str], *,
+               slide_id: str, tile_size: int, viewer: Path) -> dict:
+    """What index.html inlines: the exhibit, the story's views in pixels, channel layers and the panel."""
+    group_of: dict[int, list[str]] = {}
+    color_of: dict[int, str] = {}   # a channel layer starts in its colour in the first group showing it
+    palette = channel_colors(markers)  # else in the slide's palette colour
+    for g in plan.groups:
+        for c, color in zip(g.channels, g.colors, strict=True):
+            group_of.setdefault(c, []).append(g.name)
+            color_of.setdefault(c, color)
+    return {
         "exhibit": exhibit, "tileSize": tile_size, "viewer": f"OpenSeadragon {viewer_version(viewer)}",
+        "story": {"drafted": plan.drafted, "waypoints": [
+            {"name": v.name, "description": v.description, "group": v.group, "center": list(v.center),
+             "zoom": v.zoom, "arrows": [{"at": list(at), "text": text} for at, text in v.arrows],
+             "overlays": [list(box) for box in v.overlays], "outlines": MASK_NAME in v.masks} for v in plan.views]},
+        "channelLayers": [{"name": layer["Name"], "path": layer["Path"], "channel": layer["channel"],
+                           "color": color_of.get(layer["channel"], palette[layer["channel"]])}
+                          for layer in plan.layers],
         "panel": {
             "slideId": slide_id, "runId": panel.run_id, "cellCount": panel.cell_count, "qc": panel.qc,
-            "data": panel.data,
-            "image": {"width": width, "height": height, "channels": len(markers), "dtype": dtype,
-                      "pixelSizeUm": pixel_size, "levels": n_levels},
-            "markers": [{"channel": c + 1, "name": name, "group": group_of[c]} for c, name in enumerate(markers)],
+            "data": panel.data, "image": image,
+            "markers": [{"channel": c + 1, "name": name, "group": ", ".join(group_of.get(c, []))}
+                        for c, name in enumerate(markers)],
             "groups": [{"name": g.name, "channels": [
                 {"index": c, "name": label, "color": color, "low": round(low, 4), "high": round(high, 4)}
                 for c, label, color, (low, high) in zip(g.channels, g.labels, g.colors, g.ranges, strict=True)]}
-                for g in groups],
+                for g in plan.groups],
         },
     }
-    write_site(work, data, title=f"{slide_id} · Tissue Atlas overview")
-    return {"tiles": total, "groups": len(groups), "levels": n_levels, "mask": mask is not None}
 
 
-def _header(slide_id: str, markers: Sequence[str], panel: PanelInfo) -> str:
-    """Markdown introduction of the story: what the slide is, in one paragraph."""
-    cells = f" {panel.cell_count:,} segmented cells." if panel.cell_count is not None else ""
-    return f"**{slide_id}**: {len(markers)} markers ({', '.join(markers)}).{cells}"
+def _render(image_path: str | os.PathLike, work: Path, *, slide_id: str, markers: Sequence[str],
+            mask_path: str | os.PathLike | None, panel: PanelInfo, channels_per_group: int, tile_size: int,
+            story: Story | None, cells: CellTable | None, channel_layers: bool, viewer: Path,
+            progress: Callable[[int, int], None] | None) -> dict:
+    with TiffPyramid(image_path, tile_size) as image:
+        height, width = image.shape[1:]
+        pixel_size = image.pixel_size_um
+        plan = _plan(image, markers, slide_id=slide_id, cell_count=panel.cell_count,
+                     channels_per_group=channels_per_group, story=story, cells=cells, channel_layers=channel_layers)
+        labels = _open_mask(mask_path, tile_size, image)
+        try:
+            total = _write_layers(image, labels, plan, work / ex.IMAGES_PATH, tile_size, progress)
+        finally:
+            if labels is not None:
+                labels.close()
+        mask = {"Name": MASK_NAME, "Path": MASK_PATH} if labels is not None else None
+        exhibit = ex.make_exhibit(slide_id=slide_id, width=width, height=height, max_level=image.n_levels - 1,
+                                  tile_size=tile_size, groups=plan.groups, views=plan.views, mask=mask,
+                                  pixel_size_um=pixel_size, header=plan.header, channel_layers=plan.layers)
+        author = ex.make_story(slide_id=slide_id, groups=plan.groups, views=plan.views, width=width, height=height,
+                               dtype_max=_dtype_max(image.dtype), pixel_size_um=pixel_size,
+                               image_file=_relative(image_path, work), markers_file=f"../{MARKERS}",
+                               mask={"Name": MASK_NAME, "Path": _relative(mask_path, work)} if mask else None)
+        facts = {"width": width, "height": height, "channels": len(markers), "dtype": str(image.dtype),
+                 "pixelSizeUm": pixel_size, "levels": image.n_levels}
+    (work / "exhibit.json").write_text(json.dumps(exhibit, indent=1) + "\n")
+    (work / "story.json").write_text(json.dumps(author, indent=1) + "\n")
+    copy_viewer(viewer, work)
+    write_site(work, _page_data(plan, exhibit, panel, facts, markers, slide_id=slide_id, tile_size=tile_size,
+                                viewer=viewer), title=f"{slide_id} · Tissue Atlas overview")
+    summary = {"slide_id": slide_id, "run_id": panel.run_id, "markers": list(markers), "cells": panel.cell_count,
+               "width": width, "height": height, "pixel_size_um": pixel_size, "waypoints": len(plan.views),
+               "thumbnail": f"{ex.IMAGES_PATH}/{plan.groups[0].path}/{facts['levels'] - 1}_0_0.jpg",
+               "drafted": plan.drafted}
+    (work / SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
+    return {"tiles": total, "groups": len(plan.groups), "levels": facts["levels"], "mask": mask is not None,
+            "waypoints": len(plan.views), "drafted": plan.drafted}
+
+
+def _channel_ranges(groups: Sequence[ex.Group], n_channels: int, coarsest: np.ndarray) -> list[tuple[float, float]]:
+    """Display range of every channel: as in its group, or (in no group) from the coarsest level."""
+    ranges: dict[int, tuple[float, float]] = {c: r for g in groups for c, r in zip(g.channels, g.ranges, strict=True)}
+    return [ranges[c] if c in ranges else auto_contrast(sample_pixels(coarsest[c])) for c in range(n_channels)]
+
+
+def _relative(path: str | os.PathLike, site: Path) -> str:
+    """``path`` relative to the overview folder (``site`` is its ``.partial`` stand-in, a sibling)."""
+    final = site.resolve().parent / site.name.removesuffix(".partial")
+    return Path(os.path.relpath(Path(path).resolve(), final)).as_posix()

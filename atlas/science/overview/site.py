@@ -1,5 +1,6 @@
 """The static site around the tiles: ``index.html`` (data inlined), the page's script and style,
-and the OpenSeadragon viewer copied from the npm install (never loaded from a CDN).
+and the browser libraries copied from the npm install of ``viewer/`` (never loaded from a CDN):
+OpenSeadragon (the viewer), marked (markdown) and DOMPurify (sanitizing what marked makes).
 """
 from __future__ import annotations
 
@@ -16,7 +17,10 @@ VIEWER_ENV = "ATLAS_VIEWER_DIR"
 SETUP_HINT = ("run the setup command `./dev setup` (it runs `npm ci --prefix viewer`), or set ATLAS_VIEWER_DIR "
               "to OpenSeadragon's build/openseadragon folder")
 VIEWER_FOLDER = "openseadragon"  # inside the overview
+LIB_FOLDER = "lib"               # marked and DOMPurify, inside the overview
 TEMPLATE_FILES = ("overview.js", "overview.css")
+# npm package -> its browser build (UMD, a global), relative to the package folder
+MARKDOWN_LIBS = {"marked": "lib/marked.umd.js", "dompurify": "dist/purify.min.js"}
 
 
 def default_viewer_dir() -> Path:
@@ -36,7 +40,17 @@ def find_viewer(viewer_dir: str | os.PathLike | None = None) -> Path:
     if not (folder / "openseadragon.min.js").is_file() or not (folder / "images").is_dir():
         raise InvalidInput(Problem(str(folder), "OpenSeadragon (openseadragon.min.js and images/) is not "
                                    "installed there", SETUP_HINT))
+    missing = [str(path) for path in markdown_libs(folder).values() if not path.is_file()]
+    if missing:
+        raise InvalidInput(Problem(missing[0], "the markdown libraries (marked, DOMPurify) are not installed beside "
+                                   "OpenSeadragon", SETUP_HINT))
     return folder
+
+
+def markdown_libs(folder: Path) -> dict[str, Path]:
+    """Browser builds of marked and DOMPurify in the same node_modules as OpenSeadragon's ``folder``."""
+    node_modules = folder.parents[2]  # node_modules/openseadragon/build/openseadragon
+    return {name: node_modules / name / path for name, path in MARKDOWN_LIBS.items()}
 
 
 def viewer_version(folder: Path) -> str:
@@ -48,7 +62,8 @@ def viewer_version(folder: Path) -> str:
 
 
 def copy_viewer(folder: Path, site: Path) -> None:
-    """Copy the viewer script, its button images and its licence into ``site/openseadragon/``."""
+    """Copy the viewer script, its button images and its licence into ``site/openseadragon/``, and
+    marked and DOMPurify with their licences into ``site/lib/``."""
     dest = site / VIEWER_FOLDER
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copy2(folder / "openseadragon.min.js", dest / "openseadragon.min.js")
@@ -57,6 +72,13 @@ def copy_viewer(folder: Path, site: Path) -> None:
         if licence.is_file():  # BSD-3-Clause: redistributions carry the notice
             shutil.copy2(licence, dest / "LICENSE.txt")
             break
+    lib = site / LIB_FOLDER
+    lib.mkdir(exist_ok=True)
+    for name, script in markdown_libs(folder).items():
+        shutil.copy2(script, lib / script.name)
+        package = script.parents[1]
+        for licence in sorted(package.glob("LICENSE*")):  # MIT; DOMPurify: Apache-2.0 or MPL-2.0
+            shutil.copy2(licence, lib / f"{licence.name.replace('LICENSE', name.upper() + '-LICENSE')}.txt")
 
 
 def write_site(site: Path, data: dict, title: str) -> None:

@@ -1,6 +1,12 @@
-/* Tissue Atlas overview page: an OpenSeadragon view of Minerva-layout tiles plus a side panel.
+/* Tissue Atlas overview page: an OpenSeadragon view of Minerva-layout tiles plus a side panel
+ * with the slide's story (waypoints: view, group, description, arrows, boxes).
  * All data is inlined in index.html (#atlas-data), so the page works from any static server
- * and from disk. window.atlasOverview exposes the viewer and the controls (used by tests). */
+ * and from disk. window.atlasOverview exposes the viewer and the controls (used by tests).
+ *
+ * Nothing from the data is ever inserted as HTML except waypoint descriptions, which are
+ * markdown: marked renders them with raw HTML escaped to text, and DOMPurify sanitizes the
+ * result (no script, event handler, javascript: link or form survives). Names, marker names and
+ * arrow texts go in as text. */
 (function () {
   "use strict";
 
@@ -10,6 +16,31 @@
   const image = exhibit.Images[0];
   const groups = exhibit.Groups;
   const mask = exhibit.Masks.length ? exhibit.Masks[0] : null;
+  const waypoints = (data.story && data.story.waypoints) || [];
+
+  // ---- markdown: raw HTML in the source becomes text; the HTML marked makes is sanitized
+  function escapeHtml(text) {
+    return String(text).replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;")
+      .replace(/"/g, "&quot;").replace(/'/g, "&#39;");
+  }
+  const markdown = new marked.Marked({
+    gfm: true,
+    async: false,
+    renderer: { html: (token) => escapeHtml(token.text) },
+  });
+  DOMPurify.addHook("afterSanitizeAttributes", (node) => {
+    if (node.tagName === "A" && node.hasAttribute("href")) {
+      node.setAttribute("target", "_blank");
+      node.setAttribute("rel", "noopener noreferrer");
+    }
+  });
+  function renderMarkdown(text) {
+    return DOMPurify.sanitize(markdown.parse(String(text || "")), {
+      USE_PROFILES: { html: true },
+      FORBID_TAGS: ["style", "form", "input", "button", "textarea", "select", "option", "iframe", "object", "embed"],
+      FORBID_ATTR: ["style", "id", "name"],
+    });
+  }
   const levelNames = { 2: "Level 2 · image", 3: "Level 3 · segmentation", 4: "Level 4 · cell features", 5: "Level 5 · overview" };
 
   function el(tag, attrs, children) {
@@ -46,15 +77,28 @@
     };
   }
 
-  // ---- state in the URL hash: #group=<index>&outlines=1
+  // ---- state in the URL hash: #w=<waypoint>&group=<index>&outlines=1 (w and group from 0)
   function readHash() {
     const params = new URLSearchParams(window.location.hash.slice(1));
-    const g = parseInt(params.get("group") || "0", 10);
-    return { group: g >= 0 && g < groups.length ? g : 0, outlines: params.get("outlines") === "1" };
+    const index = (key, n) => {
+      if (!params.has(key)) return null;
+      const i = parseInt(params.get(key), 10);
+      return i >= 0 && i < n ? i : null;
+    };
+    return { w: index("w", waypoints.length), group: index("group", groups.length),
+             outlines: params.has("outlines") ? params.get("outlines") === "1" : null };
   }
-  const state = readHash();
+  const initial = readHash();
+  const first = waypoints.length ? waypoints[initial.w === null ? 0 : initial.w] : null;
+  const state = {
+    w: waypoints.length ? (initial.w === null ? 0 : initial.w) : null,
+    group: initial.group !== null ? initial.group : (first ? first.group : 0),
+    outlines: initial.outlines !== null ? initial.outlines : (first ? first.outlines : false),
+  };
   function writeHash() {
-    const params = new URLSearchParams({ group: String(state.group) });
+    const params = new URLSearchParams();
+    if (state.w !== null) params.set("w", String(state.w));
+    params.set("group", String(state.group));
     if (state.outlines) params.set("outlines", "1");
     history.replaceState(null, "", "#" + params.toString());
   }
@@ -76,6 +120,10 @@
   const ready = new Promise((resolve) => { readyResolve = resolve; });
 
   viewer.addOnceHandler("open", function () {
+    if (state.w !== null) {  // group and outlines are already as the waypoint (or the URL) says
+      goTo(waypoints[state.w], true);
+      drawMarks(waypoints[state.w]);
+    }
     if (!mask) { readyResolve(); return; }
     viewer.addTiledImage({
       tileSource: tileSource(mask.Path, mask.Format || "png"),
@@ -88,9 +136,11 @@
   viewer.addHandler("open-failed", function (event) { console.error("image failed to open", event.message); });
 
   function setGroup(index) {
+    if (index === state.group && viewer.world.getItemCount()) { writeHash(); return; }
     state.group = index;
     const group = groups[index];
-    viewer.addTiledImage({ tileSource: tileSource(group.Path, group.Format || "jpg"), index: 0, replace: true });
+    viewer.addTiledImage({ tileSource: tileSource(group.Path, group.Format || "jpg"), index: 0, replace: true,
+                           opacity: channelMode ? 0 : 1 });
     document.querySelectorAll("#groups .group").forEach((node, i) => {
       node.classList.toggle("active", i === index);
       node.setAttribute("aria-checked", String(i === index));
@@ -103,6 +153,147 @@
     document.getElementById("outline-toggle").checked = on;
     if (outlineImage) outlineImage.setOpacity(on ? 1 : 0);
     writeHash();
+  }
+
+  // ---- single-channel layers (render.channel_layers): grey tiles, tinted and added up here, so a
+  // reader can switch channels on and off and recolour them (as Minerva Story does with them)
+  const channelLayers = data.channelLayers || [];
+  const channels = channelLayers.map((layer) => ({ on: true, color: layer.color, item: null, adding: false }));
+  let channelMode = false;
+
+  viewer.addHandler("tile-invalidated", async (event) => {
+    const index = event.tiledImage.source.atlasChannel;
+    if (index === undefined) return;
+    const ctx = await event.getData("context2d");
+    if (!ctx) return;
+    ctx.globalCompositeOperation = "multiply";   // grey x colour: the channel in its colour
+    ctx.fillStyle = "#" + channels[index].color;
+    ctx.fillRect(0, 0, ctx.canvas.width, ctx.canvas.height);
+    ctx.globalCompositeOperation = "source-over";
+    await event.setData(ctx, "context2d");
+  });
+
+  function setChannelMode(on) {
+    channelMode = on;
+    document.getElementById("channel-mode").checked = on;
+    const group = viewer.world.getItemAt(0);
+    if (group) group.setOpacity(on ? 0 : 1);
+    channels.forEach((channel, i) => {
+      if (on && !channel.item && !channel.adding) {
+        channel.adding = true;
+        viewer.addTiledImage({
+          tileSource: Object.assign(tileSource(channelLayers[i].path, "jpg"), { atlasChannel: i }),
+          index: viewer.world.getItemCount() - (outlineImage ? 1 : 0),   // below the outlines
+          compositeOperation: "lighter",                                 // channels add up
+          opacity: channelMode && channel.on ? 1 : 0,
+          success: (event) => {
+            channel.item = event.item;
+            channel.item.setOpacity(channelMode && channel.on ? 1 : 0);
+          },
+        });
+      }
+      if (channel.item) channel.item.setOpacity(on && channel.on ? 1 : 0);
+    });
+  }
+
+  function setChannel(index, change) {
+    const channel = channels[index];
+    Object.assign(channel, change);
+    if (!channelMode) setChannelMode(true);
+    if (channel.item) {
+      channel.item.setOpacity(channel.on ? 1 : 0);
+      if ("color" in change) channel.item.requestInvalidate();
+    }
+  }
+
+  if (channelLayers.length) {
+    document.getElementById("channels-section").hidden = false;
+    const modeToggle = document.getElementById("channel-mode");
+    modeToggle.addEventListener("change", () => setChannelMode(modeToggle.checked));
+    const list = document.getElementById("channel-list");
+    channelLayers.forEach((layer, i) => {
+      const box = el("input", { type: "checkbox", "aria-label": "show " + layer.name });
+      box.checked = true;
+      box.addEventListener("change", () => setChannel(i, { on: box.checked }));
+      const color = el("input", { type: "color", value: "#" + layer.color, "aria-label": "colour of " + layer.name });
+      color.addEventListener("input", () => setChannel(i, { color: color.value.slice(1) }));
+      list.appendChild(el("li", {}, [el("label", {}, [box, el("span", { text: layer.name })]), color]));
+    });
+  }
+
+  // ---- story: waypoints step through views, with arrows and boxes drawn over the image
+  function imageItem() { return viewer.world.getItemAt(0); }
+
+  function arrowElement(text) {
+    const node = el("div", { class: "wp-arrow" });
+    node.innerHTML = '<svg viewBox="0 0 48 48" width="48" height="48" aria-hidden="true">' +
+      '<path d="M4 4 L40 40" /><path d="M26 40 L40 40 L40 26" /></svg>';
+    if (text) node.appendChild(el("span", { class: "wp-arrow-text", text: text }));
+    return node;
+  }
+
+  function drawMarks(waypoint) {
+    viewer.clearOverlays();
+    const item = imageItem();
+    if (!item || !waypoint) return;
+    waypoint.overlays.forEach((box) => {
+      viewer.addOverlay({ element: el("div", { class: "wp-box" }),
+                          location: item.imageToViewportRectangle(box[0], box[1], box[2], box[3]) });
+    });
+    waypoint.arrows.forEach((arrow) => {
+      viewer.addOverlay({ element: arrowElement(arrow.text),
+                          location: item.imageToViewportCoordinates(arrow.at[0], arrow.at[1]),
+                          placement: OpenSeadragon.Placement.BOTTOM_RIGHT });
+    });
+  }
+
+  function goTo(waypoint, immediately) {
+    const item = imageItem();
+    if (!item) return;
+    const center = item.imageToViewportCoordinates(waypoint.center[0], waypoint.center[1]);
+    viewer.viewport.zoomTo(viewer.viewport.getHomeZoom() * waypoint.zoom, null, immediately);
+    viewer.viewport.panTo(center, immediately);
+  }
+
+  function showWaypoint(index, immediately) {
+    if (!waypoints.length) return;
+    index = Math.max(0, Math.min(waypoints.length - 1, index));
+    const waypoint = waypoints[index];
+    state.w = index;
+    document.getElementById("wp-name").textContent = waypoint.name;
+    document.getElementById("wp-description").innerHTML = renderMarkdown(waypoint.description);
+    document.getElementById("wp-count").textContent = (index + 1) + " / " + waypoints.length;
+    document.getElementById("wp-prev").disabled = index === 0;
+    document.getElementById("wp-next").disabled = index === waypoints.length - 1;
+    if (viewer.world.getItemCount()) {
+      if (waypoint.group !== state.group) setGroup(waypoint.group);
+      setOutlines(waypoint.outlines);
+      goTo(waypoint, immediately);
+      drawMarks(waypoint);
+    }
+    writeHash();
+  }
+
+  if (waypoints.length) {
+    document.getElementById("story-section").hidden = false;
+    document.getElementById("story-kind").textContent = data.story.drafted
+      ? "Drafted from the data" : "Story";
+    document.getElementById("wp-prev").addEventListener("click", () => showWaypoint(state.w - 1));
+    document.getElementById("wp-next").addEventListener("click", () => showWaypoint(state.w + 1));
+    // capture phase: the viewer's own arrow-key panning does not also see the key
+    document.addEventListener("keydown", (event) => {
+      if (event.altKey || event.ctrlKey || event.metaKey || event.shiftKey) return;
+      if (event.target.closest && event.target.closest("input, textarea, select, [contenteditable]")) return;
+      if (event.key !== "ArrowRight" && event.key !== "ArrowLeft") return;
+      event.preventDefault();
+      event.stopPropagation();
+      showWaypoint(state.w + (event.key === "ArrowRight" ? 1 : -1));
+    }, true);
+    window.addEventListener("hashchange", () => {
+      const wanted = readHash().w;
+      if (wanted !== null && wanted !== state.w) showWaypoint(wanted);
+    });
+    showWaypoint(state.w, true);  // the panel now; the view once the image is open
   }
 
   // ---- side panel
@@ -202,5 +393,7 @@
   viewer.addHandler("animation", updateScalebar);
   viewer.addHandler("open", updateScalebar);
 
-  window.atlasOverview = { viewer: viewer, setGroup: setGroup, setOutlines: setOutlines, ready: ready, state: state };
+  window.atlasOverview = { viewer: viewer, setGroup: setGroup, setOutlines: setOutlines, showWaypoint: showWaypoint,
+                           setChannelMode: setChannelMode, setChannel: setChannel, channels: channels,
+                           waypoints: waypoints, ready: ready, state: state };
 }());
