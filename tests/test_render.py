@@ -440,7 +440,8 @@ def test_exhibit_carries_the_authored_story_in_minervas_keys(story_site):
     assert image["TileSize"] == [TILE, TILE]       # Minerva assumes 1024 without it
     assert [g["Name"] for g in exhibit["Groups"]] == ["Nuclei", "Bright"]
     assert exhibit["Groups"][0]["Colors"] == ["0000ff", "ff8000"]   # authored colours win
-    assert exhibit["Groups"][1]["Colors"] == ["ffffff"]             # the palette otherwise
+    # the slide's palette otherwise (the colour the channel has in the OME-TIFF and OME-Zarr)
+    assert exhibit["Groups"][1]["Colors"] == [channel_colors(NAMES)[NAMES.index("Saturated")]]
     start, corner = exhibit["Stories"][0]["Waypoints"]
     assert start.keys() >= WAYPOINT_KEYS and corner.keys() >= WAYPOINT_KEYS
     # Minerva's viewport: the image is 1 high; µm -> px at 0.5 µm/px, then / 512 px
