@@ -46,8 +46,9 @@ from pathlib import Path
 from atlas.params import Params
 from atlas.stages import StageContext
 from atlas.stages.stitch import run
+from atlas.storage import FolderStore
 slide, out = Path(sys.argv[1]), Path(sys.argv[2])
-run(StageContext(slide_id=slide.name, run_id="bench", slide_dir=slide, out_dir=out, params=Params()))
+run(StageContext(slide_id=slide.name, run_id="bench", slide=FolderStore(slide), work=FolderStore(out), params=Params()))
 """
 
 

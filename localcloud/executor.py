@@ -1,6 +1,6 @@
 """The local stand-in for Step Functions + Batch: every registry stage as ``atlas stage`` processes.
 
-Each job is the same ``atlas stage`` command the Batch job definitions run (:mod:`atlas.pipeline.job`),
+Each job is the same ``atlas stage`` command the Batch job definitions run (:mod:`atlas.aws.job`),
 with the array index in the environment as Batch sets it.
 """
 from __future__ import annotations
@@ -13,8 +13,8 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from atlas.aws.job import ARRAY_INDEX_ENV
 from atlas.pipeline.contract import ExitCode
-from atlas.pipeline.job import ARRAY_INDEX_ENV
 from atlas.stages import Job, run_jobs
 
 log = logging.getLogger(__name__)

@@ -78,7 +78,8 @@ def published(sample_slide, sample_run):
             s3.put_bucket_request_payment(Bucket=RESULTS, RequestPaymentConfiguration={"Payer": "Requester"})
             for path in sorted(p for p in out.rglob("*") if p.is_file()):
                 s3.upload_file(str(path), WORK, f"{ctx.run_id}/{path.relative_to(out).as_posix()}")
-            release_run(s3, out, work=S3Uri(WORK, f"{ctx.run_id}/"), slide_id=ctx.slide_id, run_id=ctx.run_id,
+            release_run(s3, json.loads((out / layout.MANIFEST).read_text()), work=S3Uri(WORK, f"{ctx.run_id}/"),
+                        slide_id=ctx.slide_id, run_id=ctx.run_id,
                         results_bucket=RESULTS)
             yield Published(ctx.slide_id, ctx.run_id, out, json.loads((out / layout.MANIFEST).read_text()))
 

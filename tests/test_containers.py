@@ -117,7 +117,7 @@ def test_images_run_atlas_as_a_non_root_user_under_an_init(dockerfile):
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.parent.name)
 def test_images_point_the_code_at_what_they_install(dockerfile):
-    from atlas.pipeline.job import SCRATCH_ENV
+    from atlas.aws.job import SCRATCH_ENV
     from atlas.science.overview.site import VIEWER_ENV, default_viewer_dir
     from atlas.science.segmentation.unet import SHA256_ENV, WEIGHTS_ENV
 

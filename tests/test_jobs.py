@@ -27,12 +27,13 @@ from moto.server import ThreadedMotoServer
 from typer.testing import CliRunner
 
 from atlas import layout
+from atlas.aws.catalog import SHA256_METADATA
+from atlas.aws.job import instance_type, run_stage_job
 from atlas.aws.release import LATEST
 from atlas.cli import app
 from atlas.errors import InvalidInput
 from atlas.pipeline.contract import ExitCode, JobError, Misconfigured, UpstreamIncomplete
-from atlas.pipeline.job import instance_type, run_stage_job
-from atlas.slide.convention import MANIFEST, run_id_for
+from atlas.slide.convention import MANIFEST, run_id_for, sha256_file
 from atlas.stages import STAGES, get_stage, run_jobs
 from localcloud.demo import local_aws_env
 from localcloud.executor import StageJobFailed, execute_run, stage_command
@@ -71,10 +72,12 @@ def new_bucket(s3, name: str) -> str:
 
 
 def upload_slide(s3, slide_dir: Path, bucket: str) -> str:
-    """Upload a slide folder as a lab would: manifest.json last. Returns the slide URI."""
+    """Upload a slide folder as ``atlas upload`` does: each file with its sha256 as object metadata,
+    manifest.json last. Returns the slide URI."""
     files = sorted(p for p in slide_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
     for path in files + [slide_dir / MANIFEST]:
-        s3.upload_file(str(path), bucket, f"{slide_dir.name}/{path.relative_to(slide_dir).as_posix()}")
+        s3.upload_file(str(path), bucket, f"{slide_dir.name}/{path.relative_to(slide_dir).as_posix()}",
+                       ExtraArgs={"Metadata": {SHA256_METADATA: sha256_file(path)}})
     return f"s3://{bucket}/{slide_dir.name}/"
 
 
@@ -113,7 +116,7 @@ def run(aws, sample_slide):
             "slide_id": sample_slide.name, "env": env}
 
 
-def test_every_stage_runs_as_a_job_and_the_run_is_released(aws, run, sample_run):
+def test_every_stage_runs_as_a_job_and_the_run_is_released(aws, run, sample_run, sample_slide):
     _, s3 = aws
     assert [(s.stage, s.item, s.merge) for s in run["steps"]] == expected_steps()
 
@@ -138,7 +141,19 @@ def test_every_stage_runs_as_a_job_and_the_run_is_released(aws, run, sample_run)
     for name, record in records.items():
         assert record["run_id"] == run["run_id"] and record["instance_type"] == "local", name
         assert record["vcpu_seconds"] == pytest.approx(record["seconds"] * record["vcpus"], abs=0.01)
+        assert record["peak_rss_bytes"] > 50 << 20 and record["scratch_peak_bytes"] >= 0, name
+        assert record["s3_bytes_written"] >= sum(o["size"] for o in record["outputs"]) > 0, name
     assert {s["stage"] for s in manifest["stages"]} == {s.name for s in STAGES if s.name != "publish"}
+
+    # no job downloads a whole input image: they read byte ranges and chunks where the data lies
+    raw = sum(p.stat().st_size for p in (sample_slide / "raw").iterdir())
+    registered = next(f["size"] for f in manifest["files"] if f["path"] == layout.registration_tiff(run["slide_id"]))
+    released = sum(f["size"] for f in manifest["files"])
+    items = [r for r in records.values() if r["stage"] == "segment" and r["item"] is not None]
+    assert all(0 < r["s3_bytes_read"] < registered for r in items)  # its share of one channel's chunks
+    assert records["publish.json"]["s3_bytes_read"] < released / 100  # the manifest comes from the records
+    assert records["stitch.json"]["scratch_peak_bytes"] >= registered  # the OME-TIFF, written with seeks, then put
+    assert sum(r["s3_bytes_read"] for r in records.values()) <= 3 * (raw + released)
 
     # the cloud path gives the same results as the local runner on the same slide
     local = {p.relative_to(sample_run).as_posix(): p.read_bytes() for p in sample_run.rglob("*")
@@ -166,8 +181,8 @@ def test_a_completed_job_skips_itself(aws, run):
 
 
 @contextmanager
-def hold_uploads_after_first(bucket: str, prefix: str):
-    """Let the first PutObject under ``bucket/prefix`` through, then hold every later one.
+def hold_uploads_after_first(bucket: str, prefix: str, admit: int = 1):
+    """Let the first ``admit`` PutObjects under ``bucket/prefix`` through, then hold every later one.
 
     Patches the emulated S3 backend (the moto server runs in this process). Holding the requests
     freezes the job with part of its outputs in S3, so it can be killed at that point every time.
@@ -180,7 +195,7 @@ def hold_uploads_after_first(bucket: str, prefix: str):
         if bucket_name != bucket or not key_name.startswith(prefix):
             return original(self, bucket_name, key_name, *args, **kwargs)
         with lock:
-            first = state["admitted"] == 0
+            first = state["admitted"] < admit
             state["admitted"] += 1
         if not first:
             blocked.set()
@@ -243,6 +258,36 @@ def test_a_job_killed_mid_upload_resumes_to_a_byte_identical_release(aws, run, s
     listed = [[f for f in json.loads(release[MANIFEST])["files"] if not f["path"].startswith(layout.PROVENANCE + "/")]
               for release in (resumed, uninterrupted)]
     assert listed[0] == listed[1]
+
+
+def test_a_killed_array_item_is_redone_to_the_same_outputs(aws, run):
+    """Batch retries an array child whose Spot instance went away mid-way: the retry finds no record,
+    redoes the item, and records exactly the outputs of an uninterrupted item."""
+    env, s3 = aws
+    work, run_id = new_bucket(s3, "work"), run["run_id"]
+    source = f"{run_id}/"
+    stitch = get_stage("stitch").jobs()[0]
+    record = json.loads(s3.get_object(Bucket=run["work"], Key=source + stitch.record)["Body"].read())
+    for rel in [stitch.record] + [out["path"] for out in record["outputs"]]:
+        s3.copy({"Bucket": run["work"], "Key": source + rel}, work, source + rel)
+    item = get_stage("segment").jobs()[1]
+    uninterrupted = json.loads(s3.get_object(Bucket=run["work"], Key=source + item.record)["Body"].read())
+    work_uri = f"s3://{work}/{run_id}/"
+    last = len(uninterrupted["outputs"]) - 1
+    with hold_uploads_after_first(work, f"{run_id}/{item.stage.item_dir}/", admit=last) as (_, blocked):
+        proc = subprocess.Popen(stage_command(item, slide_uri=run["slide_uri"], work_uri=work_uri, run_id=run_id),
+                                env={**os.environ, **env, "AWS_BATCH_JOB_ARRAY_INDEX": str(item.item)},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            assert blocked.wait(300), "the item never reached its last output"
+            os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.wait()
+    assert item.record[len(layout.PROVENANCE) + 1:] not in objects(s3, work, f"{run_id}/{layout.PROVENANCE}/")
+    retried = run_stage_job("segment", slide_uri=run["slide_uri"], work_uri=work_uri, run_id=run_id,
+                            array_index=item.item, s3=s3)
+    assert not retried.skipped and retried.record["outputs"] == uninterrupted["outputs"]
 
 
 def test_a_corrupted_input_fails_naming_the_file_and_publishes_nothing(aws, slide_copy):

@@ -26,7 +26,7 @@ SOURCES = ("atlas", "localcloud", "functions", "infra", "containers", "tests", "
 MAX_MODULE_LINES = 600
 
 # Modules that may read the environment: the entry points, which pass settings down.
-ENV_ENTRY_MODULES = {"atlas/pipeline/job.py"}   # the Batch job: its job definition's environment
+ENV_ENTRY_MODULES = {"atlas/aws/job.py"}       # the Batch job: its job definition's environment
 ENV_ENTRY_PACKAGES = ("atlas/cli/",)             # the console command
 # Issue 14: readers still below the entries, each to take its setting as an argument instead.
 ENV_KNOWN_READERS = {

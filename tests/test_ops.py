@@ -23,16 +23,19 @@ from moto import mock_aws
 from typer.testing import CliRunner
 
 from atlas.aws import catalog, ops
+from atlas.aws.job import check_raw_inputs, run_stage_job
 from atlas.aws.s3 import S3Uri
+from atlas.aws.store import S3Store
 from atlas.aws.upload import upload_slide
 from atlas.cli import app
 from atlas.cli.data import usd
 from atlas.errors import InvalidInput
 from atlas.params import parse_params
 from atlas.pipeline import records
-from atlas.pipeline.job import run_stage_job, stage_slide
+from atlas.pipeline.runner import slide_entries
 from atlas.slide.convention import MANIFEST, PARAMS, parse_manifest
 from atlas.stages import get_stage
+from atlas.storage import JobView, file_entry
 from localcloud.demo import HANDLERS, POWERTOOLS_LOCAL_ENV, LocalCloud, execution_status_event, load_handler
 
 
@@ -78,7 +81,7 @@ def finish_job(cloud: LocalCloud, tmp: Path, slide_id: str, run_id: str, stage_n
     (out / rel).parent.mkdir(parents=True, exist_ok=True)
     (out / rel).write_text(f"{stage_name} {item} of {run_id}\n")
     record = records.new_record(job, run_id=run_id, started=0.0, finished=seconds,
-                                outputs=[records.file_entry(out, rel)], instance_type=instance)
+                                outputs=[file_entry(rel, out / rel)], instance_type=instance)
     s3, work = boto3.client("s3"), cloud.settings.work_bucket
     s3.upload_file(str(out / rel), work, f"{run_id}/{rel}")
     s3.put_object(Bucket=work, Key=f"{run_id}/{job.record}", Body=records.dumps(record))
@@ -231,8 +234,11 @@ def test_rerun_with_new_params_runs_a_copy_of_the_slide(cloud, sample_slide, tmp
     assert PARAMS not in original or original[PARAMS] != files[PARAMS]  # the lab's upload is unchanged
     assert {e.path for e in parse_manifest(files[MANIFEST].decode())} == (set(original) - {MANIFEST}) | {PARAMS}
     # the stage jobs accept the copy: every file matches its manifest entry
-    staged = stage_slide(boto3.client("s3"), copy, tmp_path / "staged" / slide_id, get_stage("segment"))
-    assert PARAMS in staged and MANIFEST in staged
+    slide = S3Store(boto3.client("s3"), copy)
+    entries = slide_entries(slide)
+    check_raw_inputs(slide, get_stage("stitch").jobs()[0], entries)  # the raw files, copied server-side
+    as_read = JobView(slide, entries, readable=lambda rel: True, writable=lambda rel: False)  # checked as read
+    assert parse_params(as_read.read_text(PARAMS)).segment.expand_um == 3.0
 
 
 def test_rerun_refuses_what_cannot_work(cloud, sample_slide, tmp_path):

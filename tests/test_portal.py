@@ -12,12 +12,9 @@ import json
 import shutil
 from pathlib import Path
 
-import boto3
 import numpy as np
 import pytest
 import tifffile
-from fake_aws import use_fake_aws
-from moto import mock_aws
 from test_overview_browser import ARTIFACTS, browser, served  # noqa: F401 - the fixture and the static server
 from typer.testing import CliRunner
 
@@ -30,6 +27,7 @@ from atlas.errors import InvalidInput
 from atlas.science.overview import render_overview
 from atlas.science.pyramid import write_ome_tiff_pyramid
 
+BUCKETS = ("work", "results", "site")  # created by the shared s3 fixture
 MARKERS = {"S1": ["DNA_1", "CD45"], "S2": ["DNA_1", "panCK"], "S3": ["DNA_1", "CD3"]}
 INDEX_KEYS = {"slide_id", "run_id", "overview", "markers", "cells", "levels", "released", "download_cost_usd"}
 
@@ -47,16 +45,6 @@ def overviews(shared_data, tmp_path_factory) -> dict[str, Path]:
         render_overview(image, root / slide, slide_id=slide, markers=markers, tile_size=256)
         found[slide] = root / slide
     return found
-
-
-@pytest.fixture
-def s3(monkeypatch):
-    use_fake_aws(monkeypatch)
-    with mock_aws():
-        client = boto3.client("s3")
-        for bucket in ("work", "results", "site"):
-            client.create_bucket(Bucket=bucket)
-        yield client
 
 
 def release(s3, tmp_path: Path, overviews: dict, slide: str, run_id: str, *, public: bool = True,
@@ -79,8 +67,8 @@ def release(s3, tmp_path: Path, overviews: dict, slide: str, run_id: str, *, pub
     for path in sorted(out.rglob("*")):
         if path.is_file():
             s3.upload_file(str(path), "work", work.join(path.relative_to(out).as_posix()).key)
-    release_run(s3, out, work=work, slide_id=slide, run_id=run_id, results_bucket="results",
-                overview_bucket="site" if portal else None, public=public)
+    release_run(s3, json.loads((out / layout.MANIFEST).read_text()), work=work, slide_id=slide, run_id=run_id,
+                results_bucket="results", overview_bucket="site" if portal else None, public=public)
 
 
 def site_copy(s3, target: Path) -> Path:

@@ -26,7 +26,7 @@ from atlas.cli import app
 from atlas.errors import InvalidInput
 from atlas.params import Params
 from atlas.science import quantification
-from atlas.science.pyramid import write_ome_tiff_pyramid
+from atlas.science.pyramid import write_ome_tiff_pyramid, write_ome_zarr
 from atlas.science.quantification import (
     MORPHOLOGY_COLUMNS,
     marker_columns,
@@ -36,6 +36,7 @@ from atlas.science.quantification import (
 from atlas.slide.convention import read_markers
 from atlas.stages import StageContext
 from atlas.stages.quantify import quantify_files, run, write_csv
+from atlas.storage import FolderStore
 
 STEINBOCK = "quantification/steinbock_imc"
 ROIS = ("20210305_NE_mockData1_002", "20210305_NE_mockData2_001", "20210305_NE_mockData3_003")
@@ -224,10 +225,10 @@ def stage_run(shared_data, tmp_path):
     slide_dir.mkdir()
     rows = "\n".join(f"{i + 1},1,{n},{'TRUE' if n == 'Laminin' else ''}" for i, n in enumerate(PANEL))
     (slide_dir / "markers.csv").write_text(f"channel_number,cycle_number,marker_name,remove\n{rows}\n")
-    write_tiff(out / layout.registration_tiff("S1"), image, PANEL)
+    write_ome_zarr(out / layout.registration_zarr("S1"), image, channel_names=PANEL, pixel_size_um=1.0, tile_size=16)
     write_tiff(out / layout.mask_path("S1", "deepcell", "cell"), cell[None], ["cell"], labels=True)
     write_tiff(out / layout.mask_path("S1", "deepcell", "nuclei"), nuclei[None], ["nuclei"], labels=True)
-    ctx = StageContext("S1", "S1-run", slide_dir, out, Params())
+    ctx = StageContext("S1", "S1-run", FolderStore(slide_dir), FolderStore(out), Params())
     return ctx, image, {"cell": cell, "nuclei": nuclei}
 
 
@@ -236,7 +237,7 @@ def test_stage_writes_exact_tables_in_three_formats(stage_run):
     run(ctx)
     kept = [n for n in PANEL if n != "Laminin"]
     for name, mask in masks.items():
-        csv = ctx.out_dir / layout.table_path("S1", "deepcell", name)
+        csv = ctx.work.root / layout.table_path("S1", "deepcell", name)
         table = pd.read_csv(csv, float_precision="round_trip")  # pandas' default parser is off by an ulp
         assert list(table.columns) == table_columns(kept)
         ids = np.unique(mask[mask > 0])
@@ -252,18 +253,18 @@ def test_stage_writes_exact_tables_in_three_formats(stage_run):
         assert list(adata.obs_names[:2]) == ["S1_1", "S1_2"] and set(adata.obs["imageid"]) == {"S1"}
         np.testing.assert_array_equal(adata.obsm["spatial"], table[["X_centroid", "Y_centroid"]].to_numpy())
         assert adata.uns["engine"] == "deepcell" and adata.uns["mask"] == name
-    summary = json.loads((ctx.out_dir / "qc/quantify/summary.json").read_text())
+    summary = json.loads((ctx.work.root / "qc/quantify/summary.json").read_text())
     assert summary["tables"]["S1--deepcell_cell.csv"]["cells"] == len(np.unique(masks["cell"])) - 1
-    first = {p.name: p.read_bytes() for p in (ctx.out_dir / layout.QUANTIFICATION).iterdir()}
-    shutil.rmtree(ctx.out_dir / layout.QUANTIFICATION)
+    first = {p.name: p.read_bytes() for p in (ctx.work.root / layout.QUANTIFICATION).iterdir()}
+    shutil.rmtree(ctx.work.root / layout.QUANTIFICATION)
     run(ctx)
-    assert {p.name: p.read_bytes() for p in (ctx.out_dir / layout.QUANTIFICATION).iterdir()} == first, \
+    assert {p.name: p.read_bytes() for p in (ctx.work.root / layout.QUANTIFICATION).iterdir()} == first, \
         "outputs must be byte-identical on a rerun"
 
 
 def test_stage_without_segmentation_says_what_to_do(stage_run):
     ctx, _, _ = stage_run
-    shutil.rmtree(ctx.out_dir / layout.SEGMENTATION)
+    shutil.rmtree(ctx.work.root / layout.SEGMENTATION)
     with pytest.raises(InvalidInput, match="no segmentation of slide S1 -- fix: run the segment stage first"):
         run(ctx)
 

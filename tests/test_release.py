@@ -49,6 +49,11 @@ def stage_to_work(s3, out_dir: Path, work: S3Uri) -> None:
             s3.upload_file(str(path), work.bucket, work.join(path.relative_to(out_dir).as_posix()).key)
 
 
+def manifest_of(out: Path) -> dict:
+    """The results manifest the publish stage left in a results folder."""
+    return json.loads((out / "manifest.json").read_text())
+
+
 def record_writes(s3) -> list[str]:
     """Keys of every write request, in the order they were sent."""
     writes: list[str] = []
@@ -73,7 +78,7 @@ def test_release_copies_every_file_by_level_and_writes_manifest_last(s3, tmp_pat
     stage_to_work(s3, tmp_path, work)
     writes = record_writes(s3)
 
-    release = release_run(s3, tmp_path, work=work, slide_id=SLIDE, run_id=run_id, results_bucket="results",
+    release = release_run(s3, manifest_of(tmp_path), work=work, slide_id=SLIDE, run_id=run_id, results_bucket="results",
                           overview_bucket="site")
 
     prefix = f"{SLIDE}/{run_id}/"
@@ -116,7 +121,8 @@ def test_earlier_releases_stay_and_latest_moves(s3, tmp_path):
         out = tmp_path / run_id
         write_run(out, run_id)
         stage_to_work(s3, out, S3Uri("work", f"{run_id}/"))
-        release_run(s3, out, work=S3Uri("work", f"{run_id}/"), slide_id=SLIDE, run_id=run_id, results_bucket="results")
+        release_run(s3, manifest_of(out), work=S3Uri("work", f"{run_id}/"), slide_id=SLIDE, run_id=run_id,
+                    results_bucket="results")
     for run_id in (first, second):
         assert f"{SLIDE}/{run_id}/manifest.json" in keys(s3, "results")
         body = s3.get_object(Bucket="results", Key=f"{SLIDE}/{run_id}/registration/S1.ome.tif")["Body"].read()
@@ -138,7 +144,7 @@ def test_incomplete_work_prefix_releases_nothing(s3, tmp_path, damage):
         s3.put_object(Bucket=bad.bucket, Key=bad.key, Body=b"CellID")
 
     with pytest.raises(ReleaseError, match="quantification/S1--unet_cell.csv"):
-        release_run(s3, tmp_path, work=work, slide_id=SLIDE, run_id=run_id, results_bucket="results",
+        release_run(s3, manifest_of(tmp_path), work=work, slide_id=SLIDE, run_id=run_id, results_bucket="results",
                     overview_bucket="site")
     assert keys(s3, "results") == [] and keys(s3, "site") == []
 
@@ -147,6 +153,7 @@ def test_release_refuses_a_manifest_of_another_run(s3, tmp_path):
     write_run(tmp_path, "S1-dddddddddddd")
     stage_to_work(s3, tmp_path, S3Uri("work", "S1-eeeeeeeeeeee/"))
     with pytest.raises(ReleaseError, match="not slide 'S1' run 'S1-eeeeeeeeeeee'"):
-        release_run(s3, tmp_path, work=S3Uri("work", "S1-eeeeeeeeeeee/"), slide_id=SLIDE, run_id="S1-eeeeeeeeeeee",
+        release_run(s3, manifest_of(tmp_path), work=S3Uri("work", "S1-eeeeeeeeeeee/"), slide_id=SLIDE,
+                    run_id="S1-eeeeeeeeeeee",
                     results_bucket="results")
     assert keys(s3, "results") == []

@@ -21,10 +21,12 @@ from typer.testing import CliRunner
 from atlas import layout
 from atlas.cli import app
 from atlas.params import Params
-from atlas.pipeline.contract import UndeclaredOutput, UpstreamIncomplete
-from atlas.pipeline.local import execute, make_context, run_job, run_pipeline
-from atlas.slide.convention import read_markers, sha256_file
-from atlas.stages import StageContext, get_stage
+from atlas.pipeline.contract import CorruptWork, UndeclaredOutput, UpstreamIncomplete
+from atlas.pipeline.local import make_context, run_local_job, run_pipeline
+from atlas.pipeline.runner import execute, job_context
+from atlas.slide.convention import read_markers, sha256_file, write_manifest
+from atlas.stages import CompletionRecord, StageContext, get_stage
+from atlas.storage import FolderStore
 
 MCQUANT_MORPHOLOGY = ["X_centroid", "Y_centroid", "Area", "MajorAxisLength", "MinorAxisLength",
                       "Eccentricity", "Solidity", "Extent", "Orientation"]
@@ -171,35 +173,52 @@ def test_run_on_imported_real_brain_tiles(shared_data, tmp_path):
     assert len(got["table"]) > 100
 
 
-def test_a_job_writing_outside_its_declared_outputs_fails(tmp_path, monkeypatch):
-    """The registry is enforced where jobs run: a stray output fails the job, naming it and the fix."""
-    quantify = get_stage("quantify").jobs()[0]
-    segment_item = get_stage("segment").jobs()[1]
+def test_jobs_read_and_write_only_what_the_registry_declares(tmp_path, monkeypatch):
+    """The registry is enforced where jobs run: a stray write or read fails the job, naming the
+    path and the fix; a changed earlier output is caught when it is read; written outputs are
+    recorded with the size and sha256 of the bytes written."""
+    slide = tmp_path / "S1"
+    slide.mkdir()
+    (slide / "markers.csv").write_text("channel_number,cycle_number,marker_name\n1,1,DNA\n")
+    write_manifest(slide)
+    out = tmp_path / "out"
+    (out / "overview").mkdir(parents=True)
+    (out / "overview" / "index.html").write_text("<html>")
+    (out / "qc" / "stitch").mkdir(parents=True)
+    (out / "qc" / "stitch" / "summary.json").write_text("{}")
+    earlier = {"stage": "render", "item": None, "run_id": "r",
+               "outputs": [{"path": "overview/index.html", "size": 6, "sha256": hashlib.sha256(b"<html>").hexdigest()},
+                           {"path": "qc/stitch/summary.json", "size": 2, "sha256": "0" * 64}]}
+    upstream = {"qc/provenance/render.json": CompletionRecord(earlier, {"path": "qc/provenance/render.json"})}
+    base = StageContext("S1", "r", FolderStore(slide), FolderStore(out), Params())
+    quantify, segment_item = get_stage("quantify").jobs()[0], get_stage("segment").jobs()[1]
 
-    def writes(*rels):
+    def runs(stage_function):
         def run(ctx, *args):
-            for rel in rels:
-                (ctx.out_dir / rel).parent.mkdir(parents=True, exist_ok=True)
-                (ctx.out_dir / rel).write_text(rel)
+            stage_function(ctx)
         return run
 
-    ctx = StageContext("S1", "S1-run", tmp_path, tmp_path / "out", Params())
-    monkeypatch.setattr(quantify.stage.module, "run", writes("quantification/S1--x_cell.csv", "registration/S1.txt"))
+    def attempt(job, stage_function):
+        monkeypatch.setattr(job.stage.module, "run_item" if job.item is not None else "run", runs(stage_function))
+        return execute(job_context(base, job, upstream, tmp_path), job)
+
     with pytest.raises(UndeclaredOutput, match="quantify wrote registration/S1.txt, outside its declared outputs"):
-        execute(ctx.for_job(quantify, scratch=tmp_path), quantify)
+        attempt(quantify, lambda ctx: ctx.work.write_text("registration/S1.txt", "x"))
     # an array item may write only below its stage's item folder, not the stage's final outputs
-    monkeypatch.setattr(segment_item.stage.module, "run_item", writes(f"{segment_item.stage.item_dir}/t.tif",
-                                                                      "segmentation/x-S1/cell.ome.tif"))
     with pytest.raises(UndeclaredOutput, match=r"segment\[1\] wrote segmentation/x-S1/cell.ome.tif"):
-        execute(ctx.for_job(segment_item, scratch=tmp_path), segment_item)
-    # declared outputs are recorded with the size and sha256 the writer left
-    monkeypatch.setattr(quantify.stage.module, "run", writes("quantification/S1--x_cell.csv"))
-    (entry,) = execute(ctx.for_job(quantify, scratch=tmp_path), quantify)
-    assert entry == {"path": "quantification/S1--x_cell.csv", "size": len("quantification/S1--x_cell.csv"),
-                     "sha256": hashlib.sha256(b"quantification/S1--x_cell.csv").hexdigest()}
+        attempt(segment_item, lambda ctx: ctx.work.write_bytes("segmentation/x-S1/cell.ome.tif", b"x"))
+    # an earlier output that is not a declared input cannot be read; one that changed is caught
+    with pytest.raises(UndeclaredOutput, match="quantify read overview/index.html, outside its declared inputs"):
+        attempt(quantify, lambda ctx: ctx.work.read_bytes("overview/index.html"))
+    with pytest.raises(CorruptWork, match="qc/stitch/summary.json: output of stage render .* has sha256"):
+        attempt(get_stage("render").jobs()[0], lambda ctx: ctx.work.read_bytes("qc/stitch/summary.json"))
+    # declared outputs are recorded with the size and sha256 of what was written, nothing else
+    (entry,) = attempt(quantify, lambda ctx: ctx.work.write_text("quantification/S1--x_cell.csv", "CellID\n"))
+    assert entry == {"path": "quantification/S1--x_cell.csv", "size": 7,
+                     "sha256": hashlib.sha256(b"CellID\n").hexdigest()}
 
 
 def test_a_job_needs_the_records_of_the_jobs_before_it(sample_slide, tmp_path):
     ctx = make_context(sample_slide, tmp_path)
     with pytest.raises(UpstreamIncomplete, match=r"render of run .* needs stitch, segment\[0\]"):
-        run_job(ctx, get_stage("render").jobs()[0])
+        run_local_job(ctx, get_stage("render").jobs()[0])

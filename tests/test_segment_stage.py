@@ -26,6 +26,7 @@ from atlas.science.segmentation.metrics import match_instances
 from atlas.science.segmentation.tiling import segment_image
 from atlas.stages import Job, StageContext, get_stage
 from atlas.stages import segment as stage
+from atlas.storage import FolderStore
 
 SLIDE = "S1"
 PIXEL_SIZE_UM = 0.65
@@ -49,7 +50,7 @@ SEGMENT = get_stage("segment")
 
 def run_job(out: Path, job: Job, scratch: Path, **segment) -> None:
     """Run one job of the segment stage on the results folder ``out`` (the classical engine)."""
-    ctx = StageContext(SLIDE, "run1", out, out, Params(segment=SegmentParams(**segment)))
+    ctx = StageContext(SLIDE, "run1", FolderStore(out), FolderStore(out), Params(segment=SegmentParams(**segment)))
     ctx.for_job(job, scratch=scratch).run(job)
 
 

@@ -24,6 +24,7 @@ from atlas.slide.fiji import read_tile_configuration
 from atlas.slide.ome import write_cycle
 from atlas.stages import StageContext
 from atlas.stages import stitch as stage
+from atlas.storage import FolderStore
 
 BRAIN = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "stitching" / "basicpy_wsi_brain"
 # Fiji's registration is unreliable here (README): background outliers, and the left column that
@@ -78,7 +79,7 @@ def make_slide(root: Path, cycles: list[tuple[np.ndarray, np.ndarray]], pixel_si
 
 
 def run_stage(slide: Path, out: Path, **stitch) -> Path:
-    ctx = StageContext(slide_id=slide.name, run_id="test", slide_dir=slide, out_dir=out,
+    ctx = StageContext(slide_id=slide.name, run_id="test", slide=FolderStore(slide), work=FolderStore(out),
                        params=Params(stitch=StitchParams(**stitch)))
     stage.run(ctx)
     return out

@@ -251,9 +251,11 @@ def test_rerun_from_render_with_a_new_story(cloud, sample_slide, tmp_path):  # n
 
     from atlas.aws import ops
     from atlas.aws.s3 import S3Uri
-    from atlas.pipeline.job import stage_slide
+    from atlas.aws.store import S3Store
+    from atlas.pipeline.runner import reads_slide, slide_entries
     from atlas.slide.convention import MANIFEST, parse_manifest
     from atlas.stages import get_stage
+    from atlas.storage import JobView
 
     # the emulated cloud of tests/test_ops.py: the sample slide uploaded and its run started
     slide_id = sample_slide.name
@@ -290,7 +292,9 @@ def test_rerun_from_render_with_a_new_story(cloud, sample_slide, tmp_path):  # n
     assert STORY not in objects(f"s3://{cloud.ingest_bucket}/{slide_id}/")   # the lab's upload is unchanged
     reused = objects(payload["work_uri"])
     assert "qc/quantify/job.txt" in reused and not any(k.startswith("overview/") for k in reused)
-    # the render job gets the new story with the slide's small files
-    staged = stage_slide(boto3.client("s3"), S3Uri.parse(payload["slide_uri"]), tmp_path / "staged" / slide_id,
-                         get_stage("render"))
-    assert STORY in staged and (tmp_path / "staged" / slide_id / STORY).read_text() == GOOD
+    # the render job reads the new story from the slide copy, as its declared input
+    render = get_stage("render").jobs()[0]
+    slide = JobView(S3Store(boto3.client("s3"), S3Uri.parse(payload["slide_uri"])),
+                    slide_entries(S3Store(boto3.client("s3"), S3Uri.parse(payload["slide_uri"]))),
+                    readable=lambda rel: reads_slide(render, rel), writable=lambda rel: False)
+    assert slide.read_text(STORY) == GOOD

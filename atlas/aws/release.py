@@ -27,8 +27,9 @@ from __future__ import annotations
 import json
 import mimetypes
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 
 from atlas import layout
 from atlas.aws.s3 import S3Uri, list_sizes, parallel_map
@@ -91,16 +92,16 @@ def _copy(s3, source: S3Uri, target: S3Uri, metadata: dict[str, str]) -> None:
             ExtraArgs={"MetadataDirective": "REPLACE", "ContentType": content_type(target.key), "Metadata": metadata})
 
 
-def release_run(s3, out_dir: Path, *, work: S3Uri, slide_id: str, run_id: str, results_bucket: str,
+def release_run(s3, manifest: Mapping, *, work: S3Uri, slide_id: str, run_id: str, results_bucket: str,
                 overview_bucket: str | None = None, public: bool = True) -> Release:
     """Copy the run's results from ``work`` to ``s3://<results_bucket>/<slide_id>/<run_id>/``, manifest last.
 
     Parameters
     ----------
     s3 : botocore S3 client
-    out_dir : Path
-        Local results folder holding the results ``manifest.json`` written by the publish stage (it
-        lists every file to release with its level, size and sha256; the same bytes are in ``work``).
+    manifest : dict
+        The results ``manifest.json`` the publish stage wrote to ``work`` (it lists every file to
+        release with its level, size and sha256).
     work : S3Uri
         The run's work prefix, where every listed file and the manifest already are.
     slide_id, run_id : str
@@ -118,10 +119,8 @@ def release_run(s3, out_dir: Path, *, work: S3Uri, slide_id: str, run_id: str, r
     ReleaseError
         A listed file is missing from ``work`` or has another size; nothing becomes visible.
     """
-    manifest_path = Path(out_dir) / layout.MANIFEST
-    manifest = json.loads(manifest_path.read_text())
     if (manifest.get("slide_id"), manifest.get("run_id")) != (slide_id, run_id):
-        raise ReleaseError(f"{manifest_path} is for slide {manifest.get('slide_id')!r} run "
+        raise ReleaseError(f"manifest.json is for slide {manifest.get('slide_id')!r} run "
                            f"{manifest.get('run_id')!r}, not slide {slide_id!r} run {run_id!r}; nothing was released. "
                            f"Redo the publish stage of this run: atlas rerun {slide_id} --from publish")
     files = manifest["files"]
@@ -131,7 +130,7 @@ def release_run(s3, out_dir: Path, *, work: S3Uri, slide_id: str, run_id: str, r
     if layout.MANIFEST not in sizes:
         bad.append(layout.MANIFEST)
     if bad:
-        raise ReleaseError(f"cannot release run {run_id}: {len(bad)} file(s) listed in {manifest_path.name} are "
+        raise ReleaseError(f"cannot release run {run_id}: {len(bad)} file(s) listed in manifest.json are "
                            f"missing from {work} or differ in size, e.g. {', '.join(bad[:5])}; nothing was released. "
                            f"Redo the stage that wrote them (its completion record under {work.join('qc')} lists "
                            f"its outputs): atlas rerun {slide_id} --from STAGE")

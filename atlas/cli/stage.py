@@ -8,9 +8,9 @@ import traceback
 import typer
 from botocore.exceptions import BotoCoreError, ClientError
 
+from atlas.aws.job import ARRAY_INDEX_ENV, run_stage_job
 from atlas.errors import InvalidInput
 from atlas.pipeline.contract import ExitCode, JobError, StageFailed
-from atlas.pipeline.job import ARRAY_INDEX_ENV, run_stage_job
 from atlas.stages import STAGES, get_stage
 
 
@@ -19,8 +19,10 @@ def stage(name: str = typer.Argument(..., help=f"stage: {', '.join(s.name for s 
           work_uri: str = typer.Option(..., help="s3://<work>/<run_id>/ (this run's outputs, stage by stage)"),
           run_id: str = typer.Option(..., help="run id (also the Step Functions execution name)"),
           array_index: int = typer.Option(None, help=f"item of an array stage (default: env {ARRAY_INDEX_ENV})"),
-          merge: bool = typer.Option(False, "--merge", help="the merge step of an array stage")) -> None:
-    """Run one stage of a run as a Batch job: stage inputs (sha256-checked), run, upload, record.
+          merge: bool = typer.Option(False, "--merge", help="the merge step of an array stage"),
+          items: int = typer.Option(None, help="items of an array stage's array in this run [default: the "
+                                    "registry's]")) -> None:
+    """Run one stage of a run as a Batch job, reading and writing S3 where the data lies; record it last.
 
     Skips itself when this run's completion record for the stage is already complete. Exit codes: 0 ok,
     1 invalid input, 2 usage, 3 upstream incomplete, 4 corrupt work, 5 stage failed, 6 storage error
@@ -36,7 +38,7 @@ def stage(name: str = typer.Argument(..., help=f"stage: {', '.join(s.name for s 
         array_index = int(os.environ[ARRAY_INDEX_ENV])
     try:
         result = run_stage_job(name, slide_uri=slide_uri, work_uri=work_uri, run_id=run_id,
-                               array_index=array_index, merge=merge)
+                               array_index=array_index, merge=merge, items=items)
     except JobError as exc:
         if isinstance(exc, StageFailed):
             traceback.print_exception(exc.__cause__ or exc)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from pathlib import Path
 
@@ -11,7 +10,7 @@ from rich.console import Console
 
 from atlas import layout
 from atlas.errors import InvalidInput
-from atlas.pipeline.local import stage_context
+from atlas.pipeline.local import folder_context
 from atlas.slide.convention import check_slide_id
 from atlas.stages import get_stage
 
@@ -29,8 +28,7 @@ def stitch(slide: Path = typer.Argument(..., help="slide folder <slide_id>/ (mar
     job = get_stage("stitch").jobs()[0]
     console = Console()
     with console.status(f"stitching {slide.name} ..."), tempfile.TemporaryDirectory() as scratch:
-        ctx = stage_context(slide.name, "local", slide, out, settings=os.environ)
-        ctx.for_job(job, scratch=Path(scratch)).run(job)
+        folder_context(slide, out, run_id="local").for_job(job, scratch=Path(scratch)).run(job)
     summary = json.loads((out / stage.QC_DIR / "summary.json").read_text())
     for cycle in summary["cycles"]:
         console.print(f"cycle {cycle['cycle']}: {cycle['aligned_tiles']}/{cycle['tiles']} tiles aligned"

@@ -25,6 +25,7 @@ def draft(results: Path = typer.Argument(..., exists=True, file_okay=False,
     from atlas.slide.convention import read_markers
     from atlas.slide.story import dump_story
     from atlas.stages.render import draft as draft_story
+    from atlas.storage import FolderStore
 
     images = sorted((results / layout.REGISTRATION).glob("*.ome.tif"))
     if not images:
@@ -43,7 +44,7 @@ def draft(results: Path = typer.Argument(..., exists=True, file_okay=False,
         if not names:
             raise InvalidInput(Problem(images[0].name, "has no channel names in its OME-XML",
                                        "give the slide's markers.csv with --markers"))
-    story = draft_story(results, slide_id, names, params.channels_per_group, params.tile_size)
+    story = draft_story(FolderStore(results), slide_id, names, params.channels_per_group, params.tile_size)
     header = (f"story.yml drafted from {results} by `atlas story draft` (slide {slide_id}).\n"
               "Edit it, put it in the slide folder as story.yml (or use `atlas rerun --story`); see docs/overview.md.")
     typer.echo(dump_story(story, header), nl=False)

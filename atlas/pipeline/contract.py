@@ -66,7 +66,7 @@ class Misconfigured(JobError):
 
 
 class UndeclaredOutput(JobError):
-    """The stage wrote files the registry does not declare as its outputs (a bug in the stage)."""
+    """The stage wrote (or read) where the registry does not declare it may (a bug in the stage)."""
 
     exit_code = ExitCode.STAGE_FAILED
 
@@ -80,15 +80,23 @@ def upstream_incomplete(job: Job, missing: list[Job], run_id: str, where: str) -
 
 
 def corrupt_output(path: str, stage: str, why: str, where: str, record: str) -> CorruptWork:
-    """The error of an earlier output that is not what its writer recorded."""
-    return CorruptWork(f"{path}: output of stage {stage} at {where} {why} -- fix: delete {record} and rerun the "
-                       "run to redo that stage")
+    """The error of an earlier output that is not what its writer recorded.
+
+    ``where`` is the run's results layout (folder or S3 prefix), ``record`` the path of the
+    completion record that lists the output.
+    """
+    return CorruptWork(f"{path}: output of stage {stage} in {where} {why} -- fix: delete {where}{record} and "
+                       "rerun the run to redo that stage")
 
 
-def undeclared_outputs(job: Job, paths: list[str]) -> UndeclaredOutput:
-    """The error of a stage that wrote where the registry does not let it."""
-    declared = (job.stage.item_dir,) if job.item is not None else job.stage.outputs
+def undeclared_outputs(job: Job, paths: list[str], action: str = "write") -> UndeclaredOutput:
+    """The error of a stage that wrote (``action="write"``) or read (``"read"``) where the registry
+    does not let it."""
+    if action == "write":
+        declared, kind = ((job.stage.item_dir,) if job.item is not None else job.stage.outputs), "outputs"
+    else:
+        declared, kind = job.stage.inputs, "inputs"
     shown = ", ".join(paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
-    return UndeclaredOutput(f"{job.label} wrote {shown}, outside its declared outputs ({', '.join(declared)}) -- "
-                            "fix: write below the declared outputs, or declare the new outputs in the stage "
-                            "registry (atlas/stages/__init__.py)")
+    return UndeclaredOutput(f"{job.label} {'wrote' if action == 'write' else 'read'} {shown}, outside its declared "
+                            f"{kind} ({', '.join(declared) or 'none'}) -- fix: keep to the declared {kind}, or "
+                            f"declare the new {kind} in the stage registry (atlas/stages/__init__.py)")

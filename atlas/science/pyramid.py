@@ -174,7 +174,7 @@ def image_name(path: str | os.PathLike) -> str:
 
 def write_ome_tiff_pyramid(path: str | os.PathLike, image: ArrayLike, *, channel_names: Sequence[str],
                            pixel_size_um: float, tile_size: int = 1024, labels: bool = False,
-                           subresolutions: Sequence[ArrayLike] | None = None) -> None:
+                           subresolutions: Sequence[ArrayLike] | None = None, workers: int | None = None) -> None:
     """Write a tiled, compressed, pyramidal OME-TIFF (pyramid in SubIFDs), tile by tile.
 
     Parameters
@@ -197,6 +197,8 @@ def write_ome_tiff_pyramid(path: str | os.PathLike, image: ArrayLike, *, channel
     subresolutions : sequence of (C, Y_k, X_k) array-like, optional
         Levels 1.. already computed (e.g. the datasets of :func:`write_ome_zarr`), shaped as
         :func:`level_shapes` says. Computed here (in a temporary zarr store next to ``path``) when None.
+    workers : int, optional
+        Threads encoding tiles (the job's vCPUs); default the host's CPU count.
 
     Notes
     -----
@@ -222,8 +224,9 @@ def write_ome_tiff_pyramid(path: str | os.PathLike, image: ArrayLike, *, channel
         if got != shapes[1:]:
             raise ValueError(f"subresolutions have shapes {got}, expected {shapes[1:]}")
         dtype = np.dtype(image.dtype)
+        workers = workers or os.cpu_count() or 1
         options = {"tile": (tile_size, tile_size), "dtype": dtype, "photometric": "minisblack",
-                   "compression": "adobe_deflate", "predictor": dtype.kind in "iu", "maxworkers": os.cpu_count(),
+                   "compression": "adobe_deflate", "predictor": dtype.kind in "iu", "maxworkers": workers,
                    "resolutionunit": "CENTIMETER", "datetime": False}
         metadata = {"axes": "CYX", "UUID": _ome_uuid(path, image.shape, channel_names), "Name": image_name(path),
                     "Creator": "tissue-atlas",
@@ -234,7 +237,7 @@ def write_ome_tiff_pyramid(path: str | os.PathLike, image: ArrayLike, *, channel
         with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tif:
             per_cm = 1e4 / pixel_size_um
             # Encode a few tiles per worker at a time (tifffile's default buffers 512 MiB of tiles).
-            batch_bytes = 4 * (os.cpu_count() or 1) * tile_size * tile_size * dtype.itemsize
+            batch_bytes = 4 * workers * tile_size * tile_size * dtype.itemsize
             tif.write(_tiles(image, tile_size), shape=image.shape, subifds=len(shapes) - 1,
                       resolution=(per_cm, per_cm), metadata=metadata, buffersize=batch_bytes, **options)
             for k, level in enumerate(subresolutions, start=1):
@@ -284,24 +287,27 @@ def _multiscales(name: str, n_levels: int, pixel_size_um: float, *, labels: bool
     }]
 
 
-def write_ome_zarr(path: str | os.PathLike, image: ArrayLike, *, channel_names: Sequence[str],
-                   pixel_size_um: float, tile_size: int = 1024) -> list[zarr.Array]:
+def write_ome_zarr(path: str | os.PathLike | zarr.abc.store.Store, image: ArrayLike, *, channel_names: Sequence[str],
+                   pixel_size_um: float, tile_size: int = 1024, name: str | None = None) -> list[zarr.Array]:
     """Write an OME-Zarr (NGFF 0.4, zarr v2 on disk) multiscale image, block by block.
 
     Parameters
     ----------
-    path : path
-        Output ``.ome.zarr`` directory (replaced if it exists).
+    path : path or zarr store
+        Output ``.ome.zarr`` directory (replaced if it exists), or a zarr 3 store for it (e.g. over
+        S3: chunks are put one at a time).
     image : (C, Y, X) or (Y, X) array-like
         Intensities; read one ``tile_size`` block at a time.
     channel_names : sequence of str
         ``omero.channels[].label``; ``omero.channels[].color`` from
-        :func:`atlas.slide.palette.channel_colors` of them. The image's name (``multiscales[].name``,
-        ``omero.name``) is :func:`image_name` of ``path``.
+        :func:`atlas.slide.palette.channel_colors` of them.
     pixel_size_um : float
         Pixel size in µm; level k has scale ``pixel_size_um * 2**k`` (axes c, y, x; unit micrometer).
     tile_size : int
         Chunk size (1, tile_size, tile_size); the pyramid stops when a level fits in one chunk.
+    name : str, optional
+        The image's name in the metadata (``multiscales[].name``, ``omero.name``: the slide id);
+        default :func:`image_name` of ``path``.
 
     Returns
     -------
@@ -315,12 +321,16 @@ def write_ome_zarr(path: str | os.PathLike, image: ArrayLike, *, channel_names: 
     (start/end) from :func:`contrast_windows` of the lowest level. Chunks are Blosc-zstd with
     bit shuffle, "/"-nested keys as NGFF 0.4 prescribes.
     """
-    path = Path(path)
     image = _as_cyx(image)
     if len(channel_names) != image.shape[0]:
         raise ValueError(f"{len(channel_names)} channel names for {image.shape[0]} channels")
-    if path.exists():
-        shutil.rmtree(path)
+    if isinstance(path, (str, os.PathLike)):
+        path = Path(path)
+        name = name or image_name(path)
+        if path.exists():
+            shutil.rmtree(path)
+    elif name is None:
+        raise ValueError("give the image's name with a zarr store")
     group = zarr.open_group(path, mode="w", zarr_format=2)
     base = _create_level(group, "0", tuple(image.shape), image.dtype, tile_size)
     _copy_into(image, base, size=tile_size)
@@ -333,20 +343,20 @@ def write_ome_zarr(path: str | os.PathLike, image: ArrayLike, *, channel_names: 
                  "window": {"min": float(info.min) if info else start, "max": float(info.max) if info else end,
                             "start": start, "end": end}}
                 for name, color, (start, end) in zip(channel_names, colors, contrast_windows(levels[-1]), strict=True)]
-    name = image_name(path)
     group.attrs.update({"multiscales": _multiscales(name, len(levels), pixel_size_um, labels=False),
                         "omero": {"name": name, "version": NGFF_VERSION,
                                   "channels": channels, "rdefs": {"model": "color", "defaultZ": 0, "defaultT": 0}}})
     return levels
 
 
-def write_zarr_labels(zarr_path: str | os.PathLike, name: str, labels: ArrayLike) -> list[zarr.Array]:
+def write_zarr_labels(zarr_path: str | os.PathLike | zarr.abc.store.Store, name: str, labels: ArrayLike
+                      ) -> list[zarr.Array]:
     """Add an NGFF 0.4 label image to an OME-Zarr written by :func:`write_ome_zarr`.
 
     Parameters
     ----------
-    zarr_path : path
-        The image's ``.ome.zarr`` directory.
+    zarr_path : path or zarr store
+        The image's ``.ome.zarr`` directory, or a zarr 3 store for it.
     name : str
         Label image name, e.g. ``"cell"`` or ``"nuclei"``; replaces one of the same name.
     labels : (Y, X) or (1, Y, X) integer array-like
@@ -358,8 +368,8 @@ def write_zarr_labels(zarr_path: str | os.PathLike, name: str, labels: ArrayLike
         Levels ``labels/<name>/0..`` of shape (1, Y_k, X_k), as many as the image has, each
         downsampled by nearest neighbour; same axes and scales as the image.
     """
-    zarr_path = Path(zarr_path)
-    root = zarr.open_group(zarr_path, mode="r+", zarr_format=2)
+    root = zarr.open_group(Path(zarr_path) if isinstance(zarr_path, (str, os.PathLike)) else zarr_path,
+                           mode="r+", zarr_format=2)
     image_ms = root.attrs["multiscales"][0]
     base_shape = root[image_ms["datasets"][0]["path"]].shape
     labels = _as_cyx(labels)

@@ -136,8 +136,7 @@ def level4_rows(slide_id: str, engine: str, mask: str, objects: int, features: i
             for suffix, file_format in ((".csv", "csv"), (".h5ad", "hdf5"))]
 
 
-def write_table(out_dir: Path, component: str, rows: Sequence[Mapping]) -> None:
-    """Write ``metadata/htan-<component>.csv`` below ``out_dir`` (one row per file or channel)."""
-    path = Path(out_dir) / layout.htan_table(component)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(list(rows)).to_csv(path, index=False)
+def table_text(rows: Sequence[Mapping]) -> str:
+    """A component's table (``metadata/htan-<component>.csv``, :func:`atlas.layout.htan_table`) as
+    CSV text, one row per file or channel."""
+    return pd.DataFrame(list(rows)).to_csv(index=False)

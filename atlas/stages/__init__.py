@@ -1,7 +1,7 @@
 """The stage registry: the one ordered list of pipeline stages, and the jobs each one runs as.
 
 It drives the local runner (:mod:`atlas.pipeline.local`), the Batch entrypoint (``atlas stage``,
-:mod:`atlas.pipeline.job`), the local Step Functions + Batch stand-in (``localcloud.executor``), the
+:mod:`atlas.aws.job`), the local Step Functions + Batch stand-in (``localcloud.executor``), the
 Batch job definitions and the Step Functions state machine (``infra/``), and ops' status.
 
 The stage contract
@@ -9,18 +9,21 @@ The stage contract
 Each stage is a module ``atlas.stages.<name>``. A plain stage exposes ``run(ctx) -> None``; an
 array stage (``array_size > 0``) exposes ``run_item(ctx, index, count) -> None`` (item ``index``
 of ``count`` does its share of the work, e.g. tiles ``index, index + count, ...``) and
-``merge(ctx) -> None``. A stage reads the raw slide from ``ctx.slide_dir`` and earlier stages'
-outputs from ``ctx.out_dir``, and writes only what the registry declares below ``ctx.out_dir``:
-its ``outputs`` (plain job, merge) or, for an array item, files below its ``item_dir``. Scratch
-space it needs besides (memory maps, temporary stores) lives in ``ctx.scratch``. It must be
-deterministic: the same inputs give byte-identical outputs. It reads nothing from the
-environment: what the entry point knows (engine weights, where the run is published, the job's
-vCPUs, the completion records it builds on) is in the context.
+``merge(ctx) -> None``. A stage does all its I/O through the stores of its context
+(:mod:`atlas.storage`): it reads the slide as uploaded from ``ctx.slide`` and earlier stages'
+outputs from ``ctx.work``, by byte range, chunk or whole small object, never by copying whole
+inputs; it writes only what the registry declares into ``ctx.work``: its ``outputs`` (plain job,
+merge) or, for an array item, objects below its ``item_dir``. Local scratch space it needs besides
+(memory maps, temporary stores) lives in ``ctx.scratch``. It must be deterministic: the same
+inputs give byte-identical outputs. It reads nothing from the environment: what the entry point
+knows (engine weights, where the run is published, the job's vCPUs, the completion records it
+builds on) is in the context.
 """
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterator, Mapping
+import math
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
 from pathlib import Path, PurePosixPath
@@ -29,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from atlas import layout
 from atlas.params import Params
+from atlas.storage import Store
 
 if TYPE_CHECKING:  # the registry stays light to import (CDK app, ops); the engines pull in scipy
     from atlas.science.segmentation import EngineSettings
@@ -45,6 +49,50 @@ def matches(rel: str, pattern: str) -> bool:
     """
     parts, pats = PurePosixPath(rel).parts, PurePosixPath(pattern).parts
     return len(parts) >= len(pats) and all(fnmatchcase(p, q) for p, q in zip(parts, pats, strict=False))
+
+
+@dataclass(frozen=True)
+class SlideSize:
+    """How big a slide is, as its raw files' OME metadata says (the catalog reads it by ranged reads
+    before a run starts; the registry sizes each stage's jobs from it).
+
+    Attributes
+    ----------
+    tiles : int
+        Tiles per cycle.
+    cycles : int
+    channels : int
+        Channels over all cycles (the registered image's).
+    tile_shape : (int, int)
+        (Y, X) pixels of a tile.
+    """
+
+    tiles: int
+    cycles: int
+    channels: int
+    tile_shape: tuple[int, int]
+
+    @property
+    def pixels(self) -> int:
+        """Pixels per channel of the mosaic, at most (tiles x tile pixels; overlaps counted twice)."""
+        return self.tiles * self.tile_shape[0] * self.tile_shape[1]
+
+
+@dataclass(frozen=True)
+class JobSizes:
+    """What one Batch job of a stage gets for a given slide: its array size, vCPUs, memory, timeout.
+
+    Attributes
+    ----------
+    items : int
+        Array items (0: a single job).
+    vcpus, memory_mib, timeout_s : int
+    """
+
+    items: int
+    vcpus: int
+    memory_mib: int
+    timeout_s: int
 
 
 @dataclass(frozen=True)
@@ -76,6 +124,9 @@ class Stage:
         item may write nothing else. It is part of the run's work, never of a release.
     publishes : bool
         The job releases the run to the results bucket after the stage (the last stage).
+    sizing : callable, optional
+        ``sizing(slide: SlideSize) -> JobSizes``: the stage's fan-out, memory and timeout as
+        functions of the slide (:meth:`sizes`); None: the constants above, whatever the slide.
     """
 
     name: str
@@ -88,10 +139,21 @@ class Stage:
     array_size: int = 0
     item_dir: str | None = None
     publishes: bool = False
+    sizing: Callable[[SlideSize], JobSizes] | None = None
 
     def __post_init__(self) -> None:
         if bool(self.array_size) != bool(self.item_dir):
             raise ValueError(f"stage {self.name!r}: an array stage needs an item_dir, a plain stage has none")
+
+    def sizes(self, slide: SlideSize | None = None) -> JobSizes:
+        """The stage's jobs' sizes for ``slide`` (its ``sizing``), or the registry's constants."""
+        if slide is None or self.sizing is None:
+            return JobSizes(self.array_size, self.vcpus, self.memory_mib, self.timeout_s)
+        sized = self.sizing(slide)
+        if bool(sized.items) != bool(self.array_size):
+            raise ValueError(f"stage {self.name!r}: sizing gave {sized.items} items; an array stage needs at "
+                             "least one, a plain stage none")
+        return sized
 
     @property
     def module(self) -> ModuleType:
@@ -168,23 +230,37 @@ class Job:
         return self.stage.declared(self, rel)
 
 
+# Batch's limits and what one Batch job may ask for: memory must fit the instance family's hosts
+# (ECS keeps some of a 16 GiB host for itself), arrays have 2..10,000 children.
+HOST_MEMORY_MIB = 15 * 1024
+MAX_ARRAY_SIZE = 10_000
+SEGMENT_PIXELS_PER_ITEM = 100_000_000  # one segment item per ~100 MP of the nucleus channel
+SEGMENT_MIN_ITEMS = 4
+
+
+def segment_sizes(slide: SlideSize) -> JobSizes:
+    """Segment fans out by the slide's pixels: one item per :data:`SEGMENT_PIXELS_PER_ITEM` (at least
+    :data:`SEGMENT_MIN_ITEMS`), each reading its region's chunks of one channel."""
+    items = min(MAX_ARRAY_SIZE, max(SEGMENT_MIN_ITEMS, math.ceil(slide.pixels / SEGMENT_PIXELS_PER_ITEM)))
+    return JobSizes(items=items, vcpus=4, memory_mib=HOST_MEMORY_MIB, timeout_s=6 * 3600)
+
+
 STAGES: tuple[Stage, ...] = (
-    Stage("stitch", "cpu", vcpus=4, memory_mib=16384, timeout_s=6 * 3600,
+    Stage("stitch", "cpu", vcpus=4, memory_mib=HOST_MEMORY_MIB, timeout_s=6 * 3600,
           inputs=("raw:markers.csv", "raw:raw/*", "raw:params.yml"),
           outputs=(f"{layout.REGISTRATION}/*", f"{layout.ILLUMINATION}/*", f"{layout.QC}/stitch/*",
                    layout.htan_table("ImagingLevel2"), layout.htan_table("ImagingLevel3Channels"))),
-    Stage("segment", "gpu", vcpus=4, memory_mib=16384, timeout_s=6 * 3600, array_size=4,
-          item_dir=f"{layout.WORK}/segment",
-          inputs=(f"{layout.REGISTRATION}/*.ome.tif", f"{layout.REGISTRATION}/*.ome.zarr/.z*",
-                  f"{layout.REGISTRATION}/*.ome.zarr/0/.zarray"),
+    Stage("segment", "gpu", vcpus=4, memory_mib=HOST_MEMORY_MIB, timeout_s=6 * 3600, array_size=SEGMENT_MIN_ITEMS,
+          item_dir=f"{layout.WORK}/segment", sizing=segment_sizes,
+          inputs=(f"{layout.REGISTRATION}/*.ome.zarr",),
           outputs=(f"{layout.SEGMENTATION}/*/*", f"{layout.QC}/segment/*", f"{layout.REGISTRATION}/*.ome.zarr/labels",
                    layout.htan_table("ImagingLevel3Segmentation"))),
     Stage("quantify", "cpu", vcpus=2, memory_mib=8192, timeout_s=3 * 3600,
-          inputs=(f"{layout.REGISTRATION}/*.ome.tif", f"{layout.SEGMENTATION}/*/*"),
+          inputs=(f"{layout.REGISTRATION}/*.ome.zarr", f"{layout.SEGMENTATION}/*/*"),
           outputs=(f"{layout.QUANTIFICATION}/*", f"{layout.QC}/quantify/*", layout.htan_table("ImagingLevel4"))),
     Stage("render", "cpu", vcpus=2, memory_mib=8192, timeout_s=3 * 3600,
-          inputs=(f"{layout.REGISTRATION}/*.ome.tif", f"{layout.SEGMENTATION}/*/*", f"{layout.QUANTIFICATION}/*",
-                  f"{layout.QC}/*/*"),
+          inputs=("raw:story.yml", f"{layout.REGISTRATION}/*.ome.zarr", f"{layout.SEGMENTATION}/*/*",
+                  f"{layout.QUANTIFICATION}/*", f"{layout.QC}/*/*"),
           outputs=(f"{layout.OVERVIEW}/*",)),
     Stage("publish", "cpu", vcpus=1, memory_mib=2048, timeout_s=3600, publishes=True,
           inputs=(), outputs=(layout.MANIFEST,)),
@@ -212,14 +288,36 @@ def batch_jobs(stages: tuple[Stage, ...] | list[Stage] = STAGES) -> list[Job]:
     return [job for job in run_jobs(stages) if job.item in (None, 0)]
 
 
-def upstream_jobs(job: Job) -> list[Job]:
+def upstream_jobs(job: Job, counts: Mapping[str, int] | None = None) -> list[Job]:
     """The jobs whose completion records ``job`` builds on: every job of every earlier stage, and
-    for a merge the items of its own stage. (The runs' provenance: publish lists them all.)"""
+    for a merge the items of its own stage. (The runs' provenance: publish lists them all.)
+
+    ``counts`` gives the item count of earlier array stages that ran with another than their
+    default (from their merge records); see :func:`final_jobs`.
+    """
+    counts = counts or {}
     index = STAGES.index(job.stage)
-    wanted = [j for earlier in STAGES[:index] for j in earlier.jobs()]
+    wanted = [j for earlier in STAGES[:index] for j in earlier.jobs(counts.get(earlier.name))]
     if job.merge:
         wanted += [j for j in job.stage.jobs(job.count) if j.item is not None]
     return wanted
+
+
+def final_jobs(job: Job) -> list[Job]:
+    """The last job of every stage before ``job``'s: its plain job or its merge, whose record says
+    the stage is complete (and, for an array stage, how many items it ran: ``count``)."""
+    return [earlier.jobs()[-1] for earlier in STAGES[:STAGES.index(job.stage)]]
+
+
+def run_sizes(slide: SlideSize) -> dict[str, JobSizes]:
+    """Every Batch job's sizes for ``slide``, by job name (``segment``, ``segment-merge``, ...): what a
+    run's execution input carries so that Step Functions can size each job at run time (the
+    array's ``ArrayProperties.Size``, the container's vCPUs and memory, the attempt timeout)."""
+    sizes = {}
+    for job in batch_jobs():
+        sized = job.stage.sizes(slide)
+        sizes[job.name] = replace(sized, items=0) if job.merge else sized
+    return sizes
 
 
 @dataclass(frozen=True)
@@ -240,21 +338,21 @@ class CompletionRecord:
 
 @dataclass(frozen=True)
 class StageContext:
-    """What a stage gets: where the slide and the run's results live, and what the entry point knows.
+    """What a stage gets: the stores of the slide and of the run's results, and what the entry point knows.
 
     Attributes
     ----------
     slide_id : str
     run_id : str
-    slide_dir : Path
-        The slide as uploaded (markers.csv, raw/, params.yml, manifest.json).
-    out_dir : Path
-        Root of this run's results layout; earlier stages' outputs are already there.
+    slide : Store
+        The slide as uploaded (markers.csv, raw/, params.yml, manifest.json); read only.
+    work : Store
+        The run's results layout; earlier stages' outputs are there, this job's go there.
     params : Params
         Parsed params.yml (defaults where absent).
     scratch : Path or None
-        A private folder for temporary files (memory maps, intermediate stores), removed after
-        the job; None: the stage uses the system's temporary folder.
+        A private local folder for temporary files (memory maps, intermediate stores, files being
+        written before they are stored), removed after the job; None: the system's temporary folder.
     vcpus : int
         vCPUs of the job (thread pools are sized from it, never from the host's CPU count).
     records : mapping of str to CompletionRecord
@@ -273,8 +371,8 @@ class StageContext:
 
     slide_id: str
     run_id: str
-    slide_dir: Path
-    out_dir: Path
+    slide: Store
+    work: Store
     params: Params
     scratch: Path | None = None
     vcpus: int = 1

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import platform
 from importlib import metadata
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 
 from atlas import layout
 from atlas.stages import STAGES, CompletionRecord, StageContext
@@ -63,8 +63,5 @@ def build_manifest(ctx: StageContext) -> dict:
 
 
 def run(ctx: StageContext) -> None:
-    """Write ``manifest.json`` at the root of the results layout (atomically)."""
-    path = Path(ctx.out_dir) / layout.MANIFEST
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(build_manifest(ctx), indent=1) + "\n")
-    tmp.replace(path)
+    """Write ``manifest.json`` at the root of the results layout."""
+    ctx.work.write_text(layout.MANIFEST, json.dumps(build_manifest(ctx), indent=1) + "\n")

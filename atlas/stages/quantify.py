@@ -4,8 +4,9 @@ For every segmentation engine that left masks in ``segmentation/<engine>-<slide>
 named by ``quantify.masks`` in params.yml (default ``cell``, ``nuclei``) it writes MCQuant's table
 ``quantification/<slide>--<engine>_<mask>.csv``, the same table as ``.parquet`` and as AnnData
 ``.h5ad``, and ``qc/quantify/summary.json``. The registered image is read once, strip by strip, for
-all masks of an engine. The science is :mod:`atlas.science.quantification`; this module is the file I/O,
-shared with ``atlas quantify``.
+all masks of an engine, from the chunks of ``registration/<slide>.ome.zarr``; the masks by the byte
+ranges of their tiles. The science is :mod:`atlas.science.quantification`; this module is the file
+I/O, shared with ``atlas quantify``.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 import numpy as np
 import pandas as pd
@@ -25,22 +27,25 @@ from atlas.errors import InvalidInput, Problem
 from atlas.science.imageio import open_tiff
 from atlas.science.quantification import ID_COLUMN, MORPHOLOGY_COLUMNS, NegativeLabels, marker_columns, quantify
 from atlas.slide import htan
-from atlas.slide.convention import MARKERS, read_markers
+from atlas.slide.convention import MARKERS, parse_markers
 from atlas.stages import StageContext
+from atlas.storage import Store
 
 QC_DIR = f"{layout.QC}/quantify"
-TABLE_SUFFIXES = (".csv", ".parquet", ".h5ad")
 
 
 @contextmanager
-def open_level0(path: Path, role: str) -> Iterator:
+def open_level0(source: Path | BinaryIO, role: str, name: str | None = None) -> Iterator:
     """Full-resolution level of a (pyramidal OME-)TIFF as a zarr array read tile by tile.
 
     Parameters
     ----------
-    path : Path
+    source : Path or binary file
+        A path, or a seekable file object (e.g. ranged reads of a store's object).
     role : {"image", "mask"}
         What the file should be, for error messages.
+    name : str, optional
+        The file's name in messages (default: ``source``).
 
     Yields
     ------
@@ -51,32 +56,34 @@ def open_level0(path: Path, role: str) -> Iterator:
 
     fix = ("give a tiled (pyramidal OME-)TIFF with channel planes (C, Y, X)" if role == "image"
            else "give an integer label image (Y, X) of the same size as the image, 0 = background")
-    with open_tiff(path, fix) as tif:
+    name = name or str(source)
+    with open_tiff(source, fix, name=name) as tif:
         series = tif.series[0]
         squeezed = [n for n, a in zip(series.shape, series.axes, strict=True) if not (n == 1 and a not in "YX")]
         if not series.axes.endswith("YX") or "S" in series.axes or len(squeezed) > (3 if role == "image" else 2):
-            raise InvalidInput(Problem(str(path), f"has axes {series.axes} of shape {series.shape}; "
+            raise InvalidInput(Problem(name, f"has axes {series.axes} of shape {series.shape}; "
                                        f"expected {'(C, Y, X)' if role == 'image' else '(Y, X)'}", fix))
         with series.aszarr(level=0) as store:
             yield zarr.open_array(store, mode="r")
 
 
-def check_inputs(image_path: Path, image, mask_paths: Mapping[str, Path], masks: Mapping[str, object],
+def check_inputs(image_name: str, image, mask_names: Mapping[str, str], masks: Mapping[str, object],
                  markers_path: Path, n_markers: int) -> None:
-    """Raise InvalidInput with every mismatch between image, masks and markers.csv."""
+    """Raise InvalidInput with every mismatch between image, masks and markers.csv (files named as given)."""
     problems = []
     n_channels = image.shape[0] if image.ndim == 3 else 1
+    shown = PurePosixPath(image_name).name
     if n_markers != n_channels:
-        problems.append(Problem(str(markers_path), f"lists {n_markers} markers but {image_path.name} has "
+        problems.append(Problem(str(markers_path), f"lists {n_markers} markers but {shown} has "
                                 f"{n_channels} channels", "give markers.csv one row per image channel, in order"))
     for name, mask in masks.items():
         shape = tuple(s for s in mask.shape if s != 1) if mask.ndim > 2 else mask.shape
         if shape != tuple(image.shape[-2:]):
-            problems.append(Problem(str(mask_paths[name]), f"mask has shape {tuple(mask.shape)}, the image "
-                                    f"{image_path.name} {tuple(image.shape)}",
+            problems.append(Problem(mask_names[name], f"mask has shape {tuple(mask.shape)}, the image "
+                                    f"{shown} {tuple(image.shape)}",
                                     "use the mask segmented from this image (same Y, X size)"))
         elif not np.issubdtype(mask.dtype, np.integer):
-            problems.append(Problem(str(mask_paths[name]), f"mask has dtype {mask.dtype}, not integer labels",
+            problems.append(Problem(mask_names[name], f"mask has dtype {mask.dtype}, not integer labels",
                                     "write the mask as an integer label image (e.g. uint32), 0 = background"))
     if problems:
         raise InvalidInput(problems)
@@ -94,13 +101,8 @@ def quantify_files(image_path: Path, mask_paths: Mapping[str, Path], marker_name
         Registered (C, Y, X) OME-TIFF.
     mask_paths : dict of str to Path
         Mask name (e.g. ``"cell"``) to its label image.
-    marker_names, remove : sequence
-        One name and one remove flag per image channel (markers.csv order); removed channels are
-        not read and get no column.
-    markers_path : Path
-        Named in errors.
-    progress : callable, optional
-        ``progress(rows_done, rows_total)``.
+    marker_names, remove, markers_path, progress
+        As for :func:`quantify_arrays`.
 
     Returns
     -------
@@ -117,22 +119,50 @@ def quantify_files(image_path: Path, mask_paths: Mapping[str, Path], marker_name
     with ExitStack() as stack:
         image = stack.enter_context(open_level0(image_path, "image"))
         masks = {name: stack.enter_context(open_level0(path, "mask")) for name, path in mask_paths.items()}
-        check_inputs(image_path, image, mask_paths, masks, markers_path, len(marker_names))
-        kept = [i for i, r in enumerate(remove) if not r]
-        total, done = image.shape[-2] * (len(masks) + 1), 0
+        return quantify_arrays(image, str(image_path), masks, {n: str(p) for n, p in mask_paths.items()},
+                               marker_names, remove, markers_path=markers_path, progress=progress)
 
-        def step(rows: int) -> None:
-            nonlocal done
-            done += rows
-            if progress:
-                progress(done, total)
 
-        try:
-            tables = quantify(image, masks, [marker_names[i] for i in kept], channels=kept, progress=step)
-        except NegativeLabels as exc:  # the one thing only reading the masks shows
-            raise InvalidInput(Problem(str(mask_paths[exc.mask]), str(exc), "write the mask as non-negative integer "
-                                       "labels, 0 = background")) from exc
-        return tables, tuple(image.shape)
+def quantify_arrays(image, image_name: str, masks: Mapping[str, object], mask_names: Mapping[str, str],
+                    marker_names: Sequence[str], remove: Sequence[bool], *, markers_path: Path = Path(MARKERS),
+                    progress: Callable[[int, int], None] | None = None
+                    ) -> tuple[dict[str, pd.DataFrame], tuple[int, ...]]:
+    """MCQuant tables of an image array for each mask array (read strip by strip), and the image's shape.
+
+    Parameters
+    ----------
+    image : (C, Y, X) or (Y, X) array-like
+        E.g. a zarr array; read strip by strip.
+    image_name : str
+        Named in errors.
+    masks : dict of str to array-like
+        Mask name (e.g. ``"cell"``) to its (Y, X) labels.
+    mask_names : dict of str to str
+        Mask name to its file, named in errors.
+    marker_names, remove : sequence
+        One name and one remove flag per image channel (markers.csv order); removed channels are
+        not read and get no column.
+    markers_path : Path
+        Named in errors.
+    progress : callable, optional
+        ``progress(rows_done, rows_total)``.
+    """
+    check_inputs(image_name, image, mask_names, masks, markers_path, len(marker_names))
+    kept = [i for i, r in enumerate(remove) if not r]
+    total, done = image.shape[-2] * (len(masks) + 1), 0
+
+    def step(rows: int) -> None:
+        nonlocal done
+        done += rows
+        if progress:
+            progress(done, total)
+
+    try:
+        tables = quantify(image, masks, [marker_names[i] for i in kept], channels=kept, progress=step)
+    except NegativeLabels as exc:  # the one thing only reading the masks shows
+        raise InvalidInput(Problem(mask_names[exc.mask], str(exc), "write the mask as non-negative integer "
+                                   "labels, 0 = background")) from exc
+    return tables, tuple(image.shape)
 
 
 def to_anndata(table: pd.DataFrame, slide_id: str, uns: Mapping[str, str]):
@@ -213,23 +243,47 @@ def write_csv(table: pd.DataFrame, path: Path) -> None:
                          pa_csv.WriteOptions(include_header=False, quoting_style="none"))
 
 
-def write_table(table: pd.DataFrame, csv_path: Path, uns: Mapping[str, str]) -> list[Path]:
-    """Write the table as MCQuant CSV, Parquet and AnnData .h5ad side by side; return the paths.
-
-    The CSV and Parquet writers (Arrow, outside the GIL) run in threads while the .h5ad is written.
-    """
+def _write_parquet(table: pd.DataFrame, path: Path, uns: Mapping[str, str]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    paths = [csv_path.with_suffix(s) for s in TABLE_SUFFIXES]
-    with ThreadPoolExecutor(2) as pool:
-        pending = [pool.submit(write_csv, table, paths[0]),
-                   pool.submit(pq.write_table, pa.Table.from_pandas(table, preserve_index=False), paths[1])]
-        to_anndata(table, uns["slide_id"], uns).write_h5ad(paths[2])
+    pq.write_table(pa.Table.from_pandas(table, preserve_index=False), path)
+
+
+def _write_h5ad(table: pd.DataFrame, path: Path, uns: Mapping[str, str]) -> None:
+    to_anndata(table, uns["slide_id"], uns).write_h5ad(path)
+
+
+# The table's formats: suffix -> writer(table, path, uns), side by side under one name.
+TABLE_WRITERS = {".csv": lambda table, path, uns: write_csv(table, path), ".parquet": _write_parquet,
+                 ".h5ad": _write_h5ad}
+TABLE_SUFFIXES = tuple(TABLE_WRITERS)
+
+
+def _write_formats(table: pd.DataFrame, paths: Sequence[Path], uns: Mapping[str, str]) -> None:
+    """Every format at once, one thread each: the CSV and Parquet writers (Arrow) run outside the
+    GIL while the .h5ad is written."""
+    with ThreadPoolExecutor(len(TABLE_WRITERS)) as pool:
+        pending = [pool.submit(write, table, path, uns) for path, write in zip(paths, TABLE_WRITERS.values(),
+                                                                                 strict=True)]
         for future in pending:
             future.result()
+
+
+def write_table(table: pd.DataFrame, csv_path: Path, uns: Mapping[str, str]) -> list[Path]:
+    """Write the table as MCQuant CSV, Parquet and AnnData .h5ad side by side; return the paths."""
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    paths = [csv_path.with_suffix(s) for s in TABLE_SUFFIXES]
+    _write_formats(table, paths, uns)
     return paths
+
+
+def store_table(work: Store, table: pd.DataFrame, csv_rel: str, uns: Mapping[str, str]) -> None:
+    """:func:`write_table` into a store: the formats written locally, then stored."""
+    with ExitStack() as stack:
+        paths = [stack.enter_context(work.local_file(str(PurePosixPath(csv_rel).with_suffix(suffix))))
+                 for suffix in TABLE_SUFFIXES]
+        _write_formats(table, paths, uns)
 
 
 def table_summary(table: pd.DataFrame, image_shape: Sequence[int]) -> dict:
@@ -241,40 +295,50 @@ def table_summary(table: pd.DataFrame, image_shape: Sequence[int]) -> dict:
             "area_p05_p50_p95_px": quantiles}
 
 
-def find_engines(out_dir: Path, slide_id: str) -> list[str]:
+def find_engines(work: Store, slide_id: str) -> list[str]:
     """Segmentation engines that left a ``segmentation/<engine>-<slide>/`` folder, by name."""
-    folders = sorted((out_dir / layout.SEGMENTATION).glob(f"*-{slide_id}"))
-    return [f.name.removesuffix(f"-{slide_id}") for f in folders if f.is_dir()]
+    folders = {PurePosixPath(rel).parts[1] for rel in work.list(layout.SEGMENTATION) if rel.count("/") >= 2}
+    return sorted(f.removesuffix(f"-{slide_id}") for f in folders if f.endswith(f"-{slide_id}"))
+
+
+def registered_image(work: Store, slide_id: str):
+    """Full resolution of ``registration/<slide>.ome.zarr`` as a lazy (C, Y, X) zarr array."""
+    import zarr
+
+    rel = layout.registration_zarr(slide_id)
+    try:
+        return zarr.open_group(work.zarr(rel, read_only=True), mode="r", zarr_format=2)["0"]
+    except (FileNotFoundError, KeyError) as exc:
+        raise InvalidInput(Problem(rel, "registered image is missing", "run the stitch stage first")) from exc
 
 
 def run(ctx: StageContext) -> None:
-    image_path = ctx.out_dir / layout.registration_tiff(ctx.slide_id)
-    if not image_path.is_file():
-        raise InvalidInput(Problem(layout.registration_tiff(ctx.slide_id), "registered image is missing",
-                                   "run the stitch stage first"))
-    markers = read_markers(ctx.slide_dir / MARKERS)
-    engines = find_engines(ctx.out_dir, ctx.slide_id)
+    image = registered_image(ctx.work, ctx.slide_id)
+    markers = parse_markers(ctx.slide.read_text(MARKERS))
+    engines = find_engines(ctx.work, ctx.slide_id)
     if not engines:
         raise InvalidInput(Problem(f"{layout.SEGMENTATION}/", f"no segmentation of slide {ctx.slide_id}",
                                    "run the segment stage first"))
     summary: dict = {"status": "ok", "markers": marker_columns([m.marker_name for m in markers if not m.remove]),
                      "tables": {}}
     htan_rows = []
+    image_name = PurePosixPath(layout.registration_tiff(ctx.slide_id)).name  # the Level 2 image the tables describe
     for engine in engines:
         rel = {mask: layout.mask_path(ctx.slide_id, engine, mask) for mask in ctx.params.quantify.masks}
-        missing = [r for r in rel.values() if not (ctx.out_dir / r).is_file()]
+        missing = [r for r in rel.values() if not ctx.work.exists(r)]
         if missing:
             raise InvalidInput([Problem(r, "mask is missing", "rerun the segment stage, or list only the masks "
                                         "it makes under quantify.masks in params.yml") for r in missing])
-        tables, shape = quantify_files(image_path, {m: ctx.out_dir / r for m, r in rel.items()},
-                                       [m.marker_name for m in markers], [m.remove for m in markers])
+        with ExitStack() as stack:
+            masks = {m: stack.enter_context(open_level0(stack.enter_context(ctx.work.open(r)), "mask", r))
+                     for m, r in rel.items()}
+            tables, shape = quantify_arrays(image, layout.registration_zarr(ctx.slide_id), masks, rel,
+                                            [m.marker_name for m in markers], [m.remove for m in markers])
         for mask, table in tables.items():
             name = layout.table_path(ctx.slide_id, engine, mask)
-            write_table(table, ctx.out_dir / name,
-                        {"slide_id": ctx.slide_id, "engine": engine, "mask": mask, "image": image_path.name})
-            summary["tables"][Path(name).name] = table_summary(table, shape)
+            store_table(ctx.work, table, name, {"slide_id": ctx.slide_id, "engine": engine, "mask": mask,
+                                               "image": image_name})
+            summary["tables"][PurePosixPath(name).name] = table_summary(table, shape)
             htan_rows += htan.level4_rows(ctx.slide_id, engine, mask, len(table), table.shape[1] - 1)
-    htan.write_table(ctx.out_dir, "ImagingLevel4", htan_rows)
-    qc = ctx.out_dir / QC_DIR
-    qc.mkdir(parents=True, exist_ok=True)
-    (qc / layout.QC_SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
+    ctx.work.write_text(layout.htan_table("ImagingLevel4"), htan.table_text(htan_rows))
+    ctx.work.write_text(f"{QC_DIR}/{layout.QC_SUMMARY}", json.dumps(summary, indent=1) + "\n")

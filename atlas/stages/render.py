@@ -1,104 +1,119 @@
 """Stage ``render``: the slide's Minerva-style web overview, ``overview/`` in the results layout.
 
-Reads ``registration/<slide>.ome.tif`` (pyramid levels), the cell mask
-``segmentation/<engine>-<slide>/cell.ome.tif`` for the outline layer (left out when there is no
-segmentation), the cell table for the cell count and the drafted story, ``qc/<stage>/summary.json``
-for the QC panel, ``markers.csv`` and the slide's ``story.yml`` when it has one; the rendering
-itself is :func:`atlas.science.overview.render_overview`.
+Reads the pyramid levels of ``registration/<slide>.ome.zarr`` chunk by chunk, its cell labels
+(``labels/cell``) for the outline layer (left out when there is no segmentation), the quantify
+stage's ``qc/quantify/summary.json`` for the cell count, the cell table's centroid and marker columns
+for the drafted story, ``qc/<stage>/summary.json`` for the QC panel, ``markers.csv`` and the slide's
+``story.yml`` when it has one; the rendering itself is :func:`atlas.science.overview.render_overview`.
 """
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
-from pathlib import Path
+from pathlib import PurePosixPath
+
+import zarr
 
 from atlas import layout
 from atlas.errors import InvalidInput, Problem
 from atlas.science.overview import PanelInfo, render_overview
 from atlas.science.overview.render import draft_for_image, header_text
-from atlas.science.overview.source import TiffPyramid
+from atlas.science.overview.source import ZarrPyramid
 from atlas.science.overview.story import CellTable
 from atlas.science.quantification import marker_columns
-from atlas.slide.convention import MARKERS, read_markers
+from atlas.slide.convention import MARKERS, parse_markers
 from atlas.slide.story import STORY, Story, parse_story
 from atlas.stages import CompletionRecord, StageContext
+from atlas.storage import MissingObject, Store
 
 # The folders whose files the panel links to (by data level), and how deep to list them.
 DATA_FOLDERS = (layout.REGISTRATION, layout.SEGMENTATION, layout.QUANTIFICATION)
 MAX_QC_ITEMS = 40
 
 
-def find_cell_mask(out_dir: Path, slide_id: str) -> Path | None:
+def find_cell_mask(work: Store, slide_id: str) -> str | None:
     """``segmentation/<engine>-<slide>/cell.ome.tif`` of the first engine (by name) that made one."""
-    found = sorted((out_dir / layout.SEGMENTATION).glob(f"*-{slide_id}/cell.ome.tif"))
+    found = sorted(rel for rel in work.list(layout.SEGMENTATION)
+                   if PurePosixPath(rel).name == "cell.ome.tif"
+                   and PurePosixPath(rel).parent.name.endswith(f"-{slide_id}"))
     return found[0] if found else None
 
 
-def cell_table(out_dir: Path, slide_id: str, mask: Path | None) -> Path | None:
+def cell_table(work: Store, slide_id: str, mask: str | None) -> str | None:
     """The cell feature table (MCQuant CSV) of the mask's engine, else of any engine; None without one."""
     tables = []
     if mask is not None:
-        engine = mask.parent.name.removesuffix(f"-{slide_id}")
-        tables.append(out_dir / layout.table_path(slide_id, engine, "cell"))
-    tables += sorted((out_dir / layout.QUANTIFICATION).glob(f"{slide_id}--*_cell.csv"))
-    return next((t for t in tables if t.is_file()), None)
+        engine = PurePosixPath(mask).parent.name.removesuffix(f"-{slide_id}")
+        tables.append(layout.table_path(slide_id, engine, "cell"))
+    listed = work.list(layout.QUANTIFICATION)
+    tables += sorted(rel for rel in listed if PurePosixPath(rel).name.startswith(f"{slide_id}--")
+                     and rel.endswith("_cell.csv"))
+    return next((t for t in tables if t in listed), None)
 
 
-def read_cells(table: Path, markers: list[str]) -> CellTable | None:
+def read_cells(work: Store, table: str, markers: list[str]) -> CellTable | None:
     """Centroids and marker means of a cell table (its Parquet twin when present: only the columns
-    needed are read); None when it lacks the columns of these markers."""
+    needed are read, by range); None when it lacks the columns of these markers."""
     import pandas as pd
 
     columns = ["X_centroid", "Y_centroid", *marker_columns(markers)]
-    parquet = table.with_suffix(".parquet")
+    parquet = str(PurePosixPath(table).with_suffix(".parquet"))
     try:
-        if parquet.is_file():
-            frame = pd.read_parquet(parquet, columns=columns)
+        if work.exists(parquet):
+            with work.open(parquet) as f:
+                frame = pd.read_parquet(f, columns=columns)
         else:
-            frame = pd.read_csv(table, usecols=columns, dtype=dict.fromkeys(columns, "float64"))
+            with work.open(table) as f:
+                frame = pd.read_csv(f, usecols=columns, dtype=dict.fromkeys(columns, "float64"))
     except (ValueError, KeyError):
         return None
     return CellTable(frame["X_centroid"].to_numpy(), frame["Y_centroid"].to_numpy(),
                      frame[columns[2:]].to_numpy(dtype="float32"))
 
 
-def read_story(slide_dir: Path) -> Story | None:
+def read_story(slide: Store) -> Story | None:
     """The slide's story.yml, parsed (checked against the image when rendering); None without one."""
-    path = Path(slide_dir) / STORY
-    return parse_story(path.read_text(encoding="utf-8"), STORY) if path.is_file() else None
-
-
-def image_markers(image: Path, slide_dir: Path, tile_size: int) -> list[str]:
-    """Marker names of the registered image's channels: markers.csv, or the image's own channel
-    names when they differ in number (a cycle left out by stitch.skip_failed_cycles)."""
-    names = [m.marker_name for m in read_markers(Path(slide_dir) / MARKERS)]
-    with TiffPyramid(image, tile_size) as pyramid:
-        if pyramid.channel_names and len(pyramid.channel_names) != len(names):
-            names = pyramid.channel_names
-    return names
-
-
-def draft(out_dir: Path, slide_id: str, markers: list[str], channels_per_group: int, tile_size: int) -> Story:
-    """The story the render stage drafts for a results folder without story.yml (``atlas story draft``)."""
-    image = out_dir / layout.registration_tiff(slide_id)
-    mask = find_cell_mask(out_dir, slide_id)
-    table = cell_table(out_dir, slide_id, mask)
-    with TiffPyramid(image, tile_size) as pyramid:
-        return draft_for_image(pyramid, markers, channels_per_group=channels_per_group,
-                               cells=read_cells(table, markers) if table else None,
-                               header=header_text(slide_id, markers, count_cells(table)))
-
-
-def count_cells(table: Path | None) -> int | None:
-    """Rows of the cell feature table (MCQuant CSV, one row per cell), or None without one."""
-    if table is None:
+    try:
+        text = slide.read_text(STORY)
+    except MissingObject:
         return None
-    with open(table, "rb") as f:
-        lines = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
-        f.seek(-1, os.SEEK_END)
-        unterminated = f.read(1) != b"\n"
-    return lines + unterminated - 1  # minus the header
+    return parse_story(text, STORY)
+
+
+def open_image(work: Store, slide_id: str, tile_size: int) -> tuple[zarr.Group, ZarrPyramid]:
+    """The registered image's OME-Zarr group and its pyramid, read chunk by chunk."""
+    zarr_rel = layout.registration_zarr(slide_id)
+    try:
+        group = zarr.open_group(work.zarr(zarr_rel, read_only=True), mode="r", zarr_format=2)
+        return group, ZarrPyramid(group, tile_size, name=zarr_rel)
+    except (FileNotFoundError, KeyError) as exc:
+        raise InvalidInput(Problem(zarr_rel, "not found; the render stage needs the registered image",
+                                   "run the stitch stage first")) from exc
+
+
+def draft(work: Store, slide_id: str, markers: list[str], channels_per_group: int, tile_size: int) -> Story:
+    """The story the render stage drafts for a results folder without story.yml (``atlas story draft``)."""
+    mask = find_cell_mask(work, slide_id)
+    table = cell_table(work, slide_id, mask)
+    _, image = open_image(work, slide_id, tile_size)
+    with image:
+        return draft_for_image(image, markers, channels_per_group=channels_per_group,
+                               cells=read_cells(work, table, markers) if table else None,
+                               header=header_text(slide_id, markers, count_cells(work, slide_id, mask)))
+
+
+def count_cells(work: Store, slide_id: str, mask: str | None) -> int | None:
+    """Cells of the cell feature table, from the quantify stage's QC summary, or None without one."""
+    try:
+        tables = json.loads(work.read_text(f"{layout.QC}/quantify/{layout.QC_SUMMARY}")).get("tables", {})
+    except (MissingObject, ValueError):
+        return None
+    names = []
+    if mask is not None:
+        engine = PurePosixPath(mask).parent.name.removesuffix(f"-{slide_id}")
+        names.append(PurePosixPath(layout.table_path(slide_id, engine, "cell")).name)
+    names += sorted(n for n in tables if n.startswith(f"{slide_id}--") and n.endswith("_cell.csv"))
+    return next((int(tables[n]["cells"]) for n in names if n in tables), None)
 
 
 def condense(doc, prefix: str = "", out: dict | None = None, limit: int = MAX_QC_ITEMS) -> dict:
@@ -124,29 +139,30 @@ def condense(doc, prefix: str = "", out: dict | None = None, limit: int = MAX_QC
     return out
 
 
-def qc_panel(out_dir: Path) -> dict:
+def qc_panel(work: Store) -> dict:
     """``{stage: {"summary": condensed summary.json, "files": [its qc files]}}`` for every qc/<stage>/."""
     panel = {}
-    for summary in sorted((out_dir / layout.QC).glob(f"*/{layout.QC_SUMMARY}")):
+    listed = work.list(layout.QC)
+    for summary in sorted(rel for rel in listed if rel.count("/") == 2 and rel.endswith("/" + layout.QC_SUMMARY)):
+        folder = summary.rsplit("/", 1)[0]
         try:
-            doc = json.loads(summary.read_text())
+            doc = json.loads(work.read_text(summary))
         except ValueError:
             doc = {layout.QC_SUMMARY: "unreadable"}
-        files = sorted(p.relative_to(out_dir).as_posix() for p in summary.parent.iterdir() if p.is_file())
-        panel[summary.parent.name] = {"summary": condense(doc), "files": files}
+        files = sorted(rel for rel in listed if rel.rsplit("/", 1)[0] == folder)
+        panel[folder.split("/")[1]] = {"summary": condense(doc), "files": files}
     return panel
 
 
-def data_files(out_dir: Path, records: Mapping[str, CompletionRecord], results_uri: str | None) -> list[dict]:
+def data_files(work: Store, records: Mapping[str, CompletionRecord], results_uri: str | None) -> list[dict]:
     """Result files by data level for the panel; an ``.ome.zarr`` folder counts as one entry.
 
-    Sizes come from the run's completion records ``records`` (they list every output; a job need
-    not hold the files it does not read), else, for a results folder made otherwise, from the files
-    on disk. ``uri`` is the file's published location below ``results_uri``, or None (not published).
+    Sizes come from the run's completion records ``records`` (they list every output, read or
+    not), else, for a results folder made otherwise, from the store's listing. ``uri`` is the
+    file's published location below ``results_uri``, or None (not published).
     """
     sizes = {out["path"]: out["size"] for _, record in sorted(records.items()) for out in record.doc["outputs"]}
-    sizes = sizes or {p.relative_to(out_dir).as_posix(): p.stat().st_size
-                      for folder in DATA_FOLDERS for p in (out_dir / folder).rglob("*") if p.is_file()}
+    sizes = sizes or {rel: size for folder in DATA_FOLDERS for rel, size in work.list(folder).items()}
     entries: dict[str, int] = {}
     for rel, size in sizes.items():
         parts = rel.split("/")
@@ -161,19 +177,26 @@ def data_files(out_dir: Path, records: Mapping[str, CompletionRecord], results_u
 
 def run(ctx: StageContext) -> None:
     """Render ``overview/`` from the registered image and whatever later stages produced."""
-    out_dir = Path(ctx.out_dir)
-    image = out_dir / layout.registration_tiff(ctx.slide_id)
-    if not image.is_file():
-        raise InvalidInput(Problem(layout.registration_tiff(ctx.slide_id), "not found; the render stage needs "
-                                   "the registered image", "run the stitch stage first"))
     params = ctx.params.render
-    story = read_story(ctx.slide_dir)  # before the long part: a malformed story.yml fails at once
-    names = image_markers(image, ctx.slide_dir, params.tile_size)
-    mask = find_cell_mask(out_dir, ctx.slide_id)
-    table = cell_table(out_dir, ctx.slide_id, mask)
-    panel = PanelInfo(run_id=ctx.run_id, cell_count=count_cells(table),
-                      qc=qc_panel(out_dir), data=data_files(out_dir, ctx.records, ctx.results_uri))
-    cells = read_cells(table, names) if table is not None and story is None else None
-    render_overview(image, out_dir / layout.OVERVIEW, slide_id=ctx.slide_id, markers=names, mask_path=mask,
-                    panel=panel, channels_per_group=params.channels_per_group, tile_size=params.tile_size,
-                    story=story, cells=cells, channel_layers=params.channel_layers, viewer_dir=ctx.viewer_dir)
+    story = read_story(ctx.slide)  # before the long part: a malformed story.yml fails at once
+    group, image = open_image(ctx.work, ctx.slide_id, params.tile_size)
+    names = [m.marker_name for m in parse_markers(ctx.slide.read_text(MARKERS))]
+    # A cycle left out by stitch.skip_failed_cycles is missing from the image, which names its channels.
+    if image.channel_names and len(image.channel_names) != len(names):
+        names = image.channel_names
+    mask = find_cell_mask(ctx.work, ctx.slide_id)
+    labels = None
+    if mask is not None and "labels" in group and "cell" in group["labels"]:
+        labels = ZarrPyramid(group["labels"]["cell"], params.tile_size, labels=True,
+                             name=f"{layout.registration_zarr(ctx.slide_id)}/labels/cell")
+    table = cell_table(ctx.work, ctx.slide_id, mask)
+    panel = PanelInfo(run_id=ctx.run_id, cell_count=count_cells(ctx.work, ctx.slide_id, mask),
+                      qc=qc_panel(ctx.work), data=data_files(ctx.work, ctx.records, ctx.results_uri))
+    cells = read_cells(ctx.work, table, names) if table is not None and story is None else None
+    # story.json (Minerva Author) names the files as they lie next to overview/ in the results
+    files = (f"../{layout.registration_tiff(ctx.slide_id)}", f"../{mask}" if mask else None)
+    with ctx.work.local_folder(layout.OVERVIEW, scratch=ctx.scratch) as site:
+        render_overview(image, site, slide_id=ctx.slide_id, markers=names, mask_path=labels, panel=panel,
+                        channels_per_group=params.channels_per_group, tile_size=params.tile_size, story=story,
+                        cells=cells, channel_layers=params.channel_layers, viewer_dir=ctx.viewer_dir,
+                        workers=ctx.vcpus, story_files=files)

@@ -1,11 +1,12 @@
 """Stage ``segment`` (array): nucleus and cell masks of the registered image, Level 3.
 
 Item ``index`` of ``count`` segments its share of the tiles of the nucleus channel
-(``segment.channel``) of ``registration/<slide>.ome.tif`` (:func:`job_tiles`: a grid whose tiles
-split evenly by pixels read over the items) and writes each tile's kept instances to
-``tile-<n>.tif`` in the stage's item folder (the registry's ``item_dir``). ``merge`` paints them into
-one whole-slide label image (memory-mapped in the job's scratch, so any slide size fits), grows
-nuclei into cells by ``segment.expand_um`` and writes
+(``segment.channel``) of ``registration/<slide>.ome.zarr``, reading only the chunks of that channel
+its tiles touch (:func:`job_tiles`: a grid whose tiles split evenly by pixels read over the items),
+and writes each tile's kept instances to ``tile-<n>.tif`` in the stage's item folder (the
+registry's ``item_dir``). ``merge`` paints them into one whole-slide label image (memory-mapped in
+the job's scratch, so any slide size fits), grows nuclei into cells by ``segment.expand_um`` and
+writes
 
 - ``segmentation/<engine>-<slide>/nuclei.ome.tif`` and ``cell.ome.tif``: pyramidal uint32 label
   OME-TIFFs, cell ``i`` contains nucleus ``i`` (MCMICRO's names);
@@ -17,6 +18,7 @@ The science is :mod:`atlas.science.segmentation`; this module is file I/O, share
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -50,6 +52,7 @@ from atlas.science.segmentation.tiling import (
 from atlas.slide import htan
 from atlas.slide.ome import parse_ome_xml
 from atlas.stages import StageContext
+from atlas.storage import Store
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +66,7 @@ CELL_COLOR = (255, 0, 255)
 
 @dataclass(frozen=True)
 class NucleusChannel:
-    """The nucleus channel of an image file, read lazily.
+    """The nucleus channel of an image, read lazily.
 
     Attributes
     ----------
@@ -74,12 +77,16 @@ class NucleusChannel:
     index : int
         Channel index in the file.
     channel_names : tuple of str
+    levels : tuple of (Y_k, X_k) array-like
+        The pyramid levels of the channel the image has, full resolution first (level k halves
+        level k - 1, sizes rounded up); just ``(plane,)`` for a file without a pyramid.
     """
 
     plane: object
     pixel_size_um: float | None
     index: int
     channel_names: tuple[str, ...]
+    levels: tuple = ()
 
 
 class _Plane:
@@ -135,15 +142,34 @@ def open_channel(path: Path, channel: int | str) -> Iterator[NucleusChannel]:
         index = select_channel(channel, names, str(path))
         prefix = tuple(index if axis == "C" else 0 for axis in series.axes[:-2])
         with series.aszarr(level=0) as store:
-            yield NucleusChannel(_Plane(zarr.open_array(store, mode="r"), prefix), pixel_size, index, names)
+            plane = _Plane(zarr.open_array(store, mode="r"), prefix)
+            yield NucleusChannel(plane, pixel_size, index, names, (plane,))
 
 
-def _image_path(ctx: StageContext) -> Path:
-    path = ctx.out_dir / layout.registration_tiff(ctx.slide_id)
-    if not path.is_file():
-        raise InvalidInput(Problem(layout.registration_tiff(ctx.slide_id), "registered image is missing",
-                                   "run the stitch stage first"))
-    return path
+def zarr_channel(work: Store, rel: str, channel: int | str) -> NucleusChannel:
+    """The nucleus channel of an OME-Zarr (NGFF 0.4, as :func:`write_ome_zarr` writes it) in ``work``.
+
+    Only metadata is read here; indexing the planes reads the chunks touched.
+
+    Raises
+    ------
+    InvalidInput
+        No image at ``rel`` (stitch has not run), or an unknown channel.
+    """
+    try:
+        group = zarr.open_group(work.zarr(rel, read_only=True), mode="r", zarr_format=2)
+        multiscales = group.attrs["multiscales"][0]
+    except (FileNotFoundError, KeyError) as exc:
+        raise InvalidInput(Problem(rel, "registered image is missing", "run the stitch stage first")) from exc
+    names = tuple(c["label"] for c in group.attrs["omero"]["channels"])
+    index = select_channel(channel, names, rel)
+    levels = tuple(_Plane(group[d["path"]], (index,)) for d in multiscales["datasets"])
+    pixel_size = multiscales["datasets"][0]["coordinateTransformations"][0]["scale"][-1]
+    return NucleusChannel(levels[0], pixel_size, index, names, levels)
+
+
+def _nucleus_channel(ctx: StageContext) -> NucleusChannel:
+    return zarr_channel(ctx.work, layout.registration_zarr(ctx.slide_id), ctx.params.segment.channel)
 
 
 def _tile_rel(ctx: StageContext, n: int) -> str:
@@ -158,38 +184,41 @@ def _engine(ctx: StageContext) -> Engine:
 def run_item(ctx: StageContext, index: int, count: int) -> None:
     """Segment item ``index``'s share of the tiles (of ``count`` items) and write each one's kept instances."""
     p = ctx.params.segment
-    with open_channel(_image_path(ctx), p.channel) as source:
-        engine, view = working_view(source.plane, _engine(ctx), source.pixel_size_um)
-        calibration = engine.calibrate(calibration_sample(view))
-        tiles, shares = job_tiles(view.native_shape, p.tile_size, p.overlap, count)
-        (ctx.out_dir / ctx.job.stage.item_dir).mkdir(parents=True, exist_ok=True)
-        for n in shares[index]:
-            result = segment_tile(view, tiles[n], engine, calibration, p.overlap)
-            description = {"box": result.box, "core": tiles[n], "engine": engine.name, "calibration": calibration}
-            tifffile.imwrite(ctx.out_dir / _tile_rel(ctx, n), result.labels, compression="zlib",
-                             description=json.dumps(description), metadata=None)
-            log.info("segment tile %d/%d: %d nuclei", n + 1, len(tiles), result.count)
+    source = _nucleus_channel(ctx)
+    engine, view = working_view(source.plane, _engine(ctx), source.pixel_size_um)
+    calibration = engine.calibrate(calibration_sample(view))
+    tiles, shares = job_tiles(view.native_shape, p.tile_size, p.overlap, count)
+    for n in shares[index]:
+        result = segment_tile(view, tiles[n], engine, calibration, p.overlap)
+        description = {"box": result.box, "core": tiles[n], "engine": engine.name, "calibration": calibration}
+        buffer = io.BytesIO()
+        tifffile.imwrite(buffer, result.labels, compression="zlib", description=json.dumps(description), metadata=None)
+        ctx.work.write_bytes(_tile_rel(ctx, n), buffer.getvalue())
+        log.info("segment tile %d/%d: %d nuclei", n + 1, len(tiles), result.count)
 
 
-def _read_tile(path: Path) -> tuple[TileResult, dict]:
-    with tifffile.TiffFile(path) as tif:
+def _read_tile(data: bytes) -> tuple[TileResult, dict]:
+    with tifffile.TiffFile(io.BytesIO(data)) as tif:
         description = json.loads(tif.pages[0].description)
         return TileResult(tuple(description["box"]), tif.asarray()), description
 
 
-def _tile_results(paths: list[Path], tiles: list, engine_name: str, counts: list[int]) -> Iterator[TileResult]:
-    """The items' tile results in tile order, checked against the current tiling; counts appended to ``counts``."""
-    missing = [n for n, path in enumerate(paths) if not path.is_file()]
+def _tile_results(work: Store, rels: list[str], tiles: list, engine_name: str, counts: list[int],
+                  first: list[dict]) -> Iterator[TileResult]:
+    """The items' tile results in tile order, checked against the current tiling; counts appended to
+    ``counts``, the first tile's description to ``first``."""
+    missing = [n for n, rel in enumerate(rels) if not work.exists(rel)]
     if missing:
-        raise InvalidInput(Problem(str(paths[missing[0]].parent), f"{len(missing)} of {len(tiles)} tiles are missing "
+        raise InvalidInput(Problem(rels[missing[0]], f"{len(missing)} of {len(tiles)} tiles are missing "
                                    f"(e.g. tile {missing[0]})", "rerun the segment items before the merge"))
-    for path, core in zip(paths, tiles, strict=True):
-        result, description = _read_tile(path)
+    for rel, core in zip(rels, tiles, strict=True):
+        result, description = _read_tile(work.read_bytes(rel))
         if (description["engine"], tuple(description["core"])) != (engine_name, core):
-            raise InvalidInput(Problem(path.name, f"was made by engine {description['engine']} for "
+            raise InvalidInput(Problem(rel, f"was made by engine {description['engine']} for "
                                        f"tile {description['core']}, not {engine_name} for {core}",
                                        "rerun the segment items with the current parameters"))
         counts.append(result.count)
+        first[:] = first or [description]
         yield result
 
 
@@ -207,64 +236,67 @@ def merge(ctx: StageContext) -> None:
     """Join the items' tiles into whole-slide nucleus and cell masks and write every output."""
     p = ctx.params.segment
     engine = _engine(ctx)
-    with open_channel(_image_path(ctx), p.channel) as source:
-        shape = source.plane.shape
-        tiles, _ = job_tiles(shape, p.tile_size, p.overlap, ctx.job.count)
-        paths = [ctx.out_dir / _tile_rel(ctx, n) for n in range(len(tiles))]
-        pixel_size = source.pixel_size_um or engine.pixel_size_um
-        scratch = Path(ctx.scratch)
-        try:
-            masks = {name: np.lib.format.open_memmap(scratch / f"{name}.npy", mode="w+", dtype=np.uint32, shape=shape)
-                     for name in MASKS}
-            counts: list[int] = []
-            painted = paint_tiles(_tile_results(paths, tiles, engine.name, counts), masks["nuclei"])
-            n_nuclei = relabel_sequential_blocks(masks["nuclei"], painted)
-            expand_to_cells(masks["nuclei"], masks["cell"], p.expand_um / pixel_size)
-            write_masks(ctx.out_dir, ctx.slide_id, engine.name, masks, pixel_size, ctx.params.stitch.tile_size)
-            write_qc(ctx.out_dir / QC_DIR, source.plane, masks, tiles[int(np.argmax(counts))])
-            summary = {"engine": engine.name, "channel": source.channel_names[source.index],
-                       "pixel_size_um": pixel_size,
-                       "working_pixel_size_um": engine.scaled_for(source.pixel_size_um).pixel_size_um,
-                       "calibration": _read_tile(paths[0])[1]["calibration"], "tiles": len(tiles),
-                       "tile_size": p.tile_size, "overlap": p.overlap, "expand_um": p.expand_um, "nuclei": n_nuclei,
-                       "median_nucleus_area_um2": _median_area_um2(masks["nuclei"], n_nuclei, pixel_size, p.tile_size),
-                       "masks": {m: layout.mask_path(ctx.slide_id, engine.name, m) for m in MASKS}}
-            (ctx.out_dir / QC_DIR / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-            htan.write_table(ctx.out_dir, "ImagingLevel3Segmentation",
-                             htan.segmentation_rows(ctx.slide_id, engine.name, n_nuclei))
-            del masks
-        finally:
-            for name in MASKS:
-                (scratch / f"{name}.npy").unlink(missing_ok=True)
+    source = _nucleus_channel(ctx)
+    shape = source.plane.shape
+    tiles, _ = job_tiles(shape, p.tile_size, p.overlap, ctx.job.count)
+    pixel_size = source.pixel_size_um or engine.pixel_size_um
+    scratch = Path(ctx.scratch)
+    masks = {name: np.lib.format.open_memmap(scratch / f"{name}.npy", mode="w+", dtype=np.uint32, shape=shape)
+             for name in MASKS}
+    counts: list[int] = []
+    first: list[dict] = []
+    painted = paint_tiles(_tile_results(ctx.work, [_tile_rel(ctx, n) for n in range(len(tiles))], tiles, engine.name,
+                                        counts, first), masks["nuclei"])
+    n_nuclei = relabel_sequential_blocks(masks["nuclei"], painted)
+    expand_to_cells(masks["nuclei"], masks["cell"], p.expand_um / pixel_size)
+    write_masks(ctx, engine.name, masks, pixel_size)
+    write_qc(ctx.work, source, masks, tiles[int(np.argmax(counts))])
+    summary = {"engine": engine.name, "channel": source.channel_names[source.index],
+               "pixel_size_um": pixel_size,
+               "working_pixel_size_um": engine.scaled_for(source.pixel_size_um).pixel_size_um,
+               "calibration": first[0]["calibration"], "tiles": len(tiles),
+               "tile_size": p.tile_size, "overlap": p.overlap, "expand_um": p.expand_um, "nuclei": n_nuclei,
+               "median_nucleus_area_um2": _median_area_um2(masks["nuclei"], n_nuclei, pixel_size, p.tile_size),
+               "masks": {m: layout.mask_path(ctx.slide_id, engine.name, m) for m in MASKS}}
+    ctx.work.write_text(f"{QC_DIR}/summary.json", json.dumps(summary, indent=1) + "\n")
+    ctx.work.write_text(layout.htan_table("ImagingLevel3Segmentation"),
+                        htan.table_text(htan.segmentation_rows(ctx.slide_id, engine.name, n_nuclei)))
 
 
-def write_masks(out_dir: Path, slide_id: str, engine: str, masks: dict, pixel_size_um: float,
-                tile_size: int) -> None:
+def write_masks(ctx: StageContext, engine: str, masks: dict, pixel_size_um: float) -> None:
     """Label OME-TIFF pyramids in the results layout, and the labels in the slide's OME-Zarr if present."""
-    zarr_path = out_dir / layout.registration_zarr(slide_id)
+    zarr_rel = layout.registration_zarr(ctx.slide_id)
+    with_zarr = ctx.work.exists(f"{zarr_rel}/.zattrs")
     for name, labels in masks.items():
-        path = out_dir / layout.mask_path(slide_id, engine, name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_ome_tiff_pyramid(path, labels, channel_names=[name], pixel_size_um=pixel_size_um,
-                               tile_size=tile_size, labels=True)
-        if (zarr_path / ".zattrs").is_file():
-            write_zarr_labels(zarr_path, name, labels)
+        with ctx.work.local_file(layout.mask_path(ctx.slide_id, engine, name)) as path:
+            write_ome_tiff_pyramid(path, labels, channel_names=[name], pixel_size_um=pixel_size_um,
+                                   tile_size=ctx.params.stitch.tile_size, labels=True, workers=ctx.vcpus)
+        if with_zarr:
+            write_zarr_labels(ctx.work.zarr(zarr_rel), name, labels)
 
 
-def write_qc(qc_dir: Path, plane, masks: dict, detail_tile: tuple[int, int, int, int]) -> None:
-    """Outline overlays: the whole image (nuclei) and a full-resolution crop of ``detail_tile`` (nuclei and cells)."""
-    qc_dir.mkdir(parents=True, exist_ok=True)
-    height, width = plane.shape
-    step = max(1, math.ceil(max(height, width) / OVERVIEW_MAX_SIDE))
-    overview = np.asarray(plane[::step, ::step]) if step > 1 else np.asarray(plane[:, :])
-    _overlay(overview, {NUCLEUS_COLOR: np.asarray(masks["nuclei"][::step, ::step])}).save(qc_dir / "overlay.png")
+def write_qc(work: Store, source: NucleusChannel, masks: dict, detail_tile: tuple[int, int, int, int]) -> None:
+    """Outline overlays: the whole image (nuclei, from the pyramid level that fits
+    :data:`OVERVIEW_MAX_SIDE`) and a full-resolution crop of ``detail_tile`` (nuclei and cells)."""
+    height, width = source.plane.shape
+    level = min(max(0, math.ceil(math.log2(max(height, width) / OVERVIEW_MAX_SIDE))), len(source.levels) - 1)
+    step = 2 ** level
+    overview = np.asarray(source.levels[level][:, :])
+    nuclei = np.asarray(masks["nuclei"][::step, ::step])
+    _save(work, f"{QC_DIR}/overlay.png", _overlay(overview, {NUCLEUS_COLOR: nuclei}))
     y0, y1, x0, x1 = detail_tile
     cy, cx = (y0 + y1) // 2, (x0 + x1) // 2
     top = max(0, min(cy - DETAIL_SIDE // 2, height - DETAIL_SIDE))
     left = max(0, min(cx - DETAIL_SIDE // 2, width - DETAIL_SIDE))
     box = (slice(top, top + DETAIL_SIDE), slice(left, left + DETAIL_SIDE))
     outlines = {CELL_COLOR: np.asarray(masks["cell"][box]), NUCLEUS_COLOR: np.asarray(masks["nuclei"][box])}
-    _overlay(np.asarray(plane[box]), outlines).save(qc_dir / "overlay-detail.png")
+    _save(work, f"{QC_DIR}/overlay-detail.png", _overlay(np.asarray(source.plane[box]), outlines))
+
+
+def _save(work: Store, rel: str, image: Image.Image) -> None:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    work.write_bytes(rel, buffer.getvalue())
 
 
 def _overlay(image: np.ndarray, outlines: dict) -> Image.Image:

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
-from pathlib import Path
 
 import numpy as np
 import tifffile
@@ -32,20 +32,31 @@ from atlas.science.stitch import (
     thumbnail_uint8,
 )
 from atlas.slide import htan
-from atlas.slide.convention import MARKERS, RAW, RAW_SUFFIXES, read_markers
-from atlas.slide.ome import CycleMetadata
-from atlas.slide.validate import check_cycles, read_cycles
+from atlas.slide.convention import MARKERS, RAW, RAW_SUFFIXES, parse_markers
+from atlas.slide.ome import CycleMetadata, read_cycle_metadata
+from atlas.slide.validate import check_cycles
 from atlas.stages import StageContext
+from atlas.storage import MissingObject, Store
 
 QC_DIR = f"{layout.QC}/stitch"
 QC_PNG_MAX_SIDE = 1024
 
 
-def cycle_files(slide_dir: Path) -> list[Path]:
-    """The slide's cycle files in cycle order (sorted by name)."""
-    raw = Path(slide_dir) / RAW
-    return sorted(p for p in raw.iterdir() if p.is_file() and p.name.lower().endswith(RAW_SUFFIXES)) \
-        if raw.is_dir() else []
+def cycle_files(slide: Store) -> list[str]:
+    """The slide's cycle files (slide-relative paths) in cycle order (sorted by name)."""
+    return sorted(rel for rel in slide.list(RAW) if rel.lower().endswith(RAW_SUFFIXES))
+
+
+def read_cycles(slide: Store, names: list[str]) -> dict[str, CycleMetadata | Exception]:
+    """OME metadata of each cycle file (header bytes only, by ranged reads), or the error reading it raised."""
+    cycles: dict[str, CycleMetadata | Exception] = {}
+    for name in names:
+        try:
+            with slide.open(name) as source:
+                cycles[name] = read_cycle_metadata(source)
+        except Exception as exc:  # noqa: BLE001 - any reader failure means the file is unusable
+            cycles[name] = exc
+    return cycles
 
 
 def illumination_paths(slide_id: str, cycle: int) -> tuple[str, str]:
@@ -54,11 +65,13 @@ def illumination_paths(slide_id: str, cycle: int) -> tuple[str, str]:
     return f"{stem}-ffp.tif", f"{stem}-dfp.tif"
 
 
-def _open_cycle(stack: contextlib.ExitStack, path: Path, meta: CycleMetadata, params, name: str,
-                profiles: tuple[Path, Path] | None = None) -> TileSet:
-    """The cycle's tiles as a TileSet; with ``profiles`` (ffp, dfp paths), shading-corrected tiles
-    whose (C, Y, X) flat and dark fields are estimated from this cycle and written there."""
-    tif = stack.enter_context(tifffile.TiffFile(path))
+def _open_cycle(stack: contextlib.ExitStack, ctx: StageContext, name: str, meta: CycleMetadata,
+                profiles: tuple[str, str] | None = None) -> TileSet:
+    """The cycle's tiles as a TileSet read by byte ranges from the slide store; with ``profiles``
+    (ffp, dfp paths in the results), shading-corrected tiles whose (C, Y, X) flat and dark fields are
+    estimated from this cycle and written there."""
+    params = ctx.params.stitch
+    tif = stack.enter_context(tifffile.TiffFile(stack.enter_context(ctx.slide.open(name)), _multifile=False))
     series = tif.series
     if len(series) != meta.n_tiles:
         raise InvalidInput(Problem(name, f"OME-XML lists {meta.n_tiles} tiles but the file holds "
@@ -72,9 +85,8 @@ def _open_cycle(stack: contextlib.ExitStack, path: Path, meta: CycleMetadata, pa
     else:
         fields = [estimate_flatfield(raw_tile(t, c) for t in range(meta.n_tiles)) for c in range(meta.n_channels)]
         flat, dark = (np.stack(f) for f in zip(*fields, strict=True))
-        for out, image in zip(profiles, (flat, dark), strict=True):
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tifffile.imwrite(out, image, photometric="minisblack")
+        for rel, image in zip(profiles, (flat, dark), strict=True):
+            ctx.work.write_bytes(rel, _tiff_bytes(image))
 
         def read_tile(t: int, c: int) -> np.ndarray:
             return correct(raw_tile(t, c), flat[c], dark[c])
@@ -83,44 +95,44 @@ def _open_cycle(stack: contextlib.ExitStack, path: Path, meta: CycleMetadata, pa
                    meta.pixel_size_um, flip_x=params.flip_x, flip_y=params.flip_y)
 
 
+def _tiff_bytes(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, image, photometric="minisblack")
+    return buffer.getvalue()
+
+
 def run(ctx: StageContext) -> None:
     """Stitch and register the slide's cycles; write the Level 2 image and QC."""
     params = ctx.params.stitch
     # The writers hand zarr one chunk at a time: its thread pool would only add per-thread malloc
     # arenas (tens of MiB of RSS), no speed. Takes effect when this process has not used zarr yet.
     zarr.config.set({"threading.max_workers": 1})
-    slide_dir, out_dir = Path(ctx.slide_dir), Path(ctx.out_dir)
-
-    def rel(path: Path) -> str:
-        return path.relative_to(slide_dir).as_posix()
-
-    if not (slide_dir / MARKERS).is_file():
-        raise InvalidInput(Problem(MARKERS, f"not found in {slide_dir}",
-                                   "add markers.csv (channel_number,cycle_number,marker_name; one row per channel)"))
-    markers = read_markers(slide_dir / MARKERS)
-    files = cycle_files(slide_dir)
-    cycles = read_cycles(slide_dir, [rel(path) for path in files])
+    try:
+        markers = parse_markers(ctx.slide.read_text(MARKERS))
+    except MissingObject as exc:
+        raise InvalidInput(Problem(MARKERS, f"not found in {ctx.slide.uri}",
+                                   "add markers.csv (channel_number,cycle_number,marker_name; one row per channel)")
+                           ) from exc
+    files = cycle_files(ctx.slide)
+    cycles = read_cycles(ctx.slide, files)
     if problems := check_cycles(markers, cycles, params.align_channel):
         raise InvalidInput(problems)
-    metas = [cycles[rel(path)] for path in files]
-    qc_dir = out_dir / QC_DIR
-    qc_dir.mkdir(parents=True, exist_ok=True)
+    metas = [cycles[name] for name in files]
     with contextlib.ExitStack() as stack:
-        cycles = [_open_cycle(stack, path, meta, params, rel(path),
-                              [out_dir / p for p in illumination_paths(ctx.slide_id, k)]
-                              if params.illumination else None)
-                  for k, (path, meta) in enumerate(zip(files, metas, strict=True), start=1)]
+        cycles = [_open_cycle(stack, ctx, name, meta,
+                              illumination_paths(ctx.slide_id, k) if params.illumination else None)
+                  for k, (name, meta) in enumerate(zip(files, metas, strict=True), start=1)]
         alignments = align_cycles(cycles, channel=params.align_channel, max_shift_um=params.maximum_shift_um,
                                   filter_sigma=params.filter_sigma)
         failed = [k for k, a in enumerate(alignments) if not a.registered]
         keep = [k for k in range(len(cycles)) if k not in failed]
         names_by_cycle = [[m.marker_name for m in markers if m.cycle_number == k + 1] for k in range(len(cycles))]
-        write_tile_qc(qc_dir, files, alignments, rel)
-        summary = qc_summary(ctx.slide_id, files, metas, alignments, names_by_cycle, keep, rel)
+        write_tile_qc(ctx.work, files, alignments)
+        summary = qc_summary(ctx.slide_id, files, metas, alignments, names_by_cycle, keep)
         if failed and not params.skip_failed_cycles:
             summary["status"] = "failed"
-            _write_json(qc_dir / "summary.json", summary)
-            raise InvalidInput([Problem(rel(files[k]), f"cycle {k + 1} could not be registered to cycle 1 "
+            _write_json(ctx.work, f"{QC_DIR}/summary.json", summary)
+            raise InvalidInput([Problem(files[k], f"cycle {k + 1} could not be registered to cycle 1 "
                                         f"({int(alignments[k].aligned.sum())} of {len(alignments[k].aligned)} tiles "
                                         f"registered; see {QC_DIR}/tiles.csv)",
                                         "check that the file belongs to this slide and its alignment channel "
@@ -131,58 +143,59 @@ def run(ctx: StageContext) -> None:
         mosaic = MosaicImage([cycles[k] for k in keep], [alignments[k] for k in keep], shape)
         channel_names = [name for k in keep for name in names_by_cycle[k]]
         pixel_size = metas[0].pixel_size_um
-        tiff_path = out_dir / layout.registration_tiff(ctx.slide_id)
-        zarr_path = out_dir / layout.registration_zarr(ctx.slide_id)
-        tiff_path.parent.mkdir(parents=True, exist_ok=True)
-        levels = write_ome_zarr(zarr_path, mosaic, channel_names=channel_names, pixel_size_um=pixel_size,
-                                tile_size=params.tile_size)
-    write_ome_tiff_pyramid(tiff_path, levels[0], subresolutions=levels[1:], channel_names=channel_names,
-                           pixel_size_um=pixel_size, tile_size=params.tile_size)
-    write_mosaic_png(qc_dir / "mosaic.png", levels, alignments[0], metas[0].tile_shape)
-    for component, rows in htan.level2_rows(tiff_path, ctx.slide_id, [f"{ctx.slide_id}/{rel(path)}" for path in files],
-                                            markers).items():
-        htan.write_table(out_dir, component, rows)
+        zarr_rel = layout.registration_zarr(ctx.slide_id)
+        levels = write_ome_zarr(ctx.work.zarr(zarr_rel), mosaic, channel_names=channel_names, pixel_size_um=pixel_size,
+                                tile_size=params.tile_size, name=ctx.slide_id)
+    with ctx.work.local_file(layout.registration_tiff(ctx.slide_id)) as tiff_path:
+        write_ome_tiff_pyramid(tiff_path, levels[0], subresolutions=levels[1:], channel_names=channel_names,
+                               pixel_size_um=pixel_size, tile_size=params.tile_size, workers=ctx.vcpus)
+        htan_tables = htan.level2_rows(tiff_path, ctx.slide_id, [f"{ctx.slide_id}/{name}" for name in files], markers)
+    ctx.work.write_bytes(f"{QC_DIR}/mosaic.png", mosaic_png(levels, alignments[0], metas[0].tile_shape))
+    for component, rows in htan_tables.items():
+        ctx.work.write_text(layout.htan_table(component), htan.table_text(rows))
     summary["status"] = "ok"
-    _write_json(qc_dir / "summary.json", summary)
+    _write_json(ctx.work, f"{QC_DIR}/summary.json", summary)
 
 
-def _write_json(path: Path, doc: dict) -> None:
-    path.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
+def _write_json(store: Store, rel: str, doc: dict) -> None:
+    store.write_text(rel, json.dumps(doc, indent=1, allow_nan=False) + "\n")
 
 
 def _finite(value: float) -> float | None:
     return float(value) if np.isfinite(value) else None
 
 
-def write_tile_qc(qc_dir: Path, files: list[Path], alignments: list[CycleAlignment], rel) -> None:
-    """``tiles.csv`` (one row per tile per cycle) and ``edges.csv`` (first cycle's tile pairs)."""
-    with open(qc_dir / "tiles.csv", "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["cycle", "file", "tile", "nominal_y_px", "nominal_x_px", "y_px", "x_px",
-                         "placed_y_px", "placed_x_px", "shift_y_px", "shift_x_px", "error", "aligned"])
-        for k, (path, a) in enumerate(zip(files, alignments, strict=True), start=1):
-            for t in range(len(a.positions)):
-                writer.writerow([k, rel(path), t, *(f"{v:.3f}" for v in (*a.nominal[t], *a.positions[t])),
-                                 *a.placement[t], *(f"{v:.3f}" for v in a.shifts[t]),
-                                 f"{a.errors[t]:.4f}" if np.isfinite(a.errors[t]) else "",
-                                 str(bool(a.aligned[t])).lower()])
-    with open(qc_dir / "edges.csv", "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["tile1", "tile2", "shift_y_px", "shift_x_px", "error", "accepted"])
-        for e in alignments[0].edges:
-            writer.writerow([e["tile1"], e["tile2"], f"{e['shift_y']:.3f}", f"{e['shift_x']:.3f}",
-                             f"{e['error']:.4f}" if np.isfinite(e["error"]) else "", str(e["accepted"]).lower()])
+def write_tile_qc(work: Store, files: list[str], alignments: list[CycleAlignment]) -> None:
+    """``tiles.csv`` (one row per tile per cycle) and ``edges.csv`` (first cycle's tile pairs) in qc/stitch/."""
+    tiles = io.StringIO(newline="")
+    writer = csv.writer(tiles)
+    writer.writerow(["cycle", "file", "tile", "nominal_y_px", "nominal_x_px", "y_px", "x_px",
+                     "placed_y_px", "placed_x_px", "shift_y_px", "shift_x_px", "error", "aligned"])
+    for k, (name, a) in enumerate(zip(files, alignments, strict=True), start=1):
+        for t in range(len(a.positions)):
+            writer.writerow([k, name, t, *(f"{v:.3f}" for v in (*a.nominal[t], *a.positions[t])),
+                             *a.placement[t], *(f"{v:.3f}" for v in a.shifts[t]),
+                             f"{a.errors[t]:.4f}" if np.isfinite(a.errors[t]) else "",
+                             str(bool(a.aligned[t])).lower()])
+    work.write_text(f"{QC_DIR}/tiles.csv", tiles.getvalue())
+    edges = io.StringIO(newline="")
+    writer = csv.writer(edges)
+    writer.writerow(["tile1", "tile2", "shift_y_px", "shift_x_px", "error", "accepted"])
+    for e in alignments[0].edges:
+        writer.writerow([e["tile1"], e["tile2"], f"{e['shift_y']:.3f}", f"{e['shift_x']:.3f}",
+                         f"{e['error']:.4f}" if np.isfinite(e["error"]) else "", str(e["accepted"]).lower()])
+    work.write_text(f"{QC_DIR}/edges.csv", edges.getvalue())
 
 
-def qc_summary(slide_id: str, files: list[Path], metas: list[CycleMetadata], alignments: list[CycleAlignment],
-               names_by_cycle: list[list[str]], keep: list[int], rel) -> dict:
+def qc_summary(slide_id: str, files: list[str], metas: list[CycleMetadata], alignments: list[CycleAlignment],
+               names_by_cycle: list[list[str]], keep: list[int]) -> dict:
     """The JSON summary of the stage: per cycle tile counts, failures, errors and offsets."""
     from ashlar import __version__ as ashlar_version
     cycles = []
-    for k, (path, meta, a) in enumerate(zip(files, metas, alignments, strict=True)):
+    for k, (name, meta, a) in enumerate(zip(files, metas, alignments, strict=True)):
         finite = a.errors[np.isfinite(a.errors)]
         cycles.append({
-            "cycle": k + 1, "file": rel(path), "tiles": meta.n_tiles, "channels": names_by_cycle[k],
+            "cycle": k + 1, "file": name, "tiles": meta.n_tiles, "channels": names_by_cycle[k],
             "registered": bool(a.registered), "included": k in keep,
             "aligned_tiles": int(a.aligned.sum()), "failed_tiles": [int(t) for t in np.flatnonzero(~a.aligned)],
             "median_error": _finite(np.median(finite)) if finite.size else None,
@@ -197,9 +210,9 @@ def qc_summary(slide_id: str, files: list[Path], metas: list[CycleMetadata], ali
             "dropped_cycles": [k + 1 for k in range(len(files)) if k not in keep], "cycles": cycles}
 
 
-def write_mosaic_png(path: Path, levels, alignment: CycleAlignment, tile_shape: tuple[int, int]) -> None:
-    """Low-resolution picture of the first channel with tile outlines: green = aligned from image
-    content, red = placed from the stage position only."""
+def mosaic_png(levels, alignment: CycleAlignment, tile_shape: tuple[int, int]) -> bytes:
+    """Low-resolution picture (PNG bytes) of the first channel with tile outlines: green = aligned
+    from image content, red = placed from the stage position only."""
     level = next((k for k, lvl in enumerate(levels) if max(lvl.shape[1:]) <= QC_PNG_MAX_SIDE), len(levels) - 1)
     scale = 2 ** level
     rgb = Image.fromarray(thumbnail_uint8(np.asarray(levels[level][0]))).convert("RGB")
@@ -207,4 +220,6 @@ def write_mosaic_png(path: Path, levels, alignment: CycleAlignment, tile_shape: 
     for (y, x), ok in zip(alignment.placement, alignment.aligned, strict=True):
         box = [x / scale, y / scale, (x + tile_shape[1]) / scale - 1, (y + tile_shape[0]) / scale - 1]
         draw.rectangle(box, outline=(0, 160, 0) if ok else (220, 0, 0))
-    rgb.save(path, optimize=False)
+    buffer = io.BytesIO()
+    rgb.save(buffer, format="PNG", optimize=False)
+    return buffer.getvalue()

@@ -49,16 +49,28 @@ def lambda_context() -> LambdaContext:
 
 
 @pytest.fixture
+def wire_cloud(monkeypatch):
+    """``wire_cloud(name)``: :func:`wired_cloud` on whatever endpoint the caller set up."""
+    return lambda name: wired_cloud(name, monkeypatch)
+
+
+@pytest.fixture
 def cloud(monkeypatch):
     """The emulated resources and the three handlers, imported with their settings in the environment."""
     with mock_aws():
-        local = LocalCloud.create("t")
-        boto3.client("s3").put_bucket_notification_configuration(Bucket=local.ingest_bucket,
-                                                                 NotificationConfiguration={})
-        for key, value in local.settings.to_env().items():
-            monkeypatch.setenv(key, value)
-        local.handlers = {name: load_handler(name) for name in HANDLERS}
-        yield local
+        yield wired_cloud("t", monkeypatch)
+
+
+def wired_cloud(name: str, monkeypatch) -> LocalCloud:
+    """LocalCloud ``name`` on the current endpoint, ingest notifications off, its handlers loaded with
+    their settings in the environment (shared by the in-process and the server-backed fixtures)."""
+    local = LocalCloud.create(name)
+    boto3.client("s3").put_bucket_notification_configuration(Bucket=local.ingest_bucket,
+                                                             NotificationConfiguration={})
+    for key, value in local.settings.to_env().items():
+        monkeypatch.setenv(key, value)
+    local.handlers = {n: load_handler(n) for n in HANDLERS}
+    return local
 
 
 class Ingest:

@@ -14,14 +14,14 @@ import pytest
 from aws_lambda_powertools.utilities.idempotency.exceptions import IdempotencyAlreadyInProgressError
 from moto.server import ThreadedMotoServer
 
-from localcloud.demo import HANDLERS, LocalCloud, execution_status_event, load_handler, local_aws_env
+from localcloud.demo import execution_status_event, local_aws_env
 
 THREADS = 16
 COPIES = 100
 
 
 @pytest.fixture
-def cloud(monkeypatch):
+def cloud(monkeypatch, wire_cloud):
     """LocalCloud on moto's server (instead of the in-process mock of conftest's ``cloud``)."""
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -30,13 +30,7 @@ def cloud(monkeypatch):
     try:
         for key, value in local_aws_env(f"http://{host}:{port}").items():
             monkeypatch.setenv(key, value)
-        local = LocalCloud.create(f"c{uuid.uuid4().hex[:8]}")  # the server's state outlives it
-        boto3.client("s3").put_bucket_notification_configuration(Bucket=local.ingest_bucket,
-                                                                 NotificationConfiguration={})
-        for key, value in local.settings.to_env().items():
-            monkeypatch.setenv(key, value)
-        local.handlers = {name: load_handler(name) for name in HANDLERS}
-        yield local
+        yield wire_cloud(f"c{uuid.uuid4().hex[:8]}")  # the server's state outlives it
     finally:
         server.stop()
 

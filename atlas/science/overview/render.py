@@ -15,7 +15,7 @@ from atlas.errors import InvalidInput, Problem
 from atlas.science.overview import exhibit as ex
 from atlas.science.overview.contrast import auto_contrast, sample_pixels
 from atlas.science.overview.site import copy_viewer, find_viewer, viewer_version, write_site
-from atlas.science.overview.source import TiffPyramid
+from atlas.science.overview.source import TiffPyramid, ZarrPyramid
 from atlas.science.overview.story import CellTable, draft_story, resolve_views
 from atlas.science.overview.tiles import (
     composite,
@@ -23,7 +23,7 @@ from atlas.science.overview.tiles import (
     encode_png,
     outline_rgba,
     outlines,
-    tile_grid,
+    pyramid_tiles,
     write_tiles,
 )
 from atlas.slide.convention import MARKERS
@@ -71,24 +71,26 @@ def _read_with_margin(labels: TiffPyramid, level: int, y0: int, y1: int, x0: int
     return np.pad(region, pad, mode="edge")
 
 
-def render_overview(image_path: str | os.PathLike, out_dir: str | os.PathLike, *, slide_id: str,
-                    markers: Sequence[str], mask_path: str | os.PathLike | None = None,
+def render_overview(image_path: str | os.PathLike | ZarrPyramid, out_dir: str | os.PathLike, *, slide_id: str,
+                    markers: Sequence[str], mask_path: str | os.PathLike | ZarrPyramid | None = None,
                     panel: PanelInfo | None = None, channels_per_group: int = 4, tile_size: int = 1024,
                     story: Story | None = None, cells: CellTable | None = None, channel_layers: bool = False,
-                    viewer_dir: str | os.PathLike | None = None,
+                    viewer_dir: str | os.PathLike | None = None, workers: int | None = None,
+                    story_files: tuple[str, str | None] | None = None,
                     progress: Callable[[int, int], None] | None = None) -> dict:
     """Render the Minerva-style overview site of one registered image.
 
     Parameters
     ----------
-    image_path : path
-        Registered image, (C, Y, X) pyramidal OME-TIFF (levels not in the file are computed).
+    image_path : path or ZarrPyramid
+        Registered image, (C, Y, X) pyramidal OME-TIFF (levels not in the file are computed), or
+        an OME-Zarr's pyramid (e.g. over S3, read chunk by chunk).
     out_dir : path
         The site folder; replaced as a whole when rendering has succeeded.
     slide_id : str
     markers : sequence of str
         Marker name of each channel, in image channel order (markers.csv).
-    mask_path : path, optional
+    mask_path : path or ZarrPyramid, optional
         Cell label image of the same Y, X for the outline layer; None renders without it.
     panel : PanelInfo, optional
     channels_per_group : int
@@ -105,6 +107,11 @@ def render_overview(image_path: str | os.PathLike, out_dir: str | os.PathLike, *
         viewer can toggle and recolour channels.
     viewer_dir : path, optional
         OpenSeadragon's build folder (default: env ATLAS_VIEWER_DIR, then the repo's npm install).
+    workers : int, optional
+        Threads rendering tiles (the job's vCPUs); default the host's CPU count.
+    story_files : (str, str or None), optional
+        The image's and the mask's files relative to ``out_dir``, named in story.json (Minerva
+        Author opens them); default the paths given, which must then be paths.
     progress : callable, optional
         ``progress(done, total)`` in tiles.
 
@@ -128,7 +135,10 @@ def render_overview(image_path: str | os.PathLike, out_dir: str | os.PathLike, *
     try:
         summary = _render(image_path, work, slide_id=slide_id, markers=markers, mask_path=mask_path, panel=panel,
                           channels_per_group=channels_per_group, tile_size=tile_size, story=story, cells=cells,
-                          channel_layers=channel_layers, viewer=viewer, progress=progress)
+                          channel_layers=channel_layers, viewer=viewer, workers=workers,
+                          files=story_files or (_relative(image_path, out_dir),
+                                                _relative(mask_path, out_dir) if mask_path is not None else None),
+                          progress=progress)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -150,7 +160,7 @@ def prepare_groups(image: TiffPyramid, markers: Sequence[str], channels_per_grou
         The marker count differs from the image's channel count.
     """
     if len(markers) != image.shape[0]:
-        raise InvalidInput(Problem(MARKERS, f"lists {len(markers)} markers but {image.path.name} "
+        raise InvalidInput(Problem(MARKERS, f"lists {len(markers)} markers but {image.name} "
                                    f"has {image.shape[0]} channels",
                                    "list exactly one marker row per channel of the registered image"))
     coarsest = image.level(image.n_levels - 1)
@@ -210,23 +220,29 @@ def _plan(image: TiffPyramid, markers: Sequence[str], *, slide_id: str, cell_cou
     return _Plan(groups, views, header, drafted, layers, _channel_ranges(groups, len(markers), coarsest))
 
 
-def _open_mask(mask_path: str | os.PathLike | None, tile_size: int, image: TiffPyramid) -> TiffPyramid | None:
-    """The cell mask's pyramid, checked to match the image; None without a mask."""
+def _pyramid(source, tile_size: int, *, labels: bool = False):
+    """A path opened as a TiffPyramid; a pyramid object as it is."""
+    return TiffPyramid(source, tile_size, labels=labels) if isinstance(source, (str, os.PathLike)) else source
+
+
+def _open_mask(mask_path, tile_size: int, image) -> TiffPyramid | ZarrPyramid | None:
+    """The cell mask's pyramid (from a path or as given), checked to match the image; None without a mask."""
     if mask_path is None:
         return None
-    labels = TiffPyramid(mask_path, tile_size, labels=True)
+    labels = _pyramid(mask_path, tile_size, labels=True)
     if labels.shape != (1, *image.shape[1:]):
         labels.close()
-        raise InvalidInput(Problem(str(mask_path), f"mask shape {labels.shape} does not match the image "
+        where = str(mask_path) if isinstance(mask_path, (str, os.PathLike)) else labels.name
+        raise InvalidInput(Problem(where, f"mask shape {labels.shape} does not match the image "
                                    f"(1, {image.shape[1]}, {image.shape[2]})",
                                    "give the cell mask segmented from this registered image"))
     return labels
 
 
-def _write_layers(image: TiffPyramid, labels: TiffPyramid | None, plan: _Plan, images: Path, tile_size: int,
+def _write_layers(image, labels, plan: _Plan, images: Path, tile_size: int, workers: int | None,
                   progress: Callable[[int, int], None] | None) -> int:
     """Every tile of every layer (groups, channel layers, outlines); returns the number of tiles."""
-    total = sum(1 for _ in tile_grid(image.level_shapes, tile_size)) * (
+    total = sum(1 for _ in pyramid_tiles(image.level_shapes, tile_size)) * (
         len(plan.groups) + len(plan.layers) + (labels is not None))
     done, lock = 0, threading.Lock()
 
@@ -240,16 +256,19 @@ def _write_layers(image: TiffPyramid, labels: TiffPyramid | None, plan: _Plan, i
     for group in plan.groups:
         def render_group(level: int, y0: int, y1: int, x0: int, x1: int, group=group) -> bytes:
             return encode_jpeg(composite(image.read(level, group.channels, y0, y1, x0, x1), group.ranges, group.colors))
-        write_tiles(images / group.path, image.level_shapes, tile_size, "jpg", render_group, progress=tick)
+        write_tiles(images / group.path, image.level_shapes, tile_size, "jpg", render_group, progress=tick,
+                    workers=workers)
     for layer in plan.layers:
         def render_channel(level: int, y0: int, y1: int, x0: int, x1: int, c=layer["channel"]) -> bytes:
             return encode_jpeg(composite(image.read(level, [c], y0, y1, x0, x1), [plan.ranges[c]], ["ffffff"]))
-        write_tiles(images / layer["Path"], image.level_shapes, tile_size, "jpg", render_channel, progress=tick)
+        write_tiles(images / layer["Path"], image.level_shapes, tile_size, "jpg", render_channel, progress=tick,
+                    workers=workers)
     if labels is not None:
         def render_outline(level: int, y0: int, y1: int, x0: int, x1: int) -> bytes:
             return encode_png(outline_rgba(outlines(_read_with_margin(labels, level, y0, y1, x0, x1)),
                                            ex.OUTLINE_COLOR))
-        write_tiles(images / MASK_PATH, image.level_shapes, tile_size, "png", render_outline, progress=tick)
+        write_tiles(images / MASK_PATH, image.level_shapes, tile_size, "png", render_outline, progress=tick,
+                    workers=workers)
     return total
 
 
@@ -285,18 +304,18 @@ def _page_data(plan: _Plan, exhibit: dict, panel: PanelInfo, image: dict, marker
     }
 
 
-def _render(image_path: str | os.PathLike, work: Path, *, slide_id: str, markers: Sequence[str],
-            mask_path: str | os.PathLike | None, panel: PanelInfo, channels_per_group: int, tile_size: int,
-            story: Story | None, cells: CellTable | None, channel_layers: bool, viewer: Path,
+def _render(image_path, work: Path, *, slide_id: str, markers: Sequence[str], mask_path, panel: PanelInfo,
+            channels_per_group: int, tile_size: int, story: Story | None, cells: CellTable | None,
+            channel_layers: bool, viewer: Path, workers: int | None, files: tuple[str, str | None],
             progress: Callable[[int, int], None] | None) -> dict:
-    with TiffPyramid(image_path, tile_size) as image:
+    with _pyramid(image_path, tile_size) as image:
         height, width = image.shape[1:]
         pixel_size = image.pixel_size_um
         plan = _plan(image, markers, slide_id=slide_id, cell_count=panel.cell_count,
                      channels_per_group=channels_per_group, story=story, cells=cells, channel_layers=channel_layers)
         labels = _open_mask(mask_path, tile_size, image)
         try:
-            total = _write_layers(image, labels, plan, work / ex.IMAGES_PATH, tile_size, progress)
+            total = _write_layers(image, labels, plan, work / ex.IMAGES_PATH, tile_size, workers, progress)
         finally:
             if labels is not None:
                 labels.close()
@@ -306,8 +325,8 @@ def _render(image_path: str | os.PathLike, work: Path, *, slide_id: str, markers
                                   pixel_size_um=pixel_size, header=plan.header, channel_layers=plan.layers)
         author = ex.make_story(slide_id=slide_id, groups=plan.groups, views=plan.views, width=width, height=height,
                                dtype_max=_dtype_max(image.dtype), pixel_size_um=pixel_size,
-                               image_file=_relative(image_path, work), markers_file=f"../{MARKERS}",
-                               mask={"Name": MASK_NAME, "Path": _relative(mask_path, work)} if mask else None)
+                               image_file=files[0], markers_file=f"../{MARKERS}",
+                               mask={"Name": MASK_NAME, "Path": files[1]} if mask else None)
         facts = {"width": width, "height": height, "channels": len(markers), "dtype": str(image.dtype),
                  "pixelSizeUm": pixel_size, "levels": image.n_levels}
     (work / "exhibit.json").write_text(json.dumps(exhibit, indent=1) + "\n")
@@ -331,6 +350,5 @@ def _channel_ranges(groups: Sequence[ex.Group], n_channels: int, coarsest: np.nd
 
 
 def _relative(path: str | os.PathLike, site: Path) -> str:
-    """``path`` relative to the overview folder (``site`` is its ``.partial`` stand-in, a sibling)."""
-    final = site.resolve().parent / site.name.removesuffix(".partial")
-    return Path(os.path.relpath(Path(path).resolve(), final)).as_posix()
+    """``path`` relative to the overview folder ``site``."""
+    return Path(os.path.relpath(Path(path).resolve(), site.resolve())).as_posix()

@@ -1,8 +1,10 @@
-"""Region reads from the pyramid levels of a (C, Y, X) TIFF / OME-TIFF, tile by tile.
+"""Region reads from the pyramid levels of a (C, Y, X) image, tile by tile: a TIFF / OME-TIFF
+(:class:`TiffPyramid`) or an OME-Zarr (:class:`ZarrPyramid`), behind one interface.
 
-Levels stored in the file (SubIFDs, as ASHLAR and :mod:`atlas.science.pyramid` write them) are read by
-decoding only the TIFF tiles (or strips) a region touches, with positioned reads, so several
-threads can read at once. Levels the file lacks are made in memory from the smallest stored one.
+Levels stored in the file (SubIFDs, as ASHLAR and :mod:`atlas.science.pyramid` write them; the
+OME-Zarr's datasets) are read by decoding only the TIFF tiles (or strips, or zarr chunks) a region
+touches, so several threads can read at once. Levels the file lacks are made in memory from the
+smallest stored one.
 """
 from __future__ import annotations
 
@@ -48,6 +50,7 @@ class TiffPyramid:
 
     def __init__(self, path: str | os.PathLike, tile_size: int, *, labels: bool = False):
         self.path = Path(path)
+        self.name = self.path.name
         self.labels = labels
         self._tif = open_tiff(self.path, "give a (pyramidal OME-)TIFF file")
         series = self._tif.series[0]
@@ -178,3 +181,82 @@ def _ome_info(tif: tifffile.TiffFile, n_channels: int) -> tuple[float | None, li
     channels = channels if isinstance(channels, list) else [channels]
     names = [str(c.get("Name", "")) for c in channels]
     return pixel_size, (names if len(names) == n_channels and all(names) else None)
+
+
+class ZarrPyramid:
+    """Pyramid of an OME-Zarr multiscale image (NGFF 0.4, (C, Y, X) or (Y, X) datasets), read chunk by
+    chunk: the same interface as :class:`TiffPyramid`.
+
+    Parameters
+    ----------
+    group : zarr.Group
+        The multiscale group: the image's ``.ome.zarr`` root, or a label image under ``labels/``.
+        Over any zarr store (a folder, S3): only the chunks a region touches are read.
+    tile_size : int
+        The pyramid continues (halving, sizes rounded up) until the longest side is at most this.
+    labels : bool
+        Integer label image: levels the group lacks are made by nearest neighbour, not the mean.
+    name : str
+        Named in errors.
+    """
+
+    def __init__(self, group, tile_size: int, *, labels: bool = False, name: str = "image"):
+        self.name, self.labels = name, labels
+        multiscales = group.attrs["multiscales"][0]
+        arrays = [group[d["path"]] for d in multiscales["datasets"]]
+        base = arrays[0]
+        self.dtype = np.dtype(base.dtype)
+        if labels and self.dtype.kind not in "iu":
+            raise InvalidInput(Problem(name, f"mask has dtype {self.dtype}, not integer labels",
+                                       "give an integer label image"))
+        height, width = base.shape[-2:]
+        self.shape = (int(np.prod(base.shape[:-2])), int(height), int(width))
+        self.level_shapes = level_shapes((height, width), tile_size)
+        self.pixel_size_um = float(multiscales["datasets"][0]["coordinateTransformations"][0]["scale"][-1])
+        channels = (group.attrs.get("omero") or {}).get("channels", [])
+        names = [str(c.get("label", "")) for c in channels]
+        self.channel_names = names if len(names) == self.shape[0] and all(names) else None
+        self._stored = []
+        for array, expected in zip(arrays, self.level_shapes, strict=False):
+            if tuple(array.shape[-2:]) != tuple(expected):
+                break
+            self._stored.append(array)
+        self._computed: dict[int, np.ndarray] = {}
+        if len(self._stored) < len(self.level_shapes):
+            y, x = self.level_shapes[len(self._stored)]
+            if self.shape[0] * y * x * self.dtype.itemsize > MAX_COMPUTED_LEVEL_BYTES:
+                raise InvalidInput(Problem(name, f"has {len(self._stored)} pyramid level(s), too few to complete "
+                                           "in memory", "write it with atlas.science.pyramid.write_ome_zarr"))
+
+    @property
+    def n_levels(self) -> int:
+        return len(self.level_shapes)
+
+    def close(self) -> None:
+        self._computed.clear()
+
+    def __enter__(self) -> ZarrPyramid:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def level(self, k: int) -> np.ndarray:
+        """Level ``k`` whole, (C, Y_k, X_k); for small levels (contrast sampling)."""
+        y, x = self.level_shapes[k]
+        return self.read(k, range(self.shape[0]), 0, y, 0, x)
+
+    def read(self, k: int, channels: range | list[int], y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """Region ``[y0:y1, x0:x1]`` of level ``k`` for ``channels``: (len(channels), y1 - y0, x1 - x0)."""
+        if k < len(self._stored):
+            array = self._stored[k]
+            if array.ndim == 2:
+                return np.stack([np.asarray(array[y0:y1, x0:x1]) for _ in channels])
+            return np.stack([np.asarray(array[c, y0:y1, x0:x1]) for c in channels])
+        return self._computed_level(k)[list(channels), y0:y1, x0:x1]
+
+    def _computed_level(self, k: int) -> np.ndarray:
+        if k not in self._computed:
+            src = self.level(k - 1) if k - 1 < len(self._stored) else self._computed_level(k - 1)
+            self._computed[k] = np.stack([downsample(plane, labels=self.labels) for plane in src])
+        return self._computed[k]

@@ -113,7 +113,7 @@ def encode_png(rgba: np.ndarray) -> bytes:
     return imagecodecs.png_encode(rgba, level=PNG_LEVEL)
 
 
-def tile_grid(level_shapes: Sequence[tuple[int, int]], tile_size: int) -> Iterator[tuple[int, int, int]]:
+def pyramid_tiles(level_shapes: Sequence[tuple[int, int]], tile_size: int) -> Iterator[tuple[int, int, int]]:
     """Every (level, x, y) tile index of a pyramid, full resolution (level 0) first."""
     for level, (height, width) in enumerate(level_shapes):
         for y in range(math.ceil(height / tile_size)):
@@ -163,7 +163,7 @@ def write_tiles(out_dir: Path, level_shapes: Sequence[tuple[int, int]], tile_siz
         if progress is not None:
             progress(1)
 
-    indices = list(tile_grid(level_shapes, tile_size))
+    indices = list(pyramid_tiles(level_shapes, tile_size))
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
         for _ in pool.map(one, indices):
             pass

@@ -1,0 +1,66 @@
+"""The stage registry: jobs of each stage, their sizes from the slide's size, and array sizes chosen at
+run time carried through the completion records."""
+from __future__ import annotations
+
+import pytest
+
+from atlas.aws.job import job_of
+from atlas.pipeline import records
+from atlas.pipeline.contract import BadJobArguments
+from atlas.stages import (
+    HOST_MEMORY_MIB,
+    MAX_ARRAY_SIZE,
+    STAGES,
+    SlideSize,
+    batch_jobs,
+    get_stage,
+    run_jobs,
+    run_sizes,
+)
+from atlas.storage import FolderStore
+
+SAMPLE = SlideSize(tiles=9, cycles=2, channels=6, tile_shape=(512, 512))        # the made sample slide
+TARGET = SlideSize(tiles=1000, cycles=10, channels=40, tile_shape=(2048, 2048))  # a real whole slide
+
+
+def test_each_stage_runs_as_its_jobs_in_order():
+    assert [job.label for job in run_jobs()] == ["stitch", "segment[0]", "segment[1]", "segment[2]", "segment[3]",
+                                                 "segment merge", "quantify", "render", "publish"]
+    assert [job.name for job in batch_jobs()] == ["stitch", "segment", "segment-merge", "quantify", "render",
+                                                  "publish"]
+    segment = get_stage("segment")
+    assert [job.record for job in segment.jobs(2)] == ["qc/provenance/segment.0.json", "qc/provenance/segment.1.json",
+                                                       "qc/provenance/segment.json"]
+    assert segment.jobs(2)[1].argv(slide_uri="s3://i/S1/", work_uri="s3://w/r/", run_id="r") == [
+        "stage", "segment", "--slide-uri", "s3://i/S1/", "--work-uri", "s3://w/r/", "--run-id", "r"]
+
+
+def test_array_sizes_and_resources_follow_the_slide():
+    assert run_sizes(SAMPLE)["segment"].items == 4  # a small slide keeps the minimum
+    target = run_sizes(TARGET)
+    # about one segment item per 100 MP: 1,000 tiles of 2048^2 px are 4.2 GP
+    assert target["segment"].items == 42 and target["segment-merge"].items == 0
+    assert run_sizes(SlideSize(tiles=10**6, cycles=1, channels=1, tile_shape=(2048, 2048)))["segment"].items \
+        == MAX_ARRAY_SIZE
+    assert set(target) == {job.name for job in batch_jobs()}
+    for name, sizes in target.items():
+        assert sizes.memory_mib <= HOST_MEMORY_MIB, name  # every request fits a 16 GiB host
+        assert (sizes.items > 0) == (name == "segment"), name
+    assert all(stage.memory_mib <= HOST_MEMORY_MIB for stage in STAGES)
+
+
+def test_an_array_run_at_another_size_is_found_by_the_stages_after_it(tmp_path):
+    """The merge record says how many items ran; later jobs build on exactly those."""
+    segment = get_stage("segment")
+    *items, merge = job_of("segment", None, True, items=2).stage.jobs(2)
+    assert job_of("segment", 1, False, items=2) == items[1]
+    with pytest.raises(BadJobArguments, match="array index 2 is outside 0..1"):
+        job_of("segment", 2, False, items=2)
+    work = FolderStore(tmp_path)
+    for job in [get_stage("stitch").jobs()[0], *items, merge]:
+        records.write_record(work, job, records.new_record(job, run_id="r", started=0, finished=1, outputs=[]))
+    assert records.loads(work.read_bytes(merge.record))["count"] == 2
+    found, missing, changed = records.upstream_records(work, get_stage("quantify").jobs()[0], "r")
+    assert sorted(found) == sorted(j.record for j in [get_stage("stitch").jobs()[0], *items, merge])
+    assert missing == [] and changed == {}
+    assert segment.jobs()[2].record not in found  # the registry's default of 4 items does not apply
