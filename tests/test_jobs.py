@@ -28,7 +28,7 @@ from typer.testing import CliRunner
 
 from atlas import layout
 from atlas.aws.catalog import SHA256_METADATA
-from atlas.aws.job import instance_type, run_stage_job
+from atlas.aws.job import ARRAY_INDEX_ENV, instance_type, run_stage_job
 from atlas.aws.release import LATEST
 from atlas.cli import app
 from atlas.errors import InvalidInput
@@ -235,7 +235,8 @@ def test_a_job_killed_mid_upload_resumes_to_a_byte_identical_release(aws, run, s
     with hold_uploads_after_first(work, f"{run_id}/") as (state, blocked):
         proc = subprocess.Popen(stage_command(get_stage(KILLED_STAGE).jobs()[0], slide_uri=slide_uri, work_uri=work_uri,
                                               run_id=run_id),
-                                env=job_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                env={**job_env, ARRAY_INDEX_ENV: "0"}, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
         try:
             assert blocked.wait(300), f"{KILLED_STAGE} never uploaded a second output"
             os.kill(proc.pid, signal.SIGKILL)
@@ -314,7 +315,8 @@ def test_a_stage_needs_its_upstream_records(aws):
     work = new_bucket(s3, "work")
     with pytest.raises(UpstreamIncomplete, match=re.escape("needs stitch, segment[0], segment[1], segment[2], "
                                                            "segment[3], segment merge to be complete first")):
-        run_stage_job("quantify", slide_uri="s3://ingest/S1/", work_uri=f"s3://{work}/S1-r/", run_id="S1-r", s3=s3)
+        run_stage_job("quantify", slide_uri="s3://ingest/S1/", work_uri=f"s3://{work}/S1-r/", run_id="S1-r",
+                      array_index=0, s3=s3)
     assert objects(s3, work) == {}
 
 
@@ -329,7 +331,7 @@ def test_a_changed_upstream_output_is_caught(aws, run):
     s3.put_object(Bucket=work, Key=source + tampered, Body=b"II*\x00 not the registered image")
     with pytest.raises(JobError, match=tampered) as caught:
         run_stage_job("quantify", slide_uri=run["slide_uri"], work_uri=f"s3://{work}/{source}",
-                      run_id=run["run_id"], s3=s3)
+                      run_id=run["run_id"], array_index=0, s3=s3)
     assert caught.value.exit_code == ExitCode.CORRUPT_WORK
     assert "stitch.json" in str(caught.value)  # says which record to delete to redo the stage
 

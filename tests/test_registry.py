@@ -25,9 +25,10 @@ TARGET = SlideSize(tiles=1000, cycles=10, channels=40, tile_shape=(2048, 2048)) 
 
 def test_each_stage_runs_as_its_jobs_in_order():
     assert [job.label for job in run_jobs()] == ["stitch", "segment[0]", "segment[1]", "segment[2]", "segment[3]",
-                                                 "segment merge", "quantify", "render", "publish"]
-    assert [job.name for job in batch_jobs()] == ["stitch", "segment", "segment-merge", "quantify", "render",
-                                                  "publish"]
+                                                 "segment merge", "quantify[0]", "quantify[1]", "quantify merge",
+                                                 "render", "publish"]
+    assert [job.name for job in batch_jobs()] == ["stitch", "segment", "segment-merge", "quantify", "quantify-merge",
+                                                  "render", "publish"]
     segment = get_stage("segment")
     assert [job.record for job in segment.jobs(2)] == ["qc/provenance/segment.0.json", "qc/provenance/segment.1.json",
                                                        "qc/provenance/segment.json"]
@@ -36,16 +37,18 @@ def test_each_stage_runs_as_its_jobs_in_order():
 
 
 def test_array_sizes_and_resources_follow_the_slide():
-    assert run_sizes(SAMPLE)["segment"].items == 4  # a small slide keeps the minimum
+    # a small slide keeps the minimum
+    assert (run_sizes(SAMPLE)["segment"].items, run_sizes(SAMPLE)["quantify"].items) == (4, 2)
     target = run_sizes(TARGET)
-    # about one segment item per 100 MP: 1,000 tiles of 2048^2 px are 4.2 GP
+    # about one segment item and one quantify band per 100 MP: 1,000 tiles of 2048^2 px are 4.2 GP
     assert target["segment"].items == 42 and target["segment-merge"].items == 0
+    assert target["quantify"].items == 42 and target["quantify-merge"].items == 0
     assert run_sizes(SlideSize(tiles=10**6, cycles=1, channels=1, tile_shape=(2048, 2048)))["segment"].items \
         == MAX_ARRAY_SIZE
     assert set(target) == {job.name for job in batch_jobs()}
     for name, sizes in target.items():
         assert sizes.memory_mib <= HOST_MEMORY_MIB, name  # every request fits a 16 GiB host
-        assert (sizes.items > 0) == (name == "segment"), name
+        assert (sizes.items > 0) == (name in ("segment", "quantify")), name
     assert all(stage.memory_mib <= HOST_MEMORY_MIB for stage in STAGES)
 
 

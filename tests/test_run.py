@@ -191,7 +191,7 @@ def test_jobs_read_and_write_only_what_the_registry_declares(tmp_path, monkeypat
                            {"path": "qc/stitch/summary.json", "size": 2, "sha256": "0" * 64}]}
     upstream = {"qc/provenance/render.json": CompletionRecord(earlier, {"path": "qc/provenance/render.json"})}
     base = StageContext("S1", "r", FolderStore(slide), FolderStore(out), Params())
-    quantify, segment_item = get_stage("quantify").jobs()[0], get_stage("segment").jobs()[1]
+    quantify, segment_item = get_stage("quantify").jobs()[-1], get_stage("segment").jobs()[1]  # quantify's merge
 
     def runs(stage_function):
         def run(ctx, *args):
@@ -199,16 +199,17 @@ def test_jobs_read_and_write_only_what_the_registry_declares(tmp_path, monkeypat
         return run
 
     def attempt(job, stage_function):
-        monkeypatch.setattr(job.stage.module, "run_item" if job.item is not None else "run", runs(stage_function))
+        function = "run_item" if job.item is not None else "merge" if job.merge else "run"
+        monkeypatch.setattr(job.stage.module, function, runs(stage_function))
         return execute(job_context(base, job, upstream, tmp_path), job)
 
-    with pytest.raises(UndeclaredOutput, match="quantify wrote registration/S1.txt, outside its declared outputs"):
+    with pytest.raises(UndeclaredOutput, match="quantify merge wrote registration/S1.txt, outside its declared "):
         attempt(quantify, lambda ctx: ctx.work.write_text("registration/S1.txt", "x"))
     # an array item may write only below its stage's item folder, not the stage's final outputs
     with pytest.raises(UndeclaredOutput, match=r"segment\[1\] wrote segmentation/x-S1/cell.ome.tif"):
         attempt(segment_item, lambda ctx: ctx.work.write_bytes("segmentation/x-S1/cell.ome.tif", b"x"))
     # an earlier output that is not a declared input cannot be read; one that changed is caught
-    with pytest.raises(UndeclaredOutput, match="quantify read overview/index.html, outside its declared inputs"):
+    with pytest.raises(UndeclaredOutput, match="quantify merge read overview/index.html, outside its declared inputs"):
         attempt(quantify, lambda ctx: ctx.work.read_bytes("overview/index.html"))
     with pytest.raises(CorruptWork, match="qc/stitch/summary.json: output of stage render .* has sha256"):
         attempt(get_stage("render").jobs()[0], lambda ctx: ctx.work.read_bytes("qc/stitch/summary.json"))

@@ -265,7 +265,9 @@ def test_rerun_from_render_with_a_new_story(cloud, sample_slide, tmp_path):  # n
     for item in range(4):
         finish_job(cloud, tmp_path, slide_id, old, "segment", item)
     finish_job(cloud, tmp_path, slide_id, old, "segment")   # the merge
-    finish_job(cloud, tmp_path, slide_id, old, "quantify")
+    for item in range(2):
+        finish_job(cloud, tmp_path, slide_id, old, "quantify", item)
+    finish_job(cloud, tmp_path, slide_id, old, "quantify")   # the merge
     tell(cloud, old, "SUCCEEDED")
 
     bad = tmp_path / "bad.yml"

@@ -245,6 +245,18 @@ def segment_sizes(slide: SlideSize) -> JobSizes:
     return JobSizes(items=items, vcpus=4, memory_mib=HOST_MEMORY_MIB, timeout_s=6 * 3600)
 
 
+QUANTIFY_PIXELS_PER_ITEM = 100_000_000  # one quantify band per ~100 MP of the label image
+QUANTIFY_MIN_ITEMS = 2
+
+
+def quantify_sizes(slide: SlideSize) -> JobSizes:
+    """Quantify fans out by the slide's pixels: one row band per :data:`QUANTIFY_PIXELS_PER_ITEM` (at
+    least :data:`QUANTIFY_MIN_ITEMS`), each holding its band of the masks (4 B/px each) and reading the
+    channels' chunks of its rows; the merge holds the tables (one row per cell)."""
+    items = min(MAX_ARRAY_SIZE, max(QUANTIFY_MIN_ITEMS, math.ceil(slide.pixels / QUANTIFY_PIXELS_PER_ITEM)))
+    return JobSizes(items=items, vcpus=2, memory_mib=HOST_MEMORY_MIB, timeout_s=3 * 3600)
+
+
 STAGES: tuple[Stage, ...] = (
     Stage("stitch", "cpu", vcpus=4, memory_mib=HOST_MEMORY_MIB, timeout_s=6 * 3600,
           inputs=("raw:markers.csv", "raw:raw/*", "raw:params.yml"),
@@ -255,7 +267,8 @@ STAGES: tuple[Stage, ...] = (
           inputs=(f"{layout.REGISTRATION}/*.ome.zarr",),
           outputs=(f"{layout.SEGMENTATION}/*/*", f"{layout.QC}/segment/*", f"{layout.REGISTRATION}/*.ome.zarr/labels",
                    layout.htan_table("ImagingLevel3Segmentation"))),
-    Stage("quantify", "cpu", vcpus=2, memory_mib=8192, timeout_s=3 * 3600,
+    Stage("quantify", "cpu", vcpus=2, memory_mib=HOST_MEMORY_MIB, timeout_s=3 * 3600, array_size=QUANTIFY_MIN_ITEMS,
+          item_dir=f"{layout.WORK}/quantify", sizing=quantify_sizes,
           inputs=(f"{layout.REGISTRATION}/*.ome.zarr", f"{layout.SEGMENTATION}/*/*"),
           outputs=(f"{layout.QUANTIFICATION}/*", f"{layout.QC}/quantify/*", layout.htan_table("ImagingLevel4"))),
     Stage("render", "cpu", vcpus=2, memory_mib=8192, timeout_s=3 * 3600,

@@ -13,23 +13,27 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 import pandas as pd
 
 from atlas import layout
 from atlas.errors import InvalidInput, Problem
+from atlas.science.bands import BandsDisagree, band_rows, merge_bands, quantify_band
 from atlas.science.imageio import open_tiff
 from atlas.science.quantification import ID_COLUMN, MORPHOLOGY_COLUMNS, NegativeLabels, marker_columns, quantify
 from atlas.slide import htan
 from atlas.slide.convention import MARKERS, parse_markers
 from atlas.stages import StageContext
 from atlas.storage import Store
+
+log = logging.getLogger(__name__)
 
 QC_DIR = f"{layout.QC}/quantify"
 
@@ -147,8 +151,6 @@ def quantify_arrays(image, image_name: str, masks: Mapping[str, object], mask_na
     progress : callable, optional
         ``progress(rows_done, rows_total)``.
     """
-    check_inputs(image_name, image, mask_names, masks, markers_path, len(marker_names))
-    kept = [i for i, r in enumerate(remove) if not r]
     total, done = image.shape[-2] * (len(masks) + 1), 0
 
     def step(rows: int) -> None:
@@ -157,12 +159,23 @@ def quantify_arrays(image, image_name: str, masks: Mapping[str, object], mask_na
         if progress:
             progress(done, total)
 
+    tables = measure_checked(image, image_name, masks, mask_names, marker_names, remove, markers_path,
+                             lambda names, kept: quantify(image, masks, names, channels=kept, progress=step))
+    return tables, tuple(image.shape)
+
+
+def measure_checked(image, image_name: str, masks: Mapping[str, object], mask_names: Mapping[str, str],
+                    marker_names: Sequence[str], remove: Sequence[bool], markers_path: Path,
+                    measure: Callable[[list[str], list[int]], Any]) -> Any:
+    """``measure(names, channels)`` of the kept markers, after :func:`check_inputs`; a negative mask
+    (the one thing only reading it shows) raised as InvalidInput naming its file."""
+    check_inputs(image_name, image, mask_names, masks, markers_path, len(marker_names))
+    kept = [i for i, r in enumerate(remove) if not r]
     try:
-        tables = quantify(image, masks, [marker_names[i] for i in kept], channels=kept, progress=step)
-    except NegativeLabels as exc:  # the one thing only reading the masks shows
+        return measure([marker_names[i] for i in kept], kept)
+    except NegativeLabels as exc:
         raise InvalidInput(Problem(mask_names[exc.mask], str(exc), "write the mask as non-negative integer "
                                    "labels, 0 = background")) from exc
-    return tables, tuple(image.shape)
 
 
 def to_anndata(table: pd.DataFrame, slide_id: str, uns: Mapping[str, str]):
@@ -312,33 +325,90 @@ def registered_image(work: Store, slide_id: str):
         raise InvalidInput(Problem(rel, "registered image is missing", "run the stitch stage first")) from exc
 
 
-def run(ctx: StageContext) -> None:
-    image = registered_image(ctx.work, ctx.slide_id)
-    markers = parse_markers(ctx.slide.read_text(MARKERS))
+def _engine_masks(ctx: StageContext) -> dict[str, dict[str, str]]:
+    """engine -> mask name -> its results-layout path, for every engine that segmented the slide."""
     engines = find_engines(ctx.work, ctx.slide_id)
     if not engines:
         raise InvalidInput(Problem(f"{layout.SEGMENTATION}/", f"no segmentation of slide {ctx.slide_id}",
                                    "run the segment stage first"))
+    found = {e: {m: layout.mask_path(ctx.slide_id, e, m) for m in ctx.params.quantify.masks} for e in engines}
+    missing = [r for rel in found.values() for r in rel.values() if not ctx.work.exists(r)]
+    if missing:
+        raise InvalidInput([Problem(r, "mask is missing", "rerun the segment stage, or list only the masks "
+                                    "it makes under quantify.masks in params.yml") for r in missing])
+    return found
+
+
+def _part_rel(ctx: StageContext, engine: str, name: str, index: int) -> str:
+    """Where item ``index`` puts its band's part ``name`` (a mask's table, or ``band.json``) of ``engine``."""
+    return f"{ctx.job.stage.item_dir}/{engine}/{index:05d}.{name}"
+
+
+@contextmanager
+def _masks(work: Store, rel: Mapping[str, str]) -> Iterator[dict]:
+    """The masks at ``rel`` (mask name -> path) opened as lazy arrays read by byte ranges."""
+    with ExitStack() as stack:
+        yield {m: stack.enter_context(open_level0(stack.enter_context(work.open(r)), "mask", r))
+               for m, r in rel.items()}
+
+
+def run_item(ctx: StageContext, index: int, count: int) -> None:
+    """Measure the cells of row band ``index`` of ``count`` (:func:`band_rows` over the image's chunk
+    rows) of every mask: each mask's table part as Parquet and ``band.json`` (rows read, foreground)."""
+    image = registered_image(ctx.work, ctx.slide_id)
+    markers = parse_markers(ctx.slide.read_text(MARKERS))
+    band = band_rows(image.shape[-2], count, image.chunks[-2])[index]
+    for engine, rel in _engine_masks(ctx).items():
+        read = {"band": list(band), "image_rows": list(band), "mask_rows": list(band),
+                "foreground": dict.fromkeys(rel, 0)}
+        if band[1] > band[0]:
+            with _masks(ctx.work, rel) as masks:
+                tables, window = measure_checked(
+                    image, layout.registration_zarr(ctx.slide_id), masks, rel, [m.marker_name for m in markers],
+                    [m.remove for m in markers], Path(MARKERS),
+                    lambda names, kept: quantify_band(image, masks, names, band, channels=kept))
+            read.update({"image_rows": list(window.rows), "mask_rows": list(window.read),
+                         "foreground": window.foreground})
+            for mask, table in tables.items():
+                buffer = io.BytesIO()
+                table.to_parquet(buffer, index=False)
+                ctx.work.write_bytes(_part_rel(ctx, engine, f"{mask}.parquet", index), buffer.getvalue())
+        ctx.work.write_text(_part_rel(ctx, engine, "band.json", index), json.dumps(read) + "\n")
+
+
+def _merged_table(ctx: StageContext, image, engine: str, mask: str, rel: str, markers) -> pd.DataFrame:
+    """One mask's table from its bands' parts; measured whole (one band) if the bands disagree."""
+    parts, foreground = [], 0
+    for index in range(ctx.job.count):
+        foreground += json.loads(ctx.work.read_text(_part_rel(ctx, engine, "band.json", index)))["foreground"][mask]
+        part = _part_rel(ctx, engine, f"{mask}.parquet", index)
+        if ctx.work.exists(part):
+            parts.append(pd.read_parquet(io.BytesIO(ctx.work.read_bytes(part))))
+    try:
+        return merge_bands(parts, foreground)
+    except BandsDisagree as exc:
+        log.warning("%s: %s; measuring it in one band", rel, exc)
+        with _masks(ctx.work, {mask: rel}) as masks:
+            tables, _ = quantify_arrays(image, layout.registration_zarr(ctx.slide_id), masks, {mask: rel},
+                                        [m.marker_name for m in markers], [m.remove for m in markers])
+            return tables[mask]
+
+
+def merge(ctx: StageContext) -> None:
+    """Join the bands' parts into the tables (CSV, Parquet, h5ad) and write ``qc/quantify/summary.json``."""
+    image = registered_image(ctx.work, ctx.slide_id)
+    markers = parse_markers(ctx.slide.read_text(MARKERS))
     summary: dict = {"status": "ok", "markers": marker_columns([m.marker_name for m in markers if not m.remove]),
-                     "tables": {}}
+                     "bands": ctx.job.count, "tables": {}}
     htan_rows = []
     image_name = PurePosixPath(layout.registration_tiff(ctx.slide_id)).name  # the Level 2 image the tables describe
-    for engine in engines:
-        rel = {mask: layout.mask_path(ctx.slide_id, engine, mask) for mask in ctx.params.quantify.masks}
-        missing = [r for r in rel.values() if not ctx.work.exists(r)]
-        if missing:
-            raise InvalidInput([Problem(r, "mask is missing", "rerun the segment stage, or list only the masks "
-                                        "it makes under quantify.masks in params.yml") for r in missing])
-        with ExitStack() as stack:
-            masks = {m: stack.enter_context(open_level0(stack.enter_context(ctx.work.open(r)), "mask", r))
-                     for m, r in rel.items()}
-            tables, shape = quantify_arrays(image, layout.registration_zarr(ctx.slide_id), masks, rel,
-                                            [m.marker_name for m in markers], [m.remove for m in markers])
-        for mask, table in tables.items():
+    for engine, rel in _engine_masks(ctx).items():
+        for mask, mask_rel in rel.items():
+            table = _merged_table(ctx, image, engine, mask, mask_rel, markers)
             name = layout.table_path(ctx.slide_id, engine, mask)
             store_table(ctx.work, table, name, {"slide_id": ctx.slide_id, "engine": engine, "mask": mask,
                                                "image": image_name})
-            summary["tables"][PurePosixPath(name).name] = table_summary(table, shape)
+            summary["tables"][PurePosixPath(name).name] = table_summary(table, image.shape)
             htan_rows += htan.level4_rows(ctx.slide_id, engine, mask, len(table), table.shape[1] - 1)
     ctx.work.write_text(layout.htan_table("ImagingLevel4"), htan.table_text(htan_rows))
     ctx.work.write_text(f"{QC_DIR}/{layout.QC_SUMMARY}", json.dumps(summary, indent=1) + "\n")

@@ -4,9 +4,9 @@ Item ``index`` of ``count`` segments its share of the tiles of the nucleus chann
 (``segment.channel``) of ``registration/<slide>.ome.zarr``, reading only the chunks of that channel
 its tiles touch (:func:`job_tiles`: a grid whose tiles split evenly by pixels read over the items),
 and writes each tile's kept instances to ``tile-<n>.tif`` in the stage's item folder (the
-registry's ``item_dir``). ``merge`` paints them into one whole-slide label image (memory-mapped in
-the job's scratch, so any slide size fits), grows nuclei into cells by ``segment.expand_um`` and
-writes
+registry's ``item_dir``). ``merge`` paints them into a chunked, compressed label array in the job's
+scratch, renumbers them and grows nuclei into cells by ``segment.expand_um`` block by block (never
+the whole slide in memory or mapped), and writes, chunk by chunk,
 
 - ``segmentation/<engine>-<slide>/nuclei.ome.tif`` and ``cell.ome.tif``: pyramidal uint32 label
   OME-TIFFs, cell ``i`` contains nucleus ``i`` (MCMICRO's names);
@@ -41,10 +41,8 @@ from atlas.science.segmentation import Engine, EngineSettings
 from atlas.science.segmentation.tiling import (
     TileResult,
     calibration_sample,
-    expand_to_cells,
     job_tiles,
-    paint_tiles,
-    relabel_sequential_blocks,
+    merge_tiles,
     segment_tile,
     tile_grid,
     working_view,
@@ -60,6 +58,7 @@ QC_DIR = f"{layout.QC}/segment"
 MASKS = ("nuclei", "cell")
 OVERVIEW_MAX_SIDE = 1024
 DETAIL_SIDE = 512
+MERGE_BLOCK = 4096  # px: the merge renumbers and grows cells in blocks of about this side (whole chunks)
 NUCLEUS_COLOR = (0, 255, 0)
 CELL_COLOR = (255, 0, 255)
 
@@ -232,23 +231,35 @@ def _median_area_um2(labels, n_ids: int, pixel_size_um: float, block: int) -> fl
     return round(float(np.median(areas[1:])) * pixel_size_um ** 2, 2)
 
 
+def _scratch_labels(scratch: Path, name: str, shape: tuple[int, int], chunk: int) -> zarr.Array:
+    """A zero-filled (Y, X) uint32 label array in the job's scratch, chunked and compressed (labels
+    compress well, so a whole slide's takes a few percent of its raw size on disk)."""
+    return zarr.create_array(store=str(scratch / f"{name}.zarr"), shape=shape, chunks=(chunk, chunk),
+                             dtype=np.uint32, fill_value=0, compressors=zarr.codecs.ZstdCodec(level=1))
+
+
 def merge(ctx: StageContext) -> None:
-    """Join the items' tiles into whole-slide nucleus and cell masks and write every output."""
+    """Join the items' tiles into whole-slide nucleus and cell masks and write every output.
+
+    The tiles are painted into a chunked label array in scratch, then renumbered and grown into
+    cells block by block (:func:`merge_tiles`); the masks are written from those arrays chunk by
+    chunk: nothing holds or maps the whole slide."""
     p = ctx.params.segment
     engine = _engine(ctx)
     source = _nucleus_channel(ctx)
-    shape = source.plane.shape
+    shape = tuple(source.plane.shape)
     tiles, _ = job_tiles(shape, p.tile_size, p.overlap, ctx.job.count)
     pixel_size = source.pixel_size_um or engine.pixel_size_um
+    chunk = ctx.params.stitch.tile_size
     scratch = Path(ctx.scratch)
-    masks = {name: np.lib.format.open_memmap(scratch / f"{name}.npy", mode="w+", dtype=np.uint32, shape=shape)
-             for name in MASKS}
+    canvas = _scratch_labels(scratch, "painted", shape, chunk)
+    masks = {name: _scratch_labels(scratch, name, shape, chunk) for name in MASKS}
     counts: list[int] = []
     first: list[dict] = []
-    painted = paint_tiles(_tile_results(ctx.work, [_tile_rel(ctx, n) for n in range(len(tiles))], tiles, engine.name,
-                                        counts, first), masks["nuclei"])
-    n_nuclei = relabel_sequential_blocks(masks["nuclei"], painted)
-    expand_to_cells(masks["nuclei"], masks["cell"], p.expand_um / pixel_size)
+    results = _tile_results(ctx.work, [_tile_rel(ctx, n) for n in range(len(tiles))], tiles, engine.name, counts,
+                            first)
+    n_nuclei = merge_tiles(results, canvas, masks["nuclei"], masks["cell"], p.expand_um / pixel_size,
+                           block=chunk * max(1, MERGE_BLOCK // chunk))
     write_masks(ctx, engine.name, masks, pixel_size)
     write_qc(ctx.work, source, masks, tiles[int(np.argmax(counts))])
     summary = {"engine": engine.name, "channel": source.channel_names[source.index],

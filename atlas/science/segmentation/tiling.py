@@ -12,6 +12,7 @@ Boxes are ``(y0, y1, x0, x1)`` tuples, half-open, in pixels.
 """
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ Box = tuple[int, int, int, int]
 
 CALIBRATION_BLOCK = 512      # px at working scale
 CALIBRATION_BLOCKS_PER_AXIS = 8
+MAX_EXTRA_PARTS = 4          # job_tiles tries grids of up to this many more tiles per axis than the fewest
 
 
 class ScaledImage:
@@ -159,11 +161,11 @@ def assign_tiles(tiles: list[Box], shape: tuple[int, int], overlap: int, jobs: i
 
     Largest tile first, each to the job with the least work so far (ties: lowest job number).
     """
-    loads, assigned = [0] * jobs, [[] for _ in range(jobs)]
+    loads, assigned = [(0, j) for j in range(jobs)], [[] for _ in range(jobs)]  # a heap of (load, job)
     work = [grown_area(tile, shape, overlap) for tile in tiles]
     for n in sorted(range(len(tiles)), key=lambda n: (-work[n], n)):
-        job = min(range(jobs), key=lambda j: (loads[j], j))
-        loads[job] += work[n]
+        load, job = heapq.heappop(loads)
+        heapq.heappush(loads, (load + work[n], job))
         assigned[job].append(n)
     return [sorted(indices) for indices in assigned]
 
@@ -171,17 +173,19 @@ def assign_tiles(tiles: list[Box], shape: tuple[int, int], overlap: int, jobs: i
 def job_tiles(shape: tuple[int, int], tile_size: int, overlap: int, jobs: int) -> tuple[list[Box], list[list[int]]]:
     """Core tiles for ``jobs`` parallel jobs and the indices of the tiles each job segments.
 
-    Among grids with tiles of at most ``tile_size`` (up to ``jobs`` more parts per axis than the
-    fewest), picks the one whose busiest job reads the fewest pixels (core + overlap), then the
-    fewest in total: e.g. 4 jobs on a 2878 x 4237 px image with 2048 px tiles get 2 x 4 tiles,
-    two each, not 2 x 3 tiles shared 2, 2, 1, 1.
+    Among grids with tiles of at most ``tile_size`` (up to ``min(jobs, MAX_EXTRA_PARTS)`` more parts
+    per axis than the fewest), picks the one whose busiest job reads the fewest pixels (core +
+    overlap), then the fewest in total: e.g. 4 jobs on a 2878 x 4237 px image with 2048 px tiles get
+    2 x 4 tiles, two each, not 2 x 3 tiles shared 2, 2, 1, 1. (A slide of many tiles per job shares
+    its fewest tiles evenly enough; the bound keeps the search small at thousands of jobs.)
     """
     if tile_size < 1:
         raise ValueError(f"tile_size must be positive, got {tile_size}")
     fewest = [math.ceil(size / tile_size) for size in shape]
+    extra = min(jobs, MAX_EXTRA_PARTS)
     best = None
-    for ny in range(fewest[0], min(fewest[0] + jobs, shape[0]) + 1):
-        for nx in range(fewest[1], min(fewest[1] + jobs, shape[1]) + 1):
+    for ny in range(fewest[0], min(fewest[0] + extra, shape[0]) + 1):
+        for nx in range(fewest[1], min(fewest[1] + extra, shape[1]) + 1):
             tiles = even_grid(shape, (ny, nx))
             assigned = assign_tiles(tiles, shape, overlap, jobs)
             work = [grown_area(tile, shape, overlap) for tile in tiles]
@@ -270,17 +274,68 @@ def paint_tiles(results: Iterable[TileResult], out) -> int:
     return offset
 
 
-def relabel_sequential_blocks(labels, n_ids: int, block: int = 4096) -> int:
-    """Renumber ``labels`` in place to 1..n (in order of id), block by block; returns n."""
+def sequential_lut(labels, n_ids: int, blocks: Iterable[Box]) -> np.ndarray:
+    """(n_ids + 1,) uint32 map of the ids of ``labels`` (read in ``blocks``) onto 1..n in order of id, 0 to 0."""
     present = np.zeros(n_ids + 1, dtype=bool)
-    for y0, y1, x0, x1 in tile_grid(labels.shape, block):
+    for y0, y1, x0, x1 in blocks:
         present[np.unique(np.asarray(labels[y0:y1, x0:x1]))] = True
     present[0] = False
     lut = np.zeros(n_ids + 1, dtype=np.uint32)
     lut[present] = np.arange(1, int(present.sum()) + 1, dtype=np.uint32)
+    return lut
+
+
+def relabel_sequential_blocks(labels, n_ids: int, block: int = 4096) -> int:
+    """Renumber ``labels`` in place to 1..n (in order of id), block by block; returns n."""
+    lut = sequential_lut(labels, n_ids, tile_grid(labels.shape, block))
     for y0, y1, x0, x1 in tile_grid(labels.shape, block):
         labels[y0:y1, x0:x1] = lut[np.asarray(labels[y0:y1, x0:x1])]
-    return int(present.sum())
+    return int(lut.max(initial=0))
+
+
+def chunk_grid(shape: tuple[int, int], block: int) -> list[Box]:
+    """Blocks of ``block`` x ``block`` px from the origin (the last ones cut by the image's edge), row
+    by row: each covers whole chunks of an array chunked by a divisor of ``block``."""
+    return [(y, min(y + block, shape[0]), x, min(x + block, shape[1]))
+            for y in range(0, shape[0], block) for x in range(0, shape[1], block)]
+
+
+def merge_tiles(results: Iterable[TileResult], canvas, nuclei, cells, distance_px: float, block: int = 4096) -> int:
+    """Nucleus and cell label images of a whole slide from its tiles, block by block.
+
+    The same labels as :func:`paint_tiles` into one image, :func:`relabel_sequential_blocks` and
+    :func:`expand_to_cells`, without holding or mapping the whole image: the tiles are painted into
+    ``canvas`` (e.g. a chunked, compressed zarr array in scratch), then each block of
+    :func:`chunk_grid` is renumbered and grown (with the margin growing needs) and written once to
+    ``nuclei`` and ``cells`` (e.g. zarr arrays chunked by a divisor of ``block``).
+
+    Parameters
+    ----------
+    results : iterable of TileResult
+        In tile order.
+    canvas : (Y, X) uint32 array-like
+        Zero-filled; painted in place.
+    nuclei, cells : (Y, X) uint32 array-like
+        Written block by block; cell ``i`` contains nucleus ``i``.
+    distance_px : float
+        Cell expansion distance (px).
+    block : int
+        Block side (px).
+
+    Returns
+    -------
+    int
+        Nuclei (= cells), labelled 1..n.
+    """
+    n_ids = paint_tiles(results, canvas)
+    shape = tuple(canvas.shape)
+    lut = sequential_lut(canvas, n_ids, chunk_grid(shape, block))
+    for y0, y1, x0, x1 in chunk_grid(shape, block):
+        window, inner = _with_margin(canvas, (y0, y1, x0, x1), distance_px)
+        window = lut[window]
+        nuclei[y0:y1, x0:x1] = window[inner]
+        cells[y0:y1, x0:x1] = _grow(window, distance_px)[inner]
+    return int(lut.max(initial=0))
 
 
 def expand_to_cells(nuclei, cells, distance_px: float, block: int = 4096) -> None:
@@ -295,13 +350,22 @@ def expand_to_cells(nuclei, cells, distance_px: float, block: int = 4096) -> Non
     distance_px : float
         Expansion distance in pixels.
     """
-    margin = math.ceil(distance_px) + 1
-    height, width = nuclei.shape
     for y0, y1, x0, x1 in tile_grid(nuclei.shape, block):
-        oy0, ox0 = max(y0 - margin, 0), max(x0 - margin, 0)
-        window = np.asarray(nuclei[oy0:min(y1 + margin, height), ox0:min(x1 + margin, width)])
-        grown = expand_labels(window, distance_px) if distance_px > 0 else window
-        cells[y0:y1, x0:x1] = grown[y0 - oy0:y1 - oy0, x0 - ox0:x1 - ox0]
+        window, inner = _with_margin(nuclei, (y0, y1, x0, x1), distance_px)
+        cells[y0:y1, x0:x1] = _grow(window, distance_px)[inner]
+
+
+def _with_margin(labels, box: Box, distance_px: float) -> tuple[np.ndarray, tuple[slice, slice]]:
+    """``box`` of ``labels`` read with the margin growing by ``distance_px`` needs, and where ``box`` lies in it."""
+    y0, y1, x0, x1 = box
+    margin = math.ceil(distance_px) + 1
+    oy0, ox0 = max(y0 - margin, 0), max(x0 - margin, 0)
+    window = np.asarray(labels[oy0:min(y1 + margin, labels.shape[0]), ox0:min(x1 + margin, labels.shape[1])])
+    return window, (slice(y0 - oy0, y1 - oy0), slice(x0 - ox0, x1 - ox0))
+
+
+def _grow(labels: np.ndarray, distance_px: float) -> np.ndarray:
+    return expand_labels(labels, distance_px) if distance_px > 0 else labels
 
 
 def segment_image(plane, engine, *, pixel_size_um: float | None = None, tile_size: int = 2048,
