@@ -170,8 +170,8 @@ class LocalCloud:
             events.put_targets(Rule=f"{prefix}-{name}",
                                Targets=[{"Id": "poller", "Arn": _queue_arn(sqs, events_queue)}])
         settings = catalog.Settings(catalog_table=f"{prefix}-catalog", idempotency_table=f"{prefix}-idempotency",
-                                    state_machine_arn=machine, notify_topic_arn=topic, work_bucket=work,
-                                    results_bucket=results)
+                                    state_machine_arn=machine, notify_topic_arn=topic, ingest_bucket=ingest,
+                                    work_bucket=work, results_bucket=results, bucket_owner=ACCOUNT)
         return cls(settings=settings, ingest_bucket=ingest, events_queue_url=events_queue,
                    notify_queue_url=notify_queue, patterns=patterns, site_bucket=site)
 
@@ -254,6 +254,7 @@ class LocalCloud:
         empty when a job failed).
         """
         from atlas.aws.release import OVERVIEW_BUCKET_ENV, RESULTS_BUCKET_ENV
+        from atlas.aws.s3 import BUCKET_OWNER_ENV
         from localcloud.executor import StageJobFailed, execute_run
 
         sfn = boto3.client("stepfunctions", region_name=REGION)
@@ -263,7 +264,8 @@ class LocalCloud:
         try:
             steps = execute_run(payload["slide_uri"], payload["work_uri"], payload["run_id"],
                                 env=env | {RESULTS_BUCKET_ENV: self.settings.results_bucket,
-                                           OVERVIEW_BUCKET_ENV: self.site_bucket})
+                                           OVERVIEW_BUCKET_ENV: self.site_bucket,
+                                           BUCKET_OWNER_ENV: self.settings.bucket_owner})
         except StageJobFailed as exc:
             error = exc.exit_code.name if exc.exit_code is not None else "States.TaskFailed"
             event = execution_status_event(execution, "FAILED", error=error, cause=str(exc))

@@ -32,7 +32,7 @@ from botocore.exceptions import ClientError
 from atlas import layout
 from atlas.aws import catalog
 from atlas.aws.catalog import Status
-from atlas.aws.s3 import S3Uri, get_bytes, list_sizes, parallel_map, s3_client
+from atlas.aws.s3 import S3Uri, expect_bucket_owner, get_bytes, list_sizes, parallel_map, s3_client
 from atlas.errors import InvalidInput, Problem
 from atlas.params import parse_params
 from atlas.pipeline import records as completion
@@ -107,6 +107,12 @@ def state_machine_of(execution_arn: str) -> str:
     """``arn:aws:states:R:A:execution:MACHINE:NAME`` -> ``arn:aws:states:R:A:stateMachine:MACHINE``."""
     head, _, _name = execution_arn.rpartition(":")
     return head.replace(":execution:", ":stateMachine:", 1)
+
+
+def own_run_buckets(s3, execution_arn: str, *places: S3Uri) -> None:
+    """``ExpectedBucketOwner`` on the requests of ``s3`` to the buckets of ``places`` (a run's slide and
+    work prefixes): they belong to the account that deployed the pipeline, the one its execution ARN names."""
+    expect_bucket_owner(s3, execution_arn.split(":")[4], {place.bucket for place in places})
 
 
 # --- status -------------------------------------------------------------------------------------
@@ -295,6 +301,8 @@ def slide_status(slide_id: str, *, table, sfn=None, s3=None) -> SlideStatus:
         execution_status = described["status"]
         work_uri = work_uri or json.loads(described.get("input") or "{}").get("work_uri")
         current = current_job(sfn, execution_arn)
+    if execution_arn and work_uri:
+        own_run_buckets(s3, execution_arn, S3Uri.parse(work_uri))
     records = completion_records(s3, S3Uri.parse(work_uri), run_id) if work_uri and run_id else {}
     stages, current = stage_progress(records, execution_status=execution_status, current=current)
     costs = [job_cost(r) for r in records.values()]
@@ -450,6 +458,7 @@ def rerun(slide_id: str, *, table, from_stage: str | None = None, params_text: s
     _check_rerunnable(slide_id, slide, sfn)
     payload = previous.get("input") or json.loads(sfn.describe_execution(executionArn=execution_arn)["input"])
     slide_uri, work_uri = S3Uri.parse(payload["slide_uri"]).prefix(), S3Uri.parse(payload["work_uri"]).prefix()
+    own_run_buckets(s3, execution_arn, slide_uri, work_uri)
     first = _first_stage(from_stage)
     reused = list(STAGES[:first])
     manifest = _slide_manifest(s3, slide_uri)
