@@ -31,6 +31,7 @@ from atlas.science.stitch import (
     mosaic_shape,
     thumbnail_uint8,
 )
+from atlas.slide import htan
 from atlas.slide.convention import MARKERS, RAW, RAW_SUFFIXES, parse_markers
 from atlas.slide.ome import CycleMetadata, read_cycle_metadata
 from atlas.slide.validate import check_cycles
@@ -148,7 +149,10 @@ def run(ctx: StageContext) -> None:
     with ctx.work.local_file(layout.registration_tiff(ctx.slide_id)) as tiff_path:
         write_ome_tiff_pyramid(tiff_path, levels[0], subresolutions=levels[1:], channel_names=channel_names,
                                pixel_size_um=pixel_size, tile_size=params.tile_size, workers=ctx.vcpus)
+        htan_tables = htan.level2_rows(tiff_path, ctx.slide_id, [f"{ctx.slide_id}/{name}" for name in files], markers)
     ctx.work.write_bytes(f"{QC_DIR}/mosaic.png", mosaic_png(levels, alignments[0], metas[0].tile_shape))
+    for component, rows in htan_tables.items():
+        ctx.work.write_text(layout.htan_table(component), htan.table_text(rows))
     summary["status"] = "ok"
     _write_json(ctx.work, f"{QC_DIR}/summary.json", summary)
 
