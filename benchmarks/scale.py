@@ -18,7 +18,8 @@ Usage::
 
 Every goal is printed with its figure and PASS or MISS. ``--quick`` runs tiny slides (2x2 and 3x3
 tiles of 256 px, 2 cycles x 2 channels) to check that everything runs and prints; its figures mean
-nothing. The full run takes ~30-45 min on 2 idle cores; it says the load it ran under.
+nothing. The full run prints the load it ran under; its emulated-cloud step is slow on moto, which
+reads a whole object for each ranged GET (docs/scale.md).
 """
 from __future__ import annotations
 
