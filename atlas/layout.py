@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import PurePosixPath
 
-MANIFEST = "manifest.json"
+MANIFEST = "manifest.json"  # the release's manifest (the upload's own is atlas.slide.convention.SLIDE_MANIFEST)
 REGISTRATION = "registration"
 SEGMENTATION = "segmentation"
 QUANTIFICATION = "quantification"

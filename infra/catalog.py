@@ -29,7 +29,7 @@ from constructs import Construct
 
 from atlas.aws import catalog
 from atlas.aws.ops import RERUN_PREFIX
-from atlas.slide.convention import MANIFEST, PARAMS
+from atlas.slide.convention import PARAMS, SLIDE_MANIFEST
 from infra.bundling import ARCHITECTURE, RUNTIME, lambda_code
 from infra.config import AtlasConfig
 from infra.nag import S3_READ_ACTIONS, acknowledge, acknowledge_wildcards, managed_policy_finding
@@ -146,7 +146,7 @@ class Catalog(Construct):
         # status: is a succeeded run's overview public? The slide's manifest and params, where the run read
         # them (the upload, or a rerun's params copy in the work bucket).
         slide_files = [(bucket, f"{prefix}*/{name}") for bucket, prefix in ((ingest, ""), (work, f"{RERUN_PREFIX}/"))
-                       for name in (MANIFEST, PARAMS)]
+                       for name in (SLIDE_MANIFEST, PARAMS)]
         for bucket, pattern in slide_files:
             bucket.grant_read(self.functions["status"], pattern)
         acknowledge_wildcards(self.functions["status"], "Reads the manifest.json and params.yml of any slide (and "

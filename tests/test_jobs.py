@@ -34,7 +34,7 @@ from atlas.aws.release import LATEST
 from atlas.cli import app
 from atlas.errors import InvalidInput
 from atlas.pipeline.contract import ExitCode, JobError, Misconfigured, UpstreamIncomplete
-from atlas.slide.convention import MANIFEST, run_id_for, sha256_file, write_manifest
+from atlas.slide.convention import SLIDE_MANIFEST, run_id_for, sha256_file, write_manifest
 from atlas.stages import STAGES, get_stage, run_jobs
 from localcloud.demo import local_aws_env
 from localcloud.executor import StageJobFailed, execute_run, stage_command
@@ -76,8 +76,8 @@ def new_bucket(s3, name: str) -> str:
 def upload_slide(s3, slide_dir: Path, bucket: str) -> str:
     """Upload a slide folder as ``atlas upload`` does: each file with its sha256 as object metadata,
     manifest.json last. Returns the slide URI."""
-    files = sorted(p for p in slide_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
-    for path in files + [slide_dir / MANIFEST]:
+    files = sorted(p for p in slide_dir.rglob("*") if p.is_file() and p.name != SLIDE_MANIFEST)
+    for path in files + [slide_dir / SLIDE_MANIFEST]:
         s3.upload_file(str(path), bucket, f"{slide_dir.name}/{path.relative_to(slide_dir).as_posix()}",
                        ExtraArgs={"Metadata": {SHA256_METADATA: sha256_file(path)}})
     return f"s3://{bucket}/{slide_dir.name}/"
@@ -112,7 +112,7 @@ def run(aws, sample_slide):
     env, s3 = aws
     ingest, work, results = (new_bucket(s3, n) for n in ("ingest", "work", "results"))
     slide_uri = upload_slide(s3, sample_slide, ingest)
-    run_id = run_id_for(sample_slide.name, (sample_slide / MANIFEST).read_bytes())
+    run_id = run_id_for(sample_slide.name, (sample_slide / SLIDE_MANIFEST).read_bytes())
     steps = execute_run(slide_uri, f"s3://{work}/{run_id}/", run_id, env={**env, "ATLAS_RESULTS_BUCKET": results})
     return {"slide_uri": slide_uri, "work": work, "results": results, "run_id": run_id, "steps": steps,
             "slide_id": sample_slide.name, "env": env}
@@ -134,7 +134,7 @@ def test_every_stage_runs_as_a_job_and_the_run_is_released(aws, run, sample_run,
     levels = {entry["level"] for entry in manifest["files"]}
     assert {2, 3, 4, 5} <= levels
     latest = json.loads(s3.get_object(Bucket=run["results"], Key=f"{run['slide_id']}/{LATEST}")["Body"].read())
-    assert latest["run_id"] == run["run_id"] and latest["manifest"] == f"s3://{run['results']}/{prefix}{MANIFEST}"
+    assert latest["run_id"] == run["run_id"] and latest["manifest"] == f"s3://{run['results']}/{prefix}{layout.MANIFEST}"
 
     # cost: every stage (and array item) recorded vCPU-seconds and where it ran
     records = {k: json.loads(v) for k, v in objects(s3, run["work"], f"{run['run_id']}/{layout.PROVENANCE}/").items()}
@@ -258,7 +258,8 @@ def test_a_job_killed_mid_upload_resumes_to_a_byte_identical_release(aws, run, s
     resumed = objects(s3, results, prefix)
     assert sorted(resumed) == sorted(uninterrupted)
     assert data_files(resumed) == data_files(uninterrupted)
-    listed = [[f for f in json.loads(release[MANIFEST])["files"] if not f["path"].startswith(layout.PROVENANCE + "/")]
+    listed = [[f for f in json.loads(release[layout.MANIFEST])["files"]
+               if not f["path"].startswith(layout.PROVENANCE + "/")]
               for release in (resumed, uninterrupted)]
     assert listed[0] == listed[1]
 
@@ -295,7 +296,7 @@ def test_a_killed_array_item_is_redone_to_the_same_outputs(aws, run):
 
 def test_a_corrupted_input_fails_naming_the_file_and_publishes_nothing(aws, slide_copy):
     env, s3 = aws
-    run_id = run_id_for(slide_copy.name, (slide_copy / MANIFEST).read_bytes())
+    run_id = run_id_for(slide_copy.name, (slide_copy / SLIDE_MANIFEST).read_bytes())
     ingest, work, results = (new_bucket(s3, n) for n in ("ingest", "work", "results"))
     slide_uri = upload_slide(s3, slide_copy, ingest)
     cycle = max((slide_copy / "raw").iterdir())  # the last cycle

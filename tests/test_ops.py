@@ -33,7 +33,7 @@ from atlas.errors import InvalidInput
 from atlas.params import parse_params
 from atlas.pipeline import records
 from atlas.pipeline.runner import slide_entries
-from atlas.slide.convention import MANIFEST, PARAMS, parse_manifest
+from atlas.slide.convention import PARAMS, SLIDE_MANIFEST, parse_manifest
 from atlas.stages import get_stage
 from atlas.storage import JobView, file_entry
 from localcloud.demo import HANDLERS, POWERTOOLS_LOCAL_ENV, LocalCloud, execution_status_event, load_handler
@@ -232,7 +232,8 @@ def test_rerun_with_new_params_runs_a_copy_of_the_slide(cloud, sample_slide, tmp
     assert parse_params(files[PARAMS].decode()).segment.expand_um == 3.0
     original = objects(f"s3://{cloud.ingest_bucket}/{slide_id}/")
     assert PARAMS not in original or original[PARAMS] != files[PARAMS]  # the lab's upload is unchanged
-    assert {e.path for e in parse_manifest(files[MANIFEST].decode())} == (set(original) - {MANIFEST}) | {PARAMS}
+    listed = {e.path for e in parse_manifest(files[SLIDE_MANIFEST].decode())}
+    assert listed == (set(original) - {SLIDE_MANIFEST}) | {PARAMS}
     # the stage jobs accept the copy: every file matches its manifest entry
     slide = S3Store(boto3.client("s3"), copy)
     entries = slide_entries(slide)

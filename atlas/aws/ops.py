@@ -36,7 +36,7 @@ from atlas.aws.s3 import S3Uri, expect_bucket_owner, get_bytes, list_sizes, para
 from atlas.errors import InvalidInput, Problem
 from atlas.params import parse_params
 from atlas.pipeline import records as completion
-from atlas.slide.convention import MANIFEST, MARKERS, PARAMS, parse_manifest, parse_markers, run_id_for
+from atlas.slide.convention import MARKERS, PARAMS, SLIDE_MANIFEST, parse_manifest, parse_markers, run_id_for
 from atlas.slide.story import STORY, check_story, parse_story
 from atlas.stages import STAGES, Stage, batch_jobs, get_stage, run_jobs
 
@@ -413,7 +413,7 @@ def copy_slide(s3, slide: S3Uri, target: S3Uri, manifest: bytes, files: Mapping[
                                      target.join(rel).key), copied)
     for name, data in files.items():
         s3.put_object(Bucket=target.bucket, Key=target.join(name).key, Body=data)
-    s3.put_object(Bucket=target.bucket, Key=target.join(MANIFEST).key, Body=manifest)
+    s3.put_object(Bucket=target.bucket, Key=target.join(SLIDE_MANIFEST).key, Body=manifest)
 
 
 def rerun(slide_id: str, *, table, from_stage: str | None = None, params_text: str | None = None,
@@ -503,10 +503,10 @@ def _new_run_id(slide_id: str, manifest: bytes, taken: Mapping) -> str:
 
 def _slide_manifest(s3, slide: S3Uri) -> bytes:
     """The manifest.json of the slide (or params copy) a run read; InvalidInput when it is gone."""
-    manifest = get_bytes(s3, slide.join(MANIFEST))
+    manifest = get_bytes(s3, slide.join(SLIDE_MANIFEST))
     if manifest is None:
         expired = slide.key.startswith(RERUN_PREFIX + "/")
-        raise InvalidInput(Problem(str(slide.join(MANIFEST)), "the slide this run read is gone"
+        raise InvalidInput(Problem(str(slide.join(SLIDE_MANIFEST)), "the slide this run read is gone"
                                    + (" (a params copy, expired with the work bucket's retention)" if expired else ""),
                                    "rerun with --params again" if expired
                                    else "upload the slide again (`atlas upload`)"))

@@ -23,7 +23,7 @@ from atlas.aws.catalog.table import STATUS_RANK, Status, run_key, run_status, sl
 from atlas.aws.s3 import S3Uri, get_bytes
 from atlas.errors import InvalidInput
 from atlas.params import parse_params
-from atlas.slide.convention import MANIFEST, PARAMS, parse_manifest
+from atlas.slide.convention import PARAMS, SLIDE_MANIFEST, parse_manifest
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +52,11 @@ def overview_is_public(s3, slide_uri: str) -> bool:
     """
     slide = S3Uri.parse(slide_uri).prefix()
     try:
-        manifest = get_bytes(s3, slide.join(MANIFEST))
+        manifest = get_bytes(s3, slide.join(SLIDE_MANIFEST))
         listed = manifest is not None and any(e.path == PARAMS for e in parse_manifest(manifest.decode("utf-8")))
         params = get_bytes(s3, slide.join(PARAMS)) if listed else None
         if manifest is None or (listed and params is None):
-            gone = slide.join(MANIFEST if manifest is None else PARAMS)
+            gone = slide.join(SLIDE_MANIFEST if manifest is None else PARAMS)
             log.warning("%s is gone: naming the overview in the results bucket", gone)
             return False
         return parse_params(params.decode("utf-8") if params is not None else None).overview.public
