@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from aws_cdk import Duration, RemovalPolicy
+from aws_cdk import Duration, RemovalPolicy, Stack
 from aws_cdk import aws_dynamodb as dynamodb
 from aws_cdk import aws_events as events
 from aws_cdk import aws_events_targets as targets
@@ -28,6 +28,8 @@ from aws_cdk import aws_stepfunctions as sfn
 from constructs import Construct
 
 from atlas.aws import catalog
+from atlas.aws.ops import RERUN_PREFIX
+from atlas.slide.convention import PARAMS, SLIDE_MANIFEST
 from infra.bundling import ARCHITECTURE, RUNTIME, lambda_code
 from infra.config import AtlasConfig
 from infra.nag import S3_READ_ACTIONS, acknowledge, acknowledge_wildcards, managed_policy_finding
@@ -94,7 +96,8 @@ class Catalog(Construct):
         settings = catalog.Settings(
             catalog_table=self.table.table_name, idempotency_table=self.idempotency_table.table_name,
             state_machine_arn=state_machine.state_machine_arn, notify_topic_arn=topic.topic_arn,
-            work_bucket=work.bucket_name, results_bucket=results_bucket_name, overview_site_url=overview_site_url)
+            ingest_bucket=ingest.bucket_name, work_bucket=work.bucket_name, results_bucket=results_bucket_name,
+            bucket_owner=Stack.of(self).account, overview_site_url=overview_site_url)
         handlers = {
             # Reads OME-XML of cycle files by ranged GETs: memory for tifffile's parse, not for pixels.
             "catalog": _Handler(1024, Duration.minutes(1), 20),
@@ -140,6 +143,15 @@ class Catalog(Construct):
             acknowledge_wildcards(self.functions[name], "Reads objects of any slide in the ingest bucket; the "
                                   "actions are CDK's read-only grant_read set on that bucket.",
                                   actions=S3_READ_ACTIONS, resources=[ingest.arn_for_objects("*")])
+        # status: is a succeeded run's overview public? The slide's manifest and params, where the run read
+        # them (the upload, or a rerun's params copy in the work bucket).
+        slide_files = [(bucket, f"{prefix}*/{name}") for bucket, prefix in ((ingest, ""), (work, f"{RERUN_PREFIX}/"))
+                       for name in (SLIDE_MANIFEST, PARAMS)]
+        for bucket, pattern in slide_files:
+            bucket.grant_read(self.functions["status"], pattern)
+        acknowledge_wildcards(self.functions["status"], "Reads the manifest.json and params.yml of any slide (and "
+                              "rerun copy); the actions are CDK's read-only grant_read set.", actions=S3_READ_ACTIONS,
+                              resources=[bucket.arn_for_objects(pattern) for bucket, pattern in slide_files])
         default_bus = events.EventBus.from_event_bus_name(self, "DefaultBus", "default")
         default_bus.grant_put_events_to(self.functions["catalog"])  # "Slide Object Cataloged"
         state_machine.grant_start_execution(self.functions["trigger"])

@@ -15,6 +15,7 @@ from aws_cdk import aws_s3 as s3
 from constructs import Construct
 
 from atlas.aws.release import OVERVIEW_BUCKET_ENV, RESULTS_BUCKET_ENV
+from atlas.aws.s3 import BUCKET_OWNER_ENV
 from infra.access import ResultsAccess
 from infra.catalog import Catalog
 from infra.compute import BatchCompute, stage_images
@@ -56,7 +57,8 @@ class PipelineStack(Stack):
 
         self.compute = BatchCompute(
             self, "Batch", config=config, images=stage_images(self, config),
-            environment={RESULTS_BUCKET_ENV: results.bucket_name, OVERVIEW_BUCKET_ENV: self.site.bucket.bucket_name},
+            environment={RESULTS_BUCKET_ENV: results.bucket_name, OVERVIEW_BUCKET_ENV: self.site.bucket.bucket_name,
+                         BUCKET_OWNER_ENV: self.account},  # every bucket of the app is the deploying account's
             flow_log_bucket=self.storage.log_bucket)
         # Raw data is only read; published results and overviews are only added, never deleted.
         self.compute.grant_buckets(ingest=self.storage.ingest, work=self.storage.work,

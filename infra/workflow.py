@@ -41,8 +41,7 @@ from infra.compute import (
 from infra.config import AtlasConfig
 from infra.nag import acknowledge_wildcards
 
-# The execution input, written by the trigger Lambda (atlas.aws.catalog.execution_input).
-EXECUTION_INPUT = ("slide_id", "run_id", "slide_uri", "work_uri", "sizes")
+# Fields of the execution input (atlas.aws.catalog.execution_input) each job gets as tags.
 JOB_TAGS = ("slide_id", "run_id")
 FAILURE_PATH = "$.failure"
 # The rule Step Functions manages to learn when a .sync Batch job ends (AWS-documented name).

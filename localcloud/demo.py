@@ -170,8 +170,8 @@ class LocalCloud:
             events.put_targets(Rule=f"{prefix}-{name}",
                                Targets=[{"Id": "poller", "Arn": _queue_arn(sqs, events_queue)}])
         settings = catalog.Settings(catalog_table=f"{prefix}-catalog", idempotency_table=f"{prefix}-idempotency",
-                                    state_machine_arn=machine, notify_topic_arn=topic, work_bucket=work,
-                                    results_bucket=results)
+                                    state_machine_arn=machine, notify_topic_arn=topic, ingest_bucket=ingest,
+                                    work_bucket=work, results_bucket=results, bucket_owner=ACCOUNT)
         return cls(settings=settings, ingest_bucket=ingest, events_queue_url=events_queue,
                    notify_queue_url=notify_queue, patterns=patterns, site_bucket=site)
 
@@ -254,6 +254,7 @@ class LocalCloud:
         empty when a job failed).
         """
         from atlas.aws.release import OVERVIEW_BUCKET_ENV, RESULTS_BUCKET_ENV
+        from atlas.aws.s3 import BUCKET_OWNER_ENV
         from localcloud.executor import StageJobFailed, execute_run
 
         sfn = boto3.client("stepfunctions", region_name=REGION)
@@ -263,7 +264,9 @@ class LocalCloud:
         try:
             steps = execute_run(payload["slide_uri"], payload["work_uri"], payload["run_id"],
                                 env=env | {RESULTS_BUCKET_ENV: self.settings.results_bucket,
-                                           OVERVIEW_BUCKET_ENV: self.site_bucket}, sizes=payload.get("sizes"))
+                                           OVERVIEW_BUCKET_ENV: self.site_bucket,
+                                           BUCKET_OWNER_ENV: self.settings.bucket_owner},
+                                sizes=payload.get("sizes"))
         except StageJobFailed as exc:
             error = exc.exit_code.name if exc.exit_code is not None else "States.TaskFailed"
             event = execution_status_event(execution, "FAILED", error=error, cause=str(exc))
@@ -305,6 +308,29 @@ def download_prefix(bucket: str, prefix: str, target: Path) -> list[Path]:
     return written
 
 
+JOBS_FILE = "jobs.json"  # in the demo's output folder: the jobs of the last execution
+
+
+def write_jobs(path: Path, steps, work_bucket: str, run_id: str) -> None:
+    """``[{"job", "stage", "item", "merge", "seconds", "cpu_seconds", "peak_rss_bytes", "record"}, ...]``: the
+    jobs run (:class:`localcloud.executor.StepResult`) in order, each with its completion record from
+    the run's work prefix (what it read, wrote and held as scratch; None where it left none)."""
+    s3 = boto3.client("s3", region_name=REGION)
+
+    def record(step) -> dict | None:
+        key = f"{run_id}/{layout.completion_record(step.stage, step.item)}"
+        try:
+            return json.loads(s3.get_object(Bucket=work_bucket, Key=key)["Body"].read())
+        except s3.exceptions.NoSuchKey:
+            return None
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps([{"job": s.label, "stage": s.stage, "item": s.item, "merge": s.merge,
+                                 "seconds": round(s.seconds, 3), "cpu_seconds": round(s.cpu_seconds, 3),
+                                 "peak_rss_bytes": s.peak_rss_bytes, "record": record(s)} for s in steps],
+                               indent=1) + "\n")
+
+
 @dataclass(frozen=True)
 class DemoResult:
     """Where the demo left things.
@@ -312,7 +338,7 @@ class DemoResult:
     Attributes
     ----------
     slide_dir : Path
-        The sample slide that was uploaded.
+        The slide that was uploaded (the made sample, or the folder given).
     record : dict
         The slide's catalog item at the end.
     results_dir : Path or None
@@ -323,6 +349,8 @@ class DemoResult:
         What the lab was told (SNS message envelopes).
     portal : Path or None
         ``<out>/site/index.html``: the overview site as published (the portal, each overview below it).
+    steps : tuple of localcloud.executor.StepResult
+        The jobs the run's execution ran, in order (each its own process), with their time and peak RSS.
     """
 
     slide_dir: Path
@@ -331,17 +359,25 @@ class DemoResult:
     overview: Path | None
     notifications: list[dict]
     portal: Path | None = None
+    steps: tuple = ()
 
 
-def run_demo(out_dir: Path, *, say: Callable[[str], None] = print, progress=None) -> DemoResult:
-    """Make the sample slide, upload it to the emulated ingest bucket and let the events run it.
+def run_demo(out_dir: Path, *, slide_dir: Path | None = None, say: Callable[[str], None] = print,
+             progress=None) -> DemoResult:
+    """Upload a slide (default: make the sample slide) to the emulated ingest bucket and let the events run it.
 
     Parameters
     ----------
     out_dir : Path
-        Receives ``sample/<slide_id>/`` (what was uploaded), ``results/<slide_id>/<run_id>/``
-        (a copy of the published results) and ``site/`` (a copy of the overview site: the portal's
-        ``index.html`` and ``index.json``, each overview at ``<slide_id>/<run_id>/``).
+        Receives ``sample/<slide_id>/`` (the made sample, when no ``slide_dir`` is given), ``jobs.json``
+        (each job of the run: its time, its process's peak RSS and CPU time, its completion record:
+        :func:`write_jobs`),
+        ``results/<slide_id>/<run_id>/`` (a copy of the published results) and ``site/`` (a copy of
+        the overview site: the portal's ``index.html`` and ``index.json``, each overview at
+        ``<slide_id>/<run_id>/``).
+    slide_dir : Path, optional
+        A slide folder to upload instead of the sample (its name is the slide id), e.g. one made by
+        ``atlas sample DIR --rows R --cols C``; it is validated before anything is uploaded.
     say : callable
         Gets one line per step.
     progress : rich.progress.Progress, optional
@@ -351,8 +387,10 @@ def run_demo(out_dir: Path, *, say: Callable[[str], None] = print, progress=None
     from atlas.slide.sample import make_sample
 
     out_dir = Path(out_dir)
-    say("making the sample slide ...")
-    slide_dir, _truth = make_sample(out_dir / "sample")
+    if slide_dir is None:
+        say("making the sample slide ...")
+        slide_dir, _truth = make_sample(out_dir / "sample")
+    ran: list = []
     saved = dict(os.environ)
     with moto_server() as endpoint:
         aws_env = local_aws_env(endpoint)
@@ -376,10 +414,10 @@ def run_demo(out_dir: Path, *, say: Callable[[str], None] = print, progress=None
             def on_execution(arn: str) -> None:
                 say(f"  execution {arn.rsplit(':', 1)[-1]} started: running the stages as `atlas stage` jobs ...")
                 result, steps = cloud.run_execution(arn, aws_env)
+                ran.extend(steps)
+                write_jobs(out_dir / JOBS_FILE, steps, cloud.settings.work_bucket, arn.rsplit(":", 1)[-1])
                 for step in steps:
-                    name = (step.stage + ("" if step.item is None else f"[{step.item}]")
-                            + (" merge" if step.merge else ""))
-                    say(f"    job  {name:<16} {step.seconds:6.1f} s")
+                    say(f"    job  {step.label:<16} {step.seconds:6.1f} s  {step.peak_rss_bytes / 2**20:7.0f} MiB")
                 say(f"  status   {result.get('run_id')}: {result['status']}")
 
             cloud.pump(on_execution=on_execution, on_event=on_event)
@@ -393,7 +431,7 @@ def run_demo(out_dir: Path, *, say: Callable[[str], None] = print, progress=None
                 overview = results_dir / layout.OVERVIEW / layout.OVERVIEW_PAGE
                 download_prefix(cloud.site_bucket, "", out_dir / "site")
                 portal = out_dir / "site" / layout.OVERVIEW_PAGE
-            return DemoResult(slide_dir, record, results_dir, overview, notes, portal)
+            return DemoResult(slide_dir, record, results_dir, overview, notes, portal, tuple(ran))
         finally:
             os.environ.clear()
             os.environ.update(saved)

@@ -9,15 +9,18 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from atlas.aws.job import ARRAY_INDEX_ENV
 from atlas.pipeline.contract import ExitCode
 from atlas.stages import Job, run_jobs
 
 log = logging.getLogger(__name__)
+RSS_SAMPLE_S = 0.05  # how often a job's peak memory is read
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,13 @@ class StepResult:
     merge: bool
     seconds: float
     output: str
+    peak_rss_bytes: int = 0  # the process's peak resident memory (:func:`run_process`)
+    cpu_seconds: float = 0.0
+
+    @property
+    def label(self) -> str:
+        """``stage``, ``stage[item]`` or ``stage merge``."""
+        return self.stage + ("" if self.item is None else f"[{self.item}]") + (" merge" if self.merge else "")
 
 
 class StageJobFailed(RuntimeError):
@@ -52,12 +62,62 @@ def stage_command(job: Job, *, slide_uri: str, work_uri: str, run_id: str) -> li
                                                      items=job.count or None)]
 
 
+def peak_rss(pid: int) -> int | None:
+    """Peak resident memory (VmHWM, bytes) of a running process, from /proc; None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class ProcessRun(NamedTuple):
+    """A finished process: exit code, stdout and stderr together, peak RSS (bytes), CPU time (s)."""
+
+    returncode: int
+    output: str
+    peak_rss_bytes: int
+    cpu_seconds: float
+
+
+def run_process(argv: list[str], env: Mapping[str, str]) -> ProcessRun:
+    """Run a command to its end and measure it.
+
+    The peak memory is the process's own VmHWM, read every :data:`RSS_SAMPLE_S` while it runs (its
+    last fraction of a second is not seen), not its rusage: a child's ``ru_maxrss`` starts from the
+    RSS of the parent it was forked from, here the demo with its emulated AWS. The CPU time (user +
+    system, its own children included) is its rusage.
+    """
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peak = 0
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.wait(RSS_SAMPLE_S):
+            peak = max(peak, peak_rss(proc.pid) or 0)
+
+    sampler = threading.Thread(target=sample, name="rss-sampler", daemon=True)
+    sampler.start()
+    with proc.stdout:
+        output = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    done.set()
+    sampler.join()
+    return ProcessRun(proc.returncode, output, peak, usage.ru_utime + usage.ru_stime)
+
+
 def execute_run(slide_uri: str, work_uri: str, run_id: str, *, env: Mapping[str, str],
                 sizes: Mapping[str, Mapping[str, int]] | None = None) -> list[StepResult]:
     """Run every registry stage as ``atlas stage`` processes in order, as Step Functions + Batch would.
 
     Array stages run item by item (index in ``AWS_BATCH_JOB_ARRAY_INDEX``, as Batch sets it), then
     ``--merge``. Completed jobs skip themselves, so calling this again resumes an interrupted run.
+    Each job is its own process, as each is its own container on Batch: its peak memory is its own.
 
     Parameters
     ----------
@@ -87,10 +147,10 @@ def execute_run(slide_uri: str, work_uri: str, run_id: str, *, env: Mapping[str,
     for job in run_jobs(sizes=sizes):
         job_env = base if job.item is None else {**base, ARRAY_INDEX_ENV: str(job.item)}
         t0 = time.perf_counter()
-        proc = subprocess.run(stage_command(job, slide_uri=slide_uri, work_uri=work_uri, run_id=run_id),
-                              env=job_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False)
-        if proc.returncode != 0:
-            raise StageJobFailed(job.label, proc.returncode, proc.stdout)
-        steps.append(StepResult(job.stage.name, job.item, job.merge, time.perf_counter() - t0, proc.stdout))
+        ran = run_process(stage_command(job, slide_uri=slide_uri, work_uri=work_uri, run_id=run_id), job_env)
+        if ran.returncode != 0:
+            raise StageJobFailed(job.label, ran.returncode, ran.output)
+        steps.append(StepResult(job.stage.name, job.item, job.merge, time.perf_counter() - t0, ran.output,
+                                ran.peak_rss_bytes, ran.cpu_seconds))
         log.info("%s done in %.1f s", job.label, steps[-1].seconds)
     return steps

@@ -156,6 +156,29 @@ def test_every_request_of_atlas_data_says_the_requester_pays(published, requests
     assert len(requests_seen) > 20 and without == []
 
 
+def test_atlas_data_names_the_bucket_owner_only_when_given(published, monkeypatch, tmp_path):
+    """--bucket-owner / ATLAS_BUCKET_OWNER: ExpectedBucketOwner on every request to the results bucket; without
+    it (an analyst who was not given the account) the requests are as before and still work."""
+    seen = []
+    session = boto3.session.Session()
+    session.events.register("before-send.s3", lambda request, **_: seen.append(
+        request.headers.get("x-amz-expected-bucket-owner")))
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", session)
+    commands = (("data", "ls", published.slide_id), ("data", "get", published.slide_id, "--levels", "qc",
+                                                        "-o", str(tmp_path)), ("data", "open", published.slide_id))
+    for args in commands:
+        assert cli(*args).exit_code == 0
+    assert seen and set(seen) == {None}
+    seen.clear()
+    monkeypatch.setenv("ATLAS_BUCKET_OWNER", "123456789012")
+    for args in commands:
+        assert cli(*args).exit_code == 0
+    assert seen and set(seen) == {b"123456789012"}
+    bad = cli("data", "ls", "--bucket-owner", "ours")
+    assert isinstance(bad.exception, InvalidInput) and "--bucket-owner: 'ours' is not an AWS account id" in str(
+        bad.exception)
+
+
 def test_cost_is_bytes_times_prices_per_place(published):
     release = get_release(published.slide_id, bucket=RESULTS)
     level2 = level_files(published, 2)

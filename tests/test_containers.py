@@ -104,6 +104,20 @@ def test_base_images_are_pinned_to_exact_versions(dockerfile):
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.parent.name)
+def test_official_base_images_are_pinned_by_a_documented_digest(dockerfile):
+    """python and node (Docker Official Images) as ``name:tag@sha256:...``, each digest listed in
+    docs/containers.md with the docker-library/repo-info record it was taken from."""
+    docs = (ROOT / "docs" / "containers.md").read_text()
+    args = arg_defaults(dockerfile)
+    for arg in ("PYTHON_IMAGE", "NODE_IMAGE"):
+        match = re.fullmatch(r"(python|node):([\w.-]+)@(sha256:[0-9a-f]{64})", args[arg])
+        assert match, f"{arg}={args[arg]} is not name:tag@sha256:digest"
+        name, tag, digest = match.groups()
+        assert any(f"`{name}:{tag}`" in line and f"`{digest}`" in line and f"repos/{name}/remote/{tag}.md" in line
+                   for line in docs.splitlines()), f"{name}:{tag}@{digest} is not documented in docs/containers.md"
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.parent.name)
 def test_images_run_atlas_as_a_non_root_user_under_an_init(dockerfile):
     final = final_stage(dockerfile)
     users = [args for kind, args in final if kind == "USER"]

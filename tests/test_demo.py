@@ -62,7 +62,8 @@ def test_the_cli_and_the_handlers_load_without_the_demo_harness():
     assert proc.returncode == 0, proc.stderr
     assert {"demo", "stage", "upload", "status"} <= set(json.loads(proc.stdout))
     env = {**os.environ, "CATALOG_TABLE": "t", "IDEMPOTENCY_TABLE": "i", "STATE_MACHINE_ARN": "arn",
-           "NOTIFY_TOPIC_ARN": "topic", "WORK_BUCKET": "w", "RESULTS_BUCKET": "r", "AWS_DEFAULT_REGION": "us-east-1"}
+           "NOTIFY_TOPIC_ARN": "topic", "INGEST_BUCKET": "in", "WORK_BUCKET": "w", "RESULTS_BUCKET": "r",
+           "BUCKET_OWNER": "123456789012", "AWS_DEFAULT_REGION": "us-east-1"}
     for name in ("catalog", "trigger", "status"):
         handler = f"import sys; sys.modules['localcloud'] = None; import functions.{name}.handler as h; h.handler"
         proc = subprocess.run([sys.executable, "-c", handler], capture_output=True, text=True, timeout=300, env=env,

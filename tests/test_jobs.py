@@ -19,6 +19,7 @@ import threading
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import boto3
 import pytest
@@ -33,12 +34,13 @@ from atlas.aws.release import LATEST
 from atlas.cli import app
 from atlas.errors import InvalidInput
 from atlas.pipeline.contract import ExitCode, JobError, Misconfigured, UpstreamIncomplete
-from atlas.slide.convention import MANIFEST, run_id_for, sha256_file
+from atlas.slide.convention import SLIDE_MANIFEST, run_id_for, sha256_file, write_manifest
 from atlas.stages import STAGES, get_stage, run_jobs, upstream_jobs
 from localcloud.demo import local_aws_env
 from localcloud.executor import StageJobFailed, execute_run, stage_command
 
 OVERVIEW_PAGE = f"{layout.OVERVIEW}/index.html"
+MOTO_ACCOUNT = "123456789012"  # the account owning what the emulator creates
 KILLED_STAGE = "quantify"  # a stage in the middle: the rerun must skip what came before it and redo it
 
 
@@ -74,8 +76,8 @@ def new_bucket(s3, name: str) -> str:
 def upload_slide(s3, slide_dir: Path, bucket: str) -> str:
     """Upload a slide folder as ``atlas upload`` does: each file with its sha256 as object metadata,
     manifest.json last. Returns the slide URI."""
-    files = sorted(p for p in slide_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
-    for path in files + [slide_dir / MANIFEST]:
+    files = sorted(p for p in slide_dir.rglob("*") if p.is_file() and p.name != SLIDE_MANIFEST)
+    for path in files + [slide_dir / SLIDE_MANIFEST]:
         s3.upload_file(str(path), bucket, f"{slide_dir.name}/{path.relative_to(slide_dir).as_posix()}",
                        ExtraArgs={"Metadata": {SHA256_METADATA: sha256_file(path)}})
     return f"s3://{bucket}/{slide_dir.name}/"
@@ -110,7 +112,7 @@ def run(aws, sample_slide):
     env, s3 = aws
     ingest, work, results = (new_bucket(s3, n) for n in ("ingest", "work", "results"))
     slide_uri = upload_slide(s3, sample_slide, ingest)
-    run_id = run_id_for(sample_slide.name, (sample_slide / MANIFEST).read_bytes())
+    run_id = run_id_for(sample_slide.name, (sample_slide / SLIDE_MANIFEST).read_bytes())
     steps = execute_run(slide_uri, f"s3://{work}/{run_id}/", run_id, env={**env, "ATLAS_RESULTS_BUCKET": results})
     return {"slide_uri": slide_uri, "work": work, "results": results, "run_id": run_id, "steps": steps,
             "slide_id": sample_slide.name, "env": env}
@@ -132,7 +134,7 @@ def test_every_stage_runs_as_a_job_and_the_run_is_released(aws, run, sample_run,
     levels = {entry["level"] for entry in manifest["files"]}
     assert {2, 3, 4, 5} <= levels
     latest = json.loads(s3.get_object(Bucket=run["results"], Key=f"{run['slide_id']}/{LATEST}")["Body"].read())
-    assert latest["run_id"] == run["run_id"] and latest["manifest"] == f"s3://{run['results']}/{prefix}{MANIFEST}"
+    assert latest["run_id"] == run["run_id"] and latest["manifest"] == f"s3://{run['results']}/{prefix}{layout.MANIFEST}"
 
     # cost: every stage (and array item) recorded vCPU-seconds and where it ran
     records = {k: json.loads(v) for k, v in objects(s3, run["work"], f"{run['run_id']}/{layout.PROVENANCE}/").items()}
@@ -259,7 +261,8 @@ def test_a_job_killed_mid_upload_resumes_to_a_byte_identical_release(aws, run, s
     resumed = objects(s3, results, prefix)
     assert sorted(resumed) == sorted(uninterrupted)
     assert data_files(resumed) == data_files(uninterrupted)
-    listed = [[f for f in json.loads(release[MANIFEST])["files"] if not f["path"].startswith(layout.PROVENANCE + "/")]
+    listed = [[f for f in json.loads(release[layout.MANIFEST])["files"]
+               if not f["path"].startswith(layout.PROVENANCE + "/")]
               for release in (resumed, uninterrupted)]
     assert listed[0] == listed[1]
 
@@ -334,7 +337,7 @@ def test_a_killed_mosaic_item_resumes_from_its_last_written_chunk_row(aws, run):
 
 def test_a_corrupted_input_fails_naming_the_file_and_publishes_nothing(aws, slide_copy):
     env, s3 = aws
-    run_id = run_id_for(slide_copy.name, (slide_copy / MANIFEST).read_bytes())
+    run_id = run_id_for(slide_copy.name, (slide_copy / SLIDE_MANIFEST).read_bytes())
     ingest, work, results = (new_bucket(s3, n) for n in ("ingest", "work", "results"))
     slide_uri = upload_slide(s3, slide_copy, ingest)
     cycle = max((slide_copy / "raw").iterdir())  # the last cycle
@@ -349,6 +352,52 @@ def test_a_corrupted_input_fails_naming_the_file_and_publishes_nothing(aws, slid
     assert f"raw/{cycle.name}" in str(failed.value) and "sha256" in str(failed.value)
     assert "manifest.json" in str(failed.value)
     assert objects(s3, work) == {} and objects(s3, results) == {}
+
+
+def publish_again(s3, run, slide_dir: Path, settings: dict, job_s3=None) -> dict:
+    """The run's publishing job once more (with ``job_s3``, default ``s3``), for ``slide_dir`` as uploaded to
+    a new ingest bucket, from a copy of the run's work without its publish record; returns the new buckets."""
+    buckets = {n: new_bucket(s3, n) for n in ("ingest", "work", "results", "site")}
+    source = f"{run['run_id']}/"
+    for key, body in objects(s3, run["work"], source).items():
+        if not key.startswith(f"{layout.PROVENANCE}/publish"):
+            s3.put_object(Bucket=buckets["work"], Key=source + key, Body=body)
+    slide_uri = upload_slide(s3, slide_dir, buckets["ingest"])
+    run_stage_job("publish", slide_uri=slide_uri, work_uri=f"s3://{buckets['work']}/{source}", run_id=run["run_id"],
+                  s3=job_s3 or s3, settings={**os.environ, **settings, "ATLAS_RESULTS_BUCKET": buckets["results"],
+                                             "ATLAS_OVERVIEW_BUCKET": buckets["site"]})
+    return buckets
+
+
+@pytest.mark.parametrize("public", [True, False])
+def test_the_publishing_job_keeps_a_private_overview_off_the_site(aws, run, slide_copy, public):
+    """params.yml ``overview: {public: false}``: the overview is released in the results bucket only; the
+    site gets the portal (rewritten on every release) but not the slide's pages. Public is the default."""
+    _, s3 = aws
+    if not public:
+        (slide_copy / "params.yml").write_text("overview:\n  public: false\n")
+        write_manifest(slide_copy)
+    buckets = publish_again(s3, run, slide_copy, {})
+    prefix = f"{run['slide_id']}/{run['run_id']}/"
+    assert OVERVIEW_PAGE in objects(s3, buckets["results"], prefix)
+    on_site = objects(s3, buckets["site"], prefix)
+    assert ("index.html" in on_site) is public and (on_site == {}) is not public
+    assert "index.html" in objects(s3, buckets["site"])  # the portal
+
+
+def test_the_jobs_requests_name_the_owner_of_every_bucket_they_use(aws, run, sample_slide):
+    """ATLAS_BUCKET_OWNER (the stack's account): ExpectedBucketOwner on each of the job's requests to the
+    slide's, work, results and site buckets; S3 refuses a request whose bucket another account owns."""
+    _, s3 = aws
+    job_s3, sent = boto3.client("s3"), []  # the job adds its hook to the client it is given
+    job_s3.meta.events.register("before-send.s3", lambda request, **_: sent.append(
+        (urlsplit(request.url).path.split("/")[1], request.headers.get("x-amz-expected-bucket-owner"))))
+    buckets = publish_again(s3, run, sample_slide, {"ATLAS_BUCKET_OWNER": MOTO_ACCOUNT}, job_s3=job_s3)
+    assert {bucket for bucket, _ in sent} == set(buckets.values())  # path-style URLs: /<bucket>/<key>
+    assert {owner for _, owner in sent} == {MOTO_ACCOUNT.encode()}
+    with pytest.raises(Misconfigured, match="ATLAS_BUCKET_OWNER: 'atlas' is not an AWS account id"):
+        run_stage_job("publish", slide_uri="s3://ingest/S1/", work_uri="s3://work/S1-r/", run_id="S1-r",
+                      s3=boto3.client("s3"), settings={"ATLAS_BUCKET_OWNER": "atlas"})
 
 
 def test_a_stage_needs_its_upstream_records(aws):

@@ -33,7 +33,7 @@ from atlas.errors import InvalidInput
 from atlas.params import parse_params
 from atlas.pipeline import records
 from atlas.pipeline.runner import slide_entries
-from atlas.slide.convention import MANIFEST, PARAMS, parse_manifest
+from atlas.slide.convention import PARAMS, SLIDE_MANIFEST, parse_manifest
 from atlas.stages import STAGES, STITCHING, get_stage, run_jobs
 from atlas.storage import JobView, file_entry
 from localcloud.demo import HANDLERS, POWERTOOLS_LOCAL_ENV, LocalCloud, execution_status_event, load_handler
@@ -239,13 +239,30 @@ def test_rerun_with_new_params_runs_a_copy_of_the_slide(cloud, sample_slide, tmp
     assert parse_params(files[PARAMS].decode()).segment.expand_um == 3.0
     original = objects(f"s3://{cloud.ingest_bucket}/{slide_id}/")
     assert PARAMS not in original or original[PARAMS] != files[PARAMS]  # the lab's upload is unchanged
-    assert {e.path for e in parse_manifest(files[MANIFEST].decode())} == (set(original) - {MANIFEST}) | {PARAMS}
+    listed = {e.path for e in parse_manifest(files[SLIDE_MANIFEST].decode())}
+    assert listed == (set(original) - {SLIDE_MANIFEST}) | {PARAMS}
     # the stage jobs accept the copy: every file matches its manifest entry
     slide = S3Store(boto3.client("s3"), copy)
     entries = slide_entries(slide)
     check_raw_inputs(slide, get_stage("align").jobs()[0], entries)  # the raw files, copied server-side
     as_read = JobView(slide, entries, readable=lambda rel: True, writable=lambda rel: False)  # checked as read
     assert parse_params(as_read.read_text(PARAMS)).segment.expand_um == 3.0
+
+
+def test_status_and_rerun_name_the_owner_of_the_run_buckets(cloud, sample_slide, tmp_path):
+    """The account in the execution ARN deployed the pipeline and owns its buckets: each request of status
+    and rerun to the slide's and the work bucket says so (ExpectedBucketOwner), server-side copies too."""
+    slide_id = sample_slide.name
+    fail_at_segment(cloud, slide_id, tmp_path)
+    s3, sent = boto3.client("s3"), []
+    s3.meta.events.register("before-parameter-build.s3", lambda params, **_: sent.append(dict(params)))
+    status = ops.slide_status(slide_id, table=table(cloud), s3=s3)
+    ops.rerun(slide_id, table=table(cloud), from_stage="segment", params_text="segment:\n  expand_um: 3.0\n", s3=s3)
+    account = status.execution_arn.split(":")[4]
+    assert {p["Bucket"] for p in sent} == {cloud.ingest_bucket, cloud.settings.work_bucket}
+    assert {p.get("ExpectedBucketOwner") for p in sent} == {account}
+    copies = [p for p in sent if "CopySource" in p]
+    assert copies and {p.get("ExpectedSourceBucketOwner") for p in copies} == {account}
 
 
 def test_rerun_refuses_what_cannot_work(cloud, sample_slide, tmp_path):

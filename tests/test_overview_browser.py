@@ -91,11 +91,17 @@ def brain_results(shared_data, tmp_path_factory) -> Path:
 
 
 @contextmanager
-def served(root: Path):
-    """``root`` on a static HTTP server at http://127.0.0.1:<port>/ for the duration."""
+def served(root: Path, headers: dict[str, str] | None = None):
+    """``root`` on a static HTTP server at http://127.0.0.1:<port>/ for the duration, adding ``headers``
+    to every response (as the site's CloudFront response headers policy does)."""
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def log_message(self, *args) -> None:
             pass
+
+        def end_headers(self) -> None:
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
+            super().end_headers()
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)

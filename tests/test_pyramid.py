@@ -17,6 +17,8 @@ from atlas.science.pyramid import (
     write_ome_zarr,
     write_zarr_labels,
 )
+from atlas.slide.palette import channel_colors, ome_color
+from tests.ome_checks import validate_ome_tiff, validate_ome_zarr
 
 BRAIN = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "stitching" / "basicpy_wsi_brain"
 PIXEL_UM = 2.5833
@@ -70,6 +72,38 @@ def test_ome_tiff_is_tiled_compressed_subifd_pyramid_with_names_and_pixel_size(t
     assert float(pixels.get("PhysicalSizeY")) == pytest.approx(PIXEL_UM)
     assert pixels.get("PhysicalSizeXUnit") == "µm"
     assert [c.get("Name") for c in pixels if c.tag.endswith("Channel")] == names
+
+
+def test_ome_tiff_validates_is_named_after_the_slide_with_palette_colours_and_no_dates(tmp_path, brain_image):
+    path = tmp_path / "S1.ome.tif"
+    names = ["DNA_1", "CD45", "Ki67"]
+    write_ome_tiff_pyramid(path, brain_image, channel_names=names, pixel_size_um=PIXEL_UM, tile_size=256)
+    ome = validate_ome_tiff(path)             # OME 2016-06 XSD; no DateTime in any IFD, no AcquisitionDate
+    (image,) = ome.images
+    assert image.name == "S1"                 # QuPath shows "S1.ome.tif - S1", not "- Image0"
+    channels = image.pixels.channels
+    assert [c.name for c in channels] == names
+    colors = channel_colors(names)
+    assert colors == ["ffffff", "ff0000", "00ff00"]
+    assert [c.color.as_rgb_tuple(alpha=False) for c in channels] == [
+        tuple(int(h[i:i + 2], 16) for i in (0, 2, 4)) for h in colors]
+    assert ome_color("ffffff") == -1 and ome_color("ff0000") == -16776961 and ome_color("00ff00") == 16711935
+
+
+def test_ome_zarr_validates_as_ngff_04_with_recommended_fields_and_the_tiffs_colours(tmp_path, brain_image):
+    names = ["DNA_1", "CD45", "Ki67"]
+    path = tmp_path / "S1.ome.zarr"
+    write_ome_zarr(path, brain_image, channel_names=names, pixel_size_um=PIXEL_UM, tile_size=256)
+    write_zarr_labels(path, "cell", (brain_image[0] // 1000).astype(np.uint32))
+    image, labels = validate_ome_zarr(path)   # ome-zarr-models: NGFF 0.4 image, labels group, label image
+    (ms,) = image.attributes.multiscales
+    assert (ms.name, ms.type) == ("S1", "mean") and ms.metadata["method"] == "atlas.science.pyramid.downsample"
+    omero = image.attributes.omero
+    assert omero.name == "S1"
+    assert [c.color.lower() for c in omero.channels] == channel_colors(names)
+    (label_ms,) = labels["cell"].attributes.multiscales
+    assert (label_ms.name, label_ms.type) == ("cell", "nearest")
+    assert labels["cell"].attributes.image_label.source.image == "../../"
 
 
 def _ome_pixels(xml: str):

@@ -35,7 +35,7 @@ from atlas.science.quantification import (
 )
 from atlas.slide.convention import read_markers
 from atlas.stages import StageContext, get_stage
-from atlas.stages.quantify import quantify_files
+from atlas.stages.quantify import quantify_files, write_csv
 from atlas.storage import FolderStore
 
 STEINBOCK = "quantification/steinbock_imc"
@@ -157,6 +157,31 @@ def test_columns_follow_mcquant():
     assert table_columns(["B", "A"]) == ["CellID", "B", "A", *MORPHOLOGY_COLUMNS]
 
 
+@pytest.mark.parametrize("roi", ROIS)
+def test_csv_is_byte_for_byte_what_pandas_writes_for_mcquant(shared_data, roi, tmp_path):
+    image, mask = steinbock(shared_data, roi, "deepcell")
+    table = quantify(image, {"cell": mask}, ["DNA, 1", 'CK "5"', *PANEL[2:]])["cell"]   # quoting in the header
+    table.to_csv(tmp_path / "pandas.csv", index=False)
+    write_csv(table, tmp_path / "ours.csv")
+    assert (tmp_path / "ours.csv").read_bytes() == (tmp_path / "pandas.csv").read_bytes()
+
+
+def test_csv_float_text_matches_pandas_at_every_magnitude(tmp_path):
+    """Synthetic: float64 values over the whole range (1e-320..1e308, both signs), the edges where
+    Python's and Arrow's notations change, zeros, NaN, inf, whole numbers; they stand for what a
+    float image's means or degenerate shapes can hold."""
+    rng = np.random.default_rng(0)
+    values = 10.0 ** rng.uniform(-320, 308, 200_000) * rng.choice([1, -1], 200_000)
+    edges = [0.0, -0.0, np.nan, np.inf, -np.inf, 1e-4, np.nextafter(1e-4, 0), 1e10, np.nextafter(1e10, 0),
+             5e-324, np.finfo(np.float64).max, 0.1, 1 / 3, 2.0 ** 53, 2.0 ** 53 + 2, 1e16, 9999999999999998.0]
+    values[:len(edges)] = edges
+    table = pd.DataFrame({"CellID": np.arange(values.size), "x": values,
+                          "whole": np.round(rng.normal(0, 1, values.size) * 10.0 ** rng.integers(0, 18, values.size))})
+    table.to_csv(tmp_path / "pandas.csv", index=False)
+    write_csv(table, tmp_path / "ours.csv")
+    assert (tmp_path / "ours.csv").read_bytes() == (tmp_path / "pandas.csv").read_bytes()
+
+
 def test_empty_mask_gives_header_only_table(tmp_path):
     image = np.ones((2, 20, 30), np.uint16)
     table = quantify(image, {"cell": np.zeros((20, 30), np.uint32)}, ["A", "B"])["cell"]
@@ -226,10 +251,12 @@ def test_stage_writes_exact_tables_in_three_formats(stage_run):
             np.testing.assert_array_equal(table[name_], ndimage.mean(image[PANEL.index(name_)], mask, ids))
         assert_matches_regionprops(table, mask)
         pd.testing.assert_frame_equal(pd.read_parquet(csv.with_suffix(".parquet")), table)
-        adata = anndata.read_h5ad(csv.with_suffix(".h5ad"))
-        assert list(adata.var_names) == kept and list(adata.obs.columns) == ["CellID", *MORPHOLOGY_COLUMNS]
-        np.testing.assert_array_equal(adata.X, table[kept].to_numpy())
+        adata = anndata.read_h5ad(csv.with_suffix(".h5ad"))   # scimap's layout: tests/test_anndata_scimap.py
+        assert list(adata.var_names) == kept and list(adata.obs.columns) == [*MORPHOLOGY_COLUMNS, "CellID", "imageid"]
+        np.testing.assert_array_equal(adata.raw.X, table[kept].to_numpy())
+        np.testing.assert_array_equal(adata.X, np.log1p(table[kept].to_numpy()))
         np.testing.assert_array_equal(adata.obs["CellID"], table["CellID"])
+        assert list(adata.obs_names[:2]) == ["S1_1", "S1_2"] and set(adata.obs["imageid"]) == {"S1"}
         np.testing.assert_array_equal(adata.obsm["spatial"], table[["X_centroid", "Y_centroid"]].to_numpy())
         assert adata.uns["engine"] == "deepcell" and adata.uns["mask"] == name
     summary = json.loads((ctx.work.root / "qc/quantify/summary.json").read_text())
@@ -267,7 +294,7 @@ def test_cli_reads_mcquant_marker_files_and_names_tables_like_mcquant(shared_dat
     header_only = (tmp_path / "out" / "roi3_nuclei.csv").read_text()
     assert header_only == ",".join(table_columns(names)) + "\n"
     assert len(pd.read_parquet(tmp_path / "out" / "roi3_nuclei.parquet")) == 0
-    assert anndata.read_h5ad(tmp_path / "out" / "roi3_nuclei.h5ad").shape == (0, 5)
+    assert anndata.read_h5ad(tmp_path / "out" / "roi3_nuclei.h5ad").shape == (0, 3)   # scimap leaves DNA out of X
     result = CliRunner().invoke(app, ["quantify", "--image", str(img), "--mask", str(cell), "--engine", "ilastik",
                                       "--markers", str(tmp_path / "names.csv"), "-o", str(tmp_path / "out2")])
     assert result.exit_code == 0 and (tmp_path / "out2" / "roi3--ilastik_cell.csv").is_file(), result.output

@@ -25,6 +25,7 @@ from atlas.science.overview.exhibit import label_dir, make_groups
 from atlas.science.overview.source import TiffPyramid
 from atlas.science.overview.tiles import composite, outlines, scale_to_display
 from atlas.science.pyramid import downsample, write_ome_tiff_pyramid, write_ome_zarr, write_zarr_labels
+from atlas.slide.palette import channel_colors
 from atlas.stages import StageContext
 from atlas.storage import FolderStore
 
@@ -164,7 +165,10 @@ def test_groups_start_at_dna_stains_and_paths_follow_minerva():
     assert [g.labels for g in groups] == [("DNA_1", "CD45", "panCK"), ("DNA 2", "CD3", "aSMA", "Ki67"),
                                           ("CD8",), ("Hoechst",)]
     assert groups[1].path == "Group-2_3__DNA-2--4__CD3--5__aSMA--6__Ki67"
+    # the slide's one palette (also the OME-TIFF's and OME-Zarr's): a marker keeps its colour in every view
     assert groups[0].colors == ("ffffff", "ff0000", "00ff00")
+    assert groups[1].colors == ("ffffff", "0000ff", "ff00ff", "ffff00")
+    assert [c for g in groups for c in g.colors] == channel_colors(names)
     assert label_dir("CD45 (clone/2)") == "CD45-clone2"
 
 
@@ -243,8 +247,9 @@ def test_site_tiles_show_the_channels(site, dsb):
     nuclei, mask = dsb
     region = mask[TILE:2 * TILE, TILE:2 * TILE] > 0
     assert tile[region].mean() > 3 * tile[~region].mean()
-    # group 2: a saturated channel in white covers everything
-    assert decode(second / "1_0_1.jpg").mean() > 250
+    # group 2: a saturated channel covers everything in its palette colour (the slide's second marker: green)
+    assert exhibit["Groups"][1]["Colors"][0] == channel_colors(NAMES)[2] == "00ff00"
+    assert decode(second / "1_0_1.jpg")[..., 1].mean() > 250
 
 
 def test_outline_tiles_join_into_the_whole_image_outlines(site, dsb):
@@ -446,7 +451,8 @@ def test_exhibit_carries_the_authored_story_in_minervas_keys(story_site):
     assert image["TileSize"] == [TILE, TILE]       # Minerva assumes 1024 without it
     assert [g["Name"] for g in exhibit["Groups"]] == ["Nuclei", "Bright"]
     assert exhibit["Groups"][0]["Colors"] == ["0000ff", "ff8000"]   # authored colours win
-    assert exhibit["Groups"][1]["Colors"] == ["ffffff"]             # the palette otherwise
+    # the slide's palette otherwise (the colour the channel has in the OME-TIFF and OME-Zarr)
+    assert exhibit["Groups"][1]["Colors"] == [channel_colors(NAMES)[NAMES.index("Saturated")]]
     start, corner = exhibit["Stories"][0]["Waypoints"]
     assert start.keys() >= WAYPOINT_KEYS and corner.keys() >= WAYPOINT_KEYS
     # Minerva's viewport: the image is 1 high; µm -> px at 0.5 µm/px, then / 512 px

@@ -19,6 +19,7 @@ from atlas.aws.s3 import (
     S3RangeFile,
     S3Uri,
     count_transfers,
+    expect_bucket_owner,
     get_bytes,
     is_missing,
     list_prefixes,
@@ -132,6 +133,56 @@ def test_requester_pays_is_on_every_request_of_the_client(client):
     zarr.create_array(store=s3_store(payer, S3Uri(BUCKET, "p.zarr/")), shape=(8,), chunks=(4,), dtype="u1")[:] = 3
     assert zarr.open_array(store=s3_store(payer, S3Uri(BUCKET, "p.zarr/"), read_only=True), mode="r")[5] == 3
     assert len(headers) >= 4 and set(headers) == {b"requester"}  # metadata and chunks, written and read
+
+
+OWNER, OTHER_ACCOUNT = "111122223333", "444455556666"
+OWNER_HEADER, SOURCE_OWNER_HEADER = "x-amz-expected-bucket-owner", "x-amz-source-expected-bucket-owner"
+
+
+def test_expected_bucket_owner_goes_on_every_request_to_our_buckets_only(client, tmp_path):
+    """Every request to an owned bucket carries the owner, whatever made it (transfer manager, paginator,
+    copies); an analyst's own bucket gets nothing; a caller's own value wins; pre-signed URLs stay plain."""
+    from urllib.parse import urlsplit
+
+    from boto3.s3.transfer import TransferConfig
+
+    client.create_bucket(Bucket="theirs")
+    sent = []
+
+    def record(request, **_):
+        url = urlsplit(request.url)  # virtual-hosted style: https://<bucket>.s3.amazonaws.com/<key>
+        sent.append((request.method, url.hostname.split(".")[0], url.path.lstrip("/"),
+                     request.headers.get(OWNER_HEADER), request.headers.get(SOURCE_OWNER_HEADER)))
+
+    owned = expect_bucket_owner(client, OWNER, [BUCKET])
+    assert expect_bucket_owner(client, OWNER, [BUCKET]) is owned  # registering again changes nothing
+    owned.meta.events.register("before-send.s3", record)
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"x" * (6 << 20))
+    parts = TransferConfig(multipart_threshold=5 << 20, multipart_chunksize=5 << 20)
+    owned.upload_file(str(big), BUCKET, "big.bin", Config=parts)        # multipart: create, parts, complete
+    owned.download_file(BUCKET, "big.bin", str(tmp_path / "back.bin"))  # head, get
+    owned.put_object(Bucket=BUCKET, Key="k", Body=b"1")
+    assert list_sizes(owned, S3Uri(BUCKET)) == {"big.bin": 6 << 20, "k": 1}
+    assert len(sent) >= 7 and {(owner, source) for *_, owner, source in sent} == {(OWNER.encode(), None)}
+
+    sent.clear()
+    owned.copy({"Bucket": BUCKET, "Key": "k"}, "theirs", "k")            # ours -> theirs: the source is ours
+    owned.copy_object(Bucket=BUCKET, Key="k2", CopySource=f"{BUCKET}/k")  # ours -> ours, a string source
+    owned.put_object(Bucket="theirs", Key="x", Body=b"2")
+    owned.head_object(Bucket=BUCKET, Key="k", ExpectedBucketOwner=OTHER_ACCOUNT)
+    assert sent == [("HEAD", BUCKET, "k", OWNER.encode(), None),          # the managed copy looks at its source
+                    ("PUT", "theirs", "k", None, OWNER.encode()),
+                    ("PUT", BUCKET, "k2", OWNER.encode(), OWNER.encode()),
+                    ("PUT", "theirs", "x", None, None),
+                    ("HEAD", BUCKET, "k", OTHER_ACCOUNT.encode(), None)]
+    url = owned.generate_presigned_url("get_object", Params={"Bucket": BUCKET, "Key": "k"})
+    assert "expected-bucket-owner" not in url.lower()
+
+
+def test_expected_bucket_owner_needs_an_account_id(client):
+    with pytest.raises(ValueError, match="'ours' is not an AWS account id"):
+        expect_bucket_owner(client, "ours", [BUCKET])
 
 
 def test_range_file_on_a_shrunken_object_says_how_to_reopen(client):

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from atlas.cli import app
 from atlas.errors import InvalidInput
 from atlas.slide.cell_shapes import render_labels
-from atlas.slide.convention import MANIFEST, parse_manifest, read_markers
+from atlas.slide.convention import SLIDE_MANIFEST, parse_manifest, read_markers
 from atlas.slide.ome import read_cycle_metadata, read_tile
 from atlas.slide.sample import (
     CAMERA_OFFSET,
@@ -79,7 +79,7 @@ def test_slide_is_valid_and_truth_stays_outside(sample_dirs):
     slide, truth_dir = sample_dirs
     assert validate_slide(slide) == []
     assert truth_dir.parent == slide.parent and truth_dir.name == f"{slide.name}.truth"
-    listed = {e.path for e in parse_manifest((slide / MANIFEST).read_text())}
+    listed = {e.path for e in parse_manifest((slide / SLIDE_MANIFEST).read_text())}
     assert listed == {"markers.csv", "raw/cycle-01.ome.tif", "raw/cycle-02.ome.tif"}
     assert [(m.cycle_number, m.marker_name) for m in read_markers(slide / "markers.csv")] == [
         (1, "DNA_1"), (1, "CD45"), (1, "panCK"), (2, "DNA_2"), (2, "CD3"), (2, "aSMA")]

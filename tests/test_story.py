@@ -253,7 +253,7 @@ def test_rerun_from_render_with_a_new_story(cloud, sample_slide, tmp_path):  # n
     from atlas.aws.s3 import S3Uri
     from atlas.aws.store import S3Store
     from atlas.pipeline.runner import reads_slide, slide_entries
-    from atlas.slide.convention import MANIFEST, parse_manifest
+    from atlas.slide.convention import SLIDE_MANIFEST, parse_manifest
     from atlas.stages import get_stage
     from atlas.storage import JobView
 
@@ -290,7 +290,7 @@ def test_rerun_from_render_with_a_new_story(cloud, sample_slide, tmp_path):  # n
     assert payload["slide_uri"] == f"s3://{cloud.settings.work_bucket}/{ops.RERUN_PREFIX}/{status.run_id}/{slide_id}/"
     files = objects(payload["slide_uri"])
     assert files[STORY] == GOOD.encode()
-    assert STORY in {e.path for e in parse_manifest(files[MANIFEST].decode())}
+    assert STORY in {e.path for e in parse_manifest(files[SLIDE_MANIFEST].decode())}
     assert STORY not in objects(f"s3://{cloud.ingest_bucket}/{slide_id}/")   # the lab's upload is unchanged
     reused = objects(payload["work_uri"])
     assert "qc/quantify/job.txt" in reused and not any(k.startswith("overview/") for k in reused)

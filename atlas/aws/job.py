@@ -43,7 +43,7 @@ from typing import Any
 
 from atlas import layout
 from atlas.aws.release import OVERVIEW_BUCKET_ENV, RESULTS_BUCKET_ENV, ReleaseError, release_prefix, release_run
-from atlas.aws.s3 import S3Uri, parallel_map, s3_client
+from atlas.aws.s3 import BUCKET_OWNER_ENV, S3Uri, expect_bucket_owner, parallel_map, s3_client
 from atlas.aws.store import S3Store, counted
 from atlas.errors import InvalidInput, Problem
 from atlas.pipeline import records
@@ -216,6 +216,23 @@ def publish(s3, place: JobPlace, ctx: StageContext, settings: Mapping[str, str])
         raise CorruptWork(str(exc)) from exc
 
 
+def own_buckets(s3, place: JobPlace, settings: Mapping[str, str]) -> None:
+    """``ExpectedBucketOwner`` on every request of ``s3`` to the run's buckets (the slide's, the work,
+    results and site buckets; the job's stores and the release use that client) when the settings
+    name their owner (``ATLAS_BUCKET_OWNER``: the CDK app sets the deploying account on every job
+    definition)."""
+    owner = settings.get(BUCKET_OWNER_ENV)
+    if not owner:
+        return
+    buckets = {place.slide.bucket, place.work.bucket} | {settings[k] for k in (RESULTS_BUCKET_ENV, OVERVIEW_BUCKET_ENV)
+                                                         if settings.get(k)}
+    try:
+        expect_bucket_owner(s3, owner, buckets)
+    except ValueError as exc:
+        raise Misconfigured(f"env {BUCKET_OWNER_ENV}: {exc} -- fix: set it to the account owning the buckets "
+                            "in the job definition (the CDK app does)") from exc
+
+
 def run_stage_job(stage_name: str, *, slide_uri: str, work_uri: str, run_id: str, array_index: int | None = None,
                   merge: bool = False, items: int | None = None, s3: Any = None, scratch: Path | str | None = None,
                   settings: Mapping[str, str] | None = None) -> JobResult:
@@ -244,7 +261,8 @@ def run_stage_job(stage_name: str, *, slide_uri: str, work_uri: str, run_id: str
         temp dir); the job's own subfolder is removed at the end.
     settings : mapping, optional
         The job's settings (default: this process's environment): ``ATLAS_RESULTS_BUCKET``,
-        ``ATLAS_OVERVIEW_BUCKET``, the segmentation weights, the viewer folder.
+        ``ATLAS_OVERVIEW_BUCKET``, ``ATLAS_BUCKET_OWNER`` (:func:`own_buckets`), the segmentation
+        weights, the viewer folder.
 
     Raises
     ------
@@ -259,6 +277,7 @@ def run_stage_job(stage_name: str, *, slide_uri: str, work_uri: str, run_id: str
     place = JobPlace.parse(slide_uri, work_uri, run_id)
     settings = os.environ if settings is None else settings
     s3 = s3 or s3_client()
+    own_buckets(s3, place, settings)
     counter = counted(s3)
     slide, work = S3Store(s3, place.slide, counter=counter), S3Store(s3, place.work, counter=counter)
     existing = records.finished_record(work, job, run_id)

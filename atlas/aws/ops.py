@@ -32,11 +32,11 @@ from botocore.exceptions import ClientError
 from atlas import layout
 from atlas.aws import catalog
 from atlas.aws.catalog import Status
-from atlas.aws.s3 import S3Uri, get_bytes, list_sizes, parallel_map, s3_client
+from atlas.aws.s3 import S3Uri, expect_bucket_owner, get_bytes, list_sizes, parallel_map, s3_client
 from atlas.errors import InvalidInput, Problem
 from atlas.params import parse_params
 from atlas.pipeline import records as completion
-from atlas.slide.convention import MANIFEST, MARKERS, PARAMS, parse_manifest, parse_markers, run_id_for
+from atlas.slide.convention import MARKERS, PARAMS, SLIDE_MANIFEST, parse_manifest, parse_markers, run_id_for
 from atlas.slide.story import STORY, check_story, parse_story
 from atlas.stages import STAGES, Stage, batch_jobs, get_stage, run_jobs
 
@@ -107,6 +107,12 @@ def state_machine_of(execution_arn: str) -> str:
     """``arn:aws:states:R:A:execution:MACHINE:NAME`` -> ``arn:aws:states:R:A:stateMachine:MACHINE``."""
     head, _, _name = execution_arn.rpartition(":")
     return head.replace(":execution:", ":stateMachine:", 1)
+
+
+def own_run_buckets(s3, execution_arn: str, *places: S3Uri) -> None:
+    """``ExpectedBucketOwner`` on the requests of ``s3`` to the buckets of ``places`` (a run's slide and
+    work prefixes): they belong to the account that deployed the pipeline, the one its execution ARN names."""
+    expect_bucket_owner(s3, execution_arn.split(":")[4], {place.bucket for place in places})
 
 
 # --- status -------------------------------------------------------------------------------------
@@ -295,6 +301,8 @@ def slide_status(slide_id: str, *, table, sfn=None, s3=None) -> SlideStatus:
         execution_status = described["status"]
         work_uri = work_uri or json.loads(described.get("input") or "{}").get("work_uri")
         current = current_job(sfn, execution_arn)
+    if execution_arn and work_uri:
+        own_run_buckets(s3, execution_arn, S3Uri.parse(work_uri))
     records = completion_records(s3, S3Uri.parse(work_uri), run_id) if work_uri and run_id else {}
     stages, current = stage_progress(records, execution_status=execution_status, current=current)
     costs = [job_cost(r) for r in records.values()]
@@ -405,7 +413,7 @@ def copy_slide(s3, slide: S3Uri, target: S3Uri, manifest: bytes, files: Mapping[
                                      target.join(rel).key), copied)
     for name, data in files.items():
         s3.put_object(Bucket=target.bucket, Key=target.join(name).key, Body=data)
-    s3.put_object(Bucket=target.bucket, Key=target.join(MANIFEST).key, Body=manifest)
+    s3.put_object(Bucket=target.bucket, Key=target.join(SLIDE_MANIFEST).key, Body=manifest)
 
 
 def rerun(slide_id: str, *, table, from_stage: str | None = None, params_text: str | None = None,
@@ -450,6 +458,7 @@ def rerun(slide_id: str, *, table, from_stage: str | None = None, params_text: s
     _check_rerunnable(slide_id, slide, sfn)
     payload = previous.get("input") or json.loads(sfn.describe_execution(executionArn=execution_arn)["input"])
     slide_uri, work_uri = S3Uri.parse(payload["slide_uri"]).prefix(), S3Uri.parse(payload["work_uri"]).prefix()
+    own_run_buckets(s3, execution_arn, slide_uri, work_uri)
     first = _first_stage(from_stage)
     reused = list(STAGES[:first])
     manifest = _slide_manifest(s3, slide_uri)
@@ -494,10 +503,10 @@ def _new_run_id(slide_id: str, manifest: bytes, taken: Mapping) -> str:
 
 def _slide_manifest(s3, slide: S3Uri) -> bytes:
     """The manifest.json of the slide (or params copy) a run read; InvalidInput when it is gone."""
-    manifest = get_bytes(s3, slide.join(MANIFEST))
+    manifest = get_bytes(s3, slide.join(SLIDE_MANIFEST))
     if manifest is None:
         expired = slide.key.startswith(RERUN_PREFIX + "/")
-        raise InvalidInput(Problem(str(slide.join(MANIFEST)), "the slide this run read is gone"
+        raise InvalidInput(Problem(str(slide.join(SLIDE_MANIFEST)), "the slide this run read is gone"
                                    + (" (a params copy, expired with the work bucket's retention)" if expired else ""),
                                    "rerun with --params again" if expired
                                    else "upload the slide again (`atlas upload`)"))

@@ -11,6 +11,7 @@ a connection pool sized for parallel transfers) or one given by the caller. What
   client given, optionally answering listings from known sizes; the class lives in
   :mod:`atlas.aws.s3zarr`, loaded on first use: the Lambdas import this module and have no zarr);
 - :func:`requester_pays` -- the ``x-amz-request-payer`` header on every request of a client;
+- :func:`expect_bucket_owner` -- ``ExpectedBucketOwner`` on every request of a client to our buckets;
 - :func:`count_transfers` -- a botocore event hook counting requests and bytes of a client.
 """
 from __future__ import annotations
@@ -37,6 +38,9 @@ MISSING_CODES = frozenset({"NoSuchKey", "NoSuchVersion", "NotFound", "404"})
 # A conditional request (If-Match / If-None-Match) whose condition did not hold.
 PRECONDITION_CODES = frozenset({"PreconditionFailed", "412"})
 REQUEST_PAYER_HEADER = "x-amz-request-payer"
+# The account owning the buckets of a deployment, where a job or the CLI finds it (the CDK app sets it
+# on the job definitions from the stack's account; analysts and labs may set it for the CLI).
+BUCKET_OWNER_ENV = "ATLAS_BUCKET_OWNER"
 TRANSFER_THREADS = 16                   # parallel requests of parallel_map (S3 requests are latency-bound)
 RETRIES = {"max_attempts": 10, "mode": "standard"}  # throttling, 5xx and dropped connections
 
@@ -111,6 +115,60 @@ def requester_pays(client):
     The header is added before signing, so it is part of the SigV4 signature as S3 requires.
     """
     client.meta.events.register("before-sign.s3", _add_request_payer, unique_id="atlas-request-payer")
+    return client
+
+
+def _copy_source_bucket(source) -> str | None:
+    """The bucket of a CopySource parameter (``{"Bucket": ...}`` or ``"bucket/key[?versionId=...]"``)."""
+    if isinstance(source, Mapping):
+        return source.get("Bucket")
+    return source.lstrip("/").partition("/")[0] if isinstance(source, str) else None
+
+
+def is_account_id(value: str) -> bool:
+    """True for an AWS account id: 12 digits."""
+    return len(value) == 12 and value.isdigit()
+
+
+def expect_bucket_owner(client, account: str, buckets: Iterable[str]):
+    """Make ``client`` send ``ExpectedBucketOwner=account`` on every request to one of ``buckets``; returns it.
+
+    S3 then refuses (403) a request whose bucket is owned by another account: a bucket of ours that
+    was deleted and re-created elsewhere under its (predictable) name cannot be read from or
+    written to by mistake. Copies from one of ``buckets`` also get ``ExpectedSourceBucketOwner``.
+    Requests to other buckets (an analyst's own, another lab's) are left as they are, and so are
+    operations without the parameter and pre-signed URLs (a browser could not send the header).
+    A parameter the caller gave wins. Registering the same account and buckets again changes
+    nothing; other buckets add to them.
+
+    Parameters
+    ----------
+    client : botocore S3 client
+    account : str
+        The owning AWS account id (12 digits).
+    buckets : iterable of str
+        Bucket names owned by ``account``.
+
+    Raises
+    ------
+    ValueError
+        ``account`` is not an AWS account id.
+    """
+    if not is_account_id(account):
+        raise ValueError(f"{account!r} is not an AWS account id (12 digits)")
+    owned = frozenset(buckets)
+
+    def add_owner(params, model, context, **_) -> None:
+        if context.get("is_presign_request"):
+            return
+        members = model.input_shape.members if model.input_shape is not None else {}
+        if "ExpectedBucketOwner" in members and params.get("Bucket") in owned:
+            params.setdefault("ExpectedBucketOwner", account)
+        if "ExpectedSourceBucketOwner" in members and _copy_source_bucket(params.get("CopySource")) in owned:
+            params.setdefault("ExpectedSourceBucketOwner", account)
+
+    client.meta.events.register("provide-client-params.s3", add_owner,
+                                unique_id=f"atlas-bucket-owner:{account}:{','.join(sorted(owned))}")
     return client
 
 

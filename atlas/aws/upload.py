@@ -21,7 +21,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from atlas.aws.catalog import SHA256_METADATA
 from atlas.aws.s3 import S3Uri, is_missing, s3_client
 from atlas.errors import InvalidInput, Problem
-from atlas.slide.convention import MANIFEST, check_slide_id, manifest_bytes, run_id_for, slide_manifest
+from atlas.slide.convention import SLIDE_MANIFEST, check_slide_id, manifest_bytes, run_id_for, slide_manifest
 from atlas.slide.validate import validate_with_manifest
 
 T = TypeVar("T")
@@ -152,7 +152,7 @@ def upload_slide(slide_dir: Path, uri: str, *, s3=None, progress=None, attempts:
     if problems := validate_with_manifest(slide_dir, slide_id, data):
         raise InvalidInput(problems)
     prefix = root.join(slide_id).prefix()
-    result = UploadResult(slide_id, str(prefix.join(MANIFEST)), run_id_for(slide_id, data))
+    result = UploadResult(slide_id, str(prefix.join(SLIDE_MANIFEST)), run_id_for(slide_id, data))
     config = TransferConfig(multipart_threshold=multipart_threshold, multipart_chunksize=multipart_chunk)
     sender = _Sender(s3 or s3_client(), prefix, config, _Progress(progress, f"upload {slide_id}",
                                                                    sum(f["size"] for f in doc["files"]) + len(data)))
@@ -163,7 +163,7 @@ def upload_slide(slide_dir: Path, uri: str, *, s3=None, progress=None, attempts:
         if not sent:
             sender.progress.advance(entry["size"])  # already there: counts at once
     send = functools.partial(sender.send_manifest, data)
-    result.add(MANIFEST, len(data), _with_retries(send, MANIFEST, attempts, backoff_s))
+    result.add(SLIDE_MANIFEST, len(data), _with_retries(send, SLIDE_MANIFEST, attempts, backoff_s))
     sender.progress.advance(len(data))
     return result
 
@@ -211,7 +211,7 @@ class _Sender:
 
     def send_manifest(self, data: bytes) -> bool:
         """manifest.json (last); False when the same manifest is there: the catalog has (or had) this run."""
-        key, sha256 = self.prefix.join(MANIFEST).key, hashlib.sha256(data).hexdigest()
+        key, sha256 = self.prefix.join(SLIDE_MANIFEST).key, hashlib.sha256(data).hexdigest()
         if self._present(key, sha256):
             return False
         self.s3.put_object(Bucket=self.prefix.bucket, Key=key, Body=data, ContentType="application/json",

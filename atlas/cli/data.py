@@ -10,12 +10,16 @@ from rich.table import Table
 
 from atlas.aws import access
 from atlas.aws.release import RESULTS_BUCKET_ENV
+from atlas.aws.s3 import BUCKET_OWNER_ENV
 
 data_app = typer.Typer(help="Published results (requester pays, us-east-1): list, price, download, open lazily. "
                             "Your AWS account pays its requests and transfer.", no_args_is_help=True)
 
 BUCKET = typer.Option(None, "--bucket", envvar=RESULTS_BUCKET_ENV, show_envvar=True,
                       help="results bucket name (from the data team)")
+OWNER = typer.Option(None, "--bucket-owner", envvar=BUCKET_OWNER_ENV, show_envvar=True,
+                     help="AWS account id owning the results bucket (optional, from the data team): S3 then "
+                          "refuses every request if another account owns a bucket of that name")
 RUN = typer.Option(None, "--run", help="run id of the release (default: the latest release)")
 LEVELS = typer.Option(None, "--levels", help="data levels, e.g. 2,3,4 (2 image, 3 masks, 4 tables, 5 overview, "
                                              "qc; default all)")
@@ -42,7 +46,7 @@ def level_token(level: int | None) -> str:
 
 @data_app.command("ls")
 def ls(slide: str = typer.Argument(None, help="slide id (default: list the slides)"), run: str = RUN,
-       bucket: str = BUCKET,
+       bucket: str = BUCKET, owner: str = OWNER,
        index: str = typer.Option(None, "--index", help="list the slides of a portal instead (its address, "
                                                        "https://.../index.json, or a local index.json); no AWS "
                                                        "account needed")) -> None:
@@ -51,7 +55,7 @@ def ls(slide: str = typer.Argument(None, help="slide id (default: list the slide
     if index is not None:
         ls_index(console, index, slide)
         return
-    client = access.results_client()
+    client = access.results_client(owner=owner, bucket=bucket)
     if slide is None:
         slides = access.list_published_slides(bucket=bucket, client=client)
         table = Table("slide", "latest release", "files", "size", "released", title=f"s3://{access.results_bucket(bucket)}")
@@ -99,14 +103,14 @@ def ls_index(console: Console, location: str, slide: str | None) -> None:
 @data_app.command("cost")
 def cost(slide: str = typer.Argument(..., help="slide id"), levels: str = LEVELS,
          from_region: str = typer.Option(None, "--from-region", help="AWS region you would read from, e.g. eu-west-1"),
-         run: str = RUN, bucket: str = BUCKET) -> None:
+         run: str = RUN, bucket: str = BUCKET, owner: str = OWNER) -> None:
     """Estimate what downloading levels of a release costs your account.
 
     Inside us-east-1, from another region, and to the internet.
     """
     console = Console()
     wanted = access.parse_levels(levels)
-    release = access.get_release(slide, run, bucket=bucket, client=access.results_client())
+    release = access.get_release(slide, run, bucket=bucket, client=access.results_client(owner=owner, bucket=bucket))
     estimate = access.estimate_cost(release, wanted, from_region=from_region)
     chosen = "all levels" if wanted is None else "levels " + ", ".join(sorted(map(level_token, wanted)))
     console.print(f"[bold]{slide}[/] release {release.run_id}, {chosen}: {estimate.files} files, "
@@ -123,12 +127,12 @@ def cost(slide: str = typer.Argument(..., help="slide id"), levels: str = LEVELS
 @data_app.command("get")
 def get(slide: str = typer.Argument(..., help="slide id"), out: Path = typer.Option(..., "-o", "--out",
                                                                                    help="download folder"),
-        levels: str = LEVELS, run: str = RUN, bucket: str = BUCKET,
+        levels: str = LEVELS, run: str = RUN, bucket: str = BUCKET, owner: str = OWNER,
         threads: int = typer.Option(access.DOWNLOAD_THREADS, help="parallel requests")) -> None:
     """Download levels of a release (parallel ranged GETs), resuming an interrupted download, sha256-checked."""
     console = Console(stderr=True)
     wanted = access.parse_levels(levels)
-    client = access.results_client()
+    client = access.results_client(owner=owner, bucket=bucket)
     release = access.get_release(slide, run, bucket=bucket, client=client)
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                TimeRemainingColumn())
@@ -148,10 +152,11 @@ def get(slide: str = typer.Argument(..., help="slide id"), out: Path = typer.Opt
 
 
 @data_app.command("open")
-def open_(slide: str = typer.Argument(..., help="slide id"), run: str = RUN, bucket: str = BUCKET) -> None:
+def open_(slide: str = typer.Argument(..., help="slide id"), run: str = RUN, bucket: str = BUCKET,
+          owner: str = OWNER) -> None:
     """Open the slide's OME-Zarr lazily over S3: print its levels and a Python snippet that reads a region."""
     console = Console()
-    client = access.results_client()
+    client = access.results_client(owner=owner, bucket=bucket)
     release = access.get_release(slide, run, bucket=bucket, client=client)
     group = access.open_zarr_group(slide, client=client, release=release)
     store = group.store

@@ -12,15 +12,19 @@ from atlas.aws import catalog
 
 
 def demo(out: Path = typer.Option(Path("out/demo"), "-o", "--out",
-                                  help="folder for the sample slide and the downloaded results")) -> None:
-    """Make the sample slide, upload it, and let the real Lambda handlers and the stage jobs process it."""
+                                  help="folder for the sample slide and the downloaded results"),
+         slide: Path = typer.Option(None, "--slide", exists=True, file_okay=False,
+                                    help="a slide folder to run instead of the built-in sample (e.g. one made by "
+                                         "`atlas sample DIR --rows R --cols C`)")) -> None:
+    """Make the sample slide (or take --slide), upload it, and let the real Lambda handlers and the stage
+    jobs process it. Each job runs as its own process; OUT/jobs.json lists them with time and peak memory."""
     from localcloud.demo import run_demo  # the harness runs from a checkout only: not needed by other verbs
 
     console = Console()
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                   console=console, transient=True) as progress:
-        result = run_demo(out, say=lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True),
-                          progress=progress)
+        result = run_demo(out, slide_dir=slide, progress=progress,
+                          say=lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True))
     record = result.record
     console.print(f"\nslide {catalog.slide_id_of(record.get('pk', ''))}: [bold]{record.get('status')}[/] "
                   f"(run {record.get('run_id', '-')})")

@@ -15,7 +15,7 @@ from atlas import layout
 from atlas.errors import InvalidInput
 from atlas.pipeline import records
 from atlas.pipeline.runner import pending, run_job, stage_context
-from atlas.slide.convention import MANIFEST, run_id_for
+from atlas.slide.convention import SLIDE_MANIFEST, run_id_for
 from atlas.slide.validate import validate_slide
 from atlas.stages import STAGES, Job, Stage, StageContext
 from atlas.storage import FolderStore, IoCounter
@@ -45,7 +45,7 @@ def make_context(slide_dir: Path, out_dir: Path, run_id: str | None = None, *,
     problems = validate_slide(slide_dir)
     if problems:
         raise InvalidInput(problems)
-    run_id = run_id or run_id_for(slide_dir.name, (slide_dir / MANIFEST).read_bytes())
+    run_id = run_id or run_id_for(slide_dir.name, (slide_dir / SLIDE_MANIFEST).read_bytes())
     out_dir.mkdir(parents=True, exist_ok=True)
     return folder_context(slide_dir, out_dir, run_id=run_id, settings=settings)
 

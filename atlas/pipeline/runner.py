@@ -40,7 +40,7 @@ from atlas.pipeline.contract import (
 from atlas.pipeline.usage import JobUsage
 from atlas.science.overview.site import VIEWER_ENV, default_viewer_dir
 from atlas.science.segmentation import EngineSettings
-from atlas.slide.convention import MANIFEST, PARAMS, parse_manifest
+from atlas.slide.convention import PARAMS, SLIDE_MANIFEST, parse_manifest
 from atlas.stages import STAGES, CompletionRecord, Job, StageContext, matches
 from atlas.storage import IntegrityError, JobView, MissingObject, Store, UndeclaredAccess
 
@@ -71,9 +71,9 @@ def slide_entries(slide: Store) -> dict[str, dict]:
     Raises InvalidInput when there is no manifest.
     """
     try:
-        text = slide.read_text(MANIFEST)
+        text = slide.read_text(SLIDE_MANIFEST)
     except MissingObject as exc:
-        raise InvalidInput(Problem(MANIFEST, f"missing at {slide.uri}",
+        raise InvalidInput(Problem(SLIDE_MANIFEST, f"missing at {slide.uri}",
                                    "upload the slide with `atlas upload`, which writes manifest.json last")) from exc
     return {e.path: {"path": e.path, "size": e.size, "sha256": e.sha256} for e in parse_manifest(text)}
 

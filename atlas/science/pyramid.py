@@ -9,6 +9,12 @@ Pyramid levels halve the previous level (rounding sizes up) until the longest si
 tile, like ASHLAR's writer. Intensity images are reduced by the mean of each 2 x 2 block
 (rounded to the input dtype); integer label images (``labels=True``) by taking every second
 pixel (``[::2, ::2]``), so labels are never averaged into ids that do not exist.
+
+Metadata, the same in both formats: the image is named (OME ``Image@Name``, NGFF
+``multiscales[].name`` / ``omero.name``: the slide id), channels carry their marker names and the
+slide's colours (:func:`atlas.slide.palette.channel_colors`, also the overview's), and nothing
+records a date: no TIFF ``DateTime``, no OME ``AcquisitionDate`` (MITI's rule for patient-derived
+images), whatever the raw files carried.
 """
 from __future__ import annotations
 
@@ -26,9 +32,9 @@ import numpy as np
 import tifffile
 import zarr
 
+from atlas.slide.palette import channel_colors, ome_color
+
 NGFF_VERSION = "0.4"
-# Minerva / auto-minerva channel colors, cycled (formats.md §4.2).
-CHANNEL_COLORS = ("ffffff", "ff0000", "00ff00", "0000ff", "ff00ff", "ffff00", "00ffff")
 # Percentiles of the lowest pyramid level used as the default contrast window of each channel.
 WINDOW_PERCENTILES = (0.5, 99.9)
 _ZARR_COMPRESSOR = numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.BITSHUFFLE)
@@ -158,6 +164,14 @@ def _ome_uuid(path: Path, shape: tuple[int, ...], channel_names: Sequence[str]) 
     return f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, f'atlas:{path.name}:{shape}:{list(channel_names)}')}"
 
 
+def image_name(path: str | os.PathLike) -> str:
+    """An image's name from its file name: ``registration/S1.ome.tif`` -> ``S1`` (the slide id)."""
+    name = Path(path).name
+    for suffix in (".ome.tif", ".ome.tiff", ".ome.zarr"):
+        name = name.removesuffix(suffix)
+    return name
+
+
 def write_ome_tiff_pyramid(path: str | os.PathLike, image: ArrayLike, *, channel_names: Sequence[str],
                            pixel_size_um: float, tile_size: int = 1024, labels: bool = False,
                            subresolutions: Sequence[ArrayLike] | None = None, workers: int | None = None) -> None:
@@ -171,7 +185,9 @@ def write_ome_tiff_pyramid(path: str | os.PathLike, image: ArrayLike, *, channel
         uint8/uint16/float intensities, or integer labels (e.g. uint32) with ``labels=True``.
         Read one ``tile_size`` block at a time.
     channel_names : sequence of str
-        One OME ``Channel@Name`` per channel.
+        One OME ``Channel@Name`` per channel; ``Channel@Color`` from
+        :func:`atlas.slide.palette.channel_colors` of them. The OME ``Image@Name`` is
+        :func:`image_name` of ``path`` (the slide id for ``registration/<slide>.ome.tif``).
     pixel_size_um : float
         Physical pixel size in µm (square pixels), written as PhysicalSizeX/Y and TIFF resolution.
     tile_size : int
@@ -188,7 +204,8 @@ def write_ome_tiff_pyramid(path: str | os.PathLike, image: ArrayLike, *, channel
     -----
     Memory: a few tiles per CPU (tifffile encodes them in parallel); never a channel plane.
     Compression: Deflate with horizontal predictor, as ASHLAR writes; readable by Bio-Formats,
-    QuPath, napari (tifffile) and OpenSlide-free viewers.
+    QuPath, napari (tifffile) and OpenSlide-free viewers. No TIFF ``DateTime`` tag and no OME
+    ``AcquisitionDate`` are written.
     """
     path = Path(path)
     image = _as_cyx(image)
@@ -210,9 +227,11 @@ def write_ome_tiff_pyramid(path: str | os.PathLike, image: ArrayLike, *, channel
         workers = workers or os.cpu_count() or 1
         options = {"tile": (tile_size, tile_size), "dtype": dtype, "photometric": "minisblack",
                    "compression": "adobe_deflate", "predictor": dtype.kind in "iu", "maxworkers": workers,
-                   "resolutionunit": "CENTIMETER"}
-        metadata = {"axes": "CYX", "UUID": _ome_uuid(path, image.shape, channel_names),
-                    "Creator": "tissue-atlas", "Channel": {"Name": list(channel_names)},
+                   "resolutionunit": "CENTIMETER", "datetime": False}
+        metadata = {"axes": "CYX", "UUID": _ome_uuid(path, image.shape, channel_names), "Name": image_name(path),
+                    "Creator": "tissue-atlas",
+                    "Channel": {"Name": list(channel_names),
+                                "Color": [ome_color(c) for c in channel_colors(channel_names)]},
                     "PhysicalSizeX": pixel_size_um, "PhysicalSizeXUnit": "µm",
                     "PhysicalSizeY": pixel_size_um, "PhysicalSizeYUnit": "µm"}
         with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tif:
@@ -251,9 +270,14 @@ def contrast_windows(level: ArrayLike, percentiles: tuple[float, float] = WINDOW
     return windows
 
 
-def _multiscales(name: str, n_levels: int, pixel_size_um: float) -> list[dict]:
+def _multiscales(name: str, n_levels: int, pixel_size_um: float, *, labels: bool) -> list[dict]:
+    """NGFF 0.4 ``multiscales``, with the recommended ``name``, ``type`` and ``metadata`` (how levels were made)."""
+    method = {"type": "nearest" if labels else "mean",
+              "metadata": {"method": f"{__name__}.downsample", "kwargs": {"labels": labels},
+                           "description": "every second pixel of the level above (label ids are never averaged)"
+                           if labels else "mean of each 2 x 2 block of the level above, rounded to the dtype"}}
     return [{
-        "version": NGFF_VERSION, "name": name,
+        "version": NGFF_VERSION, "name": name, **method,
         "axes": [{"name": "c", "type": "channel"},
                  {"name": "y", "type": "space", "unit": "micrometer"},
                  {"name": "x", "type": "space", "unit": "micrometer"}],
@@ -264,8 +288,7 @@ def _multiscales(name: str, n_levels: int, pixel_size_um: float) -> list[dict]:
 
 
 def write_ome_zarr(path: str | os.PathLike | zarr.abc.store.Store, image: ArrayLike, *, channel_names: Sequence[str],
-                   pixel_size_um: float, tile_size: int = 1024, colors: Sequence[str] | None = None,
-                   name: str | None = None) -> list[zarr.Array]:
+                   pixel_size_um: float, tile_size: int = 1024, name: str | None = None) -> list[zarr.Array]:
     """Write an OME-Zarr (NGFF 0.4, zarr v2 on disk) multiscale image, block by block.
 
     Parameters
@@ -276,15 +299,15 @@ def write_ome_zarr(path: str | os.PathLike | zarr.abc.store.Store, image: ArrayL
     image : (C, Y, X) or (Y, X) array-like
         Intensities; read one ``tile_size`` block at a time.
     channel_names : sequence of str
-        ``omero.channels[].label``.
+        ``omero.channels[].label``; ``omero.channels[].color`` from
+        :func:`atlas.slide.palette.channel_colors` of them.
     pixel_size_um : float
         Pixel size in µm; level k has scale ``pixel_size_um * 2**k`` (axes c, y, x; unit micrometer).
     tile_size : int
         Chunk size (1, tile_size, tile_size); the pyramid stops when a level fits in one chunk.
-    colors : sequence of str, optional
-        6-hex-digit colors per channel; default cycles :data:`CHANNEL_COLORS`.
     name : str, optional
-        The image's name in the metadata; default the folder name without ``.ome.zarr``.
+        The image's name in the metadata (``multiscales[].name``, ``omero.name``: the slide id);
+        default :func:`image_name` of ``path``.
 
     Returns
     -------
@@ -303,7 +326,7 @@ def write_ome_zarr(path: str | os.PathLike | zarr.abc.store.Store, image: ArrayL
         raise ValueError(f"{len(channel_names)} channel names for {image.shape[0]} channels")
     if isinstance(path, (str, os.PathLike)):
         path = Path(path)
-        name = name or path.name.removesuffix(".ome.zarr")
+        name = name or image_name(path)
         if path.exists():
             shutil.rmtree(path)
     elif name is None:
@@ -313,8 +336,7 @@ def write_ome_zarr(path: str | os.PathLike | zarr.abc.store.Store, image: ArrayL
         for k in range(len(levels)):
             for row in range(level_rows(levels[k], tile_size)):
                 write_level_row(levels, k, c, row, tile_size, read=lambda ys, xs, c=c: image[c, ys, xs])
-    describe_ome_zarr(group, levels, channel_names=channel_names, pixel_size_um=pixel_size_um, colors=colors,
-                      name=name)
+    describe_ome_zarr(group, levels, channel_names=channel_names, pixel_size_um=pixel_size_um, name=name)
     return levels
 
 
@@ -353,20 +375,19 @@ def write_level_row(levels: Sequence[zarr.Array], k: int, c: int, row: int, tile
 
 
 def describe_ome_zarr(group: zarr.Group, levels: Sequence[zarr.Array], *, channel_names: Sequence[str],
-                      pixel_size_um: float, name: str, colors: Sequence[str] | None = None) -> None:
+                      pixel_size_um: float, name: str) -> None:
     """Add the NGFF 0.4 image metadata (multiscales, omero with display windows from the smallest
     level) to an OME-Zarr whose levels are written."""
     dtype = np.dtype(levels[0].dtype)
     info = np.iinfo(dtype) if dtype.kind in "iu" else None
-    colors = list(colors) if colors is not None else [CHANNEL_COLORS[i % len(CHANNEL_COLORS)]
-                                                       for i in range(levels[0].shape[0])]
+    colors = channel_colors(channel_names)
     channels = [{"label": label, "color": color, "active": True, "coefficient": 1.0, "family": "linear",
                  "inverted": False,
                  "window": {"min": float(info.min) if info else start, "max": float(info.max) if info else end,
                             "start": start, "end": end}}
                 for label, color, (start, end) in zip(channel_names, colors, contrast_windows(levels[-1]),
                                                       strict=True)]
-    group.attrs.update({"multiscales": _multiscales(name, len(levels), pixel_size_um),
+    group.attrs.update({"multiscales": _multiscales(name, len(levels), pixel_size_um, labels=False),
                         "omero": {"name": name, "version": NGFF_VERSION,
                                   "channels": channels, "rdefs": {"model": "color", "defaultZ": 0, "defaultT": 0}}})
 
@@ -415,7 +436,7 @@ def write_zarr_labels(zarr_path: str | os.PathLike | zarr.abc.store.Store, name:
         _downsample_into(levels[-1], dst, labels=True, size=tile_size)
         levels.append(dst)
     pixel_size = image_ms["datasets"][0]["coordinateTransformations"][0]["scale"][-1]
-    group.attrs.update({"multiscales": _multiscales(name, n_levels, pixel_size),
+    group.attrs.update({"multiscales": _multiscales(name, n_levels, pixel_size, labels=True),
                         "image-label": {"version": NGFF_VERSION, "source": {"image": "../../"}}})
     labels_group.attrs["labels"] = [*[n for n in group_names if n != name], name]
     return levels

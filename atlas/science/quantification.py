@@ -11,21 +11,23 @@ Marker columns are mean raw pixel values inside the label. Morphology follows
 
 How it stays exact, fast and lean
 ---------------------------------
-The image and masks are read in row strips of full width (a multiple of the file's tile height),
-so memory is a few strips, whatever the slide's height or channel count.
+The image and masks are read once, in row strips of full width (a multiple of the file's tile
+height), one channel at a time, the next block read while the current one is summed; memory is
+a few strips whatever the slide's height or channel count.
 
 * Means: per strip and channel one ``np.bincount`` with float64 weights. The running sums of the
   labels present in the strip are prepended to the strip's pixels, so every label's pixels are
   added one by one in raster order starting from 0.0 -- the very additions
   ``scipy.ndimage.mean`` makes over the whole image, hence bit-identical results for any dtype.
-* Morphology: computed once from the masks' row runs (maximal horizontal stretches of one
-  label). Area, centroid and second moments are integer sums over runs in closed form; the
+* Morphology: from the masks' row runs (maximal horizontal stretches of one label), gathered in
+  the same pass that indexes the means. Area, centroid and second moments are integer sums over runs in closed form; the
   convex hull that ``Solidity`` needs is built for all labels at once with Andrew's monotone
   chain run in lock-step over labels, and its pixels are counted in exact integer arithmetic.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import pairwise
 
@@ -328,55 +330,70 @@ def _rows(array, r0: int, r1: int, channel: int = 0) -> np.ndarray:
     return np.ascontiguousarray(array[channel, r0:r1])
 
 
-def mask_morphology(mask, name: str = "mask", rows: int | None = None,
-                    progress: Callable[[int], None] | None = None) -> Morphology:
-    """Morphology of every label of a mask read in row strips.
+def _read_ahead(reads: Iterable[Callable[[], np.ndarray]]) -> Iterator[np.ndarray]:
+    """The result of each read in order, the next one running in a thread while the caller works.
 
-    Parameters
-    ----------
-    mask : (Y, X) or (1, Y, X) integer array-like
-        Label image, 0 = background; numpy or zarr (read strip by strip).
-    name : str
-        Used in error messages.
-    rows : int, optional
-        Rows per strip (default :func:`strip_rows`).
-    progress : callable, optional
-        Called with the number of rows done after each strip.
+    Reading (file I/O, decompression, zarr's copies) overlaps the arithmetic on the block before;
+    at most two blocks are in memory.
     """
-    height, width = mask.shape[-2:]
-    rows = rows or strip_rows(mask, width)
-    parts = []
-    for r0 in range(0, height, rows):
-        r1 = min(r0 + rows, height)
-        starts, values, lengths = _row_runs(_rows(mask, r0, r1))
-        keep = values != 0
-        if keep.any() and values[keep].min() < 0:
-            raise NegativeLabels(name)
-        starts = starts[keep]
-        parts.append((values[keep], (starts // width + r0).astype(np.int32), (starts % width).astype(np.int32),
-                      lengths[keep].astype(np.int32)))
-        if progress:
-            progress(r1 - r0)
-    runs = [np.concatenate(p) for p in zip(*parts, strict=True)]
-    del parts
-    return morphology_from_runs(*runs)
+    with ThreadPoolExecutor(1, thread_name_prefix="read-ahead") as pool:
+        pending = None
+        for read in reads:
+            ahead = pool.submit(read)
+            if pending is not None:
+                yield pending.result()
+            pending = ahead
+        if pending is not None:
+            yield pending.result()
 
 
-def _strip_index(block: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Where a strip's foreground pixels are and which label each has.
+class _RunningSums:
+    """Per-label float64 sums of several channels, grown strip by strip in raster order.
+
+    Labels are added as strips reveal them (sorted, with their sums), so a single pass over the
+    masks serves both the shape features and the means.
+    """
+
+    def __init__(self, n_channels: int):
+        self.labels = np.empty(0, np.int64)
+        self.sums = np.zeros((n_channels, 0))
+
+    def positions(self, present: np.ndarray) -> np.ndarray:
+        """Columns of ``self.sums`` of the (sorted, unique) ``present`` labels, adding new ones."""
+        at = np.searchsorted(self.labels, present)
+        known = at < self.labels.size
+        known[known] = self.labels[at[known]] == present[known]
+        if not known.all():
+            new = present[~known]
+            where = np.searchsorted(self.labels, new)
+            self.labels = np.insert(self.labels, where, new)
+            self.sums = np.insert(self.sums, where, 0.0, axis=1)
+            at = np.searchsorted(self.labels, present)
+        return at
+
+
+def _strip_runs(block: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Foreground row runs of a mask strip: flat start, label, length (see :func:`_row_runs`)."""
+    starts, values, lengths = _row_runs(block)
+    keep = values != 0
+    if keep.any() and values[keep].min() < 0:
+        raise NegativeLabels(name)
+    return starts[keep], values[keep], lengths[keep]
+
+
+def _strip_index(starts: np.ndarray, values: np.ndarray, lengths: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Where a strip's foreground pixels are and which label each has, from its foreground runs.
 
     Returns
     -------
-    present : (L,) label values in the strip, ascending (background left out).
+    present : (L,) label values in the strip, ascending.
     index : (L + F,) intp
         ``0..L-1`` (where the running sums go), then the local label index of each of the F
         foreground pixels in raster order.
     take : (F,) intp
-        Flat position of each foreground pixel in ``block``.
+        Flat position of each foreground pixel in the strip.
     """
-    starts, values, lengths = _row_runs(block)
-    fg = values != 0
-    starts, values, lengths = starts[fg], values[fg], lengths[fg]
     present, inverse = np.unique(values, return_inverse=True)
     n = present.size
     index = np.repeat(np.r_[np.arange(n), inverse.ravel()], np.r_[np.ones(n, np.int64), lengths])
@@ -384,51 +401,78 @@ def _strip_index(block: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return present, index, take
 
 
-def mean_intensities(image, masks: Mapping[str, object], labels: Mapping[str, np.ndarray],
-                     area: Mapping[str, np.ndarray], channels: Sequence[int], *,
-                     rows: int | None = None,
-                     progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
-    """Mean pixel value of each label in each channel, bit-identical to ``scipy.ndimage.mean``.
+def measure(image, masks: Mapping[str, object], channels: Sequence[int], *, rows: int | None = None,
+            progress: Callable[[int], None] | None = None) -> dict[str, tuple[Morphology, np.ndarray]]:
+    """Shape of every label of each mask and its mean in each channel, in one pass over the rows.
 
     Parameters
     ----------
     image : (C, Y, X) or (Y, X) array-like
         Numpy or zarr; read strip by strip, each strip of each channel once for all masks.
     masks : dict of str to (Y, X) integer array-like
-    labels, area : dict of str to (K,) ndarray
-        Every label of each mask (ascending) and its pixel count (see :func:`mask_morphology`).
     channels : sequence of int
         Image channels to measure, in output order.
     rows : int, optional
         Rows per strip (default :func:`strip_rows` of the image).
     progress : callable, optional
-        Called with the number of rows done after each strip.
+        Called with the number of rows done after each mask strip and each image strip.
 
     Returns
     -------
-    dict of str to (K, len(channels)) float64
+    dict of str to (Morphology, (K, len(channels)) float64 means)
+
+    Notes
+    -----
+    Means are bit-identical to ``scipy.ndimage.mean`` for every dtype: per strip and channel one
+    ``np.bincount`` over the foreground pixels, with the running sums of the labels present in
+    the strip prepended to its pixels, so every label's float64 additions happen one by one in
+    raster order from 0.0 -- the very additions of one bincount over the whole image. The mask
+    strips are read once: their row runs feed the shape features (:func:`morphology_from_runs`)
+    and index the means. The next block is read while the current one is summed.
     """
     height, width = image.shape[-2:]
     rows = rows or strip_rows(image, width)
-    sums = {name: np.zeros((len(channels), labels[name].size)) for name in masks}
-    for r0 in range(0, height, rows):
-        r1 = min(r0 + rows, height)
+    strips = [(r0, min(r0 + rows, height)) for r0 in range(0, height, rows)]
+    sums = {name: _RunningSums(len(channels)) for name in masks}
+    runs: dict[str, list] = {name: [] for name in masks}
+
+    def reads() -> Iterator[Callable[[], np.ndarray]]:
+        for r0, r1 in strips:
+            for mask in masks.values():
+                yield lambda mask=mask, r0=r0, r1=r1: _rows(mask, r0, r1)
+            for channel in channels:
+                yield lambda channel=channel, r0=r0, r1=r1: _rows(image, r0, r1, channel).ravel()
+
+    blocks = _read_ahead(reads())
+    for r0, r1 in strips:
         index = {}
-        for name, mask in masks.items():
-            if labels[name].size:
-                present, idx, take = _strip_index(_rows(mask, r0, r1))
-                index[name] = (np.searchsorted(labels[name], present), idx, take, np.empty(idx.size))
-        for j, channel in enumerate(channels if index else ()):
-            plane = _rows(image, r0, r1, channel).ravel()
+        for name in masks:
+            starts, values, lengths = _strip_runs(next(blocks), name)
+            runs[name].append((values, (starts // width + r0).astype(np.int32),
+                               (starts % width).astype(np.int32), lengths.astype(np.int32)))
+            if values.size:
+                present, idx, take = _strip_index(starts, values, lengths)
+                index[name] = (sums[name].positions(present), idx, take, np.empty(idx.size))
+            if progress:
+                progress(r1 - r0)
+        for j in range(len(channels)):
+            plane = next(blocks)
             for name, (pos, idx, take, weights) in index.items():
                 # Running sums first, then the pixels: each label's float64 additions happen in
                 # raster order from 0.0, exactly as one bincount over the whole image makes them.
-                weights[:pos.size] = sums[name][j, pos]
+                weights[:pos.size] = sums[name].sums[j, pos]
                 weights[pos.size:] = plane[take]
-                sums[name][j, pos] = np.bincount(idx, weights=weights, minlength=pos.size)
+                sums[name].sums[j, pos] = np.bincount(idx, weights=weights, minlength=pos.size)
         if progress:
             progress(r1 - r0)
-    return {name: (sums[name] / area[name].astype(np.float64)).T for name in masks}
+    result = {}
+    for name in masks:
+        shape = morphology_from_runs(*(np.concatenate(part) for part in zip(*runs[name], strict=True)))
+        runs[name] = None
+        if not np.array_equal(shape.labels, sums[name].labels):
+            raise AssertionError(f"mask {name!r}: labels of the shape and mean passes differ")
+        result[name] = (shape, (sums[name].sums / shape.area.astype(np.float64)).T)
+    return result
 
 
 def feature_table(morphology: Morphology, means: np.ndarray, marker_names: Sequence[str]) -> pd.DataFrame:
@@ -492,7 +536,5 @@ def quantify(image, masks: Mapping[str, object], marker_names: Sequence[str], *,
                              "the mask must cover the image pixel for pixel")
         if not np.issubdtype(mask.dtype, np.integer):
             raise ValueError(f"mask {name!r} has dtype {mask.dtype}; labels must be integers")
-    shapes = {name: mask_morphology(mask, name, rows, progress) for name, mask in masks.items()}
-    means = mean_intensities(image, masks, {n: s.labels for n, s in shapes.items()},
-                             {n: s.area for n, s in shapes.items()}, channels, rows=rows, progress=progress)
-    return {name: feature_table(shapes[name], means[name], marker_names) for name in masks}
+    measured = measure(image, masks, channels, rows=rows, progress=progress)
+    return {name: feature_table(shape, means, marker_names) for name, (shape, means) in measured.items()}

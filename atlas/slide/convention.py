@@ -23,7 +23,7 @@ from atlas.errors import InvalidInput, Problem
 from atlas.params import PARAMS as PARAMS  # part of the convention; parsed by atlas.params
 
 MARKERS = "markers.csv"
-MANIFEST = "manifest.json"
+SLIDE_MANIFEST = "manifest.json"   # the upload's manifest, written last (the release's own is atlas.layout.MANIFEST)
 RAW = "raw"
 RAW_SUFFIXES = (".ome.tif", ".ome.tiff")
 RAW_DTYPES = ("uint8", "uint16")             # pixel types of raw tiles: what ASHLAR's reader stitches
@@ -192,7 +192,7 @@ def channels_per_cycle(markers: list[Marker]) -> dict[int, int]:
     return counts
 
 
-def parse_manifest(text: str, file: str = MANIFEST) -> list[ManifestEntry]:
+def parse_manifest(text: str, file: str = SLIDE_MANIFEST) -> list[ManifestEntry]:
     """Parse manifest.json: ``{"slide_id": ..., "files": [{"path", "size", "sha256"}, ...]}``."""
     fix = "regenerate it with `atlas upload` (or `atlas manifest SLIDE`) after the last file is in place"
     try:
@@ -200,7 +200,7 @@ def parse_manifest(text: str, file: str = MANIFEST) -> list[ManifestEntry]:
         entries = [ManifestEntry(str(f["path"]), int(f["size"]), str(f["sha256"]).lower()) for f in doc["files"]]
     except (ValueError, KeyError, TypeError) as exc:
         raise InvalidInput(Problem(file, f"not a valid manifest ({exc.__class__.__name__}: {exc})", fix)) from exc
-    bad = [e.path for e in entries if e.path.startswith("/") or ".." in e.path.split("/") or e.path == MANIFEST]
+    bad = [e.path for e in entries if e.path.startswith("/") or ".." in e.path.split("/") or e.path == SLIDE_MANIFEST]
     if bad:
         raise InvalidInput(Problem(file, f"entries {bad} are not relative paths inside the slide", fix))
     return entries
@@ -219,7 +219,7 @@ def slide_files(slide_dir: Path) -> list[str]:
     """Every file of a slide folder except the manifest, as sorted POSIX relative paths."""
     slide_dir = Path(slide_dir)
     return sorted(p.relative_to(slide_dir).as_posix() for p in slide_dir.rglob("*")
-                  if p.is_file() and p.relative_to(slide_dir).as_posix() != MANIFEST)
+                  if p.is_file() and p.relative_to(slide_dir).as_posix() != SLIDE_MANIFEST)
 
 
 def slide_manifest(slide_dir: Path, slide_id: str | None = None) -> dict:
@@ -244,7 +244,7 @@ def write_manifest(slide_dir: Path) -> Path:
     Unchecked: for slides this package makes. ``atlas manifest`` checks the slide first
     (:func:`atlas.slide.validate.write_checked_manifest`).
     """
-    path = Path(slide_dir) / MANIFEST
+    path = Path(slide_dir) / SLIDE_MANIFEST
     path.write_bytes(manifest_bytes(slide_manifest(slide_dir)))
     return path
 

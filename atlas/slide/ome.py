@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO
 
@@ -66,13 +67,16 @@ class CycleWriter:
     uuid : str, optional
         OME UUID of the file; pass one derived from the content for byte-reproducible files
         (default: a random one, as tifffile does).
+    acquired : datetime, optional
+        Acquisition time, written as microscopes write it: OME ``AcquisitionDate`` of every
+        image and TIFF ``DateTime`` of every IFD (released images never carry it on).
     """
 
     def __init__(self, path: Path, positions_um: np.ndarray, pixel_size_um: float, channel_names: list[str], *,
-                 compression: str | None = "zlib", uuid: str | None = None):
+                 compression: str | None = "zlib", uuid: str | None = None, acquired: datetime | None = None):
         self.positions_um = np.asarray(positions_um, dtype=float)
         self.pixel_size_um, self.channel_names = pixel_size_um, list(channel_names)
-        self.compression, self.uuid = compression, uuid
+        self.compression, self.uuid, self.acquired = compression, uuid, acquired
         self.written = 0
         self._tif = tifffile.TiffWriter(path, bigtiff=True, ome=True)
 
@@ -83,8 +87,9 @@ class CycleWriter:
             raise ValueError(f"tile {i} must be (C, Y, X) with one name per channel and one position per tile; "
                              f"got shape {tile.shape}, {len(self.positions_um)} positions, {n_channels} names")
         y, x = self.positions_um[i]
-        self._tif.write(tile, compression=self.compression, metadata={
-            "axes": "CYX", "Name": f"tile-{i}", **({"UUID": self.uuid} if self.uuid and i == 0 else {}),
+        dated = {"AcquisitionDate": self.acquired.isoformat(timespec="seconds")} if self.acquired else {}
+        self._tif.write(tile, compression=self.compression, datetime=self.acquired or False, metadata={
+            "axes": "CYX", "Name": f"tile-{i}", **({"UUID": self.uuid} if self.uuid and i == 0 else {}), **dated,
             "PhysicalSizeX": self.pixel_size_um, "PhysicalSizeXUnit": "µm",
             "PhysicalSizeY": self.pixel_size_um, "PhysicalSizeYUnit": "µm",
             "Channel": {"Name": self.channel_names},
@@ -110,7 +115,8 @@ class CycleWriter:
 
 
 def write_cycle(path: Path, tiles: np.ndarray, positions_um: np.ndarray, pixel_size_um: float,
-                channel_names: list[str], *, compression: str | None = "zlib", uuid: str | None = None) -> None:
+                channel_names: list[str], *, compression: str | None = "zlib", uuid: str | None = None,
+                acquired: datetime | None = None) -> None:
     """Write one cycle as a multi-series OME-TIFF (see :class:`CycleWriter` to write tile by tile).
 
     Parameters
@@ -120,14 +126,15 @@ def write_cycle(path: Path, tiles: np.ndarray, positions_um: np.ndarray, pixel_s
     tiles : (n_tiles, C, Y, X) uint8 or uint16 ndarray
     positions_um : (n_tiles, 2) float ndarray
         Top-left (y, x) of each tile in µm, image orientation.
-    pixel_size_um, channel_names, compression, uuid
+    pixel_size_um, channel_names, compression, uuid, acquired
         See :class:`CycleWriter`.
     """
     tiles = np.asarray(tiles)
     if tiles.ndim != 4 or len(channel_names) != tiles.shape[1] or len(positions_um) != len(tiles):
         raise ValueError(f"tiles must be (n_tiles, C, Y, X) with one position per tile and one name per channel; "
                          f"got shape {tiles.shape}, {len(positions_um)} positions, {len(channel_names)} names")
-    with CycleWriter(path, positions_um, pixel_size_um, channel_names, compression=compression, uuid=uuid) as writer:
+    with CycleWriter(path, positions_um, pixel_size_um, channel_names, compression=compression, uuid=uuid,
+                     acquired=acquired) as writer:
         for tile in tiles:
             writer.write(tile)
 

@@ -34,6 +34,7 @@ from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +68,9 @@ JITTER_MAX_UM = 5.0
 CYCLE_SHIFT_UM = (8.0, 16.0)            # range of |global shift| of each later cycle (re-mounting error)
 CAMERA_OFFSET = 100.0                   # ADU
 READ_NOISE = 4.0                        # ADU (sd)
+# Microscopes date their files (OME AcquisitionDate, TIFF DateTime); so does the sample's raw
+# upload, one day per cycle, so that the pipeline is seen to keep dates out of every release.
+ACQUIRED = datetime(2024, 3, 5, 14, 22, 31)
 FLAT_CORNER = 0.68                      # illumination at the tile corners relative to the optical centre
 MIN_OVERLAP_PX = 32
 _GEOMETRY, _CAMERA = 7, 8               # purposes of random streams (atlas.slide.specimen uses 1-6)
@@ -414,7 +418,8 @@ def _build(design: SampleDesign, slide_id: str, slide_dir: Path, truth_dir: Path
             file_uuid = uuid.uuid5(uuid.NAMESPACE_URL, f"{GENERATOR}/{GENERATOR_VERSION}/{slide_id}/{design}/{k}")
             writers.append(files.enter_context(CycleWriter(slide_dir / rel, geom.stage_um, PIXEL_SIZE_UM,
                                                            [m.name for m in cycle], compression=None,
-                                                           uuid=f"urn:uuid:{file_uuid}")))
+                                                           uuid=f"urn:uuid:{file_uuid}",
+                                                           acquired=ACQUIRED + timedelta(days=k))))
         for tile in _rendered(design, workers):
             for writer, cycle_tile in zip(writers, tile.tiles, strict=True):
                 writer.write(cycle_tile)

@@ -33,12 +33,12 @@ from typing import Any
 import yaml
 
 from atlas.errors import InvalidInput, Problem
+from atlas.slide.palette import is_nuclear_stain
 
 STORY = "story.yml"
 OUTLINES = "Cell outlines"          # the overview's outline layer (made from the cell mask)
 MASK_NAMES = (OUTLINES,)
 GROUP_NAME = "Group {}"             # automatic groups, numbered from 1 (auto-minerva's names)
-NUCLEAR_STAIN = re.compile(r"dna|hoechst|dapi", re.IGNORECASE)
 COLOR = re.compile(r"#?([0-9a-fA-F]{6})")
 # A view narrower than this many image pixels shows nothing more (the page stops zooming at 4
 # screen pixels per image pixel): the zoom limit of a waypoint.
@@ -132,11 +132,6 @@ class Story:
 
 
 # ---- automatic groups (the default when story.yml has none) ----------------------------------
-
-def is_nuclear_stain(label: str) -> bool:
-    """True for marker names of a DNA stain (DNA_1, Hoechst, DAPI, ...)."""
-    return bool(NUCLEAR_STAIN.search(label))
-
 
 def automatic_groups(labels: Sequence[str], per_group: int) -> list[tuple[str, list[int]]]:
     """``[(name, channel indices)]``: consecutive groups of at most ``per_group`` channels, a new

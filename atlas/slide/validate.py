@@ -16,12 +16,12 @@ import tifffile
 from atlas.errors import InvalidInput, Problem
 from atlas.params import parse_params
 from atlas.slide.convention import (
-    MANIFEST,
     MARKERS,
     PARAMS,
     RAW,
     RAW_DTYPES,
     RAW_SUFFIXES,
+    SLIDE_MANIFEST,
     Marker,
     channels_per_cycle,
     check_slide_id,
@@ -175,7 +175,7 @@ def read_cycles(slide_dir: Path, names: list[str]) -> dict[str, CycleMetadata | 
 def _manifest_problems(manifest_text: str | None, files: dict[str, int]) -> list[Problem]:
     """manifest.json against the files present: missing, extra, or of another size."""
     if manifest_text is None:
-        return [Problem(MANIFEST, "missing", "write manifest.json last (`atlas upload` does it)")]
+        return [Problem(SLIDE_MANIFEST, "missing", "write manifest.json last (`atlas upload` does it)")]
     try:
         listed = {e.path: e for e in parse_manifest(manifest_text)}
     except InvalidInput as exc:
@@ -262,7 +262,7 @@ def validate_slide(slide_dir: Path) -> list[Problem]:
             continue
         if why is not None:
             problems.append(Problem(name, f"truncated: {why}", REUPLOAD))
-    manifest_text = _read_text(slide_dir / MANIFEST)
+    manifest_text = _read_text(slide_dir / SLIDE_MANIFEST)
     problems = check_contents(slide_id=slide_dir.resolve().name, files=files, manifest_text=manifest_text,
                               markers_text=_read_text(slide_dir / MARKERS),
                               params_text=_read_text(slide_dir / PARAMS), cycles=cycles,
@@ -291,7 +291,7 @@ def validate_with_manifest(slide_dir: Path, slide_id: str, manifest: bytes) -> l
         for entry in parse_manifest(manifest.decode()):
             (view / entry.path).parent.mkdir(parents=True, exist_ok=True)
             os.symlink((Path(slide_dir) / entry.path).resolve(), view / entry.path)
-        (view / MANIFEST).write_bytes(manifest)
+        (view / SLIDE_MANIFEST).write_bytes(manifest)
         return validate_slide(view)
 
 
@@ -310,8 +310,8 @@ def write_checked_manifest(slide_dir: Path) -> Path:
     data = manifest_bytes(slide_manifest(slide_dir, slide_id))
     if problems := validate_with_manifest(slide_dir, slide_id, data):
         raise InvalidInput(problems)
-    path = slide_dir / MANIFEST
-    partial = path.with_name(f".{MANIFEST}.partial")
+    path = slide_dir / SLIDE_MANIFEST
+    partial = path.with_name(f".{SLIDE_MANIFEST}.partial")
     partial.write_bytes(data)
     partial.replace(path)   # whole or not at all: the manifest is the slide's completeness signal
     return path

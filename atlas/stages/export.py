@@ -1,4 +1,5 @@
-"""Stage ``export``: the registered image as a pyramidal OME-TIFF, ``registration/<slide>.ome.tif``.
+"""Stage ``export``: the registered image as a pyramidal OME-TIFF, ``registration/<slide>.ome.tif``, and
+the release's HTAN ImagingLevel2 / ImagingLevel3Channels tables of it (:mod:`atlas.slide.htan`).
 
 Streams every level of ``registration/<slide>.ome.zarr`` chunk by chunk into the TIFF writer (a
 file written with seeks: in the job's scratch, then stored whole). It needs only the mosaic's
@@ -7,11 +8,16 @@ zarr, so it can run beside segmentation. The writer is
 """
 from __future__ import annotations
 
+import json
+
 import zarr
 
 from atlas import layout
 from atlas.science.pyramid import write_ome_tiff_pyramid
+from atlas.slide import htan
+from atlas.slide.convention import MARKERS, parse_markers
 from atlas.stages import StageContext
+from atlas.stages.cycles import ALIGNMENT
 
 
 def run(ctx: StageContext) -> None:
@@ -22,6 +28,11 @@ def run(ctx: StageContext) -> None:
     levels = [group[d["path"]] for d in multiscales["datasets"]]
     channels = [c["label"] for c in group.attrs["omero"]["channels"]]
     pixel_size = multiscales["datasets"][0]["coordinateTransformations"][0]["scale"][-1]
+    files = json.loads(ctx.work.read_text(ALIGNMENT))["files"]
+    markers = parse_markers(ctx.slide.read_text(MARKERS))
     with ctx.work.local_file(layout.registration_tiff(ctx.slide_id)) as path:
         write_ome_tiff_pyramid(path, levels[0], subresolutions=levels[1:], channel_names=channels,
                                pixel_size_um=pixel_size, tile_size=levels[0].chunks[-1], workers=ctx.vcpus)
+        htan_tables = htan.level2_rows(path, ctx.slide_id, [f"{ctx.slide_id}/{name}" for name in files], markers)
+    for component, rows in htan_tables.items():
+        ctx.work.write_text(layout.htan_table(component), htan.table_text(rows))

@@ -49,13 +49,15 @@ def run_outputs(ctx: StageContext) -> list[dict]:
 
 
 def build_manifest(ctx: StageContext) -> dict:
-    """The results manifest: run id, software, parameters, per-stage cost, each file's level/size/sha256.
+    """The results manifest: run id, software, parameters, per-stage cost, each file's size/sha256, MITI
+    level and HTAN component.
 
     Built from the completion records alone: no output is read back to hash it.
     """
     stages = [{k: r.doc[k] for k in ("stage", "item", "seconds", "vcpus", "vcpu_seconds", "instance_type")}
               for r in _run_records(ctx)]
-    files = [{**entry, "level": layout.level_of(entry["path"])} for entry in run_outputs(ctx)]
+    files = [{**entry, "level": layout.level_of(entry["path"]), "component": layout.component_of(entry["path"])}
+             for entry in run_outputs(ctx)]
     return {"slide_id": ctx.slide_id, "run_id": ctx.run_id, "software": software_versions(),
             "params": ctx.params.to_dict(), "stages": stages, "files": files}
 

@@ -10,10 +10,12 @@ I/O, shared with ``atlas quantify``.
 """
 from __future__ import annotations
 
+import csv
 import io
 import json
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
@@ -26,6 +28,7 @@ from atlas.errors import InvalidInput, Problem
 from atlas.science.bands import BandsDisagree, band_rows, merge_bands, quantify_band
 from atlas.science.imageio import open_tiff
 from atlas.science.quantification import ID_COLUMN, MORPHOLOGY_COLUMNS, NegativeLabels, marker_columns, quantify
+from atlas.slide import htan
 from atlas.slide.convention import MARKERS, parse_markers
 from atlas.stages import StageContext
 from atlas.storage import Store
@@ -175,23 +178,82 @@ def measure_checked(image, image_name: str, masks: Mapping[str, object], mask_na
                                    "labels, 0 = background")) from exc
 
 
-def to_anndata(table: pd.DataFrame, uns: Mapping[str, str]):
-    """The table as AnnData: X = marker means, obs = CellID + centroids + morphology, var = markers.
+def to_anndata(table: pd.DataFrame, slide_id: str, uns: Mapping[str, str]):
+    """The table as AnnData, laid out as scimap's MCMICRO import builds it (and as squidpy reads it).
 
-    ``obsm["spatial"]`` holds (X_centroid, Y_centroid) in pixels, as scanpy/squidpy expect.
+    scimap's ``mcmicro_to_scimap`` (labsyspharm/scimap ``scimap/preprocessing/mcmicro_to_scimap.py``,
+    default arguments, ``custom_imageid`` = the slide id) makes: obs names ``<imageid>_<CellID>``
+    (unique when slides are combined); ``obs`` = the table's columns from ``X_centroid`` on, then
+    ``CellID``, then ``imageid`` (= ``slide_id``, the column its tools group by); ``var`` = the
+    markers whose name does not contain "dna" (any case); ``.raw`` = their mean intensities;
+    ``X`` and ``layers["log"]`` = ``log1p`` of them; ``uns["all_markers"]`` = every marker column.
+    Added for squidpy/scanpy: ``obsm["spatial"]`` = (X_centroid, Y_centroid) in pixels; and ``uns``
+    entries describing the table (slide, engine, mask, image).
     """
     import anndata
 
     markers = [c for c in table.columns if c != ID_COLUMN and c not in MORPHOLOGY_COLUMNS]
-    obs = table[[ID_COLUMN, *MORPHOLOGY_COLUMNS]].set_index(table[ID_COLUMN].astype(str).rename(None))
-    adata = anndata.AnnData(X=table[markers].to_numpy(np.float64), obs=obs, var=pd.DataFrame(index=markers))
+    kept = [m for m in markers if "dna" not in m.lower()]
+    obs = table[[*MORPHOLOGY_COLUMNS, ID_COLUMN]].assign(imageid=slide_id)
+    obs.index = pd.Index((f"{slide_id}_" + table[ID_COLUMN].astype(str)).to_numpy(), dtype=object)
+    means = table[kept].to_numpy(np.float64)
+    adata = anndata.AnnData(X=means, obs=obs, var=pd.DataFrame(index=pd.Index(kept, dtype=object)))
+    adata.raw = adata
+    adata.X = np.log1p(means)
+    adata.layers["log"] = adata.X
     adata.obsm["spatial"] = table[["X_centroid", "Y_centroid"]].to_numpy(np.float64)
-    adata.uns.update(uns)
+    adata.uns.update({"all_markers": markers, **uns})
     return adata
 
 
-def _write_csv(table: pd.DataFrame, path: Path, uns: Mapping[str, str]) -> None:
-    table.to_csv(path, index=False)
+def _float_text(values: np.ndarray):
+    """``str`` of each float64 as pandas' ``to_csv`` writes it (shortest round trip; NaN as ""), as Arrow strings.
+
+    Arrow's cast writes the same shortest round-trip digits as Python's ``repr`` and, for
+    1e-4 <= |x| < 1e10 (and 0), the same text except the ".0" Python gives whole numbers. The
+    other values (NaN, inf, tiny and huge magnitudes; rare in a cell table) are formatted by Python.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    text = pc.cast(pa.array(values), pa.string())
+    magnitude = np.abs(values)
+    with np.errstate(invalid="ignore"):
+        fixed = ((magnitude >= 1e-4) & (magnitude < 1e10)) | (values == 0)
+        whole = fixed & (values == np.floor(values))
+    text = pc.if_else(pa.array(whole), pc.binary_join_element_wise(text, ".0", ""), text)
+    other = ~fixed
+    if other.any():
+        python = ["" if x != x else repr(x) for x in values[other].tolist()]
+        text = pc.replace_with_mask(text, pa.array(other), pa.array(python, pa.string()))
+    return text
+
+
+def write_csv(table: pd.DataFrame, path: Path) -> None:
+    """MCQuant's CSV: byte for byte what ``table.to_csv(path, index=False)`` writes, 5-10x faster.
+
+    The header by the csv module (pandas' own quoting rules), the rows by Arrow's CSV writer from
+    columns already formatted as pandas formats them (:func:`_float_text`; integers as ``str``).
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.csv as pa_csv
+
+    header = io.StringIO()
+    csv.writer(header, lineterminator="\n").writerow(table.columns)
+    columns = []
+    for name in table.columns:
+        values = table[name].to_numpy()
+        if values.dtype.kind == "f":
+            columns.append(_float_text(values.astype(np.float64, copy=False)))
+        elif values.dtype.kind in "iu":
+            columns.append(pc.cast(pa.array(values), pa.string()))
+        else:
+            raise TypeError(f"column {name!r} has dtype {values.dtype}; a cell table holds numbers only")
+    with open(path, "wb") as f:
+        f.write(header.getvalue().encode("utf-8"))
+        pa_csv.write_csv(pa.table(columns, names=[str(i) for i in range(len(columns))]), f,
+                         pa_csv.WriteOptions(include_header=False, quoting_style="none"))
 
 
 def _write_parquet(table: pd.DataFrame, path: Path, uns: Mapping[str, str]) -> None:
@@ -202,28 +264,39 @@ def _write_parquet(table: pd.DataFrame, path: Path, uns: Mapping[str, str]) -> N
 
 
 def _write_h5ad(table: pd.DataFrame, path: Path, uns: Mapping[str, str]) -> None:
-    to_anndata(table, uns).write_h5ad(path)
+    to_anndata(table, uns["slide_id"], uns).write_h5ad(path)
 
 
 # The table's formats: suffix -> writer(table, path, uns), side by side under one name.
-TABLE_WRITERS = {".csv": _write_csv, ".parquet": _write_parquet, ".h5ad": _write_h5ad}
+TABLE_WRITERS = {".csv": lambda table, path, uns: write_csv(table, path), ".parquet": _write_parquet,
+                 ".h5ad": _write_h5ad}
 TABLE_SUFFIXES = tuple(TABLE_WRITERS)
+
+
+def _write_formats(table: pd.DataFrame, paths: Sequence[Path], uns: Mapping[str, str]) -> None:
+    """Every format at once, one thread each: the CSV and Parquet writers (Arrow) run outside the
+    GIL while the .h5ad is written."""
+    with ThreadPoolExecutor(len(TABLE_WRITERS)) as pool:
+        pending = [pool.submit(write, table, path, uns) for path, write in zip(paths, TABLE_WRITERS.values(),
+                                                                                 strict=True)]
+        for future in pending:
+            future.result()
 
 
 def write_table(table: pd.DataFrame, csv_path: Path, uns: Mapping[str, str]) -> list[Path]:
     """Write the table as MCQuant CSV, Parquet and AnnData .h5ad side by side; return the paths."""
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     paths = [csv_path.with_suffix(s) for s in TABLE_SUFFIXES]
-    for path, write in zip(paths, TABLE_WRITERS.values(), strict=True):
-        write(table, path, uns)
+    _write_formats(table, paths, uns)
     return paths
 
 
 def store_table(work: Store, table: pd.DataFrame, csv_rel: str, uns: Mapping[str, str]) -> None:
-    """:func:`write_table` into a store: each format written locally, then stored."""
-    for suffix, write in TABLE_WRITERS.items():
-        with work.local_file(str(PurePosixPath(csv_rel).with_suffix(suffix))) as path:
-            write(table, path, uns)
+    """:func:`write_table` into a store: the formats written locally, then stored."""
+    with ExitStack() as stack:
+        paths = [stack.enter_context(work.local_file(str(PurePosixPath(csv_rel).with_suffix(suffix))))
+                 for suffix in TABLE_SUFFIXES]
+        _write_formats(table, paths, uns)
 
 
 def table_summary(table: pd.DataFrame, image_shape: Sequence[int]) -> dict:
@@ -327,6 +400,7 @@ def merge(ctx: StageContext) -> None:
     markers = parse_markers(ctx.slide.read_text(MARKERS))
     summary: dict = {"status": "ok", "markers": marker_columns([m.marker_name for m in markers if not m.remove]),
                      "bands": ctx.job.count, "tables": {}}
+    htan_rows = []
     image_name = PurePosixPath(layout.registration_tiff(ctx.slide_id)).name  # the Level 2 image the tables describe
     for engine, rel in _engine_masks(ctx).items():
         for mask, mask_rel in rel.items():
@@ -335,4 +409,6 @@ def merge(ctx: StageContext) -> None:
             store_table(ctx.work, table, name, {"slide_id": ctx.slide_id, "engine": engine, "mask": mask,
                                                "image": image_name})
             summary["tables"][PurePosixPath(name).name] = table_summary(table, image.shape)
+            htan_rows += htan.level4_rows(ctx.slide_id, engine, mask, len(table), table.shape[1] - 1)
+    ctx.work.write_text(layout.htan_table("ImagingLevel4"), htan.table_text(htan_rows))
     ctx.work.write_text(f"{QC_DIR}/{layout.QC_SUMMARY}", json.dumps(summary, indent=1) + "\n")

@@ -47,6 +47,7 @@ from atlas.science.segmentation.tiling import (
     tile_grid,
     working_view,
 )
+from atlas.slide import htan
 from atlas.slide.ome import parse_ome_xml
 from atlas.stages import StageContext
 from atlas.storage import Store
@@ -269,6 +270,8 @@ def merge(ctx: StageContext) -> None:
                "median_nucleus_area_um2": _median_area_um2(masks["nuclei"], n_nuclei, pixel_size, p.tile_size),
                "masks": {m: layout.mask_path(ctx.slide_id, engine.name, m) for m in MASKS}}
     ctx.work.write_text(f"{QC_DIR}/summary.json", json.dumps(summary, indent=1) + "\n")
+    ctx.work.write_text(layout.htan_table("ImagingLevel3Segmentation"),
+                        htan.table_text(htan.segmentation_rows(ctx.slide_id, engine.name, n_nuclei)))
 
 
 def write_masks(ctx: StageContext, engine: str, masks: dict, pixel_size_um: float) -> None:

@@ -20,7 +20,7 @@ import pytest
 from fake_aws import use_fake_aws
 from moto import mock_aws
 
-from atlas.slide.convention import MANIFEST, manifest_bytes, slide_manifest
+from atlas.slide.convention import SLIDE_MANIFEST, manifest_bytes, slide_manifest
 from localcloud.demo import HANDLERS, LambdaContext, LocalCloud, load_handler
 
 EVENTS = Path(__file__).resolve().parents[1] / "events"
@@ -107,7 +107,7 @@ class Ingest:
         events = [self.put(slide_id, f["path"], (slide_dir / f["path"]).read_bytes()) for f in doc["files"]
                   if only is None or f["path"] in only]
         if manifest:
-            events.append(self.put(slide_id, MANIFEST, manifest_bytes(doc)))
+            events.append(self.put(slide_id, SLIDE_MANIFEST, manifest_bytes(doc)))
         return events
 
     def deliver(self, event: dict) -> dict:

@@ -83,6 +83,23 @@ def test_with_an_overview_site_the_lab_gets_a_link_a_browser_opens(cloud, starte
     assert f"Results: {record['output_uri']}" in message.splitlines()
 
 
+def test_a_private_overview_is_linked_in_the_results_bucket_not_on_the_site(cloud, ingest, slide_copy,
+                                                                           lambda_context, status_event, monkeypatch):
+    # GIVEN a site, and a slide whose params.yml keeps its overview off it (publish releases it only in results)
+    monkeypatch.setenv(ENV_OVERVIEW_SITE_URL, "https://d111111abcdef8.cloudfront.net/")
+    status = load_handler("status").handler
+    (slide_copy / "params.yml").write_text("overview:\n  public: false\n")
+    ingest.upload_and_settle(slide_copy)
+    started = boto3.client("stepfunctions").describe_execution(executionArn=cloud.executions()[0])
+    # WHEN its run succeeds
+    status(status_event(started, "SUCCEEDED", output="{}"), lambda_context)
+    # THEN record and message name the results bucket's copy (a site link would 404), never the site
+    in_results = f"s3://{cloud.settings.results_bucket}/sample/{started['name']}/overview/index.html"
+    assert cloud.slide_record("sample")["overview_uri"] == in_results
+    message = cloud.notifications()[0]["Message"]
+    assert f"Overview: {in_results}" in message.splitlines() and "cloudfront" not in message
+
+
 def test_out_of_order_events_never_move_status_back(cloud, started, lambda_context, status_event):
     status = cloud.handlers["status"].handler
     status(status_event(started, "SUCCEEDED"), lambda_context)
@@ -108,14 +125,17 @@ def test_events_without_a_slide_are_ignored(cloud, started, lambda_context, stat
 
 def test_settings_name_every_missing_variable():
     with pytest.raises(RuntimeError, match="CATALOG_TABLE, IDEMPOTENCY_TABLE, STATE_MACHINE_ARN, NOTIFY_TOPIC_ARN, "
-                                           "WORK_BUCKET, RESULTS_BUCKET"):
+                                           "INGEST_BUCKET, WORK_BUCKET, RESULTS_BUCKET, BUCKET_OWNER"):
         Settings.from_env({})
-    settings = Settings("c", "i", "arn:sm", "arn:topic", "w", "r")
+    settings = Settings("c", "i", "arn:sm", "arn:topic", "in", "w", "r", "123456789012")
     assert Settings.from_env(settings.to_env()) == settings
     assert json.dumps(settings.to_env())  # plain strings, ready for a Lambda environment
     assert ENV_OVERVIEW_SITE_URL not in settings.to_env()  # unset optional settings are left out
-    with_site = Settings("c", "i", "arn:sm", "arn:topic", "w", "r", overview_site_url="https://d.example/")
+    with_site = Settings("c", "i", "arn:sm", "arn:topic", "in", "w", "r", "123456789012",
+                         overview_site_url="https://d.example/")
     assert Settings.from_env(with_site.to_env()) == with_site
+    with pytest.raises(RuntimeError, match="BUCKET_OWNER='atlas' is not an AWS account id"):
+        Settings.from_env(settings.to_env() | {"BUCKET_OWNER": "atlas"})
 
 
 def test_the_demo_status_events_have_the_real_shape(started, load_event):

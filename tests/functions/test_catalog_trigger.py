@@ -11,7 +11,7 @@ import random
 import boto3
 import pytest
 
-from atlas.slide.convention import MANIFEST
+from atlas.slide.convention import SLIDE_MANIFEST
 from atlas.stages import SlideSize, execution_sizes
 
 
@@ -58,7 +58,7 @@ def test_all_events_100_times_shuffled_start_exactly_one_run(cloud, ingest, samp
 def test_manifest_first_data_later_starts_when_the_last_file_arrives(cloud, ingest, sample_slide):
     # GIVEN an uploader that sends manifest.json first
     doc_files = sorted(p.relative_to(sample_slide).as_posix() for p in sample_slide.rglob("*")
-                       if p.is_file() and p.name != MANIFEST)
+                       if p.is_file() and p.name != SLIDE_MANIFEST)
     manifest_event = ingest.put_folder(sample_slide, only=())[-1]
     ingest.deliver(manifest_event)
     ingest.settle()
@@ -93,7 +93,7 @@ def test_no_manifest_yet_means_collecting(cloud, ingest, sample_slide):
     record = cloud.slide_record("sample")
     assert cloud.executions() == []
     assert record["status"] == "COLLECTING"
-    assert [m["path"] for m in record["missing"]] == [MANIFEST]
+    assert [m["path"] for m in record["missing"]] == [SLIDE_MANIFEST]
 
 
 def test_a_file_replaced_after_the_manifest_waits_for_the_right_content(cloud, ingest, sample_slide, slide_copy):

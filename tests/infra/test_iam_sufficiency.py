@@ -302,6 +302,23 @@ def test_the_check_refuses_what_the_template_does_not_allow(deployment, recorded
     assert {d for d, _ in decisions.values()} == {"ImplicitlyDenied"}
 
 
+def test_every_request_of_the_lambdas_and_jobs_to_our_buckets_names_their_owner(recorded):
+    """ExpectedBucketOwner (and ExpectedSourceBucketOwner on copies) = the deploying account on every S3
+    request the Lambdas and the stage jobs make to the app's buckets (set from the environment the CDK app
+    gives them): S3 refuses the request if a bucket of that name belongs to anyone else."""
+    calls, cloud = recorded
+    ours = {cloud.ingest_bucket, cloud.settings.work_bucket, cloud.settings.results_bucket, cloud.site_bucket}
+    to_ours = [c for c in calls if c.service == "s3" and (c.component or "").startswith(("lambda:", "job:"))
+               and c.params.get("Bucket") in ours]
+    assert {c.component for c in to_ours} >= {"lambda:catalog", "lambda:trigger", "job:stitch", "job:publish"}
+    assert {c.params["Bucket"] for c in to_ours} == ours
+    unnamed = [(c.component, c.operation, c.params["Bucket"]) for c in to_ours
+               if c.params.get("ExpectedBucketOwner") != ACCOUNT]
+    assert unnamed == []
+    copies = [c for c in to_ours if "CopySource" in c.params]
+    assert all(c.params.get("ExpectedSourceBucketOwner") == ACCOUNT for c in copies)
+
+
 def test_recorded_calls_keep_their_parameters(recorded):
     calls, _ = recorded
     gets = [c for c in calls if c.component == "lambda:catalog" and c.operation == "GetObject"]

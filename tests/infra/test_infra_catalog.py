@@ -9,6 +9,7 @@ from cdk_templates import actions_of, logical_id, one, policy_statements, resour
 
 from atlas.aws import catalog
 from infra.bundling import ARCHITECTURE, REPO_ROOT, RUNTIME
+from infra.nag import render_intrinsics
 
 HANDLERS = catalog.HANDLERS
 
@@ -39,7 +40,7 @@ def function(synth, name: str) -> tuple[str, dict]:
 
 
 def settings_env_names() -> list[str]:
-    return list(catalog.Settings("a", "b", "c", "d", "e", "f", overview_site_url="g").to_env())
+    return list(catalog.Settings("a", "b", "c", "d", "e", "f", "g", "h", overview_site_url="i").to_env())
 
 
 def test_each_handler_exists_and_gets_the_settings_atlas_catalog_reads(full):
@@ -57,6 +58,8 @@ def test_each_handler_exists_and_gets_the_settings_atlas_catalog_reads(full):
         assert env[catalog.ENV_CATALOG_TABLE] == {"Ref": logical_id(stack.catalog.table)}
         assert env[catalog.ENV_STATE_MACHINE_ARN] == {"Ref": logical_id(stack.pipeline.state_machine)}
         assert env[catalog.ENV_RESULTS_BUCKET] == "atlas-test-results-123456789012"
+        assert env[catalog.ENV_INGEST_BUCKET] == {"Ref": logical_id(stack.storage.ingest)}
+        assert env[catalog.ENV_BUCKET_OWNER] == "123456789012"  # the deploying account owns every bucket
         assert env[catalog.ENV_SERVICE_NAME] == catalog.SERVICE_NAME
         assert env[catalog.ENV_OVERVIEW_SITE_URL] == {"Fn::Join": ["", [
             "https://", {"Fn::GetAtt": [logical_id(stack.site.distribution), "DomainName"]}, "/"]]}
@@ -108,7 +111,12 @@ def test_each_function_may_do_what_its_handler_does_and_no_more(full):
     assert trigger["states:StartExecution"] == [{"Ref": logical_id(stack.pipeline.state_machine)}]
     assert "states:StartExecution" not in catalog_fn and "states:StartExecution" not in status
     assert "sns:Publish" in trigger and "sns:Publish" in status and "sns:Publish" not in catalog_fn
-    assert "s3:GetObject*" in catalog_fn and "s3:GetObject*" in trigger and "s3:GetObject*" not in status
+    assert "s3:GetObject*" in catalog_fn and "s3:GetObject*" in trigger
+    # status reads only slides' manifest.json and params.yml (is a run's overview public?), in the ingest
+    # bucket and in the work bucket's rerun copies
+    status_reads = {render_intrinsics(r) for listed in status["s3:GetObject*"] for r in listed}
+    objects = {r.split(">", 1)[1] for r in status_reads if "/" in r}
+    assert objects == {f"/{prefix}*/{name}" for prefix in ("", "reruns/") for name in ("manifest.json", "params.yml")}
     for granted in (catalog_fn, trigger, status):
         assert not any(a.startswith(("s3:Put", "s3:Delete")) for a in granted)  # raw data is only read
         assert "dynamodb:UpdateItem" in granted

@@ -66,6 +66,11 @@ def test_results_bucket_is_in_us_east_1_with_a_fixed_name(full, lean):
     environment = next(iter(resources(full.pipeline, "AWS::Batch::JobDefinition").values()))[
         "Properties"]["ContainerProperties"]["Environment"]
     assert {"Name": "ATLAS_RESULTS_BUCKET", "Value": "atlas-test-results-123456789012"} in environment
+    # every bucket the jobs touch is the deploying account's: their requests say so (ExpectedBucketOwner)
+    assert {"Name": "ATLAS_BUCKET_OWNER", "Value": "123456789012"} in environment
+    lean_environment = next(iter(resources(lean.pipeline, "AWS::Batch::JobDefinition").values()))[
+        "Properties"]["ContainerProperties"]["Environment"]
+    assert {"Name": "ATLAS_BUCKET_OWNER", "Value": {"Ref": "AWS::AccountId"}} in lean_environment
 
 
 def test_results_bucket_versioned_intelligent_tiering_old_versions_expire(full):

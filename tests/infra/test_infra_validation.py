@@ -86,7 +86,9 @@ def test_acknowledged_wildcards_stay_within_what_was_reviewed(synth):
             actions = {a for s in scoped_nowhere for a in actions_of(s)}
             assert scoped_nowhere and actions <= NO_RESOURCE_LEVEL_ACTIONS, (path, actions)
         else:
-            bucket_objects = value.endswith(".Arn>/*") or value.startswith(f"arn:aws:s3:::{prefix}-")
+            # any object of one of our buckets, or a named file of any slide there (e.g. <Ingest.Arn>/*/params.yml)
+            bucket_objects = (re.fullmatch(r"<Storage\w+\.Arn>/([\w.-]+/)*\*(/[\w.-]+)?", value) is not None
+                              or value.endswith(".Arn>/*") or value.startswith(f"arn:aws:s3:::{prefix}-"))
             batch_jobs = re.fullmatch(rf"arn:aws:batch:[a-z0-9-]+:(\d{{12}}|<AWS::AccountId>):"
                                       rf"(job/\*|job-definition/{prefix}-[a-z-]+:\*)",
                                       value)

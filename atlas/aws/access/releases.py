@@ -22,7 +22,16 @@ from botocore.exceptions import ClientError
 from atlas import layout
 from atlas.aws.access.errors import AccessError, NotPublished, access_errors
 from atlas.aws.release import LATEST, RESULTS_BUCKET_ENV, RESULTS_REGION
-from atlas.aws.s3 import S3Uri, get_bytes, is_missing, list_prefixes, parallel_map, requester_pays, s3_client
+from atlas.aws.s3 import (
+    S3Uri,
+    expect_bucket_owner,
+    get_bytes,
+    is_missing,
+    list_prefixes,
+    parallel_map,
+    requester_pays,
+    s3_client,
+)
 from atlas.errors import InvalidInput, Problem
 
 DOWNLOAD_THREADS = 8                     # parallel requests of a download (the client's pool is sized for it)
@@ -31,7 +40,7 @@ LEVEL_NAMES = {2: "registered image (OME-TIFF, OME-Zarr)", 3: "segmentation mask
 QC_TOKEN = "qc"                          # how --levels names the auxiliary files (level None)
 
 
-def results_client(session=None):
+def results_client(session=None, *, owner: str | None = None, bucket: str | None = None):
     """S3 client for the results bucket: us-east-1, requester pays, standard retries, a connection pool.
 
     Parameters
@@ -39,8 +48,26 @@ def results_client(session=None):
     session : boto3.session.Session, optional
         Default boto3's default session (your AWS profile / environment). ``AWS_ENDPOINT_URL``
         points it elsewhere (tests and the local demo use an emulator).
+    owner : str, optional
+        The AWS account id owning the results bucket, when the data team gave it: every request to
+        ``bucket`` then carries it (``ExpectedBucketOwner``) and S3 refuses it if another account
+        owns a bucket of that name. Not needed to read.
+    bucket : str, optional
+        The results bucket (required with ``owner``).
+
+    Raises
+    ------
+    InvalidInput
+        ``owner`` is not an AWS account id, or no bucket is given with it.
     """
-    return requester_pays(s3_client(region=RESULTS_REGION, pool=4 * DOWNLOAD_THREADS, session=session))
+    client = requester_pays(s3_client(region=RESULTS_REGION, pool=4 * DOWNLOAD_THREADS, session=session))
+    if owner:
+        try:
+            expect_bucket_owner(client, owner, [results_bucket(bucket)])
+        except ValueError as exc:
+            raise InvalidInput(Problem("--bucket-owner", str(exc), "give the 12-digit account id the data team "
+                                       "gave you, or leave it out")) from exc
+    return client
 
 
 def results_bucket(bucket: str | None) -> str:

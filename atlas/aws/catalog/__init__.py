@@ -33,8 +33,10 @@ from atlas.aws.catalog.events import (
 from atlas.aws.catalog.objects import SHA256_METADATA, catalog_event, cycle_metadata_from_item, record_object
 from atlas.aws.catalog.runs import execution_input, mark_ready, start_run
 from atlas.aws.catalog.settings import (
+    ENV_BUCKET_OWNER,
     ENV_CATALOG_TABLE,
     ENV_IDEMPOTENCY_TABLE,
+    ENV_INGEST_BUCKET,
     ENV_NOTIFY_TOPIC_ARN,
     ENV_OVERVIEW_SITE_URL,
     ENV_RESULTS_BUCKET,
@@ -69,7 +71,8 @@ from atlas.aws.catalog.table import (
 from atlas.aws.catalog.trigger import check_slide
 
 __all__ = [
-    "CATALOG_EVENT_SOURCE", "CATALOG_TABLE", "ENDED", "ENV_CATALOG_TABLE", "ENV_IDEMPOTENCY_TABLE",
+    "CATALOG_EVENT_SOURCE", "CATALOG_TABLE", "ENDED", "ENV_BUCKET_OWNER", "ENV_CATALOG_TABLE", "ENV_IDEMPOTENCY_TABLE",
+    "ENV_INGEST_BUCKET",
     "ENV_NOTIFY_TOPIC_ARN", "ENV_OVERVIEW_SITE_URL", "ENV_RESULTS_BUCKET", "ENV_SERVICE_NAME",
     "ENV_STATE_MACHINE_ARN", "ENV_WORK_BUCKET", "EXECUTION_STATUS_CHANGE", "HANDLERS", "IDEMPOTENCY_TABLE",
     "METRICS_NAMESPACE", "OBJECT_CATALOGED", "RUN_SK_PREFIX", "SERVICE_NAME", "SHA256_METADATA", "SLIDE_SK",

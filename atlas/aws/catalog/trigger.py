@@ -31,7 +31,7 @@ from atlas.aws.catalog.table import (
     update_if,
 )
 from atlas.errors import InvalidInput, Problem
-from atlas.slide.convention import MANIFEST, MARKERS, PARAMS, parse_manifest, raw_files, run_id_for
+from atlas.slide.convention import MARKERS, PARAMS, SLIDE_MANIFEST, parse_manifest, raw_files, run_id_for
 from atlas.slide.story import STORY
 from atlas.stages import SlideSize, execution_sizes
 
@@ -99,11 +99,11 @@ def check_slide(aws: Aws, settings: Settings, slide_id: str) -> dict:
     items = slide_items(aws.table, slide_id)
     slide = next((i for i in items if i["sk"] == SLIDE_SK), {})
     objects = {i["path"]: i for i in items if i["sk"].startswith(OBJECT_SK_PREFIX)}
-    if MANIFEST not in objects:
-        missing = [{"path": MANIFEST, "expected_size": None, "found_size": None,
+    if SLIDE_MANIFEST not in objects:
+        missing = [{"path": SLIDE_MANIFEST, "expected_size": None, "found_size": None,
                     "why": "not arrived yet (written last by `atlas upload`)"}]
         return _collecting(aws, slide_id, None, missing, {"files_present": len(objects)})
-    manifest = _Manifest(objects[MANIFEST], read_text_object(aws.s3, objects[MANIFEST]))
+    manifest = _Manifest(objects[SLIDE_MANIFEST], read_text_object(aws.s3, objects[SLIDE_MANIFEST]))
     if slide.get("manifest_version") == manifest.version and slide.get("status") != Status.COLLECTING:
         return {"slide_id": slide_id, "status": slide["status"], "outcome": "decided", "run_id": slide.get("run_id")}
     manifest_text = manifest.data.decode("utf-8", errors="replace")
@@ -114,10 +114,10 @@ def check_slide(aws: Aws, settings: Settings, slide_id: str) -> dict:
     if missing := ([] if entries is None else missing_files(entries, objects)):
         return _collecting(aws, slide_id, manifest, missing, {"files_expected": len(entries),
                                                               "files_present": len(entries) - len(missing)})
-    listed = set(objects) - {MANIFEST} if entries is None else {e.path for e in entries}
+    listed = set(objects) - {SLIDE_MANIFEST} if entries is None else {e.path for e in entries}
     if problems := _validate(aws, slide_id, manifest_text, listed, objects):
         return _decide_invalid(aws, settings, slide_id, manifest, problems)
-    return _decide_ready(aws, settings, slide_id, manifest, listed, sorted(set(objects) - listed - {MANIFEST}),
+    return _decide_ready(aws, settings, slide_id, manifest, listed, sorted(set(objects) - listed - {SLIDE_MANIFEST}),
                          slide_size(objects, listed))
 
 

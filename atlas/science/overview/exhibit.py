@@ -18,9 +18,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-# auto-minerva's colours, restarted in each group: white (the group's first channel, its DNA
-# stain when groups are cycles), red, green, blue, then magenta, yellow, cyan.
-from atlas.science.pyramid import CHANNEL_COLORS
+# The slide's one palette (also the OME-TIFF's and OME-Zarr's channel colours).
+from atlas.slide.palette import channel_colors
 from atlas.slide.story import StoryGroup, automatic_groups, is_nuclear_stain
 
 OUTLINE_COLOR = "ffff00"
@@ -105,11 +104,6 @@ def channel_layer_path(channel: int, label: str) -> str:
     return f"{label_dir(label)}_{channel}__{label_dir(label)}"
 
 
-def palette_color(position: int) -> str:
-    """Colour of the channel at ``position`` within its group (the palette restarts per group)."""
-    return CHANNEL_COLORS[position % len(CHANNEL_COLORS)]
-
-
 def make_groups(labels: Sequence[str], ranges: Sequence[tuple[float, float]], per_group: int,
                 authored: Sequence[StoryGroup] = ()) -> list[Group]:
     """The overview's channel groups: the authored ones (story.yml), else the automatic ones.
@@ -117,18 +111,20 @@ def make_groups(labels: Sequence[str], ranges: Sequence[tuple[float, float]], pe
     Automatic groups are :func:`atlas.slide.story.automatic_groups` (at most ``per_group``
     channels, a new group at each DNA stain). Authored groups name their channels by marker
     (checked beforehand by :func:`atlas.slide.story.check_story`); their colours, where given,
-    replace the palette.
+    replace the slide's palette (:func:`atlas.slide.palette.channel_colors`, also the OME-TIFF's
+    and OME-Zarr's channel colours).
     """
     if authored:
         index = {label: c for c, label in enumerate(labels)}
         chosen = [(g.name, [index[label] for label in g.channels], g.colors) for g in authored]
     else:
         chosen = [(name, channels, None) for name, channels in automatic_groups(labels, per_group)]
+    palette = channel_colors(labels)
     groups = []
     for name, channels, colors in chosen:
         path = label_dir(name) + "_" + "--".join(f"{c}__{label_dir(labels[c])}" for c in channels)
         groups.append(Group(name, path, tuple(channels), tuple(labels[c] for c in channels),
-                            tuple(colors) if colors else tuple(palette_color(i) for i in range(len(channels))),
+                            tuple(colors) if colors else tuple(palette[c] for c in channels),
                             tuple(ranges[c] for c in channels)))
     paths = [g.path for g in groups]
     if len(set(paths)) != len(paths):  # names that differ only in characters a path drops

@@ -27,6 +27,7 @@ from atlas.science.overview.tiles import (
     write_tiles,
 )
 from atlas.slide.convention import MARKERS
+from atlas.slide.palette import channel_colors
 from atlas.slide.story import OUTLINES, STORY, Story, check_story
 
 MASK_NAME = OUTLINES
@@ -276,6 +277,7 @@ def _page_data(plan: _Plan, exhibit: dict, panel: PanelInfo, image: dict, marker
     """What index.html inlines: the exhibit, the story's views in pixels, channel layers and the panel."""
     group_of: dict[int, list[str]] = {}
     color_of: dict[int, str] = {}   # a channel layer starts in its colour in the first group showing it
+    palette = channel_colors(markers)  # else in the slide's palette colour
     for g in plan.groups:
         for c, color in zip(g.channels, g.colors, strict=True):
             group_of.setdefault(c, []).append(g.name)
@@ -287,8 +289,8 @@ def _page_data(plan: _Plan, exhibit: dict, panel: PanelInfo, image: dict, marker
              "zoom": v.zoom, "arrows": [{"at": list(at), "text": text} for at, text in v.arrows],
              "overlays": [list(box) for box in v.overlays], "outlines": MASK_NAME in v.masks} for v in plan.views]},
         "channelLayers": [{"name": layer["Name"], "path": layer["Path"], "channel": layer["channel"],
-                           "color": color_of.get(layer["channel"], ex.palette_color(i))}
-                          for i, layer in enumerate(plan.layers)],
+                           "color": color_of.get(layer["channel"], palette[layer["channel"]])}
+                          for layer in plan.layers],
         "panel": {
             "slideId": slide_id, "runId": panel.run_id, "cellCount": panel.cell_count, "qc": panel.qc,
             "data": panel.data, "image": image,

@@ -9,7 +9,7 @@ Scale. DSB2018 fluorescence images were mostly taken at 20x (about 0.65 µm/px);
 ~24 px across (median area 440 px in the StarDist test image). We take 0.65 µm/px as the model's
 training scale and resample every image to it (:data:`UNetSettings.pixel_size_um`), coarse images
 too: the model's accuracy depends on the nuclei's size in pixels (DSB2018 imaged at 1.95 µm/px:
-F1 0.83 when upsampled to 0.65 µm/px, 0.78 at 0.975 µm/px, 0.53 at its own scale; see
+F1 0.74 when upsampled to 0.65 µm/px, 0.63 at its own scale; see
 docs/segmentation.md), so unlike the classical engine it pays for the extra pixels.
 
 Windows. The image is covered by 512 px windows on a fixed lattice (stride 448 = 512 - 2 x 32 px
@@ -37,7 +37,7 @@ from scipy import ndimage as ndi
 from scipy.special import expit
 
 from atlas.errors import InvalidInput, Problem
-from atlas.science.segmentation.instances import seeded_watershed
+from atlas.science.segmentation.instances import seeded_watershed, typical_radius
 from atlas.science.segmentation.tiling import Box, ScaledImage
 from atlas.slide.convention import sha256_file
 
@@ -51,7 +51,13 @@ EPS = 1e-6          # bioimage.io zero_mean_unit_variance default
 
 @dataclass(frozen=True)
 class UNetSettings:
-    """Post-processing of the U-Net probabilities (tuned on the DSB2018 image, see benchmarks/segment.py).
+    """Post-processing of the U-Net probabilities (selected on the DSB2018 tuning set with
+    held-out folds, see benchmarks/segment.py and docs/segmentation.md).
+
+    Seeding adapts to the nuclei's size: :meth:`UNetEngine.calibrate` measures the image's typical
+    nucleus radius r (:func:`atlas.science.segmentation.instances.typical_radius` of the core in a
+    few sample windows), and seeds are smoothed and spaced in units of r, so large and small nuclei
+    are split alike.
 
     Attributes
     ----------
@@ -61,10 +67,14 @@ class UNetSettings:
         Core (seed region) = probability above this.
     foreground_probability : float
         Nucleus pixels = probability above this.
-    seed_sigma_um : float
-        Smoothing of the core's distance transform before peak finding (µm).
-    seed_min_distance_um : float
-        Minimum distance between two nucleus seeds (µm).
+    seed_sigma_radius : float
+        Smoothing (sigma) of the core's distance transform before peak finding, in nucleus radii.
+    seed_min_distance_radius : float
+        Minimum distance between two nucleus seeds, in nucleus radii.
+    default_radius_um : float
+        Nucleus radius assumed when the sample windows hold no nucleus core (µm).
+    radius_windows : int
+        Sample windows (the most varied blocks of the calibration sample) the radius is measured in.
     min_area_um2 : float
         Smaller instances are dropped (µm²).
     noise_floor : float
@@ -73,9 +83,11 @@ class UNetSettings:
 
     pixel_size_um: float = 0.65
     seed_probability: float = 0.9
-    foreground_probability: float = 0.7
-    seed_sigma_um: float = 0.65
-    seed_min_distance_um: float = 2.6
+    foreground_probability: float = 0.5
+    seed_sigma_radius: float = 0.2
+    seed_min_distance_radius: float = 0.4
+    default_radius_um: float = 4.0
+    radius_windows: int = 4
     min_area_um2: float = 8.5
     noise_floor: float = 4.0
 
@@ -185,10 +197,25 @@ class UNetEngine:
         return self
 
     def calibrate(self, sample: list[np.ndarray]) -> dict[str, float]:
-        """Noise sigma of the image (robust: MAD of neighbouring-pixel differences / sqrt 2)."""
+        """Noise sigma of the image (robust: MAD of neighbouring-pixel differences / sqrt 2) and its
+        typical nucleus radius (working px, :func:`nucleus_radius`; 0.0 when the sample shows none)."""
         diffs = np.concatenate([np.diff(block, axis=1).ravel() for block in sample])
         mad = np.median(np.abs(diffs - np.median(diffs))) if diffs.size else 0.0
-        return {"noise_sigma": float(1.4826 * mad / np.sqrt(2))}
+        calibration = {"noise_sigma": float(1.4826 * mad / np.sqrt(2))}
+        probabilities = self.sample_probabilities(sample, calibration)
+        calibration["nucleus_radius_px"] = nucleus_radius(probabilities, self.settings.seed_probability)
+        return calibration
+
+    def sample_probabilities(self, sample: list[np.ndarray], calibration: dict) -> list[np.ndarray]:
+        """Nucleus probability of the ``radius_windows`` sample blocks of largest standard deviation
+        (where the nuclei are, on a slide that is mostly glass), in sample order."""
+        spread = [-float(block.std()) for block in sample]
+        chosen = sorted(np.argsort(spread, kind="stable")[:self.settings.radius_windows])
+        probabilities = []
+        for i in chosen:
+            block = ScaledImage(sample[i])
+            probabilities.append(self.probability(block, (0, block.shape[0], 0, block.shape[1]), calibration)[0])
+        return probabilities
 
     def probability(self, view: ScaledImage, box: Box,
                     calibration: dict) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
@@ -222,14 +249,35 @@ class UNetEngine:
                 weight[ty0 - y0:ty1 - y0, tx0 - x0:tx1 - x0] += w
         return total / weight, pixels, (ys[0], xs[0])
 
-    def segment(self, view: ScaledImage, box: Box, calibration: dict) -> np.ndarray:
-        """Nucleus instances (int32 labels) of ``box`` at working scale."""
-        s, px = self.settings, self.settings.pixel_size_um
+    def split_inputs(self, view: ScaledImage, box: Box, calibration: dict) -> tuple[np.ndarray, np.ndarray]:
+        """What :func:`split_instances` takes for ``box`` (working px): the nucleus probability and
+        the watershed surface (the image's gradient magnitude, sigma 1 px), both (y1 - y0, x1 - x0)."""
         prob, pixels, (top, left) = self.probability(view, box, calibration)
         edges = ndi.gaussian_gradient_magnitude(pixels, 1.0)
         y0, y1, x0, x1 = box
-        surface = edges[y0 - top:y1 - top, x0 - left:x1 - left]
-        return seeded_watershed(prob > s.foreground_probability, prob > s.seed_probability, surface,
-                                seed_sigma=s.seed_sigma_um / px,
-                                min_distance=max(1, round(s.seed_min_distance_um / px)),
-                                min_area=max(1, round(s.min_area_um2 / px ** 2)))
+        return prob, edges[y0 - top:y1 - top, x0 - left:x1 - left]
+
+    def segment(self, view: ScaledImage, box: Box, calibration: dict) -> np.ndarray:
+        """Nucleus instances (int32 labels) of ``box`` at working scale."""
+        probability, surface = self.split_inputs(view, box, calibration)
+        return split_instances(probability, surface, calibration["nucleus_radius_px"], self.settings)
+
+
+def nucleus_radius(probabilities: list[np.ndarray], seed_probability: float) -> float:
+    """Typical nucleus radius (px): the median over the probability maps that show a nucleus core
+    (probability > ``seed_probability``) of :func:`typical_radius`; 0.0 when none does."""
+    radii = [typical_radius(core) for core in (p > seed_probability for p in probabilities) if core.any()]
+    return float(np.median(radii)) if radii else 0.0
+
+
+def split_instances(probability: np.ndarray, surface: np.ndarray, radius_px: float,
+                    settings: UNetSettings) -> np.ndarray:
+    """Nucleus instances (int32 labels) from the U-Net probability: a seeded watershed of ``surface``
+    over probability > ``foreground_probability``, seeded from the core (> ``seed_probability``),
+    seeds smoothed and spaced in units of ``radius_px`` (``default_radius_um`` when 0)."""
+    px = settings.pixel_size_um
+    radius = radius_px or settings.default_radius_um / px
+    return seeded_watershed(probability > settings.foreground_probability, probability > settings.seed_probability,
+                            surface, seed_sigma=settings.seed_sigma_radius * radius,
+                            min_distance=max(1, round(settings.seed_min_distance_radius * radius)),
+                            min_area=max(1, round(settings.min_area_um2 / px ** 2)))

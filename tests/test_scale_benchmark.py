@@ -1,0 +1,45 @@
+"""benchmarks/scale.py --quick: the scale benchmark runs end to end and prints every goal.
+
+A smoke test on tiny made slides (2x2 and 3x3 tiles of 256 px): the local runs, ``atlas demo --slide``
+with each job as its own process, and the model. It asserts what is printed and that the per-job
+figures are real measurements, never the timings or the goals' outcomes (the figures of tiny slides
+mean nothing; docs/scale.md has a full run's).
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from atlas.stages import STAGES
+
+ROOT = Path(__file__).resolve().parents[1]
+GOALS = ["local: peak RSS", "local: time per tile", "local: nuclei found vs truth",
+         "cloud: largest job peak RSS", "cloud: segment runs as several items", "cloud: quantify runs as several items",
+         "cloud: render runs as several items", "model: upload -> release", "model: Spot compute per slide",
+         "model: largest job memory", "model: largest job scratch"]
+
+
+def test_the_quick_scale_benchmark_prints_every_goal_with_its_figure(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "scale.py"), "--quick", "--work",
+                           str(tmp_path / "work")], env=env, capture_output=True, text=True, timeout=1500, cwd=tmp_path)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output
+    # 1. both local runs, each with its nuclei against the truth of its slide
+    runs = re.findall(r"^ +(\d+) tiles: .* peak RSS +(\d+) MiB; nuclei ([\d,]+) found / ([\d,]+) true", output, re.M)
+    assert [int(r[0]) for r in runs] == [4, 9], output
+    assert all(int(rss) > 50 and int(true.replace(",", "")) > 0 for _, rss, _, true in runs)
+    # 2. every registry stage ran in the emulated cloud as its own measured process
+    jobs = re.findall(r"^  (\S+(?: merge)?) +([\d.]+) +([\d.]+) +(\d+) MiB", output, re.M)
+    assert {re.sub(r"\[\d+\]| merge", "", job) for job, *_ in jobs} == {s.name for s in STAGES}, output
+    assert all(float(cpu) > 0 and int(rss) > 50 for _, _, cpu, rss in jobs)
+    # 3. the model has a row per stage; every goal is printed with its figure and a verdict
+    assert {s.name for s in STAGES} <= set(re.findall(r"^  (\w+) +\d+ +\d+ +[\d.]+ +[\d.]+ ", output, re.M)), output
+    verdicts = dict(re.findall(r"^GOAL  (.+?) {2,}.+ (PASS|MISS)$", output, re.M))
+    for name in GOALS:
+        assert any(found.startswith(name) for found in verdicts), (name, output)
+    # the work folder is the caller's: kept, with the demo's job list
+    assert (tmp_path / "work" / "demo" / "jobs.json").is_file()
