@@ -310,7 +310,7 @@ def test_every_request_of_the_lambdas_and_jobs_to_our_buckets_names_their_owner(
     ours = {cloud.ingest_bucket, cloud.settings.work_bucket, cloud.settings.results_bucket, cloud.site_bucket}
     to_ours = [c for c in calls if c.service == "s3" and (c.component or "").startswith(("lambda:", "job:"))
                and c.params.get("Bucket") in ours]
-    assert {c.component for c in to_ours} >= {"lambda:catalog", "lambda:trigger", "job:stitch", "job:publish"}
+    assert {c.component for c in to_ours} >= {"lambda:catalog", "lambda:trigger", "job:align", "job:publish"}
     assert {c.params["Bucket"] for c in to_ours} == ours
     unnamed = [(c.component, c.operation, c.params["Bucket"]) for c in to_ours
                if c.params.get("ExpectedBucketOwner") != ACCOUNT]
