@@ -50,13 +50,24 @@ def site_page(browser):  # noqa: F811 - the fixture imported above
         context.close()
 
 
+def wait_until(page: Page, expression: str, timeout_s: float = 30) -> None:
+    """Poll ``expression`` from outside the page until it is truthy. Playwright's wait_for_function
+    evaluates a string predicate inside the page, which a policy without 'unsafe-eval' refuses when
+    the first check is false (microsoft/playwright#7395): the test would fail for the test's sake."""
+    for _ in range(int(timeout_s * 10)):
+        if page.page.evaluate(expression):
+            return
+        page.page.wait_for_timeout(100)
+    raise AssertionError(f"still false after {timeout_s} s: {expression}")
+
+
 def violations(page: Page) -> list[str]:
     return page.page.evaluate("window.cspViolations")
 
 
 def open_overview(site_page, url: str) -> Page:
     page = site_page(url)
-    page.page.wait_for_function("window.atlasOverview !== undefined")
+    wait_until(page, "window.atlasOverview !== undefined")
     page.page.evaluate("window.atlasOverview.ready")
     page.settle()
     return page
@@ -75,7 +86,7 @@ def test_an_overview_with_a_story_works_under_the_site_policy(brain_story, site_
         assert tiles and all(status == 200 for _, status in tiles)
         assert page.page.inner_html("#wp-description") == "<p>The whole <strong>brain</strong> section.</p>\n"
         page.page.click("#wp-next")                  # the second waypoint: group 2, outlines, arrow, box
-        page.page.wait_for_function("window.atlasOverview.state.w === 1")
+        wait_until(page, "window.atlasOverview.state.w === 1")
         page.settle()
         assert page.tiles("Group-2_") and page.tiles("cell-outlines", "png")
         assert page.page.locator(".wp-arrow").count() == 1 and page.page.locator(".wp-box").count() == 1
@@ -89,7 +100,7 @@ def test_channel_layers_work_under_the_site_policy(channel_site, site_page):  # 
     with served(channel_site, SITE_HEADERS) as base:
         page = open_overview(site_page, f"{base}/overview/index.html")
         page.page.check("#channel-mode")             # grey tiles tinted in the page
-        page.page.wait_for_function("window.atlasOverview.channels.every(c => c.item)")
+        wait_until(page, "window.atlasOverview.channels.every(c => c.item)")
         page.settle()
         assert page.shot("csp-channels").mean() > 5
         assert violations(page) == [] and page.errors == []
@@ -100,8 +111,8 @@ def test_the_portal_works_under_the_site_policy(s3, tmp_path, overviews, site_pa
     release(s3, tmp_path, overviews, "S2", "S2-bbbbbbbbbbbb")
     with served(site_copy(s3, tmp_path / "site"), SITE_HEADERS) as base:
         portal = site_page(f"{base}/index.html")
-        portal.page.wait_for_function("window.atlasPortal !== undefined")
-        portal.page.wait_for_function("[...document.images].every(i => i.complete)")
+        wait_until(portal, "window.atlasPortal !== undefined")
+        wait_until(portal, "[...document.images].every(i => i.complete)")
         assert portal.page.evaluate("window.atlasPortal.shown()") == ["S1", "S2"]
         widths = portal.page.eval_on_selector_all("img.thumb", "is => is.map(i => i.naturalWidth)")
         assert len(widths) == 2 and all(w > 0 for w in widths)
@@ -119,7 +130,7 @@ def test_the_browser_reports_what_the_policy_refuses(brain_story, site_page):  #
     refusing = {"Content-Security-Policy": CONTENT_SECURITY_POLICY.replace("script-src 'self'", "script-src 'none'")}
     with served(brain_story, refusing) as base:
         page = site_page(f"{base}/overview/index.html")
-        page.page.wait_for_function("window.cspViolations.length > 0")
+        wait_until(page, "window.cspViolations.length > 0")
         found = violations(page)
         assert found and all(v.startswith(("script-src ", "script-src-elem ")) for v in found), found
         assert page.page.evaluate("window.atlasOverview") is None
