@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import tempfile
+import threading
 from pathlib import Path
 
 from botocore.exceptions import ClientError
@@ -28,6 +29,7 @@ class TransferCounter(IoCounter):
 
     def __init__(self, transfers: Transfers):
         self._transfers = transfers
+        self.largest_local_file, self._lock = 0, threading.Lock()  # IoCounter's own, read and write are the hook's
 
     @property
     def read(self) -> int:

@@ -83,13 +83,16 @@ class JobUsage:
     def __enter__(self) -> JobUsage:
         self._reset = _reset_peak_rss()
         self._read0, self._written0 = self.counter.read, self.counter.written
+        self.counter.take_largest_local_file()
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self._peak_scratch = max(self._peak_scratch, folder_bytes(self.scratch))
+        # the sampler may miss a file that lived between two samples; the stores know the largest
+        self._peak_scratch = max(self._peak_scratch, folder_bytes(self.scratch),
+                                 self.counter.take_largest_local_file())
         hwm = _vm_hwm() if self._reset else None
         peak = hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         self.figures = {"peak_rss_bytes": int(peak), "scratch_peak_bytes": int(self._peak_scratch),

@@ -91,12 +91,24 @@ class IoCounter:
     def __init__(self) -> None:
         self.read = 0
         self.written = 0
+        self.largest_local_file = 0  # bytes of the largest file written locally and then stored
         self._lock = threading.Lock()
 
     def add(self, *, read: int = 0, written: int = 0) -> None:
         with self._lock:
             self.read += read
             self.written += written
+
+    def note_local_file(self, size: int) -> None:
+        """A whole file of ``size`` bytes sat in scratch before it was stored: scratch held at least that."""
+        with self._lock:
+            self.largest_local_file = max(self.largest_local_file, size)
+
+    def take_largest_local_file(self) -> int:
+        """The largest file noted since the last call (jobs of one counter run one after the other)."""
+        with self._lock:
+            largest, self.largest_local_file = self.largest_local_file, 0
+        return largest
 
 
 class Store(ABC):
@@ -188,6 +200,8 @@ class Store(ABC):
         path = self._local_path(rel, scratch)
         try:
             yield path
+            if scratch is not None and path.is_relative_to(scratch):  # not a folder store's in-place file
+                self.counter.note_local_file(path.stat().st_size)
             self._put_file(rel, path)
         finally:
             shutil.rmtree(path.parent, ignore_errors=True)
