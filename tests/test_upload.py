@@ -147,3 +147,22 @@ def test_cli_reports_what_it_did(s3, sample_slide):
     assert result.exit_code == 0, result.output
     assert "uploaded 4 file(s)" in result.output
     assert run_id_for("sample", keys(s3)["sample/manifest.json"]) in result.output
+
+
+def test_upload_names_the_bucket_owner_only_when_given(s3, sample_slide, monkeypatch):
+    """--bucket-owner / ATLAS_BUCKET_OWNER: ExpectedBucketOwner on every request to the ingest bucket
+    (S3 refuses a bucket of that name owned by another account); without it the requests are as before."""
+    seen = []
+    s3.meta.events.register("before-send.s3", lambda request, **_: seen.append(
+        (request.method, request.url, request.headers.get("x-amz-expected-bucket-owner"))))
+    upload_slide(sample_slide, f"s3://{BUCKET}", s3=s3)
+    assert seen and {owner for *_, owner in seen} == {None}
+    s3.delete_object(Bucket=BUCKET, Key="sample/markers.csv")   # so the second upload sends a file, not only HEADs
+    seen.clear()
+    upload_slide(sample_slide, f"s3://{BUCKET}", s3=s3, bucket_owner="123456789012")
+    assert ("PUT", f"https://{BUCKET}.s3.amazonaws.com/sample/markers.csv", b"123456789012") in seen
+    assert {owner for *_, owner in seen} == {b"123456789012"}
+    monkeypatch.setenv("ATLAS_BUCKET_OWNER", "ours")
+    bad = CliRunner().invoke(app, ["upload", str(sample_slide), f"s3://{BUCKET}"])
+    assert isinstance(bad.exception, InvalidInput) and "--bucket-owner: 'ours' is not an AWS account id" in str(
+        bad.exception)

@@ -19,7 +19,7 @@ from typing import TypeVar
 from botocore.exceptions import BotoCoreError, ClientError
 
 from atlas.aws.catalog import SHA256_METADATA
-from atlas.aws.s3 import S3Uri, is_missing, s3_client
+from atlas.aws.s3 import S3Uri, expect_bucket_owner, is_missing, s3_client
 from atlas.errors import InvalidInput, Problem
 from atlas.slide.convention import SLIDE_MANIFEST, check_slide_id, manifest_bytes, run_id_for, slide_manifest
 from atlas.slide.validate import validate_with_manifest
@@ -112,8 +112,8 @@ def _with_retries(action: Callable[[], T], what: str, attempts: int, backoff_s: 
             time.sleep(backoff_s * 2 ** (attempt - 1))
 
 
-def upload_slide(slide_dir: Path, uri: str, *, s3=None, progress=None, attempts: int = 3, backoff_s: float = 2.0,
-                 multipart_threshold: int = MULTIPART_THRESHOLD,
+def upload_slide(slide_dir: Path, uri: str, *, s3=None, bucket_owner: str | None = None, progress=None,
+                 attempts: int = 3, backoff_s: float = 2.0, multipart_threshold: int = MULTIPART_THRESHOLD,
                  multipart_chunk: int = MULTIPART_CHUNK) -> UploadResult:
     """Validate a slide folder and upload it to ``s3://bucket/<slide_id>/``, manifest.json last.
 
@@ -125,6 +125,9 @@ def upload_slide(slide_dir: Path, uri: str, *, s3=None, progress=None, attempts:
         ``s3://bucket`` or ``s3://bucket/SLIDE_ID`` (default slide id: the folder name).
     s3 : botocore S3 client, optional
         Default :func:`atlas.aws.s3.s3_client` (honours ``AWS_ENDPOINT_URL`` and the usual AWS settings).
+    bucket_owner : str, optional
+        The AWS account id owning the ingest bucket (from the data team): every request then carries
+        ``ExpectedBucketOwner``, so S3 refuses it if another account owns a bucket of that name.
     progress : rich.progress.Progress, optional
         Gets one task counting bytes sent.
     attempts : int
@@ -137,7 +140,7 @@ def upload_slide(slide_dir: Path, uri: str, *, s3=None, progress=None, attempts:
     Raises
     ------
     InvalidInput
-        With every problem of the slide, before anything is uploaded.
+        With every problem of the slide, or a ``bucket_owner`` that is no account id, before anything is uploaded.
     UploadFailed
         A file could not be sent after ``attempts`` tries (manifest.json is then not written).
     """
@@ -154,8 +157,9 @@ def upload_slide(slide_dir: Path, uri: str, *, s3=None, progress=None, attempts:
     prefix = root.join(slide_id).prefix()
     result = UploadResult(slide_id, str(prefix.join(SLIDE_MANIFEST)), run_id_for(slide_id, data))
     config = TransferConfig(multipart_threshold=multipart_threshold, multipart_chunksize=multipart_chunk)
-    sender = _Sender(s3 or s3_client(), prefix, config, _Progress(progress, f"upload {slide_id}",
-                                                                   sum(f["size"] for f in doc["files"]) + len(data)))
+    total = sum(f["size"] for f in doc["files"]) + len(data)
+    sender = _Sender(_client(s3 or s3_client(), root.bucket, bucket_owner), prefix, config,
+                     _Progress(progress, f"upload {slide_id}", total))
     for entry in doc["files"]:
         send = functools.partial(sender.send_file, slide_dir / entry["path"], entry["path"], entry["sha256"])
         sent = _with_retries(send, entry["path"], attempts, backoff_s)
@@ -166,6 +170,17 @@ def upload_slide(slide_dir: Path, uri: str, *, s3=None, progress=None, attempts:
     result.add(SLIDE_MANIFEST, len(data), _with_retries(send, SLIDE_MANIFEST, attempts, backoff_s))
     sender.progress.advance(len(data))
     return result
+
+
+def _client(s3, bucket: str, owner: str | None):
+    """``s3``, sending ``ExpectedBucketOwner=owner`` on its requests to ``bucket`` when an owner is given."""
+    if not owner:
+        return s3
+    try:
+        return expect_bucket_owner(s3, owner, [bucket])
+    except ValueError as exc:
+        raise InvalidInput(Problem("--bucket-owner", str(exc), "give the 12-digit account id of the ingest "
+                                   "bucket the data team gave you, or leave it out")) from exc
 
 
 class _Progress:
