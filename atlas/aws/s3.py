@@ -231,6 +231,16 @@ def is_missing(exc: BaseException) -> bool:
     return error_code(exc) in MISSING_CODES
 
 
+def object_size(client, uri: S3Uri) -> int | None:
+    """The object's size in bytes (a HEAD), or None when the key does not exist."""
+    try:
+        return int(client.head_object(Bucket=uri.bucket, Key=uri.key)["ContentLength"])
+    except ClientError as exc:
+        if is_missing(exc):
+            return None
+        raise
+
+
 def get_bytes(client, uri: S3Uri, **kwargs) -> bytes | None:
     """The object's bytes, or None when the key does not exist; other failures raise ``ClientError``.
 

@@ -13,7 +13,7 @@ from typing import TypeVar
 from botocore.exceptions import BotoCoreError, ClientError
 from zarr.abc.store import OffsetByteRequest, RangeByteRequest, Store, SuffixByteRequest
 
-from atlas.aws.s3 import S3Uri, error_code, get_bytes, is_missing, list_sizes
+from atlas.aws.s3 import S3Uri, error_code, get_bytes, list_sizes, object_size
 
 T = TypeVar("T")
 
@@ -115,16 +115,7 @@ class S3Store(Store):
 
     def _head(self, key: str) -> int | None:
         uri = self.prefix.join(key)
-
-        def head() -> int | None:
-            try:
-                return int(self.client.head_object(Bucket=uri.bucket, Key=uri.key)["ContentLength"])
-            except ClientError as exc:
-                if is_missing(exc):
-                    return None
-                raise
-
-        return self._call(uri, head)
+        return self._call(uri, lambda: object_size(self.client, uri))
 
     async def getsize(self, key: str) -> int:
         size = self.sizes.get(key) if self.sizes is not None else await asyncio.to_thread(self._head, key)

@@ -19,7 +19,7 @@ from pathlib import Path
 from botocore.exceptions import ClientError
 
 from atlas.aws.catalog import SHA256_METADATA
-from atlas.aws.s3 import S3RangeFile, S3Uri, Transfers, count_transfers, is_missing, list_sizes
+from atlas.aws.s3 import S3RangeFile, S3Uri, Transfers, count_transfers, is_missing, list_sizes, object_size
 from atlas.storage import IoCounter, MissingObject, Store, join
 
 
@@ -105,13 +105,7 @@ class S3Store(Store):
         return sizes
 
     def _size(self, rel):
-        uri = self._uri(rel)
-        try:
-            return int(self.client.head_object(Bucket=uri.bucket, Key=uri.key)["ContentLength"])
-        except ClientError as exc:
-            if is_missing(exc):
-                return None
-            raise
+        return object_size(self.client, self._uri(rel))
 
     def _open(self, rel):
         uri = self._uri(rel)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,35 @@ from atlas.science.pyramid import downsample, level_shapes
 MAX_COMPUTED_LEVEL_BYTES = 2 << 30
 
 
-class TiffPyramid:
+class _Pyramid(ABC):
+    """What both pyramids share: ``shape`` (C, Y, X), ``level_shapes``, and ``read``/``close`` of their own."""
+
+    shape: tuple[int, int, int]
+    level_shapes: list[tuple[int, int]]
+
+    @property
+    def n_levels(self) -> int:
+        return len(self.level_shapes)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def level(self, k: int) -> np.ndarray:
+        """Level ``k`` whole, (C, Y_k, X_k); for small levels (contrast sampling)."""
+        y, x = self.level_shapes[k]
+        return self.read(k, range(self.shape[0]), 0, y, 0, x)
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    @abstractmethod
+    def read(self, k: int, channels: range | list[int], y0: int, y1: int, x0: int, x1: int) -> np.ndarray: ...
+
+
+class TiffPyramid(_Pyramid):
     """Pyramid of a (C, Y, X) or (Y, X) TIFF, completed down to a level that fits one tile.
 
     Parameters
@@ -97,26 +126,11 @@ class TiffPyramid:
                                            "write it as a pyramidal OME-TIFF (ASHLAR, or "
                                            "atlas.science.pyramid.write_ome_tiff_pyramid)"))
 
-    @property
-    def n_levels(self) -> int:
-        return len(self.level_shapes)
-
     def close(self) -> None:
         if getattr(self, "_fd", None) is not None:
             os.close(self._fd)
             self._fd = None
         self._tif.close()
-
-    def __enter__(self) -> TiffPyramid:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def level(self, k: int) -> np.ndarray:
-        """Level ``k`` whole, (C, Y_k, X_k); for small levels (contrast sampling)."""
-        y, x = self.level_shapes[k]
-        return self.read(k, range(self.shape[0]), 0, y, 0, x)
 
     def read(self, k: int, channels: range | list[int], y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         """Region ``[y0:y1, x0:x1]`` of level ``k`` for ``channels``.
@@ -183,7 +197,7 @@ def _ome_info(tif: tifffile.TiffFile, n_channels: int) -> tuple[float | None, li
     return pixel_size, (names if len(names) == n_channels and all(names) else None)
 
 
-class ZarrPyramid:
+class ZarrPyramid(_Pyramid):
     """Pyramid of an OME-Zarr multiscale image (NGFF 0.4, (C, Y, X) or (Y, X) datasets), read chunk by
     chunk: the same interface as :class:`TiffPyramid`.
 
@@ -228,23 +242,8 @@ class ZarrPyramid:
                 raise InvalidInput(Problem(name, f"has {len(self._stored)} pyramid level(s), too few to complete "
                                            "in memory", "write it with atlas.science.pyramid.write_ome_zarr"))
 
-    @property
-    def n_levels(self) -> int:
-        return len(self.level_shapes)
-
     def close(self) -> None:
         self._computed.clear()
-
-    def __enter__(self) -> ZarrPyramid:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def level(self, k: int) -> np.ndarray:
-        """Level ``k`` whole, (C, Y_k, X_k); for small levels (contrast sampling)."""
-        y, x = self.level_shapes[k]
-        return self.read(k, range(self.shape[0]), 0, y, 0, x)
 
     def read(self, k: int, channels: range | list[int], y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         """Region ``[y0:y1, x0:x1]`` of level ``k`` for ``channels``: (len(channels), y1 - y0, x1 - x0)."""
