@@ -277,6 +277,19 @@ def copy_upstream(s3, run: dict, work: str, job) -> None:
             s3.copy({"Bucket": run["work"], "Key": source + rel}, work, source + rel)
 
 
+def kill_item_when(blocked, item, env: dict, run: dict, work_uri: str, never: str) -> None:
+    """Run array item ``item`` as its own process and SIGKILL it (a Spot reclaim) once ``blocked`` is set."""
+    proc = subprocess.Popen(stage_command(item, slide_uri=run["slide_uri"], work_uri=work_uri, run_id=run["run_id"]),
+                            env={**os.environ, **env, "AWS_BATCH_JOB_ARRAY_INDEX": str(item.item)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert blocked.wait(300), never
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_a_killed_array_item_is_redone_to_the_same_outputs(aws, run):
     """Batch retries an array child whose Spot instance went away mid-way: the retry finds no record,
     redoes the item, and records exactly the outputs of an uninterrupted item."""
@@ -289,15 +302,7 @@ def test_a_killed_array_item_is_redone_to_the_same_outputs(aws, run):
     work_uri = f"s3://{work}/{run_id}/"
     last = len(uninterrupted["outputs"]) - 1
     with hold_uploads_after_first(work, f"{run_id}/{item.stage.item_dir}/", admit=last) as (_, blocked):
-        proc = subprocess.Popen(stage_command(item, slide_uri=run["slide_uri"], work_uri=work_uri, run_id=run_id),
-                                env={**os.environ, **env, "AWS_BATCH_JOB_ARRAY_INDEX": str(item.item)},
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            assert blocked.wait(300), "the item never reached its last output"
-            os.kill(proc.pid, signal.SIGKILL)
-        finally:
-            proc.kill()
-            proc.wait()
+        kill_item_when(blocked, item, env, run, work_uri, "the item never reached its last output")
     assert item.record[len(layout.PROVENANCE) + 1:] not in objects(s3, work, f"{run_id}/{layout.PROVENANCE}/")
     retried = run_stage_job("segment", slide_uri=run["slide_uri"], work_uri=work_uri, run_id=run_id,
                             array_index=item.item, s3=s3)
@@ -318,15 +323,7 @@ def test_a_killed_mosaic_item_resumes_from_its_last_written_chunk_row(aws, run):
     assert rows >= 4  # chunk rows of its channels' pyramid levels
     work_uri = f"s3://{work}/{run_id}/"
     with hold_uploads_after_first(work, journal, admit=2) as (_, blocked):
-        proc = subprocess.Popen(stage_command(item, slide_uri=run["slide_uri"], work_uri=work_uri, run_id=run_id),
-                                env={**os.environ, **env, "AWS_BATCH_JOB_ARRAY_INDEX": str(item.item)},
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            assert blocked.wait(300), "the item never finished two chunk rows"
-            os.kill(proc.pid, signal.SIGKILL)
-        finally:
-            proc.kill()
-            proc.wait()
+        kill_item_when(blocked, item, env, run, work_uri, "the item never finished two chunk rows")
     assert len(objects(s3, work, journal)) == 2 and item.record not in objects(s3, work, f"{run_id}/")
     retried = run_stage_job("mosaic", slide_uri=run["slide_uri"], work_uri=work_uri, run_id=run_id,
                             array_index=item.item, s3=s3)

@@ -29,6 +29,9 @@ class _Pyramid(ABC):
 
     shape: tuple[int, int, int]
     level_shapes: list[tuple[int, int]]
+    labels: bool
+    _stored: list        # the levels the source holds
+    _computed: dict      # level -> (C, Y, X) array made from the level above
 
     @property
     def n_levels(self) -> int:
@@ -44,6 +47,13 @@ class _Pyramid(ABC):
         """Level ``k`` whole, (C, Y_k, X_k); for small levels (contrast sampling)."""
         y, x = self.level_shapes[k]
         return self.read(k, range(self.shape[0]), 0, y, 0, x)
+
+    def _computed_level(self, k: int) -> np.ndarray:
+        """Level ``k`` beyond the stored ones, made from the level above (kept in ``_computed``)."""
+        if k not in self._computed:
+            src = self.level(k - 1) if k - 1 < len(self._stored) else self._computed_level(k - 1)
+            self._computed[k] = np.stack([downsample(plane, labels=self.labels) for plane in src])
+        return self._computed[k]
 
     @abstractmethod
     def close(self) -> None: ...
@@ -143,12 +153,6 @@ class TiffPyramid(_Pyramid):
         if k < len(self._stored):
             return np.stack([self._read_stored(*self._stored[k][c], y0, y1, x0, x1) for c in channels])
         return self._computed_level(k)[list(channels), y0:y1, x0:x1]
-
-    def _computed_level(self, k: int) -> np.ndarray:
-        if k not in self._computed:
-            src = self.level(k - 1) if k - 1 < len(self._stored) else self._computed_level(k - 1)
-            self._computed[k] = np.stack([downsample(plane, labels=self.labels) for plane in src])
-        return self._computed[k]
 
     def _read_stored(self, frame: tifffile.TiffPage | tifffile.TiffFrame, first: int,
                      y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
@@ -253,9 +257,3 @@ class ZarrPyramid(_Pyramid):
                 return np.stack([np.asarray(array[y0:y1, x0:x1]) for _ in channels])
             return np.stack([np.asarray(array[c, y0:y1, x0:x1]) for c in channels])
         return self._computed_level(k)[list(channels), y0:y1, x0:x1]
-
-    def _computed_level(self, k: int) -> np.ndarray:
-        if k not in self._computed:
-            src = self.level(k - 1) if k - 1 < len(self._stored) else self._computed_level(k - 1)
-            self._computed[k] = np.stack([downsample(plane, labels=self.labels) for plane in src])
-        return self._computed[k]
