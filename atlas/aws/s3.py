@@ -27,6 +27,8 @@ from urllib.parse import urlsplit
 
 from botocore.exceptions import ClientError
 
+from atlas.errors import InvalidInput, Problem
+
 if TYPE_CHECKING:
     from atlas.aws.s3zarr import S3Store
 
@@ -189,6 +191,17 @@ class Transfers:
             self.bytes_read += read
             self.bytes_written += written
 
+
+
+def expect_given_owner(client, owner: str | None, buckets: Iterable[str], fix: str):
+    """:func:`expect_bucket_owner` for the account a person gave with ``--bucket-owner``, if any; returns
+    ``client``. An owner that is no account id is an InvalidInput naming the option, with ``fix``."""
+    if not owner:
+        return client
+    try:
+        return expect_bucket_owner(client, owner, buckets)
+    except ValueError as exc:
+        raise InvalidInput(Problem("--bucket-owner", str(exc), fix)) from exc
 
 def count_transfers(client) -> Transfers:
     """Count every request ``client`` makes and the payload bytes it receives and sends.

@@ -19,7 +19,7 @@ from typing import TypeVar
 from botocore.exceptions import BotoCoreError, ClientError
 
 from atlas.aws.catalog import SHA256_METADATA
-from atlas.aws.s3 import S3Uri, expect_bucket_owner, is_missing, s3_client
+from atlas.aws.s3 import S3Uri, expect_given_owner, is_missing, s3_client
 from atlas.errors import InvalidInput, Problem
 from atlas.slide.convention import SLIDE_MANIFEST, check_slide_id, manifest_bytes, run_id_for, slide_manifest
 from atlas.slide.validate import validate_with_manifest
@@ -158,7 +158,10 @@ def upload_slide(slide_dir: Path, uri: str, *, s3=None, bucket_owner: str | None
     result = UploadResult(slide_id, str(prefix.join(SLIDE_MANIFEST)), run_id_for(slide_id, data))
     config = TransferConfig(multipart_threshold=multipart_threshold, multipart_chunksize=multipart_chunk)
     total = sum(f["size"] for f in doc["files"]) + len(data)
-    sender = _Sender(_client(s3 or s3_client(), root.bucket, bucket_owner), prefix, config,
+    client = expect_given_owner(s3 or s3_client(), bucket_owner, [root.bucket],
+                                "give the 12-digit account id of the ingest bucket the data team gave you, "
+                                "or leave it out")
+    sender = _Sender(client, prefix, config,
                      _Progress(progress, f"upload {slide_id}", total))
     for entry in doc["files"]:
         send = functools.partial(sender.send_file, slide_dir / entry["path"], entry["path"], entry["sha256"])
@@ -170,17 +173,6 @@ def upload_slide(slide_dir: Path, uri: str, *, s3=None, bucket_owner: str | None
     result.add(SLIDE_MANIFEST, len(data), _with_retries(send, SLIDE_MANIFEST, attempts, backoff_s))
     sender.progress.advance(len(data))
     return result
-
-
-def _client(s3, bucket: str, owner: str | None):
-    """``s3``, sending ``ExpectedBucketOwner=owner`` on its requests to ``bucket`` when an owner is given."""
-    if not owner:
-        return s3
-    try:
-        return expect_bucket_owner(s3, owner, [bucket])
-    except ValueError as exc:
-        raise InvalidInput(Problem("--bucket-owner", str(exc), "give the 12-digit account id of the ingest "
-                                   "bucket the data team gave you, or leave it out")) from exc
 
 
 class _Progress:

@@ -24,7 +24,7 @@ from atlas.aws.access.errors import AccessError, NotPublished, access_errors
 from atlas.aws.release import LATEST, RESULTS_BUCKET_ENV, RESULTS_REGION
 from atlas.aws.s3 import (
     S3Uri,
-    expect_bucket_owner,
+    expect_given_owner,
     get_bytes,
     is_missing,
     list_prefixes,
@@ -61,13 +61,8 @@ def results_client(session=None, *, owner: str | None = None, bucket: str | None
         ``owner`` is not an AWS account id, or no bucket is given with it.
     """
     client = requester_pays(s3_client(region=RESULTS_REGION, pool=4 * DOWNLOAD_THREADS, session=session))
-    if owner:
-        try:
-            expect_bucket_owner(client, owner, [results_bucket(bucket)])
-        except ValueError as exc:
-            raise InvalidInput(Problem("--bucket-owner", str(exc), "give the 12-digit account id the data team "
-                                       "gave you, or leave it out")) from exc
-    return client
+    return expect_given_owner(client, owner, [results_bucket(bucket)] if owner else [],
+                              "give the 12-digit account id the data team gave you, or leave it out")
 
 
 def results_bucket(bucket: str | None) -> str:
