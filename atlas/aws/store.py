@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import tempfile
-import threading
 from pathlib import Path
 
 from botocore.exceptions import ClientError
@@ -28,8 +27,8 @@ class TransferCounter(IoCounter):
     :class:`atlas.storage.IoCounter` (the hook counts; nothing is added by hand)."""
 
     def __init__(self, transfers: Transfers):
+        super().__init__()
         self._transfers = transfers
-        self.largest_local_file, self._lock = 0, threading.Lock()  # IoCounter's own, read and write are the hook's
 
     @property
     def read(self) -> int:

@@ -89,15 +89,23 @@ class IoCounter:
     """Bytes a job moved through its stores (thread-safe)."""
 
     def __init__(self) -> None:
-        self.read = 0
-        self.written = 0
+        self._read = 0
+        self._written = 0
         self.largest_local_file = 0  # bytes of the largest file written locally and then stored
         self._lock = threading.Lock()
 
+    @property
+    def read(self) -> int:
+        return self._read
+
+    @property
+    def written(self) -> int:
+        return self._written
+
     def add(self, *, read: int = 0, written: int = 0) -> None:
         with self._lock:
-            self.read += read
-            self.written += written
+            self._read += read
+            self._written += written
 
     def note_local_file(self, size: int) -> None:
         """A whole file of ``size`` bytes sat in scratch before it was stored: scratch held at least that."""
