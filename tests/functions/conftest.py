@@ -50,27 +50,26 @@ def lambda_context() -> LambdaContext:
 
 @pytest.fixture
 def wire_cloud(monkeypatch):
-    """``wire_cloud(name)``: :func:`wired_cloud` on whatever endpoint the caller set up."""
-    return lambda name: wired_cloud(name, monkeypatch)
+    """``wire_cloud(name)``: LocalCloud ``name`` on whatever endpoint the caller set up, ingest
+    notifications off, its handlers loaded with their settings in the environment (shared by the
+    in-process ``cloud`` below and the server-backed one of the concurrency test)."""
+    def wire(name: str) -> LocalCloud:
+        local = LocalCloud.create(name)
+        boto3.client("s3").put_bucket_notification_configuration(Bucket=local.ingest_bucket,
+                                                                 NotificationConfiguration={})
+        for key, value in local.settings.to_env().items():
+            monkeypatch.setenv(key, value)
+        local.handlers = {n: load_handler(n) for n in HANDLERS}
+        return local
+
+    return wire
 
 
 @pytest.fixture
-def cloud(monkeypatch):
+def cloud(wire_cloud):
     """The emulated resources and the three handlers, imported with their settings in the environment."""
     with mock_aws():
-        yield wired_cloud("t", monkeypatch)
-
-
-def wired_cloud(name: str, monkeypatch) -> LocalCloud:
-    """LocalCloud ``name`` on the current endpoint, ingest notifications off, its handlers loaded with
-    their settings in the environment (shared by the in-process and the server-backed fixtures)."""
-    local = LocalCloud.create(name)
-    boto3.client("s3").put_bucket_notification_configuration(Bucket=local.ingest_bucket,
-                                                             NotificationConfiguration={})
-    for key, value in local.settings.to_env().items():
-        monkeypatch.setenv(key, value)
-    local.handlers = {n: load_handler(n) for n in HANDLERS}
-    return local
+        yield wire_cloud("t")
 
 
 class Ingest:
