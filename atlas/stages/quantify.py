@@ -26,7 +26,7 @@ import pandas as pd
 from atlas import layout
 from atlas.errors import InvalidInput, Problem
 from atlas.science.bands import BandsDisagree, band_rows, merge_bands, quantify_band
-from atlas.science.imageio import open_tiff
+from atlas.science.imageio import TiffRows, open_tiff
 from atlas.science.quantification import ID_COLUMN, MORPHOLOGY_COLUMNS, NegativeLabels, marker_columns, quantify
 from atlas.slide import htan
 from atlas.slide.convention import MARKERS, parse_markers
@@ -53,11 +53,10 @@ def open_level0(source: Path | BinaryIO, role: str, name: str | None = None) -> 
 
     Yields
     ------
-    zarr.Array
-        (C, Y, X) or (Y, X), chunks = the file's tiles (or strips).
+    TiffRows or zarr.Array
+        (C, Y, X) or (Y, X), chunks = the file's tiles (or strips), read by row slices: a
+        :class:`TiffRows` when level 0 is one 2-D page per plane (every OME-TIFF), else zarr.
     """
-    import zarr
-
     fix = ("give a tiled (pyramidal OME-)TIFF with channel planes (C, Y, X)" if role == "image"
            else "give an integer label image (Y, X) of the same size as the image, 0 = background")
     name = name or str(source)
@@ -67,6 +66,11 @@ def open_level0(source: Path | BinaryIO, role: str, name: str | None = None) -> 
         if not series.axes.endswith("YX") or "S" in series.axes or len(squeezed) > (3 if role == "image" else 2):
             raise InvalidInput(Problem(name, f"has axes {series.axes} of shape {series.shape}; "
                                        f"expected {'(C, Y, X)' if role == 'image' else '(Y, X)'}", fix))
+        if TiffRows.is_planar(series):
+            yield TiffRows(tif, series)
+            return
+        import zarr
+
         with series.aszarr(level=0) as store:
             yield zarr.open_array(store, mode="r")
 
