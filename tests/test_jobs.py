@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import http.server
 import json
-import logging
 import os
 import re
 import signal
@@ -24,7 +23,6 @@ from urllib.parse import urlsplit
 import boto3
 import pytest
 from moto.s3.models import S3Backend
-from moto.server import ThreadedMotoServer
 from typer.testing import CliRunner
 
 from atlas import layout
@@ -36,7 +34,7 @@ from atlas.errors import InvalidInput
 from atlas.pipeline.contract import ExitCode, JobError, Misconfigured, UpstreamIncomplete
 from atlas.slide.convention import SLIDE_MANIFEST, run_id_for, sha256_file, write_manifest
 from atlas.stages import STAGES, get_stage, run_jobs, upstream_jobs
-from localcloud.demo import local_aws_env
+from localcloud.demo import local_aws_env, moto_server
 from localcloud.executor import StageJobFailed, execute_run, stage_command
 
 OVERVIEW_PAGE = f"{layout.OVERVIEW}/index.html"
@@ -47,19 +45,12 @@ KILLED_STAGE = "quantify"  # a stage in the middle: the rerun must skip what cam
 @pytest.fixture(scope="module")
 def aws():
     """S3 emulated on localhost (moto server in this process) and the environment the jobs get."""
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = local_aws_env(f"http://{host}:{port}") | {"AWS_EC2_METADATA_DISABLED": "true"}
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.delenv("AWS_PROFILE", raising=False)
-            for key, value in env.items():
-                mp.setenv(key, value)
-            yield env, boto3.client("s3")
-    finally:
-        server.stop()
+    with moto_server() as endpoint, pytest.MonkeyPatch.context() as mp:
+        env = local_aws_env(endpoint) | {"AWS_EC2_METADATA_DISABLED": "true"}
+        mp.delenv("AWS_PROFILE", raising=False)
+        for key, value in env.items():
+            mp.setenv(key, value)
+        yield env, boto3.client("s3")
 
 
 def expected_steps(stages=STAGES) -> list[tuple[str, int | None, bool]]:

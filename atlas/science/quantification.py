@@ -30,9 +30,12 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import pairwise
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:  # pandas (~0.3 s to import) only where a table is built: measuring needs numpy alone
+    import pandas as pd
 
 ID_COLUMN = "CellID"
 MORPHOLOGY_COLUMNS = ("X_centroid", "Y_centroid", "Area", "MajorAxisLength", "MinorAxisLength",
@@ -486,6 +489,8 @@ def feature_table(morphology: Morphology, means: np.ndarray, marker_names: Seque
     marker_names : sequence of str
         N names (repeats get MCQuant's suffixes).
     """
+    import pandas as pd
+
     data = {ID_COLUMN: morphology.labels.astype(np.int64)}
     columns = np.asarray(means, np.float64).reshape(-1, len(marker_names)).T
     data.update(zip(marker_columns(marker_names), columns, strict=True))
