@@ -300,23 +300,24 @@ def test_a_killed_array_item_is_redone_to_the_same_outputs(aws, run):
     assert not retried.skipped and retried.record["outputs"] == uninterrupted["outputs"]
 
 
-def test_a_killed_mosaic_item_resumes_from_its_last_written_chunk_row(aws, run):
-    """A Spot reclaim in the middle of a long item: the retry skips every chunk row whose journal
-    object the killed attempt left, redoes the rest, and records exactly the outputs of an
-    uninterrupted item."""
+@pytest.mark.parametrize("stage", ["mosaic", "render"])
+def test_a_killed_item_resumes_from_its_last_written_chunk_row(aws, run, stage):
+    """A Spot reclaim in the middle of a long item: the retry skips every chunk row (mosaic: of the
+    zarr's levels; render: of the overview's tiles) whose journal object the killed attempt left,
+    redoes the rest, and records exactly the outputs of an uninterrupted item."""
     env, s3 = aws
     work, run_id = new_bucket(s3, "work"), run["run_id"]
-    item = get_stage("mosaic").jobs()[0]
+    item = get_stage(stage).jobs()[0]
     copy_upstream(s3, run, work, item)
     uninterrupted = json.loads(s3.get_object(Bucket=run["work"], Key=f"{run_id}/{item.record}")["Body"].read())
     journal = f"{run_id}/{item.stage.item_dir}/{item.item}/"
     rows = sum(out["path"].startswith(journal[len(run_id) + 1:]) for out in uninterrupted["outputs"])
-    assert rows >= 4  # chunk rows of its channels' pyramid levels
+    assert rows >= 4  # chunk rows of its channels' pyramid levels, tile rows of its layers' levels
     work_uri = f"s3://{work}/{run_id}/"
     with hold_uploads_after_first(work, journal, admit=2) as (_, blocked):
         kill_item_when(blocked, item, env, run, work_uri, "the item never finished two chunk rows")
     assert len(objects(s3, work, journal)) == 2 and item.record not in objects(s3, work, f"{run_id}/")
-    retried = run_stage_job("mosaic", slide_uri=run["slide_uri"], work_uri=work_uri, run_id=run_id,
+    retried = run_stage_job(stage, slide_uri=run["slide_uri"], work_uri=work_uri, run_id=run_id,
                             array_index=item.item, s3=s3)
     assert not retried.skipped and retried.record["outputs"] == uninterrupted["outputs"]
     # the two finished rows were taken over unread and not written again

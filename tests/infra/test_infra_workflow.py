@@ -35,7 +35,8 @@ def failure_state(definition: dict, state: dict) -> tuple[str, dict]:
 def test_one_job_state_per_registry_job_in_registry_order(synth):
     names = [name for name, _ in job_states(state_machine_definition(synth.pipeline))]
     assert names == EXPECTED_JOBS == ["illuminate", "illuminate-merge", "align", "mosaic", "mosaic-merge", "export",
-                                      "segment", "segment-merge", "quantify", "quantify-merge", "render", "publish"]
+                                      "segment", "segment-merge", "quantify", "quantify-merge", "render",
+                                      "render-merge", "publish"]
 
 
 def test_each_state_runs_its_job_definition_synchronously(synth):
