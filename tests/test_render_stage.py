@@ -144,3 +144,20 @@ def test_stage_items_render_only_their_share(images, tmp_path):
         (u.layer == 1, f"{u.level}_{x}_{u.row}.{'png' if u.layer else 'jpg'}")
         for u in units for x in range(shapes[u.level][1] // TILE)}
     assert not (ctx.work.root / "overview" / "index.html").exists()  # the page is the merge's
+
+
+def test_tile_units_cover_every_row_once_and_any_shares_split_each_level_evenly():
+    from atlas.science.overview.tiles import tile_units
+    from atlas.science.pyramid import level_shapes
+
+    shapes = level_shapes((3000, 5000), 1024)  # 4 levels: 3 + 2 + 1 + 1 tile rows
+    units = tile_units(3, shapes, 1024)
+    assert len({u.name for u in units}) == len(units) == 3 * 7
+    assert {(u.layer, u.level, u.row) for u in units} == {(layer, level, row) for layer in range(3)
+                                                          for level, (h, _) in enumerate(shapes)
+                                                          for row in range(-(-h // 1024))}
+    for count in (1, 2, 7, 50):
+        shares = [units[i::count] for i in range(count)]
+        assert sorted(u.name for share in shares for u in share) == sorted(u.name for u in units)
+        full_size = [sum(u.level == 0 for u in share) for share in shares]
+        assert max(full_size) - min(full_size) <= 1  # the costly full-size rows are spread evenly
