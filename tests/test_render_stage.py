@@ -17,7 +17,7 @@ from atlas.params import Params, RenderParams
 from atlas.science.overview import render_overview
 from atlas.science.pyramid import write_ome_zarr, write_zarr_labels
 from atlas.stages import Job, StageContext, get_stage
-from atlas.storage import FolderStore
+from atlas.storage import FolderStore, IoCounter
 
 
 @pytest.fixture(scope="module")
@@ -134,8 +134,12 @@ def test_stage_items_render_only_their_share(images, tmp_path):
     from atlas.stages import render
 
     ctx = _results(tmp_path, images, segmented=True)
+    ctx = replace(ctx, work=FolderStore(ctx.work.root, counter=IoCounter()))
     stage = get_stage("render")
     render.run_item(replace(ctx, job=Job(stage, item=1, count=3)), 1, 3)
+    # it read its rows' chunks of its layers and the smallest level (the display ranges), not the image
+    image = sum(p.stat().st_size for p in (ctx.work.root / "registration" / "S1.ome.zarr").rglob("*") if p.is_file())
+    assert ctx.work.counter.read < 0.5 * image, (ctx.work.counter.read, image)
     written = [p.relative_to(ctx.work.root / "overview" / "images") for p in (ctx.work.root / "overview").rglob("*")
                if p.is_file()]
     shapes = [(512, 512), (256, 256), (128, 128)]
