@@ -252,6 +252,13 @@ def test_tiff_rows_read_exactly_the_rows_tifffile_reads(shared_data, tmp_path, l
                 np.testing.assert_array_equal(rows[c, a:b], image[c, a:b])
             with pytest.raises(IndexError, match="row slice"):
                 rows[0, ::2]
+    with tifffile.TiffFile(path, mode="r+") as tif:   # a segment never written (offset 0) reads as 0
+        tag = tif.pages[1].tags["TileOffsets" if "tile" in layout_kwargs else "StripOffsets"]
+        tag.overwrite((*tag.value[:2], 0, *tag.value[3:]))
+    with tifffile.TiffFile(path) as tif:
+        expected = tif.asarray()
+        assert (expected[1] == 0).sum() > (image[1] == 0).sum()
+        np.testing.assert_array_equal(TiffRows(tif, tif.series[0])[1, :], expected[1])
 
 
 def test_quantify_files_reads_pyramids_masks_with_a_plane_axis_and_volumetric_tiles(shared_data, tmp_path):

@@ -6,6 +6,7 @@ columns and file names, plus each table as Parquet and AnnData ``.h5ad``.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib
 import threading
 from pathlib import Path
@@ -46,6 +47,23 @@ def _import_in_background(*modules: str) -> threading.Thread:
     return thread
 
 
+def _reuse_freed_memory() -> None:
+    """Have glibc keep freed memory (blocks up to 256 MB, up to 1 GB at the heap's top) for reuse.
+
+    Measuring allocates per strip a few arrays of tens of MB and frees them; by default glibc
+    returns such memory to the kernel, which zeroes fresh pages on the next strip's first touch:
+    a third fewer page faults and ~0.3 s less CPU on the benchmark's slide, for a peak ~120 MB
+    higher. A no-op where the C library is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3   # glibc's <malloc.h>
+    libc.mallopt(m_mmap_threshold, 256 << 20)
+    libc.mallopt(m_trim_threshold, 1 << 30)
+
+
 def quantify(image: Path = typer.Option(..., "--image", exists=True, dir_okay=False,
                                         help="registered (C, Y, X) OME-TIFF, e.g. registration/S1.ome.tif"),
              masks: list[Path] = typer.Option(..., "--mask", exists=True, dir_okay=False,
@@ -59,6 +77,7 @@ def quantify(image: Path = typer.Option(..., "--image", exists=True, dir_okay=Fa
                                                help="segmentation method: names tables <slide>--<engine>_<mask> "
                                                     "as MCMICRO does (default: <slide>_<mask>, as mcquant)")) -> None:
     """Single-cell feature tables, MCQuant-compatible: CSV, Parquet and AnnData .h5ad per mask."""
+    _reuse_freed_memory()
     preload = _import_in_background("anndata", "pyarrow.csv", "pyarrow.parquet")   # the table's and writers
     from atlas.science.quantification import MORPHOLOGY_COLUMNS
     from atlas.stages.quantify import quantify_files, table_summary, write_table

@@ -98,11 +98,14 @@ class TiffRows:
         page = self._pages[int(np.ravel_multi_index(lead, self.shape[:-2]))] if lead else self._pages[0]
         r0, r1, _ = rows.indices(self.shape[-2])
         r1 = max(r0, r1)
-        out = np.zeros((r1 - r0, self.shape[-1]), self.dtype)   # tiles never written read as 0
         height, width = self.chunks[-2:]
-        first, last = r0 // height, -(-r1 // height)
+        index = range(r0 // height * self._across, -(-r1 // height) * self._across)
+        written = all(page.dataoffsets[i] > 0 and page.databytecounts[i] > 0 for i in index)
+        # Tiles never written read as 0; np.empty otherwise: it reuses freed memory where np.zeros'
+        # calloc takes fresh pages from the kernel (a third of the reading time in page faults).
+        out = (np.empty if written else np.zeros)((r1 - r0, self.shape[-1]), self.dtype)
         with self._lock:
-            for i, tile in self._segments(page, range(first * self._across, last * self._across)):
+            for i, tile in self._segments(page, index):
                 y0, x0 = (i // self._across) * height, (i % self._across) * width
                 a, b = max(r0, y0), min(r1, y0 + tile.shape[1])
                 out[a - r0:b - r0, x0:x0 + tile.shape[2]] = tile[0, a - y0:b - y0, :self.shape[-1] - x0, 0]
