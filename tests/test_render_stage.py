@@ -17,7 +17,7 @@ from atlas.params import Params, RenderParams
 from atlas.science.overview import render_overview
 from atlas.science.pyramid import write_ome_zarr, write_zarr_labels
 from atlas.stages import Job, StageContext, get_stage
-from atlas.storage import FolderStore
+from atlas.storage import FolderStore, IoCounter
 
 
 @pytest.fixture(scope="module")
@@ -134,8 +134,12 @@ def test_stage_items_render_only_their_share(images, tmp_path):
     from atlas.stages import render
 
     ctx = _results(tmp_path, images, segmented=True)
+    ctx = replace(ctx, work=FolderStore(ctx.work.root, counter=IoCounter()))
     stage = get_stage("render")
     render.run_item(replace(ctx, job=Job(stage, item=1, count=3)), 1, 3)
+    # it read its rows' chunks of its layers and the smallest level (the display ranges), not the image
+    image = sum(p.stat().st_size for p in (ctx.work.root / "registration" / "S1.ome.zarr").rglob("*") if p.is_file())
+    assert ctx.work.counter.read < 0.5 * image, (ctx.work.counter.read, image)
     written = [p.relative_to(ctx.work.root / "overview" / "images") for p in (ctx.work.root / "overview").rglob("*")
                if p.is_file()]
     shapes = [(512, 512), (256, 256), (128, 128)]
@@ -144,3 +148,20 @@ def test_stage_items_render_only_their_share(images, tmp_path):
         (u.layer == 1, f"{u.level}_{x}_{u.row}.{'png' if u.layer else 'jpg'}")
         for u in units for x in range(shapes[u.level][1] // TILE)}
     assert not (ctx.work.root / "overview" / "index.html").exists()  # the page is the merge's
+
+
+def test_tile_units_cover_every_row_once_and_any_shares_split_each_level_evenly():
+    from atlas.science.overview.tiles import tile_units
+    from atlas.science.pyramid import level_shapes
+
+    shapes = level_shapes((3000, 5000), 1024)  # 4 levels: 3 + 2 + 1 + 1 tile rows
+    units = tile_units(3, shapes, 1024)
+    assert len({u.name for u in units}) == len(units) == 3 * 7
+    assert {(u.layer, u.level, u.row) for u in units} == {(layer, level, row) for layer in range(3)
+                                                          for level, (h, _) in enumerate(shapes)
+                                                          for row in range(-(-h // 1024))}
+    for count in (1, 2, 7, 50):
+        shares = [units[i::count] for i in range(count)]
+        assert sorted(u.name for share in shares for u in share) == sorted(u.name for u in units)
+        full_size = [sum(u.level == 0 for u in share) for share in shares]
+        assert max(full_size) - min(full_size) <= 1  # the costly full-size rows are spread evenly

@@ -162,10 +162,12 @@ class TileUnit:
 
 
 def tile_units(n_layers: int, level_shapes: Sequence[tuple[int, int]], tile_size: int) -> list[TileUnit]:
-    """Every unit of an overview of ``n_layers`` layers, in a fixed order: layer by layer, each level
-    full size first, each level row by row (a share of them is ``units[index::count]``)."""
-    return [TileUnit(layer, level, row) for layer in range(n_layers)
-            for level, (height, _) in enumerate(level_shapes) for row in range(math.ceil(height / tile_size))]
+    """Every unit of an overview of ``n_layers`` layers, in a fixed order: level by level (full size
+    first), row by row, layer by layer. A share ``units[index::count]`` then holds about as many rows
+    of each level as any other share (at 1,000 tiles of 2048 px and 11 layers, 168 shares: the
+    largest has 1.08x the mean's tiles; layer by layer first it would have 1.26x)."""
+    return [TileUnit(layer, level, row) for level, (height, _) in enumerate(level_shapes)
+            for row in range(math.ceil(height / tile_size)) for layer in range(n_layers)]
 
 
 def tile_paths(layers: Sequence[tuple[str, str]], level_shapes: Sequence[tuple[int, int]], tile_size: int
