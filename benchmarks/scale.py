@@ -3,6 +3,7 @@
 Usage::
 
     .venv/bin/python benchmarks/scale.py [--quick] [--work DIR] [--spot-usd-per-vcpu-hour 0.02]
+    .venv/bin/python benchmarks/scale.py --model-from WORK/measured.json
 
 1. **Local** (``atlas run``, one process): made slides of 256 and 1,024 tiles (512 px, 3 cycles x 4
    channels, ``atlas sample``); per slide the wall and CPU time per tile, the peak RSS, nuclei found
@@ -11,15 +12,16 @@ Usage::
 2. **Emulated cloud** (``atlas demo --slide``, each job its own process): the 256-tile slide; per job
    its peak RSS (the process's VmHWM), scratch and bytes read/written (its completion record), and
    all reads against the bytes of the raw slide + the release (goals: no job over 2 GiB RSS or 1 GiB
-   scratch, reads <= 3x, segment, quantify and render each run as several items).
-3. **Model** of the target (1,000 tiles x 40 channels x 2048² px, 10 cycles) on Batch from the rates
-   of step 2; the formulas are in docs/scale.md (goals: <= 1 h from upload to release, <= $1 of Spot
-   compute, every job <= 16 GiB RAM and <= 50 GB scratch).
+   scratch, reads <= 3x, segment, quantify and render each run as several items). The demo also runs
+   on a tiny slide (2x2 tiles), the model's second point.
+3. **Model** of the target (1,000 tiles x 40 channels x 2048² px, 10 cycles) on Batch: each kind of
+   job's figures on the line through its two demos' figures (docs/scale.md; goals: <= 1 h from upload
+   to release, <= $1 of Spot compute, every job <= 16 GiB RAM and <= 50 GB scratch).
+   ``--model-from WORK/measured.json`` prints the model again from a run's measurements.
 
 Every goal is printed with its figure and PASS or MISS. ``--quick`` runs tiny slides (2x2 and 3x3
 tiles of 256 px, 2 cycles x 2 channels) to check that everything runs and prints; its figures mean
-nothing. The full run prints the load it ran under; its emulated-cloud step is slow on moto, which
-reads a whole object for each ranged GET (docs/scale.md).
+nothing. The full run prints the load it ran under.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from atlas import layout  # noqa: E402
-from atlas.stages import STAGES  # noqa: E402
+from atlas.stages import STAGES, dependencies  # noqa: E402
 from localcloud.executor import run_process  # noqa: E402
 
 GIB, MIB = 2 ** 30, 2 ** 20
@@ -48,7 +50,6 @@ SPOT_USD_PER_VCPU_HOUR = 0.02   # c6i/m6i Spot in us-east-1, about a third of on
 JOB_START_S = 90.0              # a Batch job from SUBMITTED to RUNNING: Spot host up (or reused), image cached
 EVENTS_TO_RUN_S = 10.0          # S3 event -> catalog -> trigger -> StartExecution
 QUEUE_MAX_VCPUS = 256           # infra.config.AtlasConfig.cpu_max_vcpus: the compute environment's cap
-ONE_CHANNEL_STAGES = ("segment",)  # stages that read one channel (the DNA stain), whatever the slide's channels
 
 
 @dataclass(frozen=True)
@@ -136,10 +137,10 @@ def goal(name: str, figure: str, limit: str, ok: bool) -> str:
     return f"GOAL  {name:<44} {figure:>22}  (goal {limit:<10}) {'PASS' if ok else 'MISS'}"
 
 
-def save(work: Path, runs: list[dict], jobs: list[dict], raw: int, release: int) -> None:
-    """What was measured so far, to ``work/measured.json``."""
-    (work / "measured.json").write_text(json.dumps({"local": runs, "jobs": jobs, "raw_bytes": raw,
-                                                    "release_bytes": release}, indent=1))
+def save(work: Path, runs: list[dict], demo: list[tuple[Size, list[dict]]], raw: int, release: int) -> None:
+    """What was measured so far, to ``work/measured.json`` (``--model-from`` reads it)."""
+    (work / "measured.json").write_text(json.dumps({"local": runs, "demo": [(vars(size), jobs) for size, jobs in demo],
+                                                    "raw_bytes": raw, "release_bytes": release}, indent=1))
 
 
 def local_line(r: dict) -> str:
@@ -205,65 +206,138 @@ def stage_sizes(stage, size: Size) -> tuple[int, int]:
     return sized.items, sized.vcpus
 
 
-def data_ratio(stage: str, measured: Size, target: Size) -> float:
-    """How much more data the stage handles at the target: pixels per channel x channels it reads."""
-    channels = 1.0 if stage in ONE_CHANNEL_STAGES else target.channels / measured.channels
-    return target.pixels / measured.pixels * channels
+# What a job holds at once grows with one measure of the slide, by design (each stage's docstring):
+# "tile": a tile at a time; "band": a band of tile rows across the slide; "share": its share of the
+# stage's data (an item's row band); "data": something per cell or per object of the whole slide;
+# "none": nothing that grows. The key is the stage, or "<stage> merge" for a merge.
+HOLDS = {"illuminate": "tile", "illuminate merge": "none", "align": "band", "mosaic": "band", "mosaic merge": "none",
+         "export": "band", "segment": "tile", "segment merge": "band", "quantify": "share",
+         "quantify merge": "data", "render": "band", "render merge": "data", "publish": "none"}
 
 
-def held_ratio(job: dict, items_m: int, items_t: int, measured: Size, target: Size) -> float:
-    """How much more a job holds at once at the target (memory above the interpreter, scratch).
-
-    An array item holds its share of the stage's data; a plain job or a merge streams a band of
-    tile rows across the slide (a few rows of tiles, all the channels it reads); publish only lists.
-    """
-    stage = job["stage"]
-    if stage == "publish":
-        return 1.0
-    channels = 1.0 if stage in ONE_CHANNEL_STAGES else target.channels / measured.channels
-    if job["item"] is not None:
-        return data_ratio(stage, measured, target) * items_m / max(items_t, 1)
-    return target.cols * target.tile ** 2 / (measured.cols * measured.tile ** 2) * channels
+def channels_read(stage: str, size: Size) -> int:
+    """Channels a stage's jobs read: the DNA stain (segment), the alignment channel of each cycle
+    (align), the masks and one channel at a time (quantify), else all of them."""
+    return {"segment": 1, "quantify": 1, "align": size.cycles}.get(stage, size.channels)
 
 
-def model(jobs: list[dict], measured: Size, target: Size, usd_per_vcpu_hour: float) -> list[str]:
-    """The target on Batch from the measured jobs (docs/scale.md, "The model")."""
-    # what every job costs whatever its data (the interpreter, the libraries): the smallest job's figures
-    base, base_cpu = min(j["peak_rss_bytes"] for j in jobs), min(j["cpu_seconds"] for j in jobs)
-    print(f"  measured {measured.label()}; target {target.label()}: data x{data_ratio('', measured, target):.0f} "
-          f"(one-channel stages x{data_ratio(ONE_CHANNEL_STAGES[0], measured, target):.0f})")
-    print(f"  {'stage':<10} {'items':>6} {'vCPU':>4} {'work vCPU-h':>11} {'latency min':>11} "
-          f"{'job RSS':>10} {'job scratch':>11}")
-    latency, vcpu_s, rss_max, scratch_max = EVENTS_TO_RUN_S, 0.0, 0.0, 0.0
+def measure(job: dict, size: Size, items: int, what: str) -> float:
+    """The measure of ``size`` that a job's figure grows with: ``what`` "work" (its CPU: its share
+    of the stage's pixels x channels) or "held" (its memory and scratch: :data:`HOLDS`)."""
+    data = size.pixels * channels_read(job["stage"], size)
+    share = data / max(items, 1) if job["item"] is not None else data
+    if what == "work":
+        return share
+    holds = HOLDS[job["stage"] + (" merge" if job["merge"] else "")]
+    return {"tile": size.tile ** 2 * channels_read(job["stage"], size),
+            "band": size.cols * size.tile ** 2 * channels_read(job["stage"], size),
+            "share": share, "data": data, "none": 1.0}[holds]
+
+
+def extrapolate(x: float, low: tuple[float, float], high: tuple[float, float]) -> float:
+    """y at x on the line through the measured points (x, y) ``low`` and ``high``; never decreasing
+    (a figure that shrank between the two slides is taken as constant: noise, not a rate)."""
+    (x0, y0), (x1, y1) = low, high
+    rate = max(0.0, (y1 - y0) / (x1 - x0)) if x1 > x0 else 0.0
+    return max(y0, y1) + rate * (x - x1)
+
+
+def job_figures(jobs: list[dict], stage: str, kind: str) -> dict | None:
+    """A stage's measured figures of one kind of job (the items, the merge, the plain job): mean CPU
+    seconds, largest peak RSS and scratch, the number of items; None where the run had none."""
+    done = [j for j in jobs if j["stage"] == stage and ("item" if j["item"] is not None else
+                                                         "merge" if j["merge"] else "plain") == kind]
+    if not done:
+        return None
+    return {"cpu": sum(j["cpu_seconds"] for j in done) / len(done), "rss": max(j["peak_rss_bytes"] for j in done),
+            "scratch": max(j["record"].get("scratch_peak_bytes") or 0 for j in done), "job": done[0],
+            "items": sum(1 for j in jobs if j["stage"] == stage and j["item"] is not None)}
+
+
+def point(fig: dict, size: Size, what: str, figure: str) -> tuple[float, float]:
+    """(measure, figure) of one kind of job measured on a slide of ``size`` (:func:`job_figures`)."""
+    return measure(fig["job"], size, fig["items"], what), fig[figure]
+
+
+def kind_at_target(low: dict, high: dict, runs: tuple[Size, Size], target: Size, items: int) -> dict:
+    """One kind of job of a stage at the target: CPU seconds, peak RSS and scratch, each on the line
+    through its figures on the two measured slides (``runs``: their sizes, smaller first)."""
+    at = {what: measure(high["job"], target, items, what) for what in ("work", "held")}
+    return {figure: extrapolate(at[what], point(low, runs[0], what, figure), point(high, runs[1], what, figure))
+            for figure, what in (("cpu", "work"), ("rss", "held"), ("scratch", "held"))}
+
+
+def model(runs: list[tuple[Size, list[dict]]], target: Size, usd_per_vcpu_hour: float) -> list[str]:
+    """The target on Batch from the jobs measured on two slides (docs/scale.md, "The model")."""
+    (small, small_jobs), (measured, jobs) = runs
+    print(f"  measured {small.label()} and {measured.label()}; target {target.label()}: data "
+          f"x{target.pixels * target.channels / (measured.pixels * measured.channels):.0f} of the larger")
+    print(f"  {'jobs':<16} {'count':>6} {'vCPU':>4} {'work vCPU-h':>11} {'wall min':>9} {'job RSS':>10} "
+          f"{'job scratch':>11}")
+    finish, vcpu_s, rss_max, scratch_max = {}, 0.0, 0.0, 0.0
     for stage in STAGES:
-        done = [j for j in jobs if j["stage"] == stage.name]
-        if not done:
-            continue
-        items_m = sum(1 for j in done if j["item"] is not None)
         items_t, vcpus = stage_sizes(stage, target)
-        ratio = data_ratio(stage.name, measured, target)
-        items_work = sum(j["cpu_seconds"] - base_cpu for j in done if j["item"] is not None) * ratio
-        item_work = base_cpu + items_work / max(items_t, 1)
-        other_work = sum(base_cpu + (j["cpu_seconds"] - base_cpu) * ratio  # plain job or merge
-                         for j in done if j["item"] is None)
-        waves = math.ceil(items_t * vcpus / QUEUE_MAX_VCPUS) if items_t else 0
-        item_wall = item_work / vcpus
-        other_wall = other_work / vcpus
-        stage_latency = (JOB_START_S + waves * item_wall if items_t else 0) + JOB_START_S + other_wall
-        latency += stage_latency
-        vcpu_s += vcpus * (items_t * (JOB_START_S + item_wall) + JOB_START_S + other_wall)
-        rss = max(base + (j["peak_rss_bytes"] - base) * held_ratio(j, items_m, items_t, measured, target) for j in done)
-        scratch = max((j["record"].get("scratch_peak_bytes") or 0) * held_ratio(j, items_m, items_t, measured, target)
-                      for j in done)
-        rss_max, scratch_max = max(rss_max, rss), max(scratch_max, scratch)
-        print(f"  {stage.name:<10} {items_t:6d} {vcpus:4d} {(item_work * items_t + other_work) / 3600:11.1f} "
-              f"{stage_latency / 60:11.1f} {fmt_bytes(rss):>10} {fmt_bytes(scratch):>11}")
+        latency = 0.0
+        for kind in ("item", "merge", "plain"):
+            low, high = job_figures(small_jobs, stage.name, kind), job_figures(jobs, stage.name, kind)
+            if high is None:
+                continue
+            fig = kind_at_target(low or high, high, (small, measured), target, items_t)
+            count = items_t if kind == "item" else 1
+            wall = JOB_START_S + math.ceil(count * vcpus / QUEUE_MAX_VCPUS) * fig["cpu"] / vcpus
+            latency += wall
+            vcpu_s += count * vcpus * (JOB_START_S + fig["cpu"] / vcpus)
+            rss_max, scratch_max = max(rss_max, fig["rss"]), max(scratch_max, fig["scratch"])
+            print(f"  {stage.name + ('' if kind == 'plain' else ' ' + kind + 's'):<16} {count:6d} {vcpus:4d} "
+                  f"{count * fig['cpu'] / 3600:11.2f} {wall / 60:9.1f} {fmt_bytes(fig['rss']):>10} "
+                  f"{fmt_bytes(fig['scratch']):>11}")
+        finish[stage.name] = max((finish[d.name] for d in dependencies(stage)), default=EVENTS_TO_RUN_S) + latency
+    path = max(finish.values())
     cost = vcpu_s / 3600 * usd_per_vcpu_hour
-    print(f"  billed {vcpu_s / 3600:.1f} vCPU-h at ${usd_per_vcpu_hour}/vCPU-h Spot")
-    return [goal("model: upload -> release (critical path)", f"{latency / 60:.0f} min", "<= 60 min", latency <= 3600),
+    print(f"  critical path {path / 60:.0f} min (stages in parallel where the registry's graph allows); billed "
+          f"{vcpu_s / 3600:.1f} vCPU-h at ${usd_per_vcpu_hour}/vCPU-h Spot")
+    return [goal("model: upload -> release (critical path)", f"{path / 60:.0f} min", "<= 60 min", path <= 3600),
             goal("model: Spot compute per slide", f"${cost:.2f} ({vcpu_s / 3600:.0f} vCPU-h)", "<= $1", cost <= 1),
             goal("model: largest job memory", fmt_bytes(rss_max).strip(), "<= 16 GiB", rss_max <= 16 * GIB),
             goal("model: largest job scratch", f"{scratch_max / 1e9:.1f} GB", "<= 50 GB", scratch_max <= 50e9)]
+
+
+def demo_runs(slides: list[tuple[Path, Size]], work: Path) -> tuple[list[tuple[Size, list[dict]]], int, int]:
+    """The demo on each slide, smaller first (the same slide twice is run once): (size, jobs) of each,
+    and the raw and release bytes of the larger."""
+    runs, done = [], {}
+    for slide, size in slides:
+        if slide not in done:
+            done[slide] = demo_run(slide, work / "demo" / slide.name)
+        runs.append((size, done[slide][0]))
+    return runs, done[slides[-1][0]][1], done[slides[-1][0]][2]
+
+
+def measure_and_model(work: Path, sizes: tuple[Size, Size, Size], overlap: float, usd: float) -> list[str]:
+    """Steps 1-3 (module docstring); what was measured is kept in ``work/measured.json``."""
+    tiny, small, large = sizes
+    print("1. local pipeline (atlas run, one process)", flush=True)
+    slide, truth = make_slide(work / "slides", small, overlap)
+    runs = [local_run(slide, truth, work / "local" / slide.name, small)]
+    print(local_line(runs[0]), flush=True)
+    # the demos' figures are per job (memory, bytes, CPU time), not wall times: they run while the
+    # larger slide is made (untimed), then the larger slide's local run has the machine to itself
+    with ThreadPoolExecutor(1) as pool:
+        tiny_slide = slide if tiny == small else make_slide(work / "slides", tiny, overlap)[0]
+        demos = pool.submit(demo_runs, [(tiny_slide, tiny), (slide, small)], work)
+        large_slide, large_truth = make_slide(work / "slides", large, overlap)
+        demo, raw, release = demos.result()
+    save(work, runs, demo, raw, release)
+    print(f"2. emulated cloud (atlas demo --slide, one process per job): {small.label()}", flush=True)
+    goals = report_demo(demo[-1][1], raw, release)
+    print(f"3. model of the target on Batch, from the jobs of step 2 and of the demo on {tiny.label()} "
+          "(docs/scale.md)", flush=True)
+    goals += model(demo, TARGET, usd)
+    print("1. local pipeline, the larger slide", flush=True)
+    runs.append(local_run(large_slide, large_truth, work / "local" / large_slide.name, large))
+    save(work, runs, demo, raw, release)
+    print(local_line(runs[1]), flush=True)
+    return report_local(runs) + goals
 
 
 def main() -> None:
@@ -272,44 +346,30 @@ def main() -> None:
     parser.add_argument("--work", type=Path, help="folder for slides and results, kept with the figures in "
                         "measured.json (default: a temporary one, removed); ~25 GB at full size")
     parser.add_argument("--spot-usd-per-vcpu-hour", type=float, default=SPOT_USD_PER_VCPU_HOUR)
+    parser.add_argument("--model-from", type=Path, metavar="MEASURED_JSON",
+                        help="print the model again from a full run's measured.json (no run)")
     args = parser.parse_args()
-    if args.quick:
-        sizes, overlap = (Size(2, 2, 256, 2, 2), Size(3, 3, 256, 2, 2)), 0.15
+    if args.model_from:
+        saved = json.loads(args.model_from.read_text())
+        demo = [(Size(**size), jobs) for size, jobs in saved["demo"]]
+        print("\n".join(model(demo, TARGET, args.spot_usd_per_vcpu_hour)))
+        return
+    if args.quick:  # the demo runs once, on the smaller slide (no second point for the model's lines)
+        sizes, overlap = (Size(2, 2, 256, 2, 2), Size(2, 2, 256, 2, 2), Size(3, 3, 256, 2, 2)), 0.15
     else:
-        sizes, overlap = (Size(16, 16, 512, 3, 4), Size(32, 32, 512, 3, 4)), 0.1
+        sizes, overlap = (Size(2, 2, 512, 3, 4), Size(16, 16, 512, 3, 4), Size(32, 32, 512, 3, 4)), 0.1
     work = args.work or Path(tempfile.mkdtemp(prefix="scale-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     print(f"scale benchmark{' (--quick: figures meaningless)' if args.quick else ''}: {len(os.sched_getaffinity(0))} "
           f"CPUs, load {os.getloadavg()[0]:.1f} at start", flush=True)
     try:
-        small, large = sizes
-        print("1. local pipeline (atlas run, one process)", flush=True)
-        slide, truth = make_slide(work / "slides", small, overlap)
-        runs = [local_run(slide, truth, work / "local" / slide.name, small)]
-        print(local_line(runs[0]), flush=True)
-        # the demo's figures are per job (its memory, bytes, CPU time), not wall times: it runs while the
-        # larger slide is made (untimed), then the larger slide's local run has the machine to itself
-        with ThreadPoolExecutor(1) as pool:
-            demo = pool.submit(demo_run, slide, work / "demo")
-            large_slide, large_truth = make_slide(work / "slides", large, overlap)
-            jobs, raw, release = demo.result()
-        save(work, runs, jobs, raw, release)
-        print(f"2. emulated cloud (atlas demo --slide, one process per job): {small.label()}", flush=True)
-        goals = report_demo(jobs, raw, release)
-        print("3. model of the target on Batch, from the jobs of step 2 (docs/scale.md)", flush=True)
-        goals += model(jobs, small, TARGET, args.spot_usd_per_vcpu_hour)
-        print("1. local pipeline, the larger slide", flush=True)
-        runs.append(local_run(large_slide, large_truth, work / "local" / large_slide.name, large))
-        save(work, runs, jobs, raw, release)
-        print(local_line(runs[1]), flush=True)
-        goals = report_local(runs) + goals
+        goals = measure_and_model(work, sizes, overlap, args.spot_usd_per_vcpu_hour)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
     print("\n".join(goals))
     print(f"done in {(time.perf_counter() - started) / 60:.1f} min, load {os.getloadavg()[0]:.1f} at the end")
-
 
 if __name__ == "__main__":
     main()

@@ -36,10 +36,17 @@ def test_the_quick_scale_benchmark_prints_every_goal_with_its_figure(tmp_path):
     jobs = re.findall(r"^  (\S+(?: merge)?) +([\d.]+) +([\d.]+) +(\d+) MiB", output, re.M)
     assert {re.sub(r"\[\d+\]| merge", "", job) for job, *_ in jobs} == {s.name for s in STAGES}, output
     assert all(float(cpu) > 0 and int(rss) > 50 for _, _, cpu, rss in jobs)
-    # 3. the model has a row per stage; every goal is printed with its figure and a verdict
-    assert {s.name for s in STAGES} <= set(re.findall(r"^  (\w+) +\d+ +\d+ +[\d.]+ +[\d.]+ ", output, re.M)), output
+    # 3. the model has a row per stage's kind of job; every goal is printed with its figure and a verdict
+    rows = re.findall(r"^  (\w+)( items| merge)? +\d+ +\d+ +[\d.]+ +[\d.]+ ", output, re.M)
+    assert {s.name for s in STAGES} <= {stage for stage, _ in rows}, output
+    assert {stage for stage, kind in rows if kind == " items"} == {s.name for s in STAGES if s.array_size}, output
     verdicts = dict(re.findall(r"^GOAL  (.+?) {2,}.+ (PASS|MISS)$", output, re.M))
     for name in GOALS:
         assert any(found.startswith(name) for found in verdicts), (name, output)
     # the work folder is the caller's: kept, with the demo's job list
-    assert (tmp_path / "work" / "demo" / "jobs.json").is_file()
+    assert (tmp_path / "work" / "demo" / "s4" / "jobs.json").is_file()
+    # ... and what was measured, from which the model is printed again
+    again = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "scale.py"), "--model-from",
+                            str(tmp_path / "work" / "measured.json")], env=env, capture_output=True, text=True,
+                           timeout=120, cwd=tmp_path)
+    assert again.returncode == 0 and "model: largest job memory" in again.stdout, again.stdout + again.stderr
