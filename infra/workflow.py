@@ -180,7 +180,7 @@ class Pipeline(Construct):
     def _parallel(self, branches: tuple[Flow, ...], jobs: list[StageJob]) -> tuple[sfn.Parallel, list[sfn.INextable]]:
         """A Parallel state running each branch's chain; its input passes on unchanged, and a failed
         branch (its job's Fail state) ends the run with that job's error and cause."""
-        heads = " | ".join(next(j.name for j in jobs if j.stage is _first(branch)) for branch in branches)
+        heads = " | ".join(_first(branch).name for branch in branches)  # "export | segment"
         parallel = sfn.Parallel(self, heads, result_path=sfn.JsonPath.DISCARD,
                                 comment="stages that do not build on each other, side by side")
         for branch in branches:
