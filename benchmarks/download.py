@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import logging
 import os
 import shutil
 import sys
@@ -118,14 +117,16 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
 
-    from moto.server import ThreadedMotoServer
+    from localcloud.demo import moto_server
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    os.environ.update({"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "bench",
-                       "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"})
+    with moto_server() as endpoint:
+        os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "bench",
+                           "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"})
+        compare(args)
+
+
+def compare(args: argparse.Namespace) -> None:
+    """Download the made release with ours and s3transfer, whole and interrupted; print the ratios."""
     work = Path(tempfile.mkdtemp(prefix="atlas-bench-download-"))
     try:
         from atlas.aws.access import results_client
@@ -164,7 +165,6 @@ def main() -> None:
         print(f"bytes ratio with one interruption, s3transfer / ours: {fetched['s3transfer'] / fetched['ours']:.2f}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-        server.stop()
 
 
 if __name__ == "__main__":

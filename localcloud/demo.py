@@ -16,7 +16,6 @@ import importlib.util
 import json
 import logging
 import os
-import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -30,6 +29,7 @@ import boto3
 
 from atlas import layout
 from atlas.aws import catalog
+from localcloud.s3ranges import serve_byte_ranges
 
 REGION = "us-east-1"
 ACCOUNT = "123456789012"
@@ -40,23 +40,19 @@ POWERTOOLS_LOCAL_ENV = {"POWERTOOLS_TRACE_DISABLED": "1", "POWERTOOLS_METRICS_DI
                         "POWERTOOLS_LOG_LEVEL": "WARNING"}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextmanager
 def moto_server() -> Iterator[str]:
-    """Run moto's server (every AWS API it emulates) on a free localhost port; yields its URL."""
+    """Run moto's server (every AWS API it emulates) on a free localhost port, serving ranged GETs
+    without copying whole objects (:mod:`localcloud.s3ranges`); yields its URL."""
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    serve_byte_ranges()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     try:
-        yield f"http://127.0.0.1:{port}"
+        host, port = server.get_host_and_port()
+        yield f"http://{host}:{port}"
     finally:
         server.stop()
 

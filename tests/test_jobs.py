@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import http.server
 import json
-import logging
 import os
 import re
 import signal
@@ -24,7 +23,6 @@ from urllib.parse import urlsplit
 import boto3
 import pytest
 from moto.s3.models import S3Backend
-from moto.server import ThreadedMotoServer
 from typer.testing import CliRunner
 
 from atlas import layout
@@ -37,7 +35,7 @@ from atlas.pipeline.contract import ExitCode, JobError, Misconfigured, UpstreamI
 from atlas.slide.convention import SLIDE_MANIFEST, run_id_for, sha256_file, write_manifest
 from atlas.slide.ome import read_cycle_metadata
 from atlas.stages import STAGES, JobSizes, SlideSize, execution_sizes, get_stage, run_jobs, upstream_jobs
-from localcloud.demo import local_aws_env
+from localcloud.demo import local_aws_env, moto_server
 from localcloud.executor import StageJobFailed, execute_run, stage_command
 
 OVERVIEW_PAGE = f"{layout.OVERVIEW}/index.html"
@@ -49,19 +47,12 @@ EXPORT_VCPUS = 3  # not the registry's: the job's record and thread pools follow
 @pytest.fixture(scope="module")
 def aws():
     """S3 emulated on localhost (moto server in this process) and the environment the jobs get."""
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = local_aws_env(f"http://{host}:{port}") | {"AWS_EC2_METADATA_DISABLED": "true"}
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            mp.delenv("AWS_PROFILE", raising=False)
-            for key, value in env.items():
-                mp.setenv(key, value)
-            yield env, boto3.client("s3")
-    finally:
-        server.stop()
+    with moto_server() as endpoint, pytest.MonkeyPatch.context() as mp:
+        env = local_aws_env(endpoint) | {"AWS_EC2_METADATA_DISABLED": "true"}
+        mp.delenv("AWS_PROFILE", raising=False)
+        for key, value in env.items():
+            mp.setenv(key, value)
+        yield env, boto3.client("s3")
 
 
 def expected_steps(stages=STAGES) -> list[tuple[str, int | None, bool]]:
@@ -321,23 +312,24 @@ def test_a_killed_array_item_is_redone_to_the_same_outputs(aws, run):
     assert not retried.skipped and retried.record["outputs"] == uninterrupted["outputs"]
 
 
-def test_a_killed_mosaic_item_resumes_from_its_last_written_chunk_row(aws, run):
-    """A Spot reclaim in the middle of a long item: the retry skips every chunk row whose journal
-    object the killed attempt left, redoes the rest, and records exactly the outputs of an
-    uninterrupted item."""
+@pytest.mark.parametrize("stage", ["mosaic", "render"])
+def test_a_killed_item_resumes_from_its_last_written_chunk_row(aws, run, stage):
+    """A Spot reclaim in the middle of a long item: the retry skips every chunk row (mosaic: of the
+    zarr's levels; render: of the overview's tiles) whose journal object the killed attempt left,
+    redoes the rest, and records exactly the outputs of an uninterrupted item."""
     env, s3 = aws
     work, run_id = new_bucket(s3, "work"), run["run_id"]
-    item = get_stage("mosaic").jobs()[0]
+    item = get_stage(stage).jobs()[0]
     copy_upstream(s3, run, work, item)
     uninterrupted = json.loads(s3.get_object(Bucket=run["work"], Key=f"{run_id}/{item.record}")["Body"].read())
     journal = f"{run_id}/{item.stage.item_dir}/{item.item}/"
     rows = sum(out["path"].startswith(journal[len(run_id) + 1:]) for out in uninterrupted["outputs"])
-    assert rows >= 4  # chunk rows of its channels' pyramid levels
+    assert rows >= 4  # chunk rows of its channels' pyramid levels, tile rows of its layers' levels
     work_uri = f"s3://{work}/{run_id}/"
     with hold_uploads_after_first(work, journal, admit=2) as (_, blocked):
         kill_item_when(blocked, item, env, run, work_uri, "the item never finished two chunk rows")
     assert len(objects(s3, work, journal)) == 2 and item.record not in objects(s3, work, f"{run_id}/")
-    retried = run_stage_job("mosaic", slide_uri=run["slide_uri"], work_uri=work_uri, run_id=run_id,
+    retried = run_stage_job(stage, slide_uri=run["slide_uri"], work_uri=work_uri, run_id=run_id,
                             array_index=item.item, s3=s3)
     assert not retried.skipped and retried.record["outputs"] == uninterrupted["outputs"]
     # the two finished rows were taken over unread and not written again
@@ -431,7 +423,7 @@ def test_a_changed_upstream_output_is_caught(aws, run):
     s3.put_object(Bucket=work, Key=source + tampered, Body=b"II*\x00 not the registered image")
     with pytest.raises(JobError, match=tampered) as caught:
         run_stage_job("render", slide_uri=run["slide_uri"], work_uri=f"s3://{work}/{source}",
-                      run_id=run["run_id"], s3=s3)
+                      run_id=run["run_id"], array_index=0, s3=s3)
     assert caught.value.exit_code == ExitCode.CORRUPT_WORK
     assert "export.json" in str(caught.value)  # says which record to delete to redo the stage
 

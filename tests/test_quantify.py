@@ -7,6 +7,7 @@ Synthetic masks appear only for cases the real masks lack; each test says what t
 from __future__ import annotations
 
 import functools
+import io
 import json
 import shutil
 from pathlib import Path
@@ -26,6 +27,7 @@ from atlas.cli import app
 from atlas.errors import InvalidInput
 from atlas.params import Params
 from atlas.science import quantification
+from atlas.science.imageio import TiffRows
 from atlas.science.pyramid import write_ome_tiff_pyramid, write_ome_zarr
 from atlas.science.quantification import (
     MORPHOLOGY_COLUMNS,
@@ -212,6 +214,70 @@ def test_bad_inputs_name_the_file(shared_data, tmp_path):
     (tmp_path / "junk.tif").write_text("not a tiff")
     with pytest.raises(InvalidInput, match="junk.tif: cannot be read as TIFF"):
         quantify_files(tmp_path / "junk.tif", {"cell": other}, PANEL, [False] * 5)
+
+
+@pytest.mark.parametrize("layout_kwargs", [
+    {"tile": (16, 32)},                                                     # tiles, edge tiles padded
+    {"rowsperstrip": 7, "compression": "zlib", "predictor": True},          # strips, compressed
+    {"tile": (32, 32), "compression": "lzw", "byteorder": ">"},             # big-endian, LZW
+], ids=["tiles", "zlib-strips", "big-endian-lzw"])
+def test_tiff_rows_read_exactly_the_rows_tifffile_reads(shared_data, tmp_path, layout_kwargs):
+    """TiffRows (the quantify reader) against tifffile.imread on the real float32 ROI in several
+    TIFF layouts, rows cut across tiles and strips; also through a file object that returns short
+    reads, as ranged reads of a store's object may."""
+    image = steinbock(shared_data, ROIS[1], "deepcell")[0]
+    path = tmp_path / "img.tif"
+    tifffile.imwrite(path, image, photometric="minisblack", metadata={"axes": "CYX"}, **layout_kwargs)
+
+    class ShortReads(io.RawIOBase):
+        def __init__(self, data: bytes):
+            self.data, self.at = data, 0
+        def readable(self): return True
+        def seekable(self): return True
+        def seek(self, offset, whence=0):
+            self.at = offset if whence == 0 else (self.at + offset if whence == 1 else len(self.data) + offset)
+            return self.at
+        def tell(self): return self.at
+        def readinto(self, buffer):
+            chunk = self.data[self.at:self.at + min(len(buffer), 1000)]
+            buffer[:len(chunk)] = chunk
+            self.at += len(chunk)
+            return len(chunk)
+
+    for source in (path, ShortReads(path.read_bytes())):
+        with tifffile.TiffFile(source) as tif:
+            rows = TiffRows(tif, tif.series[0])
+            assert rows.shape == image.shape and rows.dtype == image.dtype
+            for c, (a, b) in [(0, (0, 51)), (4, (5, 40)), (2, (33, 34)), (1, (49, 200)), (3, (20, 20))]:
+                np.testing.assert_array_equal(rows[c, a:b], image[c, a:b])
+            with pytest.raises(IndexError, match="row slice"):
+                rows[0, ::2]
+    with tifffile.TiffFile(path, mode="r+") as tif:   # a segment never written (offset 0) reads as 0
+        tag = tif.pages[1].tags["TileOffsets" if "tile" in layout_kwargs else "StripOffsets"]
+        tag.overwrite((*tag.value[:2], 0, *tag.value[3:]))
+    with tifffile.TiffFile(path) as tif:
+        expected = tif.asarray()
+        assert (expected[1] == 0).sum() > (image[1] == 0).sum()
+        np.testing.assert_array_equal(TiffRows(tif, tif.series[0])[1, :], expected[1])
+
+
+def test_quantify_files_reads_pyramids_masks_with_a_plane_axis_and_volumetric_tiles(shared_data, tmp_path):
+    """The pipeline's own pyramidal OME-TIFFs (sub-IFDs, 16-px tiles, mask as (1, Y, X)) give the
+    tables of the arrays themselves; so does an image in one volumetric-tiled page (SGI ImageDepth),
+    which TiffRows does not read (zarr does)."""
+    image, mask = steinbock(shared_data, ROIS[2], "ilastik")
+    expected = quantify(image, {"cell": mask}, PANEL)["cell"]
+    img = write_tiff(tmp_path / "img.ome.tif", image, PANEL)
+    cell = write_tiff(tmp_path / "cell.ome.tif", mask[None], ["cell"], labels=True)
+    volume = tmp_path / "volume.tif"
+    tifffile.imwrite(volume, image, tile=(1, 16, 16), volumetric=True)
+    with tifffile.TiffFile(img) as tif, tifffile.TiffFile(volume) as vol:
+        assert len(tif.series[0].levels) > 1  # a pyramid: level 0 is what is read
+        assert TiffRows.is_planar(tif.series[0]) and not TiffRows.is_planar(vol.series[0])
+    for source in (img, volume):
+        tables, shape = quantify_files(source, {"cell": cell}, PANEL, [False] * 5)
+        assert shape == image.shape
+        pd.testing.assert_frame_equal(tables["cell"], expected)
 
 
 def run(ctx: StageContext, bands: int = 3) -> None:

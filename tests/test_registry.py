@@ -3,6 +3,7 @@ run time carried through the completion records."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 
 import pytest
@@ -39,10 +40,10 @@ def test_each_stage_runs_as_its_jobs_in_order():
     assert [job.label for job in run_jobs()] == [
         "illuminate[0]", "illuminate[1]", "illuminate merge", "align", "mosaic[0]", "mosaic[1]", "mosaic merge",
         "export", "segment[0]", "segment[1]", "segment[2]", "segment[3]", "segment merge", "quantify[0]",
-        "quantify[1]", "quantify merge", "render", "publish"]
+        "quantify[1]", "quantify merge", "render[0]", "render[1]", "render merge", "publish"]
     assert [job.name for job in batch_jobs()] == ["illuminate", "illuminate-merge", "align", "mosaic", "mosaic-merge",
                                                   "export", "segment", "segment-merge", "quantify", "quantify-merge",
-                                                  "render", "publish"]
+                                                  "render", "render-merge", "publish"]
     assert [stage.params for stage in STITCHING] == ["stitch"] * 4  # they share the params.yml section
     segment = get_stage("segment")
     assert [job.record for job in segment.jobs(2)] == ["qc/provenance/segment.0.json", "qc/provenance/segment.1.json",
@@ -63,12 +64,24 @@ def test_array_sizes_and_resources_follow_the_slide():
     assert set(target) == {job.name for job in batch_jobs()}
     for name, sizes in target.items():
         assert sizes.memory_mib <= HOST_MEMORY_MIB, name  # every request fits a 16 GiB host
-        assert (sizes.items > 0) == (name in ("illuminate", "mosaic", "segment", "quantify")), name
+        assert (sizes.items > 0) == (name in ("illuminate", "mosaic", "segment", "quantify", "render")), name
     # the stitching fan-out: one item per cycle; timeouts grow with the tiles and channels
     assert target["illuminate"].items == target["mosaic"].items == 10 and run_sizes(SAMPLE)["mosaic"].items == 2
     assert all(target[name].timeout_s >= run_sizes(SAMPLE)[name].timeout_s for name in target)
     assert target["align"].timeout_s > run_sizes(SAMPLE)["align"].timeout_s
     assert all(stage.memory_mib <= HOST_MEMORY_MIB for stage in STAGES)
+
+
+def test_render_fans_out_by_channels_and_pixels():
+    """Render items share the overview's tile rows: at least two on the sample slide, about one per
+    1 G channel-pixels (40 channels x 4.2 GP: 168) on the target, each given the same memory."""
+    assert run_sizes(SAMPLE)["render"].items == 2 and run_sizes(SAMPLE)["render-merge"].items == 0
+    assert run_sizes(TARGET)["render"].items == math.ceil(40 * TARGET.pixels / 1e9) == 168
+    fewer = run_sizes(SlideSize(tiles=1000, cycles=10, channels=20, tile_shape=(2048, 2048)))["render"]
+    assert fewer.items == 84 and fewer.memory_mib == run_sizes(TARGET)["render"].memory_mib <= HOST_MEMORY_MIB
+    assert run_sizes(SlideSize(tiles=10**6, cycles=10, channels=40, tile_shape=(2048, 2048)))["render"].items \
+        == MAX_ARRAY_SIZE
+    assert execution_sizes(SAMPLE)["render"]["items"] == 2 and execution_sizes(None)["render"]["items"] == 2
 
 
 def test_the_execution_input_sizes_the_arrays_of_a_run():

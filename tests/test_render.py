@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import replace
 from pathlib import Path
 
 import imagecodecs
@@ -18,16 +17,13 @@ import pytest
 import tifffile
 
 from atlas.errors import InvalidInput
-from atlas.params import Params, RenderParams
 from atlas.science.overview import render_overview
 from atlas.science.overview.contrast import FALLBACK_PERCENTILES, auto_contrast, fit_gmm_1d, sample_pixels
 from atlas.science.overview.exhibit import label_dir, make_groups
 from atlas.science.overview.source import TiffPyramid
 from atlas.science.overview.tiles import composite, outlines, scale_to_display
-from atlas.science.pyramid import downsample, write_ome_tiff_pyramid, write_ome_zarr, write_zarr_labels
+from atlas.science.pyramid import downsample, write_ome_tiff_pyramid
 from atlas.slide.palette import channel_colors
-from atlas.stages import StageContext
-from atlas.storage import FolderStore
 
 EXHIBIT_KEYS = {"Images", "Header", "Rotation", "Layout", "Stories", "Channels", "Masks", "Groups"}
 TILE = 128  # small tiles, so a 512 px image has a real pyramid (512, 256, 128 px levels)
@@ -36,9 +32,12 @@ NAMES = ["DNA_1", "Empty", "Saturated", "CD45"]
 
 @pytest.fixture(scope="module")
 def images(dsb, tmp_path_factory):
+    return write_images(dsb, tmp_path_factory.mktemp("render-inputs"))
+
+
+def write_images(dsb, folder: Path) -> tuple[Path, Path]:
     """(image.ome.tif, cell.ome.tif): DSB nuclei, an empty and a saturated channel, the nuclei flipped."""
     nuclei, mask = dsb
-    folder = tmp_path_factory.mktemp("render-inputs")
     stack = np.stack([nuclei, np.zeros_like(nuclei), np.full_like(nuclei, 65535), np.fliplr(nuclei)])
     write_ome_tiff_pyramid(folder / "image.ome.tif", stack, channel_names=NAMES, pixel_size_um=0.5, tile_size=TILE)
     write_ome_tiff_pyramid(folder / "cell.ome.tif", mask.astype(np.uint32), channel_names=["cell"], pixel_size_um=0.5,
@@ -315,66 +314,6 @@ def test_render_errors_name_the_file_and_leave_nothing_behind(images, dsb, tmp_p
 
 
 # ---- the stage and the command --------------------------------------------------------------
-
-def _results(tmp_path: Path, images, *, segmented: bool) -> StageContext:
-    """A results folder as the stages before render leave it: the registered image (OME-TIFF and
-    OME-Zarr, with the cell labels when ``segmented``), the stitch QC, the cell mask and table, and
-    the quantify QC summary that counts the cells."""
-    image, mask = images
-    slide_dir, out = tmp_path / "S1", tmp_path / "out"
-    slide_dir.mkdir()
-    (slide_dir / "markers.csv").write_text("channel_number,cycle_number,marker_name\n"
-                                           + "".join(f"{i + 1},1,{n}\n" for i, n in enumerate(NAMES)))
-    (out / "registration").mkdir(parents=True)
-    (out / "registration" / "S1.ome.tif").write_bytes(image.read_bytes())
-    zarr_path = out / "registration" / "S1.ome.zarr"
-    write_ome_zarr(zarr_path, tifffile.imread(image), channel_names=NAMES, pixel_size_um=0.5, tile_size=TILE)
-    (out / "qc" / "stitch").mkdir(parents=True)
-    summary = {"slide_id": "S1", "aligner": "ashlar 1.20",
-               "cycles": [{"cycle": 1, "aligned_tiles": 9, "offset_px": [0, 0]}]}
-    (out / "qc" / "stitch" / "summary.json").write_text(json.dumps(summary))
-    if segmented:
-        (out / "segmentation" / "unet-S1").mkdir(parents=True)
-        (out / "segmentation" / "unet-S1" / "cell.ome.tif").write_bytes(mask.read_bytes())
-        write_zarr_labels(zarr_path, "cell", tifffile.imread(mask))
-        (out / "quantification").mkdir()
-        (out / "quantification" / "S1--unet_cell.csv").write_text(
-            "CellID,DNA_1\n" + "".join(f"{i},1.0\n" for i in range(1, 126)))
-        (out / "qc" / "quantify").mkdir(parents=True)
-        quantify_summary = {"tables": {"S1--unet_cell.csv": {"cells": 125}}}
-        (out / "qc" / "quantify" / "summary.json").write_text(json.dumps(quantify_summary))
-    params = Params(render=RenderParams(tile_size=TILE))
-    return StageContext(slide_id="S1", run_id="S1-0123456789ab", slide=FolderStore(slide_dir), work=FolderStore(out),
-                        params=params)
-
-
-def test_stage_renders_the_panel_from_the_results(images, tmp_path):
-    from atlas.stages import render
-
-    ctx = replace(_results(tmp_path, images, segmented=True), results_uri="s3://atlas-results/S1/S1-0123456789ab/")
-    render.run(ctx)
-    panel = inlined_data(ctx.work.root / "overview")["panel"]
-    assert panel["slideId"] == "S1" and panel["runId"] == "S1-0123456789ab"
-    assert panel["cellCount"] == 125
-    assert [m["name"] for m in panel["markers"]] == NAMES
-    assert panel["qc"]["stitch"]["summary"]["cycles.1.aligned_tiles"] == 9
-    assert panel["qc"]["stitch"]["files"] == ["qc/stitch/summary.json"]
-    assert {(f["level"], f["path"]) for f in panel["data"]} == {
-        (2, "registration/S1.ome.tif"), (2, "registration/S1.ome.zarr"), (3, "segmentation/unet-S1/cell.ome.tif"),
-        (4, "quantification/S1--unet_cell.csv")}
-    assert {f["uri"] for f in panel["data"]} >= {"s3://atlas-results/S1/S1-0123456789ab/registration/S1.ome.tif"}
-    assert (ctx.work.root / "overview" / "images" / "cell-outlines" / "0_0_0.png").is_file()
-
-
-def test_stage_without_segmentation(images, tmp_path):
-    from atlas.stages import render
-
-    ctx = _results(tmp_path, images, segmented=False)  # not published: no results_uri
-    render.run(ctx)
-    data = inlined_data(ctx.work.root / "overview")
-    assert data["exhibit"]["Masks"] == [] and data["panel"]["cellCount"] is None
-    assert [f["uri"] for f in data["panel"]["data"]] == [None, None]  # the registered image's OME-TIFF and OME-Zarr
-
 
 def test_cli_render(images, tmp_path):
     from typer.testing import CliRunner

@@ -221,6 +221,6 @@ def test_jobs_read_and_write_only_what_the_registry_declares(tmp_path, monkeypat
 
 def test_a_job_needs_the_records_of_the_jobs_before_it(sample_slide, tmp_path):
     ctx = make_context(sample_slide, tmp_path)
-    with pytest.raises(UpstreamIncomplete, match=r"render of run .* needs illuminate\[0\], illuminate\[1\], "
+    with pytest.raises(UpstreamIncomplete, match=r"render\[0\] of run .* needs illuminate\[0\], illuminate\[1\], "
                                                  r"illuminate merge, align, mosaic\[0\]"):
         run_local_job(ctx, get_stage("render").jobs()[0])

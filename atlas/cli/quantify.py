@@ -5,6 +5,10 @@ columns and file names, plus each table as Parquet and AnnData ``.h5ad``.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import importlib
+import threading
 from pathlib import Path
 
 import typer
@@ -26,6 +30,40 @@ def image_stem(path: Path) -> str:
     return name.removesuffix(".ome")
 
 
+def _import_in_background(*modules: str) -> threading.Thread:
+    """Import ``modules`` in a thread, while the main thread measures (numpy releases the GIL).
+
+    Measuring needs numpy and tifffile alone; the table (pandas) and its writers (pyarrow; anndata
+    with zarr, h5py and scipy.sparse) take ~0.8 s of a fresh process's CPU to import. The main
+    thread imports nothing that these import meanwhile, so the two never wait on each other's
+    import locks. A failed import is left for the main thread's own import to report."""
+    def load() -> None:
+        for module in modules:
+            with contextlib.suppress(ImportError):
+                importlib.import_module(module)
+
+    thread = threading.Thread(target=load, name="import-writers")
+    thread.start()
+    return thread
+
+
+def _reuse_freed_memory() -> None:
+    """Have glibc keep freed memory (blocks up to 256 MB, up to 1 GB at the heap's top) for reuse.
+
+    Measuring allocates per strip a few arrays of tens of MB and frees them; by default glibc
+    returns such memory to the kernel, which zeroes fresh pages on the next strip's first touch:
+    a third fewer page faults and ~0.3 s less CPU on the benchmark's slide, for a peak ~120 MB
+    higher. A no-op where the C library is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3   # glibc's <malloc.h>
+    libc.mallopt(m_mmap_threshold, 256 << 20)
+    libc.mallopt(m_trim_threshold, 1 << 30)
+
+
 def quantify(image: Path = typer.Option(..., "--image", exists=True, dir_okay=False,
                                         help="registered (C, Y, X) OME-TIFF, e.g. registration/S1.ome.tif"),
              masks: list[Path] = typer.Option(..., "--mask", exists=True, dir_okay=False,
@@ -39,6 +77,8 @@ def quantify(image: Path = typer.Option(..., "--image", exists=True, dir_okay=Fa
                                                help="segmentation method: names tables <slide>--<engine>_<mask> "
                                                     "as MCMICRO does (default: <slide>_<mask>, as mcquant)")) -> None:
     """Single-cell feature tables, MCQuant-compatible: CSV, Parquet and AnnData .h5ad per mask."""
+    _reuse_freed_memory()
+    preload = _import_in_background("anndata", "pyarrow.csv", "pyarrow.parquet")   # the table's and writers
     from atlas.science.quantification import MORPHOLOGY_COLUMNS
     from atlas.stages.quantify import quantify_files, table_summary, write_table
 
@@ -57,6 +97,7 @@ def quantify(image: Path = typer.Option(..., "--image", exists=True, dir_okay=Fa
         task = progress.add_task("rows", total=None)
         tables, shape = quantify_files(image, mask_paths, names, remove, markers_path=markers,
                                        progress=lambda done, total: progress.update(task, completed=done, total=total))
+    preload.join()
     for mask, table in tables.items():
         name = Path(layout.table_path(slide, engine, mask)).name if engine else f"{slide}_{mask}.csv"
         write_table(table, out / name, {"slide_id": slide, "engine": engine or "", "mask": mask, "image": image.name})

@@ -24,9 +24,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
+
+if TYPE_CHECKING:  # imported where tables are joined (atlas quantify measures without it)
+    import pandas as pd
 
 from atlas.science.quantification import ID_COLUMN, quantify
 
@@ -209,6 +212,8 @@ def merge_bands(parts: Sequence[pd.DataFrame], foreground: int) -> pd.DataFrame:
         A label measured by two bands, or areas not adding up to ``foreground`` (a label with
         pieces farther apart than the bands' margins).
     """
+    import pandas as pd
+
     table = pd.concat(parts, ignore_index=True).sort_values(ID_COLUMN, kind="stable", ignore_index=True)
     twice = table[ID_COLUMN][table[ID_COLUMN].duplicated()]
     if len(twice):

@@ -36,7 +36,6 @@ from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 
-import pandas as pd
 import tifffile
 
 from atlas import layout
@@ -139,4 +138,6 @@ def level4_rows(slide_id: str, engine: str, mask: str, objects: int, features: i
 def table_text(rows: Sequence[Mapping]) -> str:
     """A component's table (``metadata/htan-<component>.csv``, :func:`atlas.layout.htan_table`) as
     CSV text, one row per file or channel."""
+    import pandas as pd  # here, not at the top: atlas quantify imports this module before it needs pandas
+
     return pd.DataFrame(list(rows)).to_csv(index=False)

@@ -308,6 +308,24 @@ def quantify_sizes(slide: SlideSize) -> JobSizes:
     return JobSizes(items=items, vcpus=2, memory_mib=HOST_MEMORY_MIB, timeout_s=3 * 3600)
 
 
+RENDER_CHANNEL_PIXELS_PER_ITEM = 1_000_000_000  # one render item per ~1 G channel-pixels of the full-size level
+RENDER_MIN_ITEMS = 2
+RENDER_MEMORY_MIB = 8192
+RENDER_CHANNEL_PIXELS_PER_SECOND = 5_000_000  # per item (2 vCPUs), reading, compositing and encoding tiles
+
+
+def render_sizes(slide: SlideSize) -> JobSizes:
+    """Render fans out by the slide's channels and pixels: one item per :data:`RENDER_CHANNEL_PIXELS_PER_ITEM`
+    of channel-pixels (at least :data:`RENDER_MIN_ITEMS`), each rendering a share of the overview's tile
+    rows (by layer and level) from the chunks of its layers' channels, a tile at a time per thread;
+    its timeout from its share at :data:`RENDER_CHANNEL_PIXELS_PER_SECOND`, three times over. The
+    merge holds the cell table's centroids and marker means (the drafted story)."""
+    channel_pixels = slide.channels * slide.pixels
+    items = min(MAX_ARRAY_SIZE, max(RENDER_MIN_ITEMS, math.ceil(channel_pixels / RENDER_CHANNEL_PIXELS_PER_ITEM)))
+    timeout = max(3600, math.ceil(3 * channel_pixels / items / RENDER_CHANNEL_PIXELS_PER_SECOND))
+    return JobSizes(items=items, vcpus=2, memory_mib=RENDER_MEMORY_MIB, timeout_s=timeout)
+
+
 def per_cycle_sizes(vcpus: int, memory_mib: int, seconds_per_tile_channel: float) -> Callable[[SlideSize], JobSizes]:
     """Sizes of a stage that fans out one item per cycle, its timeout from the tiles and channels of a
     cycle (``seconds_per_tile_channel`` at the 2048^2 px tiles of the target, three times over)."""
@@ -355,7 +373,8 @@ STAGES: tuple[Stage, ...] = (
           item_dir=f"{layout.WORK}/quantify", sizing=quantify_sizes,
           inputs=(REGISTERED_ZARR, f"{layout.SEGMENTATION}/*/*"),
           outputs=(f"{layout.QUANTIFICATION}/*", f"{layout.QC}/quantify/*", layout.htan_table("ImagingLevel4"))),
-    Stage("render", "cpu", vcpus=2, memory_mib=8192, timeout_s=3 * 3600,
+    Stage("render", "cpu", vcpus=2, memory_mib=RENDER_MEMORY_MIB, timeout_s=3 * 3600, array_size=RENDER_MIN_ITEMS,
+          item_dir=f"{layout.WORK}/render", item_outputs=(f"{layout.OVERVIEW}/images",), sizing=render_sizes,
           after=("export", "quantify"),  # the overview lists the OME-TIFF (size, link) among its data files
           inputs=("raw:story.yml", REGISTERED_ZARR, f"{layout.SEGMENTATION}/*/*",
                   f"{layout.QUANTIFICATION}/*", f"{layout.QC}/*/*"),

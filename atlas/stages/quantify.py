@@ -18,20 +18,22 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
-import pandas as pd
 
 from atlas import layout
 from atlas.errors import InvalidInput, Problem
 from atlas.science.bands import BandsDisagree, band_rows, merge_bands, quantify_band
-from atlas.science.imageio import open_tiff
+from atlas.science.imageio import TiffRows, open_tiff
 from atlas.science.quantification import ID_COLUMN, MORPHOLOGY_COLUMNS, NegativeLabels, marker_columns, quantify
 from atlas.slide import htan
 from atlas.slide.convention import MARKERS, parse_markers
 from atlas.stages import StageContext
 from atlas.storage import Store
+
+if TYPE_CHECKING:  # imported where tables are built or read: atlas quantify imports it while it measures
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +55,10 @@ def open_level0(source: Path | BinaryIO, role: str, name: str | None = None) -> 
 
     Yields
     ------
-    zarr.Array
-        (C, Y, X) or (Y, X), chunks = the file's tiles (or strips).
+    TiffRows or zarr.Array
+        (C, Y, X) or (Y, X), chunks = the file's tiles (or strips), read by row slices: a
+        :class:`TiffRows` when level 0 is one 2-D page per plane (every OME-TIFF), else zarr.
     """
-    import zarr
-
     fix = ("give a tiled (pyramidal OME-)TIFF with channel planes (C, Y, X)" if role == "image"
            else "give an integer label image (Y, X) of the same size as the image, 0 = background")
     name = name or str(source)
@@ -67,6 +68,11 @@ def open_level0(source: Path | BinaryIO, role: str, name: str | None = None) -> 
         if not series.axes.endswith("YX") or "S" in series.axes or len(squeezed) > (3 if role == "image" else 2):
             raise InvalidInput(Problem(name, f"has axes {series.axes} of shape {series.shape}; "
                                        f"expected {'(C, Y, X)' if role == 'image' else '(Y, X)'}", fix))
+        if TiffRows.is_planar(series):
+            yield TiffRows(tif, series)
+            return
+        import zarr
+
         with series.aszarr(level=0) as store:
             yield zarr.open_array(store, mode="r")
 
@@ -191,6 +197,7 @@ def to_anndata(table: pd.DataFrame, slide_id: str, uns: Mapping[str, str]):
     entries describing the table (slide, engine, mask, image).
     """
     import anndata
+    import pandas as pd
 
     markers = [c for c in table.columns if c != ID_COLUMN and c not in MORPHOLOGY_COLUMNS]
     kept = [m for m in markers if "dna" not in m.lower()]
@@ -221,7 +228,10 @@ def _float_text(values: np.ndarray):
     with np.errstate(invalid="ignore"):
         fixed = ((magnitude >= 1e-4) & (magnitude < 1e10)) | (values == 0)
         whole = fixed & (values == np.floor(values))
-    text = pc.if_else(pa.array(whole), pc.binary_join_element_wise(text, ".0", ""), text)
+    if whole.all():
+        text = pc.binary_join_element_wise(text, ".0", "")
+    elif whole.any():
+        text = pc.if_else(pa.array(whole), pc.binary_join_element_wise(text, ".0", ""), text)
     other = ~fixed
     if other.any():
         python = ["" if x != x else repr(x) for x in values[other].tolist()]
@@ -233,7 +243,8 @@ def write_csv(table: pd.DataFrame, path: Path) -> None:
     """MCQuant's CSV: byte for byte what ``table.to_csv(path, index=False)`` writes, 5-10x faster.
 
     The header by the csv module (pandas' own quoting rules), the rows by Arrow's CSV writer from
-    columns already formatted as pandas formats them (:func:`_float_text`; integers as ``str``).
+    columns already formatted as pandas formats them (:func:`_float_text`; integers as ``str``),
+    two columns at a time.
     """
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -241,15 +252,17 @@ def write_csv(table: pd.DataFrame, path: Path) -> None:
 
     header = io.StringIO()
     csv.writer(header, lineterminator="\n").writerow(table.columns)
-    columns = []
-    for name in table.columns:
+
+    def text(name: str):
         values = table[name].to_numpy()
         if values.dtype.kind == "f":
-            columns.append(_float_text(values.astype(np.float64, copy=False)))
-        elif values.dtype.kind in "iu":
-            columns.append(pc.cast(pa.array(values), pa.string()))
-        else:
-            raise TypeError(f"column {name!r} has dtype {values.dtype}; a cell table holds numbers only")
+            return _float_text(values.astype(np.float64, copy=False))
+        if values.dtype.kind in "iu":
+            return pc.cast(pa.array(values), pa.string())
+        raise TypeError(f"column {name!r} has dtype {values.dtype}; a cell table holds numbers only")
+
+    with ThreadPoolExecutor(2, thread_name_prefix="csv-text") as pool:   # Arrow's casts release the GIL
+        columns = list(pool.map(text, table.columns))
     with open(path, "wb") as f:
         f.write(header.getvalue().encode("utf-8"))
         pa_csv.write_csv(pa.table(columns, names=[str(i) for i in range(len(columns))]), f,
@@ -378,6 +391,8 @@ def run_item(ctx: StageContext, index: int, count: int) -> None:
 
 def _merged_table(ctx: StageContext, image, engine: str, mask: str, rel: str, markers) -> pd.DataFrame:
     """One mask's table from its bands' parts; measured whole (one band) if the bands disagree."""
+    import pandas as pd
+
     parts, foreground = [], 0
     for index in range(ctx.job.count):
         foreground += json.loads(ctx.work.read_text(_part_rel(ctx, engine, "band.json", index)))["foreground"][mask]

@@ -1,30 +1,51 @@
-"""Stage ``render``: the slide's Minerva-style web overview, ``overview/`` in the results layout.
+"""Stage ``render``: the slide's Minerva-style web overview, ``overview/`` in the results layout; an
+array over the overview's tiles by layer (channel group, channel layer, cell outlines) and level band.
 
-Reads the pyramid levels of ``registration/<slide>.ome.zarr`` chunk by chunk, its cell labels
-(``labels/cell``) for the outline layer (left out when there is no segmentation), the quantify
-stage's ``qc/quantify/summary.json`` for the cell count, the cell table's centroid and marker columns
-for the drafted story, ``qc/<stage>/summary.json`` for the QC panel, ``markers.csv`` and the slide's
-``story.yml`` when it has one; the rendering itself is :func:`atlas.science.overview.render_overview`.
+The work units are the tile rows of every level of every layer (:func:`atlas.science.overview.tiles.tile_units`,
+in a fixed order); item ``i`` of ``n`` renders units ``i, i + n, ...``, reading only its layers'
+channels of ``registration/<slide>.ome.zarr`` (and of its ``labels/cell`` for the outlines; no
+outline layer without segmentation) chunk by chunk, region by region, and writes their tiles in
+place below ``overview/images/``. Each unit is a :class:`atlas.storage.journal.Journal` unit in the
+item's work folder, so an item cut short (a Spot reclaim) resumes from its last finished tile row;
+a redone row is written again with the same bytes. Every item makes the same layers from the same
+inputs: display ranges from the smallest level, groups from ``story.yml`` (checked against the
+image) or ``render.channels_per_group``.
+
+The merge writes what needs the whole: exhibit.json, story.json, summary.json, the page and its
+viewer (:func:`atlas.science.overview.render.render_site`), from the quantify stage's
+``qc/quantify/summary.json`` (cell count), the cell table's centroid and marker columns (the drafted
+story), ``qc/<stage>/summary.json`` (QC panel), ``markers.csv`` and ``story.yml``; it removes whatever
+else lies below ``overview/`` (an earlier attempt's layout), so the site is the same, byte for byte,
+whatever the number of items, as :func:`atlas.science.overview.render_overview` makes it in one go.
 """
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from pathlib import PurePosixPath
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path, PurePosixPath
 
 import zarr
 
 from atlas import layout
 from atlas.errors import InvalidInput, Problem
-from atlas.science.overview import PanelInfo, render_overview
-from atlas.science.overview.render import draft_for_image, header_text
+from atlas.science.overview import PanelInfo
+from atlas.science.overview.exhibit import IMAGES_PATH
+from atlas.science.overview.render import draft_for_image, header_text, open_mask, plan_layers, render_site, tile_layers
+from atlas.science.overview.site import find_viewer
 from atlas.science.overview.source import ZarrPyramid
 from atlas.science.overview.story import CellTable
+from atlas.science.overview.tiles import render_tiles, tile_units
 from atlas.science.quantification import marker_columns
 from atlas.slide.convention import MARKERS, parse_markers
 from atlas.slide.story import STORY, Story, parse_story
 from atlas.stages import CompletionRecord, StageContext
-from atlas.storage import MissingObject, Store
+from atlas.storage import MissingObject, Store, join
+from atlas.storage.journal import Journal
 
 # The folders whose files the panel links to (by data level), and how deep to list them.
 DATA_FOLDERS = (layout.REGISTRATION, layout.SEGMENTATION, layout.QUANTIFICATION)
@@ -175,11 +196,36 @@ def data_files(work: Store, records: Mapping[str, CompletionRecord], results_uri
             for rel, size in sorted(entries.items(), key=lambda e: (DATA_FOLDERS.index(e[0].split("/")[0]), e[0]))]
 
 
-def run(ctx: StageContext) -> None:
-    """Render ``overview/`` from the registered image and whatever later stages produced."""
-    params = ctx.params.render
+@dataclass(frozen=True)
+class Sources:
+    """What every render job reads first: the story, the image, its markers, the cell mask.
+
+    Attributes
+    ----------
+    story : Story or None
+        The slide's story.yml, parsed; None without one.
+    image : ZarrPyramid
+    names : list of str
+        Marker names in image channel order.
+    mask : str or None
+        The cell mask's OME-TIFF in the results (:func:`find_cell_mask`), named in story.json.
+    labels : ZarrPyramid or None
+        The image's ``labels/cell`` pyramid (the outline layer); None without segmentation.
+    """
+
+    story: Story | None
+    image: ZarrPyramid
+    names: list[str]
+    mask: str | None
+    labels: ZarrPyramid | None
+
+
+@contextmanager
+def sources(ctx: StageContext) -> Iterator[Sources]:
+    """The :class:`Sources` of the run, the image and labels open for chunk-wise reads."""
+    tile_size = ctx.params.render.tile_size
     story = read_story(ctx.slide)  # before the long part: a malformed story.yml fails at once
-    group, image = open_image(ctx.work, ctx.slide_id, params.tile_size)
+    group, image = open_image(ctx.work, ctx.slide_id, tile_size)
     names = [m.marker_name for m in parse_markers(ctx.slide.read_text(MARKERS))]
     # A cycle left out by stitch.skip_failed_cycles is missing from the image, which names its channels.
     if image.channel_names and len(image.channel_names) != len(names):
@@ -187,16 +233,66 @@ def run(ctx: StageContext) -> None:
     mask = find_cell_mask(ctx.work, ctx.slide_id)
     labels = None
     if mask is not None and "labels" in group and "cell" in group["labels"]:
-        labels = ZarrPyramid(group["labels"]["cell"], params.tile_size, labels=True,
-                             name=f"{layout.registration_zarr(ctx.slide_id)}/labels/cell")
-    table = cell_table(ctx.work, ctx.slide_id, mask)
-    panel = PanelInfo(run_id=ctx.run_id, cell_count=count_cells(ctx.work, ctx.slide_id, mask),
-                      qc=qc_panel(ctx.work), data=data_files(ctx.work, ctx.records, ctx.results_uri))
-    cells = read_cells(ctx.work, table, names) if table is not None and story is None else None
-    # story.json (Minerva Author) names the files as they lie next to overview/ in the results
-    files = (f"../{layout.registration_tiff(ctx.slide_id)}", f"../{mask}" if mask else None)
-    with ctx.work.local_folder(layout.OVERVIEW, scratch=ctx.scratch) as site:
-        render_overview(image, site, slide_id=ctx.slide_id, markers=names, mask_path=labels, panel=panel,
-                        channels_per_group=params.channels_per_group, tile_size=params.tile_size, story=story,
-                        cells=cells, channel_layers=params.channel_layers, viewer_dir=ctx.viewer_dir,
-                        workers=ctx.vcpus, story_files=files)
+        labels = open_mask(ZarrPyramid(group["labels"]["cell"], tile_size, labels=True,
+                                       name=f"{layout.registration_zarr(ctx.slide_id)}/labels/cell"), tile_size, image)
+    with image:
+        try:
+            yield Sources(story, image, names, mask, labels)
+        finally:
+            if labels is not None:
+                labels.close()
+
+
+def run_item(ctx: StageContext, index: int, count: int) -> None:
+    """Render the tiles of units ``index, index + count, ...`` of the overview, row by row, in place."""
+    params = ctx.params.render
+    find_viewer(ctx.viewer_dir)  # the merge needs it: fail before the long part
+    with sources(ctx) as src:
+        layers = plan_layers(src.image, src.names, channels_per_group=params.channels_per_group, story=src.story,
+                             channel_layers=params.channel_layers)
+        tiles = tile_layers(src.image, src.labels, layers.groups, layers.channels, layers.ranges)
+        units = tile_units(len(tiles), src.image.level_shapes, params.tile_size)
+        journal = Journal(ctx.work, f"{ctx.job.stage.item_dir}/{index}")
+
+        def write(rel: str, data: bytes) -> None:
+            ctx.work.write_bytes(join(layout.OVERVIEW, IMAGES_PATH, rel), data)
+
+        for unit in units[index::count]:
+            journal.run(unit.name, partial(render_tiles, tiles, [unit], src.image.level_shapes, params.tile_size,
+                                           write, workers=ctx.vcpus))
+
+
+def merge(ctx: StageContext) -> None:
+    """The overview's exhibit, story, page and panel around the items' tiles; anything else below
+    ``overview/`` is removed."""
+    params = ctx.params.render
+    with sources(ctx) as src:
+        table = cell_table(ctx.work, ctx.slide_id, src.mask)
+        panel = PanelInfo(run_id=ctx.run_id, cell_count=count_cells(ctx.work, ctx.slide_id, src.mask),
+                          qc=qc_panel(ctx.work), data=data_files(ctx.work, ctx.records, ctx.results_uri))
+        cells = read_cells(ctx.work, table, src.names) if table is not None and src.story is None else None
+        # story.json (Minerva Author) names the files as they lie next to overview/ in the results
+        files = (f"../{layout.registration_tiff(ctx.slide_id)}", f"../{src.mask}" if src.mask else None)
+        site = Path(tempfile.mkdtemp(prefix="site-", dir=ctx.scratch))
+        try:
+            rendered = render_site(src.image, site, slide_id=ctx.slide_id, markers=src.names,
+                                   mask=src.labels is not None, panel=panel, tile_size=params.tile_size,
+                                   channels_per_group=params.channels_per_group, story=src.story, cells=cells,
+                                   channel_layers=params.channel_layers, viewer_dir=ctx.viewer_dir, story_files=files)
+            store_site(ctx.work, site, rendered["tile_paths"])
+        finally:
+            shutil.rmtree(site, ignore_errors=True)
+
+
+def store_site(work: Store, site: Path, tiles: list[str]) -> None:
+    """Store the files of the local folder ``site`` below ``overview/``, and remove what lies there
+    that is neither one of them nor one of the overview's ``tiles`` (paths relative to ``overview/``;
+    the items wrote them)."""
+    written = set()
+    for path in sorted(p for p in site.rglob("*") if p.is_file()):
+        rel = join(layout.OVERVIEW, path.relative_to(site).as_posix())
+        work.write_bytes(rel, path.read_bytes())
+        written.add(rel)
+    keep = written | {join(layout.OVERVIEW, tile) for tile in tiles}
+    for stale in sorted(set(work.list(layout.OVERVIEW)) - keep):
+        work.delete(stale)

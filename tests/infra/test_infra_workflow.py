@@ -67,7 +67,8 @@ TARGET = SlideSize(tiles=1000, cycles=10, channels=40, tile_shape=(2048, 2048))
 def test_one_job_state_per_registry_job_in_registry_order(synth):
     names = [name for name, _ in job_states(state_machine_definition(synth.pipeline))]
     assert names == EXPECTED_JOBS == ["illuminate", "illuminate-merge", "align", "mosaic", "mosaic-merge", "export",
-                                      "segment", "segment-merge", "quantify", "quantify-merge", "render", "publish"]
+                                      "segment", "segment-merge", "quantify", "quantify-merge", "render",
+                                      "render-merge", "publish"]
 
 
 def test_each_state_runs_its_job_definition_synchronously(synth):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import threading
@@ -18,13 +19,15 @@ from atlas.science.overview.site import copy_viewer, find_viewer, viewer_version
 from atlas.science.overview.source import TiffPyramid, ZarrPyramid
 from atlas.science.overview.story import CellTable, draft_story, resolve_views
 from atlas.science.overview.tiles import (
+    TileLayer,
     composite,
     encode_jpeg,
     encode_png,
     outline_rgba,
     outlines,
-    pyramid_tiles,
-    write_tiles,
+    render_tiles,
+    tile_paths,
+    tile_units,
 )
 from atlas.slide.convention import MARKERS
 from atlas.slide.palette import channel_colors
@@ -197,9 +200,38 @@ class _Plan:
     ranges: list[tuple[float, float]]
 
 
-def _plan(image: TiffPyramid, markers: Sequence[str], *, slide_id: str, cell_count: int | None,
-          channels_per_group: int, story: Story | None, cells: CellTable | None, channel_layers: bool) -> _Plan:
-    """Check the authored story against the image (or draft one), make the groups and the views."""
+@dataclass(frozen=True)
+class Layers:
+    """The overview's image layers, whatever its story's views: groups, channel layers, display ranges.
+
+    Attributes
+    ----------
+    groups : list of exhibit.Group
+    channels : list of dict
+        Channel layers (``render.channel_layers``): ``{"Name", "Path", "channel"}``; empty without.
+    ranges : list of (float, float)
+        Display range of every channel of the image.
+    coarsest : (C, y, x) ndarray
+        The smallest pyramid level, the ranges' sample.
+    """
+
+    groups: list[ex.Group]
+    channels: list[dict]
+    ranges: list[tuple[float, float]]
+    coarsest: np.ndarray
+
+
+def plan_layers(image: TiffPyramid | ZarrPyramid, markers: Sequence[str], *, channels_per_group: int,
+                story: Story | None, channel_layers: bool) -> Layers:
+    """Check the authored story against the image, and make the overview's layers (the story's
+    groups, else automatic ones of ``channels_per_group``): the same for every job that renders
+    a share of the overview.
+
+    Raises
+    ------
+    InvalidInput
+        The marker count differs from the channel count, or the story does not fit the slide.
+    """
     height, width = image.shape[1:]
     pixel_size = image.pixel_size_um
     if story is not None:
@@ -209,15 +241,24 @@ def _plan(image: TiffPyramid, markers: Sequence[str], *, slide_id: str, cell_cou
         if problems:
             raise InvalidInput(problems)
     groups, coarsest = prepare_groups(image, markers, channels_per_group, story)
+    channels = [{"Name": name, "Path": ex.channel_layer_path(c, name), "channel": c}
+                for c, name in enumerate(markers)] if channel_layers else []
+    return Layers(groups, channels, _channel_ranges(groups, len(markers), coarsest), coarsest)
+
+
+def _plan(image: TiffPyramid | ZarrPyramid, markers: Sequence[str], *, slide_id: str, cell_count: int | None,
+          channels_per_group: int, story: Story | None, cells: CellTable | None, channel_layers: bool) -> _Plan:
+    """Check the authored story against the image (or draft one), make the groups and the views."""
+    height, width = image.shape[1:]
+    layers = plan_layers(image, markers, channels_per_group=channels_per_group, story=story,
+                         channel_layers=channel_layers)
     header = header_text(slide_id, markers, cell_count)
     drafted = story is None
     if drafted:
-        story = draft_story(groups=groups, width=width, height=height, pixel_size_um=pixel_size, header=header,
-                            cells=cells, planes=coarsest)
-    views = resolve_views(story, groups, width=width, height=height, pixel_size_um=pixel_size)
-    layers = [{"Name": name, "Path": ex.channel_layer_path(c, name), "channel": c}
-              for c, name in enumerate(markers)] if channel_layers else []
-    return _Plan(groups, views, header, drafted, layers, _channel_ranges(groups, len(markers), coarsest))
+        story = draft_story(groups=layers.groups, width=width, height=height, pixel_size_um=image.pixel_size_um,
+                            header=header, cells=cells, planes=layers.coarsest)
+    views = resolve_views(story, layers.groups, width=width, height=height, pixel_size_um=image.pixel_size_um)
+    return _Plan(layers.groups, views, header, drafted, layers.channels, layers.ranges)
 
 
 def _pyramid(source, tile_size: int, *, labels: bool = False):
@@ -225,7 +266,7 @@ def _pyramid(source, tile_size: int, *, labels: bool = False):
     return TiffPyramid(source, tile_size, labels=labels) if isinstance(source, (str, os.PathLike)) else source
 
 
-def _open_mask(mask_path, tile_size: int, image) -> TiffPyramid | ZarrPyramid | None:
+def open_mask(mask_path, tile_size: int, image) -> TiffPyramid | ZarrPyramid | None:
     """The cell mask's pyramid (from a path or as given), checked to match the image; None without a mask."""
     if mask_path is None:
         return None
@@ -239,37 +280,48 @@ def _open_mask(mask_path, tile_size: int, image) -> TiffPyramid | ZarrPyramid | 
     return labels
 
 
-def _write_layers(image, labels, plan: _Plan, images: Path, tile_size: int, workers: int | None,
-                  progress: Callable[[int, int], None] | None) -> int:
-    """Every tile of every layer (groups, channel layers, outlines); returns the number of tiles."""
-    total = sum(1 for _ in pyramid_tiles(image.level_shapes, tile_size)) * (
-        len(plan.groups) + len(plan.layers) + (labels is not None))
-    done, lock = 0, threading.Lock()
-
-    def tick(n: int) -> None:  # called from the tile threads
-        nonlocal done
-        with lock:
-            done += n
-            if progress is not None:
-                progress(done, total)
-
-    for group in plan.groups:
+def tile_layers(image: TiffPyramid | ZarrPyramid, labels: TiffPyramid | ZarrPyramid | None,
+                groups: Sequence[ex.Group], channels: Sequence[dict], ranges: Sequence[tuple[float, float]]
+                ) -> list[TileLayer]:
+    """The overview's deep-zoom layers in a fixed order: the ``groups`` (colour composites), the
+    ``channels`` layers (grey, in their display ``ranges``), the cell outlines (when there are
+    ``labels``). Each tile reads only its layer's channels in its region."""
+    out = []
+    for group in groups:
         def render_group(level: int, y0: int, y1: int, x0: int, x1: int, group=group) -> bytes:
             return encode_jpeg(composite(image.read(level, group.channels, y0, y1, x0, x1), group.ranges, group.colors))
-        write_tiles(images / group.path, image.level_shapes, tile_size, "jpg", render_group, progress=tick,
-                    workers=workers)
-    for layer in plan.layers:
+        out.append(TileLayer(group.path, "jpg", render_group))
+    for layer in channels:
         def render_channel(level: int, y0: int, y1: int, x0: int, x1: int, c=layer["channel"]) -> bytes:
-            return encode_jpeg(composite(image.read(level, [c], y0, y1, x0, x1), [plan.ranges[c]], ["ffffff"]))
-        write_tiles(images / layer["Path"], image.level_shapes, tile_size, "jpg", render_channel, progress=tick,
-                    workers=workers)
+            return encode_jpeg(composite(image.read(level, [c], y0, y1, x0, x1), [ranges[c]], ["ffffff"]))
+        out.append(TileLayer(layer["Path"], "jpg", render_channel))
     if labels is not None:
         def render_outline(level: int, y0: int, y1: int, x0: int, x1: int) -> bytes:
             return encode_png(outline_rgba(outlines(_read_with_margin(labels, level, y0, y1, x0, x1)),
                                            ex.OUTLINE_COLOR))
-        write_tiles(images / MASK_PATH, image.level_shapes, tile_size, "png", render_outline, progress=tick,
-                    workers=workers)
-    return total
+        out.append(TileLayer(MASK_PATH, "png", render_outline))
+    return out
+
+
+def _write_tiles(image, labels, plan: _Plan, images: Path, tile_size: int, workers: int | None,
+                 progress: Callable[[int, int], None] | None) -> int:
+    """Every tile of every layer into the folder ``images``; returns the number of tiles."""
+    layers = tile_layers(image, labels, plan.groups, plan.layers, plan.ranges)
+    units = tile_units(len(layers), image.level_shapes, tile_size)
+    total = sum(math.ceil(image.level_shapes[u.level][1] / tile_size) for u in units)
+    done, lock = 0, threading.Lock()
+
+    def write(rel: str, data: bytes) -> None:  # called from the tile threads
+        nonlocal done
+        path = images / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        with lock:
+            done += 1
+            if progress is not None:
+                progress(done, total)
+
+    return render_tiles(layers, units, image.level_shapes, tile_size, write, workers=workers)
 
 
 def _page_data(plan: _Plan, exhibit: dict, panel: PanelInfo, image: dict, markers: Sequence[str], *,
@@ -309,26 +361,59 @@ def _render(image_path, work: Path, *, slide_id: str, markers: Sequence[str], ma
             channel_layers: bool, viewer: Path, workers: int | None, files: tuple[str, str | None],
             progress: Callable[[int, int], None] | None) -> dict:
     with _pyramid(image_path, tile_size) as image:
-        height, width = image.shape[1:]
-        pixel_size = image.pixel_size_um
         plan = _plan(image, markers, slide_id=slide_id, cell_count=panel.cell_count,
                      channels_per_group=channels_per_group, story=story, cells=cells, channel_layers=channel_layers)
-        labels = _open_mask(mask_path, tile_size, image)
+        labels = open_mask(mask_path, tile_size, image)
         try:
-            total = _write_layers(image, labels, plan, work / ex.IMAGES_PATH, tile_size, workers, progress)
+            total = _write_tiles(image, labels, plan, work / ex.IMAGES_PATH, tile_size, workers, progress)
         finally:
             if labels is not None:
                 labels.close()
-        mask = {"Name": MASK_NAME, "Path": MASK_PATH} if labels is not None else None
-        exhibit = ex.make_exhibit(slide_id=slide_id, width=width, height=height, max_level=image.n_levels - 1,
-                                  tile_size=tile_size, groups=plan.groups, views=plan.views, mask=mask,
-                                  pixel_size_um=pixel_size, header=plan.header, channel_layers=plan.layers)
-        author = ex.make_story(slide_id=slide_id, groups=plan.groups, views=plan.views, width=width, height=height,
-                               dtype_max=_dtype_max(image.dtype), pixel_size_um=pixel_size,
-                               image_file=files[0], markers_file=f"../{MARKERS}",
-                               mask={"Name": MASK_NAME, "Path": files[1]} if mask else None)
-        facts = {"width": width, "height": height, "channels": len(markers), "dtype": str(image.dtype),
-                 "pixelSizeUm": pixel_size, "levels": image.n_levels}
+        summary = _write_site(image, work, plan, slide_id=slide_id, markers=markers, mask=labels is not None,
+                              panel=panel, tile_size=tile_size, viewer=viewer, files=files)
+    return {"tiles": total, **summary}
+
+
+def render_site(image: ZarrPyramid, out_dir: str | os.PathLike, *, slide_id: str, markers: Sequence[str],
+                mask: bool, panel: PanelInfo, channels_per_group: int, tile_size: int, story: Story | None,
+                cells: CellTable | None, channel_layers: bool, viewer_dir: str | os.PathLike | None,
+                story_files: tuple[str, str | None]) -> dict:
+    """Everything of the overview but its tiles (:func:`tile_layers`, rendered apart, e.g. by the items
+    of an array job): exhibit.json, story.json, summary.json, index.html and the viewer, into the
+    existing folder ``out_dir``. The arguments are those of :func:`render_overview`; ``mask``: the
+    overview has the cell-outline layer.
+
+    Returns
+    -------
+    dict : ``{"groups", "levels", "mask", "waypoints", "drafted"}`` as :func:`render_overview`'s, and
+    ``"tile_paths"``: every tile file of the overview, relative to ``out_dir``.
+    """
+    viewer = find_viewer(viewer_dir)
+    plan = _plan(image, markers, slide_id=slide_id, cell_count=panel.cell_count, channels_per_group=channels_per_group,
+                 story=story, cells=cells, channel_layers=channel_layers)
+    summary = _write_site(image, Path(out_dir), plan, slide_id=slide_id, markers=markers, mask=mask, panel=panel,
+                          tile_size=tile_size, viewer=viewer, files=story_files)
+    layers = ([(g.path, "jpg") for g in plan.groups] + [(layer["Path"], "jpg") for layer in plan.layers]
+              + ([(MASK_PATH, "png")] if mask else []))
+    paths = tile_paths(layers, image.level_shapes, tile_size)
+    return {**summary, "tile_paths": [f"{ex.IMAGES_PATH}/{path}" for path in paths]}
+
+
+def _write_site(image, work: Path, plan: _Plan, *, slide_id: str, markers: Sequence[str], mask: bool,
+                panel: PanelInfo, tile_size: int, viewer: Path, files: tuple[str, str | None]) -> dict:
+    """exhibit.json, story.json, the page with the viewer, and summary.json, into ``work``."""
+    height, width = image.shape[1:]
+    pixel_size = image.pixel_size_um
+    layer = {"Name": MASK_NAME, "Path": MASK_PATH} if mask else None
+    exhibit = ex.make_exhibit(slide_id=slide_id, width=width, height=height, max_level=image.n_levels - 1,
+                              tile_size=tile_size, groups=plan.groups, views=plan.views, mask=layer,
+                              pixel_size_um=pixel_size, header=plan.header, channel_layers=plan.layers)
+    author = ex.make_story(slide_id=slide_id, groups=plan.groups, views=plan.views, width=width, height=height,
+                           dtype_max=_dtype_max(image.dtype), pixel_size_um=pixel_size,
+                           image_file=files[0], markers_file=f"../{MARKERS}",
+                           mask={"Name": MASK_NAME, "Path": files[1]} if mask else None)
+    facts = {"width": width, "height": height, "channels": len(markers), "dtype": str(image.dtype),
+             "pixelSizeUm": pixel_size, "levels": image.n_levels}
     (work / "exhibit.json").write_text(json.dumps(exhibit, indent=1) + "\n")
     (work / "story.json").write_text(json.dumps(author, indent=1) + "\n")
     copy_viewer(viewer, work)
@@ -339,8 +424,8 @@ def _render(image_path, work: Path, *, slide_id: str, markers: Sequence[str], ma
                "thumbnail": f"{ex.IMAGES_PATH}/{plan.groups[0].path}/{facts['levels'] - 1}_0_0.jpg",
                "drafted": plan.drafted}
     (work / SUMMARY).write_text(json.dumps(summary, indent=1) + "\n")
-    return {"tiles": total, "groups": len(plan.groups), "levels": facts["levels"], "mask": mask is not None,
-            "waypoints": len(plan.views), "drafted": plan.drafted}
+    return {"groups": len(plan.groups), "levels": facts["levels"], "mask": mask, "waypoints": len(plan.views),
+            "drafted": plan.drafted}
 
 
 def _channel_ranges(groups: Sequence[ex.Group], n_channels: int, coarsest: np.ndarray) -> list[tuple[float, float]]:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from dataclasses import dataclass
 
 import imagecodecs
 import numpy as np
@@ -113,58 +113,104 @@ def encode_png(rgba: np.ndarray) -> bytes:
     return imagecodecs.png_encode(rgba, level=PNG_LEVEL)
 
 
-def pyramid_tiles(level_shapes: Sequence[tuple[int, int]], tile_size: int) -> Iterator[tuple[int, int, int]]:
-    """Every (level, x, y) tile index of a pyramid, full resolution (level 0) first."""
-    for level, (height, width) in enumerate(level_shapes):
-        for y in range(math.ceil(height / tile_size)):
-            for x in range(math.ceil(width / tile_size)):
-                yield level, x, y
-
-
 def tile_name(level: int, x: int, y: int, ext: str) -> str:
     """Minerva's tile file name, e.g. ``0_3_1.jpg`` (level, column, row)."""
     return f"{level}_{x}_{y}.{ext}"
 
 
-def write_tiles(out_dir: Path, level_shapes: Sequence[tuple[int, int]], tile_size: int, ext: str,
-                render: Callable[[int, int, int, int, int], bytes], *, workers: int | None = None,
-                progress: Callable[[int], None] | None = None) -> int:
-    """Render and write every tile of one layer, in parallel threads.
+@dataclass(frozen=True)
+class TileLayer:
+    """One deep-zoom layer of the overview: its folder below ``images/``, tile format, how a tile is made.
 
-    Parameters
+    Attributes
     ----------
-    out_dir : Path
-        The layer's folder (created).
-    level_shapes : sequence of (Y, X)
-        Shape of each level, full resolution first.
-    tile_size : int
-        Tile edge in pixels; edge tiles are smaller.
+    path : str
+        The layer's folder, relative to the overview's ``images/``.
     ext : str
         File extension of the encoded tiles ("jpg" or "png").
     render : callable
         ``render(level, y0, y1, x0, x1) -> bytes``: the encoded tile of that region of the level.
+    """
+
+    path: str
+    ext: str
+    render: Callable[[int, int, int, int, int], bytes]
+
+
+@dataclass(frozen=True)
+class TileUnit:
+    """A unit of rendering work: one row of tiles of one level of one layer.
+
+    Attributes
+    ----------
+    layer : int
+        Index of the layer in the overview's layer list.
+    level : int
+        Pyramid level (0 = full size).
+    row : int
+        Tile row of that level.
+    """
+
+    layer: int
+    level: int
+    row: int
+
+    @property
+    def name(self) -> str:
+        """Unique in an overview: ``layer2-level0-row5``."""
+        return f"layer{self.layer}-level{self.level}-row{self.row}"
+
+
+def tile_units(n_layers: int, level_shapes: Sequence[tuple[int, int]], tile_size: int) -> list[TileUnit]:
+    """Every unit of an overview of ``n_layers`` layers, in a fixed order: level by level (full size
+    first), row by row, layer by layer. A share ``units[index::count]`` then holds about as many rows
+    of each level as any other share (at 1,000 tiles of 2048 px and 11 layers, 168 shares: the
+    largest has 1.08x the mean's tiles; layer by layer first it would have 1.26x)."""
+    return [TileUnit(layer, level, row) for level, (height, _) in enumerate(level_shapes)
+            for row in range(math.ceil(height / tile_size)) for layer in range(n_layers)]
+
+
+def tile_paths(layers: Sequence[tuple[str, str]], level_shapes: Sequence[tuple[int, int]], tile_size: int
+               ) -> list[str]:
+    """Every tile file of the layers ``(path, ext)``, relative to ``images/``, as :func:`render_tiles` names them."""
+    return [f"{path}/{tile_name(level, x, y, ext)}" for path, ext in layers
+            for level, (height, width) in enumerate(level_shapes)
+            for y in range(math.ceil(height / tile_size)) for x in range(math.ceil(width / tile_size))]
+
+
+def render_tiles(layers: Sequence[TileLayer], units: Sequence[TileUnit], level_shapes: Sequence[tuple[int, int]],
+                 tile_size: int, write: Callable[[str, bytes], None], *, workers: int | None = None) -> int:
+    """Render every tile of ``units`` and hand each to ``write``, in parallel threads.
+
+    Parameters
+    ----------
+    layers : sequence of TileLayer
+        The overview's layers, indexed by the units.
+    units : sequence of TileUnit
+    level_shapes : sequence of (Y, X)
+        Shape of each level, full resolution first.
+    tile_size : int
+        Tile edge in pixels; edge tiles are smaller.
+    write : callable
+        ``write(path, data)``, ``path`` relative to ``images/`` (``<layer path>/<level>_<x>_<y>.<ext>``);
+        called from the threads, one tile at a time.
     workers : int, optional
-        Threads; default the number of CPUs (decoding and encoding release the GIL).
-    progress : callable, optional
-        Called with 1 after each tile written.
+        Threads; default the number of CPUs (reading, decoding and encoding release the GIL).
 
     Returns
     -------
     int : number of tiles written.
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
+    def one(index: tuple[TileUnit, int]) -> None:
+        unit, x = index
+        layer = layers[unit.layer]
+        height, width = level_shapes[unit.level]
+        y0, x0 = unit.row * tile_size, x * tile_size
+        data = layer.render(unit.level, y0, min(y0 + tile_size, height), x0, min(x0 + tile_size, width))
+        write(f"{layer.path}/{tile_name(unit.level, x, unit.row, layer.ext)}", data)
 
-    def one(index: tuple[int, int, int]) -> None:
-        level, x, y = index
-        height, width = level_shapes[level]
-        y0, x0 = y * tile_size, x * tile_size
-        data = render(level, y0, min(y0 + tile_size, height), x0, min(x0 + tile_size, width))
-        (out_dir / tile_name(level, x, y, ext)).write_bytes(data)
-        if progress is not None:
-            progress(1)
-
-    indices = list(pyramid_tiles(level_shapes, tile_size))
+    tiles = [(unit, x) for unit in units for x in range(math.ceil(level_shapes[unit.level][1] / tile_size))]
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
-        for _ in pool.map(one, indices):
+        for _ in pool.map(one, tiles):
             pass
-    return len(indices)
+    return len(tiles)
