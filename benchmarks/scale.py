@@ -288,7 +288,8 @@ def model(runs: list[tuple[Size, list[dict]]], target: Size, usd_per_vcpu_hour: 
             latency += wall
             vcpu_s += count * vcpus * (JOB_START_S + fig["cpu"] / vcpus)
             rss_max, scratch_max = max(rss_max, fig["rss"]), max(scratch_max, fig["scratch"])
-            print(f"  {stage.name + ('' if kind == 'plain' else ' ' + kind + 's'):<16} {count:6d} {vcpus:4d} "
+            label = stage.name + {"item": " items", "merge": " merge", "plain": ""}[kind]
+            print(f"  {label:<16} {count:6d} {vcpus:4d} "
                   f"{count * fig['cpu'] / 3600:11.2f} {wall / 60:9.1f} {fmt_bytes(fig['rss']):>10} "
                   f"{fmt_bytes(fig['scratch']):>11}")
         finish[stage.name] = max((finish[d.name] for d in dependencies(stage)), default=EVENTS_TO_RUN_S) + latency

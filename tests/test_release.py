@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from atlas import layout
+from atlas.aws import release
 from atlas.aws.release import LATEST, ReleaseError, content_type, release_run
 from atlas.aws.s3 import S3Uri
 
@@ -113,6 +114,35 @@ def test_release_copies_every_file_by_level_and_writes_manifest_last(s3, tmp_pat
     script = s3.head_object(Bucket="site", Key=prefix + "openseadragon/openseadragon.min.js")
     assert script["ContentType"] == "text/javascript"
     assert latest["overview"] == f"s3://site/{prefix}index.html"
+
+
+def test_one_copy_request_per_object_the_managed_copy_past_the_limit(s3, tmp_path, monkeypatch):
+    """Small objects (zarr chunks: most of a release) cost one CopyObject each; an object past
+    CopyObject's limit (here lowered to 1 KB: the OME-TIFF) goes by the managed copy, same result."""
+    monkeypatch.setattr(release, "COPY_OBJECT_MAX_BYTES", 1024)
+    run_id = "S1-cccccccccccc"
+    manifest = write_run(tmp_path, run_id)
+    work = S3Uri("work", f"{run_id}/")
+    stage_to_work(s3, tmp_path, work)
+    calls: list[tuple[str, str]] = []
+    s3.meta.events.register("provide-client-params.s3", lambda params, model, **_: calls.append(
+        (model.name, params.get("Key") or params.get("CopySource", {}).get("Key", ""))))
+
+    release_run(s3, manifest, work=work, slide_id=SLIDE, run_id=run_id, results_bucket="results")
+    released = list(calls)
+
+    big = [f["path"] for f in manifest["files"] if f["size"] >= 1024]
+    assert big == ["registration/S1.ome.tif"]
+    for entry in manifest["files"]:
+        target = f"{SLIDE}/{run_id}/{entry['path']}"
+        obj = s3.get_object(Bucket="results", Key=target)
+        assert obj["Body"].read() == (tmp_path / entry["path"]).read_bytes()
+        assert obj["Metadata"]["sha256"] == entry["sha256"] and obj["ContentType"] == content_type(entry["path"])
+        asked = [name for name, key in released if key in (target, f"{run_id}/{entry['path']}")]
+        if entry["path"] in big:  # the managed copy heads the source first
+            assert "HeadObject" in asked and "CopyObject" in asked
+        else:
+            assert asked == ["CopyObject"]
 
 
 def test_earlier_releases_stay_and_latest_moves(s3, tmp_path):
