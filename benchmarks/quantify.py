@@ -17,9 +17,10 @@ Both sides run as their own process, one after the other, timed from start to ex
   (``regionprops_table`` with MCQuant's ``MaskIDs`` list); one DataFrame in its column order,
   ``to_csv``.
 
-Each side runs ``--repeat`` times (default 2) and its best wall time counts. Prints wall and CPU
-seconds, peak RSS, the ratio, and the largest differences between the two CSVs (MCQuant's means
-are float32 sums: skimage's ``np.mean`` keeps the image dtype; ours are scipy.ndimage.mean's).
+Each side runs ``--repeat`` times (default 2) and its best wall time counts. Prints the machine's
+load average before and after, wall and CPU seconds, peak RSS, the ratio, and the largest
+differences between the two CSVs (MCQuant's means are float32 sums: skimage's ``np.mean`` keeps
+the image dtype; ours are scipy.ndimage.mean's).
 
     .venv/bin/python benchmarks/quantify.py [--grid 61] [--repeat 2]
 """
@@ -131,6 +132,7 @@ def main() -> None:
     if args.worker == "mcquant":
         mcquant(args.folder)
         return
+    load_before = os.getloadavg()
     atlas = str(Path(sys.executable).parent / "atlas")
     with tempfile.TemporaryDirectory(prefix="bench-quantify-") as tmp:
         folder = Path(tmp)
@@ -150,7 +152,9 @@ def main() -> None:
         diffs, cells, same_header = compare(folder)
     ours, ref = results["ours"], results["MCQuant"]
     print(f"inputs: {cells} cells x 10 channels, {args.grid}x{args.grid} tiles of the real ROI {ROI}, "
-          f"best of {args.repeat}")
+          f"best of {args.repeat}; load average (1, 5, 15 min) before "
+          f"{', '.join(f'{x:.2f}' for x in load_before)}, after {', '.join(f'{x:.2f}' for x in os.getloadavg())} "
+          f"on {os.cpu_count()} CPUs")
     for side, r in results.items():
         print(f"{side:>8}: {r['wall_s']:8.2f} s wall  {r['cpu_s']:8.2f} s CPU  peak RSS {r['peak_rss_mib']:7.0f} MiB")
     print(f"ratio: {ref['wall_s'] / ours['wall_s']:.1f}x wall, {ref['cpu_s'] / ours['cpu_s']:.1f}x CPU "

@@ -404,9 +404,14 @@ def _strip_index(starts: np.ndarray, values: np.ndarray, lengths: np.ndarray
     return present, index, take
 
 
+def _strips_morphology(strip_runs: list[tuple[np.ndarray, ...]]) -> Morphology:
+    """:func:`morphology_from_runs` of the (label, row, column, length) runs of every strip."""
+    return morphology_from_runs(*(np.concatenate(part) for part in zip(*strip_runs, strict=True)))
+
+
 def measure(image, masks: Mapping[str, object], channels: Sequence[int], *, rows: int | None = None,
             progress: Callable[[int], None] | None = None) -> dict[str, tuple[Morphology, np.ndarray]]:
-    """Shape of every label of each mask and its mean in each channel, in one pass over the rows.
+    """Shape of every label of each mask and its mean in each channel, reading every pixel once.
 
     Parameters
     ----------
@@ -429,9 +434,11 @@ def measure(image, masks: Mapping[str, object], channels: Sequence[int], *, rows
     Means are bit-identical to ``scipy.ndimage.mean`` for every dtype: per strip and channel one
     ``np.bincount`` over the foreground pixels, with the running sums of the labels present in
     the strip prepended to its pixels, so every label's float64 additions happen one by one in
-    raster order from 0.0 -- the very additions of one bincount over the whole image. The mask
-    strips are read once: their row runs feed the shape features (:func:`morphology_from_runs`)
-    and index the means. The next block is read while the current one is summed.
+    raster order from 0.0 -- the very additions of one bincount over the whole image. The masks
+    are read first, strip by strip, and kept only as their foreground row runs (~16 bytes a run):
+    these give the shape features (:func:`morphology_from_runs`, computed in a thread while the
+    channels are summed) and index the means. Then the channels, strip by strip. The next block
+    is always read while the current one is worked on.
     """
     height, width = image.shape[-2:]
     rows = rows or strip_rows(image, width)
@@ -443,38 +450,44 @@ def measure(image, masks: Mapping[str, object], channels: Sequence[int], *, rows
         for r0, r1 in strips:
             for mask in masks.values():
                 yield lambda mask=mask, r0=r0, r1=r1: _rows(mask, r0, r1)
+        for r0, r1 in strips:
             for channel in channels:
                 yield lambda channel=channel, r0=r0, r1=r1: _rows(image, r0, r1, channel).ravel()
 
     blocks = _read_ahead(reads())
-    for r0, r1 in strips:
-        index = {}
+    for r0, r1 in strips:   # the masks, strip by strip: their foreground row runs
         for name in masks:
             starts, values, lengths = _strip_runs(next(blocks), name)
             runs[name].append((values, (starts // width + r0).astype(np.int32),
                                (starts % width).astype(np.int32), lengths.astype(np.int32)))
-            if values.size:
-                present, idx, take = _strip_index(starts, values, lengths)
-                index[name] = (sums[name].positions(present), idx, take, np.empty(idx.size))
             if progress:
                 progress(r1 - r0)
-        for j in range(len(channels)):
-            plane = next(blocks)
-            for name, (pos, idx, take, weights) in index.items():
-                # Running sums first, then the pixels: each label's float64 additions happen in
-                # raster order from 0.0, exactly as one bincount over the whole image makes them.
-                weights[:pos.size] = sums[name].sums[j, pos]
-                weights[pos.size:] = plane[take]
-                sums[name].sums[j, pos] = np.bincount(idx, weights=weights, minlength=pos.size)
-        if progress:
-            progress(r1 - r0)
-    result = {}
-    for name in masks:
-        shape = morphology_from_runs(*(np.concatenate(part) for part in zip(*runs[name], strict=True)))
-        runs[name] = None
-        if not np.array_equal(shape.labels, sums[name].labels):
-            raise AssertionError(f"mask {name!r}: labels of the shape and mean passes differ")
-        result[name] = (shape, (sums[name].sums / shape.area.astype(np.float64)).T)
+    with ThreadPoolExecutor(1, thread_name_prefix="morphology") as pool:
+        # shapes in a thread while the channels are summed (numpy releases the GIL in both)
+        shapes = {name: pool.submit(_strips_morphology, runs[name]) for name in masks}
+        for k, (r0, r1) in enumerate(strips):
+            index = {}
+            for name in masks:
+                values, row, col, lengths = runs[name][k]
+                if values.size:
+                    present, idx, take = _strip_index((row - r0).astype(np.int64) * width + col, values, lengths)
+                    index[name] = (sums[name].positions(present), idx, take, np.empty(idx.size))
+            for j in range(len(channels)):
+                plane = next(blocks)
+                for name, (pos, idx, take, weights) in index.items():
+                    # Running sums first, then the pixels: each label's float64 additions happen in
+                    # raster order from 0.0, exactly as one bincount over the whole image makes them.
+                    weights[:pos.size] = sums[name].sums[j, pos]
+                    weights[pos.size:] = plane[take]
+                    sums[name].sums[j, pos] = np.bincount(idx, weights=weights, minlength=pos.size)
+            if progress:
+                progress(r1 - r0)
+        result = {}
+        for name in masks:
+            shape = shapes[name].result()
+            if not np.array_equal(shape.labels, sums[name].labels):
+                raise AssertionError(f"mask {name!r}: labels of the shape and mean passes differ")
+            result[name] = (shape, (sums[name].sums / shape.area.astype(np.float64)).T)
     return result
 
 
