@@ -42,6 +42,8 @@ UNET_WEIGHTS_SHA256_ARG = "UNET_WEIGHTS_SHA256"
 JOB_PARAMETERS = ("slide_uri", "work_uri", "run_id")
 # ... and, for an array stage's items and merge, the array's size in this run (its ``sizes``).
 ITEMS_PARAMETER = "items"
+# ... and the vCPUs this run gives the job (its ``sizes``; SubmitJob overrides the definition's with them).
+VCPUS_PARAMETER = "vcpus"
 
 # Attempts per job; only Spot reclaims are retried (see retry strategies below).
 SPOT_ATTEMPTS = 3
@@ -60,13 +62,16 @@ CAPACITY_CANCELLED = "CAPACITY:INSUFFICIENT_INSTANCE_CAPACITY"
 
 
 def stage_command(job: Job) -> list[str]:
-    """The container command of a stage job, ``stage NAME --slide-uri Ref::slide_uri ... [--merge]``.
+    """The container command of a stage job, ``stage NAME --slide-uri Ref::slide_uri ... [--merge] --vcpus ...``.
 
     The images' entrypoint is ``atlas``, so the job runs ``atlas stage NAME ...``. Values come
     from Batch parameters (``Ref::name``) that Step Functions passes per run; array children
-    find their index in ``AWS_BATCH_JOB_ARRAY_INDEX``.
+    find their index in ``AWS_BATCH_JOB_ARRAY_INDEX``. The vCPUs come as a parameter too: Batch
+    sets no variable for them, and on EC2 a job's vCPUs are CPU shares, a relative weight, not a
+    quota the container could read from its cgroup (it sees every CPU of the host).
     """
-    return job.argv(**{name: f"Ref::{name}" for name in JOB_PARAMETERS}, items=f"Ref::{ITEMS_PARAMETER}")
+    return job.argv(**{name: f"Ref::{name}" for name in JOB_PARAMETERS}, items=f"Ref::{ITEMS_PARAMETER}",
+                    vcpus=f"Ref::{VCPUS_PARAMETER}")
 
 
 @dataclass(frozen=True)

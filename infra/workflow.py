@@ -1,15 +1,24 @@
 """The Step Functions state machine, generated from the stage registry.
 
-One Batch job state per registry stage, in registry order, each run with the ``.sync``
-integration (RUN_JOB: the state waits for the job). An array stage becomes an array job followed
-by its ``-merge`` job; its size comes from the execution input at run time
-(``ArrayProperties.Size`` = ``$.sizes.<stage>.items``, which the trigger computed from the slide's
-size with the registry's sizing; :func:`atlas.stages.execution_sizes`), and the items and the merge
-get it as the ``items`` parameter. Each job gets the execution input's ``slide_uri``, ``work_uri``
-and ``run_id`` as Batch parameters and ``slide_id``/``run_id`` as tags.
+One Batch job state per registry job, each run with the ``.sync`` integration (RUN_JOB: the state
+waits for the job), in the shape of the registry's stage graph (:func:`atlas.stages.flow.flow`):
+stages that do not build on each other run in the branches of a ``Parallel`` state (today the
+OME-TIFF export beside segment -> quantify), the others one after another. An array stage
+becomes an array job followed by its ``-merge`` job; its size comes from the execution input at run
+time (``ArrayProperties.Size`` = ``$.sizes.<stage>.items``, which the trigger computed from the
+slide's size with the registry's sizing; :func:`atlas.stages.execution_sizes`), and the items and
+the merge get it as the ``items`` parameter. So do each job's resources: SubmitJob overrides the job
+definition's vCPUs and memory (``ContainerOverrides.ResourceRequirements``, strings formatted from
+``$.sizes.<job>.vcpus`` and ``.memory_mib``) and its attempt timeout (``Timeout.AttemptDurationSeconds``
+= ``$.sizes.<job>.timeout_s``), and the job learns its vCPUs as the ``vcpus`` parameter (its thread
+pools follow it). The job definitions keep the registry's defaults. Each job gets the execution
+input's ``slide_uri``, ``work_uri`` and ``run_id`` as Batch parameters and ``slide_id``/``run_id``
+as tags.
 
 Failure: every job state catches any error into a Fail state whose error and cause are the
-job's, so the execution's FAILED event carries them; the status Lambda records that event in
+job's, so the execution's FAILED event carries them (inside a branch, that Fail state fails the
+branch and so the Parallel state, whose catch ends the run in a Fail state passing the same error
+and cause on, the other branches stopped); the status Lambda records that event in
 the catalog and notifies the lab (SNS), and the failed-executions alarm tells ops. With Spot on,
 a job that its Spot queue cancelled for lack of capacity (``CAPACITY:INSUFFICIENT_INSTANCE_CAPACITY``
 in its status reason) is first resubmitted to the on-demand-only queue of its kind.
@@ -23,19 +32,22 @@ is under ``/aws/vendedlogs/states/`` (CloudWatch Logs resource-policy size limit
 """
 from __future__ import annotations
 
-from aws_cdk import Duration, RemovalPolicy, Stack
+from aws_cdk import Duration, RemovalPolicy, Size, Stack, Token
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_logs as logs
 from aws_cdk import aws_stepfunctions as sfn
 from aws_cdk import aws_stepfunctions_tasks as tasks
 from constructs import Construct
 
+from atlas.stages import Stage
+from atlas.stages.flow import Flow, flow
 from infra.compute import (
     CAPACITY_CANCELLED,
     ITEMS_PARAMETER,
     JOB_PARAMETERS,
     QUEUE_TIME_LIMITS,
     SPOT_ATTEMPTS,
+    VCPUS_PARAMETER,
     StageJob,
 )
 from infra.config import AtlasConfig
@@ -60,6 +72,16 @@ def items_path(job: StageJob) -> str:
     return f"$.sizes.{job.stage.name}.items"
 
 
+def size_path(job: StageJob, field: str) -> str:
+    """Where the execution input gives the job's ``vcpus``, ``memory_mib`` or ``timeout_s``."""
+    return f"$.sizes.{job.name}.{field}"
+
+
+def as_text(path: str) -> str:
+    """A number of the execution input as the string a Batch parameter or resource value must be."""
+    return sfn.JsonPath.format("{}", sfn.JsonPath.string_at(path))
+
+
 def run_timeout(jobs: list[StageJob]) -> Duration:
     """Longest legitimate run: every job at its timeout on every Spot attempt, after waiting in
     the queue as long as the queue allows (twice where a capacity shortage sends it on to the
@@ -80,7 +102,9 @@ class Pipeline(Construct):
         The state machine's role; its only policy is ``policy``.
     policy : iam.Policy
     job_states : list of tasks.BatchSubmitJob
-        In execution order (registry order, merge jobs after their array job).
+        In registry order (merge jobs after their array job; parallel branches one after another).
+    parallel_states : list of sfn.Parallel
+        One per step of parallel branches in the stage graph.
     on_demand_states : dict of str to tasks.BatchSubmitJob
         By job name: the resubmission of a capacity-cancelled job to its on-demand-only queue.
     """
@@ -88,14 +112,9 @@ class Pipeline(Construct):
     def __init__(self, scope: Construct, id: str, *, config: AtlasConfig, jobs: list[StageJob]) -> None:
         super().__init__(scope, id)
         self.on_demand_states: dict[str, tasks.BatchSubmitJob] = {}
-        exits: list[sfn.INextable] = []
-        self.job_states = []
-        for job in jobs:
-            state, job_exits = self._job_states(job)
-            for previous in exits:
-                previous.next(state)
-            self.job_states.append(state)
-            exits = job_exits
+        self.job_states: list[tasks.BatchSubmitJob] = []
+        self.parallel_states: list[sfn.Parallel] = []
+        start, exits = self._chain(flow(), jobs)
         published = sfn.Succeed(self, "Published")
         for previous in exits:
             previous.next(published)
@@ -106,7 +125,7 @@ class Pipeline(Construct):
         self.state_machine = sfn.StateMachine(
             self, "StateMachine", state_machine_name=config.name("pipeline"),
             comment="Runs one slide through the registry's stages as AWS Batch jobs (atlas stage NAME)",
-            definition_body=sfn.DefinitionBody.from_chainable(self.job_states[0]), timeout=run_timeout(jobs),
+            definition_body=sfn.DefinitionBody.from_chainable(start), timeout=run_timeout(jobs),
             tracing_enabled=True, role=self.role.without_policy_updates(),
             logs=sfn.LogOptions(destination=logs.LogGroup(
                 self, "ExecutionLogs", log_group_name=f"/aws/vendedlogs/states/{config.name('pipeline')}",
@@ -143,6 +162,35 @@ class Pipeline(Construct):
             "and X-Ray actions have no resource-level permissions.", resources=["*", batch_jobs, *definitions])
         return policy
 
+    def _chain(self, steps: Flow, jobs: list[StageJob]) -> tuple[sfn.State, list[sfn.INextable]]:
+        """The states of ``steps`` chained one after another: the first, and those the run goes on from."""
+        start: sfn.State | None = None
+        exits: list[sfn.INextable] = []
+        for step in steps:
+            if isinstance(step, Stage):
+                states = [self._job_states(job) for job in jobs if job.stage is step]
+            else:
+                states = [self._parallel(step, jobs)]
+            for state, state_exits in states:
+                for previous in exits:
+                    previous.next(state)
+                start, exits = start or state, state_exits
+        return start, exits
+
+    def _parallel(self, branches: tuple[Flow, ...], jobs: list[StageJob]) -> tuple[sfn.Parallel, list[sfn.INextable]]:
+        """A Parallel state running each branch's chain; its input passes on unchanged, and a failed
+        branch (its job's Fail state) ends the run with that job's error and cause."""
+        heads = " | ".join(_first(branch).name for branch in branches)  # "export | segment"
+        parallel = sfn.Parallel(self, heads, result_path=sfn.JsonPath.DISCARD,
+                                comment="stages that do not build on each other, side by side")
+        for branch in branches:
+            parallel.branch(self._chain(branch, jobs)[0])
+        failed = sfn.Fail(self, f"{heads} failed", error_path=f"{FAILURE_PATH}.Error",
+                          cause_path=f"{FAILURE_PATH}.Cause")
+        parallel.add_catch(failed, errors=[sfn.Errors.ALL], result_path=FAILURE_PATH)
+        self.parallel_states.append(parallel)
+        return parallel, [parallel]
+
     def _job_states(self, job: StageJob) -> tuple[tasks.BatchSubmitJob, list[sfn.INextable]]:
         """The job's state and the states the run goes on from (the job, and its on-demand resubmission)."""
         failed = sfn.Fail(self, f"{job.name} failed",
@@ -150,6 +198,7 @@ class Pipeline(Construct):
                                                          sfn.JsonPath.string_at(f"{FAILURE_PATH}.Error")),
                           cause_path=f"{FAILURE_PATH}.Cause")
         state = self._submit(job.name, job, job.queue, failed if job.on_demand_queue is None else None)
+        self.job_states.append(state)
         if job.on_demand_queue is None:
             return state, [state]
         on_demand = self._submit(f"{job.name} on-demand", job, job.on_demand_queue, failed)
@@ -162,13 +211,19 @@ class Pipeline(Construct):
 
     def _submit(self, state_name: str, job: StageJob, queue, failed: sfn.Fail | None) -> tasks.BatchSubmitJob:
         payload = {p: sfn.JsonPath.string_at(f"$.{p}") for p in JOB_PARAMETERS}
-        if job.stage.array_size:  # the items and the merge learn the array's size (a Batch parameter is a string)
-            payload[ITEMS_PARAMETER] = sfn.JsonPath.format("{}", sfn.JsonPath.string_at(items_path(job)))
+        payload[VCPUS_PARAMETER] = as_text(size_path(job, "vcpus"))  # a Batch parameter is a string
+        if job.stage.array_size:  # the items and the merge learn the array's size
+            payload[ITEMS_PARAMETER] = as_text(items_path(job))
         state = tasks.BatchSubmitJob(
             self, state_name,
             job_name=sfn.JsonPath.format(f"{{}}-{job.name}", sfn.JsonPath.string_at("$.run_id")),
             job_definition_arn=job.definition.job_definition_arn, job_queue_arn=queue.job_queue_arn,
             array_size=sfn.JsonPath.number_at(items_path(job)) if job.array_size else None,
+            # this slide's resources over the job definition's defaults (Batch wants the values as strings)
+            container_overrides=tasks.BatchContainerOverrides(
+                vcpus=Token.as_number(as_text(size_path(job, "vcpus"))),
+                memory=Size.mebibytes(Token.as_number(as_text(size_path(job, "memory_mib"))))),
+            task_timeout=sfn.Timeout.at(size_path(job, "timeout_s")),  # Batch's Timeout.AttemptDurationSeconds
             integration_pattern=sfn.IntegrationPattern.RUN_JOB, payload=sfn.TaskInput.from_object(payload),
             tags={t: sfn.JsonPath.string_at(f"$.{t}") for t in JOB_TAGS},
             # The input passes on unchanged: a job's description (large for array jobs) is not needed.
@@ -179,3 +234,9 @@ class Pipeline(Construct):
         if failed is not None:
             state.add_catch(failed, errors=[sfn.Errors.ALL], result_path=FAILURE_PATH)
         return state
+
+
+def _first(steps: Flow) -> Stage:
+    """The first stage a chain of steps runs."""
+    step = steps[0]
+    return step if isinstance(step, Stage) else _first(step[0])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import io
 import json
 import os
 import re
@@ -22,6 +23,7 @@ from urllib.parse import urlsplit
 
 import boto3
 import pytest
+import tifffile
 from moto.s3.models import S3Backend
 from typer.testing import CliRunner
 
@@ -33,13 +35,15 @@ from atlas.cli import app
 from atlas.errors import InvalidInput
 from atlas.pipeline.contract import ExitCode, JobError, Misconfigured, UpstreamIncomplete
 from atlas.slide.convention import SLIDE_MANIFEST, run_id_for, sha256_file, write_manifest
-from atlas.stages import STAGES, get_stage, run_jobs, upstream_jobs
+from atlas.slide.ome import read_cycle_metadata
+from atlas.stages import STAGES, JobSizes, SlideSize, execution_sizes, get_stage, run_jobs, upstream_jobs
 from localcloud.demo import local_aws_env, moto_server
 from localcloud.executor import StageJobFailed, execute_run, stage_command
 
 OVERVIEW_PAGE = f"{layout.OVERVIEW}/index.html"
 MOTO_ACCOUNT = "123456789012"  # the account owning what the emulator creates
 KILLED_STAGE = "quantify"  # a stage in the middle: the rerun must skip what came before it and redo it
+EXPORT_VCPUS = 3  # not the registry's: the job's record and thread pools follow what the run gives it
 
 
 @pytest.fixture(scope="module")
@@ -104,14 +108,22 @@ def run(aws, sample_slide):
     ingest, work, results = (new_bucket(s3, n) for n in ("ingest", "work", "results"))
     slide_uri = upload_slide(s3, sample_slide, ingest)
     run_id = run_id_for(sample_slide.name, (sample_slide / SLIDE_MANIFEST).read_bytes())
-    steps = execute_run(slide_uri, f"s3://{work}/{run_id}/", run_id, env={**env, "ATLAS_RESULTS_BUCKET": results})
+    # the sizes the trigger sends for this slide, the export given other vCPUs than the registry's
+    cycles = [read_cycle_metadata(p) for p in sorted((sample_slide / "raw").iterdir())]
+    sizes = execution_sizes(SlideSize.of_cycles(cycles))
+    sizes["export"]["vcpus"] = EXPORT_VCPUS
+    steps = execute_run(slide_uri, f"s3://{work}/{run_id}/", run_id, env={**env, "ATLAS_RESULTS_BUCKET": results},
+                        sizes=sizes)
     return {"slide_uri": slide_uri, "work": work, "results": results, "run_id": run_id, "steps": steps,
-            "slide_id": sample_slide.name, "env": env}
+            "slide_id": sample_slide.name, "env": env, "sizes": sizes}
 
 
 def test_every_stage_runs_as_a_job_and_the_run_is_released(aws, run, sample_run, sample_slide):
     _, s3 = aws
     assert [(s.stage, s.item, s.merge) for s in run["steps"]] == expected_steps()
+    # each job was given its sizes from the execution input, as SubmitJob overrides them
+    assert all(step.sizes == JobSizes(**run["sizes"][f"{step.stage}-merge" if step.merge else step.stage])
+               for step in run["steps"])
 
     prefix = f"{run['slide_id']}/{run['run_id']}/"
     release = objects(s3, run["results"], prefix)
@@ -133,6 +145,8 @@ def test_every_stage_runs_as_a_job_and_the_run_is_released(aws, run, sample_run,
                                      for name, item, _ in expected_steps())
     for name, record in records.items():
         assert record["run_id"] == run["run_id"] and record["instance_type"] == "local", name
+        merged = get_stage(record["stage"]).array_size and record["item"] is None
+        assert record["vcpus"] == run["sizes"][record["stage"] + ("-merge" if merged else "")]["vcpus"], name
         assert record["vcpu_seconds"] == pytest.approx(record["seconds"] * record["vcpus"], abs=0.01)
         assert record["peak_rss_bytes"] > 50 << 20 and record["scratch_peak_bytes"] >= 0, name
         assert record["s3_bytes_written"] >= sum(o["size"] for o in record["outputs"]), name
@@ -148,7 +162,11 @@ def test_every_stage_runs_as_a_job_and_the_run_is_released(aws, run, sample_run,
     items = [r for r in records.values() if r["stage"] == "segment" and r["item"] is not None]
     assert all(0 < r["s3_bytes_read"] < registered for r in items)  # its share of one channel's chunks
     assert records["publish.json"]["s3_bytes_read"] < released / 100  # the manifest comes from the records
-    assert records["export.json"]["scratch_peak_bytes"] >= registered  # the OME-TIFF, written with seeks, then put
+    # the OME-TIFF streams to its place (a multipart upload): scratch holds one channel's compressed
+    # pyramid (its IFDs come before its tiles), never the whole file
+    with tifffile.TiffFile(io.BytesIO(release[layout.registration_tiff(run["slide_id"])])) as tif:
+        channels = tif.series[0].shape[0]
+    assert channels >= 4 and 0 < records["export.json"]["scratch_peak_bytes"] <= 2 * registered / channels
     assert sum(r["s3_bytes_read"] for r in records.values()) <= 3 * (raw + released)
 
     # the cloud path gives the same results as the local runner on the same slide
@@ -393,8 +411,8 @@ def test_a_stage_needs_its_upstream_records(aws):
     _, s3 = aws
     work = new_bucket(s3, "work")
     with pytest.raises(UpstreamIncomplete, match=re.escape(
-            "needs illuminate[0], illuminate[1], illuminate merge, align, mosaic[0], mosaic[1], mosaic merge, export, "
-            "segment[0], segment[1], segment[2], segment[3], segment merge to be complete first")):
+            "needs illuminate[0], illuminate[1], illuminate merge, align, mosaic[0], mosaic[1], mosaic merge, "
+            "segment[0], segment[1], segment[2], segment[3], segment merge to be complete first")):  # not export
         run_stage_job("quantify", slide_uri="s3://ingest/S1/", work_uri=f"s3://{work}/S1-r/", run_id="S1-r",
                       array_index=0, s3=s3)
     assert objects(s3, work) == {}
@@ -405,12 +423,12 @@ def test_a_changed_upstream_output_is_caught(aws, run):
     work = new_bucket(s3, "work")
     source = f"{run['run_id']}/"
     for key, body in objects(s3, run["work"], source).items():
-        if not key.startswith(("quantification/", f"{layout.PROVENANCE}/quantify", "overview/")):
+        if not key.startswith((f"{layout.PROVENANCE}/render", f"{layout.PROVENANCE}/publish", "overview/")):
             s3.put_object(Bucket=work, Key=source + key, Body=body)
-    tampered = layout.registration_tiff(run["slide_id"])
+    tampered = layout.registration_tiff(run["slide_id"])  # the export's, which render builds on
     s3.put_object(Bucket=work, Key=source + tampered, Body=b"II*\x00 not the registered image")
     with pytest.raises(JobError, match=tampered) as caught:
-        run_stage_job("quantify", slide_uri=run["slide_uri"], work_uri=f"s3://{work}/{source}",
+        run_stage_job("render", slide_uri=run["slide_uri"], work_uri=f"s3://{work}/{source}",
                       run_id=run["run_id"], array_index=0, s3=s3)
     assert caught.value.exit_code == ExitCode.CORRUPT_WORK
     assert "export.json" in str(caught.value)  # says which record to delete to redo the stage

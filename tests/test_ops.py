@@ -206,10 +206,13 @@ def test_rerun_from_a_stage_reuses_the_earlier_outputs_under_a_new_run_id(cloud,
     assert not any(k.startswith("qc/segment/") for k in copied)  # segment is redone, item 0 included
     record = json.loads(copied["qc/provenance/align.json"])
     assert (record["run_id"], record["reused_from"]) == (new, old)
-    # the stage job of the new run finds align complete and skips it
-    skipped = run_stage_job("align", slide_uri=payload["slide_uri"], work_uri=payload["work_uri"], run_id=new,
-                            s3=boto3.client("s3"))
-    assert skipped.skipped
+    # the stage jobs of the new run find align and the export (listed before segment, though Step Functions
+    # runs it beside segment) complete and skip them: a rerun from segment does not redo the OME-TIFF
+    assert json.loads(copied["qc/provenance/export.json"])["reused_from"] == old
+    for name in ("align", "export"):
+        skipped = run_stage_job(name, slide_uri=payload["slide_uri"], work_uri=payload["work_uri"], run_id=new,
+                                s3=boto3.client("s3"))
+        assert skipped.skipped, name
 
     tell(cloud, new, "RUNNING")  # the status handler follows the new run
     status = ops.slide_status(slide_id, table=table(cloud))

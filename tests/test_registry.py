@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -16,13 +17,19 @@ from atlas.stages import (
     MAX_ARRAY_SIZE,
     STAGES,
     STITCHING,
+    JobSizes,
     SlideSize,
+    Stage,
+    ancestors,
     batch_jobs,
+    check_order,
+    dependencies,
     execution_sizes,
     get_stage,
     run_jobs,
     run_sizes,
 )
+from atlas.stages.flow import flat, flow
 from atlas.storage import FolderStore
 
 SAMPLE = SlideSize(tiles=9, cycles=2, channels=6, tile_shape=(512, 512))        # the made sample slide
@@ -107,6 +114,45 @@ def test_an_array_run_at_another_size_is_found_by_the_stages_after_it(tmp_path):
         records.write_record(work, job, records.new_record(job, run_id="r", started=0, finished=1, outputs=[]))
     assert records.loads(work.read_bytes(merge.record))["count"] == 2
     found, missing, changed = records.upstream_records(work, get_stage("quantify").jobs()[0], "r")
-    assert sorted(found) == sorted(j.record for j in [*earlier, *items, merge])
+    built_on = [j for j in earlier if j.stage.name != "export"]  # quantify builds on the mosaic, not the export
+    assert sorted(found) == sorted(j.record for j in [*built_on, *items, merge])
     assert missing == [] and changed == {}
     assert segment.jobs()[2].record not in found  # the registry's default of 4 items does not apply
+
+
+def test_stages_build_on_what_they_read_and_the_export_on_the_mosaic_alone(tmp_path):
+    """The graph: every stage is listed after what it builds on; segment starts once the mosaic is
+    merged, whether or not the export has run (Step Functions runs them side by side), and publish
+    needs every stage."""
+    names = [s.name for s in STAGES]
+    assert all(names.index(d.name) < names.index(s.name) for s in STAGES for d in dependencies(s))
+    assert [s.name for s in ancestors(get_stage("export"))] == ["illuminate", "align", "mosaic"]
+    assert [s.name for s in ancestors(get_stage("segment"))] == ["illuminate", "align", "mosaic"]
+    assert [s.name for s in ancestors(get_stage("quantify"))] == ["illuminate", "align", "mosaic", "segment"]
+    assert [s.name for s in ancestors(get_stage("render"))] == names[:-2]  # its overview lists the OME-TIFF
+    assert [s.name for s in ancestors(get_stage("publish"))] == names[:-1]
+    work = FolderStore(tmp_path)
+    for job in run_jobs([s for s in STITCHING if s.name != "export"]):
+        records.write_record(work, job, records.new_record(job, run_id="r", started=0, finished=1, outputs=[]))
+    assert records.upstream_records(work, get_stage("segment").jobs()[0], "r")[1] == []  # nothing missing
+    missing = records.upstream_records(work, get_stage("publish").jobs()[0], "r")[1]
+    assert {j.stage.name for j in missing} == {"export", "segment", "quantify", "render"}
+
+
+def test_the_state_machine_shape_runs_independent_stages_as_parallel_branches():
+    def names(steps):
+        return [s.name if isinstance(s, Stage) else [names(b) for b in s] for s in steps]
+
+    assert names(flow()) == ["illuminate", "align", "mosaic", [["export"], ["segment", "quantify"]], "render",
+                             "publish"]
+    assert flat(flow()) == list(STAGES)  # branch after branch is the registry's order
+    with pytest.raises(ValueError, match="listed after it"):
+        check_order((get_stage("segment"), get_stage("mosaic")))
+
+
+def test_a_sizing_that_does_not_fit_a_host_is_refused():
+    greedy = replace(get_stage("segment"), sizing=lambda slide: JobSizes(4, 4, HOST_MEMORY_MIB + 1, 3600))
+    with pytest.raises(ValueError, match="at most"):
+        greedy.sizes(TARGET)
+    for slide in (SAMPLE, TARGET, SlideSize(tiles=10**6, cycles=20, channels=100, tile_shape=(2048, 2048))):
+        assert all(s.memory_mib <= HOST_MEMORY_MIB for s in run_sizes(slide).values())

@@ -234,8 +234,8 @@ def own_buckets(s3, place: JobPlace, settings: Mapping[str, str]) -> None:
 
 
 def run_stage_job(stage_name: str, *, slide_uri: str, work_uri: str, run_id: str, array_index: int | None = None,
-                  merge: bool = False, items: int | None = None, s3: Any = None, scratch: Path | str | None = None,
-                  settings: Mapping[str, str] | None = None) -> JobResult:
+                  merge: bool = False, items: int | None = None, vcpus: int | None = None, s3: Any = None,
+                  scratch: Path | str | None = None, settings: Mapping[str, str] | None = None) -> JobResult:
     """Run one stage (or array item, or merge) of run ``run_id`` on S3; see the module doc.
 
     Parameters
@@ -254,6 +254,9 @@ def run_stage_job(stage_name: str, *, slide_uri: str, work_uri: str, run_id: str
     items : int, optional
         Items of the array in this run (from the execution input, sized by the slide:
         :func:`atlas.stages.run_sizes`); default the registry's ``array_size``.
+    vcpus : int, optional
+        The vCPUs Batch gave the job in this run (the execution input's sizes, which SubmitJob also
+        applies); its thread pools and its record's ``vcpus`` follow them. Default the registry's.
     s3 : botocore S3 client, optional
         Default :func:`s3_client` (honours ``AWS_ENDPOINT_URL``). Its bytes are counted into the record.
     scratch : path, optional
@@ -274,6 +277,8 @@ def run_stage_job(stage_name: str, *, slide_uri: str, work_uri: str, run_id: str
         ``atlas stage``.
     """
     job = job_of(stage_name, array_index, merge, items)
+    if vcpus is not None and vcpus < 1:
+        raise BadJobArguments(f"--vcpus {vcpus}: a job has at least one vCPU")
     place = JobPlace.parse(slide_uri, work_uri, run_id)
     settings = os.environ if settings is None else settings
     s3 = s3 or s3_client()
@@ -292,7 +297,8 @@ def run_stage_job(stage_name: str, *, slide_uri: str, work_uri: str, run_id: str
     ctx = stage_context(slide, work, slide_id=place.slide.name, run_id=run_id, settings=settings,
                         results_uri=str(release_prefix(results_bucket, place.slide.name, run_id)) if results_bucket
                         else None)
-    record = run_job(ctx, job, upstream, instance_type=instance_type(), verify_slide=partial(check_raw_inputs, slide),
+    record = run_job(ctx, job, upstream, instance_type=instance_type(), vcpus=vcpus,
+                     verify_slide=partial(check_raw_inputs, slide),
                      scratch_root=Path(scratch or settings.get(SCRATCH_ENV) or tempfile.gettempdir()))
     log.info("%s: ran in %.1f s, %d outputs, %d bytes read, %d written", job.label, record["seconds"],
              len(record["outputs"]), record["s3_bytes_read"], record["s3_bytes_written"])

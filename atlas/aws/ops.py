@@ -427,8 +427,10 @@ def rerun(slide_id: str, *, table, from_stage: str | None = None, params_text: s
     table : DynamoDB Table
         The catalog table.
     from_stage : str, optional
-        First stage to redo; the outputs of the stages before it are reused from the current run
-        (they must be complete there).
+        First stage to redo; the outputs of the stages listed before it in the registry are reused
+        from the current run (they must be complete there): those it builds on, and those the state
+        machine runs beside it (``--from segment`` reuses the OME-TIFF export; ``--from export``
+        redoes it and everything after it).
     params_text : str, optional
         params.yml to use instead of the slide's (validated first). It may not change the
         parameters of a reused stage.

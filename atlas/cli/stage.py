@@ -21,7 +21,9 @@ def stage(name: str = typer.Argument(..., help=f"stage: {', '.join(s.name for s 
           array_index: int = typer.Option(None, help=f"item of an array stage (default: env {ARRAY_INDEX_ENV})"),
           merge: bool = typer.Option(False, "--merge", help="the merge step of an array stage"),
           items: int = typer.Option(None, help="items of an array stage's array in this run [default: the "
-                                    "registry's]")) -> None:
+                                    "registry's]"),
+          vcpus: int = typer.Option(None, help="vCPUs the job got in this run; its thread pools follow them "
+                                    "[default: the registry's]")) -> None:
     """Run one stage of a run as a Batch job, reading and writing S3 where the data lies; record it last.
 
     Skips itself when this run's completion record for the stage is already complete. Exit codes: 0 ok,
@@ -38,7 +40,7 @@ def stage(name: str = typer.Argument(..., help=f"stage: {', '.join(s.name for s 
         array_index = int(os.environ[ARRAY_INDEX_ENV])
     try:
         result = run_stage_job(name, slide_uri=slide_uri, work_uri=work_uri, run_id=run_id,
-                               array_index=array_index, merge=merge, items=items)
+                               array_index=array_index, merge=merge, items=items, vcpus=vcpus)
     except JobError as exc:
         if isinstance(exc, StageFailed):
             traceback.print_exception(exc.__cause__ or exc)

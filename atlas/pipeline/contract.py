@@ -76,7 +76,8 @@ def upstream_incomplete(job: Job, missing: list[Job], run_id: str, where: str) -
     return UpstreamIncomplete(
         f"{job.label} of run {run_id} needs {', '.join(j.label for j in missing)} to be complete first: there is "
         f"no completion record of this run for them in {where} -- fix: run those jobs first (the state machine "
-        "runs the stages in order); if one of them ran, its log says why it failed (a failed job writes no record)")
+        "runs each stage after those it builds on); if one of them ran, its log says why it failed (a failed job "
+        "writes no record)")
 
 
 def corrupt_output(path: str, stage: str, why: str, where: str, record: str) -> CorruptWork:

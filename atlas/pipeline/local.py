@@ -1,5 +1,9 @@
 """The local runner: every job of the registry in order on a local slide folder, with resume.
 
+The registry's order is a topological order of its stage graph (each stage is listed after the
+stages it builds on, :mod:`atlas.stages`), so running the stages one after another in it honours
+every dependency; stages the state machine runs side by side simply run in turn here.
+
 The slide folder and the results folder are stores (:class:`atlas.storage.FolderStore`); each job
 runs through the same contract as a Batch job (:mod:`atlas.pipeline.runner`): after the records of
 the jobs it builds on, reading only its declared inputs, writing only its declared outputs, and

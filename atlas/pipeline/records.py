@@ -30,17 +30,19 @@ FEW_OUTPUTS = 64
 
 
 def new_record(job: Job, *, run_id: str, started: float, finished: float, outputs: Iterable[Mapping],
-               instance_type: str = "local", usage: Mapping[str, int] | None = None) -> dict:
+               instance_type: str = "local", usage: Mapping[str, int] | None = None, vcpus: int | None = None) -> dict:
     """The completion record of ``job``: its outputs (``{"path", "size", "sha256"}``) and its cost.
 
-    ``vcpu_seconds`` is what Batch bills: the job's vCPUs times its wall time. ``usage`` adds what
-    :class:`atlas.pipeline.usage.JobUsage` measured (peak RSS, scratch, bytes moved).
+    ``vcpu_seconds`` is what Batch bills: the job's vCPUs (``vcpus``, what the run gave it; default
+    the registry's) times its wall time. ``usage`` adds what :class:`atlas.pipeline.usage.JobUsage`
+    measured (peak RSS, scratch, bytes moved).
     """
     seconds = round(finished - started, 3)
+    vcpus = vcpus or job.stage.vcpus
     count = {"count": job.count} if job.stage.array_size else {}  # how many items the array ran
     return {"stage": job.stage.name, "item": job.item, **count, "run_id": run_id, "started": started,
             "finished": finished,
-            "seconds": seconds, "vcpus": job.stage.vcpus, "vcpu_seconds": round(seconds * job.stage.vcpus, 3),
+            "seconds": seconds, "vcpus": vcpus, "vcpu_seconds": round(seconds * vcpus, 3),
             "instance_type": instance_type, **(usage or {}),
             "outputs": sorted(({"path": o["path"], "size": o["size"], "sha256": o["sha256"]} for o in outputs),
                               key=lambda o: o["path"])}

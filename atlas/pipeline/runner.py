@@ -114,8 +114,10 @@ def pending(work: Store, job: Job, run_id: str) -> dict[str, CompletionRecord] |
     return upstream_of(work, job, run_id)
 
 
-def job_context(ctx: StageContext, job: Job, upstream: Mapping[str, CompletionRecord], scratch: Path) -> StageContext:
-    """``ctx`` narrowed to ``job``: registry-enforcing views of its stores, its records and scratch."""
+def job_context(ctx: StageContext, job: Job, upstream: Mapping[str, CompletionRecord], scratch: Path,
+                vcpus: int | None = None) -> StageContext:
+    """``ctx`` narrowed to ``job``: registry-enforcing views of its stores, its records, scratch and
+    vCPUs (``vcpus``: what the run gave it; default the registry's)."""
     order = {stage.name: k for k, stage in enumerate(STAGES)}
     ordered = sorted(upstream.values(), key=lambda r: (order[r.doc["stage"]], r.doc["item"] is None))
     known = records.recorded_outputs(ordered)
@@ -124,7 +126,7 @@ def job_context(ctx: StageContext, job: Job, upstream: Mapping[str, CompletionRe
     declared = job.stage.writes(job)
     work = JobView(ctx.work, known, readable=lambda rel: reads_work(job, rel), writable=job.declared,
                    inputs=job.stage.inputs, outputs=declared, scratch=scratch)
-    return replace(ctx.for_job(job, scratch=scratch, records=upstream), slide=slide, work=work)
+    return replace(ctx.for_job(job, scratch=scratch, records=upstream, vcpus=vcpus), slide=slide, work=work)
 
 
 def execute(ctx: StageContext, job: Job) -> list[dict]:
@@ -157,7 +159,7 @@ def execute(ctx: StageContext, job: Job) -> list[dict]:
 
 
 def run_job(ctx: StageContext, job: Job, upstream: Mapping[str, CompletionRecord], *, instance_type: str = "local",
-            scratch_root: Path | None = None,
+            scratch_root: Path | None = None, vcpus: int | None = None,
             verify_slide: Callable[[Job, Mapping[str, dict]], None] | None = None) -> dict:
     """Run ``job`` (its upstream records from :func:`pending`); returns its record, for the caller to store last.
 
@@ -172,6 +174,9 @@ def run_job(ctx: StageContext, job: Job, upstream: Mapping[str, CompletionRecord
         Where it runs, for the record.
     scratch_root : Path, optional
         Where the job's scratch folder is made (removed at the end); default the system's.
+    vcpus : int, optional
+        The vCPUs the job got (the Batch job: this run's sizes); its thread pools and its record's
+        ``vcpus`` follow them. Default the registry's.
     verify_slide : callable, optional
         ``verify_slide(job, entries)`` checks the slide files the job reads by byte range against
         their manifest entries (path -> entry) before the stage runs (the Batch job; the local
@@ -179,13 +184,13 @@ def run_job(ctx: StageContext, job: Job, upstream: Mapping[str, CompletionRecord
     """
     scratch = Path(tempfile.mkdtemp(prefix=f"atlas-{job.stage.name}-", dir=scratch_root))
     try:
-        job_ctx = job_context(ctx, job, upstream, scratch)
+        job_ctx = job_context(ctx, job, upstream, scratch, vcpus)
         if verify_slide is not None:
             verify_slide(job, job_ctx.slide.known)
         started = time.time()
         with JobUsage(scratch, ctx.work.counter) as usage:
             outputs = execute(job_ctx, job)
         return records.new_record(job, run_id=ctx.run_id, started=started, finished=time.time(), outputs=outputs,
-                                  instance_type=instance_type, usage=usage.figures)
+                                  instance_type=instance_type, usage=usage.figures, vcpus=job_ctx.vcpus)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""The stage registry: the one ordered list of pipeline stages, and the jobs each one runs as.
+"""The stage registry: the one list of pipeline stages, what each builds on, and the jobs each one runs as.
 
 It drives the local runner (:mod:`atlas.pipeline.local`), the Batch entrypoint (``atlas stage``,
 :mod:`atlas.aws.job`), the local Step Functions + Batch stand-in (``localcloud.executor``), the
@@ -18,6 +18,19 @@ merge) or, for an array item, objects below its ``item_dir``. Local scratch spac
 inputs give byte-identical outputs. It reads nothing from the environment: what the entry point
 knows (engine weights, where the run is published, the job's vCPUs, the completion records it
 builds on) is in the context.
+
+The stage graph
+---------------
+A stage builds on the stages its ``after`` names (default: the stage listed just before it), and
+on theirs in turn (:func:`ancestors`): its jobs get those stages' completion records and may read
+their outputs, nothing else. Every stage a stage builds on is listed before it, so the registry's
+order is a topological order of the graph: the local runner runs the stages in it, one after the
+other. Stages that do not build on each other may run at the same time: the state machine runs
+them in the branches of a ``Parallel`` state, the local executor the same branches in turn
+(:func:`atlas.stages.flow.flow`). ``after`` is stated rather than derived from the ``inputs`` and
+``outputs`` patterns: publish declares no input yet releases every stage's outputs, and patterns
+such as ``qc/*/*`` overlap several stages' outputs, so a derived graph would be both wrong and
+harder to read than one line per stage.
 """
 from __future__ import annotations
 
@@ -141,6 +154,9 @@ class Stage:
     sizing : callable, optional
         ``sizing(slide: SlideSize) -> JobSizes``: the stage's fan-out, memory and timeout as
         functions of the slide (:meth:`sizes`); None: the constants above, whatever the slide.
+    after : tuple of str or None
+        Names of the stages it builds on (see "The stage graph" above); None: the stage listed
+        just before it (none for the first).
     """
 
     name: str
@@ -156,6 +172,7 @@ class Stage:
     publishes: bool = False
     params_section: str | None = None
     sizing: Callable[[SlideSize], JobSizes] | None = None
+    after: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if bool(self.array_size) != bool(self.item_dir):
@@ -166,6 +183,9 @@ class Stage:
         if slide is None or self.sizing is None:
             return JobSizes(self.array_size, self.vcpus, self.memory_mib, self.timeout_s)
         sized = self.sizing(slide)
+        if sized.memory_mib > HOST_MEMORY_MIB:
+            raise ValueError(f"stage {self.name!r}: sizing asks for {sized.memory_mib} MiB; a job gets at most "
+                             f"{HOST_MEMORY_MIB} MiB (HOST_MEMORY_MIB, what a 16 GiB host leaves a container)")
         if bool(sized.items) != bool(self.array_size):
             raise ValueError(f"stage {self.name!r}: sizing gave {sized.items} items; an array stage needs at "
                              "least one, a plain stage none")
@@ -240,17 +260,20 @@ class Job:
         """Results-layout path of its completion record, ``qc/provenance/<stage>[.<item>].json``."""
         return layout.completion_record(self.stage.name, self.item)
 
-    def argv(self, *, slide_uri: str, work_uri: str, run_id: str, items: int | str | None = None) -> list[str]:
-        """Arguments of ``atlas`` that run this job: ``stage NAME --slide-uri ... [--merge] [--items N]``.
+    def argv(self, *, slide_uri: str, work_uri: str, run_id: str, items: int | str | None = None,
+             vcpus: int | str | None = None) -> list[str]:
+        """Arguments of ``atlas`` that run this job: ``stage NAME --slide-uri ... [--merge] [--items N]
+        [--vcpus V]``.
 
         Array items get no index here: Batch sets ``AWS_BATCH_JOB_ARRAY_INDEX`` in each child (the
         local executor does the same). ``items``: the array's size in this run, for an array stage's
-        items and merge (the execution input's ``sizes``). Values may be Batch parameter references
-        (``Ref::run_id``).
+        items and merge; ``vcpus``: the job's vCPUs in this run (both from the execution input's
+        ``sizes``). Values may be Batch parameter references (``Ref::run_id``).
         """
         argv = ["stage", self.stage.name, "--slide-uri", slide_uri, "--work-uri", work_uri, "--run-id", run_id]
         argv += ["--merge"] if self.merge else []
-        return argv + (["--items", str(items)] if items is not None and self.stage.array_size else [])
+        argv += ["--items", str(items)] if items is not None and self.stage.array_size else []
+        return argv + (["--vcpus", str(vcpus)] if vcpus is not None else [])
 
     def declared(self, rel: str) -> bool:
         """May this job write ``rel``? (:meth:`Stage.declared`)"""
@@ -342,7 +365,7 @@ STAGES: tuple[Stage, ...] = (
           outputs=(f"{layout.REGISTRATION}/*.ome.tif", layout.htan_table("ImagingLevel2"),
                    layout.htan_table("ImagingLevel3Channels"))),
     Stage("segment", "gpu", vcpus=4, memory_mib=HOST_MEMORY_MIB, timeout_s=6 * 3600, array_size=SEGMENT_MIN_ITEMS,
-          item_dir=f"{layout.WORK}/segment", sizing=segment_sizes,
+          item_dir=f"{layout.WORK}/segment", sizing=segment_sizes, after=("mosaic",),  # beside export
           inputs=(REGISTERED_ZARR,),
           outputs=(f"{layout.SEGMENTATION}/*/*", f"{layout.QC}/segment/*", f"{REGISTERED_ZARR}/labels",
                    layout.htan_table("ImagingLevel3Segmentation"))),
@@ -352,6 +375,7 @@ STAGES: tuple[Stage, ...] = (
           outputs=(f"{layout.QUANTIFICATION}/*", f"{layout.QC}/quantify/*", layout.htan_table("ImagingLevel4"))),
     Stage("render", "cpu", vcpus=2, memory_mib=RENDER_MEMORY_MIB, timeout_s=3 * 3600, array_size=RENDER_MIN_ITEMS,
           item_dir=f"{layout.WORK}/render", item_outputs=(f"{layout.OVERVIEW}/images",), sizing=render_sizes,
+          after=("export", "quantify"),  # the overview lists the OME-TIFF (size, link) among its data files
           inputs=("raw:story.yml", REGISTERED_ZARR, f"{layout.SEGMENTATION}/*/*",
                   f"{layout.QUANTIFICATION}/*", f"{layout.QC}/*/*"),
           outputs=(f"{layout.OVERVIEW}/*",)),
@@ -372,6 +396,36 @@ def get_stage(name: str) -> Stage:
     raise ValueError(f"unknown stage {name!r}; stages are {', '.join(s.name for s in STAGES)}")
 
 
+def dependencies(stage: Stage) -> tuple[Stage, ...]:
+    """The stages ``stage`` builds on directly: its ``after``, default the stage listed before it."""
+    if stage.after is not None:
+        return tuple(get_stage(name) for name in stage.after)
+    index = STAGES.index(stage)
+    return STAGES[max(index - 1, 0):index]
+
+
+def ancestors(stage: Stage) -> tuple[Stage, ...]:
+    """Every stage ``stage`` builds on, directly or through others, in registry order."""
+    found: set[str] = set()
+    todo = list(dependencies(stage))
+    while todo:
+        earlier = todo.pop()
+        if earlier.name not in found:
+            found.add(earlier.name)
+            todo += dependencies(earlier)
+    return tuple(s for s in STAGES if s.name in found)
+
+
+def check_order(stages: Sequence[Stage]) -> None:
+    """ValueError unless every stage is listed after the stages it builds on (checked on import)."""
+    for stage in stages:
+        if late := [d.name for d in dependencies(stage) if stages.index(d) >= stages.index(stage)]:
+            raise ValueError(f"stage {stage.name!r} builds on {late}, listed after it: list them before it")
+
+
+check_order(STAGES)
+
+
 def run_jobs(stages: tuple[Stage, ...] | list[Stage] = STAGES,
              sizes: Mapping[str, Mapping[str, int]] | None = None) -> Iterator[Job]:
     """Every job of a run (of ``stages``), in the order they run; array stages as many items as the
@@ -388,24 +442,24 @@ def batch_jobs(stages: tuple[Stage, ...] | list[Stage] = STAGES) -> list[Job]:
 
 
 def upstream_jobs(job: Job, counts: Mapping[str, int] | None = None) -> list[Job]:
-    """The jobs whose completion records ``job`` builds on: every job of every earlier stage, and
-    for a merge the items of its own stage. (The runs' provenance: publish lists them all.)
+    """The jobs whose completion records ``job`` builds on: every job of every stage its stage builds
+    on (:func:`ancestors`), and for a merge the items of its own stage. (The runs' provenance:
+    publish, which builds on every stage, lists them all.)
 
     ``counts`` gives the item count of earlier array stages that ran with another than their
     default (from their merge records); see :func:`final_jobs`.
     """
     counts = counts or {}
-    index = STAGES.index(job.stage)
-    wanted = [j for earlier in STAGES[:index] for j in earlier.jobs(counts.get(earlier.name))]
+    wanted = [j for earlier in ancestors(job.stage) for j in earlier.jobs(counts.get(earlier.name))]
     if job.merge:
         wanted += [j for j in job.stage.jobs(job.count) if j.item is not None]
     return wanted
 
 
 def final_jobs(job: Job) -> list[Job]:
-    """The last job of every stage before ``job``'s: its plain job or its merge, whose record says
+    """The last job of every stage ``job``'s builds on: its plain job or its merge, whose record says
     the stage is complete (and, for an array stage, how many items it ran: ``count``)."""
-    return [earlier.jobs()[-1] for earlier in STAGES[:STAGES.index(job.stage)]]
+    return [earlier.jobs()[-1] for earlier in ancestors(job.stage)]
 
 
 def run_sizes(slide: SlideSize | None) -> dict[str, JobSizes]:
@@ -496,10 +550,12 @@ class StageContext:
     viewer_dir: Path | None = None
     job: Job | None = None
 
-    def for_job(self, job: Job, *, scratch: Path, records: Mapping[str, CompletionRecord] | None = None
-                ) -> StageContext:
-        """This context as ``job`` gets it: the job, its vCPUs, its scratch folder, the records it builds on."""
-        return replace(self, job=job, vcpus=job.stage.vcpus, scratch=Path(scratch), records=dict(records or {}))
+    def for_job(self, job: Job, *, scratch: Path, records: Mapping[str, CompletionRecord] | None = None,
+                vcpus: int | None = None) -> StageContext:
+        """This context as ``job`` gets it: the job, its vCPUs (``vcpus``, what the run gave it; default
+        the registry's), its scratch folder, the records it builds on."""
+        return replace(self, job=job, vcpus=vcpus or job.stage.vcpus, scratch=Path(scratch),
+                       records=dict(records or {}))
 
     def run(self, job: Job) -> None:
         """Run ``job``'s stage function per the contract: ``run``, one array item, or the merge."""

@@ -91,7 +91,8 @@ def test_job_definition_follows_the_registry(synth, stage, merge):
     assert props["JobDefinitionName"] == synth.config.name(f"{stage.name}-merge" if merge else stage.name)
     assert container["Command"] == ["stage", stage.name, "--slide-uri", "Ref::slide_uri", "--work-uri",
                                     "Ref::work_uri", "--run-id", "Ref::run_id", *(["--merge"] if merge else []),
-                                    *(["--items", "Ref::items"] if stage.array_size else [])]
+                                    *(["--items", "Ref::items"] if stage.array_size else []),
+                                    "--vcpus", "Ref::vcpus"]  # this run's vCPUs (the definition's are defaults)
     assert props["PropagateTags"] is True
     compute = synth.pipeline_stack.compute
     role = compute.publish_role if stage.publishes else compute.job_role

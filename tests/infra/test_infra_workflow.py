@@ -2,23 +2,41 @@
 from __future__ import annotations
 
 import json
+import re
 
 from cdk_templates import logical_id, one, policy_statements, resources, state_machine_definition
 
 from atlas.aws.catalog import execution_input
-from atlas.stages import STAGES, SlideSize, batch_jobs, execution_sizes
+from atlas.stages import HOST_MEMORY_MIB, STAGES, SlideSize, batch_jobs, execution_sizes, get_stage
 from infra.nag import render_intrinsics
 from infra.workflow import run_timeout
 
 EXPECTED_JOBS = [job.name for job in batch_jobs()]
 
 
+def all_states(definition: dict) -> dict[str, dict]:
+    """Every state by name, those inside Parallel branches included (state names are unique machine-wide)."""
+    found = {}
+    for name, state in definition["States"].items():
+        found[name] = state
+        for branch in state.get("Branches", []):
+            found.update(all_states(branch))
+    return found
+
+
 def job_states(definition: dict) -> list[tuple[str, dict]]:
-    """Task states from StartAt along Next, in execution order (the on-demand resubmissions not included)."""
+    """Task states from StartAt along Next, a Parallel state's branches one after another, in execution
+    order (the on-demand resubmissions not included)."""
     states, name, ordered = definition["States"], definition["StartAt"], []
-    while states[name]["Type"] == "Task":
-        ordered.append((name, states[name]))
-        name = states[name]["Next"]
+    while states[name]["Type"] in ("Task", "Parallel"):
+        state = states[name]
+        if state["Type"] == "Task":
+            ordered.append((name, state))
+        for branch in state.get("Branches", []):
+            ordered += job_states(branch)
+        if state.get("End"):  # the last state of a branch
+            return ordered
+        name = state["Next"]
     assert states[name]["Type"] == "Succeed"
     return ordered
 
@@ -27,9 +45,23 @@ def failure_state(definition: dict, state: dict) -> tuple[str, dict]:
     """Where a job state's catch goes when the failure is not a capacity cancellation: its Fail state."""
     (catch,) = state["Catch"]
     name = catch["Next"]
-    if definition["States"][name]["Type"] == "Choice":
-        name = definition["States"][name]["Default"]
-    return name, definition["States"][name]
+    states = all_states(definition)
+    if states[name]["Type"] == "Choice":
+        name = states[name]["Default"]
+    return name, states[name]
+
+
+def resolve(value: str, execution: dict):
+    """What Step Functions makes of a ``.$`` value (a path, or ``States.Format('{}', path)``) for ``execution``."""
+    formatted = re.fullmatch(r"States\.Format\('\{\}', (\$\.[\w.-]+)\)", value)
+    path = formatted.group(1) if formatted else value
+    found = execution
+    for key in path[2:].split("."):
+        found = found[key]
+    return str(found) if formatted else found
+
+
+TARGET = SlideSize(tiles=1000, cycles=10, channels=40, tile_shape=(2048, 2048))
 
 
 def test_one_job_state_per_registry_job_in_registry_order(synth):
@@ -82,7 +114,7 @@ def test_jobs_get_the_execution_input_as_parameters_and_tags(synth):
     sample = execution_input(slide_id="S1", run_id="S1-abc", slide_uri="s3://ingest/S1/", work_bucket="work")
     for name, state in job_states(state_machine_definition(synth.pipeline)):
         params = state["Parameters"]
-        assert {k: v for k, v in params["Parameters"].items() if k != "items.$"} == {
+        assert {k: v for k, v in params["Parameters"].items() if k not in ("items.$", "vcpus.$")} == {
             "slide_uri.$": "$.slide_uri", "work_uri.$": "$.work_uri", "run_id.$": "$.run_id"}
         assert params["Tags"] == {"slide_id.$": "$.slide_id", "run_id.$": "$.run_id"}
         referenced = {v[2:].split(".")[0] for v in [*params["Parameters"].values(), *params["Tags"].values()]
@@ -118,7 +150,7 @@ def test_a_capacity_cancelled_job_is_resubmitted_to_the_on_demand_queue(full):
     """Spot first, never stuck: the queue cancels a job that found no Spot capacity, the state machine
     sends it once more to the on-demand-only queue; any other failure ends the run."""
     definition = state_machine_definition(full.pipeline)
-    states = definition["States"]
+    states = all_states(definition)
     jobs = full.pipeline_stack.compute.jobs
     for name, state in job_states(definition):
         (catch,) = state["Catch"]
@@ -132,13 +164,14 @@ def test_a_capacity_cancelled_job_is_resubmitted_to_the_on_demand_queue(full):
         same = ("JobDefinition", "JobName.$", "Parameters", "Tags")
         assert {k: retry["Parameters"][k] for k in same} == {k: state["Parameters"][k] for k in same}
         assert retry.get("Parameters", {}).get("ArrayProperties") == state["Parameters"].get("ArrayProperties")
-        assert retry["Next"] == state["Next"]  # the run goes on from the resubmitted job
+        # the run (or its branch) goes on from the resubmitted job
+        assert (retry.get("Next"), retry.get("End")) == (state.get("Next"), state.get("End"))
         assert failure_state(definition, retry)[0] == failure_state(definition, state)[0]  # a second failure ends it
 
 
 def test_without_spot_there_is_no_resubmission(lean):
     definition = state_machine_definition(lean.pipeline)
-    assert not [n for n, s in definition["States"].items() if s["Type"] == "Choice" or n.endswith("on-demand")]
+    assert not [n for n, s in all_states(definition).items() if s["Type"] == "Choice" or n.endswith("on-demand")]
 
 
 def statements_by_sid(synth) -> dict[str, dict]:
@@ -184,3 +217,48 @@ def test_execution_logs_go_to_a_vendedlogs_group(synth):
     group_id = destination["CloudWatchLogsLogGroup"]["LogGroupArn"]["Fn::GetAtt"][0]
     group = resources(synth.pipeline, "AWS::Logs::LogGroup")[group_id]
     assert group["Properties"]["LogGroupName"] == f"/aws/vendedlogs/states/{synth.config.name('pipeline')}"
+
+
+def test_export_runs_in_a_parallel_branch_beside_segment_and_quantify(synth):
+    """The OME-TIFF export needs only the mosaic; segment builds on the mosaic too, so both start once
+    it is merged; render (whose overview lists the OME-TIFF) waits for both branches."""
+    definition = state_machine_definition(synth.pipeline)
+    top = definition["States"]
+    (name, parallel), = [(n, s) for n, s in top.items() if s["Type"] == "Parallel"]
+    branches = [[n for n, _ in job_states(branch)] for branch in parallel["Branches"]]
+    assert branches == [["export"], ["segment", "segment-merge", "quantify", "quantify-merge"]]
+    assert get_stage("segment").after == ("mosaic",) and set(get_stage("render").after) == {"export", "quantify"}
+    assert top["mosaic-merge"]["Next"] == name and parallel["Next"] == "render"
+    assert parallel["ResultPath"] is None  # render gets the execution input, not the branches' outputs
+    # a failed job fails its branch with its own error; the Parallel state ends the run passing it on
+    (catch,) = parallel["Catch"]
+    assert catch["ErrorEquals"] == ["States.ALL"] and catch["ResultPath"] == "$.failure"
+    assert top[catch["Next"]] == {"Type": "Fail", "ErrorPath": "$.failure.Error", "CausePath": "$.failure.Cause"}
+    assert failure_state(definition, all_states(definition)["segment"])[1]["ErrorPath"] == \
+        "States.Format('segment failed: {}', $.failure.Error)"
+
+
+def test_each_job_gets_this_slides_vcpus_memory_and_timeout(synth):
+    """SubmitJob overrides the job definition's resources with the execution input's sizes (AWS: Step
+    Functions "Run AWS Batch workloads", SubmitJob's ContainerOverrides.ResourceRequirements values are
+    strings, Timeout.AttemptDurationSeconds a number), and the job learns its vCPUs as a parameter."""
+    execution = execution_input(slide_id="S1", run_id="S1-abc", slide_uri="s3://ingest/S1/", work_bucket="work",
+                                sizes=execution_sizes(TARGET))
+    jobs = synth.pipeline_stack.compute.jobs
+    for name, state in job_states(state_machine_definition(synth.pipeline)):
+        params = state["Parameters"]
+        assert params["ContainerOverrides"] == {"ResourceRequirements": [
+            {"Type": "MEMORY", "Value.$": f"States.Format('{{}}', $.sizes.{name}.memory_mib)"},
+            {"Type": "VCPU", "Value.$": f"States.Format('{{}}', $.sizes.{name}.vcpus)"}]}, name
+        assert params["Timeout"] == {"AttemptDurationSeconds.$": f"$.sizes.{name}.timeout_s"}, name
+        assert "TimeoutSeconds" not in state  # Batch's attempt timeout bounds the job, not the state
+        sized = execution["sizes"][name]
+        memory, vcpus = (resolve(r["Value.$"], execution) for r in params["ContainerOverrides"]["ResourceRequirements"])
+        assert (memory, vcpus) == (str(sized["memory_mib"]), str(sized["vcpus"]))
+        assert int(memory) <= HOST_MEMORY_MIB
+        assert resolve(params["Timeout"]["AttemptDurationSeconds.$"], execution) == sized["timeout_s"] >= 60
+        assert resolve(params["Parameters"]["vcpus.$"], execution) == vcpus
+        command = jobs[name].definition.container.command
+        assert command[command.index("--vcpus") + 1] == "Ref::vcpus"
+    # the target's sizes are not the registry's defaults the job definitions keep
+    assert execution["sizes"]["align"]["timeout_s"] > get_stage("align").timeout_s
