@@ -17,10 +17,10 @@ Both sides run as their own process, one after the other, timed from start to ex
   (``regionprops_table`` with MCQuant's ``MaskIDs`` list); one DataFrame in its column order,
   ``to_csv``.
 
-Each side runs ``--repeat`` times (default 2) and its best wall time counts. Prints the machine's
-load average before and after, wall and CPU seconds, peak RSS, the ratio, and the largest
-differences between the two CSVs (MCQuant's means are float32 sums: skimage's ``np.mean`` keeps
-the image dtype; ours are scipy.ndimage.mean's).
+Each side runs ``--repeat`` times (default 2), the sides alternating, and its best wall time
+counts. Prints the machine's load average before and after, wall and CPU seconds, peak RSS, the
+ratio, and the largest differences between the two CSVs (MCQuant's means are float32 sums:
+skimage's ``np.mean`` keeps the image dtype; ours are scipy.ndimage.mean's).
 
     .venv/bin/python benchmarks/quantify.py [--grid 61] [--repeat 2]
 """
@@ -145,10 +145,11 @@ def main() -> None:
                      "-o", str(folder / "ours")],
             "MCQuant": [sys.executable, __file__, "--worker", "mcquant", "--folder", tmp],
         }
-        results = {}
-        for side, command in commands.items():
-            runs = [timed(command) for _ in range(args.repeat)]
-            results[side] = min(runs, key=lambda r: r["wall_s"])
+        runs: dict[str, list] = {side: [] for side in commands}
+        for _ in range(args.repeat):   # the sides alternate, so that both meet the load as it changes
+            for side, command in commands.items():
+                runs[side].append(timed(command))
+        results = {side: min(r, key=lambda r: r["wall_s"]) for side, r in runs.items()}
         diffs, cells, same_header = compare(folder)
     ours, ref = results["ours"], results["MCQuant"]
     print(f"inputs: {cells} cells x 10 channels, {args.grid}x{args.grid} tiles of the real ROI {ROI}, "

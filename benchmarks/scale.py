@@ -213,6 +213,9 @@ def stage_sizes(stage, size: Size) -> tuple[int, int]:
 HOLDS = {"illuminate": "tile", "illuminate merge": "none", "align": "band", "mosaic": "band", "mosaic merge": "none",
          "export": "band", "segment": "tile", "segment merge": "band", "quantify": "share",
          "quantify merge": "data", "render": "band", "render merge": "data", "publish": "none"}
+# ... where a job's scratch grows with another measure than its memory: "plane", one channel's pixels
+# (export buffers one channel's compressed pyramid before it goes to its place).
+SCRATCH_HOLDS = {"export": "plane", "export merge": "plane"}
 
 
 def channels_read(stage: str, size: Size) -> int:
@@ -223,13 +226,15 @@ def channels_read(stage: str, size: Size) -> int:
 
 def measure(job: dict, size: Size, items: int, what: str) -> float:
     """The measure of ``size`` that a job's figure grows with: ``what`` "work" (its CPU: its share
-    of the stage's pixels x channels) or "held" (its memory and scratch: :data:`HOLDS`)."""
+    of the stage's pixels x channels), "held" (its memory: :data:`HOLDS`) or "scratch"
+    (:data:`SCRATCH_HOLDS`, else as its memory)."""
     data = size.pixels * channels_read(job["stage"], size)
     share = data / max(items, 1) if job["item"] is not None else data
     if what == "work":
         return share
-    holds = HOLDS[job["stage"] + (" merge" if job["merge"] else "")]
-    return {"tile": size.tile ** 2 * channels_read(job["stage"], size),
+    kind = job["stage"] + (" merge" if job["merge"] else "")
+    holds = SCRATCH_HOLDS.get(kind, HOLDS[kind]) if what == "scratch" else HOLDS[kind]
+    return {"tile": size.tile ** 2 * channels_read(job["stage"], size), "plane": size.pixels,
             "band": size.cols * size.tile ** 2 * channels_read(job["stage"], size),
             "share": share, "data": data, "none": 1.0}[holds]
 
@@ -262,9 +267,9 @@ def point(fig: dict, size: Size, what: str, figure: str) -> tuple[float, float]:
 def kind_at_target(low: dict, high: dict, runs: tuple[Size, Size], target: Size, items: int) -> dict:
     """One kind of job of a stage at the target: CPU seconds, peak RSS and scratch, each on the line
     through its figures on the two measured slides (``runs``: their sizes, smaller first)."""
-    at = {what: measure(high["job"], target, items, what) for what in ("work", "held")}
+    at = {what: measure(high["job"], target, items, what) for what in ("work", "held", "scratch")}
     return {figure: extrapolate(at[what], point(low, runs[0], what, figure), point(high, runs[1], what, figure))
-            for figure, what in (("cpu", "work"), ("rss", "held"), ("scratch", "held"))}
+            for figure, what in (("cpu", "work"), ("rss", "held"), ("scratch", "scratch"))}
 
 
 def model(runs: list[tuple[Size, list[dict]]], target: Size, usd_per_vcpu_hour: float) -> list[str]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import tracemalloc
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import zarr
 from atlas.science.pyramid import (
     downsample,
     level_shapes,
+    ome_tiff_description,
     write_ome_tiff_pyramid,
     write_ome_zarr,
     write_zarr_labels,
@@ -186,6 +188,93 @@ def test_any_array_like_gives_identical_bytes_and_zarr_levels_can_be_reused(tmp_
         written[name] = path.read_bytes()
         assert not list(path.parent.glob(".pyramid-*")), "temporary level store left behind"
     assert all(data == written["numpy"] for data in written.values())
+
+
+def _tifffile_reference(path: Path, image: np.ndarray, names: list[str], tile_size: int) -> None:
+    """The same pyramid written by tifffile's own TiffWriter (seeking back into the file), for comparison."""
+    levels = [image]
+    while max(levels[-1].shape[1:]) > tile_size:
+        levels.append(np.stack([downsample(plane) for plane in levels[-1]]))
+    per_cm = 1e4 / PIXEL_UM
+    metadata = {"axes": "CYX", "UUID": None, "Name": "S1", "Creator": "tissue-atlas",
+                "Channel": {"Name": names, "Color": [ome_color(c) for c in channel_colors(names)]},
+                "PhysicalSizeX": PIXEL_UM, "PhysicalSizeXUnit": "µm",
+                "PhysicalSizeY": PIXEL_UM, "PhysicalSizeYUnit": "µm"}
+    metadata["UUID"] = re.search(r'UUID="([^"]+)"', ome_tiff_description(path, image.shape, image.dtype,
+                                                                          channel_names=names,
+                                                                          pixel_size_um=PIXEL_UM)).group(1)
+    options = {"tile": (tile_size, tile_size), "photometric": "minisblack", "compression": "adobe_deflate",
+               "predictor": True, "resolutionunit": "CENTIMETER", "datetime": False}
+    with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tif:
+        tif.write(levels[0], subifds=len(levels) - 1, resolution=(per_cm, per_cm), metadata=metadata, **options)
+        for k, level in enumerate(levels[1:], start=1):
+            tif.write(level, subfiletype=1, resolution=(per_cm / 2 ** k, per_cm / 2 ** k), metadata=None, **options)
+
+
+def _tile_bytes(tif: tifffile.TiffFile, page) -> list[bytes]:
+    """The encoded bytes of every tile of a page, as stored."""
+    tiles = []
+    for offset, count in zip(page.dataoffsets, page.databytecounts, strict=True):
+        tif.filehandle.seek(offset)
+        tiles.append(tif.filehandle.read(count))
+    return tiles
+
+
+def test_streamed_ome_tiff_holds_what_tifffiles_own_writer_writes(tmp_path, brain_image):
+    # interchange: the same OME-XML, the same pages and tags, pixel-identical levels, and every tile
+    # encoded to the same bytes as tifffile's writer gives (only the file layout differs)
+    names = ["DNA_1", "CD45", "Ki67"]
+    ours, theirs = tmp_path / "ours" / "S1.ome.tif", tmp_path / "theirs" / "S1.ome.tif"
+    ours.parent.mkdir(), theirs.parent.mkdir()
+    write_ome_tiff_pyramid(ours, brain_image, channel_names=names, pixel_size_um=PIXEL_UM, tile_size=256)
+    _tifffile_reference(theirs, brain_image, names, 256)
+    with tifffile.TiffFile(ours) as a, tifffile.TiffFile(theirs) as b:
+        assert a.ome_metadata == b.ome_metadata and len(a.pages) == len(b.pages) == 3
+        for level_a, level_b in zip(a.series[0].levels, b.series[0].levels, strict=True):
+            np.testing.assert_array_equal(level_a.asarray(), level_b.asarray())
+            for page_a, page_b in zip(level_a.pages, level_b.pages, strict=True):
+                page_a, page_b = page_a.aspage(), page_b.aspage()
+                tags = {t.name: t.value for t in page_a.tags.values()}
+                assert tags.keys() - {"Software"} == {t.name for t in page_b.tags.values()} - {"Software"}
+                for name in ("ImageWidth", "ImageLength", "Compression", "Predictor", "XResolution", "NewSubfileType"):
+                    assert tags.get(name) == (page_b.tags[name].value if name in page_b.tags else None), name
+                assert _tile_bytes(a, page_a) == _tile_bytes(b, page_b)
+
+
+class _AppendOnly:
+    """A sink that can only append (as an S3 multipart upload), noting the scratch folder's peak size."""
+
+    def __init__(self, scratch: Path):
+        self.scratch, self.data, self.peak_scratch = scratch, bytearray(), 0
+
+    def write(self, data) -> int:
+        self.data += data
+        self.peak_scratch = max(self.peak_scratch, sum(p.stat().st_size for p in self.scratch.rglob("*")
+                                                       if p.is_file()))
+        return len(data)
+
+
+@pytest.mark.parametrize("copies", [1, 3])
+def test_ome_tiff_streams_front_to_back_with_one_channels_scratch(tmp_path, brain_image, copies):
+    # 3 or 9 channels: the file streams to an append-only sink, the same bytes as the local file,
+    # and scratch holds one channel's compressed tiles at a time, however many channels there are
+    image = np.concatenate([brain_image] * copies)
+    names = [f"c{i}" for i in range(image.shape[0])]
+    levels = write_ome_zarr(tmp_path / "S1.ome.zarr", image, channel_names=names, pixel_size_um=PIXEL_UM,
+                            tile_size=256)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    sink = _AppendOnly(scratch)
+    kw = {"channel_names": names, "pixel_size_um": PIXEL_UM, "tile_size": 256, "subresolutions": levels[1:]}
+    size = write_ome_tiff_pyramid("registration/S1.ome.tif", levels[0], **kw, sink=sink, scratch=scratch, workers=2)
+    write_ome_tiff_pyramid(tmp_path / "S1.ome.tif", levels[0], **kw)
+    assert bytes(sink.data) == (tmp_path / "S1.ome.tif").read_bytes() and size == len(sink.data)
+    assert list(scratch.iterdir()) == []
+    channel_bytes = size / image.shape[0]
+    assert 0.5 * channel_bytes < sink.peak_scratch < 1.5 * channel_bytes  # one channel's pyramid, never more
+    with tifffile.TiffFile(tmp_path / "S1.ome.tif") as tif:
+        for level, stored in zip(levels, tif.series[0].levels, strict=True):
+            np.testing.assert_array_equal(stored.asarray(), level[:])
 
 
 def test_memory_is_bounded_by_tiles_not_the_image(tmp_path, brain_image):

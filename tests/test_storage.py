@@ -207,3 +207,39 @@ def test_a_journaled_job_resumes_from_its_last_finished_unit(store):
         assert retry.written == whole.written  # the same record as an uninterrupted job
     assert {rel: e["size"] for rel, e in retry.written.items() if rel.startswith("registration/")} == {
         f"registration/{unit}": len(data) for unit, data in rows.items()}
+
+
+def test_a_streamed_object_goes_up_in_parts_hashed_as_written(store, tmp_path):
+    from atlas.aws.store import PART_BYTES
+
+    rng = np.random.default_rng(5)
+    data = rng.integers(0, 256, 2 * PART_BYTES + 12345, dtype=np.uint8).tobytes()  # 3 parts on S3
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    view = JobView(store, {}, readable=lambda rel: False, writable=lambda rel: rel.startswith("registration/"),
+                   scratch=scratch)
+    with view.writer("registration/S1.ome.tif") as out:
+        for start in range(0, len(data), 1 << 20):
+            out.write(data[start:start + (1 << 20)])
+        assert out.tell() == len(data) and not store.exists("registration/S1.ome.tif")  # not in place yet
+    assert stored(store, "registration/S1.ome.tif") == data
+    assert view.written == {"registration/S1.ome.tif": {"path": "registration/S1.ome.tif", "size": len(data),
+                                                         "sha256": hashlib.sha256(data).hexdigest()}}
+    assert list(store.list()) == ["registration/S1.ome.tif"] and list(scratch.iterdir()) == []  # no local copy
+    with store.writer("small.json") as out:  # below one part: a single PUT
+        out.write(b"{}")
+    assert stored(store, "small.json") == b"{}"
+
+
+def test_a_failed_streamed_write_leaves_no_object_and_no_pending_upload(store):
+    from atlas.aws.store import PART_BYTES
+
+    with pytest.raises(RuntimeError), store.writer("registration/S1.ome.tif") as out:
+        out.write(bytes(PART_BYTES + 1))  # one part sent
+        out.write(b"more")
+        raise RuntimeError("the job was killed")
+    assert store.list() == {} and not store.exists("registration/S1.ome.tif")
+    if isinstance(store, S3Store):
+        assert store.client.list_multipart_uploads(Bucket=BUCKET).get("Uploads", []) == []  # aborted
+    else:
+        assert list(store.root.rglob("*")) in ([], [store.root / "registration"])  # no partial file left

@@ -78,7 +78,7 @@ def quantify(image: Path = typer.Option(..., "--image", exists=True, dir_okay=Fa
                                                     "as MCMICRO does (default: <slide>_<mask>, as mcquant)")) -> None:
     """Single-cell feature tables, MCQuant-compatible: CSV, Parquet and AnnData .h5ad per mask."""
     _reuse_freed_memory()
-    preload = _import_in_background("anndata", "pyarrow.csv", "pyarrow.parquet")   # the table's and writers
+    preload = _import_in_background("anndata", "pyarrow.csv", "pyarrow.parquet")   # pandas comes with anndata
     from atlas.science.quantification import MORPHOLOGY_COLUMNS
     from atlas.stages.quantify import quantify_files, table_summary, write_table
 

@@ -18,6 +18,7 @@ images), whatever the raw files carried.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -32,6 +33,7 @@ import numpy as np
 import tifffile
 import zarr
 
+from atlas.science.tiffstream import Sink, stream_ome_tiff
 from atlas.slide.palette import channel_colors, ome_color
 
 NGFF_VERSION = "0.4"
@@ -130,14 +132,6 @@ def _copy_into(src: ArrayLike, dst: ArrayLike, size: int) -> None:
             dst[c, y:y + block.shape[0], x:x + block.shape[1]] = block
 
 
-def _tiles(image: ArrayLike, tile_size: int) -> Iterator[np.ndarray]:
-    """Tiles of every channel in TIFF order (channel, tile row, tile column); tifffile zero-pads
-    the edge tiles."""
-    for c in range(image.shape[0]):
-        for _, _, block in _blocks(image, c, tile_size):
-            yield block
-
-
 def _create_level(group: zarr.Group, name: str, shape: tuple[int, ...], dtype: Any,
                   tile_size: int) -> zarr.Array:
     return group.create_array(name, shape=shape, chunks=(1, tile_size, tile_size), dtype=dtype,
@@ -172,15 +166,31 @@ def image_name(path: str | os.PathLike) -> str:
     return name
 
 
+def ome_tiff_description(path: str | os.PathLike, shape: tuple[int, int, int], dtype: Any, *,
+                         channel_names: Sequence[str], pixel_size_um: float) -> str:
+    """The OME-XML of a (C, Y, X) OME-TIFF (tifffile's :class:`tifffile.OmeXml`): ``Image@Name`` is
+    :func:`image_name` of ``path``, channels named and coloured, a UUID from the inputs, no dates."""
+    metadata = {"axes": "CYX", "UUID": _ome_uuid(Path(path), shape, channel_names), "Name": image_name(path),
+                "Creator": "tissue-atlas",
+                "Channel": {"Name": list(channel_names),
+                            "Color": [ome_color(c) for c in channel_colors(channel_names)]},
+                "PhysicalSizeX": pixel_size_um, "PhysicalSizeXUnit": "µm",
+                "PhysicalSizeY": pixel_size_um, "PhysicalSizeYUnit": "µm"}
+    ome = tifffile.OmeXml(**metadata)
+    ome.addimage(np.dtype(dtype), shape, (shape[0], 1, 1, shape[1], shape[2], 1), **metadata)
+    return ome.tostring(declaration=True)
+
+
 def write_ome_tiff_pyramid(path: str | os.PathLike, image: ArrayLike, *, channel_names: Sequence[str],
                            pixel_size_um: float, tile_size: int = 1024, labels: bool = False,
-                           subresolutions: Sequence[ArrayLike] | None = None, workers: int | None = None) -> None:
-    """Write a tiled, compressed, pyramidal OME-TIFF (pyramid in SubIFDs), tile by tile.
+                           subresolutions: Sequence[ArrayLike] | None = None, workers: int | None = None,
+                           sink: Sink | None = None, scratch: str | os.PathLike | None = None) -> int:
+    """Write a tiled, compressed, pyramidal OME-TIFF (pyramid in SubIFDs), tile by tile, front to back.
 
     Parameters
     ----------
     path : path
-        Output ``.ome.tif`` (BigTIFF).
+        Output ``.ome.tif`` (BigTIFF); with ``sink``, only the file's name (its relative path in a store).
     image : (C, Y, X) or (Y, X) array-like
         uint8/uint16/float intensities, or integer labels (e.g. uint32) with ``labels=True``.
         Read one ``tile_size`` block at a time.
@@ -196,53 +206,53 @@ def write_ome_tiff_pyramid(path: str | os.PathLike, image: ArrayLike, *, channel
         Integer label image: downsample by nearest neighbour instead of the mean.
     subresolutions : sequence of (C, Y_k, X_k) array-like, optional
         Levels 1.. already computed (e.g. the datasets of :func:`write_ome_zarr`), shaped as
-        :func:`level_shapes` says. Computed here (in a temporary zarr store next to ``path``) when None.
+        :func:`level_shapes` says. Computed here (in a temporary zarr store in ``scratch``, default
+        next to ``path``) when None.
     workers : int, optional
-        Threads encoding tiles (the job's vCPUs); default the host's CPU count.
+        Threads reading and encoding tiles (the job's vCPUs); default the host's CPU count.
+    sink : object with ``write(bytes)``, optional
+        Where the bytes go, in order (e.g. :meth:`atlas.storage.Store.writer`), instead of ``path``.
+    scratch : path, optional
+        Folder for the per-channel tile buffer (and computed levels); default next to ``path``, or
+        the system's temporary folder with ``sink``.
+
+    Returns
+    -------
+    int
+        Bytes written.
 
     Notes
     -----
-    Memory: a few tiles per CPU (tifffile encodes them in parallel); never a channel plane.
-    Compression: Deflate with horizontal predictor, as ASHLAR writes; readable by Bio-Formats,
-    QuPath, napari (tifffile) and OpenSlide-free viewers. No TIFF ``DateTime`` tag and no OME
+    Written by :func:`atlas.science.tiffstream.stream_ome_tiff`, never seeking back (so it can go
+    straight into an S3 multipart upload): memory a few tiles per worker, scratch one channel's
+    compressed pyramid. Compression: Deflate with horizontal predictor, as ASHLAR writes; readable
+    by Bio-Formats, QuPath, napari (tifffile). No TIFF ``DateTime`` tag and no OME
     ``AcquisitionDate`` are written.
     """
-    path = Path(path)
     image = _as_cyx(image)
     if len(channel_names) != image.shape[0]:
         raise ValueError(f"{len(channel_names)} channel names for {image.shape[0]} channels")
     if tile_size % 16:
         raise ValueError(f"tile_size must be a multiple of 16, got {tile_size}")
     shapes = level_shapes(image.shape[1:], tile_size)
+    if scratch is None and sink is None:
+        scratch = Path(path).parent
     tmp = None
     if subresolutions is None:
-        tmp = tempfile.mkdtemp(prefix=".pyramid-", dir=path.parent)
+        tmp = tempfile.mkdtemp(prefix=".pyramid-", dir=scratch)
         subresolutions = _build_levels(zarr.open_group(tmp, mode="w", zarr_format=2), image, 1,
                                        labels=labels, tile_size=tile_size)
     try:
         got = [tuple(level.shape[1:]) for level in subresolutions]
         if got != shapes[1:]:
             raise ValueError(f"subresolutions have shapes {got}, expected {shapes[1:]}")
-        dtype = np.dtype(image.dtype)
-        workers = workers or os.cpu_count() or 1
-        options = {"tile": (tile_size, tile_size), "dtype": dtype, "photometric": "minisblack",
-                   "compression": "adobe_deflate", "predictor": dtype.kind in "iu", "maxworkers": workers,
-                   "resolutionunit": "CENTIMETER", "datetime": False}
-        metadata = {"axes": "CYX", "UUID": _ome_uuid(path, image.shape, channel_names), "Name": image_name(path),
-                    "Creator": "tissue-atlas",
-                    "Channel": {"Name": list(channel_names),
-                                "Color": [ome_color(c) for c in channel_colors(channel_names)]},
-                    "PhysicalSizeX": pixel_size_um, "PhysicalSizeXUnit": "µm",
-                    "PhysicalSizeY": pixel_size_um, "PhysicalSizeYUnit": "µm"}
-        with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tif:
-            per_cm = 1e4 / pixel_size_um
-            # Encode a few tiles per worker at a time (tifffile's default buffers 512 MiB of tiles).
-            batch_bytes = 4 * workers * tile_size * tile_size * dtype.itemsize
-            tif.write(_tiles(image, tile_size), shape=image.shape, subifds=len(shapes) - 1,
-                      resolution=(per_cm, per_cm), metadata=metadata, buffersize=batch_bytes, **options)
-            for k, level in enumerate(subresolutions, start=1):
-                tif.write(_tiles(level, tile_size), shape=level.shape, subfiletype=1, buffersize=batch_bytes,
-                          resolution=(per_cm / 2 ** k, per_cm / 2 ** k), metadata=None, **options)
+        description = ome_tiff_description(path, tuple(image.shape), image.dtype, channel_names=channel_names,
+                                           pixel_size_um=pixel_size_um)
+        with contextlib.ExitStack() as stack:
+            out = sink if sink is not None else stack.enter_context(open(path, "wb"))
+            return stream_ome_tiff(out, [image, *subresolutions], description=description, tile_size=tile_size,
+                                   per_cm=1e4 / pixel_size_um, workers=workers or os.cpu_count() or 1,
+                                   scratch=scratch)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

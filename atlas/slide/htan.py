@@ -35,6 +35,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
+from typing import BinaryIO
 
 import tifffile
 
@@ -56,22 +57,23 @@ def _software(*names: str, note: str = "") -> str:
     return ", ".join(parts) + (f" ({note})" if note else "")
 
 
-def level2_rows(image_path: Path, slide_id: str, raw_files: Sequence[str],
+def level2_rows(image: Path | BinaryIO, slide_id: str, raw_files: Sequence[str],
                 markers: Sequence[Marker]) -> dict[str, list[dict]]:
     """The ImagingLevel2 row of the registered OME-TIFF and the ImagingLevel3Channels rows of its channels.
 
     Parameters
     ----------
-    image_path : Path
-        The written ``registration/<slide>.ome.tif``; dimensions, pixel type and size, dimension
-        order, image and channel ids come from its OME-XML (the header only is read).
+    image : Path or seekable binary file
+        The written ``registration/<slide>.ome.tif`` (e.g. :meth:`atlas.storage.Store.open`: ranged
+        reads); dimensions, pixel type and size, dimension order, image and channel ids come from
+        its OME-XML (the first IFDs only are read).
     slide_id : str
     raw_files : sequence of str
         The uploaded cycle files (paths in the upload): the image's parents.
     markers : sequence of Marker
         markers.csv (cycle numbers of the channels).
     """
-    with tifffile.TiffFile(image_path) as tif:
+    with tifffile.TiffFile(image) as tif:
         root = ET.fromstring(tif.ome_metadata)
         pyramid = len(tif.series[0].levels) > 1
         big_endian = tif.byteorder == ">"

@@ -1,10 +1,12 @@
 """Stage ``export``: the registered image as a pyramidal OME-TIFF, ``registration/<slide>.ome.tif``, and
 the release's HTAN ImagingLevel2 / ImagingLevel3Channels tables of it (:mod:`atlas.slide.htan`).
 
-Streams every level of ``registration/<slide>.ome.zarr`` chunk by chunk into the TIFF writer (a
-file written with seeks: in the job's scratch, then stored whole). It needs only the mosaic's
-zarr, so it can run beside segmentation. The writer is
-:func:`atlas.science.pyramid.write_ome_tiff_pyramid`.
+Streams every level of ``registration/<slide>.ome.zarr`` chunk by chunk into the TIFF writer,
+which writes the file front to back straight to its place (:meth:`atlas.storage.Store.writer`: an
+S3 multipart upload on Batch), so scratch holds one channel's compressed tiles (about 1/C of the
+file, not the file) and memory a few upload parts. It needs only the mosaic's zarr, so it can run
+beside segmentation. The writer is :func:`atlas.science.pyramid.write_ome_tiff_pyramid` (layout:
+:mod:`atlas.science.tiffstream`); the HTAN rows read the written file's header back by ranged reads.
 """
 from __future__ import annotations
 
@@ -30,9 +32,12 @@ def run(ctx: StageContext) -> None:
     pixel_size = multiscales["datasets"][0]["coordinateTransformations"][0]["scale"][-1]
     files = json.loads(ctx.work.read_text(ALIGNMENT))["files"]
     markers = parse_markers(ctx.slide.read_text(MARKERS))
-    with ctx.work.local_file(layout.registration_tiff(ctx.slide_id)) as path:
-        write_ome_tiff_pyramid(path, levels[0], subresolutions=levels[1:], channel_names=channels,
-                               pixel_size_um=pixel_size, tile_size=levels[0].chunks[-1], workers=ctx.vcpus)
-        htan_tables = htan.level2_rows(path, ctx.slide_id, [f"{ctx.slide_id}/{name}" for name in files], markers)
+    rel = layout.registration_tiff(ctx.slide_id)
+    with ctx.work.writer(rel) as out:
+        write_ome_tiff_pyramid(rel, levels[0], subresolutions=levels[1:], channel_names=channels,
+                               pixel_size_um=pixel_size, tile_size=levels[0].chunks[-1], workers=ctx.vcpus,
+                               sink=out, scratch=ctx.scratch)
+    with ctx.work.open(rel) as image:
+        htan_tables = htan.level2_rows(image, ctx.slide_id, [f"{ctx.slide_id}/{name}" for name in files], markers)
     for component, rows in htan_tables.items():
         ctx.work.write_text(layout.htan_table(component), htan.table_text(rows))

@@ -11,7 +11,11 @@ stage gets:
   ranges read (tifffile parses OME-TIFF headers and reads tiles or strips through it);
 - **chunks**: :meth:`Store.zarr` is a zarr 3 store (:mod:`atlas.storage.zarrstore`) for an OME-Zarr below a
   path, so a reader fetches only the chunks it indexes and a writer puts chunk by chunk;
-- **files written with seeks** (the pyramidal OME-TIFF, HDF5): :meth:`Store.local_file` gives a
+- **large objects streamed** front to back: :meth:`Store.writer` is a sequential file object that
+  puts the object in place when the block ends without error (S3: a multipart upload, parts sent
+  as they fill; a folder: a file beside its place, then renamed), hashing as it goes, so scratch
+  and memory hold a few parts, never the object (the pyramidal OME-TIFF, :mod:`atlas.science.tiffstream`);
+- **files written with seeks** (HDF5, masks): :meth:`Store.local_file` gives a
   local path and puts the finished file in place when the block ends without error; and
   :meth:`Store.local_folder` does the same for a folder of files (the overview site).
 
@@ -119,6 +123,44 @@ class IoCounter:
         return largest
 
 
+class ObjectWriter(io.RawIOBase):
+    """One object written front to back (:meth:`Store.writer`): size and sha256 of what passed.
+
+    Subclasses send the bytes (``_send``) and put the object in place (``_commit``) or drop it (``_abort``).
+    """
+
+    def __init__(self, rel: str):
+        super().__init__()
+        self.rel, self.size = rel, 0
+        self._digest = hashlib.sha256()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        data = memoryview(data).cast("B")
+        self._digest.update(data)
+        self.size += len(data)
+        self._send(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.size
+
+    def entry(self) -> dict:
+        """``{"path", "size", "sha256"}`` of the bytes written so far."""
+        return {"path": self.rel, "size": self.size, "sha256": self._digest.hexdigest()}
+
+    @abstractmethod
+    def _send(self, data: memoryview) -> None: ...
+
+    @abstractmethod
+    def _commit(self) -> None: ...
+
+    @abstractmethod
+    def _abort(self) -> None: ...
+
+
 class Store(ABC):
     """A tree of objects by relative path. Subclasses give the primitives (``_get``, ``_put``, ...).
 
@@ -162,6 +204,10 @@ class Store(ABC):
         """A local path, named as ``rel`` is, in a fresh folder of its own (removed after
         :meth:`_put_file`), where a file meant for ``rel`` can be written."""
 
+    @abstractmethod
+    def _writer(self, rel: str) -> ObjectWriter:
+        """A sequential writer of the object at ``rel`` (in place only after its ``_commit``)."""
+
     def _size(self, rel: str) -> int | None:
         return self._list(rel).get(rel) if rel else None
 
@@ -197,6 +243,19 @@ class Store(ABC):
 
     def delete(self, rel: str) -> None:
         self._delete(rel)
+
+    @contextmanager
+    def writer(self, rel: str) -> Iterator[ObjectWriter]:
+        """A sequential, write-only file object for ``rel``: the object is put in place when the block
+        ends cleanly, and nothing is (no partial object, no pending upload) if it raises. Its
+        ``entry()`` is the object's ``{"path", "size", "sha256"}``, computed from the bytes written."""
+        out = self._writer(rel)
+        try:
+            yield out
+            out._commit()
+        except BaseException:
+            out._abort()
+            raise
 
     @contextmanager
     def local_file(self, rel: str, *, scratch: Path | None = None) -> Iterator[Path]:
@@ -285,6 +344,9 @@ class FolderStore(Store):
         os.replace(tmp, target)
         self.counter.add(written=len(data))
 
+    def _writer(self, rel):
+        return _FolderWriter(rel, self.path(rel), self.counter)
+
     def _put_file(self, rel, path):
         target = self.path(rel)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -320,6 +382,28 @@ class FolderStore(Store):
         folder = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}{PARTIAL}")
         folder.mkdir(parents=True, exist_ok=True)
         return folder / target.name
+
+
+class _FolderWriter(ObjectWriter):
+    """A file written beside its place (hidden, never listed), renamed into place on commit."""
+
+    def __init__(self, rel: str, target: Path, counter: IoCounter):
+        super().__init__(rel)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=PARTIAL, dir=target.parent)
+        self._file, self._tmp, self._target, self._counter = os.fdopen(fd, "wb"), tmp, target, counter
+
+    def _send(self, data):
+        self._file.write(data)
+        self._counter.add(written=len(data))
+
+    def _commit(self):
+        self._file.close()
+        os.replace(self._tmp, self._target)
+
+    def _abort(self):
+        self._file.close()
+        Path(self._tmp).unlink(missing_ok=True)
 
 
 class _CountingReader(io.RawIOBase):
@@ -439,6 +523,17 @@ class JobView(Store):
         self.inner._put_file(rel, path)
         with self._lock:
             self.written[rel] = entry
+
+    def _writer(self, rel):
+        self._check_write(rel)
+        return self.inner._writer(rel)
+
+    @contextmanager
+    def writer(self, rel: str) -> Iterator[ObjectWriter]:
+        with super().writer(rel) as out:
+            yield out
+        with self._lock:
+            self.written[rel] = out.entry()
 
     def _delete(self, rel):
         self._check_write(rel)
