@@ -211,7 +211,7 @@ def stage_sizes(stage, size: Size) -> tuple[int, int]:
 # stage's data (an item's row band); "data": something per cell or per object of the whole slide;
 # "none": nothing that grows. The key is the stage, or "<stage> merge" for a merge.
 HOLDS = {"illuminate": "tile", "illuminate merge": "none", "align": "band", "mosaic": "band", "mosaic merge": "none",
-         "export": "band", "segment": "tile", "segment merge": "band", "quantify": "share",
+         "export": "tile", "segment": "tile", "segment merge": "band", "quantify": "share",
          "quantify merge": "data", "render": "band", "render merge": "data", "publish": "none"}
 # ... where a job's scratch grows with another measure than its memory: "plane", one channel's pixels
 # (export buffers one channel's compressed pyramid before it goes to its place).

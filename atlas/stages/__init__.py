@@ -326,14 +326,16 @@ def render_sizes(slide: SlideSize) -> JobSizes:
     return JobSizes(items=items, vcpus=2, memory_mib=RENDER_MEMORY_MIB, timeout_s=timeout)
 
 
-def per_cycle_sizes(vcpus: int, memory_mib: int, seconds_per_tile_channel: float) -> Callable[[SlideSize], JobSizes]:
-    """Sizes of a stage that fans out one item per cycle, its timeout from the tiles and channels of a
-    cycle (``seconds_per_tile_channel`` at the 2048^2 px tiles of the target, three times over)."""
+def fan_out_sizes(unit: str, vcpus: int, memory_mib: int,
+                  seconds_per_tile_channel: float) -> Callable[[SlideSize], JobSizes]:
+    """Sizes of a stage that fans out one item per ``unit`` ("cycle" or "channel"), its timeout from
+    the tile-channels of an item (``seconds_per_tile_channel`` at the 2048^2 px tiles of the target,
+    three times over)."""
     def sizing(slide: SlideSize) -> JobSizes:
-        tile_channels = math.ceil(slide.channels / slide.cycles) * slide.pixels / TARGET_TILE_PIXELS
+        units = slide.cycles if unit == "cycle" else slide.channels
+        tile_channels = math.ceil(slide.channels / units) * slide.pixels / TARGET_TILE_PIXELS
         timeout = max(3600, math.ceil(3 * seconds_per_tile_channel * tile_channels))
-        return JobSizes(items=min(MAX_ARRAY_SIZE, slide.cycles), vcpus=vcpus, memory_mib=memory_mib,
-                        timeout_s=timeout)
+        return JobSizes(items=min(MAX_ARRAY_SIZE, units), vcpus=vcpus, memory_mib=memory_mib, timeout_s=timeout)
     return sizing
 
 
@@ -350,13 +352,13 @@ REGISTERED_ZARR = f"{layout.REGISTRATION}/*.ome.zarr"
 STAGES: tuple[Stage, ...] = (
     Stage("illuminate", "cpu", vcpus=1, memory_mib=4096, timeout_s=3 * 3600, array_size=2,
           item_dir=f"{layout.WORK}/illuminate", item_outputs=(f"{layout.ILLUMINATION}/*",),
-          sizing=per_cycle_sizes(1, 4096, 0.5), params_section="stitch", inputs=RAW_INPUTS, outputs=()),
+          sizing=fan_out_sizes("cycle", 1, 4096, 0.5), params_section="stitch", inputs=RAW_INPUTS, outputs=()),
     Stage("align", "cpu", vcpus=4, memory_mib=HOST_MEMORY_MIB, timeout_s=6 * 3600, sizing=align_sizes,
           params_section="stitch",
           inputs=(*RAW_INPUTS, f"{layout.ILLUMINATION}/*"),
           outputs=(REGISTERED_ZARR, f"{layout.QC}/stitch/*", f"{layout.WORK}/align/*")),
     Stage("mosaic", "cpu", vcpus=2, memory_mib=4096, timeout_s=6 * 3600, array_size=2,
-          item_dir=f"{layout.WORK}/mosaic", item_outputs=(REGISTERED_ZARR,), sizing=per_cycle_sizes(2, 4096, 2.0),
+          item_dir=f"{layout.WORK}/mosaic", item_outputs=(REGISTERED_ZARR,), sizing=fan_out_sizes("channel", 2, 4096, 2.0),
           params_section="stitch",
           inputs=(*RAW_INPUTS, f"{layout.ILLUMINATION}/*", f"{layout.WORK}/align/*", REGISTERED_ZARR),
           outputs=(f"{REGISTERED_ZARR}/.zattrs", f"{REGISTERED_ZARR}/.zgroup", f"{layout.QC}/stitch/mosaic.png")),

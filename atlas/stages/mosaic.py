@@ -1,8 +1,9 @@
-"""Stage ``mosaic``: the registered image's OME-Zarr, written chunk by chunk, an array over the cycles.
+"""Stage ``mosaic``: the registered image's OME-Zarr, written chunk by chunk, an array over the channels.
 
-Item ``i`` of ``n`` writes the channels of the kept cycles ``i, i + n, ...`` into the levels that
-the align stage created in ``registration/<slide>.ome.zarr``: level 0 assembled from the tiles
-(read by byte ranges, a few tile rows at a time: :class:`atlas.science.stitch.MosaicImage`), then
+Item ``i`` of ``n`` writes the registered image's channels ``i, i + n, ...`` into the levels that
+the align stage created in ``registration/<slide>.ome.zarr``: level 0 assembled from its cycle's
+tiles (that channel's planes, read by byte ranges, a few tile rows at a time:
+:class:`atlas.science.stitch.MosaicImage`), then
 each smaller level from the one before, chunk row by chunk row. Every chunk row is a unit of a
 :class:`atlas.storage.journal.Journal` in the item's work folder, so an item cut short (a Spot
 reclaim) resumes from its last finished row. The merge adds the NGFF metadata (display windows
@@ -38,25 +39,26 @@ def _levels(ctx: StageContext, mode: str) -> tuple[zarr.Group, list[zarr.Array]]
 
 
 def run_item(ctx: StageContext, index: int, count: int) -> None:
-    """Write every level of the channels of kept cycles ``index, index + count, ...``."""
+    """Write every level of the registered image's channels ``index, index + count, ...``."""
     alignment = json.loads(ctx.work.read_text(ALIGNMENT))
     tile_size = ctx.params.stitch.tile_size
     _, levels = _levels(ctx, "r+")
     journal = Journal(ctx.work, f"{ctx.job.stage.item_dir}/{index}")
     offsets = np.cumsum([0, *alignment["channels_per_cycle"]])
-    for j in range(index, len(alignment["cycles"]), count):
+    for c in range(index, int(offsets[-1]), count):
+        j = int(np.searchsorted(offsets, c, side="right")) - 1  # the kept cycle the channel comes from
         cycle = alignment["cycles"][j]
         name = alignment["files"][cycle - 1]
         with contextlib.ExitStack() as stack:
             meta = read_cycle_metadata(stack.enter_context(ctx.slide.open(name)))
             image = MosaicImage([open_cycle(stack, ctx, name, meta, cycle)], [np.asarray(alignment["placements"][j])],
                                 tuple(alignment["shape"]))
-            for own, c in enumerate(range(offsets[j], offsets[j + 1])):
-                for k in range(len(levels)):
-                    for row in range(level_rows(levels[k], tile_size)):
-                        journal.run(f"c{c}-level{k}-row{row}", partial(
-                            write_level_row, levels, k, int(c), row, tile_size,
-                            read=lambda ys, xs, own=own, image=image: image[own, ys, xs]))
+            own = c - int(offsets[j])
+            for k in range(len(levels)):
+                for row in range(level_rows(levels[k], tile_size)):
+                    journal.run(f"c{c}-level{k}-row{row}", partial(
+                        write_level_row, levels, k, c, row, tile_size,
+                        read=lambda ys, xs, own=own, image=image: image[own, ys, xs]))
 
 
 def merge(ctx: StageContext) -> None:
