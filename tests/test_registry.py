@@ -65,8 +65,10 @@ def test_array_sizes_and_resources_follow_the_slide():
     for name, sizes in target.items():
         assert sizes.memory_mib <= HOST_MEMORY_MIB, name  # every request fits a 16 GiB host
         assert (sizes.items > 0) == (name in ("illuminate", "mosaic", "segment", "quantify", "render")), name
-    # the stitching fan-out: one item per cycle; timeouts grow with the tiles and channels
-    assert target["illuminate"].items == target["mosaic"].items == 10 and run_sizes(SAMPLE)["mosaic"].items == 2
+    # the stitching fan-out: illumination one item per cycle, the mosaic one per channel; timeouts grow
+    # with the tiles and channels
+    assert (target["illuminate"].items, target["mosaic"].items) == (10, 40)
+    assert (run_sizes(SAMPLE)["illuminate"].items, run_sizes(SAMPLE)["mosaic"].items) == (2, 6)
     assert all(target[name].timeout_s >= run_sizes(SAMPLE)[name].timeout_s for name in target)
     assert target["align"].timeout_s > run_sizes(SAMPLE)["align"].timeout_s
     assert all(stage.memory_mib <= HOST_MEMORY_MIB for stage in STAGES)
