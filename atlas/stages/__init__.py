@@ -339,11 +339,31 @@ def fan_out_sizes(unit: str, vcpus: int, memory_mib: int,
     return sizing
 
 
+MAX_JOB_VCPUS = 16  # the largest c6i/m6i hosts the jobs use whole (c6i.4xlarge); memory stays HOST_MEMORY_MIB
+
+
 def align_sizes(slide: SlideSize) -> JobSizes:
     """Align reads the alignment channel of every tile of every cycle (about 1 s per 2048^2 px tile,
-    three times over), the later cycles in parallel."""
+    three times over). Its later cycles are registered at once, a thread each (the first cycle's
+    tile pairs are aligned before them, on one thread: ASHLAR's edge aligner), so it gets a vCPU per
+    later cycle."""
     tiles = slide.cycles * slide.pixels / TARGET_TILE_PIXELS
-    return JobSizes(items=0, vcpus=4, memory_mib=HOST_MEMORY_MIB, timeout_s=max(3600, math.ceil(3 * tiles)))
+    return JobSizes(items=0, vcpus=min(MAX_JOB_VCPUS, max(4, slide.cycles - 1)), memory_mib=HOST_MEMORY_MIB,
+                    timeout_s=max(3600, math.ceil(3 * tiles)))
+
+
+EXPORT_CHANNEL_PIXELS_PER_VCPU = 20_000_000_000  # one vCPU encoding the OME-TIFF's tiles per this many
+EXPORT_PIXELS_PER_VCPU_SECOND = 10_000_000       # read from the zarr, predicted and deflated (a floor)
+
+
+def export_sizes(slide: SlideSize) -> JobSizes:
+    """The export encodes the OME-TIFF's tiles in threads (the job's vCPUs): one vCPU per
+    :data:`EXPORT_CHANNEL_PIXELS_PER_VCPU` channel-pixels (2 to :data:`MAX_JOB_VCPUS`); its timeout
+    from its pixels at :data:`EXPORT_PIXELS_PER_VCPU_SECOND`, three times over."""
+    channel_pixels = slide.channels * slide.pixels
+    vcpus = min(MAX_JOB_VCPUS, max(2, math.ceil(channel_pixels / EXPORT_CHANNEL_PIXELS_PER_VCPU)))
+    timeout = max(3600, math.ceil(3 * channel_pixels / (vcpus * EXPORT_PIXELS_PER_VCPU_SECOND)))
+    return JobSizes(items=0, vcpus=vcpus, memory_mib=4096, timeout_s=timeout)
 
 
 RAW_INPUTS = ("raw:markers.csv", "raw:raw/*", "raw:params.yml")
@@ -358,11 +378,11 @@ STAGES: tuple[Stage, ...] = (
           inputs=(*RAW_INPUTS, f"{layout.ILLUMINATION}/*"),
           outputs=(REGISTERED_ZARR, f"{layout.QC}/stitch/*", f"{layout.WORK}/align/*")),
     Stage("mosaic", "cpu", vcpus=2, memory_mib=4096, timeout_s=6 * 3600, array_size=2,
-          item_dir=f"{layout.WORK}/mosaic", item_outputs=(REGISTERED_ZARR,), sizing=fan_out_sizes("channel", 2, 4096, 2.0),
-          params_section="stitch",
+          item_dir=f"{layout.WORK}/mosaic", item_outputs=(REGISTERED_ZARR,), params_section="stitch",
+          sizing=fan_out_sizes("channel", 2, 4096, 2.0),
           inputs=(*RAW_INPUTS, f"{layout.ILLUMINATION}/*", f"{layout.WORK}/align/*", REGISTERED_ZARR),
           outputs=(f"{REGISTERED_ZARR}/.zattrs", f"{REGISTERED_ZARR}/.zgroup", f"{layout.QC}/stitch/mosaic.png")),
-    Stage("export", "cpu", vcpus=2, memory_mib=4096, timeout_s=6 * 3600, params_section="stitch",
+    Stage("export", "cpu", vcpus=2, memory_mib=4096, timeout_s=6 * 3600, params_section="stitch", sizing=export_sizes,
           inputs=("raw:markers.csv", REGISTERED_ZARR, f"{layout.WORK}/align/*"),
           outputs=(f"{layout.REGISTRATION}/*.ome.tif", layout.htan_table("ImagingLevel2"),
                    layout.htan_table("ImagingLevel3Channels"))),
