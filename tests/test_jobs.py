@@ -36,7 +36,7 @@ from atlas.errors import InvalidInput
 from atlas.pipeline.contract import ExitCode, JobError, Misconfigured, UpstreamIncomplete
 from atlas.slide.convention import SLIDE_MANIFEST, run_id_for, sha256_file, write_manifest
 from atlas.slide.ome import read_cycle_metadata
-from atlas.stages import STAGES, JobSizes, SlideSize, execution_sizes, get_stage, run_jobs, upstream_jobs
+from atlas.stages import STAGES, JobSizes, SlideSize, execution_sizes, get_stage, items_in, run_jobs, upstream_jobs
 from localcloud.demo import local_aws_env, moto_server
 from localcloud.executor import StageJobFailed, execute_run, stage_command
 
@@ -57,9 +57,10 @@ def aws():
         yield env, boto3.client("s3")
 
 
-def expected_steps(stages=STAGES) -> list[tuple[str, int | None, bool]]:
-    """(stage, array item, merge) of every job of a run, in order."""
-    return [(job.stage.name, job.item, job.merge) for job in run_jobs(stages)]
+def expected_steps(stages=STAGES, sizes=None) -> list[tuple[str, int | None, bool]]:
+    """(stage, array item, merge) of every job of a run, in order (arrays as ``sizes`` say: the
+    execution input's; default the registry's)."""
+    return [(job.stage.name, job.item, job.merge) for job in run_jobs(stages, sizes)]
 
 
 def new_bucket(s3, name: str) -> str:
@@ -120,7 +121,7 @@ def run(aws, sample_slide):
 
 def test_every_stage_runs_as_a_job_and_the_run_is_released(aws, run, sample_run, sample_slide):
     _, s3 = aws
-    assert [(s.stage, s.item, s.merge) for s in run["steps"]] == expected_steps()
+    assert [(s.stage, s.item, s.merge) for s in run["steps"]] == expected_steps(sizes=run["sizes"])
     # each job was given its sizes from the execution input, as SubmitJob overrides them
     assert all(step.sizes == JobSizes(**run["sizes"][f"{step.stage}-merge" if step.merge else step.stage])
                for step in run["steps"])
@@ -142,7 +143,7 @@ def test_every_stage_runs_as_a_job_and_the_run_is_released(aws, run, sample_run,
     # cost: every stage (and array item) recorded vCPU-seconds and where it ran
     records = {k: json.loads(v) for k, v in objects(s3, run["work"], f"{run['run_id']}/{layout.PROVENANCE}/").items()}
     assert sorted(records) == sorted(f"{name}.json" if item is None else f"{name}.{item}.json"
-                                     for name, item, _ in expected_steps())
+                                     for name, item, _ in expected_steps(sizes=run["sizes"]))
     for name, record in records.items():
         assert record["run_id"] == run["run_id"] and record["instance_type"] == "local", name
         merged = get_stage(record["stage"]).array_size and record["item"] is None
@@ -240,15 +241,15 @@ def test_a_job_killed_mid_upload_resumes_to_a_byte_identical_release(aws, run, s
     # the run got as far as KILLED_STAGE: the earlier jobs' outputs and records, as the first run left them
     source = f"{run_id}/"
     done = [f"{layout.PROVENANCE}/{name}.json" if item is None else f"{layout.PROVENANCE}/{name}.{item}.json"
-            for name, item, _ in expected_steps(STAGES[:names.index(KILLED_STAGE)])]
+            for name, item, _ in expected_steps(STAGES[:names.index(KILLED_STAGE)], run["sizes"])]
     records = [json.loads(s3.get_object(Bucket=run["work"], Key=source + rel)["Body"].read()) for rel in done]
     for rel in done + [out["path"] for record in records for out in record["outputs"]]:
         s3.copy({"Bucket": run["work"], "Key": source + rel}, work, source + rel)
 
     # ... then the instance running KILLED_STAGE vanished after the first of its outputs reached S3
     with hold_uploads_after_first(work, f"{run_id}/") as (state, blocked):
-        proc = subprocess.Popen(stage_command(get_stage(KILLED_STAGE).jobs()[0], slide_uri=slide_uri, work_uri=work_uri,
-                                              run_id=run_id),
+        proc = subprocess.Popen(stage_command(sized_jobs(run, KILLED_STAGE)[0], slide_uri=slide_uri,
+                                              work_uri=work_uri, run_id=run_id),
                                 env={**job_env, ARRAY_INDEX_ENV: "0"}, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         try:
@@ -263,9 +264,9 @@ def test_a_job_killed_mid_upload_resumes_to_a_byte_identical_release(aws, run, s
     assert f"{layout.PROVENANCE}/{KILLED_STAGE}.json" not in partial  # no completion record: the stage is not done
 
     # Batch retries: completed jobs skip themselves, the killed one redoes its work, the run completes
-    steps = execute_run(slide_uri, work_uri, run_id, env={**env, "ATLAS_RESULTS_BUCKET": results})
+    steps = execute_run(slide_uri, work_uri, run_id, env={**env, "ATLAS_RESULTS_BUCKET": results}, sizes=run["sizes"])
     skipped = [(s.stage, s.item, s.merge) for s in steps if "already complete" in s.output]
-    assert skipped == expected_steps(STAGES[:names.index(KILLED_STAGE)])
+    assert skipped == expected_steps(STAGES[:names.index(KILLED_STAGE)], run["sizes"])
 
     resumed = objects(s3, results, prefix)
     assert sorted(resumed) == sorted(uninterrupted)
@@ -276,11 +277,18 @@ def test_a_job_killed_mid_upload_resumes_to_a_byte_identical_release(aws, run, s
     assert listed[0] == listed[1]
 
 
+def sized_jobs(run: dict, name: str):
+    """The jobs of stage ``name`` in the uninterrupted run (its arrays as the run's sizes said)."""
+    stage = get_stage(name)
+    return stage.jobs(items_in(run["sizes"], stage))
+
+
 def copy_upstream(s3, run: dict, work: str, job) -> None:
     """Copy what ``job`` builds on (the records of the jobs before it and their outputs) from the
     uninterrupted run's work prefix to ``work``."""
     source = f"{run['run_id']}/"
-    for earlier in upstream_jobs(job):
+    counts = {stage.name: items_in(run["sizes"], stage) for stage in STAGES}
+    for earlier in upstream_jobs(job, counts):
         record = json.loads(s3.get_object(Bucket=run["work"], Key=source + earlier.record)["Body"].read())
         for rel in [earlier.record] + [out["path"] for out in record["outputs"]]:
             s3.copy({"Bucket": run["work"], "Key": source + rel}, work, source + rel)
@@ -305,7 +313,7 @@ def test_a_killed_array_item_is_redone_to_the_same_outputs(aws, run):
     env, s3 = aws
     work, run_id = new_bucket(s3, "work"), run["run_id"]
     source = f"{run_id}/"
-    item = get_stage("segment").jobs()[1]
+    item = sized_jobs(run, "segment")[1]
     copy_upstream(s3, run, work, item)
     uninterrupted = json.loads(s3.get_object(Bucket=run["work"], Key=source + item.record)["Body"].read())
     work_uri = f"s3://{work}/{run_id}/"
@@ -314,7 +322,7 @@ def test_a_killed_array_item_is_redone_to_the_same_outputs(aws, run):
         kill_item_when(blocked, item, env, run, work_uri, "the item never reached its last output")
     assert item.record[len(layout.PROVENANCE) + 1:] not in objects(s3, work, f"{run_id}/{layout.PROVENANCE}/")
     retried = run_stage_job("segment", slide_uri=run["slide_uri"], work_uri=work_uri, run_id=run_id,
-                            array_index=item.item, s3=s3)
+                            array_index=item.item, items=item.count, s3=s3)
     assert not retried.skipped and retried.record["outputs"] == uninterrupted["outputs"]
 
 
@@ -325,18 +333,18 @@ def test_a_killed_item_resumes_from_its_last_written_chunk_row(aws, run, stage):
     redoes the rest, and records exactly the outputs of an uninterrupted item."""
     env, s3 = aws
     work, run_id = new_bucket(s3, "work"), run["run_id"]
-    item = get_stage(stage).jobs()[0]
+    item = sized_jobs(run, stage)[0]
     copy_upstream(s3, run, work, item)
     uninterrupted = json.loads(s3.get_object(Bucket=run["work"], Key=f"{run_id}/{item.record}")["Body"].read())
     journal = f"{run_id}/{item.stage.item_dir}/{item.item}/"
     rows = sum(out["path"].startswith(journal[len(run_id) + 1:]) for out in uninterrupted["outputs"])
-    assert rows >= 4  # chunk rows of its channels' pyramid levels, tile rows of its layers' levels
+    assert rows >= 3  # chunk rows of its channel's pyramid levels, tile rows of its layers' levels: 2 kept, 1+ redone
     work_uri = f"s3://{work}/{run_id}/"
     with hold_uploads_after_first(work, journal, admit=2) as (_, blocked):
         kill_item_when(blocked, item, env, run, work_uri, "the item never finished two chunk rows")
     assert len(objects(s3, work, journal)) == 2 and item.record not in objects(s3, work, f"{run_id}/")
     retried = run_stage_job(stage, slide_uri=run["slide_uri"], work_uri=work_uri, run_id=run_id,
-                            array_index=item.item, s3=s3)
+                            array_index=item.item, items=item.count, s3=s3)
     assert not retried.skipped and retried.record["outputs"] == uninterrupted["outputs"]
     # the two finished rows were taken over unread and not written again
     assert retried.record["s3_bytes_written"] < uninterrupted["s3_bytes_written"]

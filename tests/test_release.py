@@ -6,6 +6,7 @@ release a real run of the sample slide).
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from pathlib import Path
@@ -141,8 +142,10 @@ def test_one_copy_request_per_object_the_managed_copy_past_the_limit(s3, tmp_pat
         asked = [name for name, key in released if key in (target, f"{run_id}/{entry['path']}")]
         if entry["path"] in big:  # the managed copy heads the source first
             assert "HeadObject" in asked and "CopyObject" in asked
-        else:
+        else:  # ... and the copy carries S3's own whole-object SHA-256: the manifest's, as analysts can check
             assert asked == ["CopyObject"]
+            head = s3.head_object(Bucket="results", Key=target, ChecksumMode="ENABLED")
+            assert base64.b64decode(head["ChecksumSHA256"]).hex() == entry["sha256"]
 
 
 def test_earlier_releases_stay_and_latest_moves(s3, tmp_path):

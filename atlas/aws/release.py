@@ -96,8 +96,9 @@ def _copy(s3, source: S3Uri, target: S3Uri, metadata: dict[str, str], size: int)
     manager, a HeadObject, threads -- was most of publish's CPU); the managed copy past 5 GB."""
     args = {"MetadataDirective": "REPLACE", "ContentType": content_type(target.key), "Metadata": metadata}
     if size < COPY_OBJECT_MAX_BYTES:
+        # S3 computes the copy's own whole-object SHA-256 (a streamed source has only its parts')
         s3.copy_object(CopySource={"Bucket": source.bucket, "Key": source.key}, Bucket=target.bucket,
-                       Key=target.key, **args)
+                       Key=target.key, ChecksumAlgorithm="SHA256", **args)
     else:
         s3.copy({"Bucket": source.bucket, "Key": source.key}, target.bucket, target.key, ExtraArgs=args)
 
