@@ -155,4 +155,7 @@ def test_a_sizing_that_does_not_fit_a_host_is_refused():
     with pytest.raises(ValueError, match="at most"):
         greedy.sizes(TARGET)
     for slide in (SAMPLE, TARGET, SlideSize(tiles=10**6, cycles=20, channels=100, tile_shape=(2048, 2048))):
-        assert all(s.memory_mib <= HOST_MEMORY_MIB for s in run_sizes(slide).values())
+        # what SubmitJob applies: memory within the host, at least one vCPU, Batch's minimum attempt of 60 s
+        sizes = execution_sizes(slide)
+        assert all(s["memory_mib"] <= HOST_MEMORY_MIB and s["vcpus"] >= 1 and s["timeout_s"] >= 60
+                   for s in sizes.values()), sizes

@@ -243,3 +243,26 @@ def test_a_failed_streamed_write_leaves_no_object_and_no_pending_upload(store):
         assert store.client.list_multipart_uploads(Bucket=BUCKET).get("Uploads", []) == []  # aborted
     else:
         assert list(store.root.rglob("*")) in ([], [store.root / "registration"])  # no partial file left
+
+
+def test_a_part_s3_refuses_aborts_the_upload(store, monkeypatch):
+    from botocore.exceptions import ClientError
+
+    from atlas.aws.store import PART_BYTES
+
+    if not isinstance(store, S3Store):
+        pytest.skip("multipart uploads are S3's")
+    sent = store.client.upload_part
+
+    def refuse_the_second(**kw):
+        if kw["PartNumber"] == 2:
+            raise ClientError({"Error": {"Code": "InternalError", "Message": "we encountered an internal error"}},
+                              "UploadPart")
+        return sent(**kw)
+
+    monkeypatch.setattr(store.client, "upload_part", refuse_the_second)
+    with pytest.raises(ClientError, match="InternalError"), store.writer("registration/S1.ome.tif") as out:
+        for _ in range(4):
+            out.write(bytes(PART_BYTES))
+    assert store.list() == {}
+    assert store.client.list_multipart_uploads(Bucket=BUCKET).get("Uploads", []) == []

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from botocore.exceptions import ClientError
@@ -24,6 +25,7 @@ from atlas.aws.s3 import S3RangeFile, S3Uri, Transfers, count_transfers, is_miss
 from atlas.storage import IoCounter, MissingObject, ObjectWriter, Store, join
 
 PART_BYTES = 8 << 20        # first parts of a streamed upload (S3: >= 5 MiB but the last)
+UPLOADS_IN_FLIGHT = 2       # parts sent beside the writer (an upload overlaps the encoding of the next)
 PARTS_PER_SIZE = 1000       # the part size doubles every this many parts: S3 allows 10,000 parts,
                             # so objects up to ~8 TB fit, and a 140 GB one holds 128 MiB at most
 
@@ -148,47 +150,60 @@ class S3Store(Store):
 
 
 class _MultipartWriter(ObjectWriter):
-    """An object streamed to S3: parts uploaded as they fill (memory: one part), completed on commit,
-    aborted on error. An object smaller than one part is a single PUT (with its full SHA256 checksum)."""
+    """An object streamed to S3: parts uploaded as they fill, up to :data:`UPLOADS_IN_FLIGHT` at once
+    beside the writer (memory: that many parts and the one filling), completed on commit, aborted on
+    error. An object smaller than one part is a single PUT (with its full SHA256 checksum)."""
 
     def __init__(self, client, uri: S3Uri, rel: str):
         super().__init__(rel)
         self._client, self._uri = client, uri
         self._buffer = bytearray()
         self._upload_id: str | None = None
+        self._sent = 0                                   # parts handed to the uploader
         self._parts: list[dict] = []
+        self._pending: list[Future] = []
+        self._pool = ThreadPoolExecutor(max_workers=UPLOADS_IN_FLIGHT, thread_name_prefix="part-upload")
 
     def _part_bytes(self) -> int:
-        return PART_BYTES << (len(self._parts) // PARTS_PER_SIZE)
+        return PART_BYTES << (self._sent // PARTS_PER_SIZE)
 
     def _send(self, data):
         self._buffer += data
         if len(self._buffer) >= self._part_bytes():
             self._send_part()
 
+    def _upload_part(self, number: int, body: bytes) -> dict:
+        answer = self._client.upload_part(Bucket=self._uri.bucket, Key=self._uri.key, UploadId=self._upload_id,
+                                          PartNumber=number, Body=body, ChecksumAlgorithm="SHA256")
+        return {"PartNumber": number, "ETag": answer["ETag"],
+                **({"ChecksumSHA256": answer["ChecksumSHA256"]} if "ChecksumSHA256" in answer else {})}
+
     def _send_part(self) -> None:
-        bucket, key = self._uri.bucket, self._uri.key
         if self._upload_id is None:
-            self._upload_id = self._client.create_multipart_upload(Bucket=bucket, Key=key,
+            self._upload_id = self._client.create_multipart_upload(Bucket=self._uri.bucket, Key=self._uri.key,
                                                                    ChecksumAlgorithm="SHA256")["UploadId"]
-        number = len(self._parts) + 1
-        answer = self._client.upload_part(Bucket=bucket, Key=key, UploadId=self._upload_id, PartNumber=number,
-                                          Body=bytes(self._buffer), ChecksumAlgorithm="SHA256")
-        self._parts.append({"PartNumber": number, "ETag": answer["ETag"],
-                            **({"ChecksumSHA256": answer["ChecksumSHA256"]} if "ChecksumSHA256" in answer else {})})
+        while len(self._pending) >= UPLOADS_IN_FLIGHT:
+            self._parts.append(self._pending.pop(0).result())
+        self._sent += 1
+        self._pending.append(self._pool.submit(self._upload_part, self._sent, bytes(self._buffer)))
         self._buffer.clear()
 
     def _commit(self):
         if self._upload_id is None:
+            self._pool.shutdown()
             self._client.put_object(Bucket=self._uri.bucket, Key=self._uri.key, Body=bytes(self._buffer),
                                     ChecksumAlgorithm="SHA256")
             return
         if self._buffer:
             self._send_part()
+        self._parts += [future.result() for future in self._pending]
+        self._pending.clear()
+        self._pool.shutdown()
         self._client.complete_multipart_upload(Bucket=self._uri.bucket, Key=self._uri.key, UploadId=self._upload_id,
                                                MultipartUpload={"Parts": self._parts})
 
     def _abort(self):
+        self._pool.shutdown(cancel_futures=True)        # waits for the parts being sent
         if self._upload_id is not None:
             self._client.abort_multipart_upload(Bucket=self._uri.bucket, Key=self._uri.key, UploadId=self._upload_id)
         self._buffer.clear()

@@ -3,9 +3,9 @@ the release's HTAN ImagingLevel2 / ImagingLevel3Channels tables of it (:mod:`atl
 
 Streams every level of ``registration/<slide>.ome.zarr`` chunk by chunk into the TIFF writer,
 which writes the file front to back straight to its place (:meth:`atlas.storage.Store.writer`: an
-S3 multipart upload on Batch), so scratch holds one channel's compressed tiles and memory a part,
-whatever the slide's size. It needs only the mosaic's zarr, so it can run beside segmentation. The
-writer is :func:`atlas.science.pyramid.write_ome_tiff_pyramid` (layout:
+S3 multipart upload on Batch), so scratch holds one channel's compressed tiles (about 1/C of the
+file, not the file) and memory a few upload parts. It needs only the mosaic's zarr, so it can run
+beside segmentation. The writer is :func:`atlas.science.pyramid.write_ome_tiff_pyramid` (layout:
 :mod:`atlas.science.tiffstream`); the HTAN rows read the written file's header back by ranged reads.
 """
 from __future__ import annotations

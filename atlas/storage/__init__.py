@@ -14,7 +14,7 @@ stage gets:
 - **large objects streamed** front to back: :meth:`Store.writer` is a sequential file object that
   puts the object in place when the block ends without error (S3: a multipart upload, parts sent
   as they fill; a folder: a file beside its place, then renamed), hashing as it goes, so scratch
-  and memory hold a part, never the object (the pyramidal OME-TIFF, :mod:`atlas.science.tiffstream`);
+  and memory hold a few parts, never the object (the pyramidal OME-TIFF, :mod:`atlas.science.tiffstream`);
 - **files written with seeks** (HDF5, masks): :meth:`Store.local_file` gives a
   local path and puts the finished file in place when the block ends without error; and
   :meth:`Store.local_folder` does the same for a folder of files (the overview site).
