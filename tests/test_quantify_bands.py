@@ -9,7 +9,14 @@ import pandas as pd
 import pytest
 import tifffile
 
-from atlas.science.bands import BandsDisagree, band_masks, band_rows, merge_bands, quantify_band
+from atlas.science.bands import (
+    BandsDisagree,
+    band_masks,
+    band_rows,
+    merge_bands,
+    quantify_band,
+    quantify_band_in_parts,
+)
 from atlas.science.quantification import quantify
 
 STEINBOCK = "quantification/steinbock_imc"
@@ -50,6 +57,24 @@ def test_bands_equal_one_band_byte_for_byte(shared_data, name, count, margin):
     for m in masks:
         pd.testing.assert_frame_equal(banded[m], whole[m], check_exact=True)
         assert banded[m].to_csv(index=False) == whole[m].to_csv(index=False)
+
+
+@pytest.mark.parametrize("name", ROIS)
+def test_a_band_measured_in_parts_is_the_band_measured_whole(shared_data, name):
+    """An item measures its band a few chunk rows at a time (bounded memory): the same rows, byte for
+    byte, and the same foreground, whatever the parts' size."""
+    image, masks = roi(shared_data, name)
+    band = band_rows(image.shape[-2], 2, chunk=16)[1]
+    whole, read = quantify_band(image, masks, PANEL, band)
+    width = image.shape[-1]
+    for rows in (16, 48):  # parts of one and of three chunk rows
+        parts, part_read = quantify_band_in_parts(image, masks, PANEL, band, max_pixels=rows * width, chunk=16)
+        assert part_read.foreground == read.foreground and part_read.rows[0] == read.rows[0]
+        for m in masks:
+            ordered = parts[m].sort_values("CellID", kind="stable", ignore_index=True)
+            assert len(parts[m]) == len(whole[m])
+            pd.testing.assert_frame_equal(ordered, whole[m].sort_values("CellID", kind="stable",
+                                                                        ignore_index=True), check_exact=True)
 
 
 def test_cells_on_band_edges_are_measured_once_by_the_band_they_begin_in(shared_data):

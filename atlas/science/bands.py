@@ -192,6 +192,47 @@ def quantify_band(image, masks: Mapping[str, object], marker_names: Sequence[str
     return {name: _shift_rows(table, window.rows[0]) for name, table in tables.items()}, window
 
 
+def quantify_band_in_parts(image, masks: Mapping[str, object], marker_names: Sequence[str], band: Rows, *,
+                           max_pixels: int, chunk: int = 1, channels: Sequence[int] | None = None,
+                           rows: int | None = None) -> tuple[dict[str, pd.DataFrame], BandMasks]:
+    """:func:`quantify_band` of ``band``, measured as consecutive sub-bands of at most ``max_pixels``
+    (whole ``chunk`` rows, at least one): memory bounded by the sub-band, whatever the band's height.
+
+    Exact: the sub-bands split the band's rows, so every cell the band owns is owned by exactly one
+    of them and measured whole there (:func:`band_masks`); the tables are their rows, concatenated.
+
+    Returns
+    -------
+    tables : dict of str to pandas.DataFrame
+        As :func:`quantify_band` (rows in sub-band order; :func:`merge_bands` sorts them).
+    read : BandMasks
+        ``rows`` and ``read``: the span of the sub-bands'; ``foreground``: their sums; ``masks`` empty
+        (each sub-band's were released after it was measured).
+    """
+    import pandas as pd
+
+    width = int(np.shape(next(iter(masks.values())))[-1]) if masks else 1
+    height = band[1] - band[0]
+    per_part = max(1, max_pixels // max(1, width * chunk)) * chunk
+    parts = band_rows(height, max(1, -(-height // per_part)), chunk)
+    tables: dict[str, list[pd.DataFrame]] = {}
+    spans, reads, foreground = [], [], dict.fromkeys(masks, 0)
+    for start, stop in parts:
+        if stop <= start:
+            continue
+        part, window = quantify_band(image, masks, marker_names, (band[0] + start, band[0] + stop),
+                                     channels=channels, rows=rows)
+        for name, table in part.items():
+            tables.setdefault(name, []).append(table)
+        spans.append(window.rows)
+        reads.append(window.read)
+        foreground = {name: foreground[name] + window.foreground[name] for name in foreground}
+    joined = {name: pd.concat(t, ignore_index=True) for name, t in tables.items()}
+    return joined, BandMasks(rows=(min(r[0] for r in spans), max(r[1] for r in spans)),
+                             read=(min(r[0] for r in reads), max(r[1] for r in reads)), masks={},
+                             foreground=foreground)
+
+
 class BandsDisagree(ValueError):
     """The bands' tables of a mask are not one table: a label owned twice, or pieces left out."""
 

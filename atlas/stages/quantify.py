@@ -24,7 +24,7 @@ import numpy as np
 
 from atlas import layout
 from atlas.errors import InvalidInput, Problem
-from atlas.science.bands import BandsDisagree, band_rows, merge_bands, quantify_band
+from atlas.science.bands import BandsDisagree, band_rows, merge_bands, quantify_band_in_parts
 from atlas.science.imageio import TiffRows, open_tiff
 from atlas.science.quantification import ID_COLUMN, MORPHOLOGY_COLUMNS, NegativeLabels, marker_columns, quantify
 from atlas.slide import htan
@@ -38,6 +38,9 @@ if TYPE_CHECKING:  # imported where tables are built or read: atlas quantify imp
 log = logging.getLogger(__name__)
 
 QC_DIR = f"{layout.QC}/quantify"
+# Pixels of an item's band measured at once (whole chunk rows, at least one): the masks' labels (4 B/px
+# each) and the channels' row strips, so an item's memory does not grow with its band's height.
+PART_PIXELS = 32_000_000
 
 
 @contextmanager
@@ -367,7 +370,8 @@ def _masks(work: Store, rel: Mapping[str, str]) -> Iterator[dict]:
 
 def run_item(ctx: StageContext, index: int, count: int) -> None:
     """Measure the cells of row band ``index`` of ``count`` (:func:`band_rows` over the image's chunk
-    rows) of every mask: each mask's table part as Parquet and ``band.json`` (rows read, foreground)."""
+    rows) of every mask, :data:`PART_PIXELS` at a time: each mask's table part as Parquet and
+    ``band.json`` (rows read, foreground)."""
     image = registered_image(ctx.work, ctx.slide_id)
     markers = parse_markers(ctx.slide.read_text(MARKERS))
     band = band_rows(image.shape[-2], count, image.chunks[-2])[index]
@@ -379,7 +383,8 @@ def run_item(ctx: StageContext, index: int, count: int) -> None:
                 tables, window = measure_checked(
                     image, layout.registration_zarr(ctx.slide_id), masks, rel, [m.marker_name for m in markers],
                     [m.remove for m in markers], Path(MARKERS),
-                    lambda names, kept: quantify_band(image, masks, names, band, channels=kept))
+                    lambda names, kept: quantify_band_in_parts(image, masks, names, band, channels=kept,
+                                                               max_pixels=PART_PIXELS, chunk=image.chunks[-2]))
             read.update({"image_rows": list(window.rows), "mask_rows": list(window.read),
                          "foreground": window.foreground})
             for mask, table in tables.items():
