@@ -207,21 +207,27 @@ def stage_sizes(stage, size: Size) -> tuple[int, int]:
 
 
 # What a job holds at once grows with one measure of the slide, by design (each stage's docstring):
-# "tile": a tile at a time; "band": a band of tile rows across the slide; "share": its share of the
-# stage's data (an item's row band); "data": something per cell or per object of the whole slide;
-# "none": nothing that grows. The key is the stage, or "<stage> merge" for a merge.
-HOLDS = {"illuminate": "tile", "illuminate merge": "none", "align": "band", "mosaic": "band", "mosaic merge": "none",
-         "export": "tile", "segment": "tile", "segment merge": "band", "quantify": "share",
-         "quantify merge": "data", "render": "band", "render merge": "data", "publish": "none"}
+# "tile": a tile or a fixed block at a time; "band": a band of tile rows across the slide, every
+# channel it reads; "channel-band": such a band of one channel (a mosaic item's channel, a render
+# item's layer, align's cache of first-cycle rows, a quantify item's part of one chunk row); "share":
+# its share of the stage's data; "data": something per cell of the whole slide (tables); "none":
+# nothing that grows. The key is the stage, or "<stage> merge" for a merge.
+HOLDS = {"illuminate": "tile", "illuminate merge": "none", "align": "channel-band", "mosaic": "channel-band",
+         "mosaic merge": "none", "export": "tile", "segment": "tile", "segment merge": "tile",
+         "quantify": "channel-band", "quantify merge": "data", "render": "channel-band", "render merge": "data",
+         "publish": "none"}
 # ... where a job's scratch grows with another measure than its memory: "plane", one channel's pixels
-# (export buffers one channel's compressed pyramid before it goes to its place).
-SCRATCH_HOLDS = {"export": "plane", "export merge": "plane"}
+# (export buffers one channel's compressed pyramid before it goes to its place; segment's merge keeps
+# the label images, compressed, in scratch).
+SCRATCH_HOLDS = {"export": "plane", "segment merge": "plane"}
 
 
-def channels_read(stage: str, size: Size) -> int:
+def channels_read(stage: str, size: Size, what: str = "work") -> int:
     """Channels a stage's jobs read: the DNA stain (segment), the alignment channel of each cycle
-    (align), the masks and one channel at a time (quantify), else all of them."""
-    return {"segment": 1, "quantify": 1, "align": size.cycles}.get(stage, size.channels)
+    (align), else all of them -- quantify reads them all but holds the masks and one at a time."""
+    if stage == "quantify" and what != "work":
+        return 1
+    return {"segment": 1, "align": size.cycles}.get(stage, size.channels)
 
 
 def measure(job: dict, size: Size, items: int, what: str) -> float:
@@ -234,8 +240,9 @@ def measure(job: dict, size: Size, items: int, what: str) -> float:
         return share
     kind = job["stage"] + (" merge" if job["merge"] else "")
     holds = SCRATCH_HOLDS.get(kind, HOLDS[kind]) if what == "scratch" else HOLDS[kind]
-    return {"tile": size.tile ** 2 * channels_read(job["stage"], size), "plane": size.pixels,
-            "band": size.cols * size.tile ** 2 * channels_read(job["stage"], size),
+    return {"tile": size.tile ** 2 * channels_read(job["stage"], size, what), "plane": size.pixels,
+            "band": size.cols * size.tile ** 2 * channels_read(job["stage"], size, what),
+            "channel-band": size.cols * size.tile ** 2,
             "share": share, "data": data, "none": 1.0}[holds]
 
 
