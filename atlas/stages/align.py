@@ -2,7 +2,7 @@
 
 Reads only the alignment channel (``stitch.align_channel``) of each cycle's tiles, by byte ranges,
 keeping a few tile rows of the first cycle in memory (:class:`atlas.science.stitch.TileCache`);
-later cycles are registered in parallel (the job's vCPUs). Writes ``qc/stitch/`` (``tiles.csv``,
+the first cycle's tile pairs, then the later cycles, are registered in threads (the job's vCPUs). Writes ``qc/stitch/`` (``tiles.csv``,
 ``edges.csv``, ``summary.json``), the placements the mosaic stage writes the image from
 (``tmp/align/alignment.json``), and the empty OME-Zarr hierarchy of the registered image
 (``registration/<slide>.ome.zarr``: its pyramid levels' arrays, whose chunks the mosaic items
