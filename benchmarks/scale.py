@@ -55,6 +55,15 @@ JOB_START_S = 90.0              # a Batch job from SUBMITTED to RUNNING: Spot ho
 EVENTS_TO_RUN_S = 10.0          # S3 event -> catalog -> trigger -> StartExecution
 QUEUE_MAX_VCPUS = 256           # infra.config.AtlasConfig.cpu_max_vcpus: the compute environment's cap
 ALIGN_SPLIT_GRIDS = ((6, 6), (12, 12))   # tile grids of the slides align's serial share is measured on
+# Cells per pixel of a channel on the made slides (their density is fixed by design): the 256-tile
+# slide's nuclei found, 92,938 of 256 x 512² px. The target's tables are modelled at this density.
+CELLS_PER_PIXEL = 92_938 / (256 * 512 ** 2)
+# Quantify's merge, measured by benchmarks/quantify_merge.py (the stage's merge on synthetic tables of
+# 0.25-2 M cells x 40 markers; least squares over the sizes): bytes of peak RSS per cell-marker of one
+# table (cell x column: markers, CellID, morphology; one table held at a time) and CPU seconds per
+# cell-marker of every table. The demos cannot give these: the 2x2 slide's merge holds nothing but imports.
+MERGE_BYTES_PER_CELL_MARKER = 28.6
+MERGE_CPU_S_PER_CELL_MARKER = 0.30e-6
 
 
 @dataclass(frozen=True)
@@ -286,12 +295,16 @@ def stage_sizes(stage, size: Size) -> tuple[int, int]:
 # "tile": a tile or a fixed block at a time; "band": a band of tile rows across the slide, every
 # channel it reads; "channel-band": such a band of one channel (a mosaic item's channel, a render
 # item's layer, align's cache of first-cycle rows, a quantify item's part of one chunk row); "share":
-# its share of the stage's data; "data": something per cell of the whole slide (tables); "none":
-# nothing that grows. The key is the stage, or "<stage> merge" for a merge.
+# its share of the stage's data; "data": something per cell of the whole slide (tables); "cells": one
+# cell table of the whole slide, cells x columns (its CPU: every table's); "none": nothing that grows.
+# The key is the stage, or "<stage> merge" for a merge.
 HOLDS = {"illuminate": "tile", "illuminate merge": "none", "align": "channel-band", "mosaic": "channel-band",
          "mosaic merge": "none", "export": "tile", "segment": "tile", "segment merge": "tile",
-         "quantify": "channel-band", "quantify merge": "data", "render": "channel-band", "render merge": "data",
+         "quantify": "channel-band", "quantify merge": "cells", "render": "channel-band", "render merge": "data",
          "publish": "none"}
+# Figures of a kind of job modelled at the rate measured by a benchmark of its own, from the larger
+# demo's figure, instead of on the line through the two demos: figure -> per unit of its measure.
+MEASURED_RATES = {"quantify merge": {"rss": MERGE_BYTES_PER_CELL_MARKER, "cpu": MERGE_CPU_S_PER_CELL_MARKER}}
 # ... where a job's scratch grows with another measure than its memory: "plane", one channel's pixels
 # (export buffers one channel's compressed pyramid before it goes to its place; segment's merge keeps
 # the label images, compressed, in scratch).
@@ -312,14 +325,22 @@ def measure(job: dict, size: Size, items: int, what: str) -> float:
     (:data:`SCRATCH_HOLDS`, else as its memory)."""
     data = size.pixels * channels_read(job["stage"], size)
     share = data / max(items, 1) if job["item"] is not None else data
+    kind = job_kind(job)
+    # one table's cell-markers: whole-slide cells x (markers + CellID + 9 morphology columns)
+    table = size.pixels * CELLS_PER_PIXEL * (size.channels + 10)
     if what == "work":
-        return share
-    kind = job["stage"] + (" merge" if job["merge"] else "")
+        tables = sum(1 for out in job["record"].get("outputs", ()) if out["path"].endswith(".csv")) or 1
+        return table * tables if HOLDS[kind] == "cells" else share
     holds = SCRATCH_HOLDS.get(kind, HOLDS[kind]) if what == "scratch" else HOLDS[kind]
     return {"tile": size.tile ** 2 * channels_read(job["stage"], size, what), "plane": size.pixels,
             "band": size.cols * size.tile ** 2 * channels_read(job["stage"], size, what),
             "channel-band": size.cols * size.tile ** 2,
-            "share": share, "data": data, "none": 1.0}[holds]
+            "share": share, "data": data, "cells": table, "none": 1.0}[holds]
+
+
+def job_kind(job: dict) -> str:
+    """The key of :data:`HOLDS`: the stage, or "<stage> merge"."""
+    return job["stage"] + (" merge" if job["merge"] else "")
 
 
 def extrapolate(x: float, low: tuple[float, float], high: tuple[float, float]) -> float:
@@ -351,8 +372,16 @@ def kind_at_target(low: dict, high: dict, runs: tuple[Size, Size], target: Size,
     """One kind of job of a stage at the target: CPU seconds, peak RSS and scratch, each on the line
     through its figures on the two measured slides (``runs``: their sizes, smaller first)."""
     at = {what: measure(high["job"], target, items, what) for what in ("work", "held", "scratch")}
-    return {figure: extrapolate(at[what], point(low, runs[0], what, figure), point(high, runs[1], what, figure))
-            for figure, what in (("cpu", "work"), ("rss", "held"), ("scratch", "scratch"))}
+    rates = MEASURED_RATES.get(job_kind(high["job"]), {})
+
+    def figure_at(figure: str, what: str) -> float:
+        x, y = point(high, runs[1], what, figure)
+        if figure in rates:   # the larger demo's figure + the measured rate (:data:`MEASURED_RATES`)
+            return y + rates[figure] * max(0.0, at[what] - x)
+        return extrapolate(at[what], point(low, runs[0], what, figure), (x, y))
+
+    return {figure: figure_at(figure, what) for figure, what in (("cpu", "work"), ("rss", "held"),
+                                                                 ("scratch", "scratch"))}
 
 
 def model(runs: list[tuple[Size, list[dict]]], target: Size, usd_per_vcpu_hour: float,
