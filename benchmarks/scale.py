@@ -210,12 +210,12 @@ def stage_sizes(stage, size: Size) -> tuple[int, int]:
 # "tile": a tile or a fixed block at a time; "band": a band of tile rows across the slide, every
 # channel it reads; "channel-band": such a band of one channel (a mosaic item's channel, a render
 # item's layer, align's cache of first-cycle rows, a quantify item's part of one chunk row); "share":
-# its share of the stage's data; "data": something per cell of the whole slide (tables); "none":
-# nothing that grows. The key is the stage, or "<stage> merge" for a merge.
+# its share of the stage's data; "data": something per cell or object of the whole slide (tables, the
+# run's list of results); "none": nothing that grows. The key is the stage, or "<stage> merge" for a merge.
 HOLDS = {"illuminate": "tile", "illuminate merge": "none", "align": "channel-band", "mosaic": "channel-band",
          "mosaic merge": "none", "export": "tile", "segment": "tile", "segment merge": "tile",
          "quantify": "channel-band", "quantify merge": "data", "render": "channel-band", "render merge": "data",
-         "publish": "none"}
+         "publish": "data", "publish merge": "data"}  # each publish job lists the run's results (the manifest)
 # ... where a job's scratch grows with another measure than its memory: "plane", one channel's pixels
 # (export buffers one channel's compressed pyramid before it goes to its place; segment's merge keeps
 # the label images, compressed, in scratch).
