@@ -191,12 +191,17 @@ def test_tables_written_in_row_batches_equal_the_whole_table_written_at_once(sha
     """CSV and Parquet are converted BATCH_ROWS rows at a time (a merge's memory is one batch of text,
     not the whole table's): batch edges anywhere give the CSV pandas writes and the Parquet table and
     schema of ``to_parquet``, one row group per batch."""
+    import pyarrow.csv as pa_csv
     import pyarrow.parquet as pq
 
     image, mask = steinbock(shared_data, ROIS[1], "deepcell")
     table = quantify(image, {"cell": mask}, PANEL)["cell"]   # 55 cells
     monkeypatch.setattr(quantify_stage, "BATCH_ROWS", rows)
+    written, arrow_write = [], pa_csv.write_csv
+    monkeypatch.setattr(pa_csv, "write_csv",
+                        lambda text, *args: written.append(text.num_rows) or arrow_write(text, *args))
     write_csv(table, tmp_path / "ours.csv")
+    assert max(written) <= rows and sum(written) == len(table)   # the text of one batch at a time
     table.to_csv(tmp_path / "pandas.csv", index=False)
     assert (tmp_path / "ours.csv").read_bytes() == (tmp_path / "pandas.csv").read_bytes()
     quantify_stage.TABLE_WRITERS[".parquet"](table, tmp_path / "ours.parquet", {})
