@@ -225,3 +225,18 @@ def test_items_copying_their_shares_then_the_merge_release_what_one_go_releases(
               ("results", "results-by-items")]
     assert [{k: v for k, v in doc.items() if k in ("files", "bytes", "run_id")} for doc in latest] == [
         {"files": len(FILES), "bytes": sum(f["size"] for f in manifest["files"]), "run_id": run_id}] * 2
+
+
+def test_the_managed_copy_sends_parts_of_the_configured_size(s3, monkeypatch):
+    """Past CopyObject's limit (lowered here to 1 KB) an object is copied in parts of
+    MANAGED_COPY_PART_BYTES (here S3's smallest, 5 MiB: a 12 MiB object in 3 UploadPartCopy requests)."""
+    monkeypatch.setattr(release, "COPY_OBJECT_MAX_BYTES", 1024)
+    monkeypatch.setattr(release, "MANAGED_COPY_PART_BYTES", 5 << 20)
+    data = bytes(range(256)) * (12 << 12)
+    s3.put_object(Bucket="work", Key="r/registration/S1.ome.tif", Body=data)
+    calls: list[str] = []
+    s3.meta.events.register("provide-client-params.s3", lambda params, model, **_: calls.append(model.name))
+    release._copy(s3, S3Uri("work", "r/registration/S1.ome.tif"), S3Uri("results", "S1/r/registration/S1.ome.tif"),
+                  {"sha256": hashlib.sha256(data).hexdigest()}, len(data))
+    assert calls.count("UploadPartCopy") == 3 and "CompleteMultipartUpload" in calls
+    assert s3.get_object(Bucket="results", Key="S1/r/registration/S1.ome.tif")["Body"].read() == data

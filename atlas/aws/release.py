@@ -91,6 +91,10 @@ def content_type(key: str) -> str:
 
 # CopyObject copies up to 5 GB in one request; larger objects need the managed (multipart) copy.
 COPY_OBJECT_MAX_BYTES = 5 * 10 ** 9
+# The managed copy's parts are copied by S3 itself (UploadPartCopy): the job's threads only wait on
+# them, so many run at once. The OME-TIFF at the target (~220 GB) is ~3,300 parts of 64 MiB, against
+# boto3's default of 10 threads and ~10,000 parts (its 8 MiB parts grown to S3's limit).
+MANAGED_COPY_PART_BYTES, MANAGED_COPY_THREADS = 64 << 20, 64
 
 
 def _copy(s3, source: S3Uri, target: S3Uri, metadata: dict[str, str], size: int) -> None:
@@ -103,7 +107,10 @@ def _copy(s3, source: S3Uri, target: S3Uri, metadata: dict[str, str], size: int)
         s3.copy_object(CopySource={"Bucket": source.bucket, "Key": source.key}, Bucket=target.bucket,
                        Key=target.key, ChecksumAlgorithm="SHA256", **args)
     else:
-        s3.copy({"Bucket": source.bucket, "Key": source.key}, target.bucket, target.key, ExtraArgs=args)
+        from boto3.s3.transfer import TransferConfig
+
+        config = TransferConfig(multipart_chunksize=MANAGED_COPY_PART_BYTES, max_concurrency=MANAGED_COPY_THREADS)
+        s3.copy({"Bucket": source.bucket, "Key": source.key}, target.bucket, target.key, ExtraArgs=args, Config=config)
 
 
 @dataclass(frozen=True)
