@@ -307,13 +307,13 @@ def stage_sizes(stage, size: Size) -> tuple[int, int]:
 # "tile": a tile or a fixed block at a time; "band": a band of tile rows across the slide, every
 # channel it reads; "channel-band": such a band of one channel (a mosaic item's channel, a render
 # item's layer, align's cache of first-cycle rows, a quantify item's part of one chunk row); "share":
-# its share of the stage's data; "data": something per cell of the whole slide (tables); "cells": one
-# cell table of the whole slide, cells x columns (its CPU: every table's); "none": nothing that grows.
-# The key is the stage, or "<stage> merge" for a merge.
+# its share of the stage's data; "data": something per cell or object of the whole slide (tables, the
+# run's list of results: publish's jobs); "cells": one cell table of the whole slide, cells x columns
+# (its CPU: every table's); "none": nothing that grows. The key is the stage, or "<stage> merge" for a merge.
 HOLDS = {"illuminate": "tile", "illuminate merge": "none", "align": "channel-band", "mosaic": "channel-band",
          "mosaic merge": "none", "export": "tile", "segment": "tile", "segment merge": "tile",
          "quantify": "channel-band", "quantify merge": "cells", "render": "channel-band", "render merge": "data",
-         "publish": "none"}
+         "publish": "data", "publish merge": "data"}
 # Figures of a kind of job modelled at the rate measured by a benchmark of its own, from the larger
 # demo's figure, instead of on the line through the two demos: figure -> per unit of its measure.
 MEASURED_RATES = {"quantify merge": {"rss": MERGE_BYTES_PER_CELL_MARKER, "cpu": MERGE_CPU_S_PER_CELL_MARKER}}
