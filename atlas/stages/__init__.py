@@ -339,16 +339,13 @@ def fan_out_sizes(unit: str, vcpus: int, memory_mib: int,
 MAX_JOB_VCPUS = 16  # the largest c6i/m6i hosts the jobs use whole (c6i.4xlarge); memory stays HOST_MEMORY_MIB
 
 
-ALIGN_TILES_PER_VCPU = 500  # tile registrations at 2048^2 px per vCPU of align (~1 s of CPU each)
-
-
 def align_sizes(slide: SlideSize) -> JobSizes:
     """Align reads the alignment channel of every tile of every cycle (about 1 s per 2048^2 px tile,
     three times over). Its tiles are registered in threads (the first cycle's tile pairs, then every
     later cycle's tiles; each cycle's thumbnail in a thread of its own: ``align_cycles``), so it gets
-    a vCPU per :data:`ALIGN_TILES_PER_VCPU` tiles, 4 to :data:`MAX_JOB_VCPUS`."""
+    a vCPU per 500 of those tiles (~1 s of CPU each), 4 to :data:`MAX_JOB_VCPUS`."""
     tiles = slide.cycles * slide.pixels / TARGET_TILE_PIXELS
-    return JobSizes(items=0, vcpus=min(MAX_JOB_VCPUS, max(4, math.ceil(tiles / ALIGN_TILES_PER_VCPU))),
+    return JobSizes(items=0, vcpus=min(MAX_JOB_VCPUS, max(4, math.ceil(tiles / 500))),
                     memory_mib=HOST_MEMORY_MIB, timeout_s=max(3600, math.ceil(3 * tiles)))
 
 
