@@ -35,8 +35,11 @@ def run(ctx: StageContext) -> None:
     markers, files, metas = checked_cycles(ctx)
     with contextlib.ExitStack() as stack, ThreadPoolExecutor(ctx.vcpus) as pool:
         # each cycle file's IFDs are read by its own ranged reads (one small GET per tile channel on
-        # S3): the cycles' at once, not one file after another
-        cycles = list(pool.map(lambda k: open_cycle(stack, ctx, files[k], metas[k], k + 1), range(len(files))))
+        # S3): the cycles' at once, not one file after another; every thread reads the first cycle's
+        # tiles, so it gets a handle per two vCPUs
+        cycles = list(pool.map(lambda k: open_cycle(stack, ctx, files[k], metas[k], k + 1,
+                                                    handles=max(1, ctx.vcpus // 2) if k == 0 else 1),
+                               range(len(files))))
         alignments = align_cycles(cycles, channel=params.align_channel, max_shift_um=params.maximum_shift_um,
                                   filter_sigma=params.filter_sigma, workers=ctx.vcpus)
     failed = [k for k, a in enumerate(alignments) if not a.registered]

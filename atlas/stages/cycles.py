@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import queue
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import tifffile
@@ -72,20 +74,32 @@ def tiff_bytes(image: np.ndarray) -> bytes:
 
 
 def open_cycle(stack: contextlib.ExitStack, ctx: StageContext, name: str, meta: CycleMetadata,
-               cycle: int) -> TileSet:
+               cycle: int, *, handles: int = 1) -> TileSet:
     """Cycle ``cycle`` (1-based) as a TileSet read by byte ranges from the slide store; with
     ``stitch.illumination``, its tiles shading-corrected by the cycle's profiles (written by the
-    illuminate stage)."""
+    illuminate stage). Thread-safe: the file is opened ``handles`` times (each parses its IFDs) and a
+    read takes a free handle, so that many threads read tiles at once (one seek + read at a time
+    per handle: a handle's file position is shared)."""
     params = ctx.params.stitch
-    tif = stack.enter_context(tifffile.TiffFile(stack.enter_context(ctx.slide.open(name)), _multifile=False))
-    tif.filehandle.set_lock(True)  # threads read the first cycle's tiles at once: each seek + read whole
-    series = tif.series
-    if len(series) != meta.n_tiles:
-        raise InvalidInput(Problem(name, f"OME-XML lists {meta.n_tiles} tiles but the file holds "
-                                   f"{len(series)} series", "re-export the cycle file"))
+
+    def opened(_=None) -> list[tifffile.TiffPageSeries]:
+        tif = stack.enter_context(tifffile.TiffFile(stack.enter_context(ctx.slide.open(name)), _multifile=False))
+        if len(tif.series) != meta.n_tiles:
+            raise InvalidInput(Problem(name, f"OME-XML lists {meta.n_tiles} tiles but the file holds "
+                                       f"{len(tif.series)} series", "re-export the cycle file"))
+        return tif.series
+
+    free: queue.SimpleQueue = queue.SimpleQueue()
+    with ThreadPoolExecutor(handles) as pool:
+        for series in pool.map(opened, range(handles)):
+            free.put(series)
 
     def read_tile(t: int, c: int) -> np.ndarray:
-        return series[t].pages[c].asarray()
+        series = free.get()
+        try:
+            return series[t].pages[c].asarray()
+        finally:
+            free.put(series)
 
     if params.illumination:
         flat, dark = (tifffile.imread(io.BytesIO(ctx.work.read_bytes(rel)))
