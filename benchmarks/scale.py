@@ -17,6 +17,10 @@ Usage::
 3. **Model** of the target (1,000 tiles x 40 channels x 2048² px, 10 cycles) on Batch: each kind of
    job's figures on the line through its two demos' figures (docs/scale.md; goals: <= 1 h from upload
    to release, <= $1 of Spot compute, every job <= 16 GiB RAM and <= 50 GB scratch).
+   Align's latency is Amdahl's over its vCPUs, not ``w/v``: its serial share (the thread that
+   assembles cycle 1's thumbnail, or samples its error threshold, and the job's own thread) is
+   measured here, in this process, on two more made slides (:data:`ALIGN_SPLIT_GRIDS`), and put on
+   its line to the target like every other figure.
    ``--model-from WORK/measured.json`` prints the model again from a run's measurements.
 
 Every goal is printed with its figure and PASS or MISS. ``--quick`` runs tiny slides (2x2 and 3x3
@@ -50,6 +54,16 @@ SPOT_USD_PER_VCPU_HOUR = 0.02   # c6i/m6i Spot in us-east-1, about a third of on
 JOB_START_S = 90.0              # a Batch job from SUBMITTED to RUNNING: Spot host up (or reused), image cached
 EVENTS_TO_RUN_S = 10.0          # S3 event -> catalog -> trigger -> StartExecution
 QUEUE_MAX_VCPUS = 256           # infra.config.AtlasConfig.cpu_max_vcpus: the compute environment's cap
+ALIGN_SPLIT_GRIDS = ((6, 6), (12, 12))   # tile grids of the slides align's serial share is measured on
+# Cells per pixel of a channel on the made slides (their density is fixed by design): the 256-tile
+# slide's nuclei found, 92,938 of 256 x 512² px. The target's tables are modelled at this density.
+CELLS_PER_PIXEL = 92_938 / (256 * 512 ** 2)
+# Quantify's merge, measured by benchmarks/quantify_merge.py (the stage's merge on synthetic tables of
+# 0.25-2 M cells x 40 markers; least squares over the sizes): bytes of peak RSS per cell-marker of one
+# table (cell x column: markers, CellID, morphology; one table held at a time) and CPU seconds per
+# cell-marker of every table. The demos cannot give these: the 2x2 slide's merge holds nothing but imports.
+MERGE_BYTES_PER_CELL_MARKER = 28.6
+MERGE_CPU_S_PER_CELL_MARKER = 0.30e-6
 
 
 @dataclass(frozen=True)
@@ -137,10 +151,81 @@ def goal(name: str, figure: str, limit: str, ok: bool) -> str:
     return f"GOAL  {name:<44} {figure:>22}  (goal {limit:<10}) {'PASS' if ok else 'MISS'}"
 
 
-def save(work: Path, runs: list[dict], demo: list[tuple[Size, list[dict]]], raw: int, release: int) -> None:
+def save(work: Path, runs: list[dict], demo: list[tuple[Size, list[dict]]], raw: int, release: int,
+         split: list[tuple[Size, dict]]) -> None:
     """What was measured so far, to ``work/measured.json`` (``--model-from`` reads it)."""
     (work / "measured.json").write_text(json.dumps({"local": runs, "demo": [(vars(size), jobs) for size, jobs in demo],
-                                                    "raw_bytes": raw, "release_bytes": release}, indent=1))
+                                                    "raw_bytes": raw, "release_bytes": release,
+                                                    "align_split": [(vars(size), f) for size, f in split]}, indent=1))
+
+
+def align_split_of(slide: Path, out: Path, vcpus: int = 2) -> dict:
+    """The align job on ``slide`` in this process with ``vcpus`` threads: its CPU seconds (``cpu``)
+    and the part of them on one thread (``serial``): this thread's (the job's own work) plus the
+    longer of the two one-thread steps that run beside the tile pairs (ASHLAR's thumbnail of cycle 1
+    and its error-threshold sampling; :func:`atlas.science.stitch.prepare_edges`), timed per thread."""
+    from ashlar import reg
+
+    from atlas.params import Params
+    from atlas.stages import STITCHING, StageContext, run_jobs
+    from atlas.storage import FolderStore
+
+    steps: dict[str, float] = {}
+    originals = {name: getattr(reg.EdgeAligner, name) for name in ("make_thumbnail", "compute_threshold")}
+
+    def timed(name):
+        def step(self):
+            start = time.thread_time()
+            try:
+                return originals[name](self)
+            finally:
+                steps[name] = steps.get(name, 0.0) + time.thread_time() - start
+        return step
+
+    ctx = StageContext(slide_id=slide.name, run_id="split", slide=FolderStore(slide), work=FolderStore(out),
+                       params=Params())
+    job = next(j for j in run_jobs(STITCHING) if j.stage.name == "align")
+    try:
+        for name in originals:
+            setattr(reg.EdgeAligner, name, timed(name))
+        thread, cpu = time.thread_time(), time.process_time()
+        ctx.for_job(job, scratch=out, vcpus=vcpus).run(job)
+        thread, cpu = time.thread_time() - thread, time.process_time() - cpu
+    finally:
+        for name, original in originals.items():
+            setattr(reg.EdgeAligner, name, original)
+    shutil.rmtree(out, ignore_errors=True)
+    return {"cpu": cpu, "serial": thread + max(steps.values(), default=0.0), "main": thread, **steps}
+
+
+def align_split(work: Path, like: Size, overlap: float,
+                grids: tuple[tuple[int, int], ...] = ALIGN_SPLIT_GRIDS) -> list[tuple[Size, dict]]:
+    """Align's serial and total CPU seconds on made slides of ``grids`` tiles (tile size and cycles
+    as ``like``; one channel per cycle: align reads only the DNA stain)."""
+    split = []
+    for rows, cols in grids:
+        size = Size(rows, cols, like.tile, like.cycles, 1)
+        slide, _ = make_slide(work / "split", size, overlap)
+        split.append((size, align_split_of(slide, work / "split" / "out")))
+    return split
+
+
+def serial_share(split: list[tuple[Size, dict]], target: Size) -> float:
+    """Align's serial share of its CPU at ``target``. Its one-thread seconds: the job's own thread
+    plus the longer of the thumbnail (both on the line through the measured seconds against cycle
+    1's pixels: they read every tile of it) and the threshold sampling (a fixed number of strips
+    as long as a tile and as wide as the overlap: scaled by the tile's area). Its CPU seconds on the
+    line through the measured ones against the pixels of every cycle (:func:`measure`'s "work")."""
+    (low, a), (high, b) = split
+
+    def line(key: str) -> float:
+        return extrapolate(target.pixels, (low.pixels, a.get(key, 0.0)), (high.pixels, b.get(key, 0.0)))
+
+    threshold = max(a.get("compute_threshold", 0.0), b.get("compute_threshold", 0.0)) * (target.tile / high.tile) ** 2
+    serial = line("main") + max(line("make_thumbnail"), threshold)
+    cpu = extrapolate(target.pixels * target.cycles, (low.pixels * low.cycles, a["cpu"]),
+                      (high.pixels * high.cycles, b["cpu"]))
+    return min(1.0, serial / cpu)
 
 
 def local_line(r: dict) -> str:
@@ -210,12 +295,16 @@ def stage_sizes(stage, size: Size) -> tuple[int, int]:
 # "tile": a tile or a fixed block at a time; "band": a band of tile rows across the slide, every
 # channel it reads; "channel-band": such a band of one channel (a mosaic item's channel, a render
 # item's layer, align's cache of first-cycle rows, a quantify item's part of one chunk row); "share":
-# its share of the stage's data; "data": something per cell of the whole slide (tables); "none":
-# nothing that grows. The key is the stage, or "<stage> merge" for a merge.
+# its share of the stage's data; "data": something per cell or object of the whole slide (tables, the
+# run's list of results: publish's jobs); "cells": one cell table of the whole slide, cells x columns
+# (its CPU: every table's); "none": nothing that grows. The key is the stage, or "<stage> merge" for a merge.
 HOLDS = {"illuminate": "tile", "illuminate merge": "none", "align": "channel-band", "mosaic": "channel-band",
          "mosaic merge": "none", "export": "tile", "segment": "tile", "segment merge": "tile",
-         "quantify": "channel-band", "quantify merge": "data", "render": "channel-band", "render merge": "data",
-         "publish": "none"}
+         "quantify": "channel-band", "quantify merge": "cells", "render": "channel-band", "render merge": "data",
+         "publish": "data", "publish merge": "data"}
+# Figures of a kind of job modelled at the rate measured by a benchmark of its own, from the larger
+# demo's figure, instead of on the line through the two demos: figure -> per unit of its measure.
+MEASURED_RATES = {"quantify merge": {"rss": MERGE_BYTES_PER_CELL_MARKER, "cpu": MERGE_CPU_S_PER_CELL_MARKER}}
 # ... where a job's scratch grows with another measure than its memory: "plane", one channel's pixels
 # (export buffers one channel's compressed pyramid before it goes to its place; segment's merge keeps
 # the label images, compressed, in scratch).
@@ -236,14 +325,22 @@ def measure(job: dict, size: Size, items: int, what: str) -> float:
     (:data:`SCRATCH_HOLDS`, else as its memory)."""
     data = size.pixels * channels_read(job["stage"], size)
     share = data / max(items, 1) if job["item"] is not None else data
+    kind = job_kind(job)
+    # one table's cell-markers: whole-slide cells x (markers + CellID + 9 morphology columns)
+    table = size.pixels * CELLS_PER_PIXEL * (size.channels + 10)
     if what == "work":
-        return share
-    kind = job["stage"] + (" merge" if job["merge"] else "")
+        tables = sum(1 for out in job["record"].get("outputs", ()) if out["path"].endswith(".csv")) or 1
+        return table * tables if HOLDS[kind] == "cells" else share
     holds = SCRATCH_HOLDS.get(kind, HOLDS[kind]) if what == "scratch" else HOLDS[kind]
     return {"tile": size.tile ** 2 * channels_read(job["stage"], size, what), "plane": size.pixels,
             "band": size.cols * size.tile ** 2 * channels_read(job["stage"], size, what),
             "channel-band": size.cols * size.tile ** 2,
-            "share": share, "data": data, "none": 1.0}[holds]
+            "share": share, "data": data, "cells": table, "none": 1.0}[holds]
+
+
+def job_kind(job: dict) -> str:
+    """The key of :data:`HOLDS`: the stage, or "<stage> merge"."""
+    return job["stage"] + (" merge" if job["merge"] else "")
 
 
 def extrapolate(x: float, low: tuple[float, float], high: tuple[float, float]) -> float:
@@ -275,15 +372,32 @@ def kind_at_target(low: dict, high: dict, runs: tuple[Size, Size], target: Size,
     """One kind of job of a stage at the target: CPU seconds, peak RSS and scratch, each on the line
     through its figures on the two measured slides (``runs``: their sizes, smaller first)."""
     at = {what: measure(high["job"], target, items, what) for what in ("work", "held", "scratch")}
-    return {figure: extrapolate(at[what], point(low, runs[0], what, figure), point(high, runs[1], what, figure))
-            for figure, what in (("cpu", "work"), ("rss", "held"), ("scratch", "scratch"))}
+    rates = MEASURED_RATES.get(job_kind(high["job"]), {})
+
+    def figure_at(figure: str, what: str) -> float:
+        x, y = point(high, runs[1], what, figure)
+        if figure in rates:   # the larger demo's figure + the measured rate (:data:`MEASURED_RATES`)
+            return y + rates[figure] * max(0.0, at[what] - x)
+        return extrapolate(at[what], point(low, runs[0], what, figure), (x, y))
+
+    return {figure: figure_at(figure, what) for figure, what in (("cpu", "work"), ("rss", "held"),
+                                                                 ("scratch", "scratch"))}
 
 
-def model(runs: list[tuple[Size, list[dict]]], target: Size, usd_per_vcpu_hour: float) -> list[str]:
-    """The target on Batch from the jobs measured on two slides (docs/scale.md, "The model")."""
+def model(runs: list[tuple[Size, list[dict]]], target: Size, usd_per_vcpu_hour: float,
+          split: list[tuple[Size, dict]] | None = None) -> list[str]:
+    """The target on Batch from the jobs measured on two slides (docs/scale.md, "The model"), and
+    align's serial share from ``split`` (:func:`align_split`; measured now when not given)."""
     (small, small_jobs), (measured, jobs) = runs
+    if split is None:
+        with tempfile.TemporaryDirectory(prefix="scale-split-") as tmp:
+            split = align_split(Path(tmp), measured, 0.1)
     print(f"  measured {small.label()} and {measured.label()}; target {target.label()}: data "
           f"x{target.pixels * target.channels / (measured.pixels * measured.channels):.0f} of the larger")
+    serial = {"align": serial_share(split, target)}
+    print("  align's serial share of its CPU: " + ", ".join(f"{100 * f['serial'] / f['cpu']:.1f} % of {f['cpu']:.1f} s "
+                                                            f"at {size.tiles} tiles" for size, f in split)
+          + f" -> {100 * serial['align']:.1f} % at the target")
     print(f"  {'jobs':<16} {'count':>6} {'vCPU':>4} {'work vCPU-h':>11} {'wall min':>9} {'job RSS':>10} "
           f"{'job scratch':>11}")
     finish, vcpu_s, rss_max, scratch_max = {}, 0.0, 0.0, 0.0
@@ -296,7 +410,8 @@ def model(runs: list[tuple[Size, list[dict]]], target: Size, usd_per_vcpu_hour: 
                 continue
             fig = kind_at_target(low or high, high, (small, measured), target, items_t)
             count = items_t if kind == "item" else 1
-            wall = JOB_START_S + math.ceil(count * vcpus / QUEUE_MAX_VCPUS) * fig["cpu"] / vcpus
+            share = serial.get(stage.name, 0.0)   # Amdahl: the serial share runs on one vCPU
+            wall = JOB_START_S + math.ceil(count * vcpus / QUEUE_MAX_VCPUS) * fig["cpu"] * (share + (1 - share) / vcpus)
             latency += wall
             vcpu_s += count * vcpus * (JOB_START_S + fig["cpu"] / vcpus)
             rss_max, scratch_max = max(rss_max, fig["rss"]), max(scratch_max, fig["scratch"])
@@ -326,7 +441,8 @@ def demo_runs(slides: list[tuple[Path, Size]], work: Path) -> tuple[list[tuple[S
     return runs, done[slides[-1][0]][1], done[slides[-1][0]][2]
 
 
-def measure_and_model(work: Path, sizes: tuple[Size, Size, Size], overlap: float, usd: float) -> list[str]:
+def measure_and_model(work: Path, sizes: tuple[Size, Size, Size], overlap: float, usd: float,
+                      grids: tuple[tuple[int, int], ...] = ALIGN_SPLIT_GRIDS) -> list[str]:
     """Steps 1-3 (module docstring); what was measured is kept in ``work/measured.json``."""
     tiny, small, large = sizes
     print("1. local pipeline (atlas run, one process)", flush=True)
@@ -339,16 +455,18 @@ def measure_and_model(work: Path, sizes: tuple[Size, Size, Size], overlap: float
         tiny_slide = slide if tiny == small else make_slide(work / "slides", tiny, overlap)[0]
         demos = pool.submit(demo_runs, [(tiny_slide, tiny), (slide, small)], work)
         large_slide, large_truth = make_slide(work / "slides", large, overlap)
+        # CPU seconds per thread, not wall times: measured beside the demos
+        split = align_split(work, small, overlap, grids)
         demo, raw, release = demos.result()
-    save(work, runs, demo, raw, release)
+    save(work, runs, demo, raw, release, split)
     print(f"2. emulated cloud (atlas demo --slide, one process per job): {small.label()}", flush=True)
     goals = report_demo(demo[-1][1], raw, release)
     print(f"3. model of the target on Batch, from the jobs of step 2 and of the demo on {tiny.label()} "
           "(docs/scale.md)", flush=True)
-    goals += model(demo, TARGET, usd)
+    goals += model(demo, TARGET, usd, split)
     print("1. local pipeline, the larger slide", flush=True)
     runs.append(local_run(large_slide, large_truth, work / "local" / large_slide.name, large))
-    save(work, runs, demo, raw, release)
+    save(work, runs, demo, raw, release, split)
     print(local_line(runs[1]), flush=True)
     return report_local(runs) + goals
 
@@ -365,19 +483,22 @@ def main() -> None:
     if args.model_from:
         saved = json.loads(args.model_from.read_text())
         demo = [(Size(**size), jobs) for size, jobs in saved["demo"]]
-        print("\n".join(model(demo, TARGET, args.spot_usd_per_vcpu_hour)))
+        split = [(Size(**size), f) for size, f in saved["align_split"]] if "align_split" in saved else None
+        print("\n".join(model(demo, TARGET, args.spot_usd_per_vcpu_hour, split)))
         return
     if args.quick:  # the demo runs once, on the smaller slide (no second point for the model's lines)
         sizes, overlap = (Size(2, 2, 256, 2, 2), Size(2, 2, 256, 2, 2), Size(3, 3, 256, 2, 2)), 0.15
+        grids = ((2, 2), (3, 3))
     else:
         sizes, overlap = (Size(2, 2, 512, 3, 4), Size(16, 16, 512, 3, 4), Size(32, 32, 512, 3, 4)), 0.1
+        grids = ALIGN_SPLIT_GRIDS
     work = args.work or Path(tempfile.mkdtemp(prefix="scale-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     print(f"scale benchmark{' (--quick: figures meaningless)' if args.quick else ''}: {len(os.sched_getaffinity(0))} "
           f"CPUs, load {os.getloadavg()[0]:.1f} at start", flush=True)
     try:
-        goals = measure_and_model(work, sizes, overlap, args.spot_usd_per_vcpu_hour)
+        goals = measure_and_model(work, sizes, overlap, args.spot_usd_per_vcpu_hour, grids)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)

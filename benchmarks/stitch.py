@@ -12,6 +12,12 @@ Cases (slides built in a temporary folder from ``../shared/data`` read in place)
   and turned into 2 cycles x 4 channels (channel c = tile // (c + 1) + 100 c; cycle 2 with stage
   positions moved by (+7.7, -5.2) µm so it must really be registered).
 
+Then, in this process (after the children, so their peak RSS is theirs): the first cycle's edge
+alignment (ASHLAR's ``EdgeAligner``: error threshold and every neighbouring pair registered) on the
+``large`` layout's 216 tiles held in memory, serial (1 worker, ASHLAR's own loop) against threaded
+(one worker per CPU, ``atlas.science.stitch.prepare_edges``), alternately; medians of wall and CPU
+time, the speed-up, and whether the results are identical (they must be).
+
 Each tool runs as its own child process, alternately, ``--repeats`` times; wall time and peak RSS
 (``ru_maxrss`` from ``os.wait4`` of that child; this parent stays small because a child's
 ``ru_maxrss`` starts at its parent's peak) are reported as medians, then the ratios
@@ -127,6 +133,33 @@ def bench(slide: Path, work: Path, repeats: int) -> None:
     print(f"  peak RSS   ours/ashlar = {med['ours'][1] / med['ashlar'][1]:.2f}x (goal <= 1.0)")
 
 
+def bench_edges(repeats: int) -> None:
+    """Serial vs threaded edge alignment of one cycle on the same in-memory tiles (module docstring)."""
+    from atlas.science.stitch import TileSet, align_cycles
+    tiles, positions, pixel_size = brain_tiles()
+    extent = positions.max(axis=0) + np.array(tiles.shape[1:]) * pixel_size * 0.9
+    grid = [(gy, gx) for gy in range(2) for gx in range(2)]
+    cycle = TileSet.from_array(np.concatenate([tiles] * len(grid))[:, None],
+                               np.concatenate([positions + extent * g for g in grid]), pixel_size)
+    threads = len(os.sched_getaffinity(0))
+    times = {1: [], threads: []}
+    results = {}
+    for _ in range(repeats):
+        for workers in times:
+            wall, cpu = time.perf_counter(), time.process_time()
+            (results[workers],) = align_cycles([cycle], workers=workers)
+            times[workers].append((time.perf_counter() - wall, time.process_time() - cpu))
+    med = {w: (statistics.median(t for t, _ in r), statistics.median(c for _, c in r)) for w, r in times.items()}
+    a, b = results.values()
+    same = (np.array_equal(a.positions, b.positions) and np.array_equal(a.errors, b.errors) and a.edges == b.edges)
+    print(f"\n== edge alignment of one cycle, {cycle.metadata.num_images} tiles in memory, {repeats} run(s) each, "
+          f"medians; load {os.getloadavg()[0]:.1f}")
+    for workers, (wall, cpu) in med.items():
+        print(f"  {workers} worker(s): wall {wall:6.2f} s   CPU {cpu:6.2f} s")
+    print(f"  speed-up serial/threaded = {med[1][0] / med[threads][0]:.2f}x on {threads} CPUs; "
+          f"results identical: {same}")
+
+
 CASES = {"brain": {"replicate": 1, "channels": 1, "cycles": 1}, "large": {"replicate": 2, "channels": 4, "cycles": 2}}
 
 
@@ -149,6 +182,7 @@ def main() -> None:
             work = root / f"{name}-work"
             work.mkdir()
             bench(root / name, work, args.repeats)
+    bench_edges(args.repeats)
 
 
 if __name__ == "__main__":

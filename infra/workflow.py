@@ -3,7 +3,7 @@
 One Batch job state per registry job, each run with the ``.sync`` integration (RUN_JOB: the state
 waits for the job), in the shape of the registry's stage graph (:func:`atlas.stages.flow.flow`):
 stages that do not build on each other run in the branches of a ``Parallel`` state (today the
-OME-TIFF export beside segment -> quantify), the others one after another. An array stage
+OME-TIFF export beside segment -> quantify -> render), the others one after another. An array stage
 becomes an array job followed by its ``-merge`` job; its size comes from the execution input at run
 time (``ArrayProperties.Size`` = ``$.sizes.<stage>.items``, which the trigger computed from the
 slide's size with the registry's sizing; :func:`atlas.stages.execution_sizes`), and the items and

@@ -162,7 +162,9 @@ def test_every_stage_runs_as_a_job_and_the_run_is_released(aws, run, sample_run,
     released = sum(f["size"] for f in manifest["files"])
     items = [r for r in records.values() if r["stage"] == "segment" and r["item"] is not None]
     assert all(0 < r["s3_bytes_read"] < registered for r in items)  # its share of one channel's chunks
-    assert records["publish.json"]["s3_bytes_read"] < released / 100  # the manifest comes from the records
+    publish = [r for r in records.values() if r["stage"] == "publish"]
+    assert len(publish) == run["sizes"]["publish"]["items"] + 1  # items copied their shares, the merge released
+    assert all(r["s3_bytes_read"] < released / 100 for r in publish)  # the manifest comes from the records
     # the OME-TIFF streams to its place (a multipart upload): scratch holds one channel's compressed
     # pyramid (its IFDs come before its tiles), never the whole file
     with tifffile.TiffFile(io.BytesIO(release[layout.registration_tiff(run["slide_id"])])) as tif:
@@ -190,7 +192,7 @@ def test_a_completed_job_skips_itself(aws, run):
     _, s3 = aws
     before = objects(s3, run["work"])
     result = run_stage_job("publish", slide_uri=run["slide_uri"], work_uri=f"s3://{run['work']}/{run['run_id']}/",
-                           run_id=run["run_id"], s3=s3)
+                           run_id=run["run_id"], merge=True, items=run["sizes"]["publish"]["items"], s3=s3)
     assert result.skipped and result.record["stage"] == "publish"
     assert objects(s3, run["work"]) == before
 
@@ -378,9 +380,12 @@ def publish_again(s3, run, slide_dir: Path, settings: dict, job_s3=None) -> dict
         if not key.startswith(f"{layout.PROVENANCE}/publish"):
             s3.put_object(Bucket=buckets["work"], Key=source + key, Body=body)
     slide_uri = upload_slide(s3, slide_dir, buckets["ingest"])
-    run_stage_job("publish", slide_uri=slide_uri, work_uri=f"s3://{buckets['work']}/{source}", run_id=run["run_id"],
-                  s3=job_s3 or s3, settings={**os.environ, **settings, "ATLAS_RESULTS_BUCKET": buckets["results"],
-                                             "ATLAS_OVERVIEW_BUCKET": buckets["site"]})
+    *items, merged = sized_jobs(run, "publish")
+    for job in [*items, merged]:
+        run_stage_job("publish", slide_uri=slide_uri, work_uri=f"s3://{buckets['work']}/{source}", run_id=run["run_id"],
+                      array_index=job.item, merge=job.merge, items=job.count, s3=job_s3 or s3,
+                      settings={**os.environ, **settings, "ATLAS_RESULTS_BUCKET": buckets["results"],
+                                "ATLAS_OVERVIEW_BUCKET": buckets["site"]})
     return buckets
 
 
@@ -411,7 +416,7 @@ def test_the_jobs_requests_name_the_owner_of_every_bucket_they_use(aws, run, sam
     assert {bucket for bucket, _ in sent} == set(buckets.values())  # path-style URLs: /<bucket>/<key>
     assert {owner for _, owner in sent} == {MOTO_ACCOUNT.encode()}
     with pytest.raises(Misconfigured, match="ATLAS_BUCKET_OWNER: 'atlas' is not an AWS account id"):
-        run_stage_job("publish", slide_uri="s3://ingest/S1/", work_uri="s3://work/S1-r/", run_id="S1-r",
+        run_stage_job("publish", slide_uri="s3://ingest/S1/", work_uri="s3://work/S1-r/", run_id="S1-r", merge=True,
                       s3=boto3.client("s3"), settings={"ATLAS_BUCKET_OWNER": "atlas"})
 
 
@@ -433,13 +438,15 @@ def test_a_changed_upstream_output_is_caught(aws, run):
     for key, body in objects(s3, run["work"], source).items():
         if not key.startswith((f"{layout.PROVENANCE}/render", f"{layout.PROVENANCE}/publish", "overview/")):
             s3.put_object(Bucket=work, Key=source + key, Body=body)
-    tampered = layout.registration_tiff(run["slide_id"])  # the export's, which render builds on
-    s3.put_object(Bucket=work, Key=source + tampered, Body=b"II*\x00 not the registered image")
+    quantified = json.loads(s3.get_object(Bucket=run["work"], Key=source + get_stage("quantify").jobs()[-1].record)
+                            ["Body"].read())
+    tampered = quantified["outputs"][0]["path"]  # the quantify merge's, which render builds on
+    s3.put_object(Bucket=work, Key=source + tampered, Body=b"not the table")
     with pytest.raises(JobError, match=tampered) as caught:
         run_stage_job("render", slide_uri=run["slide_uri"], work_uri=f"s3://{work}/{source}",
                       run_id=run["run_id"], array_index=0, s3=s3)
     assert caught.value.exit_code == ExitCode.CORRUPT_WORK
-    assert "export.json" in str(caught.value)  # says which record to delete to redo the stage
+    assert "quantify.json" in str(caught.value)  # says which record to delete to redo the stage
 
 
 def test_missing_manifest_is_invalid_input(aws):
@@ -455,7 +462,8 @@ def test_publish_without_a_results_bucket_is_misconfigured(aws, monkeypatch):
     monkeypatch.delenv("ATLAS_RESULTS_BUCKET", raising=False)
     work = new_bucket(s3, "work")
     with pytest.raises(Misconfigured, match="ATLAS_RESULTS_BUCKET"):
-        run_stage_job("publish", slide_uri="s3://ingest/S1/", work_uri=f"s3://{work}/S1-r/", run_id="S1-r", s3=s3)
+        run_stage_job("publish", slide_uri="s3://ingest/S1/", work_uri=f"s3://{work}/S1-r/", run_id="S1-r",
+                      merge=True, s3=s3)
 
 
 @pytest.mark.parametrize("args, message", [

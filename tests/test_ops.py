@@ -162,6 +162,45 @@ def test_the_current_stage_comes_from_the_execution_history(cloud, sample_slide,
     assert {p.stage: p.state for p in status.stages}["segment"] == "running"
 
 
+def test_status_names_every_parallel_branch_running(cloud, sample_slide, tmp_path):
+    """Export runs beside segment -> quantify -> render: with both branches running, status names both
+    jobs, from the execution history (a state entered and not exited) or, without it, from the records."""
+    slide_id = sample_slide.name
+    run_id = ops.slide_status(slide_id, table=table(cloud)).run_id
+    tell(cloud, run_id, "RUNNING")
+    for job in run_jobs(STITCHING[:3]):  # up to the mosaic: export and segment may start
+        finish_job(cloud, tmp_path, slide_id, run_id, job.stage.name, job.item)
+    for item in range(2):
+        finish_job(cloud, tmp_path, slide_id, run_id, "segment", item)
+    from_records = ops.slide_status(slide_id, table=table(cloud))
+    assert from_records.current_jobs == ("export", "segment") and from_records.current_stage == "export"
+    assert {p.stage: p.state for p in from_records.stages}["export"] == "running"
+    shown = cli("status", slide_id)
+    assert shown.exit_code == 0 and "current stages: export, segment" in shown.output
+
+    sfn = boto3.client("stepfunctions")
+    arn = from_records.execution_arn
+    when = datetime(2025, 6, 1, tzinfo=UTC)
+
+    def event(kind: str, name: str, id_: int) -> dict:
+        details = "stateEnteredEventDetails" if kind.endswith("Entered") else "stateExitedEventDetails"
+        return {"timestamp": when, "type": kind, "id": id_, "previousEventId": id_ - 1, details: {"name": name}}
+    history = [event("TaskStateEntered", "quantify", 12), event("TaskStateExited", "segment-merge", 11),
+               event("TaskStateEntered", "segment-merge", 10), event("TaskStateExited", "segment", 9),
+               event("TaskStateEntered", "segment", 8), event("TaskStateEntered", "export", 7),
+               event("TaskStateExited", "mosaic-merge", 6)]
+    with Stubber(sfn) as stub:
+        stub.add_response("describe_execution", {
+            "executionArn": arn, "stateMachineArn": cloud.settings.state_machine_arn, "status": "RUNNING",
+            "startDate": when, "input": "{}"})
+        stub.add_response("get_execution_history", {"events": history},
+                          {"executionArn": arn, "reverseOrder": True, "maxResults": 200})
+        status = ops.slide_status(slide_id, table=table(cloud), sfn=sfn)
+    assert status.current_jobs == ("export", "quantify")
+    states = {p.stage: p.state for p in status.stages}
+    assert (states["export"], states["quantify"], states["render"]) == ("running", "running", "pending")
+
+
 def fail_at_segment(cloud, slide_id: str, tmp_path: Path) -> str:
     run_id = ops.slide_status(slide_id, table=table(cloud)).run_id
     tell(cloud, run_id, "RUNNING")

@@ -37,6 +37,7 @@ from atlas.science.quantification import (
 )
 from atlas.slide.convention import read_markers
 from atlas.stages import StageContext, get_stage
+from atlas.stages import quantify as quantify_stage
 from atlas.stages.quantify import quantify_files, write_csv
 from atlas.storage import FolderStore
 
@@ -182,6 +183,38 @@ def test_csv_float_text_matches_pandas_at_every_magnitude(tmp_path):
     table.to_csv(tmp_path / "pandas.csv", index=False)
     write_csv(table, tmp_path / "ours.csv")
     assert (tmp_path / "ours.csv").read_bytes() == (tmp_path / "pandas.csv").read_bytes()
+
+
+@pytest.mark.parametrize("rows", [1, 7, 55])
+def test_tables_written_in_row_batches_equal_the_whole_table_written_at_once(shared_data, tmp_path, monkeypatch,
+                                                                           rows):
+    """CSV and Parquet are converted BATCH_ROWS rows at a time (a merge's memory is one batch of text,
+    not the whole table's): batch edges anywhere give the CSV pandas writes and the Parquet table and
+    schema of ``to_parquet``, one row group per batch."""
+    import pyarrow.csv as pa_csv
+    import pyarrow.parquet as pq
+
+    image, mask = steinbock(shared_data, ROIS[1], "deepcell")
+    table = quantify(image, {"cell": mask}, PANEL)["cell"]   # 55 cells
+    monkeypatch.setattr(quantify_stage, "BATCH_ROWS", rows)
+    written, arrow_write = [], pa_csv.write_csv
+    monkeypatch.setattr(pa_csv, "write_csv",
+                        lambda text, *args: written.append(text.num_rows) or arrow_write(text, *args))
+    write_csv(table, tmp_path / "ours.csv")
+    assert max(written) <= rows and sum(written) == len(table)   # the text of one batch at a time
+    table.to_csv(tmp_path / "pandas.csv", index=False)
+    assert (tmp_path / "ours.csv").read_bytes() == (tmp_path / "pandas.csv").read_bytes()
+    quantify_stage.TABLE_WRITERS[".parquet"](table, tmp_path / "ours.parquet", {})
+    table.to_parquet(tmp_path / "pandas.parquet", index=False)
+    ours = pq.ParquetFile(tmp_path / "ours.parquet")
+    assert ours.schema_arrow.equals(pq.read_schema(tmp_path / "pandas.parquet"), check_metadata=True)
+    assert ours.metadata.num_row_groups == -(-len(table) // rows)
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "ours.parquet"), table)
+    empty = table.iloc[:0]   # no cells: the header, and a Parquet file of the table's columns and types
+    write_csv(empty, tmp_path / "empty.csv")
+    assert (tmp_path / "empty.csv").read_text() == empty.to_csv(index=False)
+    quantify_stage.TABLE_WRITERS[".parquet"](empty, tmp_path / "empty.parquet", {})
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "empty.parquet"), empty)
 
 
 def test_empty_mask_gives_header_only_table(tmp_path):

@@ -40,10 +40,12 @@ def test_each_stage_runs_as_its_jobs_in_order():
     assert [job.label for job in run_jobs()] == [
         "illuminate[0]", "illuminate[1]", "illuminate merge", "align", "mosaic[0]", "mosaic[1]", "mosaic merge",
         "export", "segment[0]", "segment[1]", "segment[2]", "segment[3]", "segment merge", "quantify[0]",
-        "quantify[1]", "quantify merge", "render[0]", "render[1]", "render merge", "publish"]
+        "quantify[1]", "quantify merge", "render[0]", "render[1]", "render merge", "publish[0]", "publish[1]",
+        "publish merge"]
     assert [job.name for job in batch_jobs()] == ["illuminate", "illuminate-merge", "align", "mosaic", "mosaic-merge",
                                                   "export", "segment", "segment-merge", "quantify", "quantify-merge",
-                                                  "render", "render-merge", "publish"]
+                                                  "render", "render-merge", "publish",
+                                                  "publish-merge"]
     assert [stage.params for stage in STITCHING] == ["stitch"] * 4  # they share the params.yml section
     segment = get_stage("segment")
     assert [job.record for job in segment.jobs(2)] == ["qc/provenance/segment.0.json", "qc/provenance/segment.1.json",
@@ -64,7 +66,7 @@ def test_array_sizes_and_resources_follow_the_slide():
     assert set(target) == {job.name for job in batch_jobs()}
     for name, sizes in target.items():
         assert sizes.memory_mib <= HOST_MEMORY_MIB, name  # every request fits a 16 GiB host
-        assert (sizes.items > 0) == (name in ("illuminate", "mosaic", "segment", "quantify", "render")), name
+        assert (sizes.items > 0) == (name in ("illuminate", "mosaic", "segment", "quantify", "render", "publish")), name
     # the stitching fan-out: illumination one item per cycle, the mosaic one per channel; timeouts grow
     # with the tiles and channels
     assert (target["illuminate"].items, target["mosaic"].items) == (10, 40)
@@ -87,6 +89,18 @@ def test_render_fans_out_by_channels_and_pixels():
     assert run_sizes(SlideSize(tiles=10**6, cycles=10, channels=40, tile_shape=(2048, 2048)))["render"].items \
         == MAX_ARRAY_SIZE
     assert execution_sizes(SAMPLE)["render"]["items"] == 2 and execution_sizes(None)["render"]["items"] == 2
+
+
+def test_publish_fans_out_by_channels_and_pixels():
+    """Publish items share the release's objects: two on the sample slide, about one per 10 G
+    channel-pixels on the target (40 channels x 4.2 GP: 17), each copying ~1/17 of ~10^6 objects."""
+    assert run_sizes(SAMPLE)["publish"].items == 2 and run_sizes(SAMPLE)["publish-merge"].items == 0
+    assert run_sizes(TARGET)["publish"].items == math.ceil(40 * TARGET.pixels / 1e10) == 17
+    assert run_sizes(SlideSize(tiles=10**7, cycles=10, channels=40, tile_shape=(2048, 2048)))["publish"].items \
+        == MAX_ARRAY_SIZE
+    publish = get_stage("publish")
+    assert publish.publishes and [j.label for j in publish.jobs(3)] == ["publish[0]", "publish[1]", "publish[2]",
+                                                                        "publish merge"]
 
 
 def test_the_execution_input_sizes_the_arrays_of_a_run():
@@ -134,7 +148,8 @@ def test_stages_build_on_what_they_read_and_the_export_on_the_mosaic_alone(tmp_p
     assert [s.name for s in ancestors(get_stage("export"))] == ["illuminate", "align", "mosaic"]
     assert [s.name for s in ancestors(get_stage("segment"))] == ["illuminate", "align", "mosaic"]
     assert [s.name for s in ancestors(get_stage("quantify"))] == ["illuminate", "align", "mosaic", "segment"]
-    assert [s.name for s in ancestors(get_stage("render"))] == names[:-2]  # its overview lists the OME-TIFF
+    # render runs beside the export: its overview names the OME-TIFF from the layout
+    assert [s.name for s in ancestors(get_stage("render"))] == ["illuminate", "align", "mosaic", "segment", "quantify"]
     assert [s.name for s in ancestors(get_stage("publish"))] == names[:-1]
     work = FolderStore(tmp_path)
     for job in run_jobs([s for s in STITCHING if s.name != "export"]):
@@ -148,7 +163,7 @@ def test_the_state_machine_shape_runs_independent_stages_as_parallel_branches():
     def names(steps):
         return [s.name if isinstance(s, Stage) else [names(b) for b in s] for s in steps]
 
-    assert names(flow()) == ["illuminate", "align", "mosaic", [["export"], ["segment", "quantify"]], "render",
+    assert names(flow()) == ["illuminate", "align", "mosaic", [["export"], ["segment", "quantify", "render"]],
                              "publish"]
     assert flat(flow()) == list(STAGES)  # branch after branch is the registry's order
     with pytest.raises(ValueError, match="listed after it"):

@@ -17,6 +17,7 @@ from atlas import layout
 from atlas.aws import release
 from atlas.aws.release import LATEST, ReleaseError, content_type, release_run
 from atlas.aws.s3 import S3Uri
+from atlas.stages.publish import share
 
 SLIDE = "S1"
 BUCKETS = ("work", "results", "site")   # created by the s3 fixture (conftest)
@@ -190,3 +191,52 @@ def test_release_refuses_a_manifest_of_another_run(s3, tmp_path):
                     run_id="S1-eeeeeeeeeeee",
                     results_bucket="results")
     assert keys(s3, "results") == []
+
+
+def released(s3, bucket: str, prefix: str) -> dict[str, tuple]:
+    """Every object below ``prefix``: its bytes, metadata, content type and S3's own SHA-256."""
+    out = {}
+    for key in keys(s3, bucket, prefix):
+        obj = s3.get_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+        out[key[len(prefix):]] = (obj["Body"].read(), obj["Metadata"], obj["ContentType"], obj.get("ChecksumSHA256"))
+    return out
+
+
+def test_items_copying_their_shares_then_the_merge_release_what_one_go_releases(s3, tmp_path):
+    """The publish stage's jobs (three items' shares, then the merge's finish) give the release that
+    :func:`release_run` gives in one go: the same objects, metadata and checksums, manifest last."""
+    run_id = "S1-ffffffffffff"
+    manifest = write_run(tmp_path, run_id)
+    work = S3Uri("work", f"{run_id}/")
+    stage_to_work(s3, tmp_path, work)
+    release_run(s3, manifest, work=work, slide_id=SLIDE, run_id=run_id, results_bucket="results")
+    s3.create_bucket(Bucket="results-by-items")
+    writes = record_writes(s3)
+    publisher = release.S3Publisher(s3, work, SLIDE, run_id, "results-by-items")
+    for index in range(3):
+        publisher.copy(share(manifest["files"], index, 3))
+    assert keys(s3, "results-by-items") == sorted(f"{SLIDE}/{run_id}/{f['path']}" for f in manifest["files"])
+    publisher.finish(manifest)
+
+    prefix = f"{SLIDE}/{run_id}/"
+    assert released(s3, "results-by-items", prefix) == released(s3, "results", prefix)
+    assert writes[-2:] == [f"results-by-items/{prefix}manifest.json", f"results-by-items/{SLIDE}/{LATEST}"]
+    latest = [json.loads(s3.get_object(Bucket=b, Key=f"{SLIDE}/{LATEST}")["Body"].read()) for b in
+              ("results", "results-by-items")]
+    assert [{k: v for k, v in doc.items() if k in ("files", "bytes", "run_id")} for doc in latest] == [
+        {"files": len(FILES), "bytes": sum(f["size"] for f in manifest["files"]), "run_id": run_id}] * 2
+
+
+def test_the_managed_copy_sends_parts_of_the_configured_size(s3, monkeypatch):
+    """Past CopyObject's limit (lowered here to 1 KB) an object is copied in parts of
+    MANAGED_COPY_PART_BYTES (here S3's smallest, 5 MiB: a 12 MiB object in 3 UploadPartCopy requests)."""
+    monkeypatch.setattr(release, "COPY_OBJECT_MAX_BYTES", 1024)
+    monkeypatch.setattr(release, "MANAGED_COPY_PART_BYTES", 5 << 20)
+    data = bytes(range(256)) * (12 << 12)
+    s3.put_object(Bucket="work", Key="r/registration/S1.ome.tif", Body=data)
+    calls: list[str] = []
+    s3.meta.events.register("provide-client-params.s3", lambda params, model, **_: calls.append(model.name))
+    release._copy(s3, S3Uri("work", "r/registration/S1.ome.tif"), S3Uri("results", "S1/r/registration/S1.ome.tif"),
+                  {"sha256": hashlib.sha256(data).hexdigest()}, len(data))
+    assert calls.count("UploadPartCopy") == 3 and "CompleteMultipartUpload" in calls
+    assert s3.get_object(Bucket="results", Key="S1/r/registration/S1.ome.tif")["Body"].read() == data

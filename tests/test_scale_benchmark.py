@@ -13,6 +13,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from atlas.stages import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,3 +52,26 @@ def test_the_quick_scale_benchmark_prints_every_goal_with_its_figure(tmp_path):
                             str(tmp_path / "work" / "measured.json")], env=env, capture_output=True, text=True,
                            timeout=120, cwd=tmp_path)
     assert again.returncode == 0 and "model: largest job memory" in again.stdout, again.stdout + again.stderr
+
+
+def test_the_model_puts_quantifys_merge_at_its_measured_rate_per_cell_marker():
+    """The merge's memory and CPU at the target come from the larger demo's figures plus the rates
+    benchmarks/quantify_merge.py measured, whatever the 2x2 demo's merge showed."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import scale
+
+    def merge_job(rss: float, cpu: float, tables: int) -> dict:
+        job = {"stage": "quantify", "item": None, "merge": True, "cpu_seconds": cpu, "peak_rss_bytes": rss,
+               "record": {"scratch_peak_bytes": 1, "outputs": [{"path": f"t{i}.csv"} for i in range(tables)]}}
+        return scale.job_figures([job], "quantify", "merge")
+
+    small, large = scale.Size(2, 2, 512, 3, 4), scale.Size(16, 16, 512, 3, 4)
+    cells = scale.CELLS_PER_PIXEL * scale.TARGET.pixels
+    for tiny_rss in (1e6, 4e8):   # the tiny demo's figure does not move the line
+        fig = scale.kind_at_target(merge_job(tiny_rss, 2.0, 2), merge_job(5e8, 4.0, 2), (small, large),
+                                   scale.TARGET, 1)
+        held = cells * (scale.TARGET.channels + 10)
+        at_large = scale.CELLS_PER_PIXEL * large.pixels * (large.channels + 10)
+        assert fig["rss"] == pytest.approx(5e8 + scale.MERGE_BYTES_PER_CELL_MARKER * (held - at_large), rel=1e-12)
+        assert fig["cpu"] == pytest.approx(4.0 + scale.MERGE_CPU_S_PER_CELL_MARKER * 2 * (held - at_large), rel=1e-12)
+    assert 5e6 < cells < 7e6   # ~5.8 M cells per mask at the target

@@ -253,6 +253,41 @@ def test_second_cycle_with_known_shift_is_registered_within_one_pixel(two_cycle_
     assert [c["registered"] for c in summary["cycles"]] == [True, True]
 
 
+def align_outputs(slide: Path, out: Path, vcpus: int) -> dict[str, bytes]:
+    """The align stage's QC and placements after the stitching jobs up to align, with ``vcpus``."""
+    ctx = StageContext(slide_id=slide.name, run_id="test", slide=FolderStore(slide), work=FolderStore(out),
+                       params=Params())
+    for job in run_jobs(STITCHING):
+        ctx.for_job(job, scratch=out, vcpus=vcpus).run(job)
+        if job.stage.name == "align":
+            break
+    return {rel: (out / rel).read_bytes() for rel in
+            (f"{stage.QC_DIR}/tiles.csv", f"{stage.QC_DIR}/edges.csv", f"{stage.QC_DIR}/summary.json", stage.ALIGNMENT)}
+
+
+@pytest.mark.parametrize("slide_of", ["brain two cycles", "made sample"])
+def test_edges_registered_in_threads_give_the_serial_result(slide_of, two_cycle_run, sample_dirs, tmp_path,
+                                                            monkeypatch):
+    """Cycle 1's tile pairs registered in the job's vCPUs' threads (ASHLAR's thumbnail and error
+    threshold beside them) give byte-identical QC and placements to ASHLAR's serial run."""
+    from atlas.science import stitch
+    slide = two_cycle_run[0].parent / "brain" if slide_of == "brain two cycles" else sample_dirs[0]
+    workers = []
+    prepare = stitch.prepare_edges
+
+    def spy(aligner, n):
+        workers.append(n)
+        return prepare(aligner, n)
+
+    monkeypatch.setattr(stitch, "prepare_edges", spy)
+    serial, threaded = (align_outputs(slide, tmp_path / f"vcpus{v}", v) for v in (1, 3))
+    assert workers == [1, 3]                       # the stage's threads follow the job's vCPUs
+    assert threaded == serial
+    summary = json.loads(serial[f"{stage.QC_DIR}/summary.json"])
+    assert [c["registered"] for c in summary["cycles"]] == [True, True]
+    assert serial[f"{stage.QC_DIR}/edges.csv"].count(b"true") >= 12     # pairs really registered
+
+
 SUBGRID = ["0020", "0021", "0022", "0029", "0030", "0031", "0038", "0039", "0040"]   # 3 x 3 tissue tiles
 
 

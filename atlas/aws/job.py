@@ -17,8 +17,10 @@ does, in order (the steps shared with the local runner are :mod:`atlas.pipeline.
    outputs are checked as they are read whole (:class:`atlas.storage.JobView`).
 4. **Run** the stage function on the stores, writing chunk by chunk to the work prefix; each
    object's size and sha256 is recorded as it is written.
-5. **Publish** (the publishing stage): release the run to the results bucket (:mod:`atlas.aws.release`).
-6. **Record**: write the completion record LAST (outputs, vCPU-seconds, instance type, peak RSS,
+   The publishing stage's jobs get a publisher in their context (:class:`atlas.aws.release.S3Publisher`):
+   its items copy their shares of the results to the results bucket, its merge makes the release
+   visible (:mod:`atlas.stages.publish`).
+5. **Record**: write the completion record LAST (outputs, vCPU-seconds, instance type, peak RSS,
    scratch, S3 bytes), so a record's presence means its outputs are complete.
 
 Outputs are deterministic, so an attempt killed mid-way leaves objects that the next attempt
@@ -36,18 +38,17 @@ import os
 import tempfile
 import urllib.request
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from atlas import layout
-from atlas.aws.release import OVERVIEW_BUCKET_ENV, RESULTS_BUCKET_ENV, ReleaseError, release_prefix, release_run
+from atlas.aws.release import OVERVIEW_BUCKET_ENV, RESULTS_BUCKET_ENV, S3Publisher, release_prefix
 from atlas.aws.s3 import BUCKET_OWNER_ENV, S3Uri, expect_bucket_owner, parallel_map, s3_client
 from atlas.aws.store import S3Store, counted
 from atlas.errors import InvalidInput, Problem
 from atlas.pipeline import records
-from atlas.pipeline.contract import BadJobArguments, CorruptWork, Misconfigured
+from atlas.pipeline.contract import BadJobArguments, Misconfigured
 from atlas.pipeline.runner import reads_slide, run_job, stage_context, upstream_of
 from atlas.slide.convention import RAW
 from atlas.slide.validate import REUPLOAD
@@ -202,18 +203,12 @@ class JobPlace:
             raise BadJobArguments(str(exc)) from exc
 
 
-def publish(s3, place: JobPlace, ctx: StageContext, settings: Mapping[str, str]) -> None:
-    """Release the run (publishing stage only), before its completion record is written.
-
-    The overview goes to the public site too unless the slide's params.yml says ``overview.public: false``;
-    the portal at the site's root is rewritten either way (an earlier public release of the slide leaves it).
-    """
-    try:
-        release_run(s3, json.loads(ctx.work.read_bytes(layout.MANIFEST)), work=place.work, slide_id=place.slide.name,
-                    run_id=place.run_id, results_bucket=settings[RESULTS_BUCKET_ENV],
-                    overview_bucket=settings.get(OVERVIEW_BUCKET_ENV) or None, public=ctx.params.overview.public)
-    except ReleaseError as exc:
-        raise CorruptWork(str(exc)) from exc
+def publisher(s3, place: JobPlace, ctx: StageContext, settings: Mapping[str, str]) -> S3Publisher:
+    """Where the publishing stage's jobs release the run: the results bucket, and the public site
+    unless the slide's params.yml says ``overview.public: false`` (the portal at the site's root is
+    rewritten either way: an earlier public release of the slide leaves it)."""
+    return S3Publisher(s3, place.work, place.slide.name, place.run_id, settings[RESULTS_BUCKET_ENV],
+                       settings.get(OVERVIEW_BUCKET_ENV) or None, ctx.params.overview.public)
 
 
 def own_buckets(s3, place: JobPlace, settings: Mapping[str, str]) -> None:
@@ -297,13 +292,13 @@ def run_stage_job(stage_name: str, *, slide_uri: str, work_uri: str, run_id: str
     ctx = stage_context(slide, work, slide_id=place.slide.name, run_id=run_id, settings=settings,
                         results_uri=str(release_prefix(results_bucket, place.slide.name, run_id)) if results_bucket
                         else None)
+    if job.stage.publishes:
+        ctx = replace(ctx, publisher=publisher(s3, place, ctx, settings))
     record = run_job(ctx, job, upstream, instance_type=instance_type(), vcpus=vcpus,
                      verify_slide=partial(check_raw_inputs, slide),
                      scratch_root=Path(scratch or settings.get(SCRATCH_ENV) or tempfile.gettempdir()))
     log.info("%s: ran in %.1f s, %d outputs, %d bytes read, %d written", job.label, record["seconds"],
              len(record["outputs"]), record["s3_bytes_read"], record["s3_bytes_written"])
-    if job.stage.publishes:
-        publish(s3, place, ctx, settings)
     records.write_record(work, job, record)
     log.info("%s: completion record written to %s", job.label, place.work.join(job.record))
     return JobResult(job.stage.name, job.item, False, record)

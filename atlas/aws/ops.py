@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import boto3
@@ -38,7 +38,7 @@ from atlas.params import parse_params
 from atlas.pipeline import records as completion
 from atlas.slide.convention import MARKERS, PARAMS, SLIDE_MANIFEST, parse_manifest, parse_markers, run_id_for
 from atlas.slide.story import STORY, check_story, parse_story
-from atlas.stages import STAGES, Stage, batch_jobs, get_stage, run_jobs
+from atlas.stages import STAGES, Stage, batch_jobs, dependencies, get_stage, run_jobs
 
 RERUN_PREFIX = "reruns"      # work bucket: slide copies carrying an overridden params.yml
 RERUNNABLE = catalog.ENDED
@@ -155,7 +155,10 @@ class SlideStatus:
     execution_status : str or None
         Step Functions' status of the current run's execution (None before it started).
     current_stage : str or None
-        The job the run is in (running) or stopped in (failed), e.g. ``segment-merge``.
+        The job the run is in (running) or stopped in (failed), e.g. ``segment-merge``; the first of
+        ``current_jobs``.
+    current_jobs : tuple of str
+        Every job the run is in: one per parallel branch running (e.g. ``export`` and ``segment``).
     cost_usd : float
         Compute cost so far (on-demand estimate, reused stages not counted); ``cost_complete`` is
         False when some job ran on an instance type without a price.
@@ -179,6 +182,7 @@ class SlideStatus:
     overview_uri: str | None
     updated_at: str | None
     runs: list[dict] = field(default_factory=list)
+    current_jobs: tuple[str, ...] = ()
 
 
 def list_catalog_slides(table) -> list[dict]:
@@ -198,18 +202,24 @@ def job_stage(state_name: str) -> Stage | None:
     return next((job.stage for job in batch_jobs() if job.name == state_name), None)
 
 
-def current_job(sfn, execution_arn: str) -> str | None:
-    """The job state the execution entered last (running, or where it failed), from its history."""
+def current_jobs(sfn, execution_arn: str) -> list[str]:
+    """The job states the execution is in (entered, not yet exited: one per parallel branch running),
+    in registry order; when none is, the one it entered last (where it failed), from its history."""
     kwargs = {"executionArn": execution_arn, "reverseOrder": True, "maxResults": 200}
+    exited, open_states, last = set(), set(), None
     while True:
         page = sfn.get_execution_history(**kwargs)
-        for event in page["events"]:
-            name = (event.get("stateEnteredEventDetails") or {}).get("name")
-            if name and job_stage(name) is not None:
-                return name
+        for event in page["events"]:  # newest first: a state's exit comes before its entry
+            if (name := (event.get("stateExitedEventDetails") or {}).get("name")) and job_stage(name):
+                exited.add(name)
+            if (name := (event.get("stateEnteredEventDetails") or {}).get("name")) and job_stage(name):
+                last = last or name
+                if name not in exited:
+                    open_states.add(name)
         if not page.get("nextToken"):
-            return None
+            break
         kwargs["nextToken"] = page["nextToken"]
+    return [job.name for job in batch_jobs() if job.name in open_states] or ([last] if last else [])
 
 
 def completion_records(s3, work: S3Uri, run_id: str) -> dict[str, dict]:
@@ -230,17 +240,18 @@ def job_cost(record: Mapping, prices: ComputePrices = COMPUTE_PRICES) -> float |
 
 
 def stage_progress(records: Mapping[str, dict], *, execution_status: str | None,
-                   current: str | None) -> tuple[list[StageProgress], str | None]:
+                   current: Sequence[str] = ()) -> tuple[list[StageProgress], list[str]]:
     """Per-stage progress of a run from its completion records and its execution status.
 
-    ``current`` is the job state from Step Functions when known; otherwise the first stage
-    without a complete record is taken as the one running (or failed).
+    ``current`` are the job states from Step Functions when known; otherwise the stages without a
+    complete record whose upstream stages are complete are taken as the ones running (one per
+    parallel branch), or, for a failed run, the first of them as the one that failed.
 
     Returns
     -------
     stages : list of StageProgress
-    current : str or None
-        The job running or failed (None when the run has not started or has succeeded).
+    current : list of str
+        The jobs running or failed (none when the run has not started or has succeeded).
     """
     finished, complete, items_done = {}, set(), {}
     for stage in STAGES:
@@ -250,20 +261,21 @@ def stage_progress(records: Mapping[str, dict], *, execution_status: str | None,
         items_done[stage.name] = sum(records.get(job.record) is not None for job in items)
         if last.record in records:
             complete.add(stage.name)
-    if current is None and execution_status and catalog.run_status(execution_status) in (Status.RUNNING,
-                                                                                          Status.FAILED):
-        stage = next((s for s in STAGES if s.name not in complete), None)
-        if stage is not None:
-            current = stage.jobs()[-1].name if stage.array_size and items_done[stage.name] == stage.array_size \
-                else stage.name
-    running = job_stage(current).name if current else None
+    current = list(current)
+    if not current and execution_status and catalog.run_status(execution_status) in (Status.RUNNING,
+                                                                                      Status.FAILED):
+        ready = [s for s in STAGES if s.name not in complete and all(d.name in complete for d in dependencies(s))]
+        current = [stage.jobs()[-1].name if stage.array_size and items_done[stage.name] == stage.array_size
+                   else stage.name for stage in ready]
+        current = current if execution_status == "RUNNING" else current[:1]
+    running = {job_stage(name).name for name in current}
     stages = []
     for stage in STAGES:
         jobs = finished[stage.name]
         costs = [job_cost(r) for r in jobs]
         if stage.name in complete:
             state = "reused" if records[stage.jobs()[-1].record].get("reused_from") else "done"
-        elif stage.name == running:
+        elif stage.name in running:
             state = "running" if execution_status == "RUNNING" else "failed"
         else:
             state = "pending"
@@ -273,7 +285,7 @@ def stage_progress(records: Mapping[str, dict], *, execution_status: str | None,
             tuple(sorted({str(r.get("instance_type")) for r in jobs})),
             None if None in costs else sum(costs)))
     if execution_status == "SUCCEEDED":
-        current = None
+        current = []
     return stages, current
 
 
@@ -293,14 +305,14 @@ def slide_status(slide_id: str, *, table, sfn=None, s3=None) -> SlideStatus:
     run_id = item.get("run_id")
     run = next((r for r in runs if r.get("run_id") == run_id), {})
     execution_arn = item.get("execution_arn") or run.get("execution_arn")
-    execution_status = current = None
+    execution_status, current = None, []
     work_uri = (run.get("input") or {}).get("work_uri")
     if execution_arn:
         sfn = sfn or sfn_client(execution_arn)
         described = sfn.describe_execution(executionArn=execution_arn)
         execution_status = described["status"]
         work_uri = work_uri or json.loads(described.get("input") or "{}").get("work_uri")
-        current = current_job(sfn, execution_arn)
+        current = current_jobs(sfn, execution_arn)
     if execution_arn and work_uri:
         own_run_buckets(s3, execution_arn, S3Uri.parse(work_uri))
     records = completion_records(s3, S3Uri.parse(work_uri), run_id) if work_uri and run_id else {}
@@ -308,11 +320,11 @@ def slide_status(slide_id: str, *, table, sfn=None, s3=None) -> SlideStatus:
     costs = [job_cost(r) for r in records.values()]
     return SlideStatus(
         slide_id=slide_id, status=item.get("status", "?"), run_id=run_id, execution_arn=execution_arn,
-        execution_status=execution_status, current_stage=current, stages=stages, error=item.get("error"),
-        cause=item.get("cause"), problems=item.get("problems") or [], missing=item.get("missing") or [],
-        cost_usd=sum(c for c in costs if c is not None), cost_complete=None not in costs, work_uri=work_uri,
-        results_uri=item.get("output_uri"), overview_uri=item.get("overview_uri"), updated_at=item.get("updated_at"),
-        runs=runs)
+        execution_status=execution_status, current_stage=current[0] if current else None, stages=stages,
+        error=item.get("error"), cause=item.get("cause"), problems=item.get("problems") or [],
+        missing=item.get("missing") or [], cost_usd=sum(c for c in costs if c is not None),
+        cost_complete=None not in costs, work_uri=work_uri, results_uri=item.get("output_uri"), runs=runs,
+        overview_uri=item.get("overview_uri"), updated_at=item.get("updated_at"), current_jobs=tuple(current))
 
 
 # --- rerun --------------------------------------------------------------------------------------

@@ -45,8 +45,8 @@ def status(slide: str = typer.Argument(None, help="slide id (default: every slid
     st = ops.slide_status(slide, table=catalog_table)
     console.print(f"[bold]{st.slide_id}[/]: {styled(st.status)}  run {st.run_id or '-'}"
                   + (f"  (execution {styled(st.execution_status)})" if st.execution_status else ""))
-    if st.current_stage:
-        console.print(f"current stage: [bold]{st.current_stage}[/]")
+    if st.current_jobs:  # one per parallel branch running
+        console.print(f"current stage{'s' if len(st.current_jobs) > 1 else ''}: [bold]{', '.join(st.current_jobs)}[/]")
     if st.execution_arn:
         console.print(f"execution: {st.execution_arn}", highlight=False)
     if st.stages and st.run_id:

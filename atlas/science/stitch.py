@@ -262,7 +262,8 @@ def align_cycles(cycles: Sequence[TileSet], *, channel: int = 0, max_shift_um: f
     cache_rows : int
         Tile rows of the first cycle's alignment channel kept in memory (:class:`TileCache`).
     workers : int
-        Later cycles registered at once (threads; the job's vCPUs).
+        Threads (the job's vCPUs): the first cycle's tile pairs registered at once, beside its
+        thumbnail and error threshold (:func:`prepare_edges`), then the later cycles registered at once.
 
     Returns
     -------
@@ -275,7 +276,9 @@ def align_cycles(cycles: Sequence[TileSet], *, channel: int = 0, max_shift_um: f
                                    filter_sigma=filter_sigma, do_make_thumbnail=len(cycles) > 1)
     edge_aligner.reader = TileCache(first, channel, rows_capacity(first.metadata, cache_rows))
     with _quiet_ashlar():
+        prepared = prepare_edges(edge_aligner, workers)
         _, caught = _collecting(edge_aligner.run)
+        caught = prepared + caught
         origin = first.metadata.origin
         results = [_edge_result(edge_aligner, origin, caught)]
         # Translation from "stage positions minus their origin" to the mosaic frame.
@@ -290,6 +293,34 @@ def align_cycles(cycles: Sequence[TileSet], *, channel: int = 0, max_shift_um: f
         with ThreadPoolExecutor(max(1, min(workers, len(cycles) - 1))) as pool:
             results += list(pool.map(register, cycles[1:]))
     return results
+
+
+def prepare_edges(aligner, workers: int) -> list[str]:
+    """Do the work of ASHLAR's ``EdgeAligner.run`` that it does one step after another, in
+    ``workers`` threads at once, so that ``run`` then finds it done: the thumbnail (for the later
+    cycles' coarse offset), the error threshold (its sampling of non-overlapping strips) and the
+    registration of every pair of neighbouring tiles. Returns the data warnings they raised.
+
+    ASHLAR's own methods do the work: ``make_thumbnail`` and ``compute_threshold`` each in a thread
+    of its own (``run`` then skips them: no thumbnail asked again, a threshold already set), and
+    ``register_pair``, which caches each pair's shift and error, over the remaining threads (the
+    FFTs and filters release the GIL). The cache is then put back in the order ``register_all``
+    would have filled it, so ``run`` builds the same spanning tree: shifts, errors, threshold and
+    positions are exactly those of the serial run. Tiles come through the aligner's reader (a
+    :class:`TileCache`, thread-safe); pairs are handed out in ASHLAR's order, tile row after tile row.
+    With one worker nothing is done here: ``run`` does it all.
+    """
+    pairs = [tuple(sorted(edge)) for edge in aligner.neighbors_graph.edges]
+    if workers < 2:
+        return []
+    steps = [aligner.compute_threshold] + ([aligner.make_thumbnail] if aligner.do_make_thumbnail else [])
+    with ThreadPoolExecutor(workers) as pool:
+        caught = [pool.submit(_collecting, step) for step in steps]
+        list(pool.map(lambda pair: aligner.register_pair(*pair), pairs))
+        caught = [message for future in caught for message in future.result()[1]]
+    aligner.do_make_thumbnail = False
+    aligner._cache = {pair: aligner._cache[pair] for pair in pairs}
+    return caught
 
 
 def _edge_result(aligner, nominal_origin: np.ndarray, caught: list[str]) -> CycleAlignment:

@@ -22,15 +22,11 @@ builds on) is in the context.
 The stage graph
 ---------------
 A stage builds on the stages its ``after`` names (default: the stage listed just before it), and
-on theirs in turn (:func:`ancestors`): its jobs get those stages' completion records and may read
-their outputs, nothing else. Every stage a stage builds on is listed before it, so the registry's
-order is a topological order of the graph: the local runner runs the stages in it, one after the
-other. Stages that do not build on each other may run at the same time: the state machine runs
-them in the branches of a ``Parallel`` state, the local executor the same branches in turn
-(:func:`atlas.stages.flow.flow`). ``after`` is stated rather than derived from the ``inputs`` and
-``outputs`` patterns: publish declares no input yet releases every stage's outputs, and patterns
-such as ``qc/*/*`` overlap several stages' outputs, so a derived graph would be both wrong and
-harder to read than one line per stage.
+on theirs in turn (:func:`ancestors`): its jobs get their completion records and may read their
+outputs, nothing else. The registry's order is a topological order of the graph (the local runner
+runs it); stages that do not build on each other run in the branches of a ``Parallel`` state
+(:func:`atlas.stages.flow.flow`). ``after`` is stated, not derived from the patterns: publish
+declares no input yet releases everything, and ``qc/*/*`` overlaps several stages' outputs.
 """
 from __future__ import annotations
 
@@ -49,6 +45,7 @@ from atlas.storage import Store
 
 if TYPE_CHECKING:  # the registry stays light to import (CDK app, ops); the engines pull in scipy
     from atlas.science.segmentation import EngineSettings
+    from atlas.stages.publish import Publisher
 
 RAW_PREFIX = "raw:"          # an input pattern relative to the slide, not to the results layout
 
@@ -147,7 +144,7 @@ class Stage:
         Array stages: glob patterns of results an item writes in place besides its ``item_dir``
         (e.g. its share of an OME-Zarr's chunks); an item may write nothing else.
     publishes : bool
-        The job releases the run to the results bucket after the stage (the last stage).
+        Its Batch jobs release the run (the last stage): they get a ``publisher`` in their context.
     params_section : str or None
         The params.yml section its outputs depend on (default: the stage's name; the stitching
         stages share ``stitch``).
@@ -366,6 +363,16 @@ def export_sizes(slide: SlideSize) -> JobSizes:
     return JobSizes(items=0, vcpus=vcpus, memory_mib=4096, timeout_s=timeout)
 
 
+PUBLISH_CHANNEL_PIXELS_PER_ITEM = 10_000_000_000  # one publish item per ~10 G channel-pixels (~1 min of copies)
+
+
+def publish_sizes(slide: SlideSize) -> JobSizes:
+    """Publish fans out by the slide's channel-pixels (the release's objects, mostly zarr chunks, grow with
+    them), at least 2 items, each copying its share server-side; every job holds the run's list of results."""
+    items = min(MAX_ARRAY_SIZE, max(2, math.ceil(slide.channels * slide.pixels / PUBLISH_CHANNEL_PIXELS_PER_ITEM)))
+    return JobSizes(items=items, vcpus=1, memory_mib=4096, timeout_s=3600)
+
+
 RAW_INPUTS = ("raw:markers.csv", "raw:raw/*", "raw:params.yml")
 REGISTERED_ZARR = f"{layout.REGISTRATION}/*.ome.zarr"
 
@@ -397,11 +404,11 @@ STAGES: tuple[Stage, ...] = (
           outputs=(f"{layout.QUANTIFICATION}/*", f"{layout.QC}/quantify/*", layout.htan_table("ImagingLevel4"))),
     Stage("render", "cpu", vcpus=2, memory_mib=RENDER_MEMORY_MIB, timeout_s=3 * 3600, array_size=RENDER_MIN_ITEMS,
           item_dir=f"{layout.WORK}/render", item_outputs=(f"{layout.OVERVIEW}/images",), sizing=render_sizes,
-          after=("export", "quantify"),  # the overview lists the OME-TIFF (size, link) among its data files
-          inputs=("raw:story.yml", REGISTERED_ZARR, f"{layout.SEGMENTATION}/*/*",
+            inputs=("raw:story.yml", REGISTERED_ZARR, f"{layout.SEGMENTATION}/*/*",
                   f"{layout.QUANTIFICATION}/*", f"{layout.QC}/*/*"),
           outputs=(f"{layout.OVERVIEW}/*",)),
-    Stage("publish", "cpu", vcpus=1, memory_mib=2048, timeout_s=3600, publishes=True,
+    Stage("publish", "cpu", vcpus=1, memory_mib=4096, timeout_s=3600, array_size=2,
+          item_dir=f"{layout.WORK}/publish", sizing=publish_sizes, publishes=True, after=("export", "render"),
           inputs=(), outputs=(layout.MANIFEST,)),
 )
 
@@ -555,6 +562,8 @@ class StageContext:
         not (a local run).
     viewer_dir : Path or None
         OpenSeadragon's build folder for the overview; None: the repository's npm install.
+    publisher : Publisher or None
+        What copies the run's results to their release (the publishing Batch jobs'); None: a local run.
     job : Job or None
         The job being run (its stage, array item and item count); set by the runner.
     """
@@ -570,6 +579,7 @@ class StageContext:
     engine: EngineSettings | None = None
     results_uri: str | None = None
     viewer_dir: Path | None = None
+    publisher: Publisher | None = None
     job: Job | None = None
 
     def for_job(self, job: Job, *, scratch: Path, records: Mapping[str, CompletionRecord] | None = None,

@@ -1,13 +1,14 @@
 """Stage ``align``: the first cycle's tiles aligned to each other, every later cycle registered to it.
 
 Reads only the alignment channel (``stitch.align_channel``) of each cycle's tiles, by byte ranges,
-keeping a few tile rows of the first cycle in memory (:class:`atlas.science.stitch.TileCache`);
-later cycles are registered in parallel (the job's vCPUs). Writes ``qc/stitch/`` (``tiles.csv``,
-``edges.csv``, ``summary.json``), the placements the mosaic stage writes the image from
-(``tmp/align/alignment.json``), and the empty OME-Zarr hierarchy of the registered image
-(``registration/<slide>.ome.zarr``: its pyramid levels' arrays, whose chunks the mosaic items
-fill). A cycle that does not register fails the stage, naming it, unless
-``stitch.skip_failed_cycles`` leaves it out. The science is :func:`atlas.science.stitch.align_cycles`.
+keeping a few tile rows of the first cycle in memory (:class:`atlas.science.stitch.TileCache`); the
+first cycle's tile pairs, then the later cycles, are registered in threads (the job's vCPUs). Writes
+``qc/stitch/`` (``tiles.csv``, ``edges.csv``, ``summary.json``), the placements the mosaic stage
+writes the image from (``tmp/align/alignment.json``), and the empty OME-Zarr hierarchy of the
+registered image (``registration/<slide>.ome.zarr``: its pyramid levels' arrays, whose chunks the
+mosaic items fill). A cycle that does not register fails the stage, naming it, unless
+``stitch.skip_failed_cycles`` leaves it out. The science is
+:func:`atlas.science.stitch.align_cycles`.
 """
 from __future__ import annotations
 

@@ -78,6 +78,7 @@ def open_cycle(stack: contextlib.ExitStack, ctx: StageContext, name: str, meta: 
     illuminate stage)."""
     params = ctx.params.stitch
     tif = stack.enter_context(tifffile.TiffFile(stack.enter_context(ctx.slide.open(name)), _multifile=False))
+    tif.filehandle.set_lock(True)  # threads read the first cycle's tiles at once: each seek + read whole
     series = tif.series
     if len(series) != meta.n_tiles:
         raise InvalidInput(Problem(name, f"OME-XML lists {meta.n_tiles} tiles but the file holds "

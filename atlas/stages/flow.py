@@ -10,7 +10,7 @@ A stage that every other stage either builds on or builds on it is a step of its
 between two such steps split into the groups that do not build on each other, one branch each,
 and each branch is shaped the same way. For today's registry::
 
-    illuminate, align, mosaic, [export | segment, quantify], render, publish
+    illuminate, align, mosaic, [export | segment, quantify, render], publish
 
 A graph that cannot be shaped so (two branches that join in one stage and not in another) raises
 ValueError: Step Functions has no state for it.

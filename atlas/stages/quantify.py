@@ -41,6 +41,8 @@ QC_DIR = f"{layout.QC}/quantify"
 # Pixels of an item's band measured at once (whole chunk rows, at least one): the masks' labels (4 B/px
 # each) and the channels' row strips, so an item's memory does not grow with its band's height.
 PART_PIXELS = 32_000_000
+# Rows of a table converted at once when it is written as CSV text or as a Parquet row group.
+BATCH_ROWS = 65_536
 
 
 @contextmanager
@@ -206,7 +208,11 @@ def to_anndata(table: pd.DataFrame, slide_id: str, uns: Mapping[str, str]):
     kept = [m for m in markers if "dna" not in m.lower()]
     obs = table[[*MORPHOLOGY_COLUMNS, ID_COLUMN]].assign(imageid=slide_id)
     obs.index = pd.Index((f"{slide_id}_" + table[ID_COLUMN].astype(str)).to_numpy(), dtype=object)
-    means = table[kept].to_numpy(np.float64)
+    # one (cells, markers) copy of the means, in C order (what h5py writes without copying it again);
+    # .raw keeps this array, X and layers["log"] share its log1p
+    means = np.empty((len(table), len(kept)), np.float64)
+    for j, name in enumerate(kept):
+        means[:, j] = table[name].to_numpy()
     adata = anndata.AnnData(X=means, obs=obs, var=pd.DataFrame(index=pd.Index(kept, dtype=object)))
     adata.raw = adata
     adata.X = np.log1p(means)
@@ -247,7 +253,8 @@ def write_csv(table: pd.DataFrame, path: Path) -> None:
 
     The header by the csv module (pandas' own quoting rules), the rows by Arrow's CSV writer from
     columns already formatted as pandas formats them (:func:`_float_text`; integers as ``str``),
-    two columns at a time.
+    two columns at a time, :data:`BATCH_ROWS` rows at a time: the text, ~20 B a value, is held for
+    one batch of rows, not for the whole table.
     """
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -255,28 +262,36 @@ def write_csv(table: pd.DataFrame, path: Path) -> None:
 
     header = io.StringIO()
     csv.writer(header, lineterminator="\n").writerow(table.columns)
+    columns = [table[name].to_numpy() for name in table.columns]   # views of the table's blocks
+    for name, values in zip(table.columns, columns, strict=True):
+        if values.dtype.kind not in "fiu":
+            raise TypeError(f"column {name!r} has dtype {values.dtype}; a cell table holds numbers only")
 
-    def text(name: str):
-        values = table[name].to_numpy()
+    def text(values: np.ndarray):
         if values.dtype.kind == "f":
             return _float_text(values.astype(np.float64, copy=False))
-        if values.dtype.kind in "iu":
-            return pc.cast(pa.array(values), pa.string())
-        raise TypeError(f"column {name!r} has dtype {values.dtype}; a cell table holds numbers only")
+        return pc.cast(pa.array(values), pa.string())
 
-    with ThreadPoolExecutor(2, thread_name_prefix="csv-text") as pool:   # Arrow's casts release the GIL
-        columns = list(pool.map(text, table.columns))
-    with open(path, "wb") as f:
+    names = [str(i) for i in range(len(columns))]
+    options = pa_csv.WriteOptions(include_header=False, quoting_style="none")
+    with open(path, "wb") as f, ThreadPoolExecutor(2, thread_name_prefix="csv-text") as pool:
         f.write(header.getvalue().encode("utf-8"))
-        pa_csv.write_csv(pa.table(columns, names=[str(i) for i in range(len(columns))]), f,
-                         pa_csv.WriteOptions(include_header=False, quoting_style="none"))
+        for start in range(0, len(table), BATCH_ROWS):   # Arrow's casts release the GIL
+            batch = list(pool.map(text, [values[start:start + BATCH_ROWS] for values in columns]))
+            pa_csv.write_csv(pa.table(batch, names=names), f, options)
 
 
 def _write_parquet(table: pd.DataFrame, path: Path, uns: Mapping[str, str]) -> None:
+    """The table as Parquet, one row group per :data:`BATCH_ROWS` rows converted at a time (the
+    schema, pandas metadata included, is the whole table's, as ``to_parquet`` gives it)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.Table.from_pandas(table, preserve_index=False), path)
+    schema = pa.Schema.from_pandas(table, preserve_index=False)
+    with pq.ParquetWriter(path, schema) as writer:
+        for start in range(0, len(table), BATCH_ROWS):
+            writer.write_table(pa.Table.from_pandas(table.iloc[start:start + BATCH_ROWS], schema=schema,
+                                                    preserve_index=False))
 
 
 def _write_h5ad(table: pd.DataFrame, path: Path, uns: Mapping[str, str]) -> None:
@@ -291,7 +306,8 @@ TABLE_SUFFIXES = tuple(TABLE_WRITERS)
 
 def _write_formats(table: pd.DataFrame, paths: Sequence[Path], uns: Mapping[str, str]) -> None:
     """Every format at once, one thread each: the CSV and Parquet writers (Arrow) run outside the
-    GIL while the .h5ad is written."""
+    GIL while the .h5ad is written. The overlap is bounded: CSV and Parquet hold one batch of
+    :data:`BATCH_ROWS` rows each, so the memory is the table's, the AnnData's arrays and two batches."""
     with ThreadPoolExecutor(len(TABLE_WRITERS)) as pool:
         pending = [pool.submit(write, table, path, uns) for path, write in zip(paths, TABLE_WRITERS.values(),
                                                                                  strict=True)]
@@ -414,6 +430,17 @@ def _merged_table(ctx: StageContext, image, engine: str, mask: str, rel: str, ma
             return tables[mask]
 
 
+def _merge_mask(ctx: StageContext, image, engine: str, mask: str, mask_rel: str, markers) -> tuple[dict, list]:
+    """Merge and store one mask's table; its QC summary and HTAN rows (the table is let go on return,
+    so a merge holds one table at a time)."""
+    table = _merged_table(ctx, image, engine, mask, mask_rel, markers)
+    image_name = PurePosixPath(layout.registration_tiff(ctx.slide_id)).name  # the Level 2 image the tables describe
+    store_table(ctx.work, table, layout.table_path(ctx.slide_id, engine, mask),
+                {"slide_id": ctx.slide_id, "engine": engine, "mask": mask, "image": image_name})
+    return (table_summary(table, image.shape),
+            htan.level4_rows(ctx.slide_id, engine, mask, len(table), table.shape[1] - 1))
+
+
 def merge(ctx: StageContext) -> None:
     """Join the bands' parts into the tables (CSV, Parquet, h5ad) and write ``qc/quantify/summary.json``."""
     image = registered_image(ctx.work, ctx.slide_id)
@@ -421,14 +448,10 @@ def merge(ctx: StageContext) -> None:
     summary: dict = {"status": "ok", "markers": marker_columns([m.marker_name for m in markers if not m.remove]),
                      "bands": ctx.job.count, "tables": {}}
     htan_rows = []
-    image_name = PurePosixPath(layout.registration_tiff(ctx.slide_id)).name  # the Level 2 image the tables describe
     for engine, rel in _engine_masks(ctx).items():
         for mask, mask_rel in rel.items():
-            table = _merged_table(ctx, image, engine, mask, mask_rel, markers)
-            name = layout.table_path(ctx.slide_id, engine, mask)
-            store_table(ctx.work, table, name, {"slide_id": ctx.slide_id, "engine": engine, "mask": mask,
-                                               "image": image_name})
-            summary["tables"][PurePosixPath(name).name] = table_summary(table, image.shape)
-            htan_rows += htan.level4_rows(ctx.slide_id, engine, mask, len(table), table.shape[1] - 1)
+            name = PurePosixPath(layout.table_path(ctx.slide_id, engine, mask)).name
+            summary["tables"][name], rows = _merge_mask(ctx, image, engine, mask, mask_rel, markers)
+            htan_rows += rows
     ctx.work.write_text(layout.htan_table("ImagingLevel4"), htan.table_text(htan_rows))
     ctx.work.write_text(f"{QC_DIR}/{layout.QC_SUMMARY}", json.dumps(summary, indent=1) + "\n")

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -175,22 +175,25 @@ def qc_panel(work: Store) -> dict:
     return panel
 
 
-def data_files(work: Store, records: Mapping[str, CompletionRecord], results_uri: str | None) -> list[dict]:
+def data_files(work: Store, records: Mapping[str, CompletionRecord], results_uri: str | None,
+               beside: Sequence[str] = ()) -> list[dict]:
     """Result files by data level for the panel; an ``.ome.zarr`` folder counts as one entry.
 
     Sizes come from the run's completion records ``records`` (they list every output, read or
-    not), else, for a results folder made otherwise, from the store's listing. ``uri`` is the
-    file's published location below ``results_uri``, or None (not published).
+    not), else, for a results folder made otherwise, from the store's listing. ``beside``: files of
+    the run that a stage running beside this one writes (the OME-TIFF, by the export), listed with
+    size None unless known (the release's manifest.json gives their size and sha256). ``uri`` is
+    the file's published location below ``results_uri``, or None (not published).
     """
     sizes = {out["path"]: out["size"] for _, record in sorted(records.items()) for out in record.doc["outputs"]}
     sizes = sizes or {rel: size for folder in DATA_FOLDERS for rel, size in work.list(folder).items()}
-    entries: dict[str, int] = {}
+    entries: dict[str, int | None] = dict.fromkeys(beside)
     for rel, size in sizes.items():
         parts = rel.split("/")
         if parts[0] in DATA_FOLDERS:  # an .ome.zarr folder counts as one entry
             zarr = next((i for i, part in enumerate(parts) if part.endswith(".zarr")), len(parts) - 1)
             top = "/".join(parts[:zarr + 1])
-            entries[top] = entries.get(top, 0) + size
+            entries[top] = (entries.get(top) or 0) + size
     return [{"level": layout.level_of(rel), "path": rel, "size": size,
              "uri": f"{results_uri.rstrip('/')}/{rel}" if results_uri else None}
             for rel, size in sorted(entries.items(), key=lambda e: (DATA_FOLDERS.index(e[0].split("/")[0]), e[0]))]
@@ -269,7 +272,8 @@ def merge(ctx: StageContext) -> None:
     with sources(ctx) as src:
         table = cell_table(ctx.work, ctx.slide_id, src.mask)
         panel = PanelInfo(run_id=ctx.run_id, cell_count=count_cells(ctx.work, ctx.slide_id, src.mask),
-                          qc=qc_panel(ctx.work), data=data_files(ctx.work, ctx.records, ctx.results_uri))
+                          qc=qc_panel(ctx.work), data=data_files(ctx.work, ctx.records, ctx.results_uri,
+                                                                 beside=(layout.registration_tiff(ctx.slide_id),)))
         cells = read_cells(ctx.work, table, src.names) if table is not None and src.story is None else None
         # story.json (Minerva Author) names the files as they lie next to overview/ in the results
         files = (f"../{layout.registration_tiff(ctx.slide_id)}", f"../{src.mask}" if src.mask else None)

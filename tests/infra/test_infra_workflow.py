@@ -68,7 +68,7 @@ def test_one_job_state_per_registry_job_in_registry_order(synth):
     names = [name for name, _ in job_states(state_machine_definition(synth.pipeline))]
     assert names == EXPECTED_JOBS == ["illuminate", "illuminate-merge", "align", "mosaic", "mosaic-merge", "export",
                                       "segment", "segment-merge", "quantify", "quantify-merge", "render",
-                                      "render-merge", "publish"]
+                                      "render-merge", "publish", "publish-merge"]
 
 
 def test_each_state_runs_its_job_definition_synchronously(synth):
@@ -219,17 +219,20 @@ def test_execution_logs_go_to_a_vendedlogs_group(synth):
     assert group["Properties"]["LogGroupName"] == f"/aws/vendedlogs/states/{synth.config.name('pipeline')}"
 
 
-def test_export_runs_in_a_parallel_branch_beside_segment_and_quantify(synth):
+def test_export_runs_in_a_parallel_branch_beside_segment_quantify_and_render(synth):
     """The OME-TIFF export needs only the mosaic; segment builds on the mosaic too, so both start once
-    it is merged; render (whose overview lists the OME-TIFF) waits for both branches."""
+    it is merged; render (whose overview names the OME-TIFF from the layout) follows quantify in its
+    branch; publish waits for both branches, and the release is complete when its merge succeeds."""
     definition = state_machine_definition(synth.pipeline)
     top = definition["States"]
     (name, parallel), = [(n, s) for n, s in top.items() if s["Type"] == "Parallel"]
     branches = [[n for n, _ in job_states(branch)] for branch in parallel["Branches"]]
-    assert branches == [["export"], ["segment", "segment-merge", "quantify", "quantify-merge"]]
-    assert get_stage("segment").after == ("mosaic",) and set(get_stage("render").after) == {"export", "quantify"}
-    assert top["mosaic-merge"]["Next"] == name and parallel["Next"] == "render"
-    assert parallel["ResultPath"] is None  # render gets the execution input, not the branches' outputs
+    assert branches == [["export"], ["segment", "segment-merge", "quantify", "quantify-merge", "render",
+                                     "render-merge"]]
+    assert get_stage("segment").after == ("mosaic",) and set(get_stage("publish").after) == {"export", "render"}
+    assert top["mosaic-merge"]["Next"] == name and parallel["Next"] == "publish"
+    assert top["publish"]["Next"] == "publish-merge" and top["publish-merge"]["Next"] == "Published"
+    assert parallel["ResultPath"] is None  # publish gets the execution input, not the branches' outputs
     # a failed job fails its branch with its own error; the Parallel state ends the run passing it on
     (catch,) = parallel["Catch"]
     assert catch["ErrorEquals"] == ["States.ALL"] and catch["ResultPath"] == "$.failure"

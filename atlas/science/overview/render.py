@@ -52,7 +52,7 @@ class PanelInfo:
         from ``qc/<stage>/`` (see :func:`atlas.stages.render.qc_panel`).
     data : list of dict
         Result files by data level: ``{"level": int, "path": str (relative to the results root),
-        "size": int (bytes), "uri": str or None (where it is published)}``.
+        "size": int (bytes) or None (not known yet), "uri": str or None (where it is published)}``.
     """
 
     run_id: str | None = None

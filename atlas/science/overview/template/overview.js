@@ -363,7 +363,7 @@
     panel.data.forEach((f) => { (byLevel[f.level] = byLevel[f.level] || []).push(f); });
     Object.keys(byLevel).sort().forEach((level) => {
       const items = byLevel[level].map((f) => {
-        const children = [el("a", { href: "../" + f.path, text: f.path }), el("span", { class: "muted", text: " " + formatBytes(f.size) })];
+        const children = [el("a", { href: "../" + f.path, text: f.path }), el("span", { class: "muted", text: f.size == null ? "" : " " + formatBytes(f.size) })];
         if (f.uri) children.push(el("code", { class: "uri", text: f.uri }));
         return el("li", {}, children);
       });
