@@ -17,8 +17,8 @@ Usage::
 3. **Model** of the target (1,000 tiles x 40 channels x 2048² px, 10 cycles) on Batch: each kind of
    job's figures on the line through its two demos' figures (docs/scale.md; goals: <= 1 h from upload
    to release, <= $1 of Spot compute, every job <= 16 GiB RAM and <= 50 GB scratch).
-   Align's latency is Amdahl's over its vCPUs, not ``w/v``: its serial share (the thread that
-   assembles cycle 1's thumbnail, or samples its error threshold, and the job's own thread) is
+   Align's latency is Amdahl's over its vCPUs, not ``w/v``: its serial share (the job's own thread,
+   the threads that assemble each cycle's thumbnail or sample cycle 1's error threshold) is
    measured here, in this process, on two more made slides (:data:`ALIGN_SPLIT_GRIDS`), and put on
    its line to the target like every other figure.
    ``--model-from WORK/measured.json`` prints the model again from a run's measurements.
@@ -161,41 +161,51 @@ def save(work: Path, runs: list[dict], demo: list[tuple[Size, list[dict]]], raw:
 
 def align_split_of(slide: Path, out: Path, vcpus: int = 2) -> dict:
     """The align job on ``slide`` in this process with ``vcpus`` threads: its CPU seconds (``cpu``)
-    and the part of them on one thread (``serial``): this thread's (the job's own work) plus the
-    longer of the two one-thread steps that run beside the tile pairs (ASHLAR's thumbnail of cycle 1
-    and its error-threshold sampling; :func:`atlas.science.stitch.prepare_edges`), timed per thread."""
+    and the part of them on one thread after another (``serial``), timed per thread: this thread's
+    (``main``: the job's own work), then the longer of the two one-thread steps that run beside cycle
+    1's tile pairs (ASHLAR's thumbnail of cycle 1, ``make_thumbnail``, and its error-threshold
+    sampling, ``compute_threshold``; :func:`atlas.science.stitch.prepare_edges`), then a later
+    cycle's thumbnail and coarse offset (``layer``: each cycle's in a thread of its own, before its
+    tiles spread over the threads; the longest of each)."""
     from ashlar import reg
 
     from atlas.params import Params
     from atlas.stages import STITCHING, StageContext, run_jobs
     from atlas.storage import FolderStore
 
-    steps: dict[str, float] = {}
-    originals = {name: getattr(reg.EdgeAligner, name) for name in ("make_thumbnail", "compute_threshold")}
+    steps: dict[tuple[type, str], list[float]] = {}
+    timed = [(reg.EdgeAligner, "make_thumbnail"), (reg.EdgeAligner, "compute_threshold"),
+             (reg.LayerAligner, "make_thumbnail"), (reg.LayerAligner, "coarse_align")]
+    originals = {key: getattr(*key) for key in timed}
 
-    def timed(name):
+    def timing(key):
         def step(self):
             start = time.thread_time()
             try:
-                return originals[name](self)
+                return originals[key](self)
             finally:
-                steps[name] = steps.get(name, 0.0) + time.thread_time() - start
+                steps.setdefault(key, []).append(time.thread_time() - start)
         return step
 
     ctx = StageContext(slide_id=slide.name, run_id="split", slide=FolderStore(slide), work=FolderStore(out),
                        params=Params())
     job = next(j for j in run_jobs(STITCHING) if j.stage.name == "align")
     try:
-        for name in originals:
-            setattr(reg.EdgeAligner, name, timed(name))
+        for key in timed:
+            setattr(*key, timing(key))
         thread, cpu = time.thread_time(), time.process_time()
         ctx.for_job(job, scratch=out, vcpus=vcpus).run(job)
         thread, cpu = time.thread_time() - thread, time.process_time() - cpu
     finally:
-        for name, original in originals.items():
-            setattr(reg.EdgeAligner, name, original)
+        for key, original in originals.items():
+            setattr(*key, original)
     shutil.rmtree(out, ignore_errors=True)
-    return {"cpu": cpu, "serial": thread + max(steps.values(), default=0.0), "main": thread, **steps}
+    figures = {"cpu": cpu, "main": thread, "make_thumbnail": sum(steps.get(timed[0], [])),
+               "compute_threshold": sum(steps.get(timed[1], [])),
+               "layer": sum(max(steps.get(key, [0.0])) for key in timed[2:])}
+    figures["serial"] = (figures["main"] + max(figures["make_thumbnail"], figures["compute_threshold"])
+                         + figures["layer"])
+    return figures
 
 
 def align_split(work: Path, like: Size, overlap: float,
@@ -211,18 +221,20 @@ def align_split(work: Path, like: Size, overlap: float,
 
 
 def serial_share(split: list[tuple[Size, dict]], target: Size) -> float:
-    """Align's serial share of its CPU at ``target``. Its one-thread seconds: the job's own thread
-    plus the longer of the thumbnail (both on the line through the measured seconds against cycle
-    1's pixels: they read every tile of it) and the threshold sampling (a fixed number of strips
-    as long as a tile and as wide as the overlap: scaled by the tile's area). Its CPU seconds on the
-    line through the measured ones against the pixels of every cycle (:func:`measure`'s "work")."""
+    """Align's serial share of its CPU at ``target``. Its one-thread seconds (:func:`align_split_of`):
+    the job's own thread, plus the longer of cycle 1's thumbnail and its threshold sampling, plus a
+    later cycle's thumbnail and offset; the thread and the thumbnails on the lines through the
+    measured seconds against a cycle's pixels (the thumbnails read every tile of theirs), the
+    threshold sampling (a fixed number of strips as long as a tile and as wide as the overlap)
+    scaled by the tile's area. Its CPU seconds on the line through the measured ones against the
+    pixels of every cycle (:func:`measure`'s "work")."""
     (low, a), (high, b) = split
 
     def line(key: str) -> float:
         return extrapolate(target.pixels, (low.pixels, a.get(key, 0.0)), (high.pixels, b.get(key, 0.0)))
 
     threshold = max(a.get("compute_threshold", 0.0), b.get("compute_threshold", 0.0)) * (target.tile / high.tile) ** 2
-    serial = line("main") + max(line("make_thumbnail"), threshold)
+    serial = line("main") + max(line("make_thumbnail"), threshold) + line("layer")
     cpu = extrapolate(target.pixels * target.cycles, (low.pixels * low.cycles, a["cpu"]),
                       (high.pixels * high.cycles, b["cpu"]))
     return min(1.0, serial / cpu)

@@ -263,7 +263,8 @@ def align_cycles(cycles: Sequence[TileSet], *, channel: int = 0, max_shift_um: f
         Tile rows of the first cycle's alignment channel kept in memory (:class:`TileCache`).
     workers : int
         Threads (the job's vCPUs): the first cycle's tile pairs registered at once, beside its
-        thumbnail and error threshold (:func:`prepare_edges`), then the later cycles registered at once.
+        thumbnail and error threshold (:func:`prepare_edges`), then the later cycles' tiles
+        registered at once (every cycle's thumbnail and coarse offset in a thread of its own).
 
     Returns
     -------
@@ -284,15 +285,34 @@ def align_cycles(cycles: Sequence[TileSet], *, channel: int = 0, max_shift_um: f
         # Translation from "stage positions minus their origin" to the mosaic frame.
         frame = results[0].nominal[0] - (first.metadata.positions[0] - origin)
 
-        def register(cycle: TileSet) -> CycleAlignment:
-            layer_aligner = reg.LayerAligner(cycle, edge_aligner, channel=channel, max_shift=max_shift_um,
-                                             filter_sigma=filter_sigma)
-            _, caught = _collecting(layer_aligner.run)
-            return _layer_result(layer_aligner, edge_aligner, results[0], origin - frame, caught)
+        with ThreadPoolExecutor(max(1, workers)) as tiles, ThreadPoolExecutor(max(1, len(cycles) - 1)) as pool:
+            layer_aligner = _tiles_registered_in(tiles, reg) if workers > 1 else reg.LayerAligner
 
-        with ThreadPoolExecutor(max(1, min(workers, len(cycles) - 1))) as pool:
+            def register(cycle: TileSet) -> CycleAlignment:
+                aligner = layer_aligner(cycle, edge_aligner, channel=channel, max_shift=max_shift_um,
+                                        filter_sigma=filter_sigma)
+                _, caught = _collecting(aligner.run)
+                return _layer_result(aligner, edge_aligner, results[0], origin - frame, caught)
+
             results += list(pool.map(register, cycles[1:]))
     return results
+
+
+def _tiles_registered_in(pool: ThreadPoolExecutor, reg) -> type:
+    """ASHLAR's ``LayerAligner`` whose tiles are registered in ``pool``'s threads: once ``coarse_align``
+    has placed the cycle against the first, ASHLAR's own ``register`` measures every tile at once (each
+    tile's registration depends only on that placement), and ``register_all`` then takes the results
+    in its order, so shifts, errors and positions are exactly those of the serial run."""
+
+    class LayerAligner(reg.LayerAligner):
+        def coarse_align(self):
+            super().coarse_align()
+            self._measured = list(pool.map(super().register, range(self.metadata.num_images)))
+
+        def register(self, t):
+            return self._measured[t]
+
+    return LayerAligner
 
 
 def prepare_edges(aligner, workers: int) -> list[str]:

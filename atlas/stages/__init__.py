@@ -341,12 +341,12 @@ MAX_JOB_VCPUS = 16  # the largest c6i/m6i hosts the jobs use whole (c6i.4xlarge)
 
 def align_sizes(slide: SlideSize) -> JobSizes:
     """Align reads the alignment channel of every tile of every cycle (about 1 s per 2048^2 px tile,
-    three times over). Its later cycles are registered at once, a thread each (the first cycle's
-    tile pairs are aligned before them, on one thread: ASHLAR's edge aligner), so it gets a vCPU per
-    later cycle."""
+    three times over). Its tiles are registered in threads (the first cycle's tile pairs, then every
+    later cycle's tiles; each cycle's thumbnail in a thread of its own: ``align_cycles``), so it gets
+    a vCPU per 500 of those tiles (~1 s of CPU each), 4 to :data:`MAX_JOB_VCPUS`."""
     tiles = slide.cycles * slide.pixels / TARGET_TILE_PIXELS
-    return JobSizes(items=0, vcpus=min(MAX_JOB_VCPUS, max(4, slide.cycles - 1)), memory_mib=HOST_MEMORY_MIB,
-                    timeout_s=max(3600, math.ceil(3 * tiles)))
+    return JobSizes(items=0, vcpus=min(MAX_JOB_VCPUS, max(4, math.ceil(tiles / 500))),
+                    memory_mib=HOST_MEMORY_MIB, timeout_s=max(3600, math.ceil(3 * tiles)))
 
 
 EXPORT_CHANNEL_PIXELS_PER_VCPU = 20_000_000_000  # one vCPU encoding the OME-TIFF's tiles per this many

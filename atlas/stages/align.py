@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -32,9 +33,10 @@ def run(ctx: StageContext) -> None:
     """Align and register the slide's cycles; write the QC, the placements and the empty OME-Zarr."""
     params = ctx.params.stitch
     markers, files, metas = checked_cycles(ctx)
-    with contextlib.ExitStack() as stack:
-        cycles = [open_cycle(stack, ctx, name, meta, k) for k, (name, meta) in enumerate(zip(files, metas,
-                                                                                              strict=True), start=1)]
+    with contextlib.ExitStack() as stack, ThreadPoolExecutor(ctx.vcpus) as pool:
+        # each cycle file's IFDs are read by its own ranged reads (one small GET per tile channel on
+        # S3): the cycles' at once, not one file after another
+        cycles = list(pool.map(lambda k: open_cycle(stack, ctx, files[k], metas[k], k + 1), range(len(files))))
         alignments = align_cycles(cycles, channel=params.align_channel, max_shift_um=params.maximum_shift_um,
                                   filter_sigma=params.filter_sigma, workers=ctx.vcpus)
     failed = [k for k, a in enumerate(alignments) if not a.registered]
