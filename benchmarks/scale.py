@@ -45,7 +45,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from atlas import layout  # noqa: E402
+from atlas.params import StitchParams  # noqa: E402
 from atlas.stages import STAGES, dependencies  # noqa: E402
+from atlas.stages.quantify import PART_PIXELS  # noqa: E402
 from localcloud.executor import run_process  # noqa: E402
 
 GIB, MIB = 2 ** 30, 2 ** 20
@@ -306,13 +308,14 @@ def stage_sizes(stage, size: Size) -> tuple[int, int]:
 # What a job holds at once grows with one measure of the slide, by design (each stage's docstring):
 # "tile": a tile or a fixed block at a time; "band": a band of tile rows across the slide, every
 # channel it reads; "channel-band": such a band of one channel (a mosaic item's channel, a render
-# item's layer, align's cache of first-cycle rows, a quantify item's part of one chunk row); "share":
+# item's layer, align's cache of first-cycle rows); "part": a quantify item's part (PART_PIXELS of
+# labels, at least a chunk row of the registered image) and a strip of one channel (a chunk row); "share":
 # its share of the stage's data; "data": something per cell or object of the whole slide (tables, the
 # run's list of results: publish's jobs); "cells": one cell table of the whole slide, cells x columns
 # (its CPU: every table's); "none": nothing that grows. The key is the stage, or "<stage> merge" for a merge.
 HOLDS = {"illuminate": "tile", "illuminate merge": "none", "align": "channel-band", "mosaic": "channel-band",
          "mosaic merge": "none", "export": "tile", "segment": "tile", "segment merge": "tile",
-         "quantify": "channel-band", "quantify merge": "cells", "render": "channel-band", "render merge": "data",
+         "quantify": "part", "quantify merge": "cells", "render": "channel-band", "render merge": "data",
          "publish": "data", "publish merge": "data"}
 # Figures of a kind of job modelled at the rate measured by a benchmark of its own, from the larger
 # demo's figure, instead of on the line through the two demos: figure -> per unit of its measure.
@@ -344,9 +347,12 @@ def measure(job: dict, size: Size, items: int, what: str) -> float:
         tables = sum(1 for out in job["record"].get("outputs", ()) if out["path"].endswith(".csv")) or 1
         return table * tables if HOLDS[kind] == "cells" else share
     holds = SCRATCH_HOLDS.get(kind, HOLDS[kind]) if what == "scratch" else HOLDS[kind]
+    # a chunk row of one channel of the registered image (its chunks: the Level 2 pyramid's tiles)
+    chunk_row = size.cols * size.tile * min(StitchParams().tile_size, size.rows * size.tile)
     return {"tile": size.tile ** 2 * channels_read(job["stage"], size, what), "plane": size.pixels,
             "band": size.cols * size.tile ** 2 * channels_read(job["stage"], size, what),
             "channel-band": size.cols * size.tile ** 2,
+            "part": min(size.pixels, max(PART_PIXELS, chunk_row)) + chunk_row,
             "share": share, "data": data, "cells": table, "none": 1.0}[holds]
 
 

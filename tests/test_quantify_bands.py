@@ -91,6 +91,7 @@ def test_cells_on_band_edges_are_measured_once_by_the_band_they_begin_in(shared_
         assert read.read[0] == max(band[0] - 4, 0) and read.rows[0] == band[0]
         assert read.rows[1] - band[1] < 40  # the image: the band and the overhang of the cells crossing its end
     assert crossing > 0, "the real mask has cells across band edges"
+    assert np.array_equal(mask, roi(shared_data, ROIS[0])[1]["deepcell"]), "the caller's mask is left as it was"
 
 
 def test_a_cell_taller_than_the_margin_is_read_whole():

@@ -23,7 +23,7 @@ in one band.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -69,8 +69,9 @@ class _RowWindow:
 
 
 def _plane_rows(mask, start: int, stop: int) -> np.ndarray:
-    """Rows of a (Y, X) or (1, Y, X) mask as a (rows, X) ndarray."""
-    return np.asarray(mask[start:stop] if mask.ndim == 2 else mask[0, start:stop])
+    """Rows of a (Y, X) or (1, Y, X) mask as a (rows, X) ndarray of its own (changed in place)."""
+    rows = mask[start:stop] if mask.ndim == 2 else mask[0, start:stop]
+    return rows.copy() if isinstance(mask, np.ndarray) else np.asarray(rows)
 
 
 def _runs(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -142,9 +143,8 @@ def band_masks(masks: Mapping[str, object], band: Rows, margin: int = BAND_MARGI
     end = min(band[0] + 1, height)  # owned cells' rows: from the band's start (none begins above) to their last
     for name, block in blocks.items():
         values, lengths = _runs(block)
-        keep = np.repeat(np.isin(values, owned[name]), lengths).reshape(block.shape)
-        blocks[name] = np.where(keep, block, 0).astype(block.dtype, copy=False)
-        rows = np.flatnonzero(keep.any(axis=1))
+        block[np.repeat(~np.isin(values, owned[name]), lengths).reshape(block.shape)] = 0  # in place: no copy
+        rows = np.flatnonzero(block.any(axis=1))
         end = max(end, start + int(rows[-1]) + 1 if rows.size else end)
     masks_owned = {n: b[band[0] - start:end - start] for n, b in blocks.items()}
     return BandMasks((band[0], end), (start, stop), masks_owned, foreground)
@@ -186,10 +186,12 @@ def quantify_band(image, masks: Mapping[str, object], marker_names: Sequence[str
     tables : dict of str to pandas.DataFrame
         Each mask's table of the owned cells, values bit-identical to their rows in the one-band table.
     read : BandMasks
+        Without its ``masks`` (released once measured: a caller measuring the next part must not
+        hold this one's labels meanwhile).
     """
     window = band_masks(masks, band, margin)
     tables = quantify(_RowWindow(image, window.rows), window.masks, marker_names, channels=channels, rows=rows)
-    return {name: _shift_rows(table, window.rows[0]) for name, table in tables.items()}, window
+    return {name: _shift_rows(table, window.rows[0]) for name, table in tables.items()}, replace(window, masks={})
 
 
 def quantify_band_in_parts(image, masks: Mapping[str, object], marker_names: Sequence[str], band: Rows, *,
