@@ -288,6 +288,24 @@ def test_edges_registered_in_threads_give_the_serial_result(slide_of, two_cycle_
     assert serial[f"{stage.QC_DIR}/edges.csv"].count(b"true") >= 12     # pairs really registered
 
 
+def test_a_cycle_read_by_many_threads_gives_every_tile_its_pixels(brain, brain_run, tmp_path):
+    """Threads share a cycle's file handles (align reads cycle 1 from all its threads): every read
+    returns its own tile's pixels."""
+    import contextlib
+    from concurrent.futures import ThreadPoolExecutor
+    slide, _ = brain_run
+    ctx = StageContext(slide_id=slide.name, run_id="test", slide=FolderStore(slide), work=FolderStore(tmp_path),
+                       params=Params())
+    _, files, metas = stage.checked_cycles(ctx)
+    order = list(range(len(brain.ids))) * 4
+    with contextlib.ExitStack() as stack:
+        cycle = stage.open_cycle(stack, ctx, files[0], metas[0], 1, handles=2)
+        with ThreadPoolExecutor(8) as pool:
+            tiles = list(pool.map(lambda t: cycle.read(t, 0), order))
+    for t, tile in zip(order, tiles, strict=True):
+        np.testing.assert_array_equal(tile, brain.tiles[t], err_msg=f"tile {t}")
+
+
 SUBGRID = ["0020", "0021", "0022", "0029", "0030", "0031", "0038", "0039", "0040"]   # 3 x 3 tissue tiles
 
 
