@@ -308,8 +308,8 @@ def stage_sizes(stage, size: Size) -> tuple[int, int]:
 # What a job holds at once grows with one measure of the slide, by design (each stage's docstring):
 # "tile": a tile or a fixed block at a time; "band": a band of tile rows across the slide, every
 # channel it reads; "channel-band": such a band of one channel (a mosaic item's channel, a render
-# item's layer, align's cache of first-cycle rows); "part": a quantify item's part (PART_PIXELS of
-# labels, at least a chunk row of the registered image) and a strip of one channel (a chunk row); "share":
+# item's layer, align's cache of first-cycle rows); "part": a quantify item's part and the strip of one channel
+# it is measured from (a chunk row), PART_PIXELS together, at least a chunk row each; "share":
 # its share of the stage's data; "data": something per cell or object of the whole slide (tables, the
 # run's list of results: publish's jobs); "cells": one cell table of the whole slide, cells x columns
 # (its CPU: every table's); "none": nothing that grows. The key is the stage, or "<stage> merge" for a merge.
@@ -352,7 +352,7 @@ def measure(job: dict, size: Size, items: int, what: str) -> float:
     return {"tile": size.tile ** 2 * channels_read(job["stage"], size, what), "plane": size.pixels,
             "band": size.cols * size.tile ** 2 * channels_read(job["stage"], size, what),
             "channel-band": size.cols * size.tile ** 2,
-            "part": min(size.pixels, max(PART_PIXELS, chunk_row)) + chunk_row,
+            "part": min(size.pixels, max(PART_PIXELS - chunk_row, chunk_row)) + chunk_row,
             "share": share, "data": data, "cells": table, "none": 1.0}[holds]
 
 

@@ -31,7 +31,7 @@ import numpy as np
 if TYPE_CHECKING:  # imported where tables are joined (atlas quantify measures without it)
     import pandas as pd
 
-from atlas.science.quantification import ID_COLUMN, quantify
+from atlas.science.quantification import ID_COLUMN, quantify, strip_rows
 
 Rows = tuple[int, int]  # half-open [start, stop) rows
 
@@ -197,8 +197,11 @@ def quantify_band(image, masks: Mapping[str, object], marker_names: Sequence[str
 def quantify_band_in_parts(image, masks: Mapping[str, object], marker_names: Sequence[str], band: Rows, *,
                            max_pixels: int, chunk: int = 1, channels: Sequence[int] | None = None,
                            rows: int | None = None) -> tuple[dict[str, pd.DataFrame], BandMasks]:
-    """:func:`quantify_band` of ``band``, measured as consecutive sub-bands of at most ``max_pixels``
-    (whole ``chunk`` rows, at least one): memory bounded by the sub-band, whatever the band's height.
+    """:func:`quantify_band` of ``band``, measured as consecutive sub-bands (whole ``chunk`` rows, at
+    least one) whose labels and the image strip they are measured a strip at a time from
+    (:func:`atlas.science.quantification.strip_rows` of the image, or ``rows``) hold at most
+    ``max_pixels`` together: memory bounded whatever the band's height, and the same at any width
+    where a strip is one chunk row (a wider image: shorter sub-bands).
 
     Exact: the sub-bands split the band's rows, so every cell the band owns is owned by exactly one
     of them and measured whole there (:func:`band_masks`); the tables are their rows, concatenated.
@@ -215,7 +218,8 @@ def quantify_band_in_parts(image, masks: Mapping[str, object], marker_names: Seq
 
     width = int(np.shape(next(iter(masks.values())))[-1]) if masks else 1
     height = band[1] - band[0]
-    per_part = max(1, max_pixels // max(1, width * chunk)) * chunk
+    strip = width * (rows or strip_rows(image, width))
+    per_part = max(1, (max_pixels - strip) // max(1, width * chunk)) * chunk
     parts = band_rows(height, max(1, -(-height // per_part)), chunk)
     tables: dict[str, list[pd.DataFrame]] = {}
     spans, reads, foreground = [], [], dict.fromkeys(masks, 0)

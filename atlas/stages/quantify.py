@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 
 QC_DIR = f"{layout.QC}/quantify"
 # Pixels of an item's band measured at once (whole chunk rows, at least one): the masks' labels (4 B/px
-# each) and the channels' row strips, so an item's memory does not grow with its band's height.
+# each) and the channels' row strip they are measured from, so an item's memory does not grow with its
+# band's height, nor with the slide's width while a strip (a chunk row) leaves room for a part.
 PART_PIXELS = 32_000_000
 # Rows of a table converted at once when it is written as CSV text or as a Parquet row group.
 BATCH_ROWS = 65_536
