@@ -26,6 +26,8 @@ class RecordingPublisher:
     """A :class:`atlas.stages.publish.Publisher` that notes what it is asked; its ``fail_at``-th copy
     call raises, as a Spot reclaim would end the item there."""
 
+    destination = "s3://results/slide/run/"
+
     def __init__(self, fail_at: int | None = None):
         self.fail_at, self.calls, self.copied, self.finished = fail_at, 0, [], None
 
@@ -105,4 +107,8 @@ def test_shares_are_disjoint_balanced_and_the_same_in_every_item():
     assert max(map(len, shares)) - min(len(s) for s in shares if s is not alone) <= 1
     # a batch is known by its files' paths and sha256: one changed file makes it another batch
     changed = [dict(files[0], sha256="a" * 64), *files[1:3]]
-    assert batch_unit(0, files[:3]) == batch_unit(0, [dict(f) for f in files[:3]]) != batch_unit(0, changed)
+    here = RecordingPublisher.destination
+    assert batch_unit(0, files[:3], here) == batch_unit(0, [dict(f) for f in files[:3]], here) \
+        != batch_unit(0, changed, here)
+    # ... and by where it goes: released again elsewhere, it is copied again
+    assert batch_unit(0, files[:3], here) != batch_unit(0, files[:3], "s3://other-results/slide/run/")

@@ -146,6 +146,11 @@ class S3Publisher:
         return release_prefix(self.results_bucket, self.slide_id, self.run_id)
 
     @property
+    def destination(self) -> str:
+        """Where this release's copies go: the results prefix, and the site when the overview is public."""
+        return f"{self.prefix}" + (f" s3://{self.overview_bucket}/" if self.overview_bucket and self.public else "")
+
+    @property
     def site(self) -> S3Uri | None:
         """Where the overview goes on the site, or None (no site, or not public)."""
         return S3Uri(self.overview_bucket, f"{self.slide_id}/{self.run_id}/") if self.overview_bucket and self.public \

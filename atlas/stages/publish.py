@@ -6,8 +6,9 @@ size and sha256 as its writer recorded them, so publishing reads no output back.
 objects) through the context's :class:`Publisher` -- in the cloud a server-side copy to the
 requester-pays results bucket (:class:`atlas.aws.release.S3Publisher`); a local run has none and
 releases nothing. It copies in batches of :data:`COPY_BATCH`, each a journal unit named by its
-files' paths and sha256 (:class:`atlas.storage.journal.Journal`), so an item cut short (a Spot
-reclaim) skips on its retry every batch already copied with the same sha256 and copies the rest.
+files' paths and sha256 and by where it goes (:class:`atlas.storage.journal.Journal`), so an item
+cut short (a Spot reclaim) skips on its retry every batch already copied with the same sha256 to the
+same place and copies the rest.
 
 The merge writes ``manifest.json`` and then, through the publisher, makes the release visible: the
 manifest copied last, then what names it as the slide's latest release (:meth:`Publisher.finish`).
@@ -36,7 +37,13 @@ OBJECT_COST_BYTES = 8 << 20  # what one copy request costs an item, in bytes cop
 
 
 class Publisher(Protocol):
-    """Where a run is released (the Batch job gives its publishing jobs one: ``ctx.publisher``)."""
+    """Where a run is released (the Batch job gives its publishing jobs one: ``ctx.publisher``).
+
+    ``destination`` names where the copies go (buckets, prefix): it is part of every journal unit's
+    name, so a rerun releasing the same work elsewhere copies again.
+    """
+
+    destination: str
 
     def copy(self, files: Sequence[Mapping]) -> None:
         """Copy ``files`` (manifest entries: path, size, sha256, level) from the run's work to the release."""
@@ -112,9 +119,11 @@ def share(files: Sequence[Mapping], index: int, count: int) -> list[Mapping]:
     return sorted(mine, key=lambda f: f["path"])
 
 
-def batch_unit(start: int, batch: Sequence[Mapping]) -> str:
-    """Journal unit of a batch of files: its place in the share and a digest of its paths and sha256."""
-    digest = hashlib.sha256("".join(f"{f['path']}\0{f['sha256']}\n" for f in batch).encode()).hexdigest()
+def batch_unit(start: int, batch: Sequence[Mapping], destination: str) -> str:
+    """Journal unit of a batch of files: its place in the share and a digest of where it goes and of
+    its files' paths and sha256."""
+    digest = hashlib.sha256("".join([f"{destination}\n", *(f"{f['path']}\0{f['sha256']}\n" for f in batch)])
+                            .encode()).hexdigest()
     return f"{start:08d}-{digest[:16]}"
 
 
@@ -126,7 +135,7 @@ def run_item(ctx: StageContext, index: int, count: int) -> None:
     journal = Journal(ctx.work, f"{ctx.job.stage.item_dir}/{index}")
     for start in range(0, len(files), COPY_BATCH):
         batch = files[start:start + COPY_BATCH]
-        journal.run(batch_unit(start, batch), partial(ctx.publisher.copy, batch))
+        journal.run(batch_unit(start, batch, ctx.publisher.destination), partial(ctx.publisher.copy, batch))
 
 
 def merge(ctx: StageContext) -> None:
