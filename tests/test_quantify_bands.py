@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import tifffile
+import zarr
 
 from atlas.science.bands import (
     BandsDisagree,
@@ -116,3 +117,29 @@ def test_a_label_in_scattered_pieces_is_caught():
     image = np.ones((1, 100, 20), np.float32)
     with pytest.raises(BandsDisagree, match="two bands"):
         by_bands(image, {"m": mask}, 2, margin=4, markers=["a"])
+
+
+@pytest.mark.parametrize("name", ROIS[:2])
+def test_a_16_bit_image_summed_in_column_blocks_gives_the_same_table(shared_data, name, monkeypatch):
+    """Each strip of a 16-bit image summed in column blocks of whole chunks (so that an item of a wide
+    slide holds no more than of a narrow one) gives the table of full rows, bit for bit, and means equal
+    to ``scipy.ndimage.mean``. The real ROI's counts are scaled to uint16 (they stand for a microscope's
+    16-bit image); a float image keeps full rows (its sums depend on the order of additions)."""
+    from scipy import ndimage
+
+    from atlas.science import quantification
+
+    image, masks = roi(shared_data, name)
+    counts = np.round(image[:len(PANEL)] * 100).clip(0, 65535).astype(np.uint16)
+    chunked = zarr.array(counts, chunks=(1, 16, 16))
+    monkeypatch.setattr(quantification, "STRIP_PIXELS", 16 * 16)   # blocks of one chunk column
+    blocks = quantification.column_blocks(chunked, counts.shape[-1], 16, counts.dtype)
+    assert len(blocks) >= 4 and blocks[0] == (0, 16) and blocks[-1][1] == counts.shape[-1]
+    assert quantification.column_blocks(zarr.array(image, chunks=(1, 16, 16)), image.shape[-1], 16,
+                                        image.dtype) == [(0, image.shape[-1])]
+    whole = quantify(chunked, masks, PANEL, rows=16)
+    by_blocks = quantify(chunked, masks, PANEL, rows=16, by_columns=True)
+    for m, mask in masks.items():
+        pd.testing.assert_frame_equal(by_blocks[m], whole[m], check_exact=True)
+        labels = by_blocks[m]["CellID"].to_numpy()
+        assert np.array_equal(by_blocks[m][PANEL[1]].to_numpy(), ndimage.mean(counts[1], mask, labels))

@@ -190,7 +190,8 @@ def quantify_band(image, masks: Mapping[str, object], marker_names: Sequence[str
         hold this one's labels meanwhile).
     """
     window = band_masks(masks, band, margin)
-    tables = quantify(_RowWindow(image, window.rows), window.masks, marker_names, channels=channels, rows=rows)
+    tables = quantify(_RowWindow(image, window.rows), window.masks, marker_names, channels=channels, rows=rows,
+                      by_columns=True)
     return {name: _shift_rows(table, window.rows[0]) for name, table in tables.items()}, replace(window, masks={})
 
 

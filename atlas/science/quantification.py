@@ -74,6 +74,21 @@ def strip_rows(array, width: int) -> int:
     return base * max(1, -(-STRIP_PIXELS // (base * max(width, 1))))
 
 
+def column_blocks(array, width: int, rows: int, dtype: np.dtype) -> list[tuple[int, int]]:
+    """Column ranges ``[c0, c1)`` a strip of ``rows`` rows of the channels is summed in: whole chunk
+    columns of the array holding about :data:`STRIP_PIXELS`, so that what a strip holds while it is
+    summed does not grow with the image's width. One block of full width for an array without
+    chunks, and for images other than 8- and 16-bit integers: only there is every running sum an
+    integer below 2**53, exact in float64 whatever the order its pixels are added in.
+    """
+    chunks = getattr(array, "chunks", None)
+    if not chunks or not (np.issubdtype(dtype, np.integer) and np.dtype(dtype).itemsize <= 2):
+        return [(0, width)]
+    base = int(chunks[-1])
+    step = base * max(1, STRIP_PIXELS // (base * max(rows, 1)))
+    return [(c0, min(c0 + step, width)) for c0 in range(0, width, step)]
+
+
 def _row_runs(block: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Runs of equal value along each row of a (h, w) block, in raster order.
 
@@ -326,11 +341,19 @@ class NegativeLabels(ValueError):
         super().__init__(f"mask {mask!r} has negative labels; labels must be >= 0 (0 = background)")
 
 
-def _rows(array, r0: int, r1: int, channel: int = 0) -> np.ndarray:
-    """Rows ``r0:r1`` of a (Y, X) array or of one channel of a (C, Y, X) array, as numpy."""
+def _rows(array, r0: int, r1: int, channel: int = 0, columns: slice = slice(None)) -> np.ndarray:
+    """Rows ``r0:r1`` (and ``columns``) of a (Y, X) array or of one channel of a (C, Y, X) array, as numpy."""
     if array.ndim == 2:
-        return np.ascontiguousarray(array[r0:r1])
-    return np.ascontiguousarray(array[channel, r0:r1])
+        return np.ascontiguousarray(array[r0:r1] if columns == slice(None) else array[r0:r1, columns])
+    return np.ascontiguousarray(array[channel, r0:r1] if columns == slice(None) else array[channel, r0:r1, columns])
+
+
+def _block_runs(runs: tuple[np.ndarray, ...], c0: int, c1: int) -> tuple[np.ndarray, ...]:
+    """The (label, row, column, length) runs of a strip clipped to columns ``[c0, c1)``, columns from ``c0``."""
+    values, row, col, lengths = runs
+    start, end = np.maximum(col, c0), np.minimum(col + lengths, c1)
+    keep = end > start
+    return values[keep], row[keep], start[keep] - c0, (end - start)[keep]
 
 
 def _read_ahead(reads: Iterable[Callable[[], np.ndarray]]) -> Iterator[np.ndarray]:
@@ -415,13 +438,34 @@ def _strip_index(starts: np.ndarray, values: np.ndarray, lengths: np.ndarray, si
     return present, index, np.concatenate([foreground, np.zeros(size - end, bool)])
 
 
+def _sum_block(sums: Mapping[str, _RunningSums], block_runs: Mapping[str, tuple[np.ndarray, ...]], r0: int, r1: int,
+               width: int, planes: Iterable[np.ndarray]) -> None:
+    """Add a block of rows ``r0:r1`` and ``width`` columns of every channel (``planes``, flat, in channel
+    order) to each mask's running sums, indexed by the mask's runs in the block (columns from its left)."""
+    index = {}
+    for name, (values, row, col, lengths) in block_runs.items():
+        if values.size:
+            present, idx, foreground = _strip_index((row - r0).astype(np.int64) * width + col, values, lengths,
+                                                    (r1 - r0) * width)
+            index[name] = (sums[name].positions(present), idx, foreground, np.empty(idx.size))
+    for j, plane in enumerate(planes):
+        for name, (pos, idx, foreground, weights) in index.items():
+            # Running sums first, then the pixels: each label's float64 additions happen in raster order
+            # (of the block) from 0.0, as one bincount over the whole image makes them (any order where
+            # column_blocks splits the rows: integer sums, exact).
+            weights[:pos.size] = sums[name].sums[j, pos]
+            weights[pos.size:] = plane[foreground]
+            sums[name].sums[j, pos] = np.bincount(idx, weights=weights, minlength=pos.size)
+
+
 def _strips_morphology(strip_runs: list[tuple[np.ndarray, ...]]) -> Morphology:
     """:func:`morphology_from_runs` of the (label, row, column, length) runs of every strip."""
     return morphology_from_runs(*(np.concatenate(part) for part in zip(*strip_runs, strict=True)))
 
 
 def measure(image, masks: Mapping[str, object], channels: Sequence[int], *, rows: int | None = None,
-            progress: Callable[[int], None] | None = None) -> dict[str, tuple[Morphology, np.ndarray]]:
+            by_columns: bool = False, progress: Callable[[int], None] | None = None
+            ) -> dict[str, tuple[Morphology, np.ndarray]]:
     """Shape of every label of each mask and its mean in each channel, reading every pixel once.
 
     Parameters
@@ -433,6 +477,9 @@ def measure(image, masks: Mapping[str, object], channels: Sequence[int], *, rows
         Image channels to measure, in output order.
     rows : int, optional
         Rows per strip (default :func:`strip_rows` of the image).
+    by_columns : bool
+        Sum each strip of the channels in :func:`column_blocks` (the image must take column slices,
+        e.g. zarr): what is held while summing stops growing with the image's width.
     progress : callable, optional
         Called with the number of rows done after each mask strip and each image strip.
 
@@ -454,6 +501,7 @@ def measure(image, masks: Mapping[str, object], channels: Sequence[int], *, rows
     height, width = image.shape[-2:]
     rows = rows or strip_rows(image, width)
     strips = [(r0, min(r0 + rows, height)) for r0 in range(0, height, rows)]
+    columns = column_blocks(image, width, rows, image.dtype) if by_columns else [(0, width)]
     sums = {name: _RunningSums(len(channels)) for name in masks}
     runs: dict[str, list] = {name: [] for name in masks}
 
@@ -462,8 +510,10 @@ def measure(image, masks: Mapping[str, object], channels: Sequence[int], *, rows
             for mask in masks.values():
                 yield lambda mask=mask, r0=r0, r1=r1: _rows(mask, r0, r1)
         for r0, r1 in strips:
-            for channel in channels:
-                yield lambda channel=channel, r0=r0, r1=r1: _rows(image, r0, r1, channel).ravel()
+            for c0, c1 in columns:
+                cut = slice(None) if (c0, c1) == (0, width) else slice(c0, c1)
+                for channel in channels:
+                    yield lambda channel=channel, r0=r0, r1=r1, cut=cut: _rows(image, r0, r1, channel, cut).ravel()
 
     blocks = _read_ahead(reads())
     for r0, r1 in strips:   # the masks, strip by strip: their foreground row runs
@@ -477,21 +527,9 @@ def measure(image, masks: Mapping[str, object], channels: Sequence[int], *, rows
         # shapes in a thread while the channels are summed (numpy releases the GIL in both)
         shapes = {name: pool.submit(_strips_morphology, runs[name]) for name in masks}
         for k, (r0, r1) in enumerate(strips):
-            index = {}
-            for name in masks:
-                values, row, col, lengths = runs[name][k]
-                if values.size:
-                    present, idx, foreground = _strip_index((row - r0).astype(np.int64) * width + col, values,
-                                                            lengths, (r1 - r0) * width)
-                    index[name] = (sums[name].positions(present), idx, foreground, np.empty(idx.size))
-            for j in range(len(channels)):
-                plane = next(blocks)
-                for name, (pos, idx, foreground, weights) in index.items():
-                    # Running sums first, then the pixels: each label's float64 additions happen in
-                    # raster order from 0.0, exactly as one bincount over the whole image makes them.
-                    weights[:pos.size] = sums[name].sums[j, pos]
-                    weights[pos.size:] = plane[foreground]
-                    sums[name].sums[j, pos] = np.bincount(idx, weights=weights, minlength=pos.size)
+            for c0, c1 in columns:
+                _sum_block(sums, {name: _block_runs(runs[name][k], c0, c1) for name in masks}, r0, r1, c1 - c0,
+                           (next(blocks) for _ in channels))
             if progress:
                 progress(r1 - r0)
         result = {}
@@ -524,7 +562,7 @@ def feature_table(morphology: Morphology, means: np.ndarray, marker_names: Seque
 
 
 def quantify(image, masks: Mapping[str, object], marker_names: Sequence[str], *,
-             channels: Sequence[int] | None = None, rows: int | None = None,
+             channels: Sequence[int] | None = None, rows: int | None = None, by_columns: bool = False,
              progress: Callable[[int], None] | None = None) -> dict[str, pd.DataFrame]:
     """MCQuant's single-cell table of each mask.
 
@@ -541,6 +579,8 @@ def quantify(image, masks: Mapping[str, object], marker_names: Sequence[str], *,
         left out (markers.csv ``remove``) are never read.
     rows : int, optional
         Rows per strip (default: from the arrays' chunking, see :func:`strip_rows`).
+    by_columns : bool
+        As for :func:`measure`.
     progress : callable, optional
         Called with rows done; the total is ``Y * (len(masks) + 1)``.
 
@@ -566,5 +606,5 @@ def quantify(image, masks: Mapping[str, object], marker_names: Sequence[str], *,
                              "the mask must cover the image pixel for pixel")
         if not np.issubdtype(mask.dtype, np.integer):
             raise ValueError(f"mask {name!r} has dtype {mask.dtype}; labels must be integers")
-    measured = measure(image, masks, channels, rows=rows, progress=progress)
+    measured = measure(image, masks, channels, rows=rows, by_columns=by_columns, progress=progress)
     return {name: feature_table(shape, means, marker_names) for name, (shape, means) in measured.items()}
