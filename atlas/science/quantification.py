@@ -13,7 +13,9 @@ How it stays exact, fast and lean
 ---------------------------------
 The image and masks are read once, in row strips of full width (a multiple of the file's tile
 height), one channel at a time, the next block read while the current one is summed; memory is
-a few strips whatever the slide's height or channel count.
+a few strips whatever the slide's height or channel count. Where the image takes column slices
+(zarr) and is 8- or 16-bit, a strip of the channels can be summed in column blocks of whole chunks
+(``by_columns``; what the row bands of a wide slide use), so that memory does not grow with its width.
 
 * Means: per strip and channel one ``np.bincount`` with float64 weights. The running sums of the
   labels present in the strip are prepended to the strip's pixels, so every label's pixels are
