@@ -184,7 +184,8 @@ def ome_tiff_description(path: str | os.PathLike, shape: tuple[int, int, int], d
 def write_ome_tiff_pyramid(path: str | os.PathLike, image: ArrayLike, *, channel_names: Sequence[str],
                            pixel_size_um: float, tile_size: int = 1024, labels: bool = False,
                            subresolutions: Sequence[ArrayLike] | None = None, workers: int | None = None,
-                           sink: Sink | None = None, scratch: str | os.PathLike | None = None) -> int:
+                           sink: Sink | None = None, scratch: str | os.PathLike | None = None,
+                           on_scratch: Callable[[int], None] | None = None) -> int:
     """Write a tiled, compressed, pyramidal OME-TIFF (pyramid in SubIFDs), tile by tile, front to back.
 
     Parameters
@@ -215,6 +216,8 @@ def write_ome_tiff_pyramid(path: str | os.PathLike, image: ArrayLike, *, channel
     scratch : path, optional
         Folder for the per-channel tile buffer (and computed levels); default next to ``path``, or
         the system's temporary folder with ``sink``.
+    on_scratch : callable, optional
+        Called with the tile buffer's bytes after each channel (:func:`atlas.science.tiffstream.stream_ome_tiff`).
 
     Returns
     -------
@@ -252,7 +255,7 @@ def write_ome_tiff_pyramid(path: str | os.PathLike, image: ArrayLike, *, channel
             out = sink if sink is not None else stack.enter_context(open(path, "wb"))
             return stream_ome_tiff(out, [image, *subresolutions], description=description, tile_size=tile_size,
                                    per_cm=1e4 / pixel_size_um, workers=workers or os.cpu_count() or 1,
-                                   scratch=scratch)
+                                   scratch=scratch, on_scratch=on_scratch)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

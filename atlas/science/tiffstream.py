@@ -23,7 +23,7 @@ from __future__ import annotations
 import shutil
 import struct
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,7 +187,8 @@ def _channel_ifds(levels: Sequence, pages: list, opts: TiffOptions, start: int, 
 
 
 def stream_ome_tiff(sink: Sink, levels: Sequence, *, description: str, tile_size: int, per_cm: float,
-                    workers: int, scratch: str | Path | None = None) -> int:
+                    workers: int, scratch: str | Path | None = None,
+                    on_scratch: Callable[[int], None] | None = None) -> int:
     """Write a BigTIFF pyramid (full-resolution pages in the main chain, reduced levels in SubIFDs)
     to ``sink`` strictly in order; returns the bytes written.
 
@@ -208,6 +209,9 @@ def stream_ome_tiff(sink: Sink, levels: Sequence, *, description: str, tile_size
     scratch : path, optional
         Folder of the per-channel tile buffer (about 1/C of the file; a named file, so what measures
         the folder sees it); default the system's temp folder.
+    on_scratch : callable, optional
+        Called with the buffer's bytes once each channel's tiles are in it (what the job's scratch
+        peak is, however briefly the buffer lives).
     """
     opts = TiffOptions(tile_size, np.dtype(levels[0].dtype), per_cm, workers)
     n_channels = levels[0].shape[0]
@@ -219,6 +223,8 @@ def stream_ome_tiff(sink: Sink, levels: Sequence, *, description: str, tile_size
             buffer.seek(0)
             buffer.truncate()
             pages = _encode_channel(levels, c, opts, pool, buffer)
+            if on_scratch is not None:
+                on_scratch(buffer.tell())
             ifds, block = _channel_ifds(levels, pages, opts, written, c == n_channels - 1,
                                         description if c == 0 else None)
             sink.write(ifds)

@@ -36,7 +36,7 @@ def run(ctx: StageContext) -> None:
     with ctx.work.writer(rel) as out:
         write_ome_tiff_pyramid(rel, levels[0], subresolutions=levels[1:], channel_names=channels,
                                pixel_size_um=pixel_size, tile_size=levels[0].chunks[-1], workers=ctx.vcpus,
-                               sink=out, scratch=ctx.scratch)
+                               sink=out, scratch=ctx.scratch, on_scratch=ctx.work.counter.note_local_file)
     with ctx.work.open(rel) as image:
         htan_tables = htan.level2_rows(image, ctx.slide_id, [f"{ctx.slide_id}/{name}" for name in files], markers)
     for component, rows in htan_tables.items():
