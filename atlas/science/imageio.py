@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO
 
 import numpy as np
@@ -147,3 +148,20 @@ class TiffRows:
                     raise OSError(f"{self._fh.name}: file ends {size - done} bytes early at offset {offset + done}")
                 done += got
         return view
+
+
+def read_ahead(reads: Iterable[Callable[[], np.ndarray]]) -> Iterator[np.ndarray]:
+    """The result of each read in order, the next one running in a thread while the caller works.
+
+    Reading (file I/O, decompression, zarr's copies) overlaps the arithmetic on the block before;
+    at most two blocks are in memory.
+    """
+    with ThreadPoolExecutor(1, thread_name_prefix="read-ahead") as pool:
+        pending = None
+        for read in reads:
+            ahead = pool.submit(read)
+            if pending is not None:
+                yield pending.result()
+            pending = ahead
+        if pending is not None:
+            yield pending.result()

@@ -36,6 +36,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from atlas.science.imageio import read_ahead
+
 if TYPE_CHECKING:  # pandas (~0.3 s to import) only where a table is built: measuring needs numpy alone
     import pandas as pd
 
@@ -358,23 +360,6 @@ def _block_runs(runs: tuple[np.ndarray, ...], c0: int, c1: int) -> tuple[np.ndar
     return values[keep], row[keep], start[keep] - c0, (end - start)[keep]
 
 
-def _read_ahead(reads: Iterable[Callable[[], np.ndarray]]) -> Iterator[np.ndarray]:
-    """The result of each read in order, the next one running in a thread while the caller works.
-
-    Reading (file I/O, decompression, zarr's copies) overlaps the arithmetic on the block before;
-    at most two blocks are in memory.
-    """
-    with ThreadPoolExecutor(1, thread_name_prefix="read-ahead") as pool:
-        pending = None
-        for read in reads:
-            ahead = pool.submit(read)
-            if pending is not None:
-                yield pending.result()
-            pending = ahead
-        if pending is not None:
-            yield pending.result()
-
-
 class _RunningSums:
     """Per-label float64 sums of several channels, grown strip by strip in raster order.
 
@@ -517,7 +502,7 @@ def measure(image, masks: Mapping[str, object], channels: Sequence[int], *, rows
                 for channel in channels:
                     yield lambda channel=channel, r0=r0, r1=r1, cut=cut: _rows(image, r0, r1, channel, cut).ravel()
 
-    blocks = _read_ahead(reads())
+    blocks = read_ahead(reads())
     for r0, r1 in strips:   # the masks, strip by strip: their foreground row runs
         for name in masks:
             starts, values, lengths = _strip_runs(next(blocks), name)
