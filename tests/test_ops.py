@@ -138,6 +138,17 @@ def test_status_follows_a_run_from_start_to_failure(cloud, sample_slide, tmp_pat
     assert "MemoryError" in shown.output and f"atlas rerun {slide_id} --from segment" in shown.output
 
 
+def status_from_history(cloud, slide_id: str, sfn, arn: str, when: datetime, history: list[dict]):
+    """``ops.slide_status`` of a running execution whose history (newest first) Step Functions is stubbed to give."""
+    with Stubber(sfn) as stub:
+        stub.add_response("describe_execution", {
+            "executionArn": arn, "stateMachineArn": cloud.settings.state_machine_arn, "status": "RUNNING",
+            "startDate": when, "input": "{}"})
+        stub.add_response("get_execution_history", {"events": history},
+                          {"executionArn": arn, "reverseOrder": True, "maxResults": 200})
+        return ops.slide_status(slide_id, table=table(cloud), sfn=sfn)
+
+
 def test_the_current_stage_comes_from_the_execution_history(cloud, sample_slide, tmp_path):
     slide_id = sample_slide.name
     run_id = ops.slide_status(slide_id, table=table(cloud)).run_id
@@ -151,13 +162,7 @@ def test_the_current_stage_comes_from_the_execution_history(cloud, sample_slide,
                 "stateEnteredEventDetails": {"name": "segment-merge", "input": "{}"}},
                {"timestamp": when, "type": "TaskStateExited", "id": 8, "previousEventId": 7,
                 "stateExitedEventDetails": {"name": "segment", "output": "{}"}}]
-    with Stubber(sfn) as stub:
-        stub.add_response("describe_execution", {
-            "executionArn": arn, "stateMachineArn": cloud.settings.state_machine_arn, "status": "RUNNING",
-            "startDate": when, "input": "{}"})
-        stub.add_response("get_execution_history", {"events": history},
-                          {"executionArn": arn, "reverseOrder": True, "maxResults": 200})
-        status = ops.slide_status(slide_id, table=table(cloud), sfn=sfn)
+    status = status_from_history(cloud, slide_id, sfn, arn, when, history)
     assert status.current_stage == "segment-merge"
     assert {p.stage: p.state for p in status.stages}["segment"] == "running"
 
@@ -189,13 +194,7 @@ def test_status_names_every_parallel_branch_running(cloud, sample_slide, tmp_pat
                event("TaskStateEntered", "segment-merge", 10), event("TaskStateExited", "segment", 9),
                event("TaskStateEntered", "segment", 8), event("TaskStateEntered", "export", 7),
                event("TaskStateExited", "mosaic-merge", 6)]
-    with Stubber(sfn) as stub:
-        stub.add_response("describe_execution", {
-            "executionArn": arn, "stateMachineArn": cloud.settings.state_machine_arn, "status": "RUNNING",
-            "startDate": when, "input": "{}"})
-        stub.add_response("get_execution_history", {"events": history},
-                          {"executionArn": arn, "reverseOrder": True, "maxResults": 200})
-        status = ops.slide_status(slide_id, table=table(cloud), sfn=sfn)
+    status = status_from_history(cloud, slide_id, sfn, arn, when, history)
     assert status.current_jobs == ("export", "quantify")
     states = {p.stage: p.state for p in status.stages}
     assert (states["export"], states["quantify"], states["render"]) == ("running", "running", "pending")
