@@ -68,16 +68,47 @@ def stage_command(job: Job, *, slide_uri: str, work_uri: str, run_id: str, vcpus
                                                      items=job.count or None, vcpus=vcpus)]
 
 
-def peak_rss(pid: int) -> int | None:
-    """Peak resident memory (VmHWM, bytes) of a running process, from /proc; None once it is gone."""
+def _status_kib(pid: int, field: str) -> int | None:
+    """A ``kB`` field of ``/proc/<pid>/status`` (e.g. ``VmHWM``) in KiB; None once the process is gone."""
     try:
         with open(f"/proc/{pid}/status") as status:
             for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
     except OSError:
         pass
     return None
+
+
+def descendants(pid: int) -> list[int]:
+    """The live processes below ``pid`` (children, theirs, ...), from ``/proc/<pid>/task/*/children``."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{parent}/task/{task}/children") as f:
+                    children = [int(c) for c in f.read().split()]
+            except OSError:
+                continue
+            found += children
+            todo += children
+    return found
+
+
+def peak_rss(pid: int) -> int:
+    """Peak resident memory (bytes) of a running process and its descendants: each one's own peak
+    (VmHWM) summed over those alive now; 0 once it is gone.
+
+    An upper bound of what they held together: a page shared by several (a forked child's
+    libraries) counts in each, and the peaks need not have been at the same time. For one process
+    (a Batch job) it is its VmHWM; for ``atlas run``, the runner, its fork server and the job
+    running (:mod:`atlas.pipeline.local`)."""
+    return sum((_status_kib(p, "VmHWM") or 0) for p in [pid, *descendants(pid)]) * 1024
 
 
 class ProcessRun(NamedTuple):
@@ -92,10 +123,11 @@ class ProcessRun(NamedTuple):
 def run_process(argv: list[str], env: Mapping[str, str], limits: JobSizes | None = None) -> ProcessRun:
     """Run a command to its end and measure it; with ``limits``, kill it as Batch ends a job.
 
-    The peak memory is the process's own VmHWM, read every :data:`RSS_SAMPLE_S` while it runs (its
-    last fraction of a second is not seen), not its rusage: a child's ``ru_maxrss`` starts from the
-    RSS of the parent it was forked from, here the demo with its emulated AWS. The CPU time (user +
-    system, its own children included) is its rusage. ``limits``: the process is killed (SIGKILL,
+    The peak memory is :func:`peak_rss` of the process and its descendants, read every
+    :data:`RSS_SAMPLE_S` while it runs (its last fraction of a second is not seen), not its rusage:
+    a child's ``ru_maxrss`` starts from the RSS of the parent it was forked from, here the demo with
+    its emulated AWS. The CPU time (user + system, the children it waited for included) is its
+    rusage. ``limits``: the process is killed (SIGKILL,
     the reason appended to its output) once its peak memory passes ``memory_mib`` (Batch's hard
     container limit) or it has run ``timeout_s`` (Batch's attempt duration).
     """
@@ -107,7 +139,7 @@ def run_process(argv: list[str], env: Mapping[str, str], limits: JobSizes | None
     def sample() -> None:
         nonlocal peak, killed
         while not done.wait(RSS_SAMPLE_S):
-            peak = max(peak, peak_rss(proc.pid) or 0)
+            peak = max(peak, peak_rss(proc.pid))
             if limits is not None and not killed and (reason := over_limits(limits, peak, time.monotonic() - started)):
                 killed = reason
                 proc.kill()

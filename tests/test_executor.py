@@ -25,6 +25,18 @@ def test_a_jobs_peak_memory_is_its_own_not_its_parents():
     assert held[0] == 1
 
 
+def test_a_runs_peak_memory_counts_its_child_processes():
+    """``atlas run`` runs each job in a process of its own: the run's figure is its processes
+    together (each one's own peak summed), not the runner's alone."""
+    child = ("block = bytearray(150 * 2**20); block[::4096] = b'\\x01' * len(block[::4096]); "
+             "import time; time.sleep(0.5)")
+    parent = (f"import subprocess, sys; held = bytearray(100 * 2**20); held[::4096] = b'\\x01' * len(held[::4096]); "
+              f"subprocess.run([sys.executable, '-c', {child!r}], check=True); print('ok')")
+    ran = run_process([sys.executable, "-c", parent], {})
+    assert (ran.returncode, ran.output.strip()) == (0, "ok")
+    assert 250 * MIB <= ran.peak_rss_bytes < 450 * MIB, ran.peak_rss_bytes / MIB
+
+
 def test_a_failing_job_reports_its_exit_code_and_output():
     ran = run_process([sys.executable, "-c", "import sys; print('bad input'); sys.exit(3)"], {})
     assert (ran.returncode, ran.output.strip()) == (3, "bad input")

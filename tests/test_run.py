@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
+import threading
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -20,13 +24,15 @@ from typer.testing import CliRunner
 
 from atlas import layout
 from atlas.cli import app
+from atlas.errors import InvalidInput
 from atlas.params import Params
-from atlas.pipeline.contract import CorruptWork, UndeclaredOutput, UpstreamIncomplete
+from atlas.pipeline.contract import CorruptWork, StageFailed, UndeclaredOutput, UpstreamIncomplete
 from atlas.pipeline.local import make_context, run_local_job, run_pipeline
 from atlas.pipeline.runner import execute, job_context
 from atlas.slide.convention import read_markers, sha256_file, write_manifest
 from atlas.stages import STAGES, CompletionRecord, StageContext, get_stage
 from atlas.storage import FolderStore
+from localcloud.executor import descendants
 
 MCQUANT_MORPHOLOGY = ["X_centroid", "Y_centroid", "Area", "MajorAxisLength", "MinorAxisLength",
                       "Eccentricity", "Solidity", "Extent", "Orientation"]
@@ -157,6 +163,48 @@ def test_run_refuses_an_invalid_slide_and_keeps_it(slide_copy, tmp_path):
     assert result.exit_code != 0
     assert "markers.csv" in str(result.exception) + result.output
     assert sorted((p.name, p.stat().st_size) for p in slide_copy.rglob("*")) == before
+
+
+def test_a_jobs_bad_input_reaches_the_caller_with_its_problems(slide_copy, tmp_path):
+    """Each job runs in a process of its own: what it finds wrong crosses back as the same
+    InvalidInput, problem by problem, and the failed stage records nothing."""
+    (slide_copy / "params.yml").write_text("segment:\n  channel: NOPE\n")
+    write_manifest(slide_copy)
+    with pytest.raises(InvalidInput) as raised:
+        run_pipeline(slide_copy, tmp_path / "out")
+    (problem,) = raised.value.problems
+    assert "no channel named 'NOPE'" in problem.message and "marker name" in problem.fix
+    assert records_of(tmp_path / "out", "segment") == []   # nothing recorded for the failed stage
+
+
+def records_of(out: Path, stage: str) -> list[Path]:
+    return sorted((out / layout.PROVENANCE).glob(f"{stage}*.json"))
+
+
+def test_a_job_whose_process_dies_fails_the_run_naming_it_and_a_rerun_finishes(sample_slide, tmp_path):
+    """A job killed as the kernel kills a process out of memory (SIGKILL) fails the run with the
+    job's name and the fix; the jobs before it keep their records and a rerun runs from it."""
+    out = tmp_path / "out"
+    killed: list[int] = []
+
+    def kill_first_job() -> None:   # a job is a grandchild of this process (runner -> fork server -> job)
+        while not killed:
+            jobs = [p for child in descendants(os.getpid()) for p in descendants(child)]
+            if jobs:
+                os.kill(jobs[0], signal.SIGKILL)
+                killed.append(jobs[0])
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_first_job, daemon=True)
+    killer.start()
+    with pytest.raises(StageFailed, match=r"its process ended without finishing .*rerun `atlas run`"):
+        run_pipeline(sample_slide, out)
+    killer.join(timeout=5)
+    assert killed
+    done = len(list((out / layout.PROVENANCE).glob("*.json")))
+    run_pipeline(sample_slide, out)
+    assert len(list((out / layout.PROVENANCE).glob("*.json"))) == sum(len(s.jobs()) for s in STAGES) > done
+    assert (out / layout.MANIFEST).is_file()
 
 
 @pytest.mark.timeout(900)

@@ -6,7 +6,7 @@ folder, or the run's work prefix in S3), after its outputs::
 
     {"stage": "segment", "item": 2, "run_id": "...", "started": ..., "finished": ..., "seconds": ...,
      "vcpus": 4, "vcpu_seconds": ..., "instance_type": "c6i.2xlarge", "peak_rss_bytes": ...,
-     "scratch_peak_bytes": ..., "s3_bytes_read": ..., "s3_bytes_written": ...,
+     "scratch_peak_bytes": ..., "s3_bytes_read": ..., "s3_bytes_written": ..., "cpu_seconds": ...,
      "outputs": [{"path": "tmp/segment/tile-00002.tif", "size": 1234, "sha256": "..."}, ...]}
 
 The outputs' sizes and sha256 are what the job's store computed from the bytes as it wrote them
@@ -35,7 +35,7 @@ def new_record(job: Job, *, run_id: str, started: float, finished: float, output
 
     ``vcpu_seconds`` is what Batch bills: the job's vCPUs (``vcpus``, what the run gave it; default
     the registry's) times its wall time. ``usage`` adds what :class:`atlas.pipeline.usage.JobUsage`
-    measured (peak RSS, scratch, bytes moved).
+    measured (peak RSS, scratch, bytes moved, CPU time).
     """
     seconds = round(finished - started, 3)
     vcpus = vcpus or job.stage.vcpus

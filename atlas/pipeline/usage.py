@@ -43,10 +43,11 @@ def _reset_peak_rss() -> bool:
 def _release_freed_memory() -> None:
     """Give the memory freed by earlier jobs of this process back to the kernel before measuring a job.
 
-    A local run is one process: glibc keeps large freed blocks in its heap once its mmap threshold
-    has risen (up to 32 MB), so without this every job's peak RSS would carry what the jobs before
-    it freed (at 1,024 tiles the quantify items measured ~0.5-0.8 GB of segment's freed memory); Arrow's
-    pool likewise, where a job used it. A Batch job is a process of its own, where this changes
+    Where jobs share a process (a test, :func:`atlas.pipeline.local.run_local_job` called in turn),
+    glibc keeps large freed blocks in its heap once its mmap threshold has risen (up to 32 MB), so
+    without this every job's peak RSS would carry what the jobs before it freed (at 1,024 tiles the
+    quantify items measured ~0.5-0.8 GB of segment's freed memory); Arrow's pool likewise, where a
+    job used it. A Batch job, and a job of ``atlas run``, is a process of its own, where this changes
     nothing. glibc's part is a no-op where libc is not glibc.
     """
     gc.collect()
@@ -54,6 +55,12 @@ def _release_freed_memory() -> None:
         sys.modules["pyarrow"].default_memory_pool().release_unused()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far, all its threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def folder_bytes(folder: Path) -> int:
@@ -84,7 +91,9 @@ class JobUsage:
     figures : dict
         ``peak_rss_bytes`` (the process's peak RSS during the job where /proc allows a reset, else
         its lifetime peak), ``scratch_peak_bytes``, ``s3_bytes_read``, ``s3_bytes_written`` (bytes
-        through the job's stores: S3 requests on Batch, file bytes in a local run).
+        through the job's stores: S3 requests on Batch, file bytes in a local run), ``cpu_seconds``
+        (user + system time of all the process's threads during the job; against ``vcpu_seconds``
+        it says how well the job used what it was given).
     """
 
     def __init__(self, scratch: Path, counter: IoCounter):
@@ -104,6 +113,7 @@ class JobUsage:
         _release_freed_memory()
         self._reset = _reset_peak_rss()
         self._read0, self._written0 = self.counter.read, self.counter.written
+        self._cpu0 = _cpu_seconds()
         self.counter.take_largest_local_file()
         self._thread.start()
         return self
@@ -118,4 +128,5 @@ class JobUsage:
         peak = hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         self.figures = {"peak_rss_bytes": int(peak), "scratch_peak_bytes": int(self._peak_scratch),
                         "s3_bytes_read": self.counter.read - self._read0,
-                        "s3_bytes_written": self.counter.written - self._written0}
+                        "s3_bytes_written": self.counter.written - self._written0,
+                        "cpu_seconds": round(_cpu_seconds() - self._cpu0, 3)}
