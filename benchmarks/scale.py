@@ -475,7 +475,7 @@ def measure_and_model(work: Path, sizes: tuple[Size, Size, Size], overlap: float
                       grids: tuple[tuple[int, int], ...] = ALIGN_SPLIT_GRIDS) -> list[str]:
     """Steps 1-3 (module docstring); what was measured is kept in ``work/measured.json``."""
     tiny, small, large = sizes
-    print("1. local pipeline (atlas run, one process)", flush=True)
+    print("1. local pipeline (atlas run, each job its own process)", flush=True)
     slide, truth = make_slide(work / "slides", small, overlap)
     runs = [local_run(slide, truth, work / "local" / slide.name, small)]
     print(local_line(runs[0]), flush=True)
