@@ -6,6 +6,7 @@ quantification against the sample's ground truth.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -187,9 +188,16 @@ def test_a_job_whose_process_dies_fails_the_run_naming_it_and_a_rerun_finishes(s
     out = tmp_path / "out"
     killed: list[int] = []
 
-    def kill_first_job() -> None:   # a job is a grandchild of this process (runner -> fork server -> job)
+    def fork_server(pid: int) -> bool:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"multiprocessing.forkserver" in f.read()
+
+    def kill_first_job() -> None:   # a job is a child of the runner's fork server (other tests leave other processes)
         while not killed:
-            jobs = [p for child in descendants(os.getpid()) for p in descendants(child)]
+            jobs = []
+            with contextlib.suppress(OSError):
+                jobs = [job for server in descendants(os.getpid()) if fork_server(server)
+                        for job in descendants(server)]
             if jobs:
                 os.kill(jobs[0], signal.SIGKILL)
                 killed.append(jobs[0])
