@@ -178,6 +178,16 @@ def test_a_jobs_bad_input_reaches_the_caller_with_its_problems(slide_copy, tmp_p
     assert records_of(tmp_path / "out", "segment") == []   # nothing recorded for the failed stage
 
 
+def test_run_reports_a_failed_job_in_one_line_with_its_exit_code(sample_slide, tmp_path, monkeypatch):
+    def fails(*args, **kwargs):
+        raise StageFailed("mosaic[1]: its process ended without finishing; rerun `atlas run` to retry from it")
+
+    monkeypatch.setattr("atlas.cli.run.run_pipeline", fails)
+    result = CliRunner().invoke(app, ["run", str(sample_slide), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 5
+    assert "error: mosaic[1]: its process ended without finishing" in result.output
+
+
 def records_of(out: Path, stage: str) -> list[Path]:
     return sorted((out / layout.PROVENANCE).glob(f"{stage}*.json"))
 

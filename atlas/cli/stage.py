@@ -14,6 +14,15 @@ from atlas.pipeline.contract import ExitCode, JobError, StageFailed
 from atlas.stages import STAGES, get_stage
 
 
+def job_failed(exc: JobError) -> typer.Exit:
+    """Report a job's failure on stderr (a failed stage's traceback first, for ops; then one line
+    naming the job and the fix) and the exit with its code (:class:`ExitCode`)."""
+    if isinstance(exc, StageFailed):
+        traceback.print_exception(exc.__cause__ or exc)
+    typer.secho(f"error: {exc}", fg="red", err=True)
+    return typer.Exit(int(exc.exit_code))
+
+
 def stage(name: str = typer.Argument(..., help=f"stage: {', '.join(s.name for s in STAGES)}"),
           slide_uri: str = typer.Option(..., help="s3://<ingest>/<slide_id>/ (the slide, manifest.json included)"),
           work_uri: str = typer.Option(..., help="s3://<work>/<run_id>/ (this run's outputs, stage by stage)"),
@@ -42,10 +51,7 @@ def stage(name: str = typer.Argument(..., help=f"stage: {', '.join(s.name for s 
         result = run_stage_job(name, slide_uri=slide_uri, work_uri=work_uri, run_id=run_id,
                                array_index=array_index, merge=merge, items=items, vcpus=vcpus)
     except JobError as exc:
-        if isinstance(exc, StageFailed):
-            traceback.print_exception(exc.__cause__ or exc)
-        typer.secho(f"error: {exc}", fg="red", err=True)
-        raise typer.Exit(int(exc.exit_code)) from exc
+        raise job_failed(exc) from exc
     except (BotoCoreError, ClientError) as exc:
         typer.secho(f"error: S3 request failed, worth a retry: {exc}", fg="red", err=True)
         raise typer.Exit(int(ExitCode.STORAGE_ERROR)) from exc
