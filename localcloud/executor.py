@@ -68,16 +68,16 @@ def stage_command(job: Job, *, slide_uri: str, work_uri: str, run_id: str, vcpus
                                                      items=job.count or None, vcpus=vcpus)]
 
 
-def _status_kib(pid: int, field: str) -> int | None:
-    """A ``kB`` field of ``/proc/<pid>/status`` (e.g. ``VmHWM``) in KiB; None once the process is gone."""
+def _vm_hwm(pid: int) -> int:
+    """Peak resident memory (VmHWM, bytes) of a running process, from /proc; 0 once it is gone."""
     try:
         with open(f"/proc/{pid}/status") as status:
             for line in status:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return None
+    return 0
 
 
 def descendants(pid: int) -> list[int]:
@@ -108,7 +108,7 @@ def peak_rss(pid: int) -> int:
     libraries) counts in each, and the peaks need not have been at the same time. For one process
     (a Batch job) it is its VmHWM; for ``atlas run``, the runner, its fork server and the job
     running (:mod:`atlas.pipeline.local`)."""
-    return sum((_status_kib(p, "VmHWM") or 0) for p in [pid, *descendants(pid)]) * 1024
+    return sum(_vm_hwm(p) for p in [pid, *descendants(pid)])
 
 
 class ProcessRun(NamedTuple):

@@ -166,6 +166,11 @@ def test_run_refuses_an_invalid_slide_and_keeps_it(slide_copy, tmp_path):
     assert sorted((p.name, p.stat().st_size) for p in slide_copy.rglob("*")) == before
 
 
+def records_of(out: Path, stage: str) -> list[Path]:
+    """The completion records of ``stage`` in a results folder (every job's with ``stage=""``)."""
+    return sorted((out / layout.PROVENANCE).glob(f"{stage}*.json"))
+
+
 def test_a_jobs_bad_input_reaches_the_caller_with_its_problems(slide_copy, tmp_path):
     """Each job runs in a process of its own: what it finds wrong crosses back as the same
     InvalidInput, problem by problem, and the failed stage records nothing."""
@@ -186,10 +191,6 @@ def test_run_reports_a_failed_job_in_one_line_with_its_exit_code(sample_slide, t
     result = CliRunner().invoke(app, ["run", str(sample_slide), "-o", str(tmp_path / "out")])
     assert result.exit_code == 5
     assert "error: mosaic[1]: its process ended without finishing" in result.output
-
-
-def records_of(out: Path, stage: str) -> list[Path]:
-    return sorted((out / layout.PROVENANCE).glob(f"{stage}*.json"))
 
 
 def test_a_job_whose_process_dies_fails_the_run_naming_it_and_a_rerun_finishes(sample_slide, tmp_path):
@@ -219,9 +220,9 @@ def test_a_job_whose_process_dies_fails_the_run_naming_it_and_a_rerun_finishes(s
         run_pipeline(sample_slide, out)
     killer.join(timeout=5)
     assert killed
-    done = len(list((out / layout.PROVENANCE).glob("*.json")))
+    done = len(records_of(out, ""))
     run_pipeline(sample_slide, out)
-    assert len(list((out / layout.PROVENANCE).glob("*.json"))) == sum(len(s.jobs()) for s in STAGES) > done
+    assert len(records_of(out, "")) == sum(len(s.jobs()) for s in STAGES) > done
     assert (out / layout.MANIFEST).is_file()
 
 

@@ -106,13 +106,13 @@ def run_pipeline(slide_dir: Path, out_dir: Path, *, run_id: str | None = None,
     """
     ctx = make_context(slide_dir, out_dir, run_id, settings=settings)
     notify = on_stage or (lambda s, e: None)
+    run = (Path(slide_dir), Path(out_dir), ctx.run_id, dict(settings or {}))  # what every job's process is given
     with job_processes() as jobs:
         for stage in STAGES:
             notify(stage, "start")
             ran = []
             for index, job in enumerate(stage.jobs()):
-                started = jobs.submit(run_job_alone, Path(slide_dir), Path(out_dir), ctx.run_id,
-                                      dict(settings or {}), stage.name, index)
+                started = jobs.submit(run_job_alone, *run, stage.name, index)
                 try:
                     ran.append(started.result())
                 except BrokenProcessPool as exc:
