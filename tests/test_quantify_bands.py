@@ -133,10 +133,10 @@ def test_a_16_bit_image_summed_in_column_blocks_gives_the_same_table(shared_data
     counts = np.round(image[:len(PANEL)] * 100).clip(0, 65535).astype(np.uint16)
     chunked = zarr.array(counts, chunks=(1, 16, 16))
     monkeypatch.setattr(quantification, "STRIP_PIXELS", 16 * 16)   # blocks of one chunk column
-    blocks = quantification.column_blocks(chunked, counts.shape[-1], 16, counts.dtype)
+    blocks = quantification.column_blocks(chunked, counts.shape[-1], 16)
     assert len(blocks) >= 4 and blocks[0] == (0, 16) and blocks[-1][1] == counts.shape[-1]
-    assert quantification.column_blocks(zarr.array(image, chunks=(1, 16, 16)), image.shape[-1], 16,
-                                        image.dtype) == [(0, image.shape[-1])]
+    assert quantification.column_blocks(zarr.array(image, chunks=(1, 16, 16)), image.shape[-1], 16) == [
+        (0, image.shape[-1])]
     whole = quantify(chunked, masks, PANEL, rows=16)
     by_blocks = quantify(chunked, masks, PANEL, rows=16, by_columns=True)
     for m, mask in masks.items():

@@ -78,7 +78,7 @@ def strip_rows(array, width: int) -> int:
     return base * max(1, -(-STRIP_PIXELS // (base * max(width, 1))))
 
 
-def column_blocks(array, width: int, rows: int, dtype: np.dtype) -> list[tuple[int, int]]:
+def column_blocks(array, width: int, rows: int) -> list[tuple[int, int]]:
     """Column ranges ``[c0, c1)`` a strip of ``rows`` rows of the channels is summed in: whole chunk
     columns of the array holding about :data:`STRIP_PIXELS`, so that what a strip holds while it is
     summed does not grow with the image's width. One block of full width for an array without
@@ -86,7 +86,7 @@ def column_blocks(array, width: int, rows: int, dtype: np.dtype) -> list[tuple[i
     integer below 2**53, exact in float64 whatever the order its pixels are added in.
     """
     chunks = getattr(array, "chunks", None)
-    if not chunks or not (np.issubdtype(dtype, np.integer) and np.dtype(dtype).itemsize <= 2):
+    if not chunks or not (np.issubdtype(array.dtype, np.integer) and np.dtype(array.dtype).itemsize <= 2):
         return [(0, width)]
     base = int(chunks[-1])
     step = base * max(1, STRIP_PIXELS // (base * max(rows, 1)))
@@ -488,7 +488,7 @@ def measure(image, masks: Mapping[str, object], channels: Sequence[int], *, rows
     height, width = image.shape[-2:]
     rows = rows or strip_rows(image, width)
     strips = [(r0, min(r0 + rows, height)) for r0 in range(0, height, rows)]
-    columns = column_blocks(image, width, rows, image.dtype) if by_columns else [(0, width)]
+    columns = column_blocks(image, width, rows) if by_columns else [(0, width)]
     sums = {name: _RunningSums(len(channels)) for name in masks}
     runs: dict[str, list] = {name: [] for name in masks}
 
@@ -514,9 +514,10 @@ def measure(image, masks: Mapping[str, object], channels: Sequence[int], *, rows
         # shapes in a thread while the channels are summed (numpy releases the GIL in both)
         shapes = {name: pool.submit(_strips_morphology, runs[name]) for name in masks}
         for k, (r0, r1) in enumerate(strips):
-            for c0, c1 in columns:
-                _sum_block(sums, {name: _block_runs(runs[name][k], c0, c1) for name in masks}, r0, r1, c1 - c0,
-                           (next(blocks) for _ in channels))
+            for c0, c1 in columns:   # one block of full width: the strip's runs as they are
+                block_runs = {name: runs[name][k] if len(columns) == 1 else _block_runs(runs[name][k], c0, c1)
+                              for name in masks}
+                _sum_block(sums, block_runs, r0, r1, c1 - c0, (next(blocks) for _ in channels))
             if progress:
                 progress(r1 - r0)
         result = {}
