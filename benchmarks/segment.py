@@ -16,7 +16,9 @@ Methods: the two engines (``unet``: the ONNX U-Net + seeded watershed seeded in 
 nucleus radius; ``classical``), the baseline ``unet+dt`` (the same U-Net probability > 0.5 and the
 textbook distance-transform watershed, :func:`atlas.science.segmentation.instances.distance_watershed`,
 its seed spacing selected the same way), and two unselected references (``otsu+cc``: Gaussian,
-Otsu, connected components; ``unet+cc``: U-Net probability > 0.5, connected components). Images
+Otsu, connected components; ``unet+cc``: U-Net probability > 0.5, connected components) and an oracle,
+``bound``: the U-Net's foreground split by the true masks (:func:`truth_split`), what a splitter of that
+foreground that knew the nuclei would score: the gap to it is the splitting's. Images
 are taken at 0.65 µm/px (DSB2018 gives no pixel size).
 
 Scale: the StarDist image as a coarser camera would record it (resized by 1/d with anti-aliasing,
@@ -43,12 +45,13 @@ import tifffile
 from PIL import Image
 from scipy import ndimage as ndi
 from skimage.filters import threshold_otsu
+from skimage.segmentation import watershed
 from skimage.transform import resize
 
 from atlas.params import SegmentParams
 from atlas.science.segmentation import make_engine
 from atlas.science.segmentation.classical import ClassicalEngine, ClassicalSettings
-from atlas.science.segmentation.instances import distance_watershed
+from atlas.science.segmentation.instances import distance_watershed, remove_small
 from atlas.science.segmentation.metrics import match_instances
 from atlas.science.segmentation.tiling import ScaledImage, calibration_sample, segment_image
 from atlas.science.segmentation.unet import UNetEngine, UNetSettings, nucleus_radius, split_instances
@@ -80,6 +83,16 @@ def otsu_components(image: np.ndarray) -> np.ndarray:
     """Reference: smooth, global Otsu threshold, connected components."""
     smooth = ndi.gaussian_filter(image.astype(np.float32), 1.0)
     return ndi.label(smooth > threshold_otsu(smooth))[0]
+
+
+def truth_split(foreground: np.ndarray, truth: np.ndarray, min_area: int) -> np.ndarray:
+    """``foreground`` split as by a splitter that knew the true nuclei: each of its pixels goes to the
+    true nucleus it lies in, or to the one it reaches first through the foreground; pieces of it that
+    reach no true nucleus stay as (false) instances. Instances below ``min_area`` px are dropped, as the engines do."""
+    grown = watershed(np.zeros(foreground.shape, np.float32), np.where(foreground, truth, 0).astype(np.int32),
+                      mask=foreground)
+    stray, _ = ndi.label(foreground & (grown == 0))
+    return remove_small(np.where(stray > 0, stray + grown.max(), grown), min_area)
 
 
 def unet_components(engine, image: np.ndarray) -> np.ndarray:
@@ -168,6 +181,8 @@ METHODS = {
     "unet+dt": (BASELINE_GRID, lambda s, point: distance_watershed(s.probability > 0.5, point["min_distance"])),
     "otsu+cc": ([{}], lambda s, point: otsu_components(s.image)),
     "unet+cc": ([{}], lambda s, point: ndi.label(s.probability > 0.5)[0]),
+    "bound": ([{}], lambda s, point: truth_split(s.probability > UNetSettings().foreground_probability, s.truth,
+                                                  round(UNetSettings().min_area_um2 / REFERENCE_UM ** 2))),
 }
 
 
